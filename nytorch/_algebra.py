@@ -1,0 +1,130 @@
+"""Particle algebra on aligned leaf lists, honouring ``ParamConfig`` (shared by Particle and NytoModule).
+
+A "state" here is ``(names, leaves)``: parameter names in ``named_parameters()``
+order and the tensors aligned with them.  Operands are other states or scalars.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
+
+from . import _leafwise as lw
+from ._config import ParamConfig
+from ._errors import StructureError
+
+Tensor = torch.Tensor
+
+
+def check_names(fn: str, names: Sequence[str], other_names: Sequence[str]) -> None:
+    """Raise ``StructureError`` naming the first parameter present in one operand only."""
+    if list(names) == list(other_names):
+        return
+    other_set, own_set = set(other_names), set(names)
+    for name in names:
+        if name not in other_set:
+            raise StructureError(f"{fn}: parameter {name!r} is missing from the second operand")
+    for name in other_names:
+        if name not in own_set:
+            raise StructureError(f"{fn}: the second operand has an extra parameter {name!r}")
+    raise StructureError(f"{fn}: the operands list the same parameters in another order "
+                         f"({list(names)} vs {list(other_names)})")
+
+
+def check_state(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
+                other_names: Sequence[str], other_leaves: Sequence[Tensor]) -> None:
+    """Names, then shapes, dtypes and devices, must all agree."""
+    check_names(fn, names, other_names)
+    lw.check_pairs(fn, names, leaves, other_leaves)
+
+
+def active_mask(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]]) -> list[bool]:
+    if configs is None:
+        return [lw.is_arithmetic(leaf) for leaf in leaves]
+    return [config.operational and lw.is_arithmetic(leaf) for leaf, config in zip(leaves, configs)]
+
+
+def _carry(leaves: Sequence[Tensor], out: list[Tensor], active: Sequence[bool],
+           configs: Optional[Sequence[ParamConfig]]) -> list[Tensor]:
+    for i, on in enumerate(active):
+        if not on:
+            keep = configs is not None and not configs[i].clone and not configs[i].operational
+            out[i] = leaves[i] if keep else leaves[i].detach().clone()
+    return out
+
+
+def _identity(leaf: Tensor) -> Tensor:
+    return leaf
+
+
+def check_scalar(fn: str, scalar: object, names: Sequence[str], leaves: Sequence[Tensor],
+                 active: Sequence[bool], reflected: bool = False) -> None:
+    if isinstance(scalar, (bool, int, float)) and all(
+            leaf.is_floating_point() for leaf, on in zip(leaves, active) if on):
+        return
+    lw.check_scalar(fn, scalar, names, leaves, active, reflected)
+
+
+@torch.no_grad()
+def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands: object,
+            configs: Optional[Sequence[ParamConfig]] = None, reflected: bool = False) -> list[Tensor]:
+    """New leaves: ``op(leaf, *operands)`` on operational leaves, the rest carried per config.
+
+    Each operand is a leaf list (already checked with ``check_state``) or a scalar.
+    """
+    active = active_mask(leaves, configs)
+    for operand in operands:
+        if not isinstance(operand, (list, tuple)):
+            check_scalar(op.name, operand, names, leaves, active, reflected)
+    out = lw.apply(op, leaves, *operands, active=active, carry=_identity)
+    return _carry(leaves, out, active, configs)
+
+
+@torch.no_grad()
+def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands: object,
+             configs: Optional[Sequence[ParamConfig]] = None) -> None:
+    """In place: ``op`` on every operational leaf; validated before anything is written."""
+    active = active_mask(leaves, configs)
+    for operand in operands:
+        if not isinstance(operand, (list, tuple)):
+            check_scalar(op.name, operand, names, leaves, active)
+    lw.apply_(op, leaves, *operands, active=active)
+
+
+@torch.no_grad()
+def map_unary(fn: Callable[[Tensor], Tensor], leaves: Sequence[Tensor],
+              configs: Optional[Sequence[ParamConfig]] = None) -> list[Tensor]:
+    """``fn(leaf)`` on operational leaves (e.g. ``torch.randn_like``); the rest carried per config."""
+    active = active_mask(leaves, configs)
+    out = [fn(leaf) if on else leaf for leaf, on in zip(leaves, active)]
+    return _carry(leaves, out, active, configs)
+
+
+@torch.no_grad()
+def clone_all(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]] = None) -> list[Tensor]:
+    """Clones of every leaf, except non-operational ``clone=False`` ones which are kept as is."""
+    if configs is None:
+        return [leaf.detach().clone() for leaf in leaves]
+    return [leaf if (not config.operational and not config.clone) else leaf.detach().clone()
+            for leaf, config in zip(leaves, configs)]
+
+
+@torch.no_grad()
+def custom(fn: Callable[..., Tensor], leaves: Sequence[Tensor], others: Sequence[Sequence[Tensor]],
+           configs: Optional[Sequence[ParamConfig]]) -> list[Tensor]:
+    """nytorch 1.1's ``unary_operator`` / ``binary_operator``: ``fn(*leaves_at_i, config)`` for every leaf."""
+    default = ParamConfig()
+    return [
+        fn(leaf, *(other[i] for other in others), default if configs is None else configs[i])
+        for i, leaf in enumerate(leaves)
+    ]
+
+
+def fresh_parameters(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]]) -> list[Tensor]:
+    """Leaves ready for ``rebuild``: Parameter objects are reused only where a config says ``clone=False``."""
+    return [
+        leaf.detach() if isinstance(leaf, torch.nn.Parameter) and (
+            configs is None or configs[i].operational or configs[i].clone) else leaf
+        for i, leaf in enumerate(leaves)
+    ]

@@ -1,0 +1,106 @@
+"""Models as parameter pytrees: ``params`` out of a module, ``bind`` back into a fresh one, ``call``."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _algebra as algebra
+from ._errors import StructureError
+from ._walk import Layout, rebuild
+
+Tensor = torch.Tensor
+
+__all__ = ["params", "state", "bind", "call"]
+
+
+def _require_module(fn: str, module: object) -> nn.Module:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module as module, got {type(module).__name__}")
+    return module
+
+
+def params(module: nn.Module) -> dict[str, Tensor]:
+    """The module's parameters as ``dict[str, Tensor]``, keyed and ordered like ``named_parameters()``.
+
+    The tensors are detached views sharing storage with the module (no copy).
+
+    >>> import torch
+    >>> list(params(torch.nn.Linear(2, 1)))
+    ['weight', 'bias']
+    """
+    layout = Layout(_require_module("params", module))
+    return {name: leaf.detach() for name, leaf in zip(layout.names, layout.params)}
+
+
+def state(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters then buffers, keyed like ``state_dict()`` (detached, sharing storage).
+
+    Arithmetic on this tree includes floating buffers (e.g. to average BatchNorm statistics);
+    integer buffers such as ``num_batches_tracked`` are carried unchanged.
+
+    >>> list(state(torch.nn.BatchNorm1d(2)))
+    ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+    """
+    layout = Layout(_require_module("state", module))
+    pairs = zip(layout.names + layout.buffer_names, layout.params + layout.buffers)
+    return {name: leaf.detach() for name, leaf in pairs}
+
+
+def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
+    """A fresh module of ``module``'s class holding ``params`` as its Parameters.
+
+    ``module`` is left untouched; the result's Parameters wrap the given tensors
+    without copying (pass ``nf.clone(params)`` for independent storage).  Keys are
+    parameter names as in ``named_parameters()``; buffer names may be given too,
+    otherwise buffers are cloned from ``module``.
+
+    Raises:
+        TypeError: ``module`` is not a module or ``params`` not a mapping of tensors.
+        StructureError: a parameter is missing, unknown, or has another shape/dtype/device.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(1, 1)
+    >>> other = bind(net, {"weight": torch.ones(1, 1), "bias": torch.zeros(1)})
+    >>> other(torch.tensor([[3.]]))
+    tensor([[3.]], grad_fn=<AddmmBackward0>)
+    """
+    layout = Layout(_require_module("bind", module))
+    if not isinstance(params, Mapping):
+        raise TypeError(f"bind: expected a mapping from names to tensors as params, got {type(params).__name__}")
+    known = set(layout.names) | set(layout.buffer_names)
+    for key, value in params.items():
+        if key not in known:
+            raise StructureError(f"bind: {type(module).__name__} has no parameter or buffer named {key!r}")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"bind: expected a tensor for {key!r}, got {type(value).__name__}")
+    for name in layout.names:
+        if name not in params:
+            raise StructureError(f"bind: parameter {name!r} is missing from params")
+    values = [params[name] for name in layout.names]
+    algebra.check_state("bind", layout.names, layout.params, layout.names, values)
+    buffers = [
+        params[name] if name in params else buffer.clone()
+        for name, buffer in zip(layout.buffer_names, layout.buffers)
+    ]
+    given = [name for name in layout.buffer_names if name in params]
+    algebra.check_state("bind", given, [layout.buffers[layout.buffer_names.index(n)] for n in given],
+                        given, [params[n] for n in given])
+    return rebuild(layout, [value.detach() if isinstance(value, nn.Parameter) else value for value in values],
+                   buffers)
+
+
+def call(module: nn.Module, params: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+    """Run ``module`` on ``params`` instead of its own parameters (``torch.func.functional_call``).
+
+    Works inside ``torch.func.vmap`` / ``grad``; tied weights need only one name.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(1, 1)
+    >>> call(net, {"weight": torch.ones(1, 1), "bias": torch.zeros(1)}, torch.tensor([[3.]]))
+    tensor([[3.]])
+    """
+    _require_module("call", module)
+    return torch.func.functional_call(module, dict(params), args, kwargs)

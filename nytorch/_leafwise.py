@@ -1,0 +1,186 @@
+"""The leaf-wise engine: one operation applied to every tensor of a flat leaf list.
+
+Everything arithmetic in nytorch (functional ops, ``Particle``, ``NytoModule``)
+ends here.  Fused ``torch._foreach_*`` kernels run when they apply; a per-leaf
+loop runs under ``torch.func`` transforms (foreach kernels have no batching
+rule) and whenever autograd must see the computation (foreach kernels mishandle
+0-dim scalars that require grad).
+
+Only floating and complex leaves take part in arithmetic; integer and bool
+leaves (``num_batches_tracked``, masks) are carried through unchanged.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ._errors import DeviceMismatchError, StructureError
+
+Tensor = torch.Tensor
+Operand = Union[Sequence[Tensor], numbers.Number, Tensor]
+
+
+class Op(NamedTuple):
+    """How one elementwise operation runs per leaf, fused, and fused in place."""
+
+    name: str
+    leaf: Callable[..., Tensor]
+    foreach: Optional[Callable[..., Sequence[Tensor]]] = None
+    foreach_: Optional[Callable[..., object]] = None
+    leaf_: Optional[Callable[..., object]] = None
+
+
+def _reflected(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn(scalar, leaf)`` for reflected operators such as ``2 - model``."""
+    def leaf(a: Tensor, b: object) -> Tensor:
+        return fn(b, a)
+    return leaf
+
+
+ADD = Op("add", torch.add, torch._foreach_add, torch._foreach_add_, Tensor.add_)
+SUB = Op("sub", torch.sub, torch._foreach_sub, torch._foreach_sub_, Tensor.sub_)
+MUL = Op("mul", torch.mul, torch._foreach_mul, torch._foreach_mul_, Tensor.mul_)
+DIV = Op("div", torch.div, torch._foreach_div, torch._foreach_div_, Tensor.div_)
+POW = Op("pow", torch.pow, torch._foreach_pow, torch._foreach_pow_, Tensor.pow_)
+RSUB = Op("rsub", _reflected(torch.sub))
+RDIV = Op("rdiv", _reflected(torch.div))
+RPOW = Op("rpow", _reflected(torch.pow), lambda leaves, base: torch._foreach_pow(base, leaves))
+NEG = Op("neg", torch.neg, torch._foreach_neg, torch._foreach_neg_, Tensor.neg_)
+LERP = Op("lerp", torch.lerp, torch._foreach_lerp, torch._foreach_lerp_, Tensor.lerp_)
+
+REFLECTED = {"sub": RSUB, "div": RDIV, "pow": RPOW, "add": ADD, "mul": MUL}
+
+
+def is_scalar(value: object) -> bool:
+    """True for what broadcasts to every leaf: a Python number or a 0-dim tensor."""
+    if isinstance(value, Tensor):
+        return value.dim() == 0
+    return isinstance(value, numbers.Number)
+
+
+def is_arithmetic(leaf: Tensor) -> bool:
+    """True for leaves that take part in arithmetic (floating or complex dtypes)."""
+    return leaf.is_floating_point() or leaf.is_complex()
+
+
+def describe(leaf: Tensor) -> str:
+    """``shape (2, 3) float32`` (plus the device when it is not the CPU)."""
+    text = f"shape {tuple(leaf.shape)} {str(leaf.dtype).removeprefix('torch.')}"
+    return text if leaf.device.type == "cpu" else f"{text} on {leaf.device}"
+
+
+def check_pairs(fn: str, names: Sequence[str], left: Sequence[Tensor], right: Sequence[Tensor]) -> None:
+    """Raise ``StructureError`` naming the first leaf pair whose shape, dtype or device differs."""
+    for name, a, b in zip(names, left, right):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise StructureError(f"{fn}: parameter {name!r} differs: {describe(a)} vs {describe(b)}")
+        if a.device != b.device:
+            raise DeviceMismatchError(
+                f"{fn}: parameter {name!r} is on {a.device} in the first operand and on {b.device} "
+                "in the second; move both to one device first (e.g. model.to(device))"
+            )
+
+
+def check_scalar(fn: str, scalar: object, names: Sequence[str], leaves: Sequence[Tensor],
+                 active: Sequence[bool], reflected: bool = False) -> None:
+    """Raise ``TypeError`` when a scalar would change a leaf's dtype (e.g. complex on float)."""
+    seen: set[torch.dtype] = set()
+    for name, leaf, on in zip(names, leaves, active):
+        if not on or leaf.dtype in seen:
+            continue
+        seen.add(leaf.dtype)
+        if isinstance(scalar, Tensor) and scalar.device != leaf.device and scalar.device.type != "cpu":
+            raise DeviceMismatchError(
+                f"{fn}: the scalar operand is on {scalar.device} but parameter {name!r} is on {leaf.device}"
+            )
+        pair = (scalar, leaf) if reflected else (leaf, scalar)
+        result = torch.result_type(*pair)  # type: ignore[arg-type]
+        if result != leaf.dtype:
+            raise TypeError(
+                f"{fn}: the scalar {scalar!r} would turn parameter {name!r} ({describe(leaf)}) into "
+                f"{str(result).removeprefix('torch.')}; nytorch keeps every dtype, so convert the model first"
+            )
+
+
+def transforms_active() -> bool:
+    """True inside ``torch.func.vmap`` / ``grad`` / ``jacrev`` (foreach kernels cannot batch there)."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def needs_per_leaf(*groups: object) -> bool:
+    """Decide whether autograd or a ``torch.func`` transform must see per-leaf ops."""
+    if transforms_active():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for group in groups:
+        if isinstance(group, Tensor):
+            if group.requires_grad:
+                return True
+        elif isinstance(group, (list, tuple)):
+            for leaf in group:
+                if isinstance(leaf, Tensor) and leaf.requires_grad:
+                    return True
+    return False
+
+
+def _select(values: Sequence[Tensor], index: Sequence[int]) -> list[Tensor]:
+    return [values[i] for i in index]
+
+
+def apply(op: Op, left: Sequence[Tensor], *operands: object,
+          active: Optional[Sequence[bool]] = None,
+          carry: Callable[[Tensor], Tensor] = Tensor.clone) -> list[Tensor]:
+    """Apply ``op`` out of place to every active leaf; inactive leaves go through ``carry``.
+
+    Each operand is either a leaf list aligned with ``left`` or a scalar.
+    Callers have already checked structures and dtypes.
+    """
+    if active is None:
+        active = [is_arithmetic(leaf) for leaf in left]
+    index = [i for i, on in enumerate(active) if on]
+    out: list[Tensor] = [carry(leaf) if not on else leaf for leaf, on in zip(left, active)]
+    if not index:
+        return out
+    everything = len(index) == len(left)
+    picked_left = list(left) if everything else _select(left, index)
+    picked = [
+        (list(operand) if everything else _select(operand, index))  # type: ignore[arg-type]
+        if isinstance(operand, (list, tuple)) else operand
+        for operand in operands
+    ]
+    if op.foreach is not None and not needs_per_leaf(picked_left, *picked):
+        results = op.foreach(picked_left, *picked)
+    else:
+        results = [
+            op.leaf(leaf, *(operand[k] if isinstance(operand, list) else operand for operand in picked))
+            for k, leaf in enumerate(picked_left)
+        ]
+    for i, result in zip(index, results):
+        out[i] = result
+    return out
+
+
+def apply_(op: Op, left: Sequence[Tensor], *operands: object,
+           active: Optional[Sequence[bool]] = None) -> None:
+    """Apply ``op`` in place to every active leaf of ``left`` (callers validated everything first)."""
+    if active is None:
+        active = [is_arithmetic(leaf) for leaf in left]
+    index = [i for i, on in enumerate(active) if on]
+    if not index:
+        return
+    picked_left = _select(left, index)
+    picked = [_select(o, index) if isinstance(o, (list, tuple)) else o for o in operands]  # type: ignore[arg-type]
+    if op.foreach_ is not None and not transforms_active():
+        op.foreach_(picked_left, *picked)
+        return
+    leaf_ = op.leaf_
+    if leaf_ is None:  # reflected ops have no in-place form: compute, then copy in
+        for k, leaf in enumerate(picked_left):
+            leaf.copy_(op.leaf(leaf, *(o[k] if isinstance(o, list) else o for o in picked)))
+        return
+    for k, leaf in enumerate(picked_left):
+        leaf_(leaf, *(o[k] if isinstance(o, list) else o for o in picked))

@@ -1,0 +1,242 @@
+"""``NytoModule``: an ``nn.Module`` you can add, scale and interpolate (nytorch 1.1 API)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from typing_extensions import Self
+
+from . import _algebra as algebra
+from . import _leafwise as lw
+from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
+from ._operators import Operators, State
+from ._particle import Particle, layout_state
+from ._walk import Layout, rebuild
+
+Tensor = torch.Tensor
+
+__all__ = ["NytoModule"]
+
+
+class NytoModule(Operators, nn.Module):
+    """An ``nn.Module`` whose instances do arithmetic: ``net + 10``, ``0.9 * (a - b) + a``.
+
+    Subclass it instead of ``nn.Module``.  Every operator returns a new instance of
+    the same class whose parameters are fresh leaf ``nn.Parameter``s (same
+    ``requires_grad``), buffers cloned, train/eval mode and tied weights kept.
+    In-place operators (``net += other``) keep the Parameter objects, so an
+    optimizer holding them keeps working.  Operands: Python numbers, 0-dim tensors,
+    models of the same class and structure, and ``Particle``s of such models.
+
+    >>> import torch
+    >>> class NytoLinear(NytoModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.weight = torch.nn.Parameter(torch.Tensor([2.]))
+    ...         self.bias = torch.nn.Parameter(torch.Tensor([1.]))
+    ...     def forward(self, x):
+    ...         return self.weight * x + self.bias
+    >>> net = NytoLinear()
+    >>> net2 = net + 10
+    >>> net2(torch.arange(4))
+    tensor([11., 23., 35., 47.], grad_fn=<AddBackward0>)
+    >>> (net + net2).weight
+    Parameter containing:
+    tensor([14.], requires_grad=True)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.__dict__[CONFIG_ATTR] = {}
+
+    # -- Operators protocol -----------------------------------------------------------
+    def _state(self) -> State:
+        layout = Layout(self)
+        return State(layout.names, layout.params, configs_for(layout), layout)
+
+    def _new(self, state: State, leaves: list[Tensor]) -> Self:
+        return rebuild(state.source, leaves)  # type: ignore[return-value]
+
+    def _operand(self, fn: str, other: object, state: State) -> Any:
+        if lw.is_scalar(other):
+            return other
+        if isinstance(other, Particle):
+            if other.model_class is not type(self):
+                raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
+                                f"got a Particle of {other.model_class.__name__}")
+            names, leaves = other._names, other._leaves
+        elif isinstance(other, nn.Module):
+            if type(other) is not type(self):
+                raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
+                                f"got a {type(other).__name__}")
+            layout = Layout(other)
+            names, leaves = layout.names, layout.params
+        else:
+            raise TypeError(
+                f"{fn}: expected a number, a 0-dim tensor, a {type(self).__name__} or a Particle of one, "
+                f"got {type(other).__name__}"
+                + (f" of shape {tuple(other.shape)} (only 0-dim tensors broadcast)"
+                   if isinstance(other, Tensor) else "")
+            )
+        algebra.check_state(fn, state.names, state.leaves, names, leaves)
+        return leaves
+
+    # -- nytorch 1.1 API ----------------------------------------------------------------
+    def detach(self) -> Self:
+        """A new module sharing this one's Parameter objects, with its own configs (a new species).
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(2))
+        >>> net = Net()
+        >>> net.detach().weight is net.weight
+        True
+        """
+        layout = Layout(self)
+        result = rebuild(layout, layout.params, layout.buffers)
+        copy_tables(result)
+        return result  # type: ignore[return-value]
+
+    def clone_from(self, source: nn.Module) -> Self:
+        """A clone of ``self`` (sharing its configs) holding ``source``'s values.
+
+        ``source`` may be any module with the same parameter and buffer names, shapes and dtypes.
+
+        Raises:
+            TypeError: ``source`` is not an ``nn.Module``.
+            StructureError: names, shapes or dtypes differ (names the parameter).
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.randn(2))
+        >>> a, b = Net(), Net()
+        >>> torch.equal(a.clone_from(b).weight, b.weight)
+        True
+        """
+        if not isinstance(source, nn.Module):
+            raise TypeError(f"clone_from: expected an nn.Module as source, got {type(source).__name__}")
+        layout = Layout(self)
+        other = Layout(source)
+        names, leaves = layout_state(layout, buffers=True)
+        other_names, other_leaves = layout_state(other, buffers=True)
+        algebra.check_state("clone_from", names, leaves, other_names, other_leaves)
+        with torch.no_grad():
+            params = [leaf.detach().clone() for leaf in other.params]
+            buffers = [leaf.detach().clone() for leaf in other.buffers]
+        return rebuild(layout, params, buffers)  # type: ignore[return-value]
+
+    def product(self, *, buffers: bool = False) -> Particle:
+        """This model as a ``Particle`` (nytorch 1.1's ``ParamProduct``), configs included.
+
+        Args:
+            buffers: also take floating buffers into arithmetic (see ``nytorch.particle``).
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(1))
+        >>> (Net().product() * 3).module().weight
+        Parameter containing:
+        tensor([3.], requires_grad=True)
+        """
+        layout = Layout(self)
+        names, leaves = layout_state(layout, buffers)
+        return Particle(layout, names, leaves, configs_for(layout, names), buffers)
+
+    def product_(self, product: Particle) -> Self:
+        """Write ``product``'s values into this module's Parameters, in place; returns ``self``.
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(1))
+        >>> net = Net()
+        >>> before = net.weight
+        >>> net.product_(net.product() + 1).weight is before, net.weight.item()
+        (True, 2.0)
+        """
+        if not isinstance(product, Particle):
+            raise TypeError(f"product_: expected a Particle as product, got {type(product).__name__}")
+        product.copy_to(self)
+        return self
+
+    def set_param_config(self, operational: Optional[bool] = None, clone: Optional[bool] = None,
+                         name: Optional[str] = None) -> None:
+        """Set ``operational`` / ``clone`` of every parameter (or those under attribute ``name``).
+
+        Configs are shared by every model derived from this one by particle operations.
+
+        Raises:
+            ValueError: ``name`` is neither a submodule nor a parameter of this module.
+
+        >>> class DNN(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer0 = torch.nn.Linear(1, 1)
+        ...         self.layer1 = torch.nn.Linear(1, 1)
+        >>> net = DNN()
+        >>> net.set_param_config(operational=False, name="layer0")
+        >>> doubled = 2 * net
+        >>> torch.equal(doubled.layer0.weight, net.layer0.weight)
+        True
+        """
+        def update(param_id: int, config: ParamConfig) -> None:
+            if operational is not None:
+                config.operational = operational
+            if clone is not None:
+                config.clone = clone
+        self.apply_param_config(update, name)
+
+    def apply_param_config(self, fn: Callable[[int, ParamConfig], None], name: Optional[str] = None) -> None:
+        """Call ``fn(param_id, config)`` for every parameter (or those under attribute ``name``).
+
+        ``param_id`` is the parameter's index in ``self.named_parameters()``
+        (see ``get_param_id``); custom attributes set on ``config`` are kept.
+
+        Raises:
+            ValueError: ``name`` is neither a submodule nor a parameter of this module.
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(1, 1)
+        >>> Net().apply_param_config(lambda pid, config: print(pid, config))
+        0 ParamConfig(operational=True, clone=True)
+        1 ParamConfig(operational=True, clone=True)
+        """
+        layout = Layout(self)
+        if name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"apply_param_config: expected a str or None as name, got {type(name).__name__}")
+            known = name + "." in layout.prefixes or any(
+                own == name or own.startswith(name + ".") for own in layout.names)
+            if not known:
+                raise ValueError(f"apply_param_config: {type(self).__name__} has no submodule or "
+                                 f"parameter named {name!r}")
+        for param_id, config in configs_in_scope(layout, name or ""):
+            fn(param_id, config)
+
+    def get_param_id(self, param: Tensor) -> int:
+        """The index of ``param`` in ``self.named_parameters()`` (same across derived models).
+
+        Raises:
+            ValueError: ``param`` is not a parameter of this module.
+
+        >>> layer = torch.nn.Linear(1, 1)
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = layer
+        >>> Net().get_param_id(layer.bias)
+        1
+        """
+        for index, candidate in enumerate(self.parameters()):
+            if candidate is param:
+                return index
+        shape = tuple(param.shape) if isinstance(param, Tensor) else type(param).__name__
+        raise ValueError(f"get_param_id: the given parameter ({shape}) is not a parameter of this "
+                         f"{type(self).__name__}")

@@ -1,0 +1,158 @@
+"""The one operator table shared by ``Particle`` and ``NytoModule``.
+
+A class mixes in ``Operators`` and provides three small methods: ``_state()``
+(names, leaves, configs), ``_operand(fn, other)`` (a leaf list or a scalar, or
+``NotImplemented``) and ``_new(state, leaves)`` (a fresh instance).  Every
+operator is then one call into ``_algebra``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional
+
+import torch
+from typing_extensions import Self
+
+from . import _algebra as algebra
+from . import _leafwise as lw
+from ._config import ParamConfig
+
+Tensor = torch.Tensor
+
+
+class State(NamedTuple):
+    """What an operator needs of its left operand."""
+
+    names: Sequence[str]
+    leaves: Sequence[Tensor]
+    configs: Optional[Sequence[ParamConfig]]
+    source: Any  # whatever ``_new`` needs to build the result (a Layout, a Particle)
+
+
+def defers(other: object) -> bool:
+    """True for containers (e.g. ``Swarm``) that broadcast over particles: let them answer."""
+    return getattr(other, "__nytorch_broadcasts__", False) is True
+
+
+class Operators:
+    """``+ - * / **``, their reflected and in-place forms, ``-x``, ``+x``, ``lerp``."""
+
+    __slots__ = ()
+
+    # -- to be provided by the class ------------------------------------------------
+    def _state(self) -> State:
+        raise NotImplementedError
+
+    def _operand(self, fn: str, other: object, state: State) -> Any:
+        raise NotImplementedError
+
+    def _new(self, state: State, leaves: list[Tensor]) -> Self:
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------------------
+    def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
+        state = self._state()
+        operands = []
+        for other in others:
+            if defers(other):
+                return NotImplemented
+            operands.append(self._operand(op.name, other, state))
+        leaves = algebra.combine(op, state.names, state.leaves, *operands,
+                                 configs=state.configs, reflected=reflected)
+        return self._new(state, leaves)
+
+    def _binary_(self, op: lw.Op, *others: object) -> Self:
+        state = self._state()
+        operands = []
+        for other in others:
+            if defers(other):
+                return NotImplemented
+            operands.append(self._operand(op.name, other, state))
+        algebra.combine_(op, state.names, state.leaves, *operands, configs=state.configs)
+        return self
+
+    def _reflected(self, op: lw.Op, other: object) -> Self:
+        if defers(other):
+            return NotImplemented
+        if not lw.is_scalar(other):
+            state = self._state()
+            self._operand(op.name, other, state)  # raises the informative TypeError
+        return self._binary(op, other, reflected=True)
+
+    # -- operators ---------------------------------------------------------------------
+    def __add__(self, other: Any) -> Self:
+        return self._binary(lw.ADD, other)
+
+    def __radd__(self, other: Any) -> Self:
+        return self._binary(lw.ADD, other)
+
+    def __iadd__(self, other: Any) -> Self:
+        return self._binary_(lw.ADD, other)
+
+    def __sub__(self, other: Any) -> Self:
+        return self._binary(lw.SUB, other)
+
+    def __rsub__(self, other: Any) -> Self:
+        return self._reflected(lw.RSUB, other)
+
+    def __isub__(self, other: Any) -> Self:
+        return self._binary_(lw.SUB, other)
+
+    def __mul__(self, other: Any) -> Self:
+        return self._binary(lw.MUL, other)
+
+    def __rmul__(self, other: Any) -> Self:
+        return self._binary(lw.MUL, other)
+
+    def __imul__(self, other: Any) -> Self:
+        return self._binary_(lw.MUL, other)
+
+    def __truediv__(self, other: Any) -> Self:
+        return self._binary(lw.DIV, other)
+
+    def __rtruediv__(self, other: Any) -> Self:
+        return self._reflected(lw.RDIV, other)
+
+    def __itruediv__(self, other: Any) -> Self:
+        return self._binary_(lw.DIV, other)
+
+    def __pow__(self, other: Any) -> Self:
+        return self._binary(lw.POW, other)
+
+    def __rpow__(self, other: Any) -> Self:
+        return self._reflected(lw.RPOW, other)
+
+    def __ipow__(self, other: Any) -> Self:
+        return self._binary_(lw.POW, other)
+
+    def __neg__(self) -> Self:
+        return self._binary(lw.NEG)
+
+    def __pos__(self) -> Self:
+        return self.clone()
+
+    def clone(self) -> Self:
+        """A copy with fresh storage (non-operational ``clone=False`` parameters are shared)."""
+        state = self._state()
+        return self._new(state, algebra.clone_all(state.leaves, state.configs))
+
+    def lerp(self, end: Any, weight: Any) -> Self:
+        """``self + weight * (end - self)``: the EMA / Polyak step as a new object.
+
+        ``weight`` is a scalar.  See ``lerp_`` for the in-place form.
+        """
+        return self._binary(lw.LERP, end, weight)
+
+    def lerp_(self, end: Any, weight: Any) -> Self:
+        """In place ``self ← self + weight * (end - self)`` in one fused pass (EMA / soft target update)."""
+        return self._binary_(lw.LERP, end, weight)
+
+    def randn(self) -> Self:
+        """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``)."""
+        state = self._state()
+        return self._new(state, algebra.map_unary(torch.randn_like, state.leaves, state.configs))
+
+    def rand(self) -> Self:
+        """Same structure, U[0, 1) values (nytorch 1.1's ``rand``)."""
+        state = self._state()
+        return self._new(state, algebra.map_unary(torch.rand_like, state.leaves, state.configs))

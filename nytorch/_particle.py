@@ -1,0 +1,213 @@
+"""``Particle``: any ``nn.Module``'s parameters as one value you can do arithmetic on."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from typing_extensions import Self
+
+from . import _algebra as algebra
+from . import _leafwise as lw
+from ._config import ParamConfig, configs_for
+from ._operators import Operators, State
+from ._walk import Layout, rebuild
+
+Tensor = torch.Tensor
+
+__all__ = ["Particle", "particle", "layout_state"]
+
+
+def layout_state(layout: Layout, buffers: bool) -> tuple[list[str], list[Tensor]]:
+    """Names and leaves of a layout: parameters, then buffers when asked for."""
+    if not buffers:
+        return layout.names, layout.params
+    return layout.names + layout.buffer_names, layout.params + layout.buffers
+
+
+def _class_name(value: object) -> str:
+    return type(value).__name__
+
+
+class Particle(Operators):
+    """A model's parameters as a value: ``p + q``, ``0.9 * p``, ``p.randn()``, then ``p.module()``.
+
+    Build one with ``nytorch.particle(model)`` (any ``nn.Module``) or ``NytoModule.product()``.
+    Arithmetic gives new Particles holding fresh tensors; in-place operators
+    (``p += q``) write into this Particle's tensors.  A Particle made straight from
+    a model views that model's parameters, so ``particle(model) += 1`` updates the model.
+
+    Attributes:
+        params: ``dict[str, Tensor]`` keyed like ``named_parameters()`` (detached views).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Linear(2, 1)
+    >>> p = particle(net)
+    >>> doubled = (p * 2).module()
+    >>> torch.equal(doubled.weight, net.weight * 2)
+    True
+    """
+
+    __slots__ = ("_layout", "_names", "_leaves", "_configs", "_with_buffers", "__weakref__")
+
+    def __init__(self, layout: Layout, names: Sequence[str], leaves: Sequence[Tensor],
+                 configs: Optional[Sequence[ParamConfig]] = None, with_buffers: bool = False) -> None:
+        self._layout = layout
+        self._names = names
+        self._leaves = list(leaves)
+        self._configs = configs
+        self._with_buffers = with_buffers
+
+    # -- Operators protocol -----------------------------------------------------------
+    def _state(self) -> State:
+        return State(self._names, self._leaves, self._configs, self)
+
+    def _new(self, state: State, leaves: list[Tensor]) -> Self:
+        return type(self)(self._layout, self._names, leaves, self._configs, self._with_buffers)
+
+    def _operand(self, fn: str, other: object, state: State) -> Any:
+        if lw.is_scalar(other):
+            return other
+        if isinstance(other, Particle):
+            self._check_class(fn, other._layout.modules[0])
+            algebra.check_state(fn, self._names, self._leaves, other._names, other._leaves)
+            return other._leaves
+        if isinstance(other, nn.Module):
+            self._check_class(fn, other)
+            names, leaves = layout_state(Layout(other), self._with_buffers)
+            algebra.check_state(fn, self._names, self._leaves, names, leaves)
+            return leaves
+        raise TypeError(
+            f"{fn}: expected a number, a 0-dim tensor, a Particle or a {self.model_class.__name__}, "
+            f"got {_class_name(other)}"
+            + (f" of shape {tuple(other.shape)} (only 0-dim tensors broadcast)" if isinstance(other, Tensor) else "")
+        )
+
+    def _check_class(self, fn: str, module: nn.Module) -> None:
+        if type(module) is not self.model_class:
+            raise TypeError(f"{fn}: expected a {self.model_class.__name__} (or a Particle of one), "
+                            f"got a {type(module).__name__}")
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def model_class(self) -> type:
+        """The class of the model this Particle came from (what ``module()`` builds)."""
+        return type(self._layout.modules[0])
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The parameters (and buffers, if the Particle carries them) as a ``dict[str, Tensor]``.
+
+        >>> sorted(particle(torch.nn.Linear(2, 1)).params)
+        ['bias', 'weight']
+        """
+        return {name: leaf.detach() for name, leaf in zip(self._names, self._leaves)}
+
+    def __len__(self) -> int:
+        return len(self._leaves)
+
+    def __repr__(self) -> str:
+        count = sum(leaf.numel() for leaf in self._leaves)
+        return f"Particle({self.model_class.__name__}, {len(self._leaves)} tensors, {count} values)"
+
+    def module(self) -> nn.Module:
+        """A fresh module of the model's class holding this Particle's values as Parameters.
+
+        The Parameters share storage with this Particle (no copy is made); use
+        ``p.clone().module()`` for a module independent of ``p``.
+
+        >>> net = torch.nn.Linear(2, 1)
+        >>> copy = (particle(net) + 1).module()
+        >>> type(copy).__name__, torch.equal(copy.bias, net.bias + 1)
+        ('Linear', True)
+        """
+        leaves = algebra.fresh_parameters(self._leaves, self._configs)
+        count = len(self._layout.params)
+        if self._with_buffers:
+            return rebuild(self._layout, leaves[:count], self._leaves[count:])
+        return rebuild(self._layout, leaves)
+
+    def particle(self) -> nn.Module:
+        """nytorch 1.1 spelling of ``module()``."""
+        return self.module()
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        """Write this Particle's values into ``module``'s existing Parameters, in place.
+
+        Returns:
+            ``module`` (its Parameter objects are kept, so optimizers holding them keep working).
+
+        Raises:
+            TypeError: ``module`` is of another class.
+            StructureError: names, shapes or dtypes differ (names the parameter).
+
+        >>> net = torch.nn.Linear(2, 1)
+        >>> _ = particle(net).randn().copy_to(net)
+        """
+        self._check_class("copy_to", module)
+        names, leaves = layout_state(Layout(module), self._with_buffers)
+        algebra.check_state("copy_to", names, leaves, self._names, self._leaves)
+        if leaves:
+            torch._foreach_copy_(leaves, self._leaves)
+        return module
+
+    def unary_operator(self, fn: Callable[[Tensor, ParamConfig], Tensor]) -> Self:
+        """A new Particle with ``fn(param, config)`` applied to every parameter (nytorch 1.1 API).
+
+        ``fn`` runs under ``torch.no_grad()`` and decides itself what to do with
+        non-operational parameters (``config.operational``).
+
+        >>> p = particle(torch.nn.Linear(1, 1, bias=False))
+        >>> q = p.unary_operator(lambda param, config: param + 10 if config.operational else param)
+        >>> torch.equal(q.params["weight"], p.params["weight"] + 10)
+        True
+        """
+        return self._new(self._state(), algebra.custom(fn, self._leaves, [], self._configs))
+
+    def binary_operator(self, other: Any, fn: Callable[[Tensor, Tensor, ParamConfig], Tensor]) -> Self:
+        """A new Particle with ``fn(param, other_param, config)`` for every parameter pair (1.1 API).
+
+        >>> p = particle(torch.nn.Linear(1, 1, bias=False))
+        >>> q = p.binary_operator(p, lambda a, b, config: a - b)
+        >>> q.params["weight"].item()
+        0.0
+        """
+        state = self._state()
+        leaves = self._operand("binary_operator", other, state)
+        if not isinstance(leaves, list):
+            raise TypeError(f"binary_operator: expected a Particle or a {self.model_class.__name__}, "
+                            f"got {_class_name(other)}")
+        return self._new(state, algebra.custom(fn, self._leaves, [leaves], self._configs))
+
+
+def particle(model: nn.Module, *, buffers: bool = False) -> Particle:
+    """Wrap any ``nn.Module`` as a ``Particle`` (no subclassing, no copy).
+
+    Args:
+        model: any module (``nn.Sequential``, a torchvision-style model, a NytoModule...).
+        buffers: also take floating buffers (e.g. BatchNorm statistics) into arithmetic;
+            integer buffers are carried unchanged.  By default buffers are only cloned
+            into results.
+
+    Returns:
+        A Particle viewing ``model``'s parameters (in-place operators write into ``model``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    >>> p = particle(net)
+    >>> soup = (p + p.randn()) / 2
+    >>> type(soup.module()).__name__
+    'Sequential'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"particle: expected an nn.Module as model, got {_class_name(model)}")
+    layout = Layout(model)
+    names, leaves = layout_state(layout, buffers)
+    configs = configs_for(layout, names)
+    return Particle(layout, names, leaves, configs, buffers)

@@ -1,0 +1,313 @@
+"""Leaf-wise pure functions on any optree pytree of tensors (the functional core).
+
+A tree is anything optree flattens: dicts (``nf.params(model)``), lists, tuples,
+nested containers, or a bare tensor.  The second operand of a binary function is
+another tree of the same structure or a scalar (a Python number or a 0-dim
+tensor).  Integer and bool leaves are carried through unchanged (cloned).
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optree
+import torch
+
+from . import _leafwise as lw
+from ._errors import StructureError
+from ._types import PyTree, Scalar
+
+Tensor = torch.Tensor
+
+__all__ = ["add", "sub", "mul", "div", "pow", "neg", "lerp", "clone", "randn_like", "zeros_like",
+           "tree_map", "dot", "norm", "flatten", "path_names"]
+
+
+def _path_name(path: Sequence[Any]) -> str:
+    return ".".join(str(key) for key in path) if path else "<root>"
+
+
+def path_names(tree: PyTree) -> list[str]:
+    """Leaf paths of ``tree`` as ``state_dict``-style strings, in flattening order.
+
+    >>> import torch
+    >>> path_names({"layer": {"weight": torch.ones(1)}, "bias": [torch.ones(1)]})
+    ['bias.0', 'layer.weight']
+    """
+    return [_path_name(path) for path in optree.tree_paths(tree)]
+
+
+def flatten(fn: str, tree: PyTree, argument: str = "tree") -> tuple[list[Tensor], optree.PyTreeSpec]:
+    """Flatten ``tree`` and check every leaf is a tensor.
+
+    Raises:
+        TypeError: naming the path of the first leaf that is not a tensor.
+
+    >>> leaves, spec = flatten("demo", {"w": torch.ones(2)})
+    >>> [tuple(leaf.shape) for leaf in leaves]
+    [(2,)]
+    """
+    if tree is None:
+        raise TypeError(f"{fn}: expected a pytree of tensors or a scalar as {argument}, got None")
+    leaves, spec = optree.tree_flatten(tree)
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            bad = next(i for i, value in enumerate(leaves) if not isinstance(value, Tensor))
+            name = path_names(tree)[bad]
+            raise TypeError(
+                f"{fn}: expected a pytree of tensors or a scalar as {argument}, "
+                f"but the leaf at {name!r} is a {type(leaves[bad]).__name__}"
+            )
+    return leaves, spec
+
+
+def _mismatch(fn: str, a: PyTree, b: PyTree) -> StructureError:
+    names_a, names_b = path_names(a), path_names(b)
+    set_a, set_b = set(names_a), set(names_b)
+    for name in names_a:
+        if name not in set_b:
+            return StructureError(f"{fn}: parameter {name!r} is missing from the second operand")
+    for name in names_b:
+        if name not in set_a:
+            return StructureError(f"{fn}: the second operand has an extra parameter {name!r}")
+    return StructureError(f"{fn}: the operands have different container types "
+                          f"({optree.tree_structure(a)} vs {optree.tree_structure(b)})")
+
+
+def matched(fn: str, a: PyTree, b: PyTree) -> tuple[list[Tensor], list[Tensor], optree.PyTreeSpec]:
+    """Flatten two trees and check they share structure, shapes, dtypes and devices."""
+    left, spec = flatten(fn, a, "the first operand")
+    right, spec_b = flatten(fn, b, "the second operand")
+    if spec != spec_b:
+        raise _mismatch(fn, a, b)
+    for x, y in zip(left, right):
+        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+            lw.check_pairs(fn, path_names(a), left, right)
+    return left, right, spec
+
+
+def _is_scalar_operand(value: object, other: object) -> bool:
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not isinstance(other, Tensor)
+    return isinstance(value, numbers.Number)
+
+
+def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
+    fn = op.name
+    if _is_scalar_operand(a, b):
+        if _is_scalar_operand(b, a):
+            raise TypeError(f"{fn}: expected at least one pytree of tensors, got two scalars {a!r} and {b!r}")
+        leaves, spec = flatten(fn, b, "the second operand")
+        active = [lw.is_arithmetic(leaf) for leaf in leaves]
+        lw.check_scalar(fn, a, path_names(b) if leaves else [], leaves, active, reflected=True)
+        return optree.tree_unflatten(spec, lw.apply(lw.REFLECTED[fn], leaves, a, active=active))
+    if _is_scalar_operand(b, a):
+        leaves, spec = flatten(fn, a, "the first operand")
+        active = [lw.is_arithmetic(leaf) for leaf in leaves]
+        _check_scalar_fast(fn, b, a, leaves, active)
+        return optree.tree_unflatten(spec, lw.apply(op, leaves, b, active=active))
+    left, right, spec = matched(fn, a, b)
+    return optree.tree_unflatten(spec, lw.apply(op, left, right))
+
+
+def _check_scalar_fast(fn: str, scalar: object, tree: PyTree, leaves: list[Tensor], active: list[bool]) -> None:
+    # Path names are computed only when a check could fail: most scalars are plain floats.
+    if isinstance(scalar, (bool, int, float)) and all(
+            leaf.is_floating_point() for leaf, on in zip(leaves, active) if on):
+        return
+    lw.check_scalar(fn, scalar, path_names(tree), leaves, active)
+
+
+def add(a: PyTree, b: PyTree | Scalar, /) -> PyTree:
+    """Leaf-wise ``a + b`` (``torch.add`` mapped over the tree); ``b`` is a tree or a scalar.
+
+    Args:
+        a: a pytree of tensors (or a scalar when ``b`` is a tree).
+        b: a pytree of the same structure, or a scalar (Python number or 0-dim tensor).
+
+    Returns:
+        A new tree; the inputs are never mutated.
+
+    Raises:
+        StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
+        TypeError: an operand is neither a tree of tensors nor a scalar.
+
+    >>> import torch
+    >>> add({"w": torch.tensor([1., 2.])}, 10)
+    {'w': tensor([11., 12.])}
+    """
+    return _binary(lw.ADD, a, b)
+
+
+def sub(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
+    """Leaf-wise ``a - b``; either side may be a scalar.
+
+    >>> sub({"w": torch.tensor([1., 2.])}, {"w": torch.tensor([1., 1.])})
+    {'w': tensor([0., 1.])}
+    >>> sub(1, {"w": torch.tensor([1., 2.])})
+    {'w': tensor([ 0., -1.])}
+    """
+    return _binary(lw.SUB, a, b)
+
+
+def mul(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
+    """Leaf-wise ``a * b``; either side may be a scalar.
+
+    >>> mul(2, {"w": torch.tensor([1., 2.])})
+    {'w': tensor([2., 4.])}
+    """
+    return _binary(lw.MUL, a, b)
+
+
+def div(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
+    """Leaf-wise ``a / b`` (true division, IEEE semantics for zeros); either side may be a scalar.
+
+    >>> div({"w": torch.tensor([1., 2.])}, 2)
+    {'w': tensor([0.5000, 1.0000])}
+    """
+    return _binary(lw.DIV, a, b)
+
+
+def pow(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:  # noqa: A001 - mirrors torch.pow
+    """Leaf-wise ``a ** b``; either side may be a scalar.
+
+    >>> pow({"w": torch.tensor([2., 3.])}, 2)
+    {'w': tensor([4., 9.])}
+    >>> pow(2, {"w": torch.tensor([2., 3.])})
+    {'w': tensor([4., 8.])}
+    """
+    return _binary(lw.POW, a, b)
+
+
+def neg(a: PyTree, /) -> PyTree:
+    """Leaf-wise ``-a``.
+
+    >>> neg({"w": torch.tensor([1., -2.])})
+    {'w': tensor([-1.,  2.])}
+    """
+    leaves, spec = flatten("neg", a)
+    return optree.tree_unflatten(spec, lw.apply(lw.NEG, leaves))
+
+
+def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
+    """Leaf-wise ``a + weight * (b - a)`` (``torch.lerp``); ``weight`` is a scalar or a tree.
+
+    ``lerp(target, online, tau)`` is the EMA / Polyak / soft target update.
+
+    >>> lerp({"w": torch.tensor([0., 10.])}, {"w": torch.tensor([10., 20.])}, 0.1)
+    {'w': tensor([ 1., 11.])}
+    """
+    left, right, spec = matched("lerp", a, b)
+    if _is_scalar_operand(weight, a):
+        _check_scalar_fast("lerp", weight, a, left, [lw.is_arithmetic(leaf) for leaf in left])
+        return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weight))
+    _, weights, _ = matched("lerp", a, weight)
+    return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
+
+
+def _unary(fn: str, a: PyTree, per_leaf: Callable[[Tensor], Tensor], *, arithmetic_only: bool) -> PyTree:
+    leaves, spec = flatten(fn, a)
+    out = [per_leaf(leaf) if (not arithmetic_only or lw.is_arithmetic(leaf)) else leaf.clone()
+           for leaf in leaves]
+    return optree.tree_unflatten(spec, out)
+
+
+def clone(a: PyTree, /) -> PyTree:
+    """Leaf-wise ``tensor.clone()``: same values, fresh storage (keeps strides and memory format).
+
+    >>> tree = {"w": torch.ones(2)}
+    >>> clone(tree)["w"] is tree["w"]
+    False
+    """
+    return _unary("clone", a, torch.Tensor.clone, arithmetic_only=False)
+
+
+def randn_like(a: PyTree, /) -> PyTree:
+    """Leaf-wise ``torch.randn_like``: N(0, 1) values, same shapes, dtypes and devices.
+
+    Integer and bool leaves are carried unchanged.  Reproducible under ``torch.manual_seed``.
+
+    >>> _ = torch.manual_seed(0)
+    >>> first = randn_like({"w": torch.zeros(3)})
+    >>> _ = torch.manual_seed(0)
+    >>> torch.equal(first["w"], randn_like({"w": torch.zeros(3)})["w"])
+    True
+    """
+    return _unary("randn_like", a, torch.randn_like, arithmetic_only=True)
+
+
+def zeros_like(a: PyTree, /) -> PyTree:
+    """Leaf-wise ``torch.zeros_like`` (integer and bool leaves are carried unchanged).
+
+    >>> zeros_like({"w": torch.ones(2)})
+    {'w': tensor([0., 0.])}
+    """
+    return _unary("zeros_like", a, torch.zeros_like, arithmetic_only=True)
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, /, *rest: PyTree) -> PyTree:
+    """``optree.tree_map`` over tensor leaves: ``fn(leaf, *matching_leaves)`` for every leaf.
+
+    Unlike the arithmetic functions, ``fn`` sees every leaf, integer ones included.
+
+    Raises:
+        StructureError: a tree in ``rest`` has another structure (names the leaf).
+
+    >>> tree_map(lambda x, y: x * y, {"w": torch.tensor([2.])}, {"w": torch.tensor([3.])})
+    {'w': tensor([6.])}
+    """
+    leaves, spec = flatten("tree_map", tree)
+    others = []
+    for other in rest:
+        other_leaves, other_spec = flatten("tree_map", other, "a rest tree")
+        if other_spec != spec:
+            raise _mismatch("tree_map", tree, other)
+        others.append(other_leaves)
+    return optree.tree_unflatten(spec, [fn(leaf, *(o[i] for o in others)) for i, leaf in enumerate(leaves)])
+
+
+def _sum_scalars(terms: list[Tensor], like: list[Tensor]) -> Tensor:
+    if not terms:
+        device = like[0].device if like else None
+        return torch.zeros((), device=device)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def dot(a: PyTree, b: PyTree, /) -> Tensor:
+    """Sum over leaves of ``(a * b).sum()``: the inner product of two models as one 0-dim tensor.
+
+    Integer leaves are skipped; complex leaves are not conjugated (use ``dot(conj(a), b)``).
+
+    >>> dot({"w": torch.tensor([1., 2.]), "b": torch.tensor([3.])},
+    ...     {"w": torch.tensor([1., 1.]), "b": torch.tensor([2.])})
+    tensor(9.)
+    """
+    left, right, _ = matched("dot", a, b)
+    pairs = [(x, y) for x, y in zip(left, right) if lw.is_arithmetic(x)]
+    return _sum_scalars([torch.sum(x * y) for x, y in pairs], left)
+
+
+def norm(a: PyTree, /) -> Tensor:
+    """The global L2 norm ``sqrt(sum of squares of every leaf)`` as one 0-dim tensor.
+
+    Integer leaves are skipped.  Fused with ``torch._foreach_norm`` outside autograd.
+
+    >>> norm({"w": torch.tensor([3.]), "b": torch.tensor([4.])})
+    tensor(5.)
+    """
+    leaves = [leaf for leaf in flatten("norm", a)[0] if lw.is_arithmetic(leaf)]
+    if not leaves:
+        return torch.zeros(())
+    if lw.needs_per_leaf(leaves):
+        norms = [torch.linalg.vector_norm(leaf) for leaf in leaves]
+    else:
+        norms = list(torch._foreach_norm(leaves))
+    dtype = norms[0].dtype
+    for value in norms[1:]:
+        dtype = torch.promote_types(dtype, value.dtype)
+    device = leaves[0].device
+    return torch.linalg.vector_norm(torch.stack([value.to(device=device, dtype=dtype) for value in norms]))

@@ -1,7 +1,7 @@
 """``Particle``: any ``nn.Module``'s parameters as one value you can do arithmetic on."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -91,6 +91,46 @@ class Particle(Operators):
                             f"got a {type(module).__name__}")
 
     # -- public API --------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, like: "nn.Module | Particle", params: Mapping[str, Tensor]) -> "Particle":
+        """A Particle of ``like``'s structure holding the tensors in ``params`` (no copy).
+
+        Args:
+            like: a model or a Particle giving the structure (class, names, shapes, dtypes).
+            params: ``dict[str, Tensor]`` with every parameter name (plus every buffer name
+                for a Particle that carries buffers).
+
+        Raises:
+            TypeError: ``like`` is neither a module nor a Particle, or a value is not a tensor.
+            StructureError: a name is missing or extra, or a shape/dtype/device differs.
+
+        >>> net = torch.nn.Linear(2, 1)
+        >>> p = Particle.from_params(net, {"weight": torch.zeros(1, 2), "bias": torch.ones(1)})
+        >>> p.params["bias"]
+        tensor([1.])
+        """
+        if isinstance(like, Particle):
+            layout, names, leaves = like._layout, like._names, like._leaves
+            configs, with_buffers = like._configs, like._with_buffers
+        elif isinstance(like, nn.Module):
+            layout = Layout(like)
+            with_buffers = len(params) > len(layout.names) and bool(layout.buffer_names)
+            names, leaves = layout_state(layout, with_buffers)
+            configs = configs_for(layout, names)
+        else:
+            raise TypeError(f"from_params: expected an nn.Module or a Particle as like, got {_class_name(like)}")
+        if not isinstance(params, Mapping):
+            raise TypeError(f"from_params: expected a mapping of tensors as params, got {_class_name(params)}")
+        given = list(params)
+        algebra.check_names("from_params", names, given if given == list(names) else
+                            [name for name in names if name in params] + [n for n in given if n not in names])
+        values = [params[name] for name in names]
+        for name, value in zip(names, values):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"from_params: expected a tensor for {name!r}, got {_class_name(value)}")
+        algebra.check_state("from_params", names, leaves, names, values)
+        return cls(layout, names, values, configs, with_buffers)
+
     @property
     def model_class(self) -> type:
         """The class of the model this Particle came from (what ``module()`` builds)."""

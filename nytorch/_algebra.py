@@ -5,8 +5,9 @@ order and the tensors aligned with them.  Operands are other states or scalars.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional, TypeVar
 
 import torch
 
@@ -15,19 +16,36 @@ from ._config import ParamConfig
 from ._errors import StructureError
 
 Tensor = torch.Tensor
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def check_names(fn: str, names: Sequence[str], other_names: Sequence[str]) -> None:
+def without_grad(fn: F) -> F:
+    """``torch.no_grad()`` as a decorator, minus its per-call context-object overhead."""
+    set_grad = torch._C._set_grad_enabled
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = torch.is_grad_enabled()
+        set_grad(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_grad(previous)
+    return wrapper  # type: ignore[return-value]
+
+
+def check_names(fn: str, names: Sequence[str], other_names: Sequence[str],
+                other: str = "the second operand") -> None:
     """Raise ``StructureError`` naming the first parameter present in one operand only."""
     if list(names) == list(other_names):
         return
     other_set, own_set = set(other_names), set(names)
     for name in names:
         if name not in other_set:
-            raise StructureError(f"{fn}: parameter {name!r} is missing from the second operand")
+            raise StructureError(f"{fn}: parameter {name!r} is missing from {other}")
     for name in other_names:
         if name not in own_set:
-            raise StructureError(f"{fn}: the second operand has an extra parameter {name!r}")
+            raise StructureError(f"{fn}: {other} has an extra parameter {name!r}")
     raise StructureError(f"{fn}: the operands list the same parameters in another order "
                          f"({list(names)} vs {list(other_names)})")
 
@@ -66,7 +84,7 @@ def check_scalar(fn: str, scalar: object, names: Sequence[str], leaves: Sequence
     lw.check_scalar(fn, scalar, names, leaves, active, reflected)
 
 
-@torch.no_grad()
+@without_grad
 def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands: object,
             configs: Optional[Sequence[ParamConfig]] = None, reflected: bool = False) -> list[Tensor]:
     """New leaves: ``op(leaf, *operands)`` on operational leaves, the rest carried per config.
@@ -81,7 +99,7 @@ def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands
     return _carry(leaves, out, active, configs)
 
 
-@torch.no_grad()
+@without_grad
 def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands: object,
              configs: Optional[Sequence[ParamConfig]] = None) -> None:
     """In place: ``op`` on every operational leaf; validated before anything is written."""
@@ -92,7 +110,7 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
     lw.apply_(op, leaves, *operands, active=active)
 
 
-@torch.no_grad()
+@without_grad
 def map_unary(fn: Callable[[Tensor], Tensor], leaves: Sequence[Tensor],
               configs: Optional[Sequence[ParamConfig]] = None) -> list[Tensor]:
     """``fn(leaf)`` on operational leaves (e.g. ``torch.randn_like``); the rest carried per config."""
@@ -101,7 +119,7 @@ def map_unary(fn: Callable[[Tensor], Tensor], leaves: Sequence[Tensor],
     return _carry(leaves, out, active, configs)
 
 
-@torch.no_grad()
+@without_grad
 def clone_all(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]] = None) -> list[Tensor]:
     """Clones of every leaf, except non-operational ``clone=False`` ones which are kept as is."""
     if configs is None:
@@ -110,7 +128,7 @@ def clone_all(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]]
             for leaf, config in zip(leaves, configs)]
 
 
-@torch.no_grad()
+@without_grad
 def custom(fn: Callable[..., Tensor], leaves: Sequence[Tensor], others: Sequence[Sequence[Tensor]],
            configs: Optional[Sequence[ParamConfig]]) -> list[Tensor]:
     """nytorch 1.1's ``unary_operator`` / ``binary_operator``: ``fn(*leaves_at_i, config)`` for every leaf."""

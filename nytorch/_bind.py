@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from ._errors import StructureError
-from ._walk import Layout, rebuild
+from ._walk import Layout, layout_of, rebuild
 
 Tensor = torch.Tensor
 
@@ -31,7 +31,7 @@ def params(module: nn.Module) -> dict[str, Tensor]:
     >>> list(params(torch.nn.Linear(2, 1)))
     ['weight', 'bias']
     """
-    layout = Layout(_require_module("params", module))
+    layout = layout_of(_require_module("params", module))
     return {name: leaf.detach() for name, leaf in zip(layout.names, layout.params)}
 
 
@@ -44,7 +44,7 @@ def state(module: nn.Module) -> dict[str, Tensor]:
     >>> list(state(torch.nn.BatchNorm1d(2)))
     ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
     """
-    layout = Layout(_require_module("state", module))
+    layout = layout_of(_require_module("state", module))
     pairs = zip(layout.names + layout.buffer_names, layout.params + layout.buffers)
     return {name: leaf.detach() for name, leaf in pairs}
 
@@ -67,7 +67,7 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     >>> other(torch.tensor([[3.]]))
     tensor([[3.]], grad_fn=<AddmmBackward0>)
     """
-    layout = Layout(_require_module("bind", module))
+    layout = layout_of(_require_module("bind", module))
     if not isinstance(params, Mapping):
         raise TypeError(f"bind: expected a mapping from names to tensors as params, got {type(params).__name__}")
     known = set(layout.names) | set(layout.buffer_names)

@@ -13,9 +13,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ._walk import Layout
-
-CONFIG_ATTR = "_nyto_param_configs"
+from ._walk import CONFIG_ATTR, Layout
 
 __all__ = ["ParamConfig", "CONFIG_ATTR", "configs_for", "configs_in_scope", "copy_tables"]
 
@@ -63,11 +61,7 @@ DEFAULT = ParamConfig()
 
 
 def _tables(layout: Layout) -> list[tuple[str, dict[str, ParamConfig]]]:
-    found = []
-    for module, prefix in zip(layout.modules, layout.prefixes):
-        table = module.__dict__.get(CONFIG_ATTR)
-        if table:
-            found.append((prefix, table))
+    found = [(prefix, table) for prefix, table, _ in layout.tables if table]
     found.sort(key=lambda item: len(item[0]), reverse=True)  # deepest owner first
     return found
 
@@ -95,8 +89,7 @@ def configs_in_scope(layout: Layout, scope: str) -> list[tuple[int, ParamConfig]
 
     Configs are created on first use and stored in the deepest config-holding module on the path.
     """
-    owners = [(prefix, module.__dict__[CONFIG_ATTR]) for module, prefix in zip(layout.modules, layout.prefixes)
-              if CONFIG_ATTR in module.__dict__]
+    owners = [(prefix, table) for prefix, table, _ in layout.tables]
     owners.sort(key=lambda item: len(item[0]), reverse=True)
     pairs = []
     for index, name in enumerate(layout.names):

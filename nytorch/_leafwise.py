@@ -131,6 +131,43 @@ def _select(values: Sequence[Tensor], index: Sequence[int]) -> list[Tensor]:
     return [values[i] for i in index]
 
 
+def groups(leaves: Sequence[Tensor]) -> Optional[list[list[int]]]:
+    """Indices of leaves sharing a (device, dtype), or ``None`` when one fused call can take them all.
+
+    On the CPU every foreach kernel loops per tensor anyway, so only accelerator
+    leaves are split: their fused kernels need one device and one dtype per call.
+    """
+    if all(leaf.is_cpu for leaf in leaves):
+        return None
+    found: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        found.setdefault((leaf.device, leaf.dtype), []).append(i)
+    return None if len(found) == 1 else list(found.values())
+
+
+def _fused(fn: Callable[..., object], leaves: list[Tensor], operands: list[object]) -> list[Tensor]:
+    split = groups(leaves)
+    if split is None:
+        return fn(leaves, *operands)  # type: ignore[return-value]
+    out: list[Tensor] = [leaves[0]] * len(leaves)
+    for index in split:
+        part = fn(_select(leaves, index),
+                  *(_select(o, index) if isinstance(o, list) else o for o in operands))  # type: ignore[arg-type]
+        if part is not None:
+            for i, value in zip(index, part):  # type: ignore[call-overload]
+                out[i] = value
+    return out
+
+
+def _pick(left: Sequence[Tensor], operands: tuple[object, ...], active: Sequence[bool]
+          ) -> tuple[list[int], list[Tensor], list[object]]:
+    index = [i for i, on in enumerate(active) if on]
+    if len(index) == len(left):
+        return index, list(left), [list(o) if isinstance(o, (list, tuple)) else o for o in operands]
+    return index, _select(left, index), [
+        _select(o, index) if isinstance(o, (list, tuple)) else o for o in operands]  # type: ignore[arg-type]
+
+
 def apply(op: Op, left: Sequence[Tensor], *operands: object,
           active: Optional[Sequence[bool]] = None,
           carry: Callable[[Tensor], Tensor] = Tensor.clone) -> list[Tensor]:
@@ -138,22 +175,18 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
 
     Each operand is either a leaf list aligned with ``left`` or a scalar.
     Callers have already checked structures and dtypes.
+
+    >>> apply(ADD, [torch.ones(2), torch.tensor([1, 2])], 1.5)
+    [tensor([2.5000, 2.5000]), tensor([1, 2])]
     """
     if active is None:
         active = [is_arithmetic(leaf) for leaf in left]
-    index = [i for i, on in enumerate(active) if on]
-    out: list[Tensor] = [carry(leaf) if not on else leaf for leaf, on in zip(left, active)]
+    index, picked_left, picked = _pick(left, operands, active)
+    out: list[Tensor] = [leaf if on else carry(leaf) for leaf, on in zip(left, active)]
     if not index:
         return out
-    everything = len(index) == len(left)
-    picked_left = list(left) if everything else _select(left, index)
-    picked = [
-        (list(operand) if everything else _select(operand, index))  # type: ignore[arg-type]
-        if isinstance(operand, (list, tuple)) else operand
-        for operand in operands
-    ]
     if op.foreach is not None and not needs_per_leaf(picked_left, *picked):
-        results = op.foreach(picked_left, *picked)
+        results = _fused(op.foreach, picked_left, picked)
     else:
         results = [
             op.leaf(leaf, *(operand[k] if isinstance(operand, list) else operand for operand in picked))
@@ -166,21 +199,25 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
 
 def apply_(op: Op, left: Sequence[Tensor], *operands: object,
            active: Optional[Sequence[bool]] = None) -> None:
-    """Apply ``op`` in place to every active leaf of ``left`` (callers validated everything first)."""
+    """Apply ``op`` in place to every active leaf of ``left`` (callers validated everything first).
+
+    >>> leaves = [torch.ones(2)]
+    >>> apply_(MUL, leaves, 3.0)
+    >>> leaves
+    [tensor([3., 3.])]
+    """
     if active is None:
         active = [is_arithmetic(leaf) for leaf in left]
-    index = [i for i, on in enumerate(active) if on]
+    index, picked_left, picked = _pick(left, operands, active)
     if not index:
         return
-    picked_left = _select(left, index)
-    picked = [_select(o, index) if isinstance(o, (list, tuple)) else o for o in operands]  # type: ignore[arg-type]
     if op.foreach_ is not None and not transforms_active():
-        op.foreach_(picked_left, *picked)
+        _fused(op.foreach_, picked_left, picked)
         return
     leaf_ = op.leaf_
-    if leaf_ is None:  # reflected ops have no in-place form: compute, then copy in
-        for k, leaf in enumerate(picked_left):
-            leaf.copy_(op.leaf(leaf, *(o[k] if isinstance(o, list) else o for o in picked)))
-        return
     for k, leaf in enumerate(picked_left):
-        leaf_(leaf, *(o[k] if isinstance(o, list) else o for o in picked))
+        args = [o[k] if isinstance(o, list) else o for o in picked]
+        if leaf_ is None:  # reflected ops have no in-place form: compute, then copy in
+            leaf.copy_(op.leaf(leaf, *args))
+        else:
+            leaf_(leaf, *args)

@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
 from ._operators import Operators, State
 from ._particle import Particle, layout_state
-from ._walk import Layout, rebuild
+from ._walk import Layout, layout_of, rebuild
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,7 @@ class NytoModule(Operators, nn.Module):
 
     # -- Operators protocol -----------------------------------------------------------
     def _state(self) -> State:
-        layout = Layout(self)
+        layout = layout_of(self)
         return State(layout.names, layout.params, configs_for(layout), layout)
 
     def _new(self, state: State, leaves: list[Tensor]) -> Self:
@@ -71,7 +71,7 @@ class NytoModule(Operators, nn.Module):
             if type(other) is not type(self):
                 raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
                                 f"got a {type(other).__name__}")
-            layout = Layout(other)
+            layout = layout_of(other)
             names, leaves = layout.names, layout.params
         else:
             raise TypeError(
@@ -95,7 +95,7 @@ class NytoModule(Operators, nn.Module):
         >>> net.detach().weight is net.weight
         True
         """
-        layout = Layout(self)
+        layout = layout_of(self)
         result = rebuild(layout, layout.params, layout.buffers)
         copy_tables(result)
         return result  # type: ignore[return-value]
@@ -119,8 +119,8 @@ class NytoModule(Operators, nn.Module):
         """
         if not isinstance(source, nn.Module):
             raise TypeError(f"clone_from: expected an nn.Module as source, got {type(source).__name__}")
-        layout = Layout(self)
-        other = Layout(source)
+        layout = layout_of(self)
+        other = layout_of(source)
         names, leaves = layout_state(layout, buffers=True)
         other_names, other_leaves = layout_state(other, buffers=True)
         algebra.check_state("clone_from", names, leaves, other_names, other_leaves)
@@ -143,7 +143,7 @@ class NytoModule(Operators, nn.Module):
         Parameter containing:
         tensor([3.], requires_grad=True)
         """
-        layout = Layout(self)
+        layout = layout_of(self)
         names, leaves = layout_state(layout, buffers)
         return Particle(layout, names, leaves, configs_for(layout, names), buffers)
 
@@ -208,7 +208,7 @@ class NytoModule(Operators, nn.Module):
         0 ParamConfig(operational=True, clone=True)
         1 ParamConfig(operational=True, clone=True)
         """
-        layout = Layout(self)
+        layout = layout_of(self)
         if name is not None:
             if not isinstance(name, str):
                 raise TypeError(f"apply_param_config: expected a str or None as name, got {type(name).__name__}")

@@ -12,7 +12,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
-from ._walk import Layout, rebuild
+from ._walk import Layout, layout_of, rebuild
 
 Tensor = torch.Tensor
 
@@ -76,7 +76,7 @@ class Particle(Operators):
             return other._leaves
         if isinstance(other, nn.Module):
             self._check_class(fn, other)
-            names, leaves = layout_state(Layout(other), self._with_buffers)
+            names, leaves = layout_state(layout_of(other), self._with_buffers)
             algebra.check_state(fn, self._names, self._leaves, names, leaves)
             return leaves
         raise TypeError(
@@ -113,7 +113,7 @@ class Particle(Operators):
             layout, names, leaves = like._layout, like._names, like._leaves
             configs, with_buffers = like._configs, like._with_buffers
         elif isinstance(like, nn.Module):
-            layout = Layout(like)
+            layout = layout_of(like)
             with_buffers = len(params) > len(layout.names) and bool(layout.buffer_names)
             names, leaves = layout_state(layout, with_buffers)
             configs = configs_for(layout, names)
@@ -123,7 +123,8 @@ class Particle(Operators):
             raise TypeError(f"from_params: expected a mapping of tensors as params, got {_class_name(params)}")
         given = list(params)
         algebra.check_names("from_params", names, given if given == list(names) else
-                            [name for name in names if name in params] + [n for n in given if n not in names])
+                            [name for name in names if name in params] + [n for n in given if n not in names],
+                            "params")
         values = [params[name] for name in names]
         for name, value in zip(names, values):
             if not isinstance(value, Tensor):
@@ -188,7 +189,7 @@ class Particle(Operators):
         >>> _ = particle(net).randn().copy_to(net)
         """
         self._check_class("copy_to", module)
-        names, leaves = layout_state(Layout(module), self._with_buffers)
+        names, leaves = layout_state(layout_of(module), self._with_buffers)
         algebra.check_state("copy_to", names, leaves, self._names, self._leaves)
         if leaves:
             torch._foreach_copy_(leaves, self._leaves)
@@ -247,7 +248,7 @@ def particle(model: nn.Module, *, buffers: bool = False) -> Particle:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"particle: expected an nn.Module as model, got {_class_name(model)}")
-    layout = Layout(model)
+    layout = layout_of(model)
     names, leaves = layout_state(layout, buffers)
     configs = configs_for(layout, names)
     return Particle(layout, names, leaves, configs, buffers)

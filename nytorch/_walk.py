@@ -8,6 +8,7 @@ copied, parameters are the tensors it is given, buffers are cloned unless given.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -25,6 +26,10 @@ _CONTAINERS = (
 )
 
 
+CONFIG_ATTR = "_nyto_param_configs"
+_MISSING = object()
+
+
 class Layout:
     """Where every parameter and buffer of a module tree lives.
 
@@ -36,10 +41,19 @@ class Layout:
         children / param_slots / buffer_slots: per module, ``(attribute, index)`` pairs
             (index into ``modules`` / ``params`` / ``buffers``; ``None`` for ``None`` entries).
         prefixes: per module, its dotted path from the root (``""`` for the root).
+        tables: ``(prefix, config dict, module index)`` of every module holding ``ParamConfig``s.
+
+    The structural lists (names, prefixes, slots) are shared between layouts of
+    modules built from one another and must never be mutated.
+
+    >>> import torch
+    >>> layout = Layout(torch.nn.Sequential(torch.nn.Linear(1, 1)))
+    >>> layout.names, layout.prefixes
+    (['0.weight', '0.bias'], ['', '0.'])
     """
 
     __slots__ = ("modules", "prefixes", "names", "params", "buffer_names", "buffers",
-                 "children", "param_slots", "buffer_slots")
+                 "children", "param_slots", "buffer_slots", "tables")
 
     def __init__(self, root: nn.Module) -> None:
         self.modules: list[nn.Module] = []
@@ -51,6 +65,7 @@ class Layout:
         self.children: list[list[tuple[str, Optional[int]]]] = []
         self.param_slots: list[list[tuple[str, Optional[int]]]] = []
         self.buffer_slots: list[list[tuple[str, Optional[int]]]] = []
+        self.tables: list[tuple[str, dict, int]] = []
         self._visit(root, "", {}, {}, {})
 
     def _visit(self, module: nn.Module, prefix: str, module_index: dict[int, int],
@@ -59,6 +74,9 @@ class Layout:
         index = module_index[id(module)] = len(self.modules)
         self.modules.append(module)
         self.prefixes.append(prefix)
+        table = module.__dict__.get(CONFIG_ATTR)
+        if table is not None:
+            self.tables.append((prefix, table, index))
         self.param_slots.append(_slots(module._parameters, prefix, param_index, self.params, self.names))
         self.buffer_slots.append(
             _slots(module._buffers, prefix, buffer_index, self.buffers, self.buffer_names))
@@ -73,6 +91,45 @@ class Layout:
                 found = self._visit(child, prefix + name + ".", module_index, param_index, buffer_index)
             children.append((name, found))
         return index
+
+    def _sibling(self, modules: list[nn.Module], params: list[Tensor], buffers: list[Tensor]) -> "Layout":
+        """A layout of another tree with this one's structure (shares the structural lists)."""
+        other = object.__new__(Layout)
+        other.modules, other.params, other.buffers = modules, params, buffers
+        other.prefixes, other.names, other.buffer_names = self.prefixes, self.names, self.buffer_names
+        other.children, other.param_slots, other.buffer_slots = self.children, self.param_slots, self.buffer_slots
+        other.tables = self.tables  # rebuilt modules share their config dicts with the source
+        return other
+
+    def _matches(self, root: nn.Module) -> bool:
+        """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed."""
+        modules, params, buffers = self.modules, self.params, self.buffers
+        for k, module in enumerate(modules):
+            if k == 0:
+                module = root
+            table = module._modules
+            if len(table) != len(self.children[k]):
+                return False
+            for name, i in self.children[k]:
+                if table.get(name, _MISSING) is not (None if i is None else root if i == 0 else modules[i]):
+                    return False
+            own_params = module._parameters
+            if len(own_params) != len(self.param_slots[k]):
+                return False
+            for name, i in self.param_slots[k]:
+                if own_params.get(name, _MISSING) is not (None if i is None else params[i]):
+                    return False
+            own_buffers = module._buffers
+            if len(own_buffers) != len(self.buffer_slots[k]):
+                return False
+            for name, i in self.buffer_slots[k]:
+                if own_buffers.get(name, _MISSING) is not (None if i is None else buffers[i]):
+                    return False
+        for _, config_table, k in self.tables:
+            owner = root if k == 0 else modules[k]
+            if owner.__dict__.get(CONFIG_ATTR) is not config_table:
+                return False
+        return True
 
 
 def _slots(table: Mapping[str, Optional[Tensor]], prefix: str, seen: dict[int, int],
@@ -91,27 +148,67 @@ def _slots(table: Mapping[str, Optional[Tensor]], prefix: str, seen: dict[int, i
     return slots
 
 
+# Layouts of recently seen roots, without the root itself (a value must not keep its weak key alive).
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictionary()
+
+
+def _remember(root: nn.Module, layout: Layout) -> None:
+    stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
+    try:
+        _CACHE[root] = stored
+    except TypeError:  # pragma: no cover - modules that cannot be weakly referenced
+        pass
+
+
+def layout_of(root: nn.Module) -> Layout:
+    """``Layout(root)``, reusing the last one while the tree still holds the same objects.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(1, 1)
+    >>> layout_of(net).params[0] is net.weight
+    True
+    """
+    stored = _CACHE.get(root)
+    if stored is not None and stored._matches(root):
+        return stored._sibling([root] + stored.modules[1:], stored.params, stored.buffers)
+    layout = Layout(root)
+    _remember(root, layout)
+    return layout
+
+
+def _as_parameter(value: Tensor, source: Tensor) -> nn.Parameter:
+    if type(value) is Tensor:  # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
+        return Tensor._make_subclass(nn.Parameter, value, source.requires_grad)  # type: ignore[return-value]
+    if isinstance(value, nn.Parameter):
+        return value
+    return nn.Parameter(value, requires_grad=source.requires_grad)
+
+
 def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence[Tensor]] = None) -> nn.Module:
     """A fresh copy of ``layout``'s module tree holding ``params`` (and ``buffers``).
 
     Args:
         layout: the source tree's layout.
-        params: tensors aligned with ``layout.params``; each becomes the result's parameter as is
-            when it already is an ``nn.Parameter``, else is wrapped in one with the source's
-            ``requires_grad``.
+        params: tensors aligned with ``layout.params``; an ``nn.Parameter`` is used as is,
+            any other tensor is wrapped in a new one with the source's ``requires_grad``.
         buffers: tensors aligned with ``layout.buffers``; ``None`` clones the source buffers.
 
     Returns:
         The new root module (same class as the source root).
+
+    >>> import torch
+    >>> net = torch.nn.Linear(1, 1)
+    >>> copy = rebuild(Layout(net), [torch.ones(1, 1), torch.zeros(1)])
+    >>> copy is net, copy.weight.item(), copy.weight.requires_grad
+    (False, 1.0, True)
     """
     if buffers is None:
         buffers = [buffer.clone() for buffer in layout.buffers]
-    wrapped = [
-        value if isinstance(value, nn.Parameter)
-        else nn.Parameter(value, requires_grad=source.requires_grad)
-        for value, source in zip(params, layout.params)
-    ]
+    else:
+        buffers = list(buffers)
+    wrapped = [_as_parameter(value, source) for value, source in zip(params, layout.params)]
     copies: list[nn.Module] = []
+    set_state = object.__setattr__
     for module in layout.modules:
         new = object.__new__(type(module))
         state = module.__dict__.copy()
@@ -122,11 +219,16 @@ def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence
         state["_parameters"] = {}
         state["_buffers"] = {}
         state["_modules"] = {}
-        new.__dict__ = state
+        set_state(new, "__dict__", state)
         copies.append(new)
     for new, children, param_slots, buffer_slots in zip(
             copies, layout.children, layout.param_slots, layout.buffer_slots):
-        new._modules.update((name, None if i is None else copies[i]) for name, i in children)
-        new._parameters.update((name, None if i is None else wrapped[i]) for name, i in param_slots)
-        new._buffers.update((name, None if i is None else buffers[i]) for name, i in buffer_slots)
-    return copies[0]
+        if children:
+            new._modules.update((name, None if i is None else copies[i]) for name, i in children)
+        if param_slots:
+            new._parameters.update((name, None if i is None else wrapped[i]) for name, i in param_slots)
+        if buffer_slots:
+            new._buffers.update((name, None if i is None else buffers[i]) for name, i in buffer_slots)
+    result = copies[0]
+    _remember(result, layout._sibling(copies, wrapped, buffers))  # type: ignore[arg-type]
+    return result

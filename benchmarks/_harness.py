@@ -1,0 +1,89 @@
+"""Side-by-side timing: implementations alternate inside one loop, medians and ratios from one run."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
+    """How many calls make one sample last about ``target_s`` (amortises timer overhead on tiny ops)."""
+    number = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if time.perf_counter() - start >= target_s or number >= 1 << 16:
+            return number
+        number *= 4
+
+
+def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: int = 3,
+            target_s: float = 0.002) -> dict[str, float]:
+    """Median microseconds per call of each implementation, measured interleaved in one run."""
+    for fn in impls.values():
+        for _ in range(warmup):
+            fn()
+    numbers = {name: _calibrate(fn, target_s) for name, fn in impls.items()}
+    samples: dict[str, list[float]] = {name: [] for name in impls}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, fn in impls.items():
+                number = numbers[name]
+                start = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / number * 1e6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def rows(workload: str, size: str, medians: dict[str, float], floor: str) -> list[dict[str, Any]]:
+    """Table rows with ratios to the floor implementation."""
+    base = medians[floor]
+    return [
+        {"workload": workload, "size": size, "implementation": name, "median_us": round(value, 2),
+         "ratio_to_floor": round(value / base, 3)}
+        for name, value in medians.items()
+    ]
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def print_table(table: list[dict[str, Any]]) -> None:
+    """Aligned text table: workload, size, implementation, median, ratio."""
+    header = f"{'workload':<26} {'size':<12} {'implementation':<26} {'median':>12} {'x floor':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in table:
+        median = row["median_us"]
+        shown = f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} us"
+        print(f"{row['workload']:<26} {row.get('size', ''):<12} {row['implementation']:<26} "
+              f"{shown:>12} {row['ratio_to_floor']:>8.2f}")
+
+
+def dump_json(table: list[dict[str, Any]], path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump({"machine": machine(), "rows": table}, handle, indent=1)

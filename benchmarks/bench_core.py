@@ -1,0 +1,165 @@
+"""Particle arithmetic vs the memory floor (one ``flat + flat``), per-tensor loops, foreach and nytorch 1.1.
+
+Run: ``python -m benchmarks.bench_core [--quick]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import nytorch
+import nytorch.functional as nf
+
+from . import _harness as harness
+from .models import sizes
+
+Row = dict[str, Any]
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _pair(factory: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return factory(), factory()
+
+
+def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> list[Row]:
+    a, b = _pair(factory)
+    fa, fb = _flat(a), _flat(b)
+    pa, pb = nytorch.particle(a), nytorch.particle(b)
+    ta, tb = nf.params(a), nf.params(b)
+    la, lb = list(ta.values()), list(tb.values())
+    out: list[Row] = []
+
+    medians = harness.compare({
+        "floor: flat + flat": lambda: fa + fb,
+        "functional nf.add": lambda: nf.add(ta, tb),
+        "Particle p + q": lambda: pa + pb,
+        "NytoModule a + b": lambda: a + b,
+        "per-tensor loop": lambda: [x + y for x, y in zip(la, lb)],
+        "foreach by hand": lambda: torch._foreach_add(la, lb),
+    }, repeats=repeats)
+    out += harness.rows("a + b", size, medians, "floor: flat + flat")
+
+    medians = harness.compare({
+        "floor: flat + flat": lambda: fa + fb,
+        "floor: 3 flat passes": lambda: 0.9 * (fa - fb) + fa,
+        "Particle": lambda: 0.9 * (pa - pb) + pa,
+        "NytoModule": lambda: 0.9 * (a - b) + a,
+        "functional": lambda: nf.add(nf.mul(0.9, nf.sub(ta, tb)), ta),
+    }, repeats=repeats)
+    out += harness.rows("0.9 * (a - b) + a", size, medians, "floor: flat + flat")
+
+    ema, ema_flat, ema_list = pa.clone(), fa.clone(), [x.clone() for x in la]
+    medians = harness.compare({
+        "floor: flat.lerp_": lambda: ema_flat.lerp_(fb, 0.001),
+        "Particle ema.lerp_": lambda: ema.lerp_(pb, 0.001),
+        "foreach_lerp_ by hand": lambda: torch._foreach_lerp_(ema_list, lb, 0.001),
+    }, repeats=repeats)
+    out += harness.rows("lerp_ (EMA, in place)", size, medians, "floor: flat.lerp_")
+
+    medians = harness.compare({
+        "floor: flat + flat": lambda: fa + fb,
+        "floor: torch.randn(n)": lambda: torch.randn(fa.numel()),
+        "Particle randn": lambda: pa.randn(),
+        "NytoModule randn": lambda: a.randn(),
+        "floor: flat.clone()": lambda: fa.clone(),
+        "Particle clone": lambda: pa.clone(),
+        "NytoModule clone": lambda: a.clone(),
+    }, repeats=repeats)
+    out += harness.rows("randn / clone", size, medians, "floor: flat + flat")
+    return out
+
+
+_NYTORCH_11 = textwrap.dedent('''
+    import json, sys, time, statistics, torch
+    from torch import nn
+    from nytorch import NytoModule
+    class Stack(NytoModule):
+        def __init__(self, layers, width):
+            super().__init__()
+            self.layers = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
+    class Iris(NytoModule):
+        def __init__(self):
+            super().__init__()
+            self.layer1 = nn.Linear(4, 12); self.layer2 = nn.Linear(12, 3)
+    sizes = {"iris MLP": Iris, "many-small": lambda: Stack(100, 64), "deep-narrow": lambda: Stack(100, 170)}
+    def median(fn, repeats):
+        for _ in range(3): fn()
+        number = 1
+        while True:
+            start = time.perf_counter()
+            for _ in range(number): fn()
+            if time.perf_counter() - start > 0.002 or number > 4096: break
+            number *= 4
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(number): fn()
+            samples.append((time.perf_counter() - start) / number * 1e6)
+        return statistics.median(samples)
+    rows = []
+    for size in json.loads(sys.argv[1]):
+        a = sizes[size](); b = a.clone_from(sizes[size]())
+        fa = torch.cat([p.detach().reshape(-1) for p in a.parameters()]); fb = fa.clone()
+        floor = median(lambda: fa + fb, int(sys.argv[2]))
+        rows.append(dict(size=size, workload="a + b", median_us=median(lambda: a + b, int(sys.argv[2])), floor=floor))
+        rows.append(dict(size=size, workload="0.9 * (a - b) + a",
+                         median_us=median(lambda: 0.9 * (a - b) + a, int(sys.argv[2])), floor=floor))
+    print(json.dumps(rows))
+''')
+
+
+def nytorch_11(size_names: list[str], repeats: int) -> list[Row]:
+    """nytorch 1.1 in a subprocess (it is also called ``nytorch``); ratios use its own in-process floor."""
+    target = os.environ.get("NYTORCH11_DIR", "/tmp/nyto11")
+    if not os.path.isdir(os.path.join(target, "nytorch")):
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
+                               "nytorch==1.1.0"], capture_output=True)
+        if done.returncode != 0:
+            print("nytorch 1.1 unavailable; skipping its rows", file=sys.stderr)
+            return []
+    env = dict(os.environ, PYTHONPATH=target)
+    result = subprocess.run([sys.executable, "-c", _NYTORCH_11, json.dumps(size_names), str(repeats)],
+                            capture_output=True, text=True, env=env, cwd="/")
+    if result.returncode != 0:
+        print("nytorch 1.1 run failed:", result.stderr[-2000:], file=sys.stderr)
+        return []
+    return [
+        {"workload": row["workload"], "size": row["size"], "implementation": "nytorch 1.1 NytoModule",
+         "median_us": round(row["median_us"], 2), "ratio_to_floor": round(row["median_us"] / row["floor"], 3)}
+        for row in json.loads(result.stdout)
+    ]
+
+
+def run(quick: bool) -> list[Row]:
+    """All core rows (``quick`` shrinks sizes and repeats for CI)."""
+    repeats = 7 if quick else 21
+    table: list[Row] = []
+    zoo = sizes(quick)
+    for size, factory in zoo.items():
+        table += bench_size(size, factory, repeats)
+    table += nytorch_11([name for name in ("iris MLP", "many-small", "deep-narrow") if name in zoo], repeats)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    harness.print_table(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()

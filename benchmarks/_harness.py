@@ -79,7 +79,7 @@ def print_table(table: list[dict[str, Any]]) -> None:
     print("-" * len(header))
     for row in table:
         median = row["median_us"]
-        shown = f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} us"
+        shown = row.get("shown") or (f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} us")
         print(f"{row['workload']:<26} {row.get('size', ''):<12} {row['implementation']:<26} "
               f"{shown:>12} {row['ratio_to_floor']:>8.2f}")
 

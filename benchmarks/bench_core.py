@@ -5,6 +5,7 @@ Run: ``python -m benchmarks.bench_core [--quick]``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,14 +43,19 @@ def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> lis
     la, lb = list(ta.values()), list(tb.values())
     out: list[Row] = []
 
-    medians = harness.compare({
+    impls: dict[str, Callable[[], Any]] = {
         "floor: flat + flat": lambda: fa + fb,
         "functional nf.add": lambda: nf.add(ta, tb),
         "Particle p + q": lambda: pa + pb,
         "NytoModule a + b": lambda: a + b,
         "per-tensor loop": lambda: [x + y for x, y in zip(la, lb)],
         "foreach by hand": lambda: torch._foreach_add(la, lb),
-    }, repeats=repeats)
+    }
+    if importlib.util.find_spec("tensordict") is not None:  # optional: PYTHONPATH to a tensordict install
+        from tensordict import TensorDict
+        da, db = TensorDict(ta, []), TensorDict(tb, [])
+        impls["tensordict td + td"] = lambda: da + db
+    medians = harness.compare(impls, repeats=repeats)
     out += harness.rows("a + b", size, medians, "floor: flat + flat")
 
     medians = harness.compare({

@@ -72,6 +72,15 @@ def describe(leaf: Tensor) -> str:
     return text if leaf.device.type == "cpu" else f"{text} on {leaf.device}"
 
 
+def signature(leaves: Sequence[Tensor]) -> tuple[tuple[torch.Size, torch.dtype, torch.device], ...]:
+    """``(shape, dtype, device)`` of every leaf: equal signatures mean operands line up.
+
+    >>> signature([torch.zeros(2)])
+    ((torch.Size([2]), torch.float32, device(type='cpu')),)
+    """
+    return tuple((leaf.shape, leaf.dtype, leaf.device) for leaf in leaves)
+
+
 def check_pairs(fn: str, names: Sequence[str], left: Sequence[Tensor], right: Sequence[Tensor]) -> None:
     """Raise ``StructureError`` naming the first leaf pair whose shape, dtype or device differs."""
     for name, a, b in zip(names, left, right):

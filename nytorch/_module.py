@@ -66,13 +66,17 @@ class NytoModule(Operators, nn.Module):
             if other.model_class is not type(self):
                 raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
                                 f"got a Particle of {other.model_class.__name__}")
-            names, leaves = other._names, other._leaves
+            algebra.check_state(fn, state.names, state.leaves, other._names, other._leaves,
+                                (state.source.signature, other._signature))
+            return other._leaves
         elif isinstance(other, nn.Module):
             if type(other) is not type(self):
                 raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
                                 f"got a {type(other).__name__}")
             layout = layout_of(other)
-            names, leaves = layout.names, layout.params
+            algebra.check_state(fn, state.names, state.leaves, layout.names, layout.params,
+                                (state.source.signature, layout.signature))
+            return layout.params
         else:
             raise TypeError(
                 f"{fn}: expected a number, a 0-dim tensor, a {type(self).__name__} or a Particle of one, "
@@ -80,8 +84,6 @@ class NytoModule(Operators, nn.Module):
                 + (f" of shape {tuple(other.shape)} (only 0-dim tensors broadcast)"
                    if isinstance(other, Tensor) else "")
             )
-        algebra.check_state(fn, state.names, state.leaves, names, leaves)
-        return leaves
 
     # -- nytorch 1.1 API ----------------------------------------------------------------
     def detach(self) -> Self:

@@ -67,7 +67,10 @@ class Operators:
         for other in others:
             if defers(other):
                 return NotImplemented
-            operands.append(self._operand(op.name, other, state))
+            operand = self._operand(op.name, other, state)
+            if isinstance(operand, list):  # in place: re-check every leaf, cached signatures may be stale
+                lw.check_pairs(op.name, state.names, state.leaves, operand)
+            operands.append(operand)
         algebra.combine_(op, state.names, state.leaves, *operands, configs=state.configs)
         return self
 

@@ -50,29 +50,34 @@ class Particle(Operators):
     True
     """
 
-    __slots__ = ("_layout", "_names", "_leaves", "_configs", "_with_buffers", "__weakref__")
+    __slots__ = ("_layout", "_names", "_leaves", "_configs", "_with_buffers", "_signature", "__weakref__")
 
     def __init__(self, layout: Layout, names: Sequence[str], leaves: Sequence[Tensor],
-                 configs: Optional[Sequence[ParamConfig]] = None, with_buffers: bool = False) -> None:
+                 configs: Optional[Sequence[ParamConfig]] = None, with_buffers: bool = False,
+                 signature: Optional[tuple] = None) -> None:
         self._layout = layout
         self._names = names
         self._leaves = list(leaves)
         self._configs = configs
         self._with_buffers = with_buffers
+        # A Particle records the shapes, dtypes and devices of its leaves when it is made.
+        self._signature = lw.signature(self._leaves) if signature is None else signature
 
     # -- Operators protocol -----------------------------------------------------------
     def _state(self) -> State:
         return State(self._names, self._leaves, self._configs, self)
 
     def _new(self, state: State, leaves: list[Tensor]) -> Self:
-        return type(self)(self._layout, self._names, leaves, self._configs, self._with_buffers)
+        return type(self)(self._layout, self._names, leaves, self._configs, self._with_buffers, self._signature)
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):
             return other
         if isinstance(other, Particle):
-            self._check_class(fn, other._layout.modules[0])
-            algebra.check_state(fn, self._names, self._leaves, other._names, other._leaves)
+            if other._names is not self._names:
+                self._check_class(fn, other._layout.modules[0])
+            algebra.check_state(fn, self._names, self._leaves, other._names, other._leaves,
+                                (self._signature, other._signature))
             return other._leaves
         if isinstance(other, nn.Module):
             self._check_class(fn, other)

@@ -53,7 +53,7 @@ class Layout:
     """
 
     __slots__ = ("modules", "prefixes", "names", "params", "buffer_names", "buffers",
-                 "children", "param_slots", "buffer_slots", "tables")
+                 "children", "param_slots", "buffer_slots", "tables", "_signature")
 
     def __init__(self, root: nn.Module) -> None:
         self.modules: list[nn.Module] = []
@@ -66,7 +66,19 @@ class Layout:
         self.param_slots: list[list[tuple[str, Optional[int]]]] = []
         self.buffer_slots: list[list[tuple[str, Optional[int]]]] = []
         self.tables: list[tuple[str, dict, int]] = []
+        self._signature: Optional[tuple] = None
         self._visit(root, "", {}, {}, {})
+
+    @property
+    def signature(self) -> tuple:
+        """``(shape, dtype, device)`` per parameter, computed once per family of layouts.
+
+        Layouts of modules rebuilt from one another share it (their shapes match by
+        construction), so comparing two of them is usually an identity check.
+        """
+        if self._signature is None:
+            self._signature = tuple((p.shape, p.dtype, p.device) for p in self.params)
+        return self._signature
 
     def _visit(self, module: nn.Module, prefix: str, module_index: dict[int, int],
                param_index: dict[int, int], buffer_index: dict[int, int]) -> int:
@@ -99,6 +111,7 @@ class Layout:
         other.prefixes, other.names, other.buffer_names = self.prefixes, self.names, self.buffer_names
         other.children, other.param_slots, other.buffer_slots = self.children, self.param_slots, self.buffer_slots
         other.tables = self.tables  # rebuilt modules share their config dicts with the source
+        other._signature = self.signature
         return other
 
     def _matches(self, root: nn.Module) -> bool:
@@ -176,6 +189,17 @@ def layout_of(root: nn.Module) -> Layout:
     return layout
 
 
+_CONTAINER_KEYS: dict[type, tuple[str, ...]] = {}
+
+
+def _containers_of(cls: type, state: dict) -> tuple[str, ...]:
+    """The ``nn.Module`` containers present in instances of ``cls`` (looked up once per class)."""
+    keys = _CONTAINER_KEYS.get(cls)
+    if keys is None or any(key not in state for key in keys):
+        keys = _CONTAINER_KEYS[cls] = tuple(key for key in _CONTAINERS if state.get(key) is not None)
+    return keys
+
+
 def _as_parameter(value: Tensor, source: Tensor) -> nn.Parameter:
     if type(value) is Tensor:  # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
         return Tensor._make_subclass(nn.Parameter, value, source.requires_grad)  # type: ignore[return-value]
@@ -208,27 +232,19 @@ def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence
         buffers = list(buffers)
     wrapped = [_as_parameter(value, source) for value, source in zip(params, layout.params)]
     copies: list[nn.Module] = []
-    set_state = object.__setattr__
-    for module in layout.modules:
-        new = object.__new__(type(module))
+    make, set_state = object.__new__, object.__setattr__
+    for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
+        cls = type(module)
         state = module.__dict__.copy()
-        for key in _CONTAINERS:
-            value = state.get(key)
-            if value is not None:
-                state[key] = value.copy()
-        state["_parameters"] = {}
-        state["_buffers"] = {}
-        state["_modules"] = {}
+        for key in _containers_of(cls, state):
+            state[key] = state[key].copy()
+        state["_parameters"] = {name: None if i is None else wrapped[i] for name, i in param_slots}
+        state["_buffers"] = {name: None if i is None else buffers[i] for name, i in buffer_slots}
+        new = make(cls)
         set_state(new, "__dict__", state)
         copies.append(new)
-    for new, children, param_slots, buffer_slots in zip(
-            copies, layout.children, layout.param_slots, layout.buffer_slots):
-        if children:
-            new._modules.update((name, None if i is None else copies[i]) for name, i in children)
-        if param_slots:
-            new._parameters.update((name, None if i is None else wrapped[i]) for name, i in param_slots)
-        if buffer_slots:
-            new._buffers.update((name, None if i is None else buffers[i]) for name, i in buffer_slots)
+    for new, children in zip(copies, layout.children):
+        new.__dict__["_modules"] = {name: None if i is None else copies[i] for name, i in children}
     result = copies[0]
     _remember(result, layout._sibling(copies, wrapped, buffers))  # type: ignore[arg-type]
     return result

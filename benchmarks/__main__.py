@@ -1,0 +1,70 @@
+"""The whole benchmark suite: ``python -m benchmarks [--quick] [--json PATH] [--results]``.
+
+Every row is a median of interleaved samples taken in this one run, with its ratio
+to the floor measured alongside (never absolute seconds across runs).
+``--results`` rewrites ``benchmarks/RESULTS.md`` with the table and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+from . import _harness as harness
+
+# Each suite module exposes ``run(quick: bool) -> list[dict]``.
+SUITES = ["bench_core", "bench_memory", "bench_swarm", "bench_merge", "bench_distributed"]
+
+
+def collect(quick: bool, only: list[str]) -> list[dict[str, Any]]:
+    table: list[dict[str, Any]] = []
+    for name in SUITES:
+        if only and name not in only:
+            continue
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError as error:
+            print(f"skipping {name}: {error}", file=sys.stderr)
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows = module.run(quick)
+        for row in rows:
+            row.setdefault("suite", name)
+        table += rows
+    return table
+
+
+def write_results(table: list[dict[str, Any]], path: str = "benchmarks/RESULTS.md") -> None:
+    machine = harness.machine()
+    lines = ["# Benchmark results", "",
+             "Regenerate with `python -m benchmarks --results` (ratios are to the floor measured in the same run).", "",
+             "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()), "",
+             "| suite | workload | size | implementation | median | x floor |",
+             "|---|---|---|---|---|---|"]
+    for row in table:
+        median = row["median_us"]
+        shown = row.get("shown") or (f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} µs")
+        lines.append(f"| {row.get('suite', '')} | {row['workload']} | {row.get('size', '')} | "
+                     f"{row['implementation']} | {shown} | {row['ratio_to_floor']:.2f} |")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI)")
+    parser.add_argument("--json", metavar="PATH", help="also write rows and the machine as JSON")
+    parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md")
+    parser.add_argument("--only", nargs="*", default=[], help=f"suites to run, among {SUITES}")
+    args = parser.parse_args()
+    table = collect(args.quick, args.only)
+    harness.print_table(table)
+    if args.json:
+        harness.dump_json(table, args.json)
+    if args.results:
+        write_results(table)
+
+
+if __name__ == "__main__":
+    main()

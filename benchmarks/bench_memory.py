@@ -1,0 +1,109 @@
+"""Peak extra memory of one operation as a multiple of the model's parameter bytes.
+
+Ours vs a per-tensor loop vs nytorch 1.1 (subprocess) vs tensordict (if installed).
+Run: ``python -m benchmarks.bench_memory [--quick]``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import torch
+
+import nytorch
+import nytorch.functional as nf
+
+from . import _harness as harness
+from .memory import allocated_bytes, parameter_bytes
+from .models import Stack
+
+Row = dict[str, Any]
+SIZES = {"many-small": (100, 64), "deep-narrow": (100, 170)}
+
+
+def _row(workload: str, size: str, implementation: str, used: int, floor: int) -> Row:
+    return {"workload": workload, "size": size, "implementation": implementation, "median_us": 0.0,
+            "ratio_to_floor": round(used / floor, 3), "bytes": used, "shown": f"{used / 2**20:.2f} MiB"}
+
+
+def _ours(size: str, layers: int, width: int) -> list[Row]:
+    a, b = Stack(layers, width), Stack(layers, width)
+    floor = parameter_bytes(a)
+    pa, pb = nytorch.particle(a), nytorch.particle(b)
+    ta, tb = nf.params(a), nf.params(b)
+    rows = [_row("memory of a + b", size, "parameter bytes (floor)", floor, floor)]
+    for name, fn in {
+        "NytoModule a + b": lambda: a + b,
+        "Particle p + q": lambda: pa + pb,
+        "functional nf.add": lambda: nf.add(ta, tb),
+        "per-tensor loop": lambda: [x + y for x, y in zip(ta.values(), tb.values())],
+        "NytoModule 0.9*(a-b)+a": lambda: 0.9 * (a - b) + a,
+        "Particle ema.lerp_ (in place)": lambda: pa.lerp_(pb, 0.01),
+    }.items():
+        fn()
+        rows.append(_row("memory of a + b", size, name, allocated_bytes(fn), floor))
+    if importlib.util.find_spec("tensordict") is not None:
+        from tensordict import TensorDict
+        da, db = TensorDict(ta, []), TensorDict(tb, [])
+        rows.append(_row("memory of a + b", size, "tensordict td + td", allocated_bytes(lambda: da + db), floor))
+    return rows
+
+
+_NYTORCH_11 = textwrap.dedent('''
+    import json, sys, contextlib, io, os, torch
+    from torch import nn
+    from torch.profiler import profile, ProfilerActivity
+    from nytorch import NytoModule
+    class Stack(NytoModule):
+        def __init__(self, layers, width):
+            super().__init__()
+            self.layers = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
+    rows = []
+    for size, (layers, width) in json.loads(sys.argv[1]).items():
+        a = Stack(layers, width); b = a.clone_from(Stack(layers, width))
+        a + b
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(io.StringIO()):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = a + b
+        used = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        rows.append(dict(size=size, used=used, floor=sum(p.numel() * 4 for p in a.parameters())))
+    print(json.dumps(rows))
+''')
+
+
+def _nytorch_11(sizes: dict[str, tuple[int, int]]) -> list[Row]:
+    target = os.environ.get("NYTORCH11_DIR", "/tmp/nyto11")
+    if not os.path.isdir(os.path.join(target, "nytorch")):
+        return []
+    result = subprocess.run([sys.executable, "-c", _NYTORCH_11, json.dumps(sizes)], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=target), cwd="/")
+    if result.returncode != 0:
+        print("nytorch 1.1 memory run failed:", result.stderr[-1000:], file=sys.stderr)
+        return []
+    return [_row("memory of a + b", row["size"], "nytorch 1.1 NytoModule", row["used"], row["floor"])
+            for row in json.loads(result.stdout)]
+
+
+def run(quick: bool) -> list[Row]:
+    sizes = {"many-small": SIZES["many-small"]} if quick else SIZES
+    rows: list[Row] = []
+    for size, (layers, width) in sizes.items():
+        rows += _ours(size, layers, width)
+    return rows + _nytorch_11(sizes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    harness.print_table(run(parser.parse_args().quick))
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

@@ -12,6 +12,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
+from ._flat import Flat, FlatPlan, find_flat, plan_for
 from ._walk import Layout, layout_of, rebuild
 
 Tensor = torch.Tensor
@@ -50,25 +51,148 @@ class Particle(Operators):
     True
     """
 
-    __slots__ = ("_layout", "_names", "_leaves", "_configs", "_with_buffers", "_signature", "__weakref__")
+    __slots__ = ("_layout", "_names", "_leaf_list", "_with_buffers", "_signature",
+                 "_flat", "_plan", "__weakref__")
 
-    def __init__(self, layout: Layout, names: Sequence[str], leaves: Sequence[Tensor],
+    def __init__(self, layout: Layout, names: Sequence[str], leaves: Optional[Sequence[Tensor]],
                  configs: Optional[Sequence[ParamConfig]] = None, with_buffers: bool = False,
-                 signature: Optional[tuple] = None) -> None:
+                 signature: Optional[tuple] = None, flat: Optional[Flat] = None,
+                 plan: Optional[FlatPlan] = None) -> None:
         self._layout = layout
         self._names = names
-        self._leaves = list(leaves)
-        self._configs = configs
+        self._leaf_list = None if leaves is None else list(leaves)
+        del configs  # configs are read live from the model's config tables (see ``_configs``)
         self._with_buffers = with_buffers
         # A Particle records the shapes, dtypes and devices of its leaves when it is made.
         self._signature = lw.signature(self._leaves) if signature is None else signature
+        self._flat: Any = flat  # a Flat; None: not looked for yet; False: the leaves are not flat
+        self._plan = plan
+
+    @property
+    def _configs(self) -> Optional[list[ParamConfig]]:
+        """The current config of every leaf, shared with the model it came from (``None``: all default)."""
+        return configs_for(self._layout, self._names)
+
+    @property
+    def _leaves(self) -> list[Tensor]:
+        """The leaves, aligned with ``_names`` (views into the flat buffers, made on first use)."""
+        if self._leaf_list is None:
+            self._leaf_list = self._flat.leaves()  # type: ignore[union-attr]
+        return self._leaf_list
 
     # -- Operators protocol -----------------------------------------------------------
     def _state(self) -> State:
         return State(self._names, self._leaves, self._configs, self)
 
     def _new(self, state: State, leaves: list[Tensor]) -> Self:
-        return type(self)(self._layout, self._names, leaves, self._configs, self._with_buffers, self._signature)
+        return type(self)(self._layout, self._names, leaves, self._configs, self._with_buffers,
+                          self._signature, None, self._plan)
+
+    def _from_flat(self, flat: Flat) -> Self:
+        return type(self)(self._layout, self._names, None, self._configs, self._with_buffers,
+                          self._signature, flat, flat.plan)
+
+    # -- the one-pass path over flat buffers --------------------------------------------
+    def _active(self) -> tuple[bool, ...]:
+        return self._active_for(self._configs)
+
+    def _active_for(self, configs: Optional[Sequence[ParamConfig]]) -> tuple[bool, ...]:
+        return tuple((dtype.is_floating_point or dtype.is_complex) and (configs is None or configs[i].operational)
+                     for i, (_, dtype, _) in enumerate(self._signature))
+
+    def _flat_form(self) -> Optional[Flat]:
+        """This Particle's flat buffers, when its arithmetic leaves are (or sit in) one buffer per dtype."""
+        flat = self._flat
+        if flat is False:
+            return None
+        configs = self._configs
+        active = None if configs is None else self._active_for(configs)
+        if active is not None and flat is not None and flat.plan.active != active:
+            return None  # a config changed since: the packing no longer matches what takes part
+        if flat is None:
+            plan = self._plan
+            if plan is None or (active is not None and plan.active != active):
+                plan = self._plan = plan_for(self._signature, active or self._active_for(None))
+            flat = find_flat(plan, self._leaves)
+            self._flat = False if flat is None else flat
+            return flat
+        if flat.pointers is not None and not flat.still_views(self._leaves):
+            self._flat = None  # the storage moved (``.data`` swap, ``.to()``): look again next time
+            return None
+        return flat
+
+    def _flat_operands(self, fn: str, others: tuple[object, ...], flat: Flat, reflected: bool) -> Optional[list]:
+        operands: list[object] = []
+        for other in others:
+            if lw.is_scalar(other):
+                names = [self._names[index[0]] for index in flat.plan.groups]
+                algebra.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
+                operands.append(other)
+                continue
+            if not isinstance(other, Particle) or other._names is not self._names and other._names != self._names:
+                return None
+            if other._signature is not self._signature and other._signature != self._signature:
+                return None
+            found = other._flat_form()
+            if found is None or found.plan.active != flat.plan.active:
+                return None
+            operands.append(found.buffers)
+        return operands
+
+    def _carried(self, flat: Flat) -> dict[int, Tensor]:
+        configs = self._configs if flat.rest else None
+        return {i: leaf if configs is not None and not configs[i].operational and not configs[i].clone
+                else leaf.detach().clone() for i, leaf in flat.rest.items()}
+
+    def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
+        flat = self._flat_form()
+        operands = None if flat is None else self._flat_operands(op.name, others, flat, reflected)
+        if operands is None:
+            return super()._binary(op, *others, reflected=reflected)
+        with torch.no_grad():
+            buffers = lw.apply(op, flat.buffers, *operands)  # type: ignore[union-attr]
+        return self._from_flat(Flat(flat.plan, buffers, self._carried(flat)))  # type: ignore[union-attr, arg-type]
+
+    def _binary_(self, op: lw.Op, *others: object) -> Self:
+        flat = self._flat_form()
+        operands = None if flat is None else self._flat_operands(op.name, others, flat, False)
+        if operands is None:
+            return super()._binary_(op, *others)
+        with torch.no_grad():
+            lw.apply_(op, flat.buffers, *operands)  # type: ignore[union-attr]
+        return self
+
+    def _flat_unary(self, fn: Callable[[Tensor], Tensor]) -> Optional[Self]:
+        flat = self._flat_form()
+        if flat is None:
+            return None
+        with torch.no_grad():
+            return self._from_flat(Flat(flat.plan, [fn(buffer) for buffer in flat.buffers], self._carried(flat)))
+
+    def clone(self) -> Self:
+        """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
+
+        >>> p = particle(torch.nn.Linear(1, 1))
+        >>> torch.equal(p.clone().params["weight"], p.params["weight"])
+        True
+        """
+        return self._flat_unary(torch.clone) or super().clone()
+
+    def randn(self) -> Self:
+        """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
+
+        >>> tuple(particle(torch.nn.Linear(2, 1)).randn().params["weight"].shape)
+        (1, 2)
+        """
+        return self._flat_unary(torch.randn_like) or super().randn()
+
+    def rand(self) -> Self:
+        """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
+
+        >>> bool((particle(torch.nn.Linear(2, 1)).rand().params["bias"] < 1).all())
+        True
+        """
+        return self._flat_unary(torch.rand_like) or super().rand()
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):

@@ -58,7 +58,12 @@ def check_state(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
     ``signatures`` (cached ``lw.signature`` of both sides) turns the common case into
     one tuple comparison; the leaf-by-leaf check only runs to name a difference.
     """
-    if names is not other_names:
+    if names is not other_names and list(names) != list(other_names):
+        # report the first difference in named_parameters() order: a shape/dtype one may come first
+        for i, (name, other_name) in enumerate(zip(names, other_names)):
+            if name != other_name:
+                break
+            lw.check_pairs(fn, names[i:i + 1], leaves[i:i + 1], other_leaves[i:i + 1])
         check_names(fn, names, other_names)
     if signatures is not None and (signatures[0] is signatures[1] or signatures[0] == signatures[1]):
         return

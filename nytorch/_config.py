@@ -9,7 +9,7 @@ particle operations share that dict, so a config set on one applies to all
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
@@ -38,6 +38,11 @@ class ParamConfig:
         self.operational = operational
         self.clone = clone
         self.__dict__.update(extra)
+
+    if TYPE_CHECKING:  # custom attributes (``config.is_weight = True``) type-check too
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{key}={value!r}" for key, value in self.__dict__.items())

@@ -95,23 +95,38 @@ def check_pairs(fn: str, names: Sequence[str], left: Sequence[Tensor], right: Se
 
 def check_scalar(fn: str, scalar: object, names: Sequence[str], leaves: Sequence[Tensor],
                  active: Sequence[bool], reflected: bool = False) -> None:
-    """Raise ``TypeError`` when a scalar would change a leaf's dtype (e.g. complex on float)."""
-    seen: set[torch.dtype] = set()
+    """Raise ``TypeError`` when a scalar would change a leaf's dtype (e.g. complex on float).
+
+    A 0-dim tensor scalar is judged like a Python number of its kind (float, complex),
+    also against 0-dim leaves, whose results ``apply`` casts back to the leaf's dtype.
+    """
+    seen: set[tuple[torch.dtype, torch.device]] = set()
     for name, leaf, on in zip(names, leaves, active):
-        if not on or leaf.dtype in seen:
+        if not on or (leaf.dtype, leaf.device) in seen:
             continue
-        seen.add(leaf.dtype)
+        seen.add((leaf.dtype, leaf.device))
         if isinstance(scalar, Tensor) and scalar.device != leaf.device and scalar.device.type != "cpu":
             raise DeviceMismatchError(
                 f"{fn}: the scalar operand is on {scalar.device} but parameter {name!r} is on {leaf.device}"
             )
-        pair = (scalar, leaf) if reflected else (leaf, scalar)
+        stand_in = _stand_in(leaf.dtype)  # a 1-dim leaf: 0-dim scalars never promote its dtype
+        pair = (scalar, stand_in) if reflected else (stand_in, scalar)
         result = torch.result_type(*pair)  # type: ignore[arg-type]
         if result != leaf.dtype:
             raise TypeError(
                 f"{fn}: the scalar {scalar!r} would turn parameter {name!r} ({describe(leaf)}) into "
                 f"{str(result).removeprefix('torch.')}; nytorch keeps every dtype, so convert the model first"
             )
+
+
+_STAND_INS: dict[torch.dtype, Tensor] = {}
+
+
+def _stand_in(dtype: torch.dtype) -> Tensor:
+    found = _STAND_INS.get(dtype)
+    if found is None:
+        found = _STAND_INS[dtype] = torch.empty(1, dtype=dtype, device="meta")
+    return found
 
 
 def transforms_active() -> bool:
@@ -195,15 +210,22 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     if not index:
         return out
     if op.foreach is not None and not needs_per_leaf(picked_left, *picked):
-        results = _fused(op.foreach, picked_left, picked)
+        results = _fused(op.foreach, picked_left, _detached(picked))
     else:
         results = [
             op.leaf(leaf, *(operand[k] if isinstance(operand, list) else operand for operand in picked))
             for k, leaf in enumerate(picked_left)
         ]
+    tensor_scalar = any(isinstance(operand, Tensor) for operand in picked)
     for i, result in zip(index, results):
-        out[i] = result
+        # 0-dim leaves promote with 0-dim tensor scalars; check_scalar allowed only same-kind ones
+        out[i] = result.to(left[i].dtype) if tensor_scalar and result.dtype != left[i].dtype else result
     return out
+
+
+def _detached(operands: list[object]) -> list[object]:
+    """Fused kernels refuse scalar tensors that require grad; here autograd is not recording anyway."""
+    return [o.detach() if isinstance(o, Tensor) and o.requires_grad else o for o in operands]
 
 
 def apply_(op: Op, left: Sequence[Tensor], *operands: object,
@@ -221,7 +243,7 @@ def apply_(op: Op, left: Sequence[Tensor], *operands: object,
     if not index:
         return
     if op.foreach_ is not None and not transforms_active():
-        _fused(op.foreach_, picked_left, picked)
+        _fused(op.foreach_, picked_left, _detached(picked))
         return
     leaf_ = op.leaf_
     for k, leaf in enumerate(picked_left):

@@ -38,6 +38,9 @@ class Operators:
     """``+ - * / **``, their reflected and in-place forms, ``-x``, ``+x``, ``lerp``."""
 
     __slots__ = ()
+    # NumPy defers to our reflected operators instead of broadcasting an array over us
+    # (``np.ones(3) + p`` would otherwise build an object array of Particles).
+    __array_ufunc__ = None
 
     # -- to be provided by the class ------------------------------------------------
     def _state(self) -> State:

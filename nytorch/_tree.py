@@ -89,7 +89,8 @@ def matched(fn: str, a: PyTree, b: PyTree) -> tuple[list[Tensor], list[Tensor], 
 
 def _is_scalar_operand(value: object, other: object) -> bool:
     if isinstance(value, Tensor):
-        return value.dim() == 0 and not isinstance(other, Tensor)
+        # a 0-dim tensor broadcasts, unless the other side is a 0-dim tensor too (then both are trees)
+        return value.dim() == 0 and not (isinstance(other, Tensor) and other.dim() == 0)
     return isinstance(value, numbers.Number)
 
 

@@ -53,7 +53,7 @@ class Layout:
     """
 
     __slots__ = ("modules", "prefixes", "names", "params", "buffer_names", "buffers",
-                 "children", "param_slots", "buffer_slots", "tables", "_signature")
+                 "children", "param_slots", "buffer_slots", "tables", "_signature", "_pointers")
 
     def __init__(self, root: nn.Module) -> None:
         self.modules: list[nn.Module] = []
@@ -67,6 +67,7 @@ class Layout:
         self.buffer_slots: list[list[tuple[str, Optional[int]]]] = []
         self.tables: list[tuple[str, dict, int]] = []
         self._signature: Optional[tuple] = None
+        self._pointers: Optional[tuple[int, ...]] = None
         self._visit(root, "", {}, {}, {})
 
     @property
@@ -112,6 +113,7 @@ class Layout:
         other.children, other.param_slots, other.buffer_slots = self.children, self.param_slots, self.buffer_slots
         other.tables = self.tables  # rebuilt modules share their config dicts with the source
         other._signature = self.signature
+        other._pointers = None
         return other
 
     def _matches(self, root: nn.Module) -> bool:
@@ -142,7 +144,8 @@ class Layout:
             owner = root if k == 0 else modules[k]
             if owner.__dict__.get(CONFIG_ATTR) is not config_table:
                 return False
-        return True
+        # Same Parameter objects can hold new storage (``.data = ...``, ``.double()``, ``.to()``).
+        return tuple(map(Tensor.data_ptr, params)) == self._pointers
 
 
 def _slots(table: Mapping[str, Optional[Tensor]], prefix: str, seen: dict[int, int],
@@ -167,6 +170,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictiona
 
 def _remember(root: nn.Module, layout: Layout) -> None:
     stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
+    stored._pointers = tuple(map(Tensor.data_ptr, layout.params))
     try:
         _CACHE[root] = stored
     except TypeError:  # pragma: no cover - modules that cannot be weakly referenced

@@ -11,6 +11,12 @@ from ._config import ParamConfig
 from ._errors import DeviceMismatchError, StructureError
 from ._module import NytoModule
 from ._particle import Particle, particle
+from ._swarm import Swarm
+from . import algorithms
+from ._flat import flatten_
+from ._checkpoint import load, save
+from ._codec import CheckpointError
+from ._rng import get_rng_state, set_rng_state
 
 #: nytorch 1.1 name of ``Particle``.
 ParamProduct = Particle
@@ -18,6 +24,7 @@ ParamProduct = Particle
 __version__ = "2.0.0.dev0"
 
 __all__ = [
-    "NytoModule", "Particle", "ParamProduct", "particle", "ParamConfig",
-    "StructureError", "DeviceMismatchError", "functional",
+    "NytoModule", "Particle", "ParamProduct", "particle", "ParamConfig", "Swarm", "flatten_",
+    "StructureError", "DeviceMismatchError", "functional", "algorithms",
+    "save", "load", "CheckpointError", "get_rng_state", "set_rng_state",
 ]

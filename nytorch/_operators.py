@@ -69,7 +69,8 @@ class Operators:
         operands = []
         for other in others:
             if defers(other):
-                return NotImplemented
+                raise TypeError(f"{op.name}: cannot write a {type(other).__name__} into a single "
+                                f"{type(self).__name__} in place; use the out-of-place form")
             operand = self._operand(op.name, other, state)
             if isinstance(operand, list):  # in place: re-check every leaf, cached signatures may be stale
                 lw.check_pairs(op.name, state.names, state.leaves, operand)
@@ -147,7 +148,10 @@ class Operators:
 
         ``weight`` is a scalar.  See ``lerp_`` for the in-place form.
         """
-        return self._binary(lw.LERP, end, weight)
+        result = self._binary(lw.LERP, end, weight)
+        if result is NotImplemented:
+            raise TypeError(f"lerp: {type(end).__name__} broadcasts over particles; call its own lerp instead")
+        return result
 
     def lerp_(self, end: Any, weight: Any) -> Self:
         """In place ``self ← self + weight * (end - self)`` in one fused pass (EMA / soft target update)."""

@@ -1,0 +1,364 @@
+"""``Swarm``: ``P`` models of one structure as one value, stored stacked, run and updated in batched calls.
+
+The class is a thin shell: storage and structure live in ``_swarm_spec``, construction in
+``_swarm_build``, selection in ``_swarm_index``, arithmetic in ``_swarm_ops`` and the
+vectorised forward and gradients in ``_vectorise``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from typing_extensions import Self
+
+from . import _leafwise as lw
+from . import _swarm_build as build
+from . import _swarm_index as index_ops
+from . import _swarm_ops as ops
+from . import _vectorise as vec
+from ._particle import Particle
+from ._swarm_arith import SwarmArithmetic
+from ._swarm_spec import Group, Spec, pack_stacked, views_of
+
+Tensor = torch.Tensor
+Like = Union[nn.Module, Particle, "Swarm"]
+
+__all__ = ["Swarm"]
+
+
+class Swarm(SwarmArithmetic):
+    """``P`` models of one structure stored stacked: select, combine, run and differentiate them all at once.
+
+    Every member's tensors live in one contiguous ``[P, n]`` buffer per (device, dtype) group;
+    ``params`` are views into it, so arithmetic on the whole swarm costs one kernel per group.
+    Operands broadcast like tensors: numbers and 0-dim tensors, a 1-D tensor of ``P``
+    per-member weights, a ``Particle`` or model of the member structure (applied to every
+    member) and another ``Swarm`` of the same size.  In-place operators validate everything
+    before writing.  ``swarm[i]`` is a ``Particle`` viewing member ``i`` (in-place ops on it
+    write into the swarm, as with tensor views); selections with lists, tensors or masks copy.
+
+    Build one with ``Swarm.stack``, ``Swarm.from_params``, ``Swarm.randn``, ``Swarm.rand``,
+    ``Swarm.zeros`` or ``Swarm.normal``.
+
+    >>> import torch, nytorch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> swarm = Swarm.normal(net, 5, std=0.1)
+    >>> swarm(torch.randn(2, 4)).shape                   # every member's forward, stacked
+    torch.Size([5, 2, 3])
+    >>> moved = 0.5 * swarm + 0.5 * swarm[0]             # pull everyone halfway to member 0
+    >>> torch.allclose(moved[0].params["0.bias"], swarm[0].params["0.bias"])
+    True
+    """
+
+    __nytorch_broadcasts__ = True
+    __array_ufunc__ = None  # numpy scalars defer to our reflected operators
+    __slots__ = ("_spec", "_flats", "_size", "_cache", "__weakref__")
+
+    def __init__(self, spec: Spec, flats: list[Tensor], size: Optional[int] = None) -> None:
+        """Private: use ``Swarm.stack``, ``Swarm.from_params`` or a random constructor."""
+        self._spec = spec
+        self._flats = flats
+        self._size = int(flats[0].shape[0]) if flats else int(size or 0)
+        self._cache: Optional[list[Tensor]] = None
+
+    def _views(self) -> list[Tensor]:
+        if self._cache is None:
+            self._cache = views_of(self._spec, self._flats)
+        return self._cache
+
+    def _new(self, flats: list[Tensor], spec: Optional[Spec] = None, size: Optional[int] = None) -> Self:
+        return type(self)(self._spec if spec is None else spec, flats, self._size if size is None else size)
+
+    # -- constructors ---------------------------------------------------------------------
+    @classmethod
+    def stack(cls, items: Iterable[Union[nn.Module, Particle]], *, buffers: Optional[bool] = None) -> "Swarm":
+        """Stack models or Particles of one structure into a swarm (one copy of their values).
+
+        Args:
+            items: modules and/or Particles with the same class, names, shapes, dtypes and devices.
+            buffers: take floating buffers into arithmetic (default: as the first Particle, else no).
+                Buffers are always stacked, so each member keeps its own (e.g. BatchNorm statistics).
+
+        Raises:
+            ValueError: ``items`` is empty.
+            TypeError: an item is not a module or Particle, or is of another class.
+            StructureError: an item's structure differs (the message names the item and parameter).
+
+        >>> members = [torch.nn.Linear(2, 1) for _ in range(3)]
+        >>> swarm = Swarm.stack(members)
+        >>> len(swarm), tuple(swarm.params["weight"].shape)
+        (3, (3, 1, 2))
+        >>> torch.equal(swarm.params["weight"][2], members[2].weight)
+        True
+        """
+        return cls(*build.stacked(items, buffers))
+
+    @classmethod
+    def from_params(cls, like: Like, params: Mapping[str, Tensor]) -> "Swarm":
+        """A swarm of ``like``'s structure from stacked tensors ``[P, *shape]`` keyed like ``named_parameters()``.
+
+        Args:
+            like: a model, Particle or Swarm giving the member structure.
+            params: every parameter name (and every buffer name when ``like`` takes buffers into
+                arithmetic); other buffer names are optional, missing buffers are copied from ``like``.
+
+        Returns:
+            A swarm holding a copy of the values (in its own flat storage).
+
+        Raises:
+            TypeError: ``like`` or a value has the wrong type.
+            StructureError: a name is missing or unknown, the leading (member) sizes disagree, or a
+                shape, dtype or device differs from ``like``'s.
+
+        >>> net = torch.nn.Linear(2, 1)
+        >>> swarm = Swarm.from_params(net, {"weight": torch.zeros(4, 1, 2), "bias": torch.ones(4, 1)})
+        >>> len(swarm), swarm[3].params["bias"]
+        (4, tensor([1.]))
+        """
+        return cls(*build.from_stacked(like, params))
+
+    @classmethod
+    def _fill(cls, fn: str, like: object, size: Optional[int], buffers: Optional[bool],
+              make: Callable[[int, Group, Tensor], Tensor]) -> "Swarm":
+        return cls(*build.filled(fn, like, size, buffers, make))
+
+    @classmethod
+    def randn(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,
+              generator: Optional[torch.Generator] = None) -> "Swarm":
+        """A swarm of ``size`` members shaped like ``like`` with N(0, 1) values (``Particle.randn`` for a swarm).
+
+        Non-arithmetic leaves (integer buffers, frozen parameters) are copied from ``like``.
+        ``size`` defaults to ``len(like)`` for a Swarm.  Reproducible with ``generator``.
+
+        >>> noise = Swarm.randn(torch.nn.Linear(2, 1), 8, generator=torch.Generator().manual_seed(0))
+        >>> tuple(noise.params["weight"].shape)
+        (8, 1, 2)
+        """
+        return cls._fill("randn", like, size, buffers, lambda n, g, _: torch.randn(
+            n, g.width, dtype=g.dtype, device=g.device, generator=generator))
+
+    @classmethod
+    def rand(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,
+             generator: Optional[torch.Generator] = None) -> "Swarm":
+        """Like ``randn`` with U[0, 1) values (e.g. PSO's random coefficients).
+
+        >>> bool((Swarm.rand(torch.nn.Linear(2, 1), 3).params["bias"] < 1).all())
+        True
+        """
+        return cls._fill("rand", like, size, buffers, lambda n, g, _: torch.rand(
+            n, g.width, dtype=g.dtype, device=g.device, generator=generator))
+
+    @classmethod
+    def zeros(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None) -> "Swarm":
+        """Like ``randn`` with zeros (e.g. initial PSO velocities).
+
+        >>> Swarm.zeros(torch.nn.Linear(2, 1), 2).params["bias"]
+        tensor([[0.],
+                [0.]])
+        """
+        return cls._fill("zeros", like, size, buffers, lambda n, g, _: torch.zeros(
+            n, g.width, dtype=g.dtype, device=g.device))
+
+    @classmethod
+    def normal(cls, center: Like, size: Optional[int] = None, *, std: float = 1.0, buffers: Optional[bool] = None,
+               generator: Optional[torch.Generator] = None) -> "Swarm":
+        """Members drawn around ``center``: ``center + std * N(0, 1)`` (each member of a Swarm centre).
+
+        >>> net = torch.nn.Linear(2, 1)
+        >>> cloud = Swarm.normal(net, 1000, std=0.01)
+        >>> torch.allclose(cloud.mean().params["bias"], net.bias.detach(), atol=0.01)
+        True
+        """
+        if not lw.is_scalar(std) or isinstance(std, complex):
+            raise TypeError(f"normal: expected a real number as std, got {type(std).__name__}")
+
+        def make(n: int, g: Group, row: Tensor) -> Tensor:
+            noise = torch.randn(n, g.width, dtype=g.dtype, device=g.device, generator=generator)
+            return noise.mul_(std).add_(row)
+        return cls._fill("normal", center, size, buffers, make)
+
+    @classmethod
+    def cat(cls, swarms: Iterable["Swarm"]) -> "Swarm":
+        """Join swarms of one structure member-wise (``torch.cat`` along the member dimension).
+
+        >>> a = Swarm.zeros(torch.nn.Linear(2, 1), 2)
+        >>> len(Swarm.cat([a, a + 1]))
+        4
+        """
+        return cls(*build.joined(swarms))
+
+    # -- structure ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        spec = self._spec
+        values = sum(slot.stop - slot.start for slot in spec.slots[:spec.n_state])
+        return (f"Swarm({spec.model_class.__name__}, {self._size} members, {spec.n_state} tensors, "
+                f"{values} values each)")
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """Stacked parameters ``[P, *shape]`` keyed like ``named_parameters()`` (views into the swarm).
+
+        Buffers are included when the swarm takes them into arithmetic (``buffers=True``), as for
+        ``Particle.params``.  Usable directly with ``torch.func``.
+
+        >>> list(Swarm.zeros(torch.nn.Linear(2, 1), 3).params)
+        ['weight', 'bias']
+        """
+        spec = self._spec
+        return dict(zip(spec.names[:spec.n_state], self._views()[:spec.n_state]))
+
+    @property
+    def buffers(self) -> dict[str, Tensor]:
+        """Stacked buffers ``[P, *shape]`` keyed like ``named_buffers()`` (views; empty when there are none).
+
+        >>> tuple(Swarm.zeros(torch.nn.BatchNorm1d(4), 2).buffers["running_var"].shape)
+        (2, 4)
+        """
+        spec = self._spec
+        return dict(zip(spec.names[spec.n_params:], self._views()[spec.n_params:]))
+
+    @property
+    def template(self) -> Particle:
+        """A Particle describing one member (class, names, shapes, dtypes, devices, configs).
+
+        Its parameters are zero-memory placeholders: use it as ``like`` (e.g. in
+        ``Particle.from_params``), and ``swarm[i]`` or ``swarm.mean()`` for values.
+
+        >>> Swarm.zeros(torch.nn.Linear(2, 1), 3).template.model_class.__name__
+        'Linear'
+        """
+        return self._spec.template
+
+    @property
+    def model_class(self) -> type:
+        """The class of the member models."""
+        return self._spec.model_class
+
+    @property
+    def training(self) -> bool:
+        """Whether the members run in train mode (set with ``train()`` / ``eval()``)."""
+        return self._spec.layout.modules[0].training
+
+    def train(self, mode: bool = True) -> Self:
+        """Put every member in train mode (``False``: eval mode); returns ``self``. Other swarms are unaffected.
+
+        >>> s = Swarm.zeros(torch.nn.Dropout(), 2)
+        >>> s.eval().training, (s + 1).train().training, s.training
+        (False, True, False)
+        """
+        if any(module.training != mode for module in self._spec.layout.modules):
+            self._spec = self._spec.with_mode(mode)
+        return self
+
+    def eval(self) -> Self:
+        """Put every member in eval mode (``train(False)``)."""
+        return self.train(False)
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        """A copy on another device and/or with floating leaves cast to another dtype (like ``Module.to``).
+
+        >>> Swarm.zeros(torch.nn.Linear(2, 1), 3).to(torch.float64).params["bias"].dtype
+        torch.float64
+        """
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        spec = self._spec.converted(device, dtype)
+        if spec.signature == self._spec.signature:
+            return self
+        views = self._views()
+        stand_ins = spec.layout.params + spec.layout.buffers
+        leaves = [view.to(device=s.device, dtype=s.dtype) for view, s in zip(views, stand_ins)]
+        return self._new(pack_stacked(spec, leaves, self._size), spec)
+
+    # -- selection ------------------------------------------------------------------------------
+    def __getitem__(self, key: Any) -> Any:
+        """``swarm[i]``: a ``Particle`` (a view); ``swarm[a:b]``: a ``Swarm`` of views; lists, tensors and masks
+        select copies."""
+        index = index_ops.normalise(key, self._size)
+        if isinstance(index, int):
+            return index_ops.member(self._spec, self._views(), index)
+        if isinstance(index, slice):
+            return self._new([flat[index] for flat in self._flats], size=len(range(*index.indices(self._size))))
+        flats = [flat.index_select(0, index.to(flat.device)) for flat in self._flats]
+        return self._new(flats, size=index.numel())
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """Overwrite selected members with a Particle or model (every member), a Swarm, or a number.
+
+        Particles, models and swarms replace every stored leaf (buffers included); numbers set the
+        arithmetic leaves only.  Everything is validated before anything is written.
+        """
+        index_ops.assign(self._spec, self._flats, self._size, index_ops.normalise(key, self._size), value)
+
+    def __iter__(self) -> Iterator[Particle]:
+        views = self._views()
+        return (index_ops.member(self._spec, views, i) for i in range(self._size))
+
+    def unstack(self) -> list[Particle]:
+        """Every member as a ``Particle`` (views into the swarm; ``.clone()`` them to detach).
+
+        >>> [type(p).__name__ for p in Swarm.zeros(torch.nn.Linear(2, 1), 2).unstack()]
+        ['Particle', 'Particle']
+        """
+        return list(self)
+
+    # -- vectorised calls -------------------------------------------------------------------------
+    def __call__(self, *args: Any, in_dims: vec.InDims = None, randomness: str = "different",
+                 chunk_size: Optional[int] = None, **kwargs: Any) -> Any:
+        """Every member's forward on the same inputs in one vectorised call; outputs stacked ``[P, ...]``.
+
+        Args:
+            *args, **kwargs: the model's inputs (keyword arguments are shared by every member).
+            in_dims: ``None`` (default): every member sees the same inputs; ``0``: each positional
+                input has a leading ``P`` dimension, one slice per member; or one entry per input.
+            randomness: ``torch.func.vmap``'s randomness for dropout and the like: ``"different"``
+                (independent per member, as in a loop), ``"same"`` or ``"error"``.
+            chunk_size: evaluate this many members at a time to save memory.
+
+        Raises:
+            RuntimeError: the model cannot run under ``torch.func.vmap`` (the message says what to change).
+
+        >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])
+        >>> x = torch.randn(5, 2)
+        >>> torch.allclose(s(x)[1], s[1].module()(x))
+        True
+        """
+        return vec.forward(self._spec, self._views(), self._size, args, kwargs, in_dims=in_dims,
+                           randomness=randomness, chunk_size=chunk_size)
+
+    def grad_and_value(self, loss_fn: Callable[..., Tensor], /, *args: Any, in_dims: vec.InDims = None,
+                       randomness: str = "different", chunk_size: Optional[int] = None,
+                       **kwargs: Any) -> tuple["Swarm", Tensor]:
+        """Per-member gradients and losses of ``loss_fn(member, *args, **kwargs)`` in one vectorised call.
+
+        ``member(*inputs)`` runs that member's forward; ``member.params`` / ``member.buffers`` give its
+        tensors (for regularisers).  ``loss_fn`` returns a 0-dim tensor.  Gradients are taken with respect
+        to every operational floating parameter that requires grad in the model; the rest get zeros.
+
+        Returns:
+            ``(grads, losses)``: a Swarm of gradients (same structure) and a ``(P,)`` tensor of losses.
+
+        >>> import torch.nn.functional as F
+        >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])
+        >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+        >>> grads, losses = s.grad_and_value(lambda net, x, y: F.mse_loss(net(x), y), x, y)
+        >>> grads = grads - 0.1 * grads          # a Swarm like any other
+        >>> tuple(losses.shape)
+        (3,)
+        """
+        spec = self._spec
+        grads, losses = vec.grad_and_value(spec, self._views(), self._size, loss_fn, args, kwargs,
+                                           in_dims=in_dims, randomness=randomness, chunk_size=chunk_size)
+        stand_ins = spec.layout.params + spec.layout.buffers
+        leaves = [
+            grad.detach() if grad is not None
+            else torch.zeros(self._size, *s.shape, dtype=s.dtype, device=s.device)
+            for grad, s in zip(grads, stand_ins)
+        ]
+        return self._new(pack_stacked(spec, leaves, self._size)), losses.detach()

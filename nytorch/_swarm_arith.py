@@ -1,0 +1,200 @@
+"""Arithmetic of a ``Swarm``: its operators, ``add``/``lerp`` and reductions, one kernel per dtype group.
+
+A mixin for ``Swarm`` (which provides ``_spec``, ``_flats``, ``_size`` and ``_new``); every
+method is one call into ``_swarm_ops``.  Doctests use ``nytorch.Swarm``'s constructors.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from typing_extensions import Self
+
+from . import _leafwise as lw
+from . import _swarm_ops as ops
+from ._errors import StructureError
+from ._particle import Particle
+from ._swarm_spec import Spec
+
+Tensor = torch.Tensor
+
+__all__ = ["SwarmArithmetic"]
+
+
+class SwarmArithmetic:
+    """``+ - * / **`` (reflected, in place), ``-s``, ``+s``, ``add``, ``lerp``, ``clone``, ``w @ s``, ``mean``,
+    ``norm``."""
+
+    __slots__ = ()
+    _spec: Spec
+    _flats: list[Tensor]
+    _size: int
+
+    def _new(self, flats: list[Tensor], spec: Any = None, size: Any = None) -> Self:
+        raise NotImplementedError
+
+    # -- arithmetic -----------------------------------------------------------------------------
+    def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
+        spec = self._spec
+        values = [ops.operand(op.name, spec, self._size, other, reflected=reflected) for other in others]
+        return self._new(ops.combine(op, spec, self._flats, *values), size=None if self._flats else self._size)
+
+    def _binary_(self, op: lw.Op, *others: object) -> Self:
+        spec = self._spec
+        values = [ops.operand(op.name, spec, self._size, other, inplace=True) for other in others]
+        ops.combine_(op, spec, self._flats, *values)
+        return self
+
+    def __add__(self, other: Any) -> Self:
+        return self._binary(lw.ADD, other)
+
+    def __radd__(self, other: Any) -> Self:
+        return self._binary(lw.ADD, other, reflected=True)
+
+    def __iadd__(self, other: Any) -> Self:
+        return self._binary_(lw.ADD, other)
+
+    def __sub__(self, other: Any) -> Self:
+        return self._binary(lw.SUB, other)
+
+    def __rsub__(self, other: Any) -> Self:
+        return self._binary(lw.RSUB, other, reflected=True)
+
+    def __isub__(self, other: Any) -> Self:
+        return self._binary_(lw.SUB, other)
+
+    def __mul__(self, other: Any) -> Self:
+        return self._binary(lw.MUL, other)
+
+    def __rmul__(self, other: Any) -> Self:
+        return self._binary(lw.MUL, other, reflected=True)
+
+    def __imul__(self, other: Any) -> Self:
+        return self._binary_(lw.MUL, other)
+
+    def __truediv__(self, other: Any) -> Self:
+        return self._binary(lw.DIV, other)
+
+    def __rtruediv__(self, other: Any) -> Self:
+        return self._binary(lw.RDIV, other, reflected=True)
+
+    def __itruediv__(self, other: Any) -> Self:
+        return self._binary_(lw.DIV, other)
+
+    def __pow__(self, other: Any) -> Self:
+        return self._binary(lw.POW, other)
+
+    def __rpow__(self, other: Any) -> Self:
+        return self._binary(lw.RPOW, other, reflected=True)
+
+    def __ipow__(self, other: Any) -> Self:
+        return self._binary_(lw.POW, other)
+
+    def __neg__(self) -> Self:
+        return self._binary(lw.NEG)
+
+    def __pos__(self) -> Self:
+        return self.clone()
+
+    def add(self, other: Any, *, alpha: Union[int, float] = 1) -> Self:
+        """``self + alpha * other`` in one kernel per group (``torch.add`` with ``alpha``).
+
+        >>> from nytorch import Swarm
+        >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
+        >>> s.add(s + 1, alpha=-0.5).params["bias"].flatten()
+        tensor([-0.5000, -0.5000])
+        """
+        self._check_alpha("add", alpha)
+        return self._binary(ops.AXPY, other, alpha)
+
+    def add_(self, other: Any, *, alpha: Union[int, float] = 1) -> Self:
+        """In place ``self += alpha * other`` (the SGD step ``swarm.add_(grads, alpha=-lr)``).
+
+        >>> from nytorch import Swarm
+        >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
+        >>> s.add_(torch.tensor([1.0, 2.0]), alpha=3).params["bias"].flatten()
+        tensor([3., 6.])
+        """
+        self._check_alpha("add_", alpha)
+        return self._binary_(ops.AXPY, other, alpha)
+
+    def _check_alpha(self, fn: str, alpha: object) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"{fn}: expected a real number as alpha, got {type(alpha).__name__}")
+
+    def lerp(self, end: Any, weight: Any) -> Self:
+        """``self + weight * (end - self)`` for every member; ``weight`` a number or ``P`` per-member weights.
+
+        ``end`` is a Particle or model (every member moves toward it), a Swarm, or a number.
+
+        >>> from nytorch import Swarm
+        >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
+        >>> s.lerp(s + 10, torch.tensor([0.1, 0.5])).params["bias"].flatten()
+        tensor([1., 5.])
+        """
+        operands = ops.lerp_operands("lerp", self._spec, self._size, end, weight, False)
+        return self._new(ops.combine(lw.LERP, self._spec, self._flats, *operands),
+                         size=None if self._flats else self._size)
+
+    def lerp_(self, end: Any, weight: Any) -> Self:
+        """In place ``lerp`` (one fused pass per group): an EMA of every member toward ``end``.
+
+        >>> from nytorch import Swarm
+        >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
+        >>> s.lerp_(1.0, 0.25).params["bias"].flatten()
+        tensor([0.2500, 0.2500])
+        """
+        operands = ops.lerp_operands("lerp_", self._spec, self._size, end, weight, True)
+        ops.combine_(lw.LERP, self._spec, self._flats, *operands)
+        return self
+
+    def clone(self) -> Self:
+        """A copy with its own storage.
+
+        >>> from nytorch import Swarm
+        >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
+        >>> s.clone().params["bias"].data_ptr() != s.params["bias"].data_ptr()
+        True
+        """
+        return self._new([flat.clone() for flat in self._flats])
+
+    # -- reductions ------------------------------------------------------------------------------
+    def __rmatmul__(self, weights: Any) -> Any:
+        """``w @ swarm``: the weighted sum ``Σ w[i] * swarm[i]`` as a Particle (``w`` of shape ``(P,)``);
+        a ``(Q, P)`` matrix gives a Swarm of ``Q`` mixtures.  Non-arithmetic leaves are member 0's.
+
+        >>> from nytorch import Swarm
+        >>> s = Swarm.stack([torch.nn.Linear(1, 1) for _ in range(3)])
+        >>> total = torch.ones(3) @ s
+        >>> torch.allclose(total.params["bias"], s.params["bias"].sum(0))
+        True
+        """
+        if not isinstance(weights, Tensor):
+            return NotImplemented
+        if weights.dim() not in (1, 2) or weights.shape[-1] != self._size:
+            raise StructureError(f"matmul: expected weights of shape ({self._size},) or (Q, {self._size}), "
+                                 f"got {tuple(weights.shape)}")
+        matrix = weights if weights.dim() == 2 else weights.unsqueeze(0)
+        mixed: Any = self._new(ops.mixed("matmul", self._spec, self._flats, self._size, matrix), size=matrix.shape[0])
+        return mixed[0] if weights.dim() == 1 else mixed
+
+    def mean(self) -> Particle:
+        """The average member as a new Particle (non-arithmetic leaves, e.g. integer buffers, are member 0's).
+
+        >>> from nytorch import Swarm
+        >>> s = Swarm.stack([torch.nn.Linear(1, 1) for _ in range(4)])
+        >>> torch.allclose(s.mean().params["weight"], s.params["weight"].mean(0))
+        True
+        """
+        mean: Any = self._new(ops.mean_rows(self._spec, self._flats, self._size), size=1)
+        return mean[0]  # type: ignore[no-any-return]
+
+    def norm(self) -> Tensor:
+        """Per-member L2 norm over the arithmetic values, shape ``(P,)``.
+
+        >>> from nytorch import Swarm
+        >>> Swarm.zeros(torch.nn.Linear(3, 1), 2).add(1).norm()
+        tensor([2., 2.])
+        """
+        return ops.norms(self._spec, self._flats, self._size)
+

@@ -1,0 +1,106 @@
+"""Selecting and overwriting swarm members: index normalisation, member Particles, assignment."""
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from . import _leafwise as lw
+from . import _swarm_ops as ops
+from ._errors import StructureError
+from ._particle import Particle
+from ._swarm_spec import Spec, rows_of
+from ._walk import Layout, rebuild
+
+Tensor = torch.Tensor
+Index = Union[int, slice, Tensor]
+
+__all__ = ["normalise", "count", "member", "assign"]
+
+
+def normalise(key: object, size: int) -> Index:
+    """A member index as an int in range, a slice, or a 1-D long tensor of in-range indices.
+
+    Raises:
+        IndexError: out of range, a mask of the wrong length, or a non-integer tensor.
+        TypeError: not an int, slice, list or tensor.
+
+    >>> normalise(-1, 4), normalise([0, -1], 4), normalise(torch.tensor([True, False, True]), 3)
+    (3, tensor([0, 3]), tensor([0, 2]))
+    """
+    if isinstance(key, slice):
+        return key
+    if isinstance(key, (list, range)):
+        key = torch.tensor(list(key), dtype=torch.long) if len(key) else torch.zeros(0, dtype=torch.long)
+    if isinstance(key, Tensor):
+        if key.dtype == torch.bool:
+            if key.dim() != 1 or key.shape[0] != size:
+                raise IndexError(f"Swarm: a boolean mask must have shape ({size},), got {tuple(key.shape)}")
+            return key.nonzero().squeeze(1)
+        if key.is_floating_point() or key.is_complex() or key.dim() > 1:
+            raise IndexError(f"Swarm: expected integer or boolean member indices of at most one dimension, "
+                             f"got a {str(key.dtype).removeprefix('torch.')} tensor of shape {tuple(key.shape)}")
+        if key.dim() == 1:
+            if key.numel() and (int(key.min()) < -size or int(key.max()) >= size):
+                bad = int(key.min()) if int(key.min()) < -size else int(key.max())
+                raise IndexError(f"Swarm: index {bad} is out of range for a swarm of {size} members")
+            return key.long() % max(size, 1)
+        key = int(key)
+    if isinstance(key, bool) or not hasattr(key, "__index__"):
+        raise TypeError(f"Swarm: expected an int, a slice, a list, or an integer/boolean tensor as index, "
+                        f"got {type(key).__name__}")
+    index = operator.index(key)  # type: ignore[arg-type]
+    if not -size <= index < size:
+        raise IndexError(f"Swarm: index {index} is out of range for a swarm of {size} members")
+    return index % size
+
+
+def count(index: Index, size: int) -> int:
+    """How many members ``index`` selects."""
+    if isinstance(index, int):
+        return 1
+    if isinstance(index, slice):
+        return len(range(size)[index])
+    return index.numel()
+
+
+def member(spec: Spec, views: Sequence[Tensor], index: int) -> Particle:
+    """Member ``index`` as a Particle viewing the swarm's storage (its buffers are the member's own)."""
+    leaves = [view[index] for view in views]
+    names = spec.names[:spec.n_state]
+    if spec.with_buffers or not spec.layout.buffers:
+        return Particle(spec.layout, names, leaves[:spec.n_state], spec.configs, spec.with_buffers)
+    module = rebuild(spec.layout, leaves[:spec.n_params], leaves[spec.n_params:])
+    return Particle(Layout(module), names, leaves[:spec.n_params], spec.configs, False)
+
+
+def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: Any) -> None:
+    """``swarm[index] = value``, validated completely before anything is written."""
+    fn = "Swarm.__setitem__"
+    selected = count(index, size)
+    rows: list[Any]
+    if lw.is_scalar(value):
+        ops.operand(fn, spec, size, value)
+        rows = [value if g.active else None for g in spec.groups]
+    elif ops.is_swarm(value):
+        if len(value) not in (selected, 1):
+            raise StructureError(f"{fn}: expected a swarm of {selected} members (or 1) to assign, got {len(value)}")
+        rows = ops.aligned(fn, spec, value)
+    elif isinstance(value, (Particle, nn.Module)):
+        rows = list(rows_of(spec, ops.full_leaves(fn, spec, value)))
+    else:
+        raise TypeError(f"{fn}: expected a {spec.model_class.__name__}, a Particle or a Swarm of one, "
+                        f"or a number, got {type(value).__name__}")
+    with torch.no_grad():
+        for flat, row in zip(flats, rows):
+            if row is None:
+                continue
+            if isinstance(row, Tensor):
+                row = row.to(flat.device)
+                if row.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+                    row = row.clone()  # overlapping views of this swarm: copy first
+                row = row.reshape(-1) if isinstance(index, int) else row.expand(selected, -1)
+            flat[index] = row

@@ -1,0 +1,251 @@
+"""Swarm arithmetic on flat buffers: turn an operand into one tensor per group, then one kernel per group.
+
+Operands broadcast like tensors against the ``[P, width]`` buffers:
+
+* a scalar (Python number or 0-dim tensor) applies to every value;
+* a 1-D tensor of length ``P`` holds one weight per member (a ``[P, 1]`` column);
+* a ``Particle`` or a model of the member structure applies to every member (a ``[1, width]`` row);
+* another swarm of the same structure applies member by member (``[P, width]``; a swarm of
+  one member broadcasts like a row).
+
+Only arithmetic groups (floating/complex, operational) change; the rest are carried.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _algebra as algebra
+from . import _leafwise as lw
+from ._errors import DeviceMismatchError, StructureError
+from ._particle import Particle, layout_state
+from ._swarm_spec import Spec, pack_stacked, rows_of, views_of
+from ._walk import Layout
+
+Tensor = torch.Tensor
+#: A converted operand: a scalar, or one tensor per group (``None`` for groups it does not touch).
+Operand = Union[object, list[Optional[Tensor]]]
+
+__all__ = ["is_swarm", "operand", "combine", "combine_", "check_class", "full_leaves", "particle_leaves", "aligned",
+           "AXPY", "lerp_operands", "mixed", "mean_rows", "norms"]
+
+
+def is_swarm(value: object) -> bool:
+    """True for ``Swarm`` instances (checked structurally to avoid an import cycle)."""
+    return hasattr(value, "_flats") and hasattr(value, "_spec") and getattr(value, "__nytorch_broadcasts__", False)
+
+
+def check_class(fn: str, spec: Spec, model_class: type) -> None:
+    """Raise ``TypeError`` unless ``model_class`` is the members' class."""
+    if model_class is not spec.model_class:
+        raise TypeError(f"{fn}: expected a {spec.model_class.__name__} (or a Particle or Swarm of one), "
+                        f"got a {model_class.__name__}")
+
+
+def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[Tensor]:
+    """The arithmetic leaves of a Particle or model, checked against the member structure."""
+    template = spec.template
+    if isinstance(other, Particle):
+        check_class(fn, spec, other.model_class)
+        names, leaves = other._names, other._leaves
+    else:
+        check_class(fn, spec, type(other))
+        names, leaves = layout_state(Layout(other), spec.with_buffers)
+    algebra.check_state(fn, template._names, template._leaves, names, leaves)
+    return list(leaves)
+
+
+def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[Tensor]:
+    """Every stored leaf (parameters, then buffers) of a Particle or model, checked against the structure."""
+    leaves = particle_leaves(fn, spec, other)
+    if spec.with_buffers:
+        return leaves
+    layout = other._layout if isinstance(other, Particle) else Layout(other)
+    buffers = layout.buffers
+    algebra.check_state(fn, spec.layout.buffer_names, spec.layout.buffers, layout.buffer_names, buffers)
+    return leaves + buffers
+
+
+def _check_scalar(fn: str, spec: Spec, scalar: object, reflected: bool) -> None:
+    groups = spec.groups
+    if isinstance(scalar, (bool, int, float)) and all(g.dtype.is_floating_point for g in groups if g.active):
+        return
+    stand_ins = spec.layout.params + spec.layout.buffers
+    firsts = [spec.names.index(spec.leaf_name(g)) for g in range(len(groups))]
+    lw.check_scalar(fn, scalar, [spec.names[i] for i in firsts], [stand_ins[i] for i in firsts],
+                    [g.active for g in groups], reflected)
+
+
+def _weights(fn: str, spec: Spec, size: int, weights: Tensor) -> list[Optional[Tensor]]:
+    if weights.dim() != 1:
+        raise TypeError(f"{fn}: expected a number, a 0-dim tensor or a 1-D tensor of {size} per-member weights, "
+                        f"got a tensor of shape {tuple(weights.shape)}")
+    if weights.shape[0] != size:
+        raise StructureError(f"{fn}: expected one weight per member (a 1-D tensor of length {size}), "
+                             f"got length {weights.shape[0]}")
+    columns: list[Optional[Tensor]] = []
+    for index, group in enumerate(spec.groups):
+        if not group.active:
+            columns.append(None)
+            continue
+        if weights.is_complex() and not group.dtype.is_complex:
+            raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(index)!r} "
+                            f"({str(group.dtype).removeprefix('torch.')}) complex; nytorch keeps every dtype")
+        if weights.device != group.device:
+            raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
+                                      f"{spec.leaf_name(index)!r} is on {group.device}; move them first")
+        columns.append(weights.detach().to(group.dtype).unsqueeze(1))
+    return columns
+
+
+def aligned(fn: str, spec: Spec, other: Any) -> list[Tensor]:
+    """Another swarm's flat buffers in ``spec``'s grouping (no copy when the groupings agree).
+
+    Raises:
+        TypeError: the other swarm's members are of another class.
+        StructureError: names, shapes, dtypes or the buffers setting differ.
+    """
+    other_spec: Spec = other._spec
+    if other_spec is spec or other_spec.signature == spec.signature:
+        return list(other._flats)
+    check_class(fn, spec, other_spec.model_class)
+    algebra.check_state(fn, spec.names, spec.layout.params + spec.layout.buffers,
+                        other_spec.names, other_spec.layout.params + other_spec.layout.buffers)
+    if spec.with_buffers != other_spec.with_buffers:
+        raise StructureError(f"{fn}: one swarm takes buffers into arithmetic and the other does not; "
+                             "build both with the same buffers= setting")
+    # Same leaves, grouped differently (e.g. other ParamConfigs): regroup (a copy).
+    return pack_stacked(spec, views_of(other_spec, other._flats), len(other))
+
+
+def _swarm_operand(fn: str, spec: Spec, size: int, other: Any, inplace: bool) -> list[Optional[Tensor]]:
+    other_size = len(other)
+    if other_size != size and other_size != 1 and (size != 1 or inplace):
+        raise StructureError(f"{fn}: cannot broadcast a swarm of {other_size} members "
+                             f"{'into' if inplace else 'with'} a swarm of {size} members")
+    flats = aligned(fn, spec, other)
+    return [flat if g.active else None for flat, g in zip(flats, spec.groups)]
+
+
+def operand(fn: str, spec: Spec, size: int, other: object, *, reflected: bool = False,
+            inplace: bool = False) -> Operand:
+    """Check ``other`` against a swarm of ``size`` members and convert it for ``combine``.
+
+    Raises:
+        TypeError: unsupported operand, another model class, or a dtype-changing scalar.
+        StructureError: names, shapes, dtypes, weight count or swarm size differ.
+        DeviceMismatchError: operands on different devices.
+    """
+    if lw.is_scalar(other):
+        _check_scalar(fn, spec, other, reflected)
+        return other
+    if isinstance(other, Tensor):
+        return _weights(fn, spec, size, other)
+    if is_swarm(other):
+        return _swarm_operand(fn, spec, size, other, inplace)
+    if isinstance(other, (Particle, nn.Module)):
+        active = [g for g, group in enumerate(spec.groups) if group.active]
+        return rows_of(spec, particle_leaves(fn, spec, other), active)
+    raise TypeError(
+        f"{fn}: expected a number, a 0-dim tensor, a 1-D tensor of {size} per-member weights, "
+        f"a {spec.model_class.__name__} or a Particle of one, or a Swarm of them, got {type(other).__name__}"
+    )
+
+
+def _pick(value: Operand, group: int) -> Any:
+    return value[group] if isinstance(value, list) else value
+
+
+@torch.no_grad()
+def combine(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand) -> list[Tensor]:
+    """New flat buffers: ``op`` on every arithmetic group, the others cloned (expanded if the result grew)."""
+    out: list[Optional[Tensor]] = [
+        op.leaf(flat, *(_pick(o, g) for o in operands)) if group.active else None
+        for g, (flat, group) in enumerate(zip(flats, spec.groups))
+    ]
+    rows = max((t.shape[0] for t in out if t is not None), default=flats[0].shape[0] if flats else 0)
+    return [
+        t if t is not None else (flat.clone() if flat.shape[0] == rows else flat.expand(rows, -1).clone())
+        for t, flat in zip(out, flats)
+    ]
+
+
+@torch.no_grad()
+def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand) -> None:
+    """In place: ``op`` on every arithmetic group (callers validated every operand first)."""
+    for g, (flat, group) in enumerate(zip(flats, spec.groups)):
+        if not group.active:
+            continue
+        args = [_pick(o, g) for o in operands]
+        if op.leaf_ is not None:
+            op.leaf_(flat, *args)
+        else:
+            flat.copy_(op.leaf(flat, *args))
+
+
+def _add(a: Tensor, b: Any, alpha: Any) -> Tensor:
+    return torch.add(a, b, alpha=alpha)
+
+
+def _add_(a: Tensor, b: Any, alpha: Any) -> Tensor:
+    return a.add_(b, alpha=alpha)
+
+
+#: ``a + alpha * b`` in one kernel (``torch.add(a, b, alpha=alpha)``).
+AXPY = lw.Op("add", _add, leaf_=_add_)
+
+
+def lerp_operands(fn: str, spec: Spec, size: int, end: object, weight: object, inplace: bool) -> list[Operand]:
+    """``end`` and ``weight`` converted for ``torch.lerp`` (tensor ends, weights in each group's dtype)."""
+    if lw.is_scalar(end):
+        operand(fn, spec, size, end)
+        converted_end: Operand = [torch.as_tensor(end, dtype=g.dtype, device=g.device) for g in spec.groups]
+    else:
+        converted_end = operand(fn, spec, size, end, inplace=inplace)
+    converted = operand(fn, spec, size, weight, inplace=inplace)
+    if isinstance(weight, Tensor) and weight.dim() == 0:
+        converted = [weight.detach().to(dtype=g.dtype, device=g.device) for g in spec.groups]
+    return [converted_end, converted]
+
+
+@torch.no_grad()
+def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tensor) -> list[Tensor]:
+    """``weights @ flat`` per arithmetic group for a ``[Q, P]`` matrix; other groups repeat member 0."""
+    if size == 0:
+        raise ValueError(f"{fn}: expected a swarm with at least one member, got an empty swarm")
+    out = []
+    for g, (flat, group) in enumerate(zip(flats, spec.groups)):
+        if not group.active:
+            out.append(flat[:1].expand(weights.shape[0], -1).clone())
+            continue
+        if weights.is_complex() and not group.dtype.is_complex:
+            raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(g)!r} complex")
+        if weights.device != group.device:
+            raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
+                                      f"{spec.leaf_name(g)!r} is on {group.device}")
+        out.append(weights.detach().to(group.dtype) @ flat)
+    return out
+
+
+@torch.no_grad()
+def mean_rows(spec: Spec, flats: Sequence[Tensor], size: int) -> list[Tensor]:
+    """The average member as ``[1, width]`` rows (non-arithmetic groups: member 0's)."""
+    if size == 0:
+        raise ValueError("mean: expected a swarm with at least one member, got an empty swarm")
+    return [flat.mean(0, keepdim=True) if group.active else flat[:1].clone()
+            for flat, group in zip(flats, spec.groups)]
+
+
+@torch.no_grad()
+def norms(spec: Spec, flats: Sequence[Tensor], size: int) -> Tensor:
+    """Per-member L2 norm over the arithmetic groups, shape ``(P,)``."""
+    parts = [torch.linalg.vector_norm(flat, dim=1) for flat, group in zip(flats, spec.groups) if group.active]
+    if not parts:
+        return torch.zeros(size)
+    dtype = parts[0].dtype
+    for value in parts[1:]:
+        dtype = torch.promote_types(dtype, value.dtype)
+    return torch.linalg.vector_norm(torch.stack([value.to(dtype) for value in parts]), dim=0)

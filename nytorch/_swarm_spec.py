@@ -1,0 +1,213 @@
+"""The member structure of a ``Swarm`` and its flat storage.
+
+A swarm of ``P`` models keeps every member's tensors in one contiguous ``[P, n]``
+buffer per group of leaves sharing a device, a dtype and a role (taking part in
+arithmetic or carried unchanged).  ``Swarm.params`` are views into those buffers,
+so arithmetic on the whole swarm is one kernel per group.
+
+``Spec`` describes one member: a private *skeleton* copy of the model whose
+parameters are zero-memory placeholders (expanded 0-dim zeros) and whose buffers
+are clones of the source's, the leaf names, and where each leaf lives in the
+flat buffers.  Swarms derived from one another share their ``Spec``.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import _leafwise as lw
+from ._config import ParamConfig, configs_for
+from ._particle import Particle
+from ._walk import Layout, rebuild
+
+Tensor = torch.Tensor
+
+__all__ = ["Group", "Slot", "Spec", "make_spec", "pack_members", "pack_stacked", "views_of", "rows_of",
+           "stand_in"]
+
+
+class Group(NamedTuple):
+    """One flat ``[P, width]`` buffer: its device, dtype, role and width."""
+
+    device: torch.device
+    dtype: torch.dtype
+    active: bool
+    width: int
+
+
+class Slot(NamedTuple):
+    """Where one leaf lives: ``flats[group][:, start:stop].view(P, *shape)``."""
+
+    group: int
+    start: int
+    stop: int
+    shape: torch.Size
+
+
+def stand_in(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero-memory placeholder of the given shape (a 0-dim zero, expanded).
+
+    >>> t = stand_in((1000, 1000), torch.float32, torch.device("cpu"))
+    >>> tuple(t.shape), t.stride()
+    ((1000, 1000), (0, 0))
+    """
+    return torch.zeros((), dtype=dtype, device=device).expand(*shape)
+
+
+class Spec:
+    """The structure of one member, shared by every swarm derived from one another.
+
+    Attributes:
+        layout: layout of the private skeleton module (placeholder parameters).
+        names: every stored leaf: parameter names then buffer names.
+        n_params: how many of ``names`` are parameters.
+        n_state: how many leaves a member ``Particle`` holds (parameters, plus buffers
+            when the swarm carries buffers in arithmetic).
+        with_buffers: floating buffers take part in arithmetic.
+        configs: ``ParamConfig`` per Particle leaf (``None``: all default).
+        slots / groups: where each leaf lives in the flat buffers.
+        template: a ``Particle`` of the skeleton (structure only).
+    """
+
+    __slots__ = ("layout", "names", "n_params", "n_state", "with_buffers", "configs", "slots", "groups",
+                 "template", "signature", "entries", "lock", "plan")
+
+    def __init__(self, layout: Layout, with_buffers: bool) -> None:
+        self.layout = layout
+        self.names: list[str] = layout.names + layout.buffer_names
+        self.n_params = len(layout.names)
+        self.with_buffers = with_buffers
+        self.n_state = len(self.names) if with_buffers else self.n_params
+        state_names = self.names[:self.n_state]
+        self.configs: Optional[list[ParamConfig]] = configs_for(layout, state_names)
+        leaves = layout.params + layout.buffers
+        active = [
+            i < self.n_state and lw.is_arithmetic(leaf)
+            and (self.configs is None or self.configs[i].operational)
+            for i, leaf in enumerate(leaves)
+        ]
+        keys: dict[tuple[torch.device, torch.dtype, bool], int] = {}
+        widths: list[int] = []
+        slots: list[Slot] = []
+        for leaf, on in zip(leaves, active):
+            key = (leaf.device, leaf.dtype, on)
+            index = keys.setdefault(key, len(keys))
+            if index == len(widths):
+                widths.append(0)
+            start = widths[index]
+            widths[index] += leaf.numel()
+            slots.append(Slot(index, start, widths[index], leaf.shape))
+        self.slots = slots
+        self.groups = [Group(device, dtype, on, width) for (device, dtype, on), width in zip(keys, widths)]
+        self.template = Particle(layout, state_names, leaves[:self.n_state], self.configs, with_buffers)
+        self.signature = (type(layout.modules[0]), tuple(self.names), tuple(self.slots), tuple(self.groups))
+        # (table, key, leaf index) for every slot holding a parameter or buffer: the forward swaps these.
+        self.entries: list[tuple[dict[str, Any], str, int]] = []
+        for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
+            self.entries += [(module._parameters, key, i) for key, i in param_slots if i is not None]
+            self.entries += [(module._buffers, key, self.n_params + i) for key, i in buffer_slots if i is not None]
+        self.lock = threading.RLock()
+        self.plan: object = None  # the fast forward plan, built on first use (see _vectorise)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__ if name not in ("lock", "plan")}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.lock = threading.RLock()
+        self.plan = None
+
+    @property
+    def model_class(self) -> type:
+        """The class of the member model."""
+        return type(self.layout.modules[0])
+
+    def leaf_name(self, group: int) -> str:
+        """The first leaf stored in ``group`` (for error messages)."""
+        return next(name for name, slot in zip(self.names, self.slots) if slot.group == group)
+
+    def with_mode(self, training: bool) -> "Spec":
+        """The same structure with every skeleton module in train (``True``) or eval mode."""
+        root = rebuild(self.layout, self.layout.params, self.layout.buffers)
+        root.train(training)
+        return Spec(Layout(root), self.with_buffers)
+
+    def converted(self, device: Optional[torch.device], dtype: Optional[torch.dtype]) -> "Spec":
+        """The same structure on ``device`` and/or with floating leaves cast to ``dtype`` (like ``Module.to``)."""
+        def target(leaf: Tensor) -> tuple[torch.dtype, torch.device]:
+            cast = dtype is not None and leaf.is_floating_point() and dtype.is_floating_point
+            new_dtype = dtype if cast and dtype is not None else leaf.dtype
+            return new_dtype, (leaf.device if device is None else device)
+        params = [stand_in(leaf.shape, *target(leaf)) for leaf in self.layout.params]
+        buffers = [leaf.to(device=target(leaf)[1], dtype=target(leaf)[0]) for leaf in self.layout.buffers]
+        root = rebuild(self.layout, params, buffers)
+        return Spec(Layout(root), self.with_buffers)
+
+
+def make_spec(source: Layout, with_buffers: bool) -> Spec:
+    """A ``Spec`` for members shaped like ``source`` (a layout of any module), sharing none of its tensors.
+
+    >>> import torch
+    >>> spec = make_spec(Layout(torch.nn.Linear(3, 2)), False)
+    >>> spec.names, [tuple(g)[1:] for g in spec.groups]
+    (['weight', 'bias'], [(torch.float32, True, 8)])
+    """
+    params = [stand_in(leaf.shape, leaf.dtype, leaf.device) for leaf in source.params]
+    buffers = [leaf.detach().clone() for leaf in source.buffers]
+    root = rebuild(source, params, buffers)
+    return Spec(Layout(root), with_buffers)
+
+
+@torch.no_grad()
+def pack_members(spec: Spec, members: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Copy per-member leaf lists (aligned with ``spec.names``) into fresh flat buffers."""
+    size = len(members)
+    flats = [torch.empty(size, g.width, dtype=g.dtype, device=g.device) for g in spec.groups]
+    destinations: list[Tensor] = []
+    sources: list[Tensor] = []
+    for row, leaves in enumerate(members):
+        for slot, leaf in zip(spec.slots, leaves):
+            if slot.stop > slot.start:
+                destinations.append(flats[slot.group][row, slot.start:slot.stop].view(slot.shape))
+                sources.append(leaf.detach())
+    if destinations:
+        torch._foreach_copy_(destinations, sources)
+    return flats
+
+
+@torch.no_grad()
+def pack_stacked(spec: Spec, leaves: Sequence[Tensor], size: int) -> list[Tensor]:
+    """Flat buffers from stacked leaves ``[size, *shape]`` aligned with ``spec.names`` (one ``cat`` per group)."""
+    parts: list[list[Tensor]] = [[] for _ in spec.groups]
+    for slot, leaf in zip(spec.slots, leaves):
+        parts[slot.group].append(leaf.detach().reshape(size, -1))
+    return [torch.cat(part, dim=1) for part in parts]
+
+
+def views_of(spec: Spec, flats: Sequence[Tensor]) -> list[Tensor]:
+    """Every leaf as a ``[P, *shape]`` view into the flat buffers (aligned with ``spec.names``)."""
+    return [flats[s.group][:, s.start:s.stop].view(flats[s.group].shape[0], *s.shape) for s in spec.slots]
+
+
+def rows_of(spec: Spec, leaves: Sequence[Tensor], groups: Optional[Sequence[int]] = None) -> list[Optional[Tensor]]:
+    """One member's leaves (aligned with ``spec.names``) as ``[1, width]`` rows per group (``None``: skipped)."""
+    wanted = range(len(spec.groups)) if groups is None else groups
+    parts: list[list[Tensor]] = [[] for _ in spec.groups]
+    for slot, leaf in zip(spec.slots, leaves):
+        parts[slot.group].append(leaf.detach().reshape(1, -1))
+    rows: list[Optional[Tensor]] = [None] * len(spec.groups)
+    for g in wanted:
+        part = parts[g]
+        rows[g] = torch.cat(part, dim=1) if len(part) > 1 else part[0]
+    return rows
+
+
+def module_leaves(module: nn.Module) -> tuple[Layout, list[Tensor]]:
+    """A module's layout and its parameters followed by its buffers."""
+    layout = Layout(module)
+    return layout, layout.params + layout.buffers

@@ -1,0 +1,344 @@
+"""Run every member of a swarm at once: forward, per-member losses and gradients.
+
+The general path is one ``torch.func.vmap`` over the member's forward with the
+member's tensors swapped into a private skeleton module (what
+``torch.func.functional_call`` does, minus its generic bookkeeping).  Models that
+are one chain of ``nn.Linear`` layers and elementwise activations (an
+``nn.Sequential`` of them, or any forward that ``torch.fx`` traces to such a
+chain) take a fused path instead: one ``torch.baddbmm`` per layer over the
+stacked weights, which is the compute floor and gives the same values.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._swarm_spec import Spec
+
+Tensor = torch.Tensor
+InDims = Union[None, int, Sequence[Any]]
+
+__all__ = ["Member", "forward", "grad_and_value", "bound"]
+
+# Layers that act on each value independently: running them on [P, batch, features] is the same
+# as running them per member.  Exact classes only (a subclass may override forward).
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Identity, nn.Dropout,
+)
+_NO_PLAN = ("none",)
+
+
+@contextmanager
+def bound(spec: Spec, leaves: Sequence[Tensor]) -> Iterator[nn.Module]:
+    """The skeleton module holding ``leaves`` (aligned with ``spec.names``) for the duration of the block."""
+    entries = spec.entries
+    with spec.lock:
+        saved = [table[key] for table, key, _ in entries]
+        try:
+            for table, key, index in entries:
+                table[key] = leaves[index]
+            yield spec.layout.modules[0]
+        finally:
+            for (table, key, _), old in zip(entries, saved):
+                table[key] = old
+
+
+class Member:
+    """One swarm member inside a vectorised call: ``member(*inputs)`` runs its forward.
+
+    Attributes:
+        params: ``dict[str, Tensor]`` of the member's parameters (per member, batched under ``vmap``).
+        buffers: ``dict[str, Tensor]`` of its buffers.
+    """
+
+    __slots__ = ("_spec", "_leaves")
+
+    def __init__(self, spec: Spec, leaves: Sequence[Tensor]) -> None:
+        self._spec = spec
+        self._leaves = leaves
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with bound(self._spec, self._leaves) as module:
+            return module(*args, **kwargs)
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        spec = self._spec
+        return dict(zip(spec.names[:spec.n_params], self._leaves[:spec.n_params]))
+
+    @property
+    def buffers(self) -> dict[str, Tensor]:
+        spec = self._spec
+        return dict(zip(spec.names[spec.n_params:], self._leaves[spec.n_params:]))
+
+
+def _in_dims(fn: str, in_dims: InDims, args: Sequence[Any]) -> tuple[Any, ...]:
+    if in_dims is None or isinstance(in_dims, int):
+        return (in_dims,) * len(args)
+    if isinstance(in_dims, (tuple, list)):
+        if len(in_dims) != len(args):
+            raise ValueError(f"{fn}: in_dims has {len(in_dims)} entries but {len(args)} positional "
+                             "arguments were given; give one entry per argument (None: shared, 0: per member)")
+        return tuple(in_dims)
+    raise TypeError(f"{fn}: expected None, an int or a tuple as in_dims, got {type(in_dims).__name__}")
+
+
+def _hint(spec: Spec, message: str) -> str:
+    if "Batch norm" in message or "running_mean" in message:
+        return ("put the swarm in eval mode (swarm.eval()) or build the model with "
+                "track_running_stats=False")
+    if "randomness" in message:
+        return "pass randomness='different' (independent draws per member) or 'same'"
+    if "data-dependent" in message or ".item()" in message:
+        return ("the forward branches on tensor values; rewrite it with torch.where, or run members one by one "
+                "with `[member.module()(x) for member in swarm]`")
+    return "run members one by one with `[member.module()(x) for member in swarm]` to locate the problem"
+
+
+def _vmap(fn: str, spec: Spec, function: Callable[..., Any], in_dims: tuple[Any, ...], randomness: str,
+          chunk_size: Optional[int], *args: Any) -> Any:
+    mapped = torch.func.vmap(function, in_dims=in_dims, randomness=randomness, chunk_size=chunk_size)
+    try:
+        return mapped(*args)
+    except RuntimeError as error:
+        message = str(error)
+        raise RuntimeError(
+            f"{fn}: the vectorised call (torch.func.vmap) could not run {spec.model_class.__name__}: "
+            f"{message}\nHint: {_hint(spec, message)}"
+        ) from error
+
+
+# -- fused path for Sequential stacks of Linear and elementwise layers ---------------------------
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _flatten(module: nn.Module, out: list[nn.Module]) -> bool:
+    if _has_hooks(module):
+        return False
+    if type(module) is nn.Sequential:
+        return all(_flatten(child, out) for child in module._modules.values() if child is not None)
+    out.append(module)
+    return True
+
+
+_FUNCTIONS = frozenset({
+    torch.relu, torch.tanh, torch.sigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
+    F.silu, F.mish, F.tanh, F.sigmoid, F.hardtanh, F.hardsigmoid, F.hardswish, F.softplus, F.softsign,
+    F.tanhshrink, F.logsigmoid,
+})
+_METHODS = frozenset({"relu", "tanh", "sigmoid"})
+# In-place forms, used on the fused path's own intermediates when autograd is not recording them.
+_IN_PLACE: dict[Any, Callable[[Tensor], Tensor]] = {
+    nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_,
+    torch.relu: torch.relu_, F.relu: torch.relu_, torch.tanh: torch.tanh_, torch.sigmoid: torch.sigmoid_,
+}
+
+
+def _module_step(layout: Any, index: dict[int, int], module: nn.Module) -> Optional[tuple[Any, ...]]:
+    if _has_hooks(module):
+        return None
+    if type(module) is nn.Linear:
+        slots = dict(layout.param_slots[index[id(module)]])
+        return ("linear", slots.get("weight"), slots.get("bias"))
+    if type(module) in _ELEMENTWISE:
+        return ("map", module)
+    return None
+
+
+def _traced_steps(layout: Any, index: dict[int, int]) -> Optional[list[tuple[Any, ...]]]:
+    """Steps of a forward that torch.fx traces to one chain of Linear and elementwise ops (else ``None``)."""
+    root = layout.modules[0]
+    if any(_has_hooks(module) for module in layout.modules):
+        return None
+    import torch.fx  # only when a plan is first needed
+
+    try:
+        graph = torch.fx.Tracer().trace(root)
+    except Exception:  # noqa: BLE001 - anything untraceable just takes the vmap path
+        return None
+    nodes = list(graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[0].args or nodes[-1].op != "output":
+        return None
+    steps: list[tuple[Any, ...]] = []
+    previous = nodes[0]
+    for node in nodes[1:-1]:
+        inputs = node.all_input_nodes
+        if inputs != [previous] or node.args[:1] != (previous,) or len(previous.users) != 1:
+            return None
+        if node.op == "call_module":
+            step = _module_step(layout, index, root.get_submodule(str(node.target)))
+        elif node.op == "call_function" and node.target in _FUNCTIONS and not node.kwargs.get("inplace"):
+            step = ("fn", node.target, tuple(node.args[1:]), dict(node.kwargs))
+        elif node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
+            step = ("fn", getattr(torch, str(node.target)), (), {})
+        else:
+            return None
+        if step is None:
+            return None
+        steps.append(step)
+        previous = node
+    if nodes[-1].args != (previous,) or len(previous.users) != 1:
+        return None
+    return steps
+
+
+def _build_plan(spec: Spec) -> tuple[Any, ...]:
+    layout = spec.layout
+    index = {id(module): i for i, module in enumerate(layout.modules)}
+    leaves: list[nn.Module] = []
+    steps: Optional[list[tuple[Any, ...]]]
+    if type(layout.modules[0]) is nn.Sequential:
+        steps = [] if _flatten(layout.modules[0], leaves) else None
+        for module in leaves if steps is not None else []:
+            step = _module_step(layout, index, module)
+            if step is None:
+                return _NO_PLAN
+            steps.append(step)  # type: ignore[union-attr]
+    else:
+        steps = _traced_steps(layout, index)
+    if not steps or steps[0][0] != "linear" or steps[0][1] is None:
+        return _NO_PLAN
+    return tuple(steps)
+
+
+def _plan(spec: Spec) -> tuple[Any, ...]:
+    if spec.plan is None:
+        spec.plan = _build_plan(spec)
+    return spec.plan  # type: ignore[return-value]
+
+
+def _fused(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any], kwargs: dict[str, Any],
+           dims: tuple[Any, ...], randomness: str) -> Optional[Tensor]:
+    """The fused forward, or ``None`` when it does not apply (then vmap runs)."""
+    plan = _plan(spec)
+    if plan is _NO_PLAN or kwargs or len(args) != 1 or size == 0:
+        return None
+    x = args[0]
+    first = views[plan[0][1]]
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.dtype != first.dtype or x.device != first.device:
+        return None
+    if x.shape[-1] != first.shape[-1] or dims[0] not in (None, 0):
+        return None
+    if randomness != "different" and any(
+            step[0] == "map" and type(step[1]) is nn.Dropout and step[1].training and step[1].p > 0 for step in plan):
+        return None
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    if dims[0] == 0:
+        if x.dim() < 2 or x.shape[0] != size:
+            return None
+        batch = x.shape[1:-1]
+        h = x.reshape(size, -1, x.shape[-1])
+    else:
+        batch = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1]).expand(size, -1, -1)
+    recording = torch.is_grad_enabled() and (x.requires_grad or views[plan[0][1]].requires_grad)
+    for step in plan:
+        if step[0] == "linear":
+            weight = views[step[1]].mT
+            h = torch.bmm(h, weight) if step[2] is None else torch.baddbmm(views[step[2]].unsqueeze(1), h, weight)
+            continue
+        key = type(step[1]) if step[0] == "map" else step[1]
+        in_place = _IN_PLACE.get(key)
+        plain = step[0] == "map" or (not step[2] and set(step[3]) <= {"inplace"})
+        if in_place is not None and plain and not recording:
+            h = in_place(h)  # h is an intermediate of ours (the plan starts with a Linear)
+        elif step[0] == "map":
+            h = step[1](h)
+        else:
+            h = step[1](h, *step[2], **step[3])
+    return h.reshape(size, *batch, h.shape[-1])
+
+
+def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any], kwargs: dict[str, Any], *,
+            in_dims: InDims = None, randomness: str = "different", chunk_size: Optional[int] = None) -> Any:
+    """Every member's forward on ``args`` (shared, or per member where ``in_dims`` says 0), stacked ``[P, ...]``."""
+    fn = "Swarm.__call__"
+    dims = _in_dims(fn, in_dims, args)
+    if chunk_size is None:
+        fused = _fused(spec, views, size, args, kwargs, dims, randomness)
+        if fused is not None:
+            return fused
+
+    def member(leaves: list[Tensor], *inputs: Any) -> Any:
+        with bound(spec, leaves) as module:
+            return module(*inputs, **kwargs)
+
+    leaves, write_back = _writable(spec, views)
+    carrier = leaves or [torch.zeros(size, 0)]  # a model without tensors: still map over the members
+    out = _vmap(fn, spec, member, (0, *dims), randomness, chunk_size, carrier, *args)
+    write_back()
+    return out
+
+
+def _writable(spec: Spec, views: Sequence[Tensor]) -> tuple[list[Tensor], Callable[[], None]]:
+    """Leaves for a vmapped call whose buffers are contiguous, and a function writing buffer updates back.
+
+    Some batching rules (e.g. BatchNorm's running statistics) silently drop in-place updates
+    of strided batched tensors, and buffers are strided views into the flat storage.
+    """
+    leaves = list(views)
+    copies: list[tuple[int, Tensor]] = []
+    for i in range(spec.n_params, len(leaves)):
+        if not leaves[i].is_contiguous():
+            leaves[i] = leaves[i].contiguous()
+            copies.append((i, leaves[i]))
+
+    def write_back() -> None:  # kernels such as batch_norm update in place without a version bump: copy all
+        with torch.no_grad():
+            for i, copy in copies:
+                views[i].copy_(copy)
+    return leaves, write_back
+
+
+def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Callable[..., Tensor],
+                   args: Sequence[Any], kwargs: dict[str, Any], *, in_dims: InDims = None, randomness: str = "different",
+                   chunk_size: Optional[int] = None) -> tuple[list[Optional[Tensor]], Tensor]:
+    """Per-member gradients (``None`` where not differentiated) and losses of ``loss_fn(member, *args)``.
+
+    Gradients are taken with respect to every operational floating parameter whose template
+    parameter requires grad; buffers and frozen parameters are constants.
+    """
+    fn = "Swarm.grad_and_value"
+    if not callable(loss_fn):
+        raise TypeError(f"{fn}: expected a callable loss_fn(member, *args) -> 0-dim tensor, "
+                        f"got {type(loss_fn).__name__}")
+    dims = _in_dims(fn, in_dims, args)
+    template = spec.layout.params
+    wanted = [
+        i for i in range(spec.n_params)
+        if spec.groups[spec.slots[i].group].active and template[i].requires_grad
+    ]
+    others = [i for i in range(len(spec.names)) if i not in set(wanted)]
+
+    def member_loss(diff: list[Tensor], rest: list[Tensor], *inputs: Any) -> Tensor:
+        leaves: list[Tensor] = [None] * len(spec.names)  # type: ignore[list-item]
+        for i, leaf in zip(wanted, diff):
+            leaves[i] = leaf
+        for i, leaf in zip(others, rest):
+            leaves[i] = leaf
+        loss = loss_fn(Member(spec, leaves), *inputs, **kwargs)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"{fn}: expected loss_fn to return a 0-dim tensor per member, got {shape}; "
+                             "reduce it (e.g. .mean()) inside loss_fn")
+        return loss
+
+    leaves, write_back = _writable(spec, views)
+    rest = [leaves[i] for i in others] or [torch.zeros(size, 0)]
+    grads, losses = _vmap(fn, spec, torch.func.grad_and_value(member_loss), (0, 0, *dims), randomness,
+                          chunk_size, [leaves[i] for i in wanted], rest, *args)
+    write_back()
+    out: list[Optional[Tensor]] = [None] * len(spec.names)
+    for i, grad in zip(wanted, grads):
+        out[i] = grad
+    return out, losses

@@ -1,0 +1,93 @@
+"""A simple evolution strategy (OpenAI-ES with antithetic sampling), as pure functions."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .._particle import Particle
+from .._swarm import Swarm
+from ._checks import count_arg, losses_arg, number_arg, swarm_arg
+
+Tensor = torch.Tensor
+
+__all__ = ["es_noise", "es_gradient", "es_step", "centered_ranks"]
+
+
+def es_noise(center: Any, size: int, *, generator: Optional[torch.Generator] = None) -> Swarm:
+    """Antithetic N(0, 1) noise shaped like ``center``: member ``i + size/2`` is ``-(member i)``.
+
+    Evaluate the population ``center + sigma * noise`` (a Swarm), then call ``es_step``.
+
+    Args:
+        center: a model, Particle or Swarm giving the structure.
+        size: an even population size.
+
+    >>> import torch
+    >>> eps = es_noise(torch.nn.Linear(2, 1), 4)
+    >>> torch.equal(eps.params["bias"][0], -eps.params["bias"][2])
+    True
+    """
+    size = count_arg("es_noise", size, "size", 2, 2**62)
+    if size % 2:
+        raise ValueError(f"es_noise: expected an even size (antithetic pairs), got {size}")
+    half = Swarm.randn(center, size // 2, generator=generator)
+    return Swarm.cat([half, -half])
+
+
+def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
+    """The OpenAI-ES estimate of the gradient of the expected loss: ``Σ (L_i − mean L)·ε_i / (P·σ)``.
+
+    ``losses[i]`` is the loss of ``center + sigma * noise[i]``.  Pass ``centered_ranks(losses)``
+    instead of raw losses for rank-based fitness shaping.
+
+    >>> import torch
+    >>> eps = es_noise(torch.nn.Linear(1, 1, bias=False), 2000, generator=torch.Generator().manual_seed(0))
+    >>> w = 0.01 * eps.params["weight"].flatten()         # losses of a linear function: L = 3·w
+    >>> g = es_gradient(eps, 3 * w, sigma=0.01)
+    >>> abs(float(g.params["weight"]) - 3.0) < 0.3
+    True
+    """
+    fn = "es_gradient"
+    noise = swarm_arg(fn, noise, "noise")
+    losses = losses_arg(fn, losses, len(noise))
+    sigma = number_arg(fn, sigma, "sigma", minimum=0.0)
+    if sigma == 0.0:
+        raise ValueError(f"{fn}: expected sigma > 0, got 0")
+    weights = (losses - losses.mean()) / (len(noise) * sigma)
+    return weights @ noise  # type: ignore[no-any-return]
+
+
+def es_step(center: Any, noise: Swarm, losses: Tensor, *, sigma: float, lr: float) -> Any:
+    """One OpenAI-ES step: ``center − lr · es_gradient(noise, losses, sigma=sigma)`` (descends the loss).
+
+    Returns:
+        A new Particle (or a new model of ``center``'s class for a NytoModule centre).
+
+    >>> import torch
+    >>> from nytorch import particle
+    >>> center = particle(torch.nn.Linear(3, 1, bias=False)) + 1
+    >>> loss = lambda s: (s.params["weight"] ** 2).sum(dim=(1, 2))   # a quadratic
+    >>> eps = es_noise(center, 200, generator=torch.Generator().manual_seed(0))
+    >>> new = es_step(center, eps, loss(center + 0.1 * eps), sigma=0.1, lr=0.1)
+    >>> float((new.params["weight"] ** 2).sum()) < float((center.params["weight"] ** 2).sum())
+    True
+    """
+    lr = number_arg("es_step", lr, "lr")
+    return center - lr * es_gradient(noise, losses, sigma=sigma)
+
+
+def centered_ranks(losses: Tensor) -> Tensor:
+    """Fitness shaping: the ranks of ``losses`` scaled to ``[-0.5, 0.5]`` (lowest loss → -0.5).
+
+    >>> centered_ranks(torch.tensor([10., -3., 7.]))
+    tensor([ 0.5000, -0.5000,  0.0000])
+    """
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        raise TypeError(f"centered_ranks: expected a 1-D tensor of losses, got "
+                        f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
+    size = losses.shape[0]
+    ranks = torch.empty(size, dtype=torch.float32 if not losses.is_floating_point() else losses.dtype,
+                        device=losses.device)
+    ranks[losses.argsort()] = torch.arange(size, dtype=ranks.dtype, device=losses.device)
+    return ranks / max(size - 1, 1) - 0.5

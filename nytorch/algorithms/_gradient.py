@@ -1,0 +1,37 @@
+"""Gradient descent on every member at once."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._swarm import Swarm
+from ._checks import number_arg, swarm_arg
+
+__all__ = ["sgd_step"]
+
+
+def sgd_step(swarm: Swarm, loss_fn: Callable[..., torch.Tensor], /, *args: Any, lr: float,
+             **kwargs: Any) -> tuple[Swarm, torch.Tensor]:
+    """One SGD step on every member: ``swarm − lr · ∇loss`` from one vectorised gradient call.
+
+    ``loss_fn(member, *args)`` returns a 0-dim loss; ``member(x)`` runs that member's forward.
+    Keyword arguments (e.g. ``in_dims``) go to ``Swarm.grad_and_value``.
+
+    Returns:
+        ``(new_swarm, losses)`` with the losses *before* the step, shape ``(P,)``.
+
+    >>> import torch, torch.nn.functional as F
+    >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])
+    >>> x, y = torch.randn(16, 2), torch.randn(16, 1)
+    >>> loss = lambda net, x, y: F.mse_loss(net(x), y)
+    >>> s2, before = sgd_step(s, loss, x, y, lr=0.1)
+    >>> bool((s2.grad_and_value(loss, x, y)[1] < before).all())
+    True
+    """
+    fn = "sgd_step"
+    swarm = swarm_arg(fn, swarm)
+    lr = number_arg(fn, lr, "lr")
+    grads, losses = swarm.grad_and_value(loss_fn, *args, **kwargs)
+    return swarm.add(grads, alpha=-lr), losses

@@ -1,0 +1,43 @@
+"""Optional progress bars: tqdm when it is installed and the output is a terminal, otherwise nothing."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any, Optional, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["progress"]
+
+
+def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: Optional[str] = None,
+             enabled: Optional[bool] = None) -> Iterable[T]:
+    """``iterable`` wrapped in a ``tqdm`` bar, or returned as is.
+
+    Args:
+        enabled: ``True``/``False`` to force; ``None`` (default) shows a bar only when stderr is a
+            terminal.  Without tqdm installed there is never a bar.
+
+    >>> list(progress(range(3), enabled=False))
+    [0, 1, 2]
+    """
+    if enabled is None:
+        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc)  # type: ignore[no-any-return]
+
+
+def set_postfix(bar: Any, **values: Any) -> None:
+    """Show ``values`` next to the bar (no-op without one).
+
+    >>> set_postfix(iter([]), loss=1.0)
+    """
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(values, refresh=False)
+
+

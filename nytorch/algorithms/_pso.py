@@ -1,0 +1,110 @@
+"""Particle swarm optimisation in its inertia / cognitive / social form, as pure functions."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from .._particle import Particle
+from .._swarm import Swarm
+from ._checks import losses_arg, number_arg, swarm_arg
+
+Tensor = torch.Tensor
+
+__all__ = ["PSOState", "pso_init", "pso_velocity", "pso_step"]
+
+
+class PSOState(NamedTuple):
+    """What PSO remembers between steps (the positions are the swarm itself).
+
+    Attributes:
+        velocity: one velocity per member (a Swarm of the same structure).
+        best: each member's best position so far (personal bests).
+        best_loss: the losses of ``best``, shape ``(P,)``.
+    """
+
+    velocity: Swarm
+    best: Swarm
+    best_loss: Tensor
+
+
+def pso_init(swarm: Swarm, losses: Tensor) -> PSOState:
+    """Start PSO at ``swarm`` (whose losses are ``losses``): zero velocities, personal bests = positions.
+
+    >>> import torch
+    >>> s = Swarm.randn(torch.nn.Linear(2, 1), 3)
+    >>> state = pso_init(s, torch.tensor([3., 1., 2.]))
+    >>> float(state.velocity.norm().sum()), state.best_loss.tolist()
+    (0.0, [3.0, 1.0, 2.0])
+    """
+    fn = "pso_init"
+    swarm = swarm_arg(fn, swarm)
+    losses = losses_arg(fn, losses, len(swarm))
+    return PSOState(Swarm.zeros(swarm), swarm.clone(), losses.clone())
+
+
+def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[Particle, nn.Module], *,
+                 inertia: float, cognitive: float, social: float,
+                 generator: Optional[torch.Generator] = None) -> Swarm:
+    """The PSO velocity ``w·v + c₁·r₁⊙(best − x) + c₂·r₂⊙(g − x)`` with ``r ~ U[0, 1)`` per value.
+
+    >>> import torch
+    >>> x = Swarm.randn(torch.nn.Linear(2, 1), 3)
+    >>> v = pso_velocity(x, Swarm.zeros(x), x, x[0], inertia=0.7, cognitive=1.5, social=0.0)
+    >>> float(v.norm().sum())                       # at its own best, no social pull: no motion
+    0.0
+    """
+    fn = "pso_velocity"
+    for name, value in (("swarm", swarm), ("velocity", velocity), ("best", best)):
+        swarm_arg(fn, value, name)
+    inertia = number_arg(fn, inertia, "inertia")
+    cognitive = number_arg(fn, cognitive, "cognitive")
+    social = number_arg(fn, social, "social")
+    out = velocity * inertia
+    pull = Swarm.rand(swarm, generator=generator)
+    pull *= cognitive
+    pull *= best - swarm
+    out += pull
+    pull = Swarm.rand(swarm, generator=generator)
+    pull *= social
+    pull *= global_best - swarm
+    out += pull
+    return out
+
+
+def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 0.7298,
+             cognitive: float = 1.49618, social: float = 1.49618,
+             generator: Optional[torch.Generator] = None) -> tuple[Swarm, PSOState]:
+    """One PSO iteration: record bests from ``losses`` (the losses of ``swarm``), then move every member.
+
+    Defaults are Clerc's constriction coefficients.  With all three coefficients zero the
+    swarm does not move.
+
+    Returns:
+        ``(new_swarm, new_state)``; the inputs are unchanged.
+
+    >>> import torch
+    >>> x = Swarm.randn(torch.nn.Linear(2, 1), 4)
+    >>> losses = x.norm()
+    >>> state = pso_init(x, losses)
+    >>> x2, state = pso_step(x, losses, state, inertia=0.0, cognitive=0.0, social=0.0)
+    >>> torch.equal(x2.params["weight"], x.params["weight"])
+    True
+    """
+    fn = "pso_step"
+    swarm = swarm_arg(fn, swarm)
+    losses = losses_arg(fn, losses, len(swarm))
+    if not isinstance(state, PSOState):
+        raise TypeError(f"pso_step: expected a PSOState as state (from pso_init), got {type(state).__name__}")
+    if len(state.best) != len(swarm):
+        raise ValueError(f"pso_step: the state tracks {len(state.best)} members but the swarm has {len(swarm)}")
+    improved = losses < state.best_loss
+    best = state.best.clone()
+    if bool(improved.any()):
+        best[improved] = swarm[improved]
+    best_loss = torch.where(improved, losses, state.best_loss)
+    global_best = best[int(torch.nan_to_num(best_loss, nan=float("inf")).argmin())]
+    velocity = pso_velocity(swarm, state.velocity, best, global_best, inertia=inertia, cognitive=cognitive,
+                            social=social, generator=generator)
+    return swarm + velocity, PSOState(velocity, best, best_loss)

@@ -1,0 +1,304 @@
+"""``nytorch.algorithms``: each step checked against a per-member loop over plain tensors, plus invariants."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nytorch
+import nytorch.algorithms as alg
+from nytorch._swarm import Swarm
+
+Tensor = torch.Tensor
+ATOL = 1e-6
+RTOL = 1e-6  # float32 results vs the per-member loop: 1e-6
+
+
+def net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def population(size: int = 6, seed: int = 0) -> Swarm:
+    return Swarm.randn(net(), size, generator=torch.Generator().manual_seed(seed))
+
+
+def per_member(swarm: Swarm) -> list[dict[str, Tensor]]:
+    """The swarm as a list of plain dicts (cloned): the loop reference's input."""
+    return [{name: value[i].clone() for name, value in swarm.params.items()} for i in range(len(swarm))]
+
+
+def assert_members(swarm: Swarm, expected: list[dict[str, Tensor]], *, exact: bool = False) -> None:
+    assert len(swarm) == len(expected)
+    for name, value in swarm.params.items():
+        reference = torch.stack([member[name] for member in expected])
+        if exact:
+            assert torch.equal(value, reference), name
+        else:
+            torch.testing.assert_close(value, reference, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def quadratic(swarm: Swarm) -> Tensor:
+    """Per-member sum of squares: a convex bowl with its minimum at zero."""
+    return sum(value.pow(2).flatten(1).sum(1) for value in swarm.params.values())  # type: ignore[return-value]
+
+
+# -- accelerated PSO --------------------------------------------------------------------------------
+def test_apso_matches_loop_and_noise() -> None:
+    swarm = population()
+    members = per_member(swarm)
+    alpha, beta, best = 0.3, 0.25, 2
+    out = alg.apso(swarm, best, alpha=alpha, beta=beta, generator=torch.Generator().manual_seed(5))
+    noise = per_member(Swarm.randn(swarm, generator=torch.Generator().manual_seed(5)))
+    expected = [{n: (1 - beta) * m[n] + beta * members[best][n] + alpha * noise[i][n] for n in m}
+                for i, m in enumerate(members)]
+    assert_members(out, expected)
+    assert_members(swarm, members, exact=True)  # pure
+    target = nytorch.particle(net())
+    to_model = alg.apso(swarm, target, alpha=0.0, beta=0.5)
+    assert_members(to_model, [{n: 0.5 * m[n] + 0.5 * target.params[n] for n in m} for m in members])
+    assert_members(alg.apso(swarm, -1, alpha=0.0, beta=1.0), [members[-1]] * len(members), exact=True)
+
+
+def test_apso_zero_coefficients_leave_the_swarm_unchanged() -> None:
+    swarm = population()
+    assert_members(alg.apso(swarm, 0, alpha=0.0, beta=0.0), per_member(swarm), exact=True)
+
+
+def test_apso_allocates_only_its_output() -> None:
+    from torch.profiler import ProfilerActivity, profile
+    swarm = Swarm.stack([nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3)) for _ in range(16)])
+    alg.apso(swarm, 3, alpha=0.1, beta=0.5)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = alg.apso(swarm, 3, alpha=0.1, beta=0.5)
+    allocated = sum(event.cpu_memory_usage for event in prof.events()
+                    if event.cpu_memory_usage > 0 and event.cpu_parent is None)
+    output = sum(value.numel() * value.element_size() for value in out.params.values())
+    assert output <= allocated <= output + 256
+
+
+def test_apso_argument_errors() -> None:
+    swarm = population()
+    with pytest.raises(ValueError, match=r"apso: expected alpha >= 0, got -1.0"):
+        alg.apso(swarm, 0, alpha=-1.0, beta=0.5)
+    with pytest.raises(IndexError, match=r"apso: best=6 is out of range for a swarm of 6 members"):
+        alg.apso(swarm, 6, alpha=0.1, beta=0.5)
+    with pytest.raises(TypeError, match=r"apso: expected a Swarm as swarm, got Linear"):
+        alg.apso(nn.Linear(1, 1), 0, alpha=0.1, beta=0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"apso: expected a real number as beta, got str"):
+        alg.apso(swarm, 0, alpha=0.1, beta="x")  # type: ignore[arg-type]
+
+
+# -- PSO -----------------------------------------------------------------------------------------------
+def test_pso_zero_coefficients_leave_the_swarm_unchanged() -> None:
+    swarm = population()
+    losses = quadratic(swarm)
+    state = alg.pso_init(swarm, losses)
+    moved, state = alg.pso_step(swarm, losses, state, inertia=0.0, cognitive=0.0, social=0.0)
+    assert_members(moved, per_member(swarm), exact=True)
+    moved, _ = alg.pso_step(moved, quadratic(moved), state, inertia=0.9, cognitive=0.0, social=0.0)
+    assert_members(moved, per_member(swarm), exact=True)  # zero velocity stays zero
+
+
+def test_pso_step_matches_loop() -> None:
+    swarm = population()
+    state = alg.pso_init(swarm, quadratic(swarm))
+    moved, state = alg.pso_step(swarm, quadratic(swarm), state, generator=torch.Generator().manual_seed(1))
+    # second step, checked member by member against plain tensors
+    x, v, best = per_member(moved), per_member(state.velocity), per_member(state.best)
+    losses = quadratic(moved)
+    improved = (losses < state.best_loss).tolist()
+    best = [x[i] if improved[i] else best[i] for i in range(len(x))]
+    best_loss = torch.where(losses < state.best_loss, losses, state.best_loss)
+    g = best[int(best_loss.argmin())]
+    generator = torch.Generator().manual_seed(2)
+    r1, r2 = per_member(Swarm.rand(moved, generator=generator)), per_member(Swarm.rand(moved, generator=generator))
+    w, c1, c2 = 0.5, 1.2, 0.8
+    velocity = [{n: w * v[i][n] + c1 * r1[i][n] * (best[i][n] - x[i][n]) + c2 * r2[i][n] * (g[n] - x[i][n])
+                 for n in x[i]} for i in range(len(x))]
+    new, new_state = alg.pso_step(moved, losses, state, inertia=w, cognitive=c1, social=c2,
+                                  generator=torch.Generator().manual_seed(2))
+    assert_members(new_state.velocity, velocity)
+    assert_members(new, [{n: x[i][n] + velocity[i][n] for n in x[i]} for i in range(len(x))])
+    assert_members(new_state.best, best, exact=True)
+    assert torch.equal(new_state.best_loss, best_loss)
+
+
+def test_pso_minimises_a_quadratic() -> None:
+    swarm = population(16)
+    generator = torch.Generator().manual_seed(0)
+    state = alg.pso_init(swarm, quadratic(swarm))
+    start = float(state.best_loss.min())
+    for _ in range(40):
+        swarm, state = alg.pso_step(swarm, quadratic(swarm), state, generator=generator)
+    assert float(state.best_loss.min()) < 0.2 * start
+
+
+def test_pso_errors() -> None:
+    swarm = population()
+    with pytest.raises(ValueError, match=r"pso_init: expected losses of shape \(6,\) \(one per member\), got \(5,\)"):
+        alg.pso_init(swarm, torch.zeros(5))
+    state = alg.pso_init(swarm, torch.zeros(6))
+    with pytest.raises(ValueError, match=r"pso_step: the state tracks 6 members but the swarm has 3"):
+        alg.pso_step(swarm[:3], torch.zeros(3), state)
+    with pytest.raises(TypeError, match=r"pso_step: expected a PSOState as state"):
+        alg.pso_step(swarm, torch.zeros(6), (1, 2, 3))  # type: ignore[arg-type]
+
+
+# -- ES ------------------------------------------------------------------------------------------------
+def test_es_noise_is_antithetic_and_gradient_matches_formula() -> None:
+    center = nytorch.particle(net())
+    noise = alg.es_noise(center, 8, generator=torch.Generator().manual_seed(0))
+    eps = per_member(noise)
+    for i in range(4):
+        for name in eps[i]:
+            assert torch.equal(eps[i][name], -eps[i + 4][name])
+    losses = torch.arange(8.0)
+    sigma = 0.2
+    grad = alg.es_gradient(noise, losses, sigma=sigma)
+    for name in eps[0]:
+        expected = sum((losses[i] - losses.mean()) * eps[i][name] for i in range(8)) / (8 * sigma)
+        torch.testing.assert_close(grad.params[name], expected, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match=r"es_noise: expected an even size \(antithetic pairs\), got 7"):
+        alg.es_noise(center, 7)
+    with pytest.raises(ValueError, match=r"es_gradient: expected sigma > 0, got 0"):
+        alg.es_gradient(noise, losses, sigma=0.0)
+
+
+def test_es_step_reduces_a_quadratic() -> None:
+    generator = torch.Generator().manual_seed(0)
+    center: Any = nytorch.particle(net()) + 1.0
+
+    def loss(p: Any) -> float:
+        return float(sum(v.pow(2).sum() for v in p.params.values()))
+
+    start = loss(center)
+    for _ in range(5):
+        noise = alg.es_noise(center, 64, generator=generator)
+        population_ = center + 0.05 * noise
+        assert isinstance(population_, Swarm)
+        before = loss(center)
+        center = alg.es_step(center, noise, quadratic(population_), sigma=0.05, lr=0.1)
+        assert loss(center) < before
+    assert loss(center) < 0.6 * start
+    shaped = alg.centered_ranks(torch.tensor([3.0, -1.0, 2.0, 10.0]))
+    assert shaped.tolist() == pytest.approx([1 / 6, -0.5, -1 / 6, 0.5])
+
+
+# -- selection ------------------------------------------------------------------------------------------
+def test_truncation_selection_keeps_the_best_and_mutates_copies() -> None:
+    swarm = population(8)
+    members = per_member(swarm)
+    losses = torch.tensor([5.0, 1.0, 7.0, 0.0, 3.0, float("nan"), 2.0, 6.0])
+    exact = alg.truncation_selection(swarm, losses, survivors=3, sigma=0.0, generator=torch.Generator().manual_seed(0))
+    elite = [members[3], members[1], members[6]]
+    result = per_member(exact)
+    assert_members(exact[:3], elite, exact=True)
+    for child in result[3:]:  # every child is an exact copy of a survivor
+        assert any(all(torch.equal(child[n], e[n]) for n in child) for e in elite)
+    mutated = alg.truncation_selection(swarm, losses, survivors=3, sigma=0.1,
+                                       generator=torch.Generator().manual_seed(0))
+    assert_members(mutated[:3], elite, exact=True)
+    generator = torch.Generator().manual_seed(0)
+    parents = torch.randint(3, (5,), generator=generator)
+    noise = per_member(Swarm.randn(swarm[:5], generator=generator))
+    expected = [{n: elite[int(parents[k])][n] + 0.1 * noise[k][n] for n in members[0]} for k in range(5)]
+    assert_members(mutated[3:], expected)
+    with pytest.raises(ValueError, match=r"truncation_selection: expected survivors in \[1, 8\], got 0"):
+        alg.truncation_selection(swarm, losses, survivors=0, sigma=0.1)
+    with pytest.raises(ValueError, match=r"truncation_selection: expected sigma >= 0, got -1"):
+        alg.truncation_selection(swarm, losses, survivors=2, sigma=-1)
+
+
+# -- gradient descent and the hybrid loop -------------------------------------------------------------
+def _regression(seed: int = 0) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 3, generator=generator)
+    return x, torch.stack([x.sum(1), x[:, 0] - x[:, 2]], dim=1)
+
+
+def _mse(member: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+    return F.mse_loss(member(x), y)
+
+
+def test_sgd_step_matches_torch_optim_per_member() -> None:
+    torch.manual_seed(0)
+    modules = [net() for _ in range(5)]
+    swarm = Swarm.stack(modules)
+    x, y = _regression()
+    new, losses = alg.sgd_step(swarm, _mse, x, y, lr=0.05)
+    for i, module in enumerate(modules):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+        optimizer.zero_grad()
+        loss = _mse(module, x, y)
+        loss.backward()
+        optimizer.step()
+        torch.testing.assert_close(losses[i], loss.detach(), rtol=RTOL, atol=ATOL)
+        for name, param in module.named_parameters():
+            torch.testing.assert_close(new.params[name][i], param.detach(), rtol=RTOL, atol=ATOL)
+
+
+def test_pull_toward_best_matches_loop() -> None:
+    swarm = population(8)
+    members = per_member(swarm)
+    losses = torch.tensor([4.0, 3.0, 9.0, 1.0, 5.0, 0.5, 2.0, 8.0])
+    generator = torch.Generator().manual_seed(3)
+    out = alg.pull_toward_best(swarm, losses, subset=4, alpha=0.3, generator=generator)
+    chosen = torch.randperm(8, generator=torch.Generator().manual_seed(3))[:4].tolist()
+    best = min(chosen, key=lambda i: float(losses[i]))
+    expected = [
+        {n: torch.lerp(m[n], members[best][n], 0.3) for n in m} if i in chosen and i != best else m
+        for i, m in enumerate(members)
+    ]
+    assert_members(out, expected)
+    assert_members(swarm, members, exact=True)
+
+
+def test_hybrid_loop_trains_every_member() -> None:
+    torch.manual_seed(0)
+    swarm = Swarm.stack([net() for _ in range(8)])
+    data = [_regression(seed) for seed in range(40)]
+    final, history = alg.hybrid(swarm, _mse, data, lr=0.1, every=5, subset=4, alpha=0.5,
+                                generator=torch.Generator().manual_seed(0), show_progress=False)
+    assert history.shape == (40, 8)
+    assert float(history[-5:].mean()) < 0.5 * float(history[:5].mean())
+    x, y = _regression(99)
+    assert float(final.grad_and_value(_mse, x, y)[1].mean()) < float(swarm.grad_and_value(_mse, x, y)[1].mean())
+
+
+def test_hybrid_step_pulls_only_every_k_steps() -> None:
+    swarm = population(4)
+    x, y = _regression()
+    plain, _ = alg.sgd_step(swarm, _mse, x, y, lr=0.1)
+    same, _ = alg.hybrid_step(swarm, _mse, x, y, step=0, lr=0.1, every=2, alpha=1.0)
+    assert_members(same, per_member(plain), exact=True)
+    pulled, losses = alg.hybrid_step(swarm, _mse, x, y, step=1, lr=0.1, every=2, alpha=1.0)
+    best = int(losses.argmin())
+    assert_members(pulled, [per_member(plain)[best]] * 4, exact=True)
+
+
+def test_progress_is_optional(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    items = [1, 2, 3]
+    assert alg.progress(items) is items  # stderr is not a terminal under pytest
+    assert alg.progress(items, enabled=False) is items
+    assert list(alg.progress(items, enabled=True, desc="demo")) == items
+    assert "demo" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed
+    assert alg.progress(items, enabled=True) is items
+
+
+def test_public_surface() -> None:
+    assert set(alg.__all__) >= {"pso_init", "pso_step", "apso", "es_noise", "es_step", "truncation_selection",
+                                "sgd_step", "hybrid", "progress"}
+    for name in alg.__all__:
+        assert getattr(alg, name).__doc__, name
+
+
+@pytest.mark.skipif(not hasattr(nytorch, "Swarm"), reason="exported from nytorch/__init__.py by the lead")
+def test_swarm_is_exported() -> None:
+    assert nytorch.Swarm is Swarm
+    assert "Swarm" in nytorch.__all__ and "algorithms" in nytorch.__all__

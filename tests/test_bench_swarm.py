@@ -1,0 +1,13 @@
+"""``benchmarks/bench_swarm.py`` runs and reports ratios to its floors (the numbers are read by people)."""
+from benchmarks import bench_swarm
+
+
+def test_swarm_benchmark_rows() -> None:
+    rows = bench_swarm.forward_rows(repeats=2) + bench_swarm.apso_rows(repeats=2)
+    assert {row["workload"] for row in rows} == {"swarm forward", "APSO update"}
+    for row in rows:
+        assert set(row) >= {"workload", "implementation", "median_us", "ratio_to_floor"}
+        assert row["median_us"] > 0 and row["ratio_to_floor"] > 0
+    floors = [row for row in rows if row["implementation"].startswith("floor")]
+    assert len(floors) == 2 and all(row["ratio_to_floor"] == 1.0 for row in floors)
+    assert any("forward" in line for line in bench_swarm.verdicts(rows))

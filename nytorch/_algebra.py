@@ -120,7 +120,27 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
     for operand in operands:
         if not isinstance(operand, (list, tuple)):
             check_scalar(op.name, operand, names, leaves, active)
+    check_writable(op.name, names, leaves, active)
     lw.apply_(op, leaves, *operands, active=active)
+
+
+def check_writable(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
+                   active: Optional[Sequence[bool]] = None) -> None:
+    """Raise before writing anything when some leaf cannot be written in place.
+
+    Expanded views (several elements sharing memory) and inference tensors outside
+    inference mode would make torch fail half-way through an in-place update.
+    """
+    inference = torch.is_inference_mode_enabled()
+    for i, (name, leaf) in enumerate(zip(names, leaves)):
+        if active is not None and not active[i]:
+            continue
+        if leaf.is_inference() and not inference:
+            raise RuntimeError(f"{fn}: parameter {name!r} is an inference tensor and cannot be updated in place "
+                               "outside torch.inference_mode(); clone the model outside inference mode first")
+        if torch._debug_has_internal_overlap(leaf) == 1:
+            raise RuntimeError(f"{fn}: parameter {name!r} ({lw.describe(leaf)}) has elements sharing memory "
+                               "(an expanded view) and cannot be updated in place; use .contiguous() parameters")
 
 
 @without_grad

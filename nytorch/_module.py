@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
 from ._operators import Operators, State
 from ._particle import Particle, layout_state
-from ._walk import Layout, layout_of, rebuild
+from ._walk import Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
@@ -63,14 +63,14 @@ class NytoModule(Operators, nn.Module):
         if lw.is_scalar(other):
             return other
         if isinstance(other, Particle):
-            if other.model_class is not type(self):
+            if other.model_class is not model_class(self):
                 raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
                                 f"got a Particle of {other.model_class.__name__}")
             algebra.check_state(fn, state.names, state.leaves, other._names, other._leaves,
                                 (state.source.signature, other._signature))
             return other._leaves
         elif isinstance(other, nn.Module):
-            if type(other) is not type(self):
+            if model_class(other) is not model_class(self):
                 raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
                                 f"got a {type(other).__name__}")
             layout = layout_of(other)

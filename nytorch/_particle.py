@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, plan_for
-from ._walk import Layout, layout_of, rebuild
+from ._walk import Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
@@ -215,7 +215,7 @@ class Particle(Operators):
         )
 
     def _check_class(self, fn: str, module: nn.Module) -> None:
-        if type(module) is not self.model_class:
+        if model_class(module) is not self.model_class:
             raise TypeError(f"{fn}: expected a {self.model_class.__name__} (or a Particle of one), "
                             f"got a {type(module).__name__}")
 
@@ -238,18 +238,18 @@ class Particle(Operators):
         >>> p.params["bias"]
         tensor([1.])
         """
+        if not isinstance(params, Mapping):
+            raise TypeError(f"from_params: expected a mapping of tensors as params, got {_class_name(params)}")
         if isinstance(like, Particle):
             layout, names, leaves = like._layout, like._names, like._leaves
             configs, with_buffers = like._configs, like._with_buffers
         elif isinstance(like, nn.Module):
             layout = layout_of(like)
-            with_buffers = len(params) > len(layout.names) and bool(layout.buffer_names)
+            with_buffers = any(name in params for name in layout.buffer_names)
             names, leaves = layout_state(layout, with_buffers)
             configs = configs_for(layout, names)
         else:
             raise TypeError(f"from_params: expected an nn.Module or a Particle as like, got {_class_name(like)}")
-        if not isinstance(params, Mapping):
-            raise TypeError(f"from_params: expected a mapping of tensors as params, got {_class_name(params)}")
         given = list(params)
         algebra.check_names("from_params", names, given if given == list(names) else
                             [name for name in names if name in params] + [n for n in given if n not in names],
@@ -263,8 +263,8 @@ class Particle(Operators):
 
     @property
     def model_class(self) -> type:
-        """The class of the model this Particle came from (what ``module()`` builds)."""
-        return type(self._layout.modules[0])
+        """The class of the model this Particle came from (before any ``parametrize`` wrapping)."""
+        return model_class(self._layout.modules[0])
 
     @property
     def params(self) -> dict[str, Tensor]:
@@ -320,6 +320,7 @@ class Particle(Operators):
         self._check_class("copy_to", module)
         names, leaves = layout_state(layout_of(module), self._with_buffers)
         algebra.check_state("copy_to", names, leaves, self._names, self._leaves)
+        algebra.check_writable("copy_to", names, leaves)
         if leaves:
             torch._foreach_copy_(leaves, self._leaves)
         return module

@@ -8,6 +8,7 @@ tensor).  Integer and bool leaves are carried through unchanged (cloned).
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,14 +63,31 @@ def flatten(fn: str, tree: PyTree, argument: str = "tree") -> tuple[list[Tensor]
     return leaves, spec
 
 
-def _mismatch(fn: str, a: PyTree, b: PyTree) -> StructureError:
-    names_a, names_b = path_names(a), path_names(b)
-    set_a, set_b = set(names_a), set(names_b)
-    for name in names_a:
-        if name not in set_b:
+def _in_insertion_order(tree: PyTree) -> PyTree:
+    """``tree`` with plain dicts as ``OrderedDict`` (optree keeps their order; plain dicts it sorts)."""
+    if isinstance(tree, dict) and type(tree) is dict:
+        return OrderedDict((key, _in_insertion_order(value)) for key, value in tree.items())
+    if type(tree) in (list, tuple):
+        return type(tree)(_in_insertion_order(value) for value in tree)
+    return tree
+
+
+def _mismatch(fn: str, a: PyTree, b: PyTree, *, leaves: bool = True) -> StructureError:
+    """The first difference in ``a``'s own key order (``named_parameters()`` order for ``nf.params``)."""
+    ordered_a, ordered_b = _in_insertion_order(a), _in_insertion_order(b)
+    names_a, names_b = path_names(ordered_a), path_names(ordered_b)
+    leaves_b = dict(zip(names_b, optree.tree_leaves(ordered_b)))
+    for name, leaf in zip(names_a, optree.tree_leaves(ordered_a)):
+        if name not in leaves_b:
             return StructureError(f"{fn}: parameter {name!r} is missing from the second operand")
+        if leaves:
+            try:
+                lw.check_pairs(fn, [name], [leaf], [leaves_b[name]])
+            except StructureError as error:
+                return error
+    known = set(names_a)
     for name in names_b:
-        if name not in set_a:
+        if name not in known:
             return StructureError(f"{fn}: the second operand has an extra parameter {name!r}")
     return StructureError(f"{fn}: the operands have different container types "
                           f"({optree.tree_structure(a)} vs {optree.tree_structure(b)})")
@@ -83,7 +101,7 @@ def matched(fn: str, a: PyTree, b: PyTree) -> tuple[list[Tensor], list[Tensor], 
         raise _mismatch(fn, a, b)
     for x, y in zip(left, right):
         if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
-            lw.check_pairs(fn, path_names(a), left, right)
+            raise _mismatch(fn, a, b)
     return left, right, spec
 
 
@@ -263,7 +281,7 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, /, *rest: PyTree) -> PyTree:
     for other in rest:
         other_leaves, other_spec = flatten("tree_map", other, "a rest tree")
         if other_spec != spec:
-            raise _mismatch("tree_map", tree, other)
+            raise _mismatch("tree_map", tree, other, leaves=False)
         others.append(other_leaves)
     return optree.tree_unflatten(spec, [fn(leaf, *(o[i] for o in others)) for i, leaf in enumerate(leaves)])
 

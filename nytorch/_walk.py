@@ -23,7 +23,24 @@ _CONTAINERS = (
     "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks", "_non_persistent_buffers_set",
+    "_keys",  # nn.ParameterDict's own key table
 )
+
+
+def model_class(module: nn.Module) -> type:
+    """``type(module)``, seen through the per-instance class ``torch.nn.utils.parametrize`` creates.
+
+    >>> import torch
+    >>> from torch.nn.utils import parametrize
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> _ = parametrize.register_parametrization(layer, "weight", torch.nn.Identity())
+    >>> type(layer).__name__, model_class(layer).__name__
+    ('ParametrizedLinear', 'Linear')
+    """
+    cls = type(module)
+    while cls.__module__ == "torch.nn.utils.parametrize" and cls.__bases__:
+        cls = cls.__bases__[0]
+    return cls
 
 
 CONFIG_ATTR = "_nyto_param_configs"

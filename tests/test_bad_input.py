@@ -218,10 +218,6 @@ def test_particle_methods_reject_mismatch(variant: str) -> None:
                       base, other)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="core bug (nytorch/_particle.py Particle.from_params): with a module as like, buffers "
-                          "are assumed when params has more entries than parameters, so one extra parameter is "
-                          "reported as the missing buffer 'steps' instead of the extra 'fc2.extra'")
 def test_from_params_names_an_extra_parameter() -> None:
     base, other = Plain(), Plain("extra")
     raises_naming(StructureError, "from_params", "fc2.extra", "fc3.extra",
@@ -245,17 +241,10 @@ FUNCTIONAL: dict[str, Callable[[Any, Any], Any]] = {
     "tree_map": lambda a, b: nf.tree_map(torch.add, a, b),
 }
 
-# Functional ops flatten dicts with optree, which sorts keys: the reported leaf is the first
-# in *sorted* order, not in named_parameters() order.  Fails only where the two orders differ.
-_SORTED_ORDER = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="core bug (nytorch/_tree.py matched/_mismatch): optree sorts dict keys, so functional ops name "
-           "the first mismatching leaf in sorted key order ('fc2.bias') instead of named_parameters() "
-           "order ('fc2.weight')")
-
-
+# Functional ops flatten dicts with optree, which sorts keys; errors still name the first leaf
+# in the operand's own (named_parameters()) order.
 @pytest.mark.parametrize("variant", [
-    pytest.param(v, marks=_SORTED_ORDER) if v in ("shape", "renamed") else v for v in sorted(VARIANTS)])
+    v for v in sorted(VARIANTS)])
 @pytest.mark.parametrize("name", sorted(FUNCTIONAL))
 def test_functional_ops_reject_mismatch(variant: str, name: str) -> None:
     exc, first, later = VARIANTS[variant]
@@ -358,14 +347,7 @@ def test_module_entry_points_reject_non_modules(bad: str) -> None:
             call(b)
 
 
-_FROM_PARAMS_LEN = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="core bug (nytorch/_particle.py Particle.from_params): len(params) runs before the Mapping check, "
-           "so None or an object raises Python's \"object of type 'NoneType' has no len()\"")
-
-
-@pytest.mark.parametrize("bad", ["str", pytest.param("none", marks=_FROM_PARAMS_LEN), "list",
-                                 pytest.param("object", marks=_FROM_PARAMS_LEN), "tensor_1d"])
+@pytest.mark.parametrize("bad", ["str", "none", "list", "object", "tensor_1d"])
 def test_params_arguments_must_be_mappings(bad: str) -> None:
     base = Plain()
     b = BAD_OPERANDS[bad]()
@@ -456,10 +438,6 @@ class _Expanded(nn.Module):
         self.b = nn.Parameter(torch.zeros(1).expand(3))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="core bug (nytorch/_algebra.py combine_ / _leafwise.apply_): in-place ops do not check "
-                          "that every leaf is writable (internal overlap, inference tensors) before writing, so a "
-                          "torch failure on a later leaf leaves earlier leaves updated")
 def test_inplace_failure_inside_torch_changes_nothing() -> None:
     model = _Expanded()
     p = nytorch.particle(model)
@@ -892,10 +870,6 @@ def test_parameter_list_and_dict() -> None:
     assert torch.equal(model.pl[0].detach(), reference["pl.0"] - 1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="core bug (nytorch/_walk.py rebuild): module __dict__ is copied shallowly, so a result's "
-                          "ParameterDict shares its '_keys' dict with the source; adding a key to the result "
-                          "adds it to the source")
 def test_parameter_dict_results_do_not_share_keys_with_the_source() -> None:
     model = Containers()
     out = (nytorch.particle(model) + 1).module()
@@ -956,11 +930,6 @@ def test_parametrize_arithmetic_acts_on_named_parameters() -> None:
     assert torch.equal(a[0].parametrizations.weight.original.detach(), original * 2)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="core bug (nytorch/_particle.py _check_class, nytorch/_module.py _operand): "
-                          "torch.nn.utils.parametrize gives every parametrized module its own class, so two "
-                          "models whose root is parametrized never combine ('expected a ParametrizedLinear, got "
-                          "a ParametrizedLinear')")
 def test_parametrized_roots_combine() -> None:
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     for model in (a, b):

@@ -1,0 +1,414 @@
+"""Collectives on whole models, Particles and Swarms: one flat buffer per (dtype, role) on the wire.
+
+Every function takes the value positionally and ``group`` (default: the world) and
+``timeout`` (seconds or a ``timedelta``; ``None``: the group's own) as keywords, starts
+with the structure handshake (``_fingerprint``), and raises ``PeerError`` when a peer
+dies or hangs.  Ranks given to or returned by these functions are global ranks, as in
+``torch.distributed``.
+
+What each kind of value does:
+
+* a model (any ``nn.Module``, ``NytoModule`` included) travels with its parameters and
+  all its buffers.  ``broadcast`` and ``all_reduce_mean`` update it **in place** (the same
+  Parameter objects, so optimizers keep working) and return it; the others return new
+  values (a fresh model of the same class for ``exchange`` and ``best``).
+* a ``Particle`` or a ``Swarm`` is a value: every function returns a new one and leaves
+  its argument untouched.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, TypeVar, Union
+
+import torch
+from torch import nn
+
+from .._errors import StructureError
+from .._particle import Particle
+from .._swarm import Swarm
+from ._comm import Comm, Timeout, resolve
+from ._fingerprint import INDEX, SIZE, handshake, header_value
+from ._flat import Flat, Piece, flat_of, prescaled, restore_, unwire, whole, wire
+
+Tensor = torch.Tensor
+V = TypeVar("V", bound=Union[nn.Module, Particle, Swarm])
+T = TypeVar("T")
+
+__all__ = ["broadcast", "all_reduce_mean", "all_gather", "best", "exchange"]
+
+
+def _begin(fn: str, x: object, group: Any, timeout: Timeout, *, arg: int = 0,
+           check: Optional[Callable[[Comm, Flat], tuple[float, int]]] = None,
+           overlap: Optional[Callable[[Comm, Flat], T]] = None,
+           ) -> tuple[Comm, Flat, Tensor, Optional[T]]:
+    """Resolve the group, read ``x`` and run the handshake (local argument errors are raised on every rank).
+
+    ``overlap(comm, flat)`` runs while the headers travel (packing); its result is returned.
+    """
+    comm = resolve(fn, group, timeout)
+    flat: Optional[Flat] = None
+    value, index = 0.0, 0
+    error: Optional[BaseException] = None
+    try:
+        flat = flat_of(fn, x)
+        if check is not None:
+            value, index = check(comm, flat)
+    except (TypeError, ValueError) as caught:
+        error, flat = caught, None
+    local = None if flat is None or overlap is None else (lambda: overlap(comm, flat))  # type: ignore[arg-type]
+    try:
+        headers, prepared = handshake(comm, flat, fn, arg=arg, value=value, index=index, error=error,
+                                      overlap=local)
+    except BaseException:
+        if flat is not None:
+            flat.release()
+        raise
+    assert flat is not None  # handshake raised otherwise
+    return comm, flat, headers, prepared
+
+
+def _send_buffers(comm: Comm, flats: list[Tensor], *, reduce: bool = False) -> list[Tensor]:
+    return [wire(flat, comm.device_for(flat.device), reduce=reduce) for flat in flats]
+
+
+def _pipeline(comm: Comm, flats: Sequence[Optional[Tensor]], pieces: Sequence[Piece],
+              start: Callable[[list[Tensor], str], Callable[[], None]], what: str, *, reduce: bool = False,
+              pack: Optional[Callable[[int, Piece], None]] = None, meanwhile: Optional[Callable[[], None]] = None,
+              ) -> list[tuple[Tensor, Tensor]]:
+    """Per piece: ``pack(i, piece)`` then issue ``start`` on it; ``meanwhile()``; wait for all.
+
+    Returns ``(buffer view, wire tensor)`` pairs for ``restore_``.  Empty pieces are skipped
+    (alike on every rank: the structures agree).
+    """
+    waits, sent = [], []
+    for i, piece in enumerate(pieces):
+        if pack is not None:
+            pack(i, piece)
+        flat = flats[piece.group]
+        assert flat is not None
+        view = flat[:, piece.start:piece.stop]
+        if not view.numel():
+            continue
+        tensor = wire(view, comm.device_for(view.device), reduce=reduce)
+        waits.append(start([tensor], what))
+        sent.append((view, tensor))
+    if meanwhile is not None:
+        meanwhile()
+    for wait in waits:
+        wait()
+    return sent
+
+
+def _moved(comm: Comm, flat: Flat, flats: list[Optional[Tensor]], root: int, what: str,
+           pack: Optional[Callable[[int, Piece], None]] = None) -> None:
+    """Broadcast ``flats`` in place from group rank ``root`` (the root may pack piece by piece)."""
+    def start(tensors: list[Tensor], what: str) -> Callable[[], None]:
+        return comm.broadcast_(tensors, root, what)
+    for view, sent in _pipeline(comm, flats, flat.pieces(), start, what, pack=pack):
+        restore_(view, sent)
+
+
+@torch.no_grad()
+def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None) -> V:
+    """Every rank gets rank ``src``'s value: ``torch.distributed.broadcast`` for a whole model, Particle or Swarm.
+
+    Args:
+        x: a model, a ``Particle`` or a ``Swarm``, of the same structure on every rank (a Swarm
+            may have another number of members: the result has ``src``'s).
+        src: the global rank whose value is sent.
+        group: the process group (default: the world).
+        timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
+
+    Returns:
+        A model: ``x`` itself, updated in place (parameters and buffers).  A Particle or Swarm:
+        a new one holding ``src``'s values (on ``src`` too: a copy).
+
+    Raises:
+        StructureError: the structures differ across ranks (raised on every rank before any data moves).
+        ValueError: ``src`` is not a rank of the group, or the ranks disagree on ``src``.
+        PeerError: a peer died or hung.
+
+    >>> import torch, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> net = torch.nn.Linear(2, 1)
+    >>> broadcast(net, src=0, timeout=30) is net
+    True
+    >>> dist.destroy_process_group()
+    """
+    fn = "broadcast"
+    if isinstance(src, bool) or not isinstance(src, int):
+        raise TypeError(f"{fn}: expected an int global rank as src, got {type(src).__name__}")
+    in_place = isinstance(x, nn.Module)
+
+    def prepare(comm: Comm, flat: Flat) -> Optional[list[Optional[Tensor]]]:
+        """The sender packs its first piece while the headers travel (a bad ``src`` raises later)."""
+        try:
+            if comm.rank != comm.group_rank(src):
+                return None
+        except ValueError:
+            return None
+        flats = flat.empty(flat.size, scratch=in_place)
+        flat.pack(flats, flat.pieces()[:1])
+        return flats
+    comm, flat, headers, packed = _begin(fn, x, group, timeout, arg=src, overlap=prepare)
+    try:
+        root = comm.group_rank(src)  # every rank agrees on src by now, so every rank raises alike
+        size = int(headers[root, SIZE])
+        if packed is not None:
+            flats = packed
+            _moved(comm, flat, flats, root, "broadcasting the parameters",
+                   pack=lambda i, piece: flat.pack(flats, [piece]) if i else None)
+        else:
+            flats = flat.empty(size, scratch=in_place)
+            _moved(comm, flat, flats, root, "broadcasting the parameters")
+        if in_place:
+            if comm.rank != root:
+                flat.write_(flats)
+            return x
+        return flat.like(whole(flats), size)  # type: ignore[return-value]
+    finally:
+        flat.release()
+
+
+@torch.no_grad()
+def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
+    """The element-wise mean of ``x`` over the ranks, on every rank (model averaging, FedAvg).
+
+    Floating and complex parameters and buffers are averaged (summed on the wire in their
+    own dtype, one buffer per dtype, then divided by the group size); integer and bool
+    leaves and non-operational parameters (``ParamConfig``) are left as each rank has them.
+
+    Args:
+        x: a model, a ``Particle`` or a ``Swarm`` (same number of members on every rank:
+            member ``i`` is averaged with member ``i`` of the other ranks).
+        group: the process group (default: the world).
+        timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
+
+    Returns:
+        A model: ``x`` itself, averaged in place.  A Particle or Swarm: a new one.
+
+    Raises:
+        StructureError: the structures (or swarm sizes) differ across ranks; raised on every rank
+            before any data moves.
+        PeerError: a peer died or hung.
+
+    >>> import torch, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> p = Particle.from_params(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2), "bias": torch.ones(1)})
+    >>> torch.equal(all_reduce_mean(p).params["bias"], p.params["bias"])
+    True
+    >>> dist.destroy_process_group()
+    """
+    fn = "all_reduce_mean"
+    in_place = isinstance(x, nn.Module)
+
+    def prepare(comm: Comm, flat: Flat) -> tuple[list[Optional[Tensor]], list[Piece]]:
+        """Allocate and pack the first piece while the headers travel."""
+        active = [g for g, kind in enumerate(flat.groups) if kind.active]
+        flats = flat.empty(flat.size, active if in_place else None, scratch=in_place)
+        pieces = flat.pieces(active)
+        flat.pack(flats, pieces[:1], divide=comm.size)
+        return flats, pieces
+    comm, flat, headers, prepared = _begin(fn, x, group, timeout, overlap=prepare)
+    try:
+        sizes = headers[:, SIZE].tolist()
+        if len(set(sizes)) > 1:
+            other = next(r for r, size in enumerate(sizes) if size != sizes[0])
+            raise StructureError(f"{fn}: the swarms differ in size across ranks: {sizes[0]} members on rank 0, "
+                                 f"{sizes[other]} on rank {other}; averaging pairs member i with member i")
+        assert prepared is not None
+        flats, pieces = prepared
+        carried = [g for g, kind in enumerate(flat.groups) if not kind.active]
+        sent = _pipeline(
+            comm, flats, pieces, comm.all_reduce_sum_, "summing the parameters", reduce=True,
+            pack=lambda i, piece: flat.pack(flats, [piece], divide=comm.size) if i else None,
+            meanwhile=None if in_place else lambda: flat.pack(flats, flat.pieces(carried)))
+        for view, tensor in sent:
+            if not prescaled(view.dtype):
+                tensor.div_(comm.size)
+            restore_(view, tensor)
+        if in_place:
+            flat.write_(flats)
+            return x
+        return flat.like(whole(flats), flat.size, carry=True)  # type: ignore[return-value]
+    finally:
+        flat.release()
+
+
+@torch.no_grad()
+def all_gather(x: Union[nn.Module, Particle, Swarm], *, group: Any = None, timeout: Timeout = None) -> Swarm:
+    """The whole swarm on every rank: each rank's shard (or model/Particle), concatenated in rank order.
+
+    Args:
+        x: this rank's shard: a ``Swarm`` (shards may differ in size) or one model or ``Particle``
+            (one member per rank).
+        group: the process group (default: the world).
+        timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
+
+    Returns:
+        A new ``Swarm`` whose members are rank 0's, then rank 1's, and so on.
+
+    Raises:
+        StructureError: the structures differ across ranks (raised on every rank before any data moves).
+        PeerError: a peer died or hung.
+
+    >>> import torch, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> whole = all_gather(Swarm.zeros(torch.nn.Linear(2, 1), 3))
+    >>> len(whole)
+    3
+    >>> dist.destroy_process_group()
+    """
+    fn = "all_gather"
+    comm, flat, headers, _ = _begin(fn, x, group, timeout)
+    sizes = headers[:, SIZE].tolist()
+    top, total = max(sizes), sum(sizes)
+    padded: list[Tensor] = []
+    for own in flat.flats():
+        assert own is not None
+        if own.shape[0] == top:
+            padded.append(own)
+        else:
+            pad = torch.zeros(top, own.shape[1], dtype=own.dtype, device=own.device)
+            pad[:own.shape[0]] = own
+            padded.append(pad)
+    moving = [p for p in padded if p.numel()]
+    gathered = iter(comm.all_gather(_send_buffers(comm, moving), "gathering the members"))
+    flats = []
+    for pad, group_ in zip(padded, flat.groups):
+        if not pad.numel():
+            flats.append(torch.empty(total, pad.shape[1], dtype=pad.dtype, device=pad.device))
+            continue
+        every = unwire(next(gathered), group_.dtype, group_.device)  # [ranks, top, width]
+        if all(size == top for size in sizes):
+            flats.append(every.reshape(total, -1))
+        else:
+            flats.append(torch.cat([every[r, :size] for r, size in enumerate(sizes)]))
+    return flat.gathered(flats, total)
+
+
+def _loss_check(loss: object) -> Callable[[Comm, Flat], tuple[float, int]]:
+    def check(comm: Comm, flat: Flat) -> tuple[float, int]:
+        fn = "best"
+        if flat.kind == "swarm":
+            if not isinstance(loss, Tensor) or loss.dim() != 1 or loss.shape[0] != flat.size:
+                got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"{fn}: expected loss as a 1-D tensor of shape ({flat.size},), one per member "
+                                 f"of the swarm, got {got}")
+            values = loss.detach()
+        else:
+            if isinstance(loss, bool) or not isinstance(loss, (int, float, Tensor)) or (
+                    isinstance(loss, Tensor) and loss.numel() != 1):
+                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"{fn}: expected loss as a number or a one-element tensor, got {got}")
+            values = torch.as_tensor(loss).detach().reshape(1)
+        if values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"{fn}: expected a real loss, got dtype {str(values.dtype).removeprefix('torch.')}")
+        if values.numel() == 0:
+            return float("inf"), -1
+        values = values.to(device="cpu", dtype=torch.float64)
+        keys = torch.where(values.isnan(), torch.full_like(values, float("inf")), values)
+        index = int(keys.argmin())
+        return float(values[index]), index
+    return check
+
+
+def _rank_key(value: float) -> float:
+    return float("inf") if value != value else value
+
+
+@torch.no_grad()
+def best(x: Union[nn.Module, Particle, Swarm], loss: Any, *, group: Any = None, timeout: Timeout = None,
+         ) -> tuple[Union[nn.Module, Particle], Tensor, int]:
+    """The globally best member (lowest loss) with its loss and rank, on every rank.
+
+    One small ``all_gather`` of each rank's best loss (the handshake), then one broadcast of
+    the winner's values only.  NaN losses count as ``+inf``; ties go to the lowest rank,
+    then the lowest member index.
+
+    Args:
+        x: this rank's ``Swarm`` shard (may be empty), or one model or ``Particle``.
+        loss: a 1-D tensor with one loss per member for a Swarm; a number or a one-element tensor
+            for a model or Particle.
+        group: the process group (default: the world).
+        timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
+
+    Returns:
+        ``(member, loss, rank)``: the winner as a new ``Particle`` (a new model of the same class
+        when ``x`` is a model), its loss as a 0-dim tensor (float64 for a Python number, else the
+        local loss's dtype and device) and the global rank that held it.
+
+    Raises:
+        ValueError: a loss has the wrong shape (raised on every rank), or every shard is empty.
+        StructureError: the structures differ across ranks.
+        PeerError: a peer died or hung.
+
+    >>> import torch, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> swarm = Swarm.zeros(torch.nn.Linear(2, 1), 3) + torch.tensor([0., 1., 2.])
+    >>> member, loss, rank = best(swarm, torch.tensor([0.5, 0.2, 0.9]))
+    >>> member.params["bias"], loss, rank
+    (tensor([1.]), tensor(0.2000), 0)
+    >>> dist.destroy_process_group()
+    """
+    fn = "best"
+    comm, flat, headers, _ = _begin(fn, x, group, timeout, check=_loss_check(loss))
+    candidates = [(_rank_key(header_value(headers, r)), r) for r in range(comm.size) if int(headers[r, INDEX]) >= 0]
+    if not candidates:
+        raise ValueError(f"{fn}: every rank's swarm is empty; there is no member to choose")
+    _, winner = min(candidates)
+    index = int(headers[winner, INDEX])
+    rows = flat.member_rows(index) if comm.rank == winner else whole(flat.empty(1))
+    _moved(comm, flat, list(rows), winner, "broadcasting the best member")
+    like = loss if isinstance(loss, Tensor) else torch.zeros((), dtype=torch.float64)
+    value = torch.tensor(header_value(headers, winner), dtype=torch.float64).to(like.dtype).to(like.device)
+    return flat.member(rows), value, comm.global_rank(winner)
+
+
+@torch.no_grad()
+def exchange(x: V, shift: int = 1, *, group: Any = None, timeout: Timeout = None) -> V:
+    """Ring migration: send ``x`` to rank ``rank + shift`` and return what rank ``rank - shift`` sent.
+
+    Ranks count within the group, modulo its size; ``shift`` may be negative.  For island-model
+    algorithms: pick the migrants (``swarm[indices]``), exchange them, put them in place of the
+    worst members (``swarm[worst] = received``).
+
+    Args:
+        x: a model, a ``Particle`` or a ``Swarm`` (swarms may differ in size across ranks).
+        shift: how many ranks along the ring to send (the same on every rank).
+        group: the process group (default: the world).
+        timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
+
+    Returns:
+        A new value of ``x``'s kind (a new model for a model) holding the values received.
+
+    Raises:
+        StructureError: the structures differ across ranks (raised on every rank before any data moves).
+        ValueError: the ranks disagree on ``shift``.
+        PeerError: a peer died or hung.
+
+    >>> import torch, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> p = Particle.from_params(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2), "bias": torch.ones(1)})
+    >>> torch.equal(exchange(p).params["weight"], p.params["weight"])
+    True
+    >>> dist.destroy_process_group()
+    """
+    fn = "exchange"
+    if isinstance(shift, bool) or not isinstance(shift, int):
+        raise TypeError(f"{fn}: expected an int as shift, got {type(shift).__name__}")
+    comm, flat, headers, _ = _begin(fn, x, group, timeout, arg=shift)
+    step = shift % comm.size
+    if step == 0:
+        return flat.like(whole(flat.flats(fresh=True)), flat.size)  # type: ignore[return-value]
+    dst, src = (comm.rank + step) % comm.size, (comm.rank - step) % comm.size
+    size = int(headers[src, SIZE])
+    sends = whole(flat.flats())
+    received = whole(flat.empty(size))
+    send_wires = _send_buffers(comm, [f for f in sends if f.numel()])
+    recv_wires = _send_buffers(comm, [f for f in received if f.numel()])
+    comm.send_recv(send_wires, dst, recv_wires, src, f"sending to rank {comm.global_rank(dst)} and "
+                   f"receiving from rank {comm.global_rank(src)}")
+    for target, sent in zip([f for f in received if f.numel()], recv_wires):
+        restore_(target, sent)
+    return flat.like(received, size)  # type: ignore[return-value]

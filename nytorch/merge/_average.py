@@ -1,0 +1,189 @@
+"""Averages of N models: uniform (SWA, uniform soup), weighted, and greedy soup.
+
+Every average is a running mean built from the engine's fused ``lerp_``:
+``mean_k = lerp(mean_{k-1}, x_k, w_k / (w_1 + … + w_k))``, one pass per model.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional, TypeVar, Union
+
+import torch
+
+from .. import _leafwise as lw
+from ._state import BufferMode, Operand, check_buffers, check_same, is_swarm, operand, rebuild
+
+Tensor = torch.Tensor
+M = TypeVar("M")
+
+__all__ = ["average", "greedy_soup", "Soup", "read_all"]
+
+
+def read_all(fn: str, models: Sequence[Any], *, buffers: bool, argument: str = "models") -> list[Operand]:
+    """Read every model and check each has the first one's structure (messages say "model i")."""
+    if is_swarm(models):
+        models = models.unstack()  # type: ignore[attr-defined]
+    if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or not len(models):
+        got = f"an empty {type(models).__name__}" if isinstance(models, Sequence) else type(models).__name__
+        raise TypeError(f"{fn}: expected a non-empty sequence of models or Particles as {argument}, got {got}")
+    first = operand(fn, models[0], buffers=buffers, argument=f"{argument}[0]")
+    read = [first]
+    for index, model in enumerate(models[1:], start=1):
+        other = operand(fn, model, buffers=buffers, argument=f"{argument}[{index}]")
+        check_same(fn, first, other, f"{argument}[{index}]")
+        read.append(other)
+    return read
+
+
+def _weights(fn: str, weights: Any, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    if isinstance(weights, Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"{fn}: expected weights to be 1-D, got shape {tuple(weights.shape)}")
+        weights = weights.tolist()
+    if not isinstance(weights, Sequence) or len(weights) != count:
+        size = len(weights) if isinstance(weights, Sequence) else type(weights).__name__
+        raise ValueError(f"{fn}: expected {count} weights (one per model), got {size}")
+    values = []
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not float(weight) >= 0.0 \
+                or float(weight) == float("inf"):
+            raise ValueError(f"{fn}: expected weights >= 0, got weights[{index}] = {weight!r}")
+        values.append(float(weight))
+    if not sum(values) > 0.0:
+        raise ValueError(f"{fn}: expected the weights to have a positive sum, got {values}")
+    return values
+
+
+@torch.no_grad()
+def mean_leaves(read: Sequence[Operand], weights: Sequence[float], buffers: BufferMode) -> list[Tensor]:
+    """The weighted mean of aligned operands' arithmetic leaves; other leaves cloned from the first."""
+    first = read[0]
+    averaged = [
+        index for index in range(len(first.leaves))
+        if first.active(index) and (index < first.params or buffers == "average")
+    ]
+    chosen = set(averaged)
+    out = [leaf if index in chosen else leaf.detach().clone() for index, leaf in enumerate(first.leaves)]
+    if not averaged:
+        return out
+    order = [k for k, weight in enumerate(weights) if weight > 0.0]
+    every = [True] * len(averaged)
+    start, total = order[0], weights[order[0]]
+    if len(order) == 1:
+        ends = [read[start].leaves[i].detach().clone() for i in averaged]
+    else:  # the first step out of place: no separate copy pass
+        second = order[1]
+        total += weights[second]
+        ends = lw.apply(lw.LERP, [read[start].leaves[i] for i in averaged],
+                        [read[second].leaves[i] for i in averaged], weights[second] / total, active=every)
+    for k in order[2:]:
+        total += weights[k]
+        lw.apply_(lw.LERP, ends, [read[k].leaves[i] for i in averaged], weights[k] / total, active=every)
+    for index, value in zip(averaged, ends):
+        out[index] = value
+    return out
+
+
+def average(models: Sequence[M], /, *, weights: Optional[Union[Sequence[float], Tensor]] = None,
+            buffers: BufferMode = "average") -> M:
+    """``Σ wᵢ·modelᵢ / Σ wᵢ``: uniform average (SWA, uniform model soup) or weighted average.
+
+    Uniform soups are Wortsman et al. 2022, "Model soups: averaging weights of multiple
+    fine-tuned models improves accuracy without increasing inference time" (ICML).
+    Computed as a running mean with one fused ``lerp_`` per model.  For BatchNorm,
+    either average the statistics (``buffers="average"``) or recompute them on data:
+    ``update_bn(average(models), loader)``.
+
+    Args:
+        models: models (``nn.Module``/``NytoModule``), Particles or dicts of tensors of one
+            structure, or a ``Swarm`` (its members).
+        weights: one non-negative weight per model (normalised to sum to one); default uniform.
+        buffers: ``"average"`` floating buffers (integer ones such as ``num_batches_tracked``
+            come from the first model), or ``"copy"``/``"keep"`` all buffers from the first model.
+
+    Returns:
+        A new value of the first model's kind (a fresh model of its class; a Particle for a Swarm).
+
+    Raises:
+        StructureError: a model differs from the first (names the model and the parameter).
+        ValueError: bad weights or ``buffers``.
+        TypeError: ``models`` is empty or not a sequence.
+
+    >>> import torch
+    >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    >>> soup = average([a, b], weights=[3, 1])
+    >>> torch.allclose(soup.weight, (3 * a.weight + b.weight) / 4)
+    True
+    """
+    check_buffers("average", buffers)
+    read = read_all("average", models, buffers=True)
+    values = _weights("average", weights, len(read))
+    return rebuild(read[0], mean_leaves(read, values, buffers))  # type: ignore[no-any-return]
+
+
+class Soup(NamedTuple):
+    """What ``greedy_soup`` found: the soup, the indices of its ingredients (in order added), its score."""
+
+    model: Any
+    ingredients: list[int]
+    score: float
+
+
+def _score(fn: str, evaluate: Callable[[Any], Any], model: Any) -> float:
+    value = evaluate(model)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: expected evaluate to return a number (higher is better), got {type(value).__name__}")
+    return float(value)
+
+
+def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
+                buffers: BufferMode = "average") -> Soup:
+    """Greedy soup (Wortsman et al. 2022, Algorithm 1): add a model only if the evaluation improves.
+
+    Models are ranked by ``evaluate`` (higher is better); starting from the best one, each
+    next model joins the soup only if the uniform average with it scores strictly higher
+    than the soup without it (the paper keeps ties; here an ingredient must help).  To
+    recompute BatchNorm statistics for each candidate, evaluate with
+    ``lambda m: accuracy(update_bn(m, loader))``: the soup returned is the very object
+    that was evaluated, so the recomputed statistics stay in it.
+
+    Args:
+        models: models, Particles or dicts of tensors of one structure (or a ``Swarm``).
+        evaluate: ``model -> float`` on held-out data (e.g. validation accuracy).
+        buffers: as in ``average``.
+
+    Returns:
+        ``Soup(model, ingredients, score)``: the soup (a new value of the first model's kind),
+        the indices of the models in it in the order they were added, and its score.
+
+    Raises:
+        StructureError: a model differs from the first (names the model and the parameter).
+        TypeError: ``evaluate`` does not return a number.
+
+    >>> import torch
+    >>> models = [torch.nn.Linear(1, 1) for _ in range(3)]
+    >>> soup = greedy_soup(models, lambda m: -float(m.bias.detach().abs().sum()))
+    >>> soup.ingredients[0] == max(range(3), key=lambda i: -float(models[i].bias.detach().abs()))
+    True
+    """
+    check_buffers("greedy_soup", buffers)
+    read = read_all("greedy_soup", models, buffers=True)
+    members = models.unstack() if is_swarm(models) else models  # type: ignore[attr-defined]
+    scores = [_score("greedy_soup", evaluate, model) for model in members]
+    order = sorted(range(len(read)), key=lambda i: -scores[i])
+    kept = [order[0]]
+    soup = rebuild(read[order[0]], mean_leaves([read[order[0]]], [1.0], buffers))
+    best = _score("greedy_soup", evaluate, soup)
+    for index in order[1:]:
+        chosen = [read[i] for i in kept + [index]]
+        candidate = rebuild(read[0], mean_leaves(chosen, [1.0] * len(chosen), buffers))
+        score = _score("greedy_soup", evaluate, candidate)
+        if score > best:
+            kept.append(index)
+            soup, best = candidate, score
+    return Soup(soup, kept, best)

@@ -1,0 +1,80 @@
+"""Recompute BatchNorm running statistics of an averaged model on data (``swa_utils.update_bn``)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Optional, TypeVar, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["update_bn"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _inputs(batch: Any) -> Any:
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("input", "inputs", "x"):
+            if key in batch:
+                return batch[key]
+        raise TypeError(f"update_bn: a dict batch needs an 'input', 'inputs' or 'x' key, got keys {sorted(batch)}")
+    return batch
+
+
+@torch.no_grad()
+def update_bn(model: M, loader: Iterable[Any], /, *,
+              device: Optional[Union[str, torch.device]] = None) -> M:
+    """Reset and recompute every running-statistics norm layer of ``model`` with one pass over ``loader``.
+
+    The equivalent of ``torch.optim.swa_utils.update_bn``: each BatchNorm (and
+    InstanceNorm with ``track_running_stats``) gets the exact mean and variance of
+    its inputs over the data (``momentum=None``, a cumulative average), then its
+    momentum and the model's train/eval mode are restored.  Use it after averaging,
+    since averaged weights make the averaged statistics stale.
+
+    Args:
+        model: the module to update in place.
+        loader: yields input tensors, or ``(input, target, ...)`` tuples/lists (the first
+            item is fed to the model), or dicts with an ``"input"`` key.
+        device: move each input there first (default: leave it).
+
+    Returns:
+        ``model``, for chaining: ``evaluate(update_bn(average(models), loader))``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    >>> data = [torch.randn(8, 2) for _ in range(4)]
+    >>> _ = update_bn(net, data)
+    >>> int(net[1].num_batches_tracked)
+    4
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"update_bn: expected an nn.Module as model, got {type(model).__name__}")
+    norms = [module for module in model.modules()
+             if isinstance(module, _NormBase) and module.track_running_stats and module.running_mean is not None]
+    if not norms:
+        return model
+    momenta = {module: module.momentum for module in norms}
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None
+    training = {layer: layer.training for layer in model.modules()}
+    model.train()
+    try:
+        for batch in loader:
+            inputs = _inputs(batch)
+            if device is not None and isinstance(inputs, torch.Tensor):
+                inputs = inputs.to(device)
+            model(inputs)
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        for layer, mode in training.items():
+            layer.training = mode
+    return model

@@ -1,0 +1,171 @@
+"""EMA / Polyak averaging in place: ``target ← (1 − τ)·target + τ·online`` as one fused ``lerp_``.
+
+The arithmetic is the leaf-wise engine's ``LERP`` (``torch._foreach_lerp_``);
+this file only decides which leaves are averaged, which are copied and which
+are left alone:
+
+* floating parameters are averaged (non-operational ``ParamConfig`` ones are left alone);
+* integer / bool leaves (``num_batches_tracked``, masks) are copied, never averaged or truncated;
+* floating buffers are averaged, copied, or left alone (``buffers="average" | "copy" | "keep"``);
+* tied weights are one leaf, so they are updated once.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional, TypeVar, Union
+
+import torch
+
+from .. import _algebra as algebra
+from .. import _leafwise as lw
+from ._state import BufferMode, Operand, check_buffers, check_same, operand
+
+Tensor = torch.Tensor
+T = TypeVar("T")
+Weight = Union[float, Tensor]
+
+__all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "lerp_"]
+
+
+class Plan(NamedTuple):
+    """Indices of the leaves an EMA update averages (``lerp``) and copies (``copy``)."""
+
+    lerp: list[int]
+    copy: list[int]
+
+
+def _unit(fn: str, name: str, value: object) -> Weight:
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not (value.is_floating_point() or value.is_complex()):
+            raise TypeError(f"{fn}: expected {name} to be a number or a 0-dim floating tensor, "
+                            f"got a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: expected {name} to be a number in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{fn}: expected {name} to be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def weight_of(fn: str, decay: object, tau: object) -> Weight:
+    """The interpolation weight ``tau`` from exactly one of ``decay`` (``tau = 1 − decay``) or ``tau``.
+
+    Raises:
+        TypeError: neither or both are given, or one is not a number / 0-dim tensor.
+        ValueError: a number outside [0, 1].
+
+    >>> weight_of("demo", 0.75, None)
+    0.25
+    """
+    if (decay is None) == (tau is None):
+        given = "both" if decay is not None else "neither"
+        raise TypeError(f"{fn}: expected exactly one of decay= (target keeps this fraction) or tau= "
+                        f"(fraction taken from online), got {given}")
+    if tau is not None:
+        return _unit(fn, "tau", tau)
+    value = _unit(fn, "decay", decay)
+    return 1.0 - value
+
+
+def plan(target: Operand, buffers: BufferMode) -> Plan:
+    """Which leaves of ``target`` an EMA update averages and which it copies.
+
+    Tied leaves of a dict target (e.g. a ``state_dict`` with two names for one
+    tensor) are planned once.
+    """
+    leaves, count = target.leaves, target.params
+    if target.configs is None and target.kind != "tree":  # the common case, without per-leaf calls
+        lerp = [i for i in range(count) if leaves[i].is_floating_point() or leaves[i].is_complex()]
+        copy = [i for i in range(count) if not (leaves[i].is_floating_point() or leaves[i].is_complex())]
+    else:
+        lerp, copy = [], []
+        seen: set[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
+        for index in range(count):
+            leaf = leaves[index]
+            if target.kind == "tree":
+                key = (leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype)
+                if leaf.numel() and key in seen:
+                    continue
+                seen.add(key)
+            if target.operational(index):
+                (lerp if lw.is_arithmetic(leaf) else copy).append(index)
+    if buffers != "keep":
+        for index in range(count, len(leaves)):
+            averaged = buffers == "average" and lw.is_arithmetic(leaves[index])
+            (lerp if averaged else copy).append(index)
+    return Plan(lerp, copy)
+
+
+def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
+    """The engine's fused ``LERP`` in place on prepared, checked, all-floating leaf lists."""
+    if not ends:
+        return
+    if lw.transforms_active() or lw.LERP.foreach_ is None:
+        lw.apply_(lw.LERP, ends, starts, tau, active=[True] * len(ends))
+    else:
+        lw.LERP.foreach_(ends, starts, tau)
+
+
+@torch.no_grad()
+def apply_plan_(steps: Plan, target: Sequence[Tensor], online: Sequence[Tensor], tau: Weight) -> None:
+    """Run one planned EMA update: fused ``lerp_`` on the averaged leaves, ``copy_`` on the copied ones."""
+    if steps.lerp:
+        lerp_([target[i] for i in steps.lerp], [online[i] for i in steps.lerp], tau)
+    if steps.copy:
+        torch._foreach_copy_([target[i] for i in steps.copy], [online[i] for i in steps.copy])
+
+
+def _check_weight(fn: str, tau: Weight, target: Operand, steps: Plan) -> None:
+    if isinstance(tau, float):
+        return
+    leaves = [target.leaves[i] for i in steps.lerp]
+    algebra.check_scalar(fn, tau, [target.names[i] for i in steps.lerp], leaves, [True] * len(leaves))
+
+
+def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Optional[Weight] = None,
+         buffers: BufferMode = "average") -> T:
+    """In place ``target ← (1 − τ)·target + τ·online`` (EMA, Polyak averaging, soft target update).
+
+    The plain-torch equivalent is ``torch._foreach_lerp_(target_params, online_params, tau)``
+    (timm's ``ModelEmaV3``), but with the right answers where that goes wrong: tied
+    weights are updated once, integer buffers are copied (never averaged or truncated),
+    and models of another structure raise instead of being zipped silently.
+
+    Args:
+        target: the average, updated in place: an ``nn.Module``, a ``Particle``, a ``Swarm``
+            (every member at once) or a dict of tensors.
+        online: the model being trained, of the same structure (same kinds as ``target``).
+        decay: the fraction of ``target`` kept (``tau = 1 − decay``), e.g. 0.999.
+        tau: the fraction of ``online`` taken, e.g. 0.005 (give exactly one of the two).
+        buffers: floating buffers (BatchNorm statistics) are ``"average"``-d like
+            parameters, ``"copy"``-ed from ``online``, or left alone with ``"keep"``.
+            Integer buffers are copied unless ``"keep"``.  (In a dict every floating tensor
+            counts as a parameter and every integer one is copied.)
+
+    Returns:
+        ``target``.
+
+    Raises:
+        StructureError: names, shapes or dtypes differ (the message names the parameter).
+        DeviceMismatchError: a parameter lives on different devices.
+        TypeError / ValueError: bad ``decay`` / ``tau`` / ``buffers`` or an unsupported operand.
+
+    >>> import torch
+    >>> online = torch.nn.Linear(2, 1)
+    >>> target = torch.nn.Linear(2, 1)
+    >>> expected = torch.lerp(target.weight, online.weight, 0.1)
+    >>> _ = ema_(target, online, decay=0.9)
+    >>> torch.allclose(target.weight, expected)
+    True
+    """
+    tau_value = weight_of("ema_", decay, tau)
+    check_buffers("ema_", buffers)
+    with_buffers = buffers != "keep"
+    ends = operand("ema_", target, buffers=with_buffers, argument="target")
+    starts = operand("ema_", online, buffers=with_buffers, argument="online")
+    check_same("ema_", ends, starts, "online")
+    steps = plan(ends, buffers)
+    _check_weight("ema_", tau_value, ends, steps)
+    apply_plan_(steps, ends.leaves, starts.leaves, tau_value)
+    return target

@@ -1,0 +1,122 @@
+"""Models as one flat vector: ``ravel(x) -> (vector, unravel)`` for black-box optimisers and numpy.
+
+``ravel`` copies the floating (operational) parameters of a model, Particle,
+Swarm or dict of tensors into one contiguous 1-D tensor (``[P, n]`` for a Swarm
+of P members) and returns the inverse, which accepts tensors, numpy arrays or
+lists.  (To keep a live model's parameters in one buffer instead, in place, use the
+core's ``flatten_``.)
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._errors import DeviceMismatchError, StructureError
+from .._particle import Particle
+from ._state import Operand, operand, rebuild
+
+Tensor = torch.Tensor
+
+__all__ = ["ravel"]
+
+
+def _selected(op: Operand) -> list[int]:
+    return [index for index in range(len(op.leaves)) if op.active(index)]
+
+
+def _common(fn: str, op: Operand, picked: list[int]) -> tuple[torch.dtype, torch.device]:
+    if not picked:
+        return torch.get_default_dtype(), torch.device("cpu")
+    first = op.leaves[picked[0]]
+    dtype = first.dtype
+    for index in picked:
+        leaf = op.leaves[index]
+        if leaf.device != first.device:
+            raise DeviceMismatchError(
+                f"{fn}: parameter {op.names[index]!r} is on {leaf.device} but {op.names[picked[0]]!r} is on "
+                f"{first.device}; one vector needs one device (move the model with model.to(device))")
+        dtype = torch.promote_types(dtype, leaf.dtype)
+    return dtype, first.device
+
+
+def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
+    """Copy ``x``'s floating parameters into one vector; return it and its inverse ``unravel``.
+
+    Like ``jax.flatten_util.ravel_pytree`` (or ``torch.nn.utils.parameters_to_vector``
+    plus its inverse).  Parameters are taken in ``named_parameters()`` order, tied
+    ones once; integer leaves and parameters a ``ParamConfig`` marks non-operational
+    are left out and carried into ``unravel``'s results unchanged.  A Particle made
+    with ``buffers=True`` contributes its floating buffers too.  Mixed floating dtypes
+    are promoted in the vector and cast back by ``unravel``.
+
+    Args:
+        x: an ``nn.Module`` (e.g. a ``NytoModule``), a ``Particle``, a ``Swarm`` or a dict of tensors.
+
+    Returns:
+        ``(vector, unravel)``: ``vector`` is a fresh 1-D tensor (``[P, n]`` for a Swarm of
+        P members); ``unravel(v)`` takes a tensor, numpy array or list of that shape
+        (any P for a Swarm) and returns a new value of ``x``'s kind holding a copy of
+        ``v`` (gradients flow to ``v`` for dict results).  ``vector.numpy()`` and
+        ``unravel(array)`` are the numpy round trip for scipy, ``cma`` or nevergrad.
+
+    Raises:
+        TypeError: ``x`` is not an accepted kind.
+        DeviceMismatchError: parameters live on several devices.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> vector, unravel = ravel(net)
+    >>> vector.shape
+    torch.Size([3])
+    >>> copy = unravel(vector.numpy() * 0)
+    >>> type(copy).__name__, copy.weight.abs().sum().item()
+    ('Linear', 0.0)
+    """
+    op = operand("ravel", x, buffers=isinstance(x, Particle), argument="x")
+    picked = _selected(op)
+    dtype, device = _common("ravel", op, picked)
+    chosen = [op.leaves[index] for index in picked]
+    members = chosen[0].shape[0] if op.kind == "swarm" and chosen else None
+    with torch.no_grad():
+        if members is None:
+            parts = [leaf.detach().reshape(-1).to(dtype) for leaf in chosen]
+            vector = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+        else:
+            parts = [leaf.detach().reshape(members, -1).to(dtype) for leaf in chosen]
+            vector = torch.cat(parts, dim=1)
+    shapes = [tuple(leaf.shape[1:]) if members is not None else tuple(leaf.shape) for leaf in chosen]
+    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+    carried = {index: leaf for index, leaf in enumerate(op.leaves) if index not in set(picked)}
+    return vector, functools.partial(_unravel, op, picked, shapes, sizes, dtype, device, carried,
+                                     members is not None)
+
+
+def _unravel(op: Operand, picked: list[int], shapes: list[tuple[int, ...]], sizes: list[int],
+             dtype: torch.dtype, device: torch.device, carried: dict[int, Tensor], stacked: bool,
+             vector: Any, /) -> Any:
+    total = sum(sizes)
+    expected = f"[P, {total}]" if stacked else f"({total},)"
+    try:
+        flat = torch.as_tensor(vector)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"unravel: expected a tensor or an array of shape {expected}, "
+                        f"got {type(vector).__name__}") from error
+    good = flat.dim() == 2 and flat.shape[1] == total if stacked else flat.dim() == 1 and flat.shape[0] == total
+    if not good:
+        raise StructureError(f"unravel: expected a vector of shape {expected}, got shape {tuple(flat.shape)}")
+    if flat.is_complex() and not dtype.is_complex:
+        raise TypeError(f"unravel: expected a real vector for {str(dtype).removeprefix('torch.')} "
+                        "parameters, got a complex one")
+    flat = flat.to(device=device, dtype=dtype, copy=True)
+    pieces = flat.split(sizes, dim=-1)
+    leaves: list[Tensor] = [torch.empty(0)] * len(op.leaves)
+    for index, piece, shape in zip(picked, pieces, shapes):
+        full = (flat.shape[0], *shape) if stacked else shape
+        leaves[index] = piece.reshape(full).to(op.leaves[index].dtype)
+    with torch.no_grad():
+        for index, leaf in carried.items():
+            leaves[index] = leaf.detach().clone()
+    return rebuild(op, leaves)

@@ -1,0 +1,91 @@
+"""SLERP between two models, tensor by tensor, with a linear fallback for nearly parallel tensors."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, TypeVar
+
+import torch
+
+from .. import _leafwise as lw
+from ._state import check_same, operand, rebuild
+
+Tensor = torch.Tensor
+M = TypeVar("M")
+
+__all__ = ["slerp"]
+
+
+def _coefficients(first: Tensor, second: Tensor, t: float, threshold: float) -> tuple[float, float] | None:
+    """``(sin((1−t)Ω)/sin Ω, sin(tΩ)/sin Ω)`` for the angle Ω between two tensors, or ``None`` to lerp."""
+    a = first.detach().reshape(-1).to(torch.float64)
+    b = second.detach().reshape(-1).to(torch.float64)
+    norms = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(b))
+    if norms == 0.0 or not math.isfinite(norms):
+        return None
+    cosine = max(-1.0, min(1.0, float(torch.dot(a, b)) / norms))
+    if abs(cosine) > threshold:
+        return None
+    omega = math.acos(cosine)
+    sine = math.sin(omega)
+    return math.sin((1.0 - t) * omega) / sine, math.sin(t * omega) / sine
+
+
+@torch.no_grad()
+def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M:
+    """Spherical linear interpolation from ``first`` (t = 0) to ``second`` (t = 1), per tensor.
+
+    Shoemake, "Animating rotation with quaternion curves" (SIGGRAPH 1985), applied to
+    each parameter tensor as one vector (as mergekit does): with
+    ``Ω = arccos(⟨a, b⟩ / (‖a‖·‖b‖))``,
+    ``slerp(a, b; t) = sin((1 − t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b``.  When
+    ``|cos Ω| > threshold`` (nearly parallel or anti-parallel, where ``sin Ω ≈ 0``) or a
+    tensor is zero, it falls back to ``lerp(a, b, t) = a + t·(b − a)``.  The angle is
+    computed in float64.
+
+    Args:
+        first: a model, Particle or dict of tensors.
+        second: the same structure.
+        t: the interpolation position (0 gives ``first``, 1 gives ``second``).
+        threshold: the ``|cos Ω|`` above which tensors count as parallel.
+
+    Returns:
+        A new value of ``first``'s kind; buffers and integer leaves come from ``first``.
+
+    Raises:
+        StructureError: the structures differ (names the parameter).
+        TypeError: ``t`` is not a real number, or a parameter is complex.
+        ValueError: ``threshold`` outside [0, 1].
+
+    >>> import torch
+    >>> a, b = {"w": torch.tensor([1., 0.])}, {"w": torch.tensor([0., 1.])}
+    >>> slerp(a, b, 0.5)["w"]
+    tensor([0.7071, 0.7071])
+    """
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(float(t)):
+        raise TypeError(f"slerp: expected t to be a finite real number, got {t!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"slerp: expected threshold in [0, 1], got {threshold!r}")
+    position = float(t)
+    start = operand("slerp", first, buffers=False, argument="first")
+    end = operand("slerp", second, buffers=False, argument="second")
+    check_same("slerp", start, end, "second")
+    out = [leaf.detach().clone() for leaf in start.leaves]
+    linear = []
+    for index in range(len(out)):
+        if not start.active(index):
+            continue
+        a, b = start.leaves[index], end.leaves[index]
+        if a.is_complex():
+            raise TypeError(f"slerp: parameter {start.names[index]!r} is complex; SLERP needs real tensors")
+        pair = _coefficients(a, b, position, float(threshold))
+        if pair is None:
+            linear.append(index)
+        else:
+            out[index] = a.detach() * pair[0] + b.detach() * pair[1]
+    if linear:
+        mixed = lw.apply(lw.LERP, [start.leaves[i] for i in linear], [end.leaves[i] for i in linear], position,
+                         active=[True] * len(linear))
+        for index, value in zip(linear, mixed):
+            out[index] = value
+    return rebuild(start, out)  # type: ignore[no-any-return]

@@ -1,0 +1,170 @@
+"""What the merge functions accept, as aligned leaf lists: models, Particles, Swarms, dicts of tensors.
+
+``operand(fn, x)`` reads any accepted value once into an ``Operand`` (names,
+leaves, how many of them are parameters, configs).  ``check_same`` compares two
+operands and raises ``StructureError`` naming the first differing parameter.
+``rebuild`` turns new leaves back into a value of the operand's kind (a model
+gives a fresh model of the same class, a Particle a Particle, a dict a dict).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple, Optional
+
+import optree
+import torch
+from torch import nn
+
+from .. import _leafwise as lw
+from .._config import ParamConfig, configs_for
+from .._errors import DeviceMismatchError, StructureError
+from .._particle import Particle, layout_state
+from .._tree import flatten, path_names
+from .._walk import Layout, layout_of, rebuild as rebuild_module
+
+Tensor = torch.Tensor
+Kind = Literal["module", "particle", "swarm", "tree"]
+#: How buffers take part: averaged (floating ones; integer ones copied), copied, or left alone.
+BufferMode = Literal["average", "copy", "keep"]
+BUFFER_MODES = ("average", "copy", "keep")
+
+__all__ = ["Operand", "operand", "check_same", "rebuild", "is_swarm", "check_buffers", "BufferMode"]
+
+
+class Operand(NamedTuple):
+    """One value read as leaves: ``leaves[:params]`` are parameters, the rest buffers."""
+
+    kind: Kind
+    source: Any
+    names: list[str]
+    leaves: list[Tensor]
+    params: int
+    configs: Optional[Sequence[ParamConfig]]
+    spec: Optional[optree.PyTreeSpec] = None
+    layout: Optional[Layout] = None
+
+    def active(self, index: int) -> bool:
+        """True when leaf ``index`` takes part in arithmetic (floating and operational)."""
+        leaf = self.leaves[index]
+        if not lw.is_arithmetic(leaf):
+            return False
+        return self.configs is None or index >= len(self.configs) or self.configs[index].operational
+
+    def operational(self, index: int) -> bool:
+        """False only for parameters a ``ParamConfig`` leaves out of particle operations."""
+        return self.configs is None or index >= len(self.configs) or self.configs[index].operational
+
+
+def is_swarm(value: object) -> bool:
+    """True for a ``nytorch.Swarm`` (a broadcasting container with stacked ``params``)."""
+    return getattr(type(value), "__nytorch_broadcasts__", False) is True and hasattr(value, "params")
+
+
+def check_buffers(fn: str, buffers: object) -> None:
+    """Raise ``ValueError`` unless ``buffers`` is one of ``"average"``, ``"copy"``, ``"keep"``."""
+    if buffers not in BUFFER_MODES:
+        raise ValueError(f"{fn}: expected buffers to be one of 'average', 'copy', 'keep', got {buffers!r}")
+
+
+def operand(fn: str, value: object, *, buffers: bool, argument: str = "model") -> Operand:
+    """Read ``value`` (model, Particle, Swarm or pytree of tensors) as aligned names and leaves.
+
+    Args:
+        fn: the public function name, for messages.
+        value: what to read.
+        buffers: include a model's (or Swarm's) buffers after its parameters.  A
+            Particle carries buffers only if it was made with ``buffers=True``.
+        argument: how messages name ``value``.
+
+    Raises:
+        TypeError: ``value`` is none of the accepted kinds.
+    """
+    if isinstance(value, Particle):
+        names, leaves = list(value._names), list(value._leaves)
+        count = len(value._layout.params) if value._with_buffers else len(names)
+        if not buffers:
+            names, leaves = names[:count], leaves[:count]
+        configs = value._configs
+        return Operand("particle", value, names, leaves, count, configs)
+    if isinstance(value, nn.Module):
+        layout = layout_of(value)
+        names, leaves = layout_state(layout, buffers)
+        return Operand("module", value, list(names), list(leaves), len(layout.names),
+                       configs_for(layout, layout.names), None, layout)
+    if is_swarm(value):
+        stacked = dict(getattr(value, "buffers", None) or {})
+        params = {name: leaf for name, leaf in value.params.items() if name not in stacked}  # type: ignore[attr-defined]
+        names, leaves = list(params), list(params.values())
+        if buffers:
+            names += list(stacked)
+            leaves += list(stacked.values())
+        return Operand("swarm", value, names, leaves, len(params), None)
+    if isinstance(value, (dict, list, tuple, Tensor)):
+        leaves, spec = flatten(fn, value, argument)
+        return Operand("tree", value, path_names(value), leaves, len(leaves), None, spec)
+    raise TypeError(f"{fn}: expected an nn.Module, a Particle, a Swarm or a dict of tensors as {argument}, "
+                    f"got {type(value).__name__}")
+
+
+def check_same(fn: str, first: Operand, other: Operand, label: str) -> None:
+    """Raise ``StructureError`` naming the first parameter whose name, shape, dtype or device differs.
+
+    ``label`` names ``other`` in messages (e.g. ``"online"``, ``"model 2"``).
+    """
+    if first.names is not other.names and first.names != other.names:
+        known, own = set(other.names), set(first.names)
+        for name in first.names:
+            if name not in known:
+                raise StructureError(f"{fn}: parameter {name!r} is missing from {label}")
+        for name in other.names:
+            if name not in own:
+                raise StructureError(f"{fn}: {label} has an extra parameter {name!r}")
+        raise StructureError(f"{fn}: {label} lists the same parameters in another order")
+    for name, a, b in zip(first.names, first.leaves, other.leaves):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise StructureError(f"{fn}: parameter {name!r} differs: {lw.describe(a)} vs "
+                                 f"{lw.describe(b)} in {label}")
+        if a.device != b.device:
+            raise DeviceMismatchError(f"{fn}: parameter {name!r} is on {a.device} but on {b.device} in "
+                                      f"{label}; move both to one device first (e.g. model.to(device))")
+
+
+def rebuild(base: Operand, leaves: Sequence[Tensor]) -> Any:
+    """A new value of ``base``'s kind holding ``leaves`` (aligned with ``base.leaves``).
+
+    A model gives a fresh model of the same class (buffers from ``leaves`` when
+    ``base`` included them, else cloned); a Particle a Particle; a Swarm
+    ``Swarm.from_params``; a pytree the same pytree.
+    """
+    leaves = list(leaves)
+    if base.kind == "module":
+        layout = base.layout if base.layout is not None else layout_of(base.source)
+        count = base.params
+        buffers = leaves[count:] if len(leaves) > count else None
+        return rebuild_module(layout, leaves[:count], buffers)
+    if base.kind == "particle":
+        source: Particle = base.source
+        if len(leaves) < len(source._leaves):  # buffers were left out: carry clones
+            leaves += [leaf.detach().clone() for leaf in source._leaves[len(leaves):]]
+        return type(source)(source._layout, source._names, leaves, source._configs, source._with_buffers)
+    if base.kind == "swarm":
+        swarm = base.source
+        given = dict(zip(base.names, leaves))
+        current = swarm.params  # parameters, plus buffers the swarm takes into arithmetic
+        count = leaves[0].shape[0] if leaves else len(swarm)
+        chosen = {}
+        for name, value in current.items():
+            if name not in given:  # left out of this operation: carried (member 0's when sizes differ)
+                given[name] = value.clone() if value.shape[0] == count else value[:1].expand(count, *value.shape[1:])
+            chosen[name] = given[name]
+        result = type(swarm).from_params(swarm, chosen)
+        rest = {name: value for name, value in given.items() if name not in chosen}
+        if rest:
+            own = result.buffers
+            with torch.no_grad():
+                for name, value in rest.items():
+                    own[name].copy_(value)
+        return result
+    if base.spec is None:
+        raise TypeError(f"rebuild: cannot rebuild a {base.kind} operand")
+    return optree.tree_unflatten(base.spec, leaves)

@@ -1,0 +1,447 @@
+"""EMA / Polyak: ``merge.ema_``, schedules and the ``EMA`` helper against per-tensor references."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import nytorch
+from nytorch import StructureError, merge
+from nytorch._flat import flatten_
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.decode = nn.Linear(4, 5, bias=False)
+        self.decode.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(torch.relu(self.hidden(self.embed(x))))
+
+
+class Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("steps", torch.tensor(3, dtype=torch.int64))
+        self.register_buffer("mask", torch.tensor([True, False]))
+        self.register_buffer("scale", torch.ones(2))
+
+
+class NytoNet(nytorch.NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 1)
+
+
+def bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def perturbed(model: nn.Module, seed: int) -> nn.Module:
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(other.parameters()) + list(other.buffers()):
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=gen))
+            elif tensor.dtype == torch.bool:
+                tensor.logical_not_()
+            else:
+                tensor.add_(7)
+    return other
+
+
+def reference_ema(target: nn.Module, online: nn.Module, tau: float, buffers: str) -> dict[str, torch.Tensor]:
+    """Per-tensor reference: unique tensors once, (1 - tau) * t + tau * o, integer leaves copied."""
+    expected: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    online_params = dict(online.named_parameters())
+    for name, param in target.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        expected[name] = (1 - tau) * param.detach() + tau * online_params[name].detach()
+    online_buffers = dict(online.named_buffers())
+    for name, buffer in target.named_buffers():
+        source = online_buffers[name]
+        if buffers == "keep":
+            expected[name] = buffer.clone()
+        elif buffers == "copy" or not buffer.is_floating_point():
+            expected[name] = source.clone()
+        else:
+            expected[name] = (1 - tau) * buffer + tau * source
+    return expected
+
+
+def assert_state(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state = dict(model.named_parameters())
+    state.update(dict(model.named_buffers()))
+    for name, value in expected.items():
+        assert state[name].dtype == value.dtype, name
+        torch.testing.assert_close(state[name].detach(), value, msg=name)
+
+
+MODELS = [bn_net, Tied, Counter, lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))]
+
+
+@pytest.mark.parametrize("make", MODELS)
+@pytest.mark.parametrize("buffers", ["average", "copy", "keep"])
+def test_ema_matches_per_tensor_reference(make, buffers):
+    torch.manual_seed(0)
+    target = make()
+    online = perturbed(target, 1)
+    expected = reference_ema(target, online, 0.3, buffers)
+    assert merge.ema_(target, online, tau=0.3, buffers=buffers) is target
+    assert_state(target, expected)
+
+
+def test_decay_and_tau_are_two_spellings_of_one_weight():
+    torch.manual_seed(0)
+    a, online = nn.Linear(3, 3), nn.Linear(3, 3)
+    b = copy.deepcopy(a)
+    merge.ema_(a, online, decay=0.75)
+    merge.ema_(b, online, tau=0.25)
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_tied_weight_is_updated_once():
+    torch.manual_seed(0)
+    target = Tied()
+    online = perturbed(target, 2)
+    twice = copy.deepcopy(target)
+    before = target.embed.weight.detach().clone()
+    merge.ema_(target, online, tau=0.5)
+    assert target.decode.weight is target.embed.weight
+    after = online.embed.weight.detach()
+    torch.testing.assert_close(target.embed.weight.detach(), 0.5 * before + 0.5 * after)
+    # timm-style iteration over state_dict() visits the tied tensor twice: 0.25 * before + 0.75 * online
+    with torch.no_grad():
+        for mine, theirs in zip(twice.state_dict().values(), online.state_dict().values()):
+            if mine.is_floating_point():
+                mine.lerp_(theirs, 0.5)
+    torch.testing.assert_close(twice.embed.weight.detach(), 0.25 * before + 0.75 * after)
+
+
+def test_tied_entries_of_a_state_dict_are_updated_once():
+    torch.manual_seed(0)
+    target, online = Tied(), Tied()
+    before = target.embed.weight.detach().clone()
+    state = target.state_dict()  # 'embed.weight' and 'decode.weight' are one tensor
+    assert state["embed.weight"].data_ptr() == state["decode.weight"].data_ptr()
+    merge.ema_(state, online.state_dict(), tau=0.5)
+    torch.testing.assert_close(target.embed.weight.detach(), 0.5 * before + 0.5 * online.embed.weight.detach())
+
+
+def test_integer_buffers_are_copied_never_truncated():
+    torch.manual_seed(0)
+    target, online = bn_net(), bn_net()
+    target[1].num_batches_tracked.fill_(5)
+    online[1].num_batches_tracked.fill_(12)
+    merge.ema_(target, online, decay=0.9)
+    assert target[1].num_batches_tracked.dtype == torch.int64
+    assert int(target[1].num_batches_tracked) == 12
+    keep = bn_net()
+    keep[1].num_batches_tracked.fill_(5)
+    merge.ema_(keep, online, decay=0.9, buffers="keep")
+    assert int(keep[1].num_batches_tracked) == 5
+    # torch's AveragedModel with use_buffers=True truncates: 5 * 0.9 + 12 * 0.1 = 5.7 -> 5
+    averaged = AveragedModel(online, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    averaged.module[1].num_batches_tracked.fill_(5)
+    averaged.n_averaged.fill_(1)
+    averaged.update_parameters(online)
+    assert int(averaged.module[1].num_batches_tracked) == 5
+
+
+def test_bool_and_int_buffers_copied_float_buffer_averaged():
+    target, online = Counter(), Counter()
+    online.steps.fill_(9)
+    online.mask.copy_(torch.tensor([False, True]))
+    online.scale.fill_(3.0)
+    merge.ema_(target, online, tau=0.5)
+    assert int(target.steps) == 9 and target.mask.tolist() == [False, True]
+    assert target.scale.tolist() == [2.0, 2.0]
+
+
+def test_non_operational_parameters_are_left_alone():
+    torch.manual_seed(0)
+    target = NytoNet()
+    target.set_param_config(operational=False, name="frozen")
+    online = NytoNet()
+    frozen = target.frozen.weight.detach().clone()
+    head = 0.5 * target.head.weight.detach() + 0.5 * online.head.weight.detach()
+    merge.ema_(target, online, tau=0.5)
+    assert torch.equal(target.frozen.weight, frozen)
+    torch.testing.assert_close(target.head.weight.detach(), head)
+
+
+def test_particles_update_the_model_they_view():
+    torch.manual_seed(0)
+    target, online = nn.Linear(3, 2), nn.Linear(3, 2)
+    expected = 0.9 * target.weight.detach() + 0.1 * online.weight.detach()
+    merge.ema_(nytorch.particle(target), nytorch.particle(online), tau=0.1)
+    torch.testing.assert_close(target.weight.detach(), expected)
+
+
+def test_particles_with_buffers_average_floating_buffers():
+    torch.manual_seed(0)
+    target, online = bn_net(), perturbed(bn_net(), 3)
+    expected = reference_ema(target, online, 0.2, "average")
+    merge.ema_(nytorch.particle(target, buffers=True), nytorch.particle(online, buffers=True), tau=0.2)
+    assert_state(target, expected)
+
+
+@pytest.mark.parametrize("other, message", [
+    (lambda: nn.Sequential(nn.Linear(4, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 2)),
+     r"ema_: parameter '0\.weight' differs: shape \(6, 4\) float32 vs shape \(7, 4\) float32 in online"),
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2, bias=False)),
+     r"ema_: parameter '3\.bias' is missing from online"),
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).double(),
+     r"ema_: parameter '0\.weight' differs: shape \(6, 4\) float32 vs shape \(6, 4\) float64"),
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.ReLU(), nn.Linear(6, 2)),
+     r"ema_: parameter '1\.weight' is missing from online"),
+])
+def test_mismatched_models_raise_naming_the_parameter(other, message):
+    target = bn_net()
+    before = [p.detach().clone() for p in target.parameters()]
+    with pytest.raises(StructureError, match=message):
+        merge.ema_(target, other(), tau=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+
+
+def test_device_mismatch_raises():
+    with pytest.raises(nytorch.DeviceMismatchError, match=r"ema_: parameter 'weight' is on cpu but on meta"):
+        merge.ema_(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"), tau=0.5)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({}, TypeError, r"ema_: expected exactly one of decay= .* got neither"),
+    ({"decay": 0.9, "tau": 0.1}, TypeError, r"ema_: expected exactly one of decay= .* got both"),
+    ({"decay": 1.5}, ValueError, r"ema_: expected decay to be in \[0, 1\], got 1\.5"),
+    ({"tau": -0.1}, ValueError, r"ema_: expected tau to be in \[0, 1\], got -0\.1"),
+    ({"tau": True}, TypeError, r"ema_: expected tau to be a number in \[0, 1\], got bool"),
+    ({"tau": torch.ones(2)}, TypeError, r"ema_: expected tau to be a number or a 0-dim floating tensor"),
+    ({"tau": 0.1, "buffers": "mean"}, ValueError, r"ema_: expected buffers to be one of"),
+])
+def test_bad_weights_and_options(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        merge.ema_(nn.Linear(2, 2), nn.Linear(2, 2), **kwargs)
+
+
+def test_unsupported_operand():
+    with pytest.raises(TypeError, match=r"ema_: expected an nn.Module, a Particle, a Swarm or a dict of tensors as "
+                                        r"online, got int"):
+        merge.ema_(nn.Linear(2, 2), 3, tau=0.5)
+
+
+def test_zero_dim_tensor_weight():
+    torch.manual_seed(0)
+    target, online = nn.Linear(2, 2), nn.Linear(2, 2)
+    expected = 0.75 * target.weight.detach() + 0.25 * online.weight.detach()
+    merge.ema_(target, online, tau=torch.tensor(0.25))
+    torch.testing.assert_close(target.weight.detach(), expected)
+
+
+# -- schedules -------------------------------------------------------------------------
+
+
+def test_warmup_decay_formula():
+    schedule = merge.warmup_decay(0.99)
+    for step in range(0, 2000, 7):
+        assert schedule(step) == min(0.99, (1 + step) / (10 + step))
+
+
+def timm_get_decay(step: int, decay: float, gamma: float, power: float, min_decay: float) -> float:
+    """timm ModelEmaV3.get_decay with use_warmup=True, update_after_step=0."""
+    step = max(0, step - 0 - 1)
+    if step <= 0:
+        return 0.0
+    value = 1 - (1 + step / gamma) ** -power
+    return max(min(value, decay), min_decay)
+
+
+@pytest.mark.parametrize("gamma, power, min_decay", [(1.0, 2 / 3, 0.0), (2.0, 3 / 4, 0.1)])
+def test_power_decay_matches_timm(gamma, power, min_decay):
+    schedule = merge.power_decay(0.999, gamma=gamma, power=power, min_decay=min_decay)
+    for step in range(0, 5000, 13):
+        expected = timm_get_decay(step + 1, 0.999, gamma, power, min_decay)
+        if step == 0:
+            expected = max(expected, min_decay)
+        assert schedule(step) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: merge.warmup_decay(1.2), r"warmup_decay: expected decay to be a number in \[0, 1\], got 1\.2"),
+    (lambda: merge.power_decay(0.9, gamma=0), r"power_decay: expected gamma to be a positive number, got 0"),
+    (lambda: merge.power_decay(0.9, min_decay=0.95), r"power_decay: expected min_decay <= decay"),
+    (lambda: merge.warmup_decay(0.9)(-1), r"warmup_decay: expected step to be an integer >= 0, got -1"),
+])
+def test_schedule_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# -- the EMA helper ----------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    x = torch.randn(16, 4, generator=gen)
+    loss = model(x).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("schedule", [None, "warmup", "power"])
+def test_ema_helper_matches_reference_loop(schedule):
+    torch.manual_seed(0)
+    model = bn_net()
+    decay = {None: 0.9, "warmup": merge.warmup_decay(0.95), "power": merge.power_decay(0.95)}[schedule]
+    ema = merge.EMA(model, decay=decay)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        train_step(model, optimizer, gen)
+        d = decay if isinstance(decay, float) else decay(step)
+        assert ema.decay == d
+        expected = reference_ema(reference, model, 1 - d, "average")
+        reference.load_state_dict(expected)
+        ema.update(model)
+        assert ema.step == step + 1
+        assert_state(ema.averaged, expected)
+    assert not ema.averaged.training
+    assert all(not p.requires_grad for p in ema.averaged.parameters())
+
+
+def test_ema_helper_is_independent_of_the_model():
+    torch.manual_seed(0)
+    model = Tied()
+    ema = merge.EMA(model)
+    assert ema.averaged.decode.weight is ema.averaged.embed.weight
+    assert ema.averaged.embed.weight.data_ptr() != model.embed.weight.data_ptr()
+    assert model.embed.weight.requires_grad
+
+
+def test_swap_puts_averages_in_and_restores_even_on_error():
+    torch.manual_seed(0)
+    model = bn_net()
+    ema = merge.EMA(model, decay=0.5)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    ema.update()
+    trained = copy.deepcopy(model.state_dict())
+    with ema.swap() as swapped:
+        assert swapped is model
+        for name, value in ema.averaged.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), name
+    for name, value in trained.items():
+        assert torch.equal(model.state_dict()[name], value)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ema.swap():
+            raise RuntimeError("boom")
+    for name, value in trained.items():
+        assert torch.equal(model.state_dict()[name], value)
+
+
+def test_copy_to_and_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = bn_net()
+    ema = merge.EMA(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()
+    state = copy.deepcopy(ema.state_dict())
+    other = merge.EMA(bn_net(), decay=0.5)
+    other.load_state_dict(state)
+    assert other.step == 1
+    assert torch.equal(other.averaged[0].weight, ema.averaged[0].weight)
+    fresh = bn_net()
+    ema.copy_to(fresh)
+    assert torch.equal(fresh[0].weight, ema.averaged[0].weight)
+    with pytest.raises(StructureError, match=r"EMA.load_state_dict: parameter '0\.bias' is missing from state"):
+        other.load_state_dict({"step": 0, "averaged": {"0.weight": torch.zeros(6, 4)}})
+
+
+def test_update_with_another_model_is_checked():
+    ema = merge.EMA(bn_net())
+    with pytest.raises(StructureError, match=r"EMA.update: parameter '3\.weight' differs: shape \(2, 6\) float32 vs "
+                                             r"shape \(3, 6\) float32 in model"):
+        ema.update(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)))
+
+
+def test_converted_model_is_noticed():
+    model = bn_net()
+    ema = merge.EMA(model)
+    model.double()
+    with pytest.raises(StructureError, match=r"EMA.update: parameter '0\.weight' differs: shape \(6, 4\) float32 vs "
+                                             r"shape \(6, 4\) float64 in model"):
+        ema.update()
+
+
+def test_flattened_model_updates_with_one_lerp_and_same_values():
+    torch.manual_seed(0)
+    plain = bn_net()
+    flat_model = copy.deepcopy(plain)
+    flatten_(flat_model)
+    slow, fast = merge.EMA(plain, decay=0.8), merge.EMA(flat_model, decay=0.8)
+    assert fast._flat is not None and slow._flat is None
+    assert len(fast._flat[0]) == 1 and fast._flat[0][0].numel() == sum(p.numel() for p in plain.parameters())
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        noise = [torch.randn(p.shape, generator=gen) for p in plain.parameters()]
+        with torch.no_grad():
+            for a, b, n in zip(plain.parameters(), flat_model.parameters(), noise):
+                a.add_(n)
+                b.add_(n)
+        slow.update()
+        fast.update()
+    for (name, a), b in zip(slow.averaged.state_dict().items(), fast.averaged.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# -- differential test against torch.optim.swa_utils.AveragedModel -----------------------
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_matches_averaged_model_with_ema_multi_avg_fn(use_buffers):
+    torch.manual_seed(0)
+    model = bn_net()
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+    averaged.update_parameters(model)  # AveragedModel's first update copies; both start from the model
+    ema = merge.EMA(model, decay=0.9, buffers="average" if use_buffers else "copy")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        train_step(model, optimizer, gen)
+        averaged.update_parameters(model)
+        ema.update()
+    theirs = averaged.module.state_dict()
+    for name, mine in ema.averaged.state_dict().items():
+        if mine.is_floating_point():
+            assert torch.equal(mine, theirs[name]), name
+    # where they disagree: integer buffers (AveragedModel truncates lerp results when use_buffers=True)
+    assert int(ema.averaged[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 5
+
+
+def test_flattened_model_moved_afterwards_falls_back_to_per_tensor():
+    torch.manual_seed(0)
+    model = bn_net()
+    flatten_(model)
+    ema = merge.EMA(model, decay=0.5)
+    assert ema._flat is not None
+    with torch.no_grad():  # a .data swap (what model.to(...) does) moves one parameter out of the buffer
+        model[0].weight.data = model[0].weight.data.clone()
+    expected = reference_ema(ema.averaged, model, 0.5, "average")
+    ema.update()
+    assert ema._flat is None
+    assert_state(ema.averaged, expected)

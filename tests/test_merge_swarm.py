@@ -1,0 +1,93 @@
+"""Swarm paths of nytorch.merge: EMA / ema_, ravel ([P, n]) and averages of a swarm's members."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nytorch
+from nytorch import StructureError, merge
+
+try:
+    from nytorch._swarm import Swarm
+except ImportError:  # pragma: no cover - the swarm issue is not merged yet
+    Swarm = None  # type: ignore[assignment,misc]
+
+pytestmark = pytest.mark.skipif(Swarm is None, reason="nytorch.Swarm is not available yet")
+
+
+def bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def members(count: int, seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    models = []
+    for index in range(count):
+        model = bn_net()
+        with torch.no_grad():
+            model[1].running_mean.uniform_()
+            model[1].num_batches_tracked.fill_(index + 1)
+        models.append(model)
+    return models
+
+
+def test_ema_of_a_swarm_matches_per_member_reference():
+    target_models, online_models = members(3, 0), members(3, 1)
+    target, online = Swarm.stack(target_models), Swarm.stack(online_models)
+    assert merge.ema_(target, online, tau=0.25) is target
+    for index, (t, o) in enumerate(zip(target_models, online_models)):
+        member = target[index]
+        for name, value in member.params.items():
+            expected = 0.75 * dict(t.named_parameters())[name].detach() + 0.25 * dict(o.named_parameters())[name]
+            torch.testing.assert_close(value, expected.detach())
+    buffers = target.buffers
+    for index, (t, o) in enumerate(zip(target_models, online_models)):
+        torch.testing.assert_close(buffers["1.running_mean"][index], 0.75 * t[1].running_mean + 0.25 * o[1].running_mean)
+        assert int(buffers["1.num_batches_tracked"][index]) == int(o[1].num_batches_tracked)
+
+
+def test_ema_helper_on_a_swarm():
+    online_models = members(2, 2)
+    swarm = Swarm.stack(online_models)
+    ema = merge.EMA(swarm, decay=0.5)
+    assert isinstance(ema.averaged, Swarm) and len(ema.averaged) == 2
+    before = ema.averaged.params["0.weight"].clone()
+    swarm += 1.0
+    ema.update()
+    torch.testing.assert_close(ema.averaged.params["0.weight"], 0.5 * before + 0.5 * swarm.params["0.weight"])
+    with ema.swap():
+        assert torch.equal(swarm.params["0.weight"], ema.averaged.params["0.weight"])
+    assert not torch.equal(swarm.params["0.weight"], ema.averaged.params["0.weight"])
+
+
+def test_ema_of_swarms_of_other_sizes_raises():
+    with pytest.raises(StructureError, match=r"ema_: parameter '0\.weight' differs: shape \(3, 4, 3\) float32 vs "
+                                             r"shape \(2, 4, 3\) float32 in online"):
+        merge.ema_(Swarm.stack(members(3)), Swarm.stack(members(2)), tau=0.5)
+
+
+def test_ravel_of_a_swarm_is_p_by_n_and_round_trips():
+    models = members(3)
+    swarm = Swarm.stack(models)
+    vector, unravel = merge.ravel(swarm)
+    n = sum(p.numel() for p in models[0].parameters())
+    assert tuple(vector.shape) == (3, n)
+    for index, model in enumerate(models):
+        assert torch.equal(vector[index], merge.ravel(model)[0])
+    again = unravel(vector.numpy() * 2)
+    assert isinstance(again, Swarm) and len(again) == 3
+    torch.testing.assert_close(merge.ravel(again)[0], vector * 2)
+    five = unravel(torch.zeros(5, n))  # another population size, e.g. a CMA-ES generation
+    assert len(five) == 5 and five.params["0.weight"].abs().sum() == 0
+    with pytest.raises(StructureError, match=rf"unravel: expected a vector of shape \[P, {n}\], got shape \({n},\)"):
+        unravel(torch.zeros(n))
+
+
+def test_average_of_a_swarm_is_the_member_mean():
+    models = members(4)
+    soup = merge.average(Swarm.stack(models))
+    assert isinstance(soup, nytorch.Particle)
+    for name, value in soup.params.items():
+        expected = torch.stack([dict(m.named_parameters())[name].detach() for m in models]).mean(0)
+        torch.testing.assert_close(value, expected)

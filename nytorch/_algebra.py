@@ -72,7 +72,7 @@ def check_state(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
 
 def active_mask(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]]) -> list[bool]:
     if configs is None:
-        return [lw.is_arithmetic(leaf) for leaf in leaves]
+        return [leaf.is_floating_point() or leaf.is_complex() for leaf in leaves]
     return [config.operational and lw.is_arithmetic(leaf) for leaf, config in zip(leaves, configs)]
 
 
@@ -109,7 +109,7 @@ def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands
         if not isinstance(operand, (list, tuple)):
             check_scalar(op.name, operand, names, leaves, active, reflected)
     out = lw.apply(op, leaves, *operands, active=active, carry=_identity)
-    return _carry(leaves, out, active, configs)
+    return out if all(active) else _carry(leaves, out, active, configs)
 
 
 @without_grad

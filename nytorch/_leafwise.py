@@ -205,6 +205,19 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     """
     if active is None:
         active = [is_arithmetic(leaf) for leaf in left]
+    if not left:
+        return []
+    if all(active):  # the common case: no selection, no carrying
+        picked = [list(o) if isinstance(o, tuple) else o for o in operands]
+        if op.foreach is not None and not needs_per_leaf(left, *picked):
+            results = list(_fused(op.foreach, list(left), _detached(picked)))
+        else:
+            results = [op.leaf(leaf, *(o[k] if isinstance(o, list) else o for o in picked))
+                       for k, leaf in enumerate(left)]
+        for operand in picked:
+            if isinstance(operand, Tensor):  # 0-dim leaves promote with 0-dim tensor scalars
+                return [r.to(leaf.dtype) if r.dtype != leaf.dtype else r for r, leaf in zip(results, left)]
+        return results
     index, picked_left, picked = _pick(left, operands, active)
     out: list[Tensor] = [leaf if on else carry(leaf) for leaf, on in zip(left, active)]
     if not index:

@@ -70,7 +70,7 @@ class Layout:
     """
 
     __slots__ = ("modules", "prefixes", "names", "params", "buffer_names", "buffers",
-                 "children", "param_slots", "buffer_slots", "tables", "_signature", "_pointers")
+                 "children", "param_slots", "buffer_slots", "tables", "_signature", "_pointers", "_expect")
 
     def __init__(self, root: nn.Module) -> None:
         self.modules: list[nn.Module] = []
@@ -85,6 +85,7 @@ class Layout:
         self.tables: list[tuple[str, dict, int]] = []
         self._signature: Optional[tuple] = None
         self._pointers: Optional[tuple[int, ...]] = None
+        self._expect: Optional[list] = None
         self._visit(root, "", {}, {}, {})
 
     @property
@@ -131,38 +132,48 @@ class Layout:
         other.tables = self.tables  # rebuilt modules share their config dicts with the source
         other._signature = self.signature
         other._pointers = None
+        other._expect = None
         return other
 
+    def _expectation(self, root: nn.Module) -> list[tuple[tuple, tuple, tuple, tuple, tuple, tuple]]:
+        """Per module: names and object ids of its children, parameters and buffers."""
+        modules = [root] + self.modules[1:]
+        def ids(slots: list[tuple[str, Optional[int]]], values: Sequence[object]) -> tuple:
+            return tuple(id(None if i is None else values[i]) for _, i in slots)
+        return [
+            (tuple(name for name, _ in children), ids(children, modules),
+             tuple(name for name, _ in params), ids(params, self.params),
+             tuple(name for name, _ in buffers), ids(buffers, self.buffers))
+            for children, params, buffers in zip(self.children, self.param_slots, self.buffer_slots)
+        ]
+
     def _matches(self, root: nn.Module) -> bool:
-        """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed."""
-        modules, params, buffers = self.modules, self.params, self.buffers
-        for k, module in enumerate(modules):
-            if k == 0:
-                module = root
+        """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed.
+
+        Object ids are compared: this layout holds every listed object, so none of those ids
+        can have been reused by another object.
+        """
+        expected = self._expect
+        if expected is None:
+            expected = self._expect = self._expectation(root)
+        modules = self.modules
+        for k, (child_names, child_ids, param_names, param_ids, buffer_names, buffer_ids) in enumerate(expected):
+            module = root if k == 0 else modules[k]
             table = module._modules
-            if len(table) != len(self.children[k]):
+            if tuple(table) != child_names or tuple(map(id, table.values())) != child_ids:
                 return False
-            for name, i in self.children[k]:
-                if table.get(name, _MISSING) is not (None if i is None else root if i == 0 else modules[i]):
-                    return False
             own_params = module._parameters
-            if len(own_params) != len(self.param_slots[k]):
+            if tuple(own_params) != param_names or tuple(map(id, own_params.values())) != param_ids:
                 return False
-            for name, i in self.param_slots[k]:
-                if own_params.get(name, _MISSING) is not (None if i is None else params[i]):
-                    return False
             own_buffers = module._buffers
-            if len(own_buffers) != len(self.buffer_slots[k]):
+            if tuple(own_buffers) != buffer_names or tuple(map(id, own_buffers.values())) != buffer_ids:
                 return False
-            for name, i in self.buffer_slots[k]:
-                if own_buffers.get(name, _MISSING) is not (None if i is None else buffers[i]):
-                    return False
         for _, config_table, k in self.tables:
             owner = root if k == 0 else modules[k]
             if owner.__dict__.get(CONFIG_ATTR) is not config_table:
                 return False
         # Same Parameter objects can hold new storage (``.data = ...``, ``.double()``, ``.to()``).
-        return tuple(map(Tensor.data_ptr, params)) == self._pointers
+        return tuple(map(Tensor.data_ptr, self.params)) == self._pointers
 
 
 def _slots(table: Mapping[str, Optional[Tensor]], prefix: str, seen: dict[int, int],
@@ -210,20 +221,10 @@ def layout_of(root: nn.Module) -> Layout:
     return layout
 
 
-_CONTAINER_KEYS: dict[type, tuple[str, ...]] = {}
-
-
-def _containers_of(cls: type, state: dict) -> tuple[str, ...]:
-    """The ``nn.Module`` containers present in instances of ``cls`` (looked up once per class)."""
-    keys = _CONTAINER_KEYS.get(cls)
-    if keys is None or any(key not in state for key in keys):
-        keys = _CONTAINER_KEYS[cls] = tuple(key for key in _CONTAINERS if state.get(key) is not None)
-    return keys
+_CONTAINER_SET = frozenset(_CONTAINERS)
 
 
 def _as_parameter(value: Tensor, source: Tensor) -> nn.Parameter:
-    if type(value) is Tensor:  # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
-        return Tensor._make_subclass(nn.Parameter, value, source.requires_grad)  # type: ignore[return-value]
     if isinstance(value, nn.Parameter):
         return value
     return nn.Parameter(value, requires_grad=source.requires_grad)
@@ -251,14 +252,22 @@ def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence
         buffers = [buffer.clone() for buffer in layout.buffers]
     else:
         buffers = list(buffers)
-    wrapped = [_as_parameter(value, source) for value, source in zip(params, layout.params)]
+    make_parameter, plain = Tensor._make_subclass, Tensor
+    wrapped = [
+        # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
+        make_parameter(nn.Parameter, value, source.requires_grad) if type(value) is plain
+        else _as_parameter(value, source)
+        for value, source in zip(params, layout.params)
+    ]
     copies: list[nn.Module] = []
     make, set_state = object.__new__, object.__setattr__
     for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
         cls = type(module)
         state = module.__dict__.copy()
-        for key in _containers_of(cls, state):
-            state[key] = state[key].copy()
+        for key in _CONTAINER_SET.intersection(state):
+            value = state[key]
+            if value is not None:
+                state[key] = value.copy()
         state["_parameters"] = {name: None if i is None else wrapped[i] for name, i in param_slots}
         state["_buffers"] = {name: None if i is None else buffers[i] for name, i in buffer_slots}
         new = make(cls)

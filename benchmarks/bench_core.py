@@ -88,6 +88,55 @@ def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> lis
     return out
 
 
+def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
+    """The seed's momentum example end to end: NytoModule arithmetic vs the same algorithm on plain tensors."""
+    import torch.nn.functional as F
+
+    from .models import IrisMLP
+
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 4), torch.randint(0, 3, (120,))
+    criterion = nn.CrossEntropyLoss()
+    beta, lr = 0.9, 0.005
+
+    def train_module(net: nn.Module) -> nn.Module:
+        new_net = net.clone()  # type: ignore[operator]
+        optimizer = torch.optim.SGD(new_net.parameters(), lr=lr)
+        optimizer.zero_grad()
+        criterion(new_net(x), y).backward()
+        optimizer.step()
+        return new_net
+
+    def ours() -> None:
+        net0 = IrisMLP()
+        net1 = train_module(net0)
+        for _ in range(epochs):
+            momentum = beta * (net1 - net0)
+            net1, net0 = train_module(net1) + momentum, net1
+
+    def forward(w: list[torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.relu(F.linear(inputs, w[0], w[1])), w[2], w[3])
+
+    def train_tensors(w: list[torch.Tensor]) -> list[torch.Tensor]:
+        new_w = [t.detach().clone().requires_grad_() for t in w]
+        optimizer = torch.optim.SGD(new_w, lr=lr)
+        optimizer.zero_grad()
+        criterion(forward(new_w, x), y).backward()
+        optimizer.step()
+        return [t.detach() for t in new_w]
+
+    def plain() -> None:
+        w0 = [p.detach() for p in IrisMLP().parameters()]
+        w1 = train_tensors(w0)
+        for _ in range(epochs):
+            momentum = [beta * (a - b) for a, b in zip(w1, w0)]
+            w1, w0 = [s + m for s, m in zip(train_tensors(w1), momentum)], w1
+
+    medians = harness.compare({"plain tensors (floor)": plain, "NytoModule (seed example)": ours},
+                              repeats=max(3, repeats // 3), warmup=1, target_s=0.0)
+    return harness.rows(f"momentum example, {epochs} epochs", "iris MLP", medians, "plain tensors (floor)")
+
+
 _NYTORCH_11 = textwrap.dedent('''
     import json, sys, time, statistics, torch
     from torch import nn
@@ -156,6 +205,7 @@ def run(quick: bool) -> list[Row]:
     zoo = sizes(quick)
     for size, factory in zoo.items():
         table += bench_size(size, factory, repeats)
+    table += bench_momentum(repeats)
     table += nytorch_11([name for name in ("iris MLP", "many-small", "deep-narrow") if name in zoo], repeats)
     return table
 

@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 demo: install
-	$(PYTHON) examples/momentum_iris.py
+	$(PYTHON) examples/demo.py
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -139,7 +139,14 @@ class Operators:
         return self.clone()
 
     def clone(self) -> Self:
-        """A copy with fresh storage (non-operational ``clone=False`` parameters are shared)."""
+        """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
+
+        >>> import nytorch
+        >>> p = nytorch.particle(torch.nn.Linear(2, 1))
+        >>> q = p.clone()
+        >>> torch.equal(q.params["weight"], p.params["weight"]), q.params["weight"] is p.params["weight"]
+        (True, False)
+        """
         state = self._state()
         return self._new(state, algebra.clone_all(state.leaves, state.configs))
 
@@ -147,6 +154,12 @@ class Operators:
         """``self + weight * (end - self)``: the EMA / Polyak step as a new object.
 
         ``weight`` is a scalar.  See ``lerp_`` for the in-place form.
+
+        >>> import nytorch
+        >>> a, b = nytorch.particle(torch.nn.Linear(2, 1)), nytorch.particle(torch.nn.Linear(2, 1))
+        >>> mid = a.lerp(b, 0.25)
+        >>> torch.allclose(mid.params["bias"], 0.75 * a.params["bias"] + 0.25 * b.params["bias"])
+        True
         """
         result = self._binary(lw.LERP, end, weight)
         if result is NotImplemented:
@@ -154,15 +167,38 @@ class Operators:
         return result
 
     def lerp_(self, end: Any, weight: Any) -> Self:
-        """In place ``self ← self + weight * (end - self)`` in one fused pass (EMA / soft target update)."""
+        """In place ``self ← self + weight * (end - self)`` in one fused pass (EMA / soft target update).
+
+        >>> import nytorch
+        >>> online, target = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        >>> ema = nytorch.particle(target)                       # views target's tensors
+        >>> expected = torch.lerp(target.weight, online.weight, 0.01)
+        >>> _ = ema.lerp_(online, 0.01)                          # target ← 0.99·target + 0.01·online
+        >>> torch.allclose(target.weight, expected)
+        True
+        """
         return self._binary_(lw.LERP, end, weight)
 
     def randn(self) -> Self:
-        """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``)."""
+        """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
+
+        >>> import nytorch
+        >>> p = nytorch.particle(torch.nn.Linear(2, 1))
+        >>> _ = torch.manual_seed(0); a = p.randn()
+        >>> _ = torch.manual_seed(0); b = p.randn()
+        >>> tuple(a.params["weight"].shape), torch.equal(a.params["weight"], b.params["weight"])
+        ((1, 2), True)
+        """
         state = self._state()
         return self._new(state, algebra.map_unary(torch.randn_like, state.leaves, state.configs))
 
     def rand(self) -> Self:
-        """Same structure, U[0, 1) values (nytorch 1.1's ``rand``)."""
+        """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
+
+        >>> import nytorch
+        >>> values = nytorch.particle(torch.nn.Linear(2, 1)).rand().params["weight"]
+        >>> bool(((0 <= values) & (values < 1)).all())
+        True
+        """
         state = self._state()
         return self._new(state, algebra.map_unary(torch.rand_like, state.leaves, state.configs))

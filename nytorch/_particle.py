@@ -263,7 +263,11 @@ class Particle(Operators):
 
     @property
     def model_class(self) -> type:
-        """The class of the model this Particle came from (before any ``parametrize`` wrapping)."""
+        """The class of the model this Particle came from (before any ``parametrize`` wrapping).
+
+        >>> particle(torch.nn.Linear(2, 1)).model_class
+        <class 'torch.nn.modules.linear.Linear'>
+        """
         return model_class(self._layout.modules[0])
 
     @property
@@ -300,7 +304,11 @@ class Particle(Operators):
         return rebuild(self._layout, leaves)
 
     def particle(self) -> nn.Module:
-        """nytorch 1.1 spelling of ``module()``."""
+        """nytorch 1.1 spelling of ``module()``.
+
+        >>> type(particle(torch.nn.Linear(2, 1)).particle()).__name__
+        'Linear'
+        """
         return self.module()
 
     @torch.no_grad()

@@ -238,12 +238,21 @@ class Swarm(SwarmArithmetic):
 
     @property
     def model_class(self) -> type:
-        """The class of the member models."""
+        """The class of the member models.
+
+        >>> Swarm.zeros(torch.nn.Linear(2, 1), 3).model_class
+        <class 'torch.nn.modules.linear.Linear'>
+        """
         return self._spec.model_class
 
     @property
     def training(self) -> bool:
-        """Whether the members run in train mode (set with ``train()`` / ``eval()``)."""
+        """Whether the members run in train mode (set with ``train()`` / ``eval()``).
+
+        >>> s = Swarm.zeros(torch.nn.Linear(2, 1), 3)
+        >>> s.training, s.eval().training
+        (True, False)
+        """
         return self._spec.layout.modules[0].training
 
     def train(self, mode: bool = True) -> Self:
@@ -258,7 +267,12 @@ class Swarm(SwarmArithmetic):
         return self
 
     def eval(self) -> Self:
-        """Put every member in eval mode (``train(False)``)."""
+        """Put every member in eval mode (``train(False)``); returns ``self``.
+
+        >>> s = Swarm.zeros(torch.nn.BatchNorm1d(2), 3).eval()    # running statistics, as in a loop
+        >>> s.training, tuple(s(torch.randn(4, 2)).shape)
+        (False, (3, 4, 2))
+        """
         return self.train(False)
 
     def to(self, *args: Any, **kwargs: Any) -> Self:

@@ -24,6 +24,7 @@ from sklearn.model_selection import train_test_split
 
 import nytorch as nyto
 
+torch.set_num_threads(1)  # a 4-12-3 MLP gains nothing from more threads; timings stay steady
 iris = load_iris()
 x_train, x_test, y_train, y_test = train_test_split(iris.data, iris.target, test_size=0.2, random_state=0)
 x_train, x_test = torch.FloatTensor(x_train), torch.FloatTensor(x_test)

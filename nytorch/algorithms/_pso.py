@@ -22,6 +22,11 @@ class PSOState(NamedTuple):
         velocity: one velocity per member (a Swarm of the same structure).
         best: each member's best position so far (personal bests).
         best_loss: the losses of ``best``, shape ``(P,)``.
+
+    >>> import torch
+    >>> state = pso_init(Swarm.randn(torch.nn.Linear(2, 1), 3), torch.tensor([3., 1., 2.]))
+    >>> type(state).__name__, len(state.velocity), len(state.best), state.best_loss.tolist()
+    ('PSOState', 3, 3, [3.0, 1.0, 2.0])
     """
 
     velocity: Swarm

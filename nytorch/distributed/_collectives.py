@@ -1,10 +1,14 @@
 """Collectives on whole models, Particles and Swarms: one flat buffer per (dtype, role) on the wire.
 
 Every function takes the value positionally and ``group`` (default: the world) and
-``timeout`` (seconds or a ``timedelta``; ``None``: the group's own) as keywords, starts
-with the structure handshake (``_fingerprint``), and raises ``PeerError`` when a peer
-dies or hangs.  Ranks given to or returned by these functions are global ranks, as in
-``torch.distributed``.
+``timeout`` (seconds or a ``timedelta`` for the whole call; ``None``: the group's own) as
+keywords, starts with the structure handshake (``_fingerprint``), and raises ``PeerError``
+when a peer dies or hangs.  Ranks given to or returned by these functions are global
+ranks, as in ``torch.distributed``.
+
+A model's or Particle's buffer of more than 64 MiB travels in up to four leaf-aligned
+pieces of that one buffer, so that packing a piece overlaps the transfer of the previous
+one (``_flat.PIECE_BYTES``); everything else is one collective per buffer.
 
 What each kind of value does:
 
@@ -18,7 +22,7 @@ What each kind of value does:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Optional, TypeVar, Union, overload
 
 import torch
 from torch import nn
@@ -32,6 +36,7 @@ from ._flat import Flat, Piece, flat_of, prescaled, restore_, unwire, whole, wir
 
 Tensor = torch.Tensor
 V = TypeVar("V", bound=Union[nn.Module, Particle, Swarm])
+M = TypeVar("M", bound=nn.Module)
 T = TypeVar("T")
 
 __all__ = ["broadcast", "all_reduce_mean", "all_gather", "best", "exchange"]
@@ -120,8 +125,9 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None)
         timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
 
     Returns:
-        A model: ``x`` itself, updated in place (parameters and buffers).  A Particle or Swarm:
-        a new one holding ``src``'s values (on ``src`` too: a copy).
+        A model: ``x`` itself, updated in place (parameters and buffers, the same Parameter
+        objects; written only once the transfer has succeeded).  A Particle or Swarm: a new
+        one holding ``src``'s values (on ``src`` too: a copy).
 
     Raises:
         StructureError: the structures differ across ranks (raised on every rank before any data moves).
@@ -174,9 +180,13 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None)
 def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
     """The element-wise mean of ``x`` over the ranks, on every rank (model averaging, FedAvg).
 
-    Floating and complex parameters and buffers are averaged (summed on the wire in their
-    own dtype, one buffer per dtype, then divided by the group size); integer and bool
-    leaves and non-operational parameters (``ParamConfig``) are left as each rank has them.
+    What is averaged: floating and complex leaves, i.e. a model's parameters and floating
+    buffers (BatchNorm statistics too), a Particle's or Swarm's arithmetic leaves (buffers
+    only when made with ``buffers=True``, as for their arithmetic).  Integer and bool leaves
+    and non-operational parameters (``ParamConfig``) stay as each rank has them.  Values are
+    divided by the group size while being packed, then summed on the wire in their own
+    dtype (one buffer per dtype; float8 in float32).  A model is written only once every
+    transfer has succeeded: after a ``PeerError`` it still holds its own values.
 
     Args:
         x: a model, a ``Particle`` or a ``Swarm`` (same number of members on every rank:
@@ -315,6 +325,15 @@ def _loss_check(loss: object) -> Callable[[Comm, Flat], tuple[float, int]]:
 
 def _rank_key(value: float) -> float:
     return float("inf") if value != value else value
+
+
+@overload
+def best(x: Union[Particle, Swarm], loss: Any, *, group: Any = None, timeout: Timeout = None,
+         ) -> tuple[Particle, Tensor, int]: ...
+
+
+@overload
+def best(x: M, loss: Any, *, group: Any = None, timeout: Timeout = None) -> tuple[M, Tensor, int]: ...
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import AllgatherOptions
 
 Tensor = torch.Tensor
 #: Seconds (a number) or a ``timedelta``; ``None`` uses the process group's own timeout.
@@ -188,6 +187,7 @@ class Comm:
 
     def all_gather_start(self, tensors: Sequence[Tensor], what: str) -> tuple[list[Tensor], Callable[[], None]]:
         """``all_gather`` issued: the outputs (filled once the returned wait has returned) and the wait."""
+        from torch._C._distributed_c10d import AllgatherOptions  # here: builds without distributed still import us
         outputs = [torch.empty((self.size, *t.shape), dtype=t.dtype, device=t.device) for t in tensors]
 
         def issue(left: Optional[datetime.timedelta]) -> list[Any]:
@@ -197,11 +197,17 @@ class Comm:
 
     def send_recv(self, sends: Sequence[Tensor], dst: int, receives: Sequence[Tensor], src: int,
                   what: str) -> None:
-        """Send ``sends`` to group rank ``dst`` while receiving ``receives`` from group rank ``src``."""
+        """Send ``sends`` to group rank ``dst`` while receiving ``receives`` from group rank ``src``.
+
+        One ``batch_isend_irecv`` (NCCL groups it, so a ring of sends cannot deadlock); the
+        waits carry the timeout (gloo then cancels the transfer).
+        """
+        to, source = self.global_rank(dst), self.global_rank(src)
+
         def issue(left: Optional[datetime.timedelta]) -> list[Any]:
-            works = [self.group.send([tensor], dst, tag) for tag, tensor in enumerate(sends)]
-            works += [self.group.recv([tensor], src, tag) for tag, tensor in enumerate(receives)]
-            return works
+            ops = [dist.P2POp(dist.isend, tensor, to, self.group, tag) for tag, tensor in enumerate(sends)]
+            ops += [dist.P2POp(dist.irecv, tensor, source, self.group, tag) for tag, tensor in enumerate(receives)]
+            return list(dist.batch_isend_irecv(ops)) if ops else []
         self._run(what, issue, timed_ops=False)
 
 

@@ -28,7 +28,8 @@ Tensor = torch.Tensor
 #: What the collectives accept.
 Value = Union[nn.Module, Particle, Swarm]
 
-__all__ = ["Group", "Slot", "Piece", "PIECE_BYTES", "MAX_PIECES", "Flat", "whole", "flat_of", "prescaled", "wire", "unwire", "restore_"]
+__all__ = ["Group", "Slot", "Piece", "PIECE_BYTES", "MAX_PIECES", "Flat", "whole", "flat_of", "prescaled", "wire",
+           "unwire", "restore_"]
 
 
 #: One reusable scratch buffer per (device, dtype) for in-place collectives on models: allocating

@@ -84,16 +84,18 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     >>> dist.destroy_process_group()
     """
     fn = "hybrid_step"
+    if not isinstance(swarm, Swarm):
+        raise TypeError(f"{fn}: expected a Swarm as swarm, got {type(swarm).__name__}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"{fn}: expected a positive int as every, got {every!r}")
-    swarm, losses = alg.sgd_step(swarm, loss_fn, *args, lr=lr)
-    if (step + 1) % every:
-        return swarm, losses, None
-    found = best(swarm, losses, group=group, timeout=timeout)
     size = len(swarm)
     count = size if subset is None else subset
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= size:
         raise ValueError(f"{fn}: expected subset in [0, {size}] (members of this shard), got {subset!r}")
+    swarm, losses = alg.sgd_step(swarm, loss_fn, *args, lr=lr)
+    if (step + 1) % every:
+        return swarm, losses, None
+    found = best(swarm, losses, group=group, timeout=timeout)
     if count:
         chosen = torch.randperm(size, generator=generator)[:count]
         pulled = swarm.clone()

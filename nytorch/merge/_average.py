@@ -125,7 +125,14 @@ def average(models: Sequence[M], /, *, weights: Optional[Union[Sequence[float], 
 
 
 class Soup(NamedTuple):
-    """What ``greedy_soup`` found: the soup, the indices of its ingredients (in order added), its score."""
+    """What ``greedy_soup`` found: the soup, the indices of its ingredients (in order added), its score.
+
+    >>> import torch
+    >>> models = [torch.nn.Linear(1, 1) for _ in range(2)]
+    >>> soup, ingredients, score = greedy_soup(models, lambda m: 1.0)   # nothing beats the first
+    >>> ingredients, score, type(soup).__name__
+    ([0], 1.0, 'Linear')
+    """
 
     model: Any
     ingredients: list[int]

@@ -148,7 +148,14 @@ class EMA:
     # -- public API ------------------------------------------------------------------------
     @property
     def decay(self) -> float:
-        """The decay the next ``update`` will use (the schedule at ``step``)."""
+        """The decay the next ``update`` will use (the schedule at ``step``).
+
+        >>> ema = EMA(torch.nn.Linear(1, 1), decay=lambda step: 1 - 1 / (step + 2))
+        >>> ema.decay
+        0.5
+        >>> ema.update(); ema.decay
+        0.6666666666666667
+        """
         schedule = self._schedule
         value = schedule(self.step) if callable(schedule) else schedule
         if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):

@@ -87,3 +87,27 @@ def print_table(table: list[dict[str, Any]]) -> None:
 def dump_json(table: list[dict[str, Any]], path: str) -> None:
     with open(path, "w") as handle:
         json.dump({"machine": machine(), "rows": table}, handle, indent=1)
+
+
+def run_nytorch_11(script: str, *args: str) -> Any:
+    """Run ``script`` under nytorch 1.1 (a separate library also named ``nytorch``) and parse its JSON output.
+
+    1.1 is installed with ``pip install --no-deps --target $NYTORCH11_DIR nytorch==1.1.0`` when missing
+    and imported from a subprocess with ``PYTHONPATH`` pointing there.  Returns ``None`` when unavailable.
+    """
+    import subprocess
+    import sys
+
+    target = os.environ.get("NYTORCH11_DIR", "/tmp/nyto11")
+    if not os.path.isdir(os.path.join(target, "nytorch")):
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
+                               "nytorch==1.1.0"], capture_output=True)
+        if done.returncode != 0:
+            print("nytorch 1.1 unavailable; skipping its rows", file=sys.stderr)
+            return None
+    env = dict(os.environ, PYTHONPATH=target, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd="/")
+    if result.returncode != 0:
+        print("nytorch 1.1 run failed:", result.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(result.stdout)

@@ -7,9 +7,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -178,23 +175,13 @@ _NYTORCH_11 = textwrap.dedent('''
 
 def nytorch_11(size_names: list[str], repeats: int) -> list[Row]:
     """nytorch 1.1 in a subprocess (it is also called ``nytorch``); ratios use its own in-process floor."""
-    target = os.environ.get("NYTORCH11_DIR", "/tmp/nyto11")
-    if not os.path.isdir(os.path.join(target, "nytorch")):
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
-                               "nytorch==1.1.0"], capture_output=True)
-        if done.returncode != 0:
-            print("nytorch 1.1 unavailable; skipping its rows", file=sys.stderr)
-            return []
-    env = dict(os.environ, PYTHONPATH=target)
-    result = subprocess.run([sys.executable, "-c", _NYTORCH_11, json.dumps(size_names), str(repeats)],
-                            capture_output=True, text=True, env=env, cwd="/")
-    if result.returncode != 0:
-        print("nytorch 1.1 run failed:", result.stderr[-2000:], file=sys.stderr)
+    found = harness.run_nytorch_11(_NYTORCH_11, json.dumps(size_names), str(repeats))
+    if found is None:
         return []
     return [
         {"workload": row["workload"], "size": row["size"], "implementation": "nytorch 1.1 NytoModule",
          "median_us": round(row["median_us"], 2), "ratio_to_floor": round(row["median_us"] / row["floor"], 3)}
-        for row in json.loads(result.stdout)
+        for row in found
     ]
 
 

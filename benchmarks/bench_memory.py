@@ -8,9 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from typing import Any
 
@@ -78,16 +75,11 @@ _NYTORCH_11 = textwrap.dedent('''
 
 
 def _nytorch_11(sizes: dict[str, tuple[int, int]]) -> list[Row]:
-    target = os.environ.get("NYTORCH11_DIR", "/tmp/nyto11")
-    if not os.path.isdir(os.path.join(target, "nytorch")):
-        return []
-    result = subprocess.run([sys.executable, "-c", _NYTORCH_11, json.dumps(sizes)], capture_output=True,
-                            text=True, env=dict(os.environ, PYTHONPATH=target), cwd="/")
-    if result.returncode != 0:
-        print("nytorch 1.1 memory run failed:", result.stderr[-1000:], file=sys.stderr)
+    found = harness.run_nytorch_11(_NYTORCH_11, json.dumps(sizes))
+    if found is None:
         return []
     return [_row("memory of a + b", row["size"], "nytorch 1.1 NytoModule", row["used"], row["floor"])
-            for row in json.loads(result.stdout)]
+            for row in found]
 
 
 def run(quick: bool) -> list[Row]:

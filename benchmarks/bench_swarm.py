@@ -16,10 +16,6 @@ Run: ``python -m benchmarks.bench_swarm [--quick] [--threads N]`` from the repos
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -151,20 +147,9 @@ _NYTORCH_11 = textwrap.dedent('''
 
 def nytorch_11(repeats: int) -> list[Row]:
     """The APSO update with nytorch 1.1 NytoModules (a separate library also named ``nytorch``)."""
-    target = os.environ.get("NYTORCH11_DIR", "/tmp/nyto11")
-    if not os.path.isdir(os.path.join(target, "nytorch")):
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
-                               "nytorch==1.1.0"], capture_output=True)
-        if done.returncode != 0:
-            print("nytorch 1.1 unavailable; skipping its rows", file=sys.stderr)
-            return []
-    env = dict(os.environ, PYTHONPATH=target, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    result = subprocess.run([sys.executable, "-c", _NYTORCH_11, str(repeats)], capture_output=True, text=True,
-                            env=env, cwd="/")
-    if result.returncode != 0:
-        print("nytorch 1.1 run failed:", result.stderr[-2000:], file=sys.stderr)
+    medians = harness.run_nytorch_11(_NYTORCH_11, str(repeats))
+    if medians is None:
         return []
-    medians = json.loads(result.stdout)
     return [
         {"workload": "APSO update", "size": "P=64 n=1315", "implementation": f"nytorch 1.1 {name} (subprocess)",
          "median_us": round(medians[name], 2), "ratio_to_floor": round(medians[name] / medians["floor"], 3)}

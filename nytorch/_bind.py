@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from ._errors import StructureError
-from ._walk import Layout, layout_of, rebuild
+from ._walk import layout_of, rebuild
 
 Tensor = torch.Tensor
 

@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
 from ._operators import Operators, State
 from ._particle import Particle, layout_state
-from ._walk import Layout, layout_of, model_class, rebuild
+from ._walk import layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 

@@ -16,7 +16,6 @@ from typing_extensions import Self
 from . import _leafwise as lw
 from . import _swarm_build as build
 from . import _swarm_index as index_ops
-from . import _swarm_ops as ops
 from . import _vectorise as vec
 from ._particle import Particle
 from ._swarm_arith import SwarmArithmetic

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._builder import Stale, compile_builder
+
 Tensor = torch.Tensor
 
 # nn.Module's own containers: copied per instance so hooks added to a result never reach its source.
@@ -70,7 +72,8 @@ class Layout:
     """
 
     __slots__ = ("modules", "prefixes", "names", "params", "buffer_names", "buffers",
-                 "children", "param_slots", "buffer_slots", "tables", "_signature", "_pointers", "_expect")
+                 "children", "param_slots", "buffer_slots", "tables", "_signature", "_pointers", "_expect",
+                 "_family")
 
     def __init__(self, root: nn.Module) -> None:
         self.modules: list[nn.Module] = []
@@ -86,6 +89,7 @@ class Layout:
         self._signature: Optional[tuple] = None
         self._pointers: Optional[tuple[int, ...]] = None
         self._expect: Optional[list] = None
+        self._family: list = [None, 0]  # shared by sibling layouts: [compiled builder, rebuilds so far]
         self._visit(root, "", {}, {}, {})
 
     @property
@@ -133,6 +137,7 @@ class Layout:
         other._signature = self.signature
         other._pointers = None
         other._expect = None
+        other._family = self._family
         return other
 
     def _expectation(self, root: nn.Module) -> list[tuple[tuple, tuple, tuple, tuple, tuple, tuple]]:
@@ -230,6 +235,41 @@ def _as_parameter(value: Tensor, source: Tensor) -> nn.Parameter:
     return nn.Parameter(value, requires_grad=source.requires_grad)
 
 
+def _build_generic(layout: Layout, wrapped: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[nn.Module]:
+    copies: list[nn.Module] = []
+    make, set_state = object.__new__, object.__setattr__
+    for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
+        state = module.__dict__.copy()
+        for key in _CONTAINER_SET.intersection(state):
+            value = state[key]
+            if value is not None:
+                state[key] = value.copy()
+        state["_parameters"] = {name: None if i is None else wrapped[i] for name, i in param_slots}
+        state["_buffers"] = {name: None if i is None else buffers[i] for name, i in buffer_slots}
+        new = make(type(module))
+        set_state(new, "__dict__", state)
+        copies.append(new)
+    for new, children in zip(copies, layout.children):
+        new.__dict__["_modules"] = {name: None if i is None else copies[i] for name, i in children}
+    return copies
+
+
+def _build(layout: Layout, wrapped: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[nn.Module]:
+    """New module objects for ``layout``: compiled straight-line code from a family's second rebuild on."""
+    family = layout._family
+    builder = family[0]
+    if builder is None:
+        family[1] += 1
+        if family[1] < 2:  # a structure rebuilt once (e.g. merging N independent models) is not worth compiling
+            return _build_generic(layout, wrapped, buffers)
+        builder = family[0] = compile_builder(layout.modules, layout.children, layout.param_slots,
+                                              layout.buffer_slots, _CONTAINER_SET)
+    try:
+        return builder(layout.modules, wrapped, buffers)
+    except (Stale, KeyError, AttributeError):  # a module gained or lost attributes since: the generic loop
+        return _build_generic(layout, wrapped, buffers)
+
+
 def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence[Tensor]] = None) -> nn.Module:
     """A fresh copy of ``layout``'s module tree holding ``params`` (and ``buffers``).
 
@@ -259,22 +299,7 @@ def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence
         else _as_parameter(value, source)
         for value, source in zip(params, layout.params)
     ]
-    copies: list[nn.Module] = []
-    make, set_state = object.__new__, object.__setattr__
-    for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
-        cls = type(module)
-        state = module.__dict__.copy()
-        for key in _CONTAINER_SET.intersection(state):
-            value = state[key]
-            if value is not None:
-                state[key] = value.copy()
-        state["_parameters"] = {name: None if i is None else wrapped[i] for name, i in param_slots}
-        state["_buffers"] = {name: None if i is None else buffers[i] for name, i in buffer_slots}
-        new = make(cls)
-        set_state(new, "__dict__", state)
-        copies.append(new)
-    for new, children in zip(copies, layout.children):
-        new.__dict__["_modules"] = {name: None if i is None else copies[i] for name, i in children}
+    copies = _build(layout, wrapped, buffers)
     result = copies[0]
     _remember(result, layout._sibling(copies, wrapped, buffers))  # type: ignore[arg-type]
     return result

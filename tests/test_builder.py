@@ -1,0 +1,59 @@
+"""Compiled rebuilds (nytorch/_builder.py) build exactly what the generic loop builds."""
+import torch
+from torch import nn
+
+import nytorch
+from nytorch._walk import _build_generic, layout_of
+
+
+class Tied(nytorch.NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.body = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Identity())
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+        self.extra = nn.ParameterDict({"alpha": nn.Parameter(torch.ones(2))})
+        self.skip = None
+        self.register_buffer("steps", torch.tensor(3))
+
+
+def _describe(module: nn.Module) -> list:
+    return [(name, type(m).__name__, sorted(m._parameters), sorted(m._buffers), sorted(m._modules))
+            for name, m in module.named_modules(remove_duplicate=False)]
+
+
+def test_repeated_operations_use_the_compiled_builder_and_match_the_generic_one():
+    net = Tied()
+    results = [net * 2 for _ in range(3)]  # the second rebuild of a structure compiles it
+    assert layout_of(net)._family[0] is not None
+    for result in results:
+        assert _describe(result) == _describe(net)
+        assert result.head.weight is result.embed.weight
+        assert result.skip is None and torch.equal(result.steps, net.steps) and result.steps is not net.steps
+        torch.testing.assert_close(result.extra["alpha"], net.extra["alpha"] * 2)
+    generic = _build_generic(layout_of(net), list(layout_of(net).params), list(layout_of(net).buffers))[0]
+    assert _describe(generic) == _describe(results[-1])
+
+
+def test_hooks_and_containers_added_to_a_compiled_result_stay_there():
+    net = Tied()
+    _ = net + 1
+    result = net + 1
+    calls = []
+    result.body.register_forward_hook(lambda *args: calls.append("result"))
+    result.extra["beta"] = nn.Parameter(torch.zeros(1))
+    net.body(torch.randn(2, 3))
+    assert calls == [] and "beta" not in net.extra
+    result.body(torch.randn(2, 3))
+    assert calls == ["result"]
+
+
+def test_a_module_that_gained_an_attribute_falls_back_to_the_generic_loop():
+    net = Tied()
+    _ = net + 1
+    _ = net + 1
+    net.body[0].note = "changed"  # not structural: same layout, but the compiled code no longer fits
+    result = net + 1
+    assert result.body[0].note == "changed"
+    torch.testing.assert_close(result.body[0].weight, net.body[0].weight + 1)

@@ -57,7 +57,12 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write rows and the machine as JSON")
     parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md")
     parser.add_argument("--only", nargs="*", default=[], help=f"suites to run, among {SUITES}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own; 1 gives steadier ratios on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     table = collect(args.quick, args.only)
     harness.print_table(table)
     if args.json:

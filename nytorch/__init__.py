@@ -12,7 +12,7 @@ from ._errors import DeviceMismatchError, StructureError
 from ._module import NytoModule
 from ._particle import Particle, particle
 from ._swarm import Swarm
-from . import algorithms, merge
+from . import algorithms, distributed, merge
 from ._flat import flatten_
 from ._checkpoint import load, save
 from ._codec import CheckpointError
@@ -25,6 +25,6 @@ __version__ = "2.0.0.dev0"
 
 __all__ = [
     "NytoModule", "Particle", "ParamProduct", "particle", "ParamConfig", "Swarm", "flatten_",
-    "StructureError", "DeviceMismatchError", "functional", "algorithms", "merge",
+    "StructureError", "DeviceMismatchError", "functional", "algorithms", "distributed", "merge",
     "save", "load", "CheckpointError", "get_rng_state", "set_rng_state",
 ]

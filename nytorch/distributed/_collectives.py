@@ -79,13 +79,14 @@ def _send_buffers(comm: Comm, flats: list[Tensor], *, reduce: bool = False) -> l
 def _pipeline(comm: Comm, flats: Sequence[Optional[Tensor]], pieces: Sequence[Piece],
               start: Callable[[list[Tensor], str], Callable[[], None]], what: str, *, reduce: bool = False,
               pack: Optional[Callable[[int, Piece], None]] = None, meanwhile: Optional[Callable[[], None]] = None,
-              ) -> list[tuple[Tensor, Tensor]]:
+              ) -> list[tuple[Piece, Tensor, Tensor]]:
     """Per piece: ``pack(i, piece)`` then issue ``start`` on it; ``meanwhile()``; wait for all.
 
-    Returns ``(buffer view, wire tensor)`` pairs for ``restore_``.  Empty pieces are skipped
+    Returns ``(piece, buffer view, wire tensor)`` for ``restore_``.  Empty pieces are skipped
     (alike on every rank: the structures agree).
     """
-    waits, sent = [], []
+    waits: list[Callable[[], None]] = []
+    sent: list[tuple[Piece, Tensor, Tensor]] = []
     for i, piece in enumerate(pieces):
         if pack is not None:
             pack(i, piece)
@@ -96,7 +97,7 @@ def _pipeline(comm: Comm, flats: Sequence[Optional[Tensor]], pieces: Sequence[Pi
             continue
         tensor = wire(view, comm.device_for(view.device), reduce=reduce)
         waits.append(start([tensor], what))
-        sent.append((view, tensor))
+        sent.append((piece, view, tensor))
     if meanwhile is not None:
         meanwhile()
     for wait in waits:
@@ -109,8 +110,28 @@ def _moved(comm: Comm, flat: Flat, flats: list[Optional[Tensor]], root: int, wha
     """Broadcast ``flats`` in place from group rank ``root`` (the root may pack piece by piece)."""
     def start(tensors: list[Tensor], what: str) -> Callable[[], None]:
         return comm.broadcast_(tensors, root, what)
-    for view, sent in _pipeline(comm, flats, flat.pieces(), start, what, pack=pack):
+    for _, view, sent in _pipeline(comm, flats, flat.pieces(), start, what, pack=pack):
         restore_(view, sent)
+
+
+def _model_buffers(flat: Flat, size: int, groups: Sequence[int], *,
+                   in_place: bool) -> tuple[list[Optional[Tensor]], set[int]]:
+    """Buffers for ``groups`` and which of them are a model's own memory.
+
+    For an in-place call on a model whose leaves already lie back to back (``nytorch.flatten_``),
+    a buffer is the model's memory itself: nothing is copied, and the collective writes the model
+    directly.  The others are new (reused scratch for in-place calls).
+    """
+    owned: dict[int, Tensor] = {}
+    if in_place:
+        for g in groups:
+            view = flat.own(g)
+            if view is not None:
+                owned[g] = view
+    flats = flat.empty(size, [g for g in groups if g not in owned], scratch=in_place)
+    for g, view in owned.items():
+        flats[g] = view
+    return flats, set(owned)
 
 
 @torch.no_grad()
@@ -126,7 +147,8 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None)
 
     Returns:
         A model: ``x`` itself, updated in place (parameters and buffers, the same Parameter
-        objects; written only once the transfer has succeeded).  A Particle or Swarm: a new
+        objects; written once the transfer has succeeded, except that leaves lying back to back
+        in memory, as after ``nytorch.flatten_``, receive directly).  A Particle or Swarm: a new
         one holding ``src``'s values (on ``src`` too: a copy).
 
     Raises:
@@ -146,30 +168,30 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None)
         raise TypeError(f"{fn}: expected an int global rank as src, got {type(src).__name__}")
     in_place = isinstance(x, nn.Module)
 
-    def prepare(comm: Comm, flat: Flat) -> Optional[list[Optional[Tensor]]]:
+    def prepare(comm: Comm, flat: Flat) -> Optional[tuple[list[Optional[Tensor]], set[int]]]:
         """The sender packs its first piece while the headers travel (a bad ``src`` raises later)."""
         try:
             if comm.rank != comm.group_rank(src):
                 return None
         except ValueError:
             return None
-        flats = flat.empty(flat.size, scratch=in_place)
-        flat.pack(flats, flat.pieces()[:1])
-        return flats
+        flats, owned = _model_buffers(flat, flat.size, range(len(flat.groups)), in_place=in_place)
+        flat.pack(flats, [piece for piece in flat.pieces()[:1] if piece.group not in owned])
+        return flats, owned
     comm, flat, headers, packed = _begin(fn, x, group, timeout, arg=src, overlap=prepare)
     try:
         root = comm.group_rank(src)  # every rank agrees on src by now, so every rank raises alike
         size = int(headers[root, SIZE])
         if packed is not None:
-            flats = packed
+            flats, owned = packed
             _moved(comm, flat, flats, root, "broadcasting the parameters",
-                   pack=lambda i, piece: flat.pack(flats, [piece]) if i else None)
+                   pack=lambda i, piece: flat.pack(flats, [piece]) if i and piece.group not in owned else None)
         else:
-            flats = flat.empty(size, scratch=in_place)
+            flats, owned = _model_buffers(flat, size, range(len(flat.groups)), in_place=in_place)
             _moved(comm, flat, flats, root, "broadcasting the parameters")
         if in_place:
             if comm.rank != root:
-                flat.write_(flats)
+                flat.write_([None if g in owned else f for g, f in enumerate(flats)])
             return x
         return flat.like(whole(flats), size)  # type: ignore[return-value]
     finally:
@@ -186,7 +208,10 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
     and non-operational parameters (``ParamConfig``) stay as each rank has them.  Values are
     divided by the group size while being packed, then summed on the wire in their own
     dtype (one buffer per dtype; float8 in float32).  A model is written only once every
-    transfer has succeeded: after a ``PeerError`` it still holds its own values.
+    transfer has succeeded (after a ``PeerError`` it still holds its own values), except
+    where its leaves of one dtype already lie back to back in memory (``nytorch.flatten_``):
+    those are averaged right there, with no copy at all, and a ``PeerError`` leaves them
+    undefined, as it does for ``torch.distributed.all_reduce``.
 
     Args:
         x: a model, a ``Particle`` or a ``Swarm`` (same number of members on every rank:
@@ -212,13 +237,15 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
     fn = "all_reduce_mean"
     in_place = isinstance(x, nn.Module)
 
-    def prepare(comm: Comm, flat: Flat) -> tuple[list[Optional[Tensor]], list[Piece]]:
+    def prepare(comm: Comm, flat: Flat) -> tuple[list[Optional[Tensor]], set[int], list[Piece]]:
         """Allocate and pack the first piece while the headers travel."""
         active = [g for g, kind in enumerate(flat.groups) if kind.active]
-        flats = flat.empty(flat.size, active if in_place else None, scratch=in_place)
-        pieces = flat.pieces(active)
-        flat.pack(flats, pieces[:1], divide=comm.size)
-        return flats, pieces
+        flats, owned = _model_buffers(flat, flat.size, active if in_place else range(len(flat.groups)),
+                                      in_place=in_place)
+        pieces = flat.pieces([g for g in active if g not in owned])
+        pieces += [Piece(g, 0, flat.widths()[g], ()) for g in active if g in owned]
+        flat.pack(flats, pieces[:1] if pieces and pieces[0].group not in owned else [], divide=comm.size)
+        return flats, owned, pieces
     comm, flat, headers, prepared = _begin(fn, x, group, timeout, overlap=prepare)
     try:
         sizes = headers[:, SIZE].tolist()
@@ -227,18 +254,19 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
             raise StructureError(f"{fn}: the swarms differ in size across ranks: {sizes[0]} members on rank 0, "
                                  f"{sizes[other]} on rank {other}; averaging pairs member i with member i")
         assert prepared is not None
-        flats, pieces = prepared
+        flats, owned, pieces = prepared
         carried = [g for g, kind in enumerate(flat.groups) if not kind.active]
         sent = _pipeline(
             comm, flats, pieces, comm.all_reduce_sum_, "summing the parameters", reduce=True,
-            pack=lambda i, piece: flat.pack(flats, [piece], divide=comm.size) if i else None,
+            pack=lambda i, piece: flat.pack(flats, [piece], divide=comm.size) if i and piece.group not in owned
+            else None,
             meanwhile=None if in_place else lambda: flat.pack(flats, flat.pieces(carried)))
-        for view, tensor in sent:
-            if not prescaled(view.dtype):
+        for piece, view, tensor in sent:
+            if piece.group in owned or not prescaled(view.dtype):
                 tensor.div_(comm.size)
             restore_(view, tensor)
         if in_place:
-            flat.write_(flats)
+            flat.write_([None if g in owned else f for g, f in enumerate(flats)])
             return x
         return flat.like(whole(flats), flat.size, carry=True)  # type: ignore[return-value]
     finally:

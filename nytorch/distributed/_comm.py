@@ -8,10 +8,16 @@ the connection, so nothing is left blocked behind it) and also bounds the wait
 Measured with gloo in torch 2.13: a peer that dies makes the survivors' pending op
 fail at once ("Connection closed by peer"); a peer that hangs makes it fail after
 the op's timeout; ``work.wait(timeout)`` alone raises in time but leaves the op
-running in gloo's worker thread, so later ops queue behind it.
+running in gloo's worker thread, so later ops queue behind it.  ``monitored_barrier``
+names the missing rank but costs one more round trip per call, so it is not used.
+
+The backend gets fresh aliases of our tensors, tracked in ``_HELD`` so that interpreter
+exit waits until gloo's threads have let go of them (otherwise a rank exiting right
+after a collective can abort; see there).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +31,49 @@ Tensor = torch.Tensor
 Timeout = Union[float, int, datetime.timedelta, None]
 
 __all__ = ["PeerError", "Timeout", "Comm", "resolve"]
+
+#: Tensors handed to the backend whose references it may still hold, with their reference count
+#: (``Tensor._use_count``) from before.  gloo's worker thread drops its references to a work's
+#: tensors a moment *after* the work completes, and in torch 2.13 dropping a C++ reference to a
+#: tensor that has a Python object takes the GIL.  If that moment falls into interpreter shutdown
+#: the process aborts ("terminate called without an active exception"), which happens when a rank
+#: exits right after a collective: importing ``torch._dynamo`` (``torch.func`` does) keeps the
+#: default process group, and so its threads, alive past ``destroy_process_group``.  So at exit we
+#: wait (briefly, with the GIL released) until the backend has let go of every such tensor.
+_HELD: list[tuple[Tensor, int]] = []
+
+
+def _held(tensors: list[Tensor]) -> list[Tensor]:
+    """Fresh aliases of ``tensors`` (same memory) for the backend, remembered in ``_HELD`` (see there).
+
+    Nothing but the backend ever references an alias, so its count returns to where it was
+    exactly when the backend has let go.
+    """
+    aliases = [tensor.view(tensor.shape) for tensor in tensors]
+    _HELD.extend((alias, _count(alias)) for alias in aliases)
+    return aliases
+
+
+def _count(tensor: Tensor) -> int:
+    """How many C++ references the tensor has (``Tensor._use_count``, absent from the type stubs)."""
+    return int(tensor._use_count())  # type: ignore[attr-defined]
+
+
+def _prune() -> None:
+    """Forget the tensors the backend has let go of."""
+    _HELD[:] = [(tensor, count) for tensor, count in _HELD if _count(tensor) > count]
+
+
+def _drain_at_exit(limit: float = 2.0) -> None:
+    """At exit, give the backend's threads up to ``limit`` seconds to let go of our tensors (see ``_HELD``)."""
+    deadline = time.monotonic() + limit
+    _prune()
+    while _HELD and time.monotonic() < deadline:
+        time.sleep(0.001)  # releases the GIL the worker thread needs
+        _prune()
+
+
+atexit.register(_drain_at_exit)
 
 
 class PeerError(RuntimeError):
@@ -164,7 +213,7 @@ class Comm:
             for tensor in tensors:
                 options = self._timed(dist.BroadcastOptions(), left)
                 options.rootRank, options.rootTensor = root, 0
-                works.append(self.group.broadcast([tensor], options))
+                works.append(self.group.broadcast(_held([tensor]), options))
             return works
         return self._start(what, issue)
 
@@ -175,7 +224,7 @@ class Comm:
             for tensor in tensors:
                 options = self._timed(dist.AllreduceOptions(), left)
                 options.reduceOp = dist.ReduceOp.SUM
-                works.append(self.group.allreduce([tensor], options))
+                works.append(self.group.allreduce(_held([tensor]), options))
             return works
         return self._start(what, issue)
 
@@ -191,11 +240,12 @@ class Comm:
         outputs = [torch.empty((self.size, *t.shape), dtype=t.dtype, device=t.device) for t in tensors]
 
         def issue(left: Optional[datetime.timedelta]) -> list[Any]:
-            return [self.group.allgather([list(out.unbind(0))], [tensor], self._timed(AllgatherOptions(), left))
+            return [self.group.allgather([_held(list(out.unbind(0)))], _held([tensor]),
+                                         self._timed(AllgatherOptions(), left))
                     for tensor, out in zip(tensors, outputs)]
         return outputs, self._start(what, issue)
 
-    def send_recv(self, sends: Sequence[Tensor], dst: int, receives: Sequence[Tensor], src: int,
+    def send_recv(self, sends: list[Tensor], dst: int, receives: list[Tensor], src: int,
                   what: str) -> None:
         """Send ``sends`` to group rank ``dst`` while receiving ``receives`` from group rank ``src``.
 
@@ -205,8 +255,9 @@ class Comm:
         to, source = self.global_rank(dst), self.global_rank(src)
 
         def issue(left: Optional[datetime.timedelta]) -> list[Any]:
-            ops = [dist.P2POp(dist.isend, tensor, to, self.group, tag) for tag, tensor in enumerate(sends)]
-            ops += [dist.P2POp(dist.irecv, tensor, source, self.group, tag) for tag, tensor in enumerate(receives)]
+            ops = [dist.P2POp(dist.isend, tensor, to, self.group, tag) for tag, tensor in enumerate(_held(sends))]
+            ops += [dist.P2POp(dist.irecv, tensor, source, self.group, tag)
+                    for tag, tensor in enumerate(_held(receives))]
             return list(dist.batch_isend_irecv(ops)) if ops else []
         self._run(what, issue, timed_ops=False)
 
@@ -220,6 +271,7 @@ def resolve(fn: str, group: Any, timeout: Timeout) -> Comm:
         TypeError: the timeout is neither a number, a ``timedelta`` nor ``None``.
     """
     seconds = _seconds(fn, timeout)
+    _prune()
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{fn}: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group(...) first (torchrun sets the environment)")

@@ -131,6 +131,25 @@ class Flat:
                 torch.empty(size, widths[g], dtype=group.dtype, device=group.device)
                 for g, group in enumerate(self.groups)]
 
+    def own(self, group: int) -> Optional[Tensor]:
+        """A model's buffer ``group`` as a ``[1, width]`` view of the model's own memory, when its leaves
+        already lie there back to back in slot order (e.g. after ``nytorch.flatten_``); else ``None``."""
+        if self.kind != "single" or not isinstance(self.source, nn.Module) or self._leaves is None:
+            return None
+        base: Optional[tuple[int, int]] = None  # (storage pointer, storage offset of column 0)
+        anchor: Optional[Tensor] = None
+        for slot, leaf in zip(self.slots, self._leaves):
+            if slot.group != group or slot.stop == slot.start:
+                continue
+            here = (leaf.untyped_storage().data_ptr(), int(leaf.storage_offset()) - slot.start)
+            if not leaf.is_contiguous() or (base is not None and here != base):
+                return None
+            base, anchor = here, anchor if anchor is not None else leaf
+        if base is None or anchor is None:
+            return None
+        width = self.widths()[group]
+        return anchor.detach().as_strided((1, width), (width, 1), base[1])
+
     def pieces(self, groups: Optional[Sequence[int]] = None) -> list[Piece]:
         """Leaf-aligned column ranges of the buffers of ``groups``, in packing order.
 

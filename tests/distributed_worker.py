@@ -1,0 +1,318 @@
+"""One rank of the ``nytorch.distributed`` tests: ``python tests/distributed_worker.py SCENARIO OUTDIR``.
+
+Launched by ``tests/test_distributed.py`` with ``RANK``, ``WORLD_SIZE`` and ``INIT`` (a
+``file://`` rendezvous) in the environment.  Each scenario writes ``OUTDIR/rank{R}.pt``;
+the inputs come from ``make_inputs(rank)``, which the tests also call to build the
+single-process reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import nytorch as nyto  # noqa: E402
+from nytorch import distributed as nd  # noqa: E402
+from nytorch import Swarm  # noqa: E402
+
+Tensor = torch.Tensor
+SHARD_SIZES = [2, 0, 3, 1]  # uneven shards, one empty
+
+
+class Odd(nn.Module):
+    """The dtypes the backends lack or treat specially: half, bfloat16, float8, int16, uint8, bool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = nn.Parameter(torch.randn(3).half())
+        self.b = nn.Parameter(torch.randn(2, 2).bfloat16())
+        self.f8 = nn.Parameter(torch.randn(4).to(torch.float8_e4m3fn), requires_grad=False)
+        self.register_buffer("i16", torch.randint(-100, 100, (3,), dtype=torch.int16))
+        self.register_buffer("u8", torch.randint(0, 255, (2,), dtype=torch.uint8))
+        self.register_buffer("flag", torch.tensor(True))
+
+
+def _seeded(seed: int, make: Callable[[], Any]) -> Any:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make()
+
+
+def make_inputs(rank: int) -> dict[str, Any]:
+    """Every value the function tests pass on ``rank`` (deterministic)."""
+    import conftest as c
+
+    def deep() -> nn.Module:
+        net = c.Deep()
+        net.set_param_config(operational=False, name="block0")
+        return c.randomize_buffers(net, seed=rank)
+
+    generator = torch.Generator().manual_seed(10 + rank)
+    mlp = _seeded(0, c.MLP)
+    return {
+        "mixed": _seeded(100 + rank, c.Mixed),
+        "deep": _seeded(200 + rank, deep),
+        "tied": _seeded(300 + rank, c.TiedLM),
+        "odd": _seeded(400 + rank, Odd),
+        "flat_mixed": nyto.flatten_(_seeded(800 + rank, c.Mixed)),  # some buffers are its own memory
+        "flat_mlp": nyto.flatten_(_seeded(900 + rank, c.MLP)),
+        "particle": nyto.particle(_seeded(500 + rank, c.MLP)),
+        "particle_buf": nyto.particle(_seeded(600 + rank, lambda: c.randomize_buffers(c.conv_net(), rank)),
+                                      buffers=True),
+        "swarm": Swarm.normal(mlp, 3, std=1.0, generator=generator),
+        "swarm_bn": Swarm.stack([_seeded(700 + 10 * rank + i, lambda: c.randomize_buffers(c.conv_net(), i))
+                                 for i in range(2)]),
+        "shard": Swarm.normal(mlp, SHARD_SIZES[rank], std=1.0, generator=generator),
+    }
+
+
+def make_losses(rank: int) -> dict[str, Any]:
+    """Losses for ``best``: distinct per member, the global minimum on rank 2 member 1."""
+    generator = torch.Generator().manual_seed(50 + rank)
+    swarm = torch.rand(3, generator=generator) + 1.0
+    if rank == 2:
+        swarm[1] = 0.25
+    shard = torch.rand(SHARD_SIZES[rank], generator=generator, dtype=torch.float64) + 1.0
+    if rank == 3:
+        shard[0] = float("nan")
+    return {"swarm": swarm, "shard": shard, "particle": 3.0 - rank, "mixed": torch.tensor([float(rank)]),
+            "tie": torch.ones(3)}
+
+
+def state_of(value: Any) -> dict[str, Tensor]:
+    """Every tensor a value holds, by name (cloned)."""
+    if isinstance(value, Swarm):
+        items = {**value.params, **value.buffers}
+    elif isinstance(value, nyto.Particle):
+        items = value.params
+    else:
+        items = dict(list(value.named_parameters()) + list(value.named_buffers()))
+    return {name: tensor.detach().clone() for name, tensor in items.items()}
+
+
+def objects(value: nn.Module) -> list[int]:
+    return [id(t) for t in list(value.parameters()) + list(value.buffers())]
+
+
+def storages(value: Any) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in state_of_views(value) if t.numel()}
+
+
+def state_of_views(value: Any) -> list[Tensor]:
+    if isinstance(value, Swarm):
+        return list(value.params.values()) + list(value.buffers.values())
+    if isinstance(value, nyto.Particle):
+        return list(value._leaves)
+    return list(value.parameters()) + list(value.buffers())
+
+
+# --------------------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------------------
+def functions(rank: int, world: int) -> dict[str, Any]:
+    """Every function on every kind of value (compared with the single-process reference by the tests)."""
+    out: dict[str, Any] = {}
+    for key in make_inputs(rank):
+        x = make_inputs(rank)[key]
+        before, ids = storages(x), objects(x) if isinstance(x, nn.Module) else None
+        result = nd.broadcast(x, 2 if key == "shard" else 1, timeout=30)
+        out[f"broadcast/{key}"] = state_of(result)
+        if ids is not None:
+            out[f"broadcast/{key}/same"] = result is x and objects(x) == ids
+        else:
+            out[f"broadcast/{key}/fresh"] = not (storages(result) & before)
+            out[f"broadcast/{key}/input"] = state_of(x)
+    for key in make_inputs(rank):
+        if key == "shard":
+            continue
+        x = make_inputs(rank)[key]
+        ids = objects(x) if isinstance(x, nn.Module) else None
+        result = nd.all_reduce_mean(x, timeout=30)
+        out[f"mean/{key}"] = state_of(result)
+        if ids is not None:
+            out[f"mean/{key}/same"] = result is x and objects(x) == ids
+        else:
+            out[f"mean/{key}/input"] = state_of(x)
+    for key in make_inputs(rank):
+        gathered = nd.all_gather(make_inputs(rank)[key], timeout=30)
+        out[f"gather/{key}"] = state_of(gathered)
+        out[f"gather/{key}/len"] = len(gathered)
+    for shift in (1, -2, world):
+        for key in ("mixed", "odd", "particle", "shard", "swarm_bn"):
+            x = make_inputs(rank)[key]
+            result = nd.exchange(x, shift, timeout=30)
+            out[f"exchange{shift}/{key}"] = state_of(result)
+            out[f"exchange{shift}/{key}/type"] = type(result).__name__
+            out[f"exchange{shift}/{key}/input"] = state_of(x)
+    inputs, losses = make_inputs(rank), make_losses(rank)
+    for key, x, loss in [("swarm", inputs["swarm"], losses["swarm"]), ("shard", inputs["shard"], losses["shard"]),
+                         ("particle", inputs["particle"], losses["particle"]),
+                         ("mixed", inputs["mixed"], losses["mixed"]), ("tie", inputs["swarm"], losses["tie"])]:
+        member, value, where = nd.best(x, loss, timeout=30)
+        out[f"best/{key}"] = (state_of(member), value, where, type(member).__name__)
+    out.update(subgroup(rank))
+    whole = Swarm.normal(_seeded(0, __import__("conftest").MLP), 7, generator=torch.Generator().manual_seed(1))
+    out["shard/len"] = len(nd.shard(whole))
+    out["shard/roundtrip"] = state_of(nd.all_gather(nd.shard(whole), timeout=30))
+    return out
+
+
+def subgroup(rank: int) -> dict[str, Any]:
+    """Every function over ``new_group([1, 3])``: group ranks inside, global ranks outside."""
+    group = dist.new_group([1, 3])
+    x = make_inputs(rank)["particle"]
+    if rank not in (1, 3):
+        try:
+            nd.broadcast(x, 3, group=group, timeout=30)
+            return {"sub/outsider": "no error"}
+        except ValueError as error:
+            return {"sub/outsider": str(error)}
+    member, loss, where = nd.best(x, make_losses(rank)["particle"], group=group, timeout=30)
+    return {
+        "sub/broadcast": state_of(nd.broadcast(x, 3, group=group, timeout=30)),
+        "sub/mean": state_of(nd.all_reduce_mean(x, group=group, timeout=30)),
+        "sub/gather": state_of(nd.all_gather(x, group=group, timeout=30)),
+        "sub/exchange": state_of(nd.exchange(x, group=group, timeout=30)),
+        "sub/best": (state_of(member), float(loss), where),
+    }
+
+
+def mismatches(rank: int, world: int) -> dict[str, Any]:
+    """Invalid calls: every rank must raise, before any data moves; the group stays usable."""
+    from nytorch.distributed._comm import Comm
+    calls: list[str] = []
+    for name in ("broadcast_", "all_reduce_sum_", "send_recv"):
+        original = getattr(Comm, name)
+
+        def counted(self: Any, *args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        setattr(Comm, name, counted)
+    out: dict[str, Any] = {}
+
+    def attempt(label: str, run: Callable[[], Any], value: Any = None) -> None:
+        before = state_of(value) if value is not None else None
+        start = len(calls)
+        try:
+            run()
+            out[label] = ("no error", "")
+        except Exception as error:  # noqa: BLE001 - recorded for the test to check
+            out[label] = (type(error).__name__, str(error))
+        out[label + "/data_calls"] = calls[start:]
+        if before is not None:
+            out[label + "/unchanged"] = all(torch.equal(before[k], v) for k, v in state_of(value).items())
+
+    import conftest as c
+    torch.manual_seed(rank)
+    net = nn.Linear(3, 5 if rank == 3 else 4)
+    attempt("shape", lambda: nd.all_reduce_mean(net, timeout=30), net)
+    net2 = nn.Linear(3, 4, bias=rank != 2)
+    attempt("missing", lambda: nd.broadcast(net2, 0, timeout=30), net2)
+    net3 = c.MLP()
+    attempt("src", lambda: nd.broadcast(net3, 0 if rank == 0 else 1, timeout=30), net3)
+    attempt("call", lambda: nd.exchange(net3, timeout=30) if rank == 1 else nd.all_reduce_mean(net3, timeout=30),
+            net3)
+    p = nyto.particle(c.MLP())
+    x = Swarm.stack([p]) if rank == 1 else p
+    attempt("kind", lambda: nd.all_gather(x, timeout=30))
+    swarm = Swarm.zeros(c.MLP(), 2 if rank == 0 else 3)
+    attempt("sizes", lambda: nd.all_reduce_mean(swarm, timeout=30))
+    attempt("loss", lambda: nd.best(swarm, torch.zeros(7 if rank == 2 else len(swarm)), timeout=30))
+    attempt("type", lambda: nd.all_gather([1, 2] if rank == 0 else p, timeout=30))  # type: ignore[arg-type]
+    attempt("bad_src", lambda: nd.broadcast(p, world + 3, timeout=30))
+    attempt("config", lambda: nd.all_reduce_mean(_configured(rank), timeout=30))
+    attempt("healthy", lambda: nd.all_reduce_mean(c.MLP(), timeout=30))
+    return out
+
+
+def _configured(rank: int) -> nn.Module:
+    import conftest as c
+    net = c.MLP()
+    if rank == 1:
+        net.set_param_config(operational=False, name="layer1")
+    return net
+
+
+def hybrid(rank: int, world: int) -> dict[str, Any]:
+    """Four steps of the distributed hybrid loop on shard ``rank`` (the tests replay it in one process)."""
+    shards, batches = hybrid_inputs(world)
+    shard, history = nd.hybrid(shards[rank], hybrid_loss, batches[rank], lr=0.1, every=2, subset=2, alpha=0.5,
+                               generator=torch.Generator().manual_seed(rank), timeout=30)
+    return {"shard": state_of(shard), "history": history}
+
+
+def hybrid_inputs(world: int) -> tuple[list[Swarm], list[list[tuple[Tensor, Tensor]]]]:
+    """Per rank: a shard of 3 MLPs and 4 batches of data."""
+    import conftest as c
+    model = _seeded(0, c.MLP)
+    shards = [Swarm.normal(model, 3, std=0.5, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    generator = torch.Generator().manual_seed(99)
+    batches = [[(torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+                for _ in range(4)] for _ in range(world)]
+    return shards, batches
+
+
+def hybrid_loss(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(net(x), y)
+
+
+def faults(rank: int, world: int, mode: str, timeout: float, outdir: str) -> dict[str, Any]:
+    """Loop over collectives until a peer fails: the test kills rank ``world - 1`` (``kill``), or it
+    stops answering after three rounds (``hang``)."""
+    import conftest as c
+    net = c.MLP()
+    swarm = Swarm.normal(net, 2, generator=torch.Generator().manual_seed(rank))
+    step = 0
+    while True:
+        started = time.monotonic()
+        before = state_of(net)
+        try:
+            nd.all_reduce_mean(net, timeout=timeout)
+            swarm = nd.exchange(swarm, timeout=timeout)
+            nd.best(swarm, torch.rand(2), timeout=timeout)
+            before = state_of(net)
+            nd.broadcast(net, 0, timeout=timeout)
+        except nd.PeerError as error:
+            unchanged = all(torch.equal(before[k], v) for k, v in state_of(net).items())
+            record = {"error": type(error).__name__, "message": str(error), "unchanged": unchanged,
+                      "elapsed": time.monotonic() - started, "step": step}
+            with open(os.path.join(outdir, f"error{rank}.json"), "w") as handle:
+                json.dump(record, handle)
+            raise
+        step += 1
+        if step == 3:
+            open(os.path.join(outdir, f"ready{rank}"), "w").close()
+        if rank == world - 1 and step >= 3:
+            if mode == "hang":
+                time.sleep(120)  # alive but silent: the test kills it
+
+
+def main() -> None:
+    scenario, outdir = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=rank, world_size=world)
+    if scenario == "functions":
+        from nytorch.distributed import _flat
+        _flat.PIECE_BYTES = 96  # every buffer over 192 bytes travels in pieces: both paths run
+        result = {**functions(rank, world), **{f"mismatch/{k}": v for k, v in mismatches(rank, world).items()},
+                  **{f"hybrid/{k}": v for k, v in hybrid(rank, world).items()}}
+    elif scenario in ("kill", "hang"):
+        result = faults(rank, world, scenario, float(sys.argv[3]), outdir)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""``nytorch.distributed`` over real gloo process groups on localhost.
+
+One launch of 4 processes runs every function on every kind of value (models with
+every dtype, NytoModules with configs, Particles, Swarms with uneven and empty shards)
+plus the invalid calls; the results are compared here with references computed in
+this process from the same inputs (per-tensor loops): exact for broadcast, gather and
+exchange, 1e-6 for means.  Two more launches of 3 processes kill or freeze one rank
+and check that the other two raise ``PeerError`` within the timeout and exit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import distributed_worker as w
+import nytorch as nyto
+import nytorch.algorithms as alg
+from nytorch import distributed as nd
+from nytorch import Swarm
+
+Tensor = torch.Tensor
+WORLD = 4
+WORKER = Path(__file__).with_name("distributed_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------
+def start(scenario: str, world: int, outdir: Path, *extra: str) -> list[subprocess.Popen[bytes]]:
+    """``world`` worker processes, each in its own session (so a whole group can be killed)."""
+    init = f"file://{outdir / 'rendezvous'}"
+    env = {**os.environ, "WORLD_SIZE": str(world), "INIT": init, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return [subprocess.Popen([sys.executable, str(WORKER), scenario, str(outdir), *extra],
+                             env={**env, "RANK": str(rank)}, cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for rank in range(world)]
+
+
+def kill(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL every process group still running (never leave workers behind)."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
+def finish(procs: list[subprocess.Popen[bytes]], deadline: float) -> list[tuple[int, str]]:
+    """Wait until ``deadline`` (monotonic) for every process; returns ``(returncode, stderr)``."""
+    try:
+        results = []
+        for proc in procs:
+            _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            results.append((proc.returncode, err.decode(errors="replace")))
+        return results
+    finally:
+        kill(procs)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The ``functions`` scenario's results, one dict per rank."""
+    outdir = tmp_path_factory.mktemp("functions")
+    procs = start("functions", WORLD, outdir)
+    results = finish(procs, time.monotonic() + 120)
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{err[-4000:]}"
+    return [torch.load(outdir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+INPUTS = [w.make_inputs(rank) for rank in range(WORLD)]
+LOSSES = [w.make_losses(rank) for rank in range(WORLD)]
+KEYS = list(INPUTS[0])
+
+
+# --------------------------------------------------------------------------------------
+# References (plain torch)
+# --------------------------------------------------------------------------------------
+def assert_exact(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
+        assert torch.equal(got[name].view(torch.uint8) if got[name].dtype.itemsize == 1 else got[name],
+                           want[name].view(torch.uint8) if want[name].dtype.itemsize == 1 else want[name]), name
+
+
+def averaged(key: str, name: str, leaf: Tensor) -> bool:
+    """Whether ``all_reduce_mean`` averages this leaf: floating/complex and operational."""
+    operational = not (key == "deep" and name.startswith("block0."))
+    if key.startswith("swarm") and name in INPUTS[0][key].buffers:
+        return False  # a Swarm averages its buffers only when built with buffers=True, like its arithmetic
+    return operational and (leaf.is_floating_point() or leaf.is_complex())
+
+
+def reference_mean(key: str, rank: int) -> dict[str, Tensor]:
+    states = [w.state_of(INPUTS[r][key]) for r in range(WORLD)]
+    out = {}
+    for name, leaf in states[rank].items():
+        if not averaged(key, name, leaf):
+            out[name] = leaf
+            continue
+        wide = torch.complex128 if leaf.is_complex() else torch.float64
+        total = sum(state[name].to(wide) for state in states)
+        out[name] = (total / WORLD).to(leaf.dtype)  # type: ignore[union-attr]
+    return out
+
+
+def assert_close(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        a, b = got[name], want[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if a.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (name, a, b)
+        elif a.is_floating_point():  # half, bfloat16, float8: summed on the wire in their own precision
+            eps = torch.finfo(a.dtype).eps * 8
+            assert torch.allclose(a.float(), b.float(), rtol=eps, atol=eps), (name, a, b)
+        else:
+            assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------
+# Every function against the single-process result
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", KEYS)
+def test_broadcast_equals_src_exactly(ranks: list[dict[str, Any]], key: str) -> None:
+    src = 2 if key == "shard" else 1
+    for rank in range(WORLD):
+        assert_exact(ranks[rank][f"broadcast/{key}"], w.state_of(INPUTS[src][key]))
+        if isinstance(INPUTS[rank][key], nn.Module):
+            assert ranks[rank][f"broadcast/{key}/same"], "models are updated in place (same Parameters)"
+        else:
+            assert ranks[rank][f"broadcast/{key}/fresh"], "results share no storage with the input"
+            assert_exact(ranks[rank][f"broadcast/{key}/input"], w.state_of(INPUTS[rank][key]))
+
+
+@pytest.mark.parametrize("key", [key for key in KEYS if key != "shard"])
+def test_all_reduce_mean_matches_mean_over_ranks(ranks: list[dict[str, Any]], key: str) -> None:
+    for rank in range(WORLD):
+        assert_close(ranks[rank][f"mean/{key}"], reference_mean(key, rank))
+        if isinstance(INPUTS[rank][key], nn.Module):
+            assert ranks[rank][f"mean/{key}/same"]
+        else:
+            assert_exact(ranks[rank][f"mean/{key}/input"], w.state_of(INPUTS[rank][key]))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_all_gather_concatenates_in_rank_order(ranks: list[dict[str, Any]], key: str) -> None:
+    states = [w.state_of(INPUTS[r][key]) for r in range(WORLD)]
+    if isinstance(INPUTS[0][key], Swarm):
+        want = {name: torch.cat([state[name] for state in states]) for name in states[0]}
+        size = sum(len(INPUTS[r][key]) for r in range(WORLD))
+    else:
+        want = {name: torch.stack([state[name] for state in states]) for name in states[0]}
+        size = WORLD
+    for rank in range(WORLD):
+        assert ranks[rank][f"gather/{key}/len"] == size
+        assert_exact(ranks[rank][f"gather/{key}"], want)
+
+
+@pytest.mark.parametrize("shift", [1, -2, WORLD])
+@pytest.mark.parametrize("key", ["mixed", "odd", "particle", "shard", "swarm_bn"])
+def test_exchange_receives_from_rank_minus_shift(ranks: list[dict[str, Any]], key: str, shift: int) -> None:
+    for rank in range(WORLD):
+        source = INPUTS[(rank - shift) % WORLD][key]
+        assert_exact(ranks[rank][f"exchange{shift}/{key}"], w.state_of(source))
+        assert ranks[rank][f"exchange{shift}/{key}/type"] == type(source).__name__
+        assert_exact(ranks[rank][f"exchange{shift}/{key}/input"], w.state_of(INPUTS[rank][key]))
+
+
+def _members(key: str, rank: int) -> list[tuple[float, int]]:
+    loss = LOSSES[rank]["swarm" if key == "tie" else key] if key != "tie" else LOSSES[rank]["tie"]
+    values = torch.as_tensor(loss, dtype=torch.float64).reshape(-1).tolist()
+    return [(v, i) for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("key", ["swarm", "shard", "particle", "mixed", "tie"])
+def test_best_is_the_global_argmin(ranks: list[dict[str, Any]], key: str) -> None:
+    candidates = []
+    for rank in range(WORLD):
+        for value, index in _members(key, rank):
+            candidates.append((float("inf") if value != value else value, rank, index, value))
+    _, rank_, index, value = min(candidates)
+    source = INPUTS[rank_]["swarm" if key == "tie" else key]
+    member = source[index] if isinstance(source, Swarm) else source
+    want = w.state_of(member)
+    if key == "tie":
+        assert (rank_, index) == (0, 0)
+    for rank in range(WORLD):
+        state, loss, where, kind = ranks[rank][f"best/{key}"]
+        assert where == rank_
+        assert_exact(state, want)
+        assert float(loss) == pytest.approx(value)
+        assert kind == ("Particle" if not isinstance(source, nn.Module) else type(source).__name__)
+
+
+def test_every_function_works_on_a_subgroup(ranks: list[dict[str, Any]]) -> None:
+    states = {r: w.state_of(INPUTS[r]["particle"]) for r in (1, 3)}
+    for rank in (0, 2):
+        assert "is not a member of the given group" in ranks[rank]["sub/outsider"]
+    for rank, other in ((1, 3), (3, 1)):
+        result = ranks[rank]
+        assert_exact(result["sub/broadcast"], states[3])
+        assert_close(result["sub/mean"], {k: (v + states[other][k]) / 2 for k, v in states[rank].items()})
+        assert_exact(result["sub/gather"], {k: torch.stack([states[1][k], states[3][k]]) for k in states[1]})
+        assert_exact(result["sub/exchange"], states[other])
+        state, loss, where = result["sub/best"]
+        assert where == 3 and loss == 0.0  # losses are 3 - rank: global rank 3 wins, reported globally
+        assert_exact(state, states[3])
+
+
+def test_shard_then_all_gather_round_trips(ranks: list[dict[str, Any]]) -> None:
+    whole = Swarm.normal(w._seeded(0, __import__("conftest").MLP), 7, generator=torch.Generator().manual_seed(1))
+    assert [ranks[r]["shard/len"] for r in range(WORLD)] == [2, 2, 2, 1]
+    for rank in range(WORLD):
+        assert_exact(ranks[rank]["shard/roundtrip"], w.state_of(whole))
+
+
+def test_hybrid_matches_a_single_process_replay(ranks: list[dict[str, Any]]) -> None:
+    shards, batches = w.hybrid_inputs(WORLD)
+    generators = [torch.Generator().manual_seed(r) for r in range(WORLD)]
+    histories: list[list[Tensor]] = [[] for _ in range(WORLD)]
+    for step in range(4):
+        losses = []
+        for r in range(WORLD):
+            shards[r], loss = alg.sgd_step(shards[r], w.hybrid_loss, *batches[r][step], lr=0.1)
+            histories[r].append(loss)
+            losses.append(loss)
+        if (step + 1) % 2 == 0:
+            flat = torch.cat(losses)
+            winner = int(flat.argmin())
+            rank_, index = divmod(winner, 3)
+            target = {name: leaf[index].clone() for name, leaf in shards[rank_].params.items()}
+            for r in range(WORLD):
+                chosen = torch.randperm(3, generator=generators[r])[:2]
+                params = {name: leaf.clone() for name, leaf in shards[r].params.items()}
+                for name, leaf in params.items():
+                    leaf[chosen] = 0.5 * leaf[chosen] + 0.5 * target[name]
+                shards[r] = Swarm.from_params(shards[r], params)
+    for rank in range(WORLD):
+        assert_close(ranks[rank]["hybrid/shard"], w.state_of(shards[rank]))
+        assert torch.allclose(ranks[rank]["hybrid/history"], torch.stack(histories[rank]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Invalid calls: every rank raises, before any data moves
+# --------------------------------------------------------------------------------------
+MISMATCHES = {
+    "shape": ("StructureError", r"structures differ across ranks \(found before any data moved\): "
+                                r"parameter 'weight' is shape \(4, 3\) float32 on rank 0 "
+                                r"but shape \(5, 3\) float32 on rank 3"),
+    "missing": ("StructureError", r"parameter 'bias' is missing on rank 2"),
+    "src": ("ValueError", r"rank 0 called broadcast\(src=0\), rank 1 called broadcast\(src=1\)"),
+    "call": ("ValueError", r"rank 0 called all_reduce_mean, rank 1 called exchange\(shift=1\)"),
+    "kind": ("StructureError", r"rank 0 passed a model or Particle but rank 1 passed a Swarm"),
+    "sizes": ("StructureError", r"2 members on rank 0, 3 on rank 1"),
+    "bad_src": ("ValueError", r"broadcast: expected a rank in \[0, 4\), got 7"),
+    "config": ("StructureError", r"parameter 'layer1.weight' is averaged on rank 0 but carried unchanged on rank 1"),
+}
+
+
+@pytest.mark.parametrize("label", sorted(MISMATCHES))
+def test_mismatch_raises_on_every_rank_before_data_moves(ranks: list[dict[str, Any]], label: str) -> None:
+    kind, pattern = MISMATCHES[label]
+    for rank in range(WORLD):
+        error, message = ranks[rank][f"mismatch/{label}"]
+        assert error == kind, (rank, message)
+        assert re.search(pattern, message), (rank, message)
+        assert ranks[rank][f"mismatch/{label}/data_calls"] == []
+        if f"mismatch/{label}/unchanged" in ranks[rank]:
+            assert ranks[rank][f"mismatch/{label}/unchanged"]
+
+
+@pytest.mark.parametrize("label, culprit, own", [
+    ("loss", 2, ("ValueError", r"best: expected loss as a 1-D tensor of shape \(3,\)")),
+    ("type", 0, ("TypeError", r"all_gather: expected an nn.Module, a Particle or a Swarm, got list")),
+])
+def test_a_bad_argument_on_one_rank_stops_every_rank(ranks: list[dict[str, Any]], label: str, culprit: int,
+                                                     own: tuple[str, str]) -> None:
+    for rank in range(WORLD):
+        error, message = ranks[rank][f"mismatch/{label}"]
+        assert ranks[rank][f"mismatch/{label}/data_calls"] == []
+        if rank == culprit:
+            assert error == own[0] and re.search(own[1], message), message
+        else:
+            assert error == "ValueError" and f"rank {culprit} was given invalid arguments" in message, message
+
+
+def test_the_group_stays_usable_after_mismatches(ranks: list[dict[str, Any]]) -> None:
+    for rank in range(WORLD):
+        assert ranks[rank]["mismatch/healthy"] == ("no error", "")
+
+
+# --------------------------------------------------------------------------------------
+# Faults: a peer dies or hangs
+# --------------------------------------------------------------------------------------
+def _wait_ready(outdir: Path, world: int, procs: list[subprocess.Popen[bytes]], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while not all((outdir / f"ready{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            kill(procs)
+            pytest.fail("workers did not start: " + " | ".join(
+                (p.stderr.read().decode(errors="replace")[-2000:] if p.stderr else "") for p in procs))
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode, timeout", [("kill", 20.0), ("hang", 3.0)])
+def test_survivors_raise_peer_error_in_bounded_time(tmp_path: Path, mode: str, timeout: float) -> None:
+    procs = start(mode, 3, tmp_path, str(timeout))
+    try:
+        _wait_ready(tmp_path, 3, procs, 60)
+        failed_at = time.monotonic()
+        if mode == "kill":
+            os.killpg(procs[2].pid, signal.SIGKILL)
+        results = finish(procs[:2], failed_at + timeout + 15)
+    finally:
+        kill(procs)
+    exited = time.monotonic() - failed_at
+    assert exited < timeout + 15
+    for rank, (code, err) in enumerate(results):
+        assert code != 0 and "PeerError" in err, err[-3000:]
+        record = json.loads((tmp_path / f"error{rank}.json").read_text())
+        assert record["error"] == "PeerError"
+        assert "a peer process died, hung or closed its connection" in record["message"]
+        assert record["elapsed"] < timeout + 2.0, record
+        assert record["unchanged"], "a model is written only after every transfer succeeded"
+        if mode == "kill":
+            assert record["elapsed"] < timeout / 2, "a dead peer is noticed at once, not at the timeout"
+
+
+# --------------------------------------------------------------------------------------
+# In-process checks (no group needed)
+# --------------------------------------------------------------------------------------
+def test_without_a_process_group_the_error_says_what_to_do() -> None:
+    with pytest.raises(RuntimeError, match=r"broadcast: torch.distributed is not initialised"):
+        nd.broadcast(nn.Linear(2, 1), 0)
+
+
+@pytest.mark.parametrize("timeout, error, pattern", [
+    (0, ValueError, r"all_reduce_mean: expected a positive, finite timeout, got 0"),
+    (-1.5, ValueError, r"positive, finite timeout"),
+    ("10", TypeError, r"all_reduce_mean: expected timeout as seconds \(a number\), a datetime.timedelta or None, "
+                      r"got str"),
+])
+def test_bad_timeouts_are_rejected(timeout: Any, error: type, pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
+        nd.all_reduce_mean(nyto.particle(nn.Linear(2, 1)), timeout=timeout)
+
+
+@pytest.mark.parametrize("piece_bytes", [8, 64, 1 << 30])
+@pytest.mark.parametrize("make", [w.Odd, lambda: __import__("conftest").Mixed(),
+                                  lambda: nn.Sequential(*(nn.Linear(9, 9) for _ in range(5)))])
+def test_pieces_cover_every_buffer_whole_leaves_in_order(monkeypatch: pytest.MonkeyPatch, piece_bytes: int,
+                                                        make: Any) -> None:
+    from nytorch.distributed import _flat
+    monkeypatch.setattr(_flat, "PIECE_BYTES", piece_bytes)
+    flat = _flat.flat_of("test", make())
+    pieces = flat.pieces()
+    widths = flat.widths()
+    for g in range(len(flat.groups)):
+        mine = [piece for piece in pieces if piece.group == g]
+        assert 1 <= len(mine) <= _flat.MAX_PIECES
+        assert mine[0].start == 0 and mine[-1].stop == widths[g]
+        assert all(a.stop == b.start for a, b in zip(mine, mine[1:]))
+        slots = [i for piece in mine for i in piece.slots]
+        assert slots == [i for i, slot in enumerate(flat.slots) if slot.group == g]
+        for piece in mine:
+            if piece.slots:
+                assert flat.slots[piece.slots[0]].start == piece.start
+                assert flat.slots[piece.slots[-1]].stop == piece.stop
+    packed = flat.flats()
+    for name, view in zip(flat.names, flat.views(_flat.whole(packed))):
+        assert torch.equal(view[0], w.state_of(flat.source)[name])
+
+
+def test_a_flattened_model_is_its_own_buffer() -> None:
+    import conftest as c
+    from nytorch.distributed import _flat
+    net = nyto.flatten_(c.Mixed())
+    flat = _flat.flat_of("test", net)
+    owned = {str(flat.groups[g].dtype): flat.own(g) for g in range(len(flat.groups))}
+    assert owned["torch.float64"] is not None and owned["torch.complex64"] is not None
+    assert owned["torch.float32"] is None  # the float32 buffer `stat` is not next to the parameters
+    assert owned["torch.float64"].data_ptr() == net.get_parameter("w64").data_ptr()
+    plain = _flat.flat_of("test", c.Mixed())
+    assert plain.own(next(g for g, group in enumerate(plain.groups) if group.dtype == torch.float32)) is None
+    assert _flat.flat_of("test", nyto.particle(nyto.flatten_(c.MLP()))).own(0) is None  # only models
+
+
+def test_peer_error_is_a_runtime_error() -> None:
+    assert issubclass(nd.PeerError, RuntimeError)
+    assert set(nd.__all__) == {"broadcast", "all_reduce_mean", "all_gather", "best", "exchange", "shard",
+                               "hybrid_step", "hybrid", "PeerError"}

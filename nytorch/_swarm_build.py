@@ -57,7 +57,8 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
         if spec is None:
             spec = spec_and_rows("stack", item, buffers)[0]
         members.append(ops.full_leaves(f"stack: item {i}", spec, item))
-    assert spec is not None  # items is non-empty
+    if not (spec is not None):  # items is non-empty
+        raise RuntimeError("nytorch internal error: expected spec is not None")
     return spec, pack_members(spec, members), len(members)
 
 

@@ -68,7 +68,8 @@ def _begin(fn: str, x: object, group: Any, timeout: Timeout, *, arg: int = 0,
         if flat is not None:
             flat.release()
         raise
-    assert flat is not None  # handshake raised otherwise
+    if not (flat is not None):  # handshake raised otherwise
+        raise RuntimeError("nytorch internal error: expected flat is not None")
     return comm, flat, headers, prepared
 
 
@@ -91,7 +92,8 @@ def _pipeline(comm: Comm, flats: Sequence[Optional[Tensor]], pieces: Sequence[Pi
         if pack is not None:
             pack(i, piece)
         flat = flats[piece.group]
-        assert flat is not None
+        if not (flat is not None):  # an internal invariant
+            raise RuntimeError("nytorch internal error: expected flat is not None")
         view = flat[:, piece.start:piece.stop]
         if not view.numel():
             continue
@@ -253,7 +255,8 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
             other = next(r for r, size in enumerate(sizes) if size != sizes[0])
             raise StructureError(f"{fn}: the swarms differ in size across ranks: {sizes[0]} members on rank 0, "
                                  f"{sizes[other]} on rank {other}; averaging pairs member i with member i")
-        assert prepared is not None
+        if not (prepared is not None):  # an internal invariant
+            raise RuntimeError("nytorch internal error: expected prepared is not None")
         flats, owned, pieces = prepared
         carried = [g for g, kind in enumerate(flat.groups) if not kind.active]
         sent = _pipeline(
@@ -303,7 +306,8 @@ def all_gather(x: Union[nn.Module, Particle, Swarm], *, group: Any = None, timeo
     top, total = max(sizes), sum(sizes)
     padded: list[Tensor] = []
     for own in flat.flats():
-        assert own is not None
+        if not (own is not None):  # an internal invariant
+            raise RuntimeError("nytorch internal error: expected own is not None")
         if own.shape[0] == top:
             padded.append(own)
         else:

@@ -183,13 +183,15 @@ class Flat:
         targets: list[Tensor] = []
         for piece in pieces:
             flat = flats[piece.group]
-            assert flat is not None
+            if not (flat is not None):  # an internal invariant
+                raise RuntimeError("nytorch internal error: expected flat is not None")
             divides = divide != 1 and self.groups[piece.group].active and prescaled(flat.dtype)
             if isinstance(self.source, Swarm):
                 own = self.source._flats[piece.group]
                 torch.div(own, divide, out=flat) if divides else flat.copy_(own)
                 continue
-            assert self._leaves is not None
+            if not (self._leaves is not None):  # an internal invariant
+                raise RuntimeError("nytorch internal error: expected self._leaves is not None")
             for i in piece.slots:
                 slot, leaf = self.slots[i], self._leaves[i]
                 if slot.stop == slot.start:
@@ -271,7 +273,8 @@ class Flat:
     @torch.no_grad()
     def write_(self, flats: Sequence[Optional[Tensor]]) -> None:
         """Copy ``flats`` (``[1, width]``; ``None`` skips a group) into the source model's tensors in place."""
-        assert self._leaves is not None
+        if not (self._leaves is not None):  # an internal invariant
+            raise RuntimeError("nytorch internal error: expected self._leaves is not None")
         targets, values = [], []
         for slot, leaf in zip(self.slots, self._leaves):
             flat = flats[slot.group]
@@ -285,7 +288,8 @@ class Flat:
 def whole(flats: Sequence[Optional[Tensor]]) -> list[Tensor]:
     """``flats`` when every group has a buffer (what ``empty``/``flats`` give without ``groups``)."""
     out = [flat for flat in flats if flat is not None]
-    assert len(out) == len(flats)
+    if not (len(out) == len(flats)):  # an internal invariant
+        raise RuntimeError("nytorch internal error: expected len(out) == len(flats)")
     return out
 
 

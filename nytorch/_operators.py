@@ -91,7 +91,7 @@ class Operators:
         return self._binary(lw.ADD, other)
 
     def __radd__(self, other: Any) -> Self:
-        return self._binary(lw.ADD, other)
+        return self._reflected(lw.ADD, other)
 
     def __iadd__(self, other: Any) -> Self:
         return self._binary_(lw.ADD, other)
@@ -109,7 +109,7 @@ class Operators:
         return self._binary(lw.MUL, other)
 
     def __rmul__(self, other: Any) -> Self:
-        return self._binary(lw.MUL, other)
+        return self._reflected(lw.MUL, other)
 
     def __imul__(self, other: Any) -> Self:
         return self._binary_(lw.MUL, other)

@@ -69,7 +69,7 @@ class Swarm(SwarmArithmetic):
             self._cache = views_of(self._spec, self._flats)
         return self._cache
 
-    def _new(self, flats: list[Tensor], spec: Optional[Spec] = None, size: Optional[int] = None) -> Self:
+    def _new(self, flats: list[Tensor], spec: Optional[Spec] = None, size: Optional[int] = None) -> Self:  # type: ignore[override]
         return type(self)(self._spec if spec is None else spec, flats, self._size if size is None else size)
 
     # -- constructors ---------------------------------------------------------------------
@@ -126,7 +126,7 @@ class Swarm(SwarmArithmetic):
         return cls(*build.filled(fn, like, size, buffers, make))
 
     @classmethod
-    def randn(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,
+    def randn(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,  # type: ignore[override]
               generator: Optional[torch.Generator] = None) -> "Swarm":
         """A swarm of ``size`` members shaped like ``like`` with N(0, 1) values (``Particle.randn`` for a swarm).
 
@@ -141,7 +141,7 @@ class Swarm(SwarmArithmetic):
             n, g.width, dtype=g.dtype, device=g.device, generator=generator))
 
     @classmethod
-    def rand(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,
+    def rand(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,  # type: ignore[override]
              generator: Optional[torch.Generator] = None) -> "Swarm":
         """Like ``randn`` with U[0, 1) values (e.g. PSO's random coefficients).
 

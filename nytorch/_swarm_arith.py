@@ -13,6 +13,7 @@ from typing_extensions import Self
 from . import _leafwise as lw
 from . import _swarm_ops as ops
 from ._errors import StructureError
+from ._operators import Operators
 from ._particle import Particle
 from ._swarm_spec import Spec
 
@@ -21,16 +22,16 @@ Tensor = torch.Tensor
 __all__ = ["SwarmArithmetic"]
 
 
-class SwarmArithmetic:
-    """``+ - * / **`` (reflected, in place), ``-s``, ``+s``, ``add``, ``lerp``, ``clone``, ``w @ s``, ``mean``,
-    ``norm``."""
+class SwarmArithmetic(Operators):
+    """``add``, ``lerp``, ``clone``, ``w @ s``, ``mean``, ``norm``; the operators come from ``Operators``
+    (the one operator table), routed through this class's broadcasting ``_binary``."""
 
     __slots__ = ()
     _spec: Spec
     _flats: list[Tensor]
     _size: int
 
-    def _new(self, flats: list[Tensor], spec: Any = None, size: Any = None) -> Self:
+    def _new(self, flats: list[Tensor], spec: Any = None, size: Any = None) -> Self:  # type: ignore[override]
         raise NotImplementedError
 
     # -- arithmetic -----------------------------------------------------------------------------
@@ -45,56 +46,8 @@ class SwarmArithmetic:
         ops.combine_(op, spec, self._flats, *values)
         return self
 
-    def __add__(self, other: Any) -> Self:
-        return self._binary(lw.ADD, other)
-
-    def __radd__(self, other: Any) -> Self:
-        return self._binary(lw.ADD, other, reflected=True)
-
-    def __iadd__(self, other: Any) -> Self:
-        return self._binary_(lw.ADD, other)
-
-    def __sub__(self, other: Any) -> Self:
-        return self._binary(lw.SUB, other)
-
-    def __rsub__(self, other: Any) -> Self:
-        return self._binary(lw.RSUB, other, reflected=True)
-
-    def __isub__(self, other: Any) -> Self:
-        return self._binary_(lw.SUB, other)
-
-    def __mul__(self, other: Any) -> Self:
-        return self._binary(lw.MUL, other)
-
-    def __rmul__(self, other: Any) -> Self:
-        return self._binary(lw.MUL, other, reflected=True)
-
-    def __imul__(self, other: Any) -> Self:
-        return self._binary_(lw.MUL, other)
-
-    def __truediv__(self, other: Any) -> Self:
-        return self._binary(lw.DIV, other)
-
-    def __rtruediv__(self, other: Any) -> Self:
-        return self._binary(lw.RDIV, other, reflected=True)
-
-    def __itruediv__(self, other: Any) -> Self:
-        return self._binary_(lw.DIV, other)
-
-    def __pow__(self, other: Any) -> Self:
-        return self._binary(lw.POW, other)
-
-    def __rpow__(self, other: Any) -> Self:
-        return self._binary(lw.RPOW, other, reflected=True)
-
-    def __ipow__(self, other: Any) -> Self:
-        return self._binary_(lw.POW, other)
-
-    def __neg__(self) -> Self:
-        return self._binary(lw.NEG)
-
-    def __pos__(self) -> Self:
-        return self.clone()
+    def _reflected(self, op: lw.Op, other: object) -> Self:
+        return self._binary(op, other, reflected=True)
 
     def add(self, other: Any, *, alpha: Union[int, float] = 1) -> Self:
         """``self + alpha * other`` in one kernel per group (``torch.add`` with ``alpha``).

@@ -89,14 +89,6 @@ def _identity(leaf: Tensor) -> Tensor:
     return leaf
 
 
-def check_scalar(fn: str, scalar: object, names: Sequence[str], leaves: Sequence[Tensor],
-                 active: Sequence[bool], reflected: bool = False) -> None:
-    if isinstance(scalar, (bool, int, float)) and all(
-            leaf.is_floating_point() for leaf, on in zip(leaves, active) if on):
-        return
-    lw.check_scalar(fn, scalar, names, leaves, active, reflected)
-
-
 @without_grad
 def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands: object,
             configs: Optional[Sequence[ParamConfig]] = None, reflected: bool = False) -> list[Tensor]:
@@ -107,7 +99,7 @@ def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands
     active = active_mask(leaves, configs)
     for operand in operands:
         if not isinstance(operand, (list, tuple)):
-            check_scalar(op.name, operand, names, leaves, active, reflected)
+            lw.check_scalar(op.name, operand, names, leaves, active, reflected)
     out = lw.apply(op, leaves, *operands, active=active, carry=_identity)
     return out if all(active) else _carry(leaves, out, active, configs)
 
@@ -119,7 +111,7 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
     active = active_mask(leaves, configs)
     for operand in operands:
         if not isinstance(operand, (list, tuple)):
-            check_scalar(op.name, operand, names, leaves, active)
+            lw.check_scalar(op.name, operand, names, leaves, active)
     check_writable(op.name, names, leaves, active)
     lw.apply_(op, leaves, *operands, active=active)
 

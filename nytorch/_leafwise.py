@@ -93,13 +93,19 @@ def check_pairs(fn: str, names: Sequence[str], left: Sequence[Tensor], right: Se
             )
 
 
-def check_scalar(fn: str, scalar: object, names: Sequence[str], leaves: Sequence[Tensor],
-                 active: Sequence[bool], reflected: bool = False) -> None:
+def check_scalar(fn: str, scalar: object, names: Union[Sequence[str], Callable[[], Sequence[str]]],
+                 leaves: Sequence[Tensor], active: Sequence[bool], reflected: bool = False) -> None:
     """Raise ``TypeError`` when a scalar would change a leaf's dtype (e.g. complex on float).
 
     A 0-dim tensor scalar is judged like a Python number of its kind (float, complex),
     also against 0-dim leaves, whose results ``apply`` casts back to the leaf's dtype.
+    ``names`` may be a callable, called only when a leaf has to be checked.
     """
+    if isinstance(scalar, (bool, int, float)) and all(
+            leaf.is_floating_point() for leaf, on in zip(leaves, active) if on):
+        return  # the common case: a real Python number never changes a floating dtype
+    if callable(names):
+        names = names()
     seen: set[tuple[torch.dtype, torch.device]] = set()
     for name, leaf, on in zip(names, leaves, active):
         if not on or (leaf.dtype, leaf.device) in seen:

@@ -126,7 +126,7 @@ class Particle(Operators):
         for other in others:
             if lw.is_scalar(other):
                 names = [self._names[index[0]] for index in flat.plan.groups]
-                algebra.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
+                lw.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
                 operands.append(other)
                 continue
             if not isinstance(other, Particle) or other._names is not self._names and other._names != self._names:

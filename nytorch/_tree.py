@@ -119,23 +119,15 @@ def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
             raise TypeError(f"{fn}: expected at least one pytree of tensors, got two scalars {a!r} and {b!r}")
         leaves, spec = flatten(fn, b, "the second operand")
         active = [lw.is_arithmetic(leaf) for leaf in leaves]
-        lw.check_scalar(fn, a, path_names(b) if leaves else [], leaves, active, reflected=True)
+        lw.check_scalar(fn, a, lambda: path_names(b), leaves, active, reflected=True)
         return optree.tree_unflatten(spec, lw.apply(lw.REFLECTED[fn], leaves, a, active=active))
     if _is_scalar_operand(b, a):
         leaves, spec = flatten(fn, a, "the first operand")
         active = [lw.is_arithmetic(leaf) for leaf in leaves]
-        _check_scalar_fast(fn, b, a, leaves, active)
+        lw.check_scalar(fn, b, lambda: path_names(a), leaves, active)
         return optree.tree_unflatten(spec, lw.apply(op, leaves, b, active=active))
     left, right, spec = matched(fn, a, b)
     return optree.tree_unflatten(spec, lw.apply(op, left, right))
-
-
-def _check_scalar_fast(fn: str, scalar: object, tree: PyTree, leaves: list[Tensor], active: list[bool]) -> None:
-    # Path names are computed only when a check could fail: most scalars are plain floats.
-    if isinstance(scalar, (bool, int, float)) and all(
-            leaf.is_floating_point() for leaf, on in zip(leaves, active) if on):
-        return
-    lw.check_scalar(fn, scalar, path_names(tree), leaves, active)
 
 
 def add(a: PyTree, b: PyTree | Scalar, /) -> PyTree:
@@ -219,7 +211,7 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
     """
     left, right, spec = matched("lerp", a, b)
     if _is_scalar_operand(weight, a):
-        _check_scalar_fast("lerp", weight, a, left, [lw.is_arithmetic(leaf) for leaf in left])
+        lw.check_scalar("lerp", weight, lambda: path_names(a), left, [lw.is_arithmetic(leaf) for leaf in left])
         return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weight))
     _, weights, _ = matched("lerp", a, weight)
     return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple, Optional, TypeVar, Union
 
 import torch
 
-from .. import _algebra as algebra
 from .. import _leafwise as lw
 from ._state import BufferMode, Operand, check_buffers, check_same, operand
 
@@ -120,7 +119,7 @@ def _check_weight(fn: str, tau: Weight, target: Operand, steps: Plan) -> None:
     if isinstance(tau, float):
         return
     leaves = [target.leaves[i] for i in steps.lerp]
-    algebra.check_scalar(fn, tau, [target.names[i] for i in steps.lerp], leaves, [True] * len(leaves))
+    lw.check_scalar(fn, tau, [target.names[i] for i in steps.lerp], leaves, [True] * len(leaves))
 
 
 def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Optional[Weight] = None,

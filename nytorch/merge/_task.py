@@ -119,18 +119,23 @@ def task_arithmetic(base: M, finetuned: Sequence[Any], /, *, scale: Scale = 1.0)
     """
     start, read, picked = read_tasks("task_arithmetic", base, finetuned)
     lambdas = scales("task_arithmetic", scale, len(read))
-    every = [True] * len(picked)
     total: list[Tensor] = []
     for model, weight in zip(read, lambdas):
         vector = deltas(start, model, picked)
         if not picked:
             break
-        lw.apply_(lw.MUL, vector, weight, active=every)
-        if total:
-            lw.apply_(lw.ADD, total, vector, active=every)
-        else:
-            total = vector
+        total = _accumulate(total, vector, weight)
     return rebuild(start, add_scaled(start, picked, total))  # type: ignore[no-any-return]
+
+
+def _accumulate(total: list[Tensor], vector: list[Tensor], weight: float) -> list[Tensor]:
+    """``total + weight * vector``, written into ``vector`` and ``total`` in place (``vector`` when empty)."""
+    every = [True] * len(vector)
+    lw.apply_(lw.MUL, vector, weight, active=every)
+    if not total:
+        return vector
+    lw.apply_(lw.ADD, total, vector, active=every)
+    return total
 
 
 def _probability(fn: str, drop: object) -> float:
@@ -188,9 +193,5 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
         every = [True] * len(picked)
         lw.apply_(lw.MUL, vector, masks, active=every)
         lw.apply_(lw.DIV, vector, 1.0 - p, active=every)
-        lw.apply_(lw.MUL, vector, weight, active=every)
-        if total:
-            lw.apply_(lw.ADD, total, vector, active=every)
-        else:
-            total = vector
+        total = _accumulate(total, vector, weight)
     return rebuild(start, add_scaled(start, picked, total))  # type: ignore[no-any-return]

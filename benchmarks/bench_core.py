@@ -35,8 +35,8 @@ def _pair(factory: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
 def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> list[Row]:
     a, b = _pair(factory)
     fa, fb = _flat(a), _flat(b)
-    pa, pb = nytorch.particle(a), nytorch.particle(b)
-    ta, tb = nf.params(a), nf.params(b)
+    pa, pb = nytorch.particle(a), nytorch.particle(b)  # packs a and b (one buffer each), as NytoModule ops do
+    ta, tb = nf.params(a), nf.params(b)  # views into those buffers
     la, lb = list(ta.values()), list(tb.values())
     out: list[Row] = []
 

@@ -1,11 +1,12 @@
 """Distributed model averaging vs its floor: ``all_reduce_mean`` of a 50M-parameter model over 4 processes.
 
-Workload (issue 5): ``nytorch.distributed.all_reduce_mean(model)`` (handshake, one coalesced
-buffer per dtype, mean written back into the model's own Parameters once every transfer has
-succeeded: two memory passes) and the same on a model whose parameters already share one
-buffer (``nytorch.flatten_``: reduced in place, no copy), against the floor, one
-``torch.distributed.all_reduce`` of a single flat tensor of the same size, and against the
-naive way, one ``all_reduce`` per parameter tensor.  Target: within 1.2x of the floor.
+Workload (issue 5): ``nytorch.distributed.all_reduce_mean(model)`` as called by default (handshake,
+then the model, packed into one buffer per dtype on its first call, is reduced right there:
+no copy), the same with ``pack=False`` (the model keeps one tensor per parameter: its values
+are copied into one coalesced buffer and the mean back into the Parameters once every transfer
+has succeeded, two extra memory passes), against the floor, one ``torch.distributed.all_reduce``
+of a single flat tensor of the same size, and against the naive way, one ``all_reduce`` per
+parameter tensor.  Target: within 1.2x of the floor.
 
 Four local gloo processes (CPU; NCCL when CUDA is available) take turns: every sample is
 preceded by a barrier and its time is the slowest rank's; implementations alternate inside
@@ -66,7 +67,6 @@ def _per_tensor(model: nn.Module) -> None:
 
 def worker(outdir: str, quick: bool, repeats: int) -> None:
     """One rank: time every implementation, interleaved; rank 0 writes the rows."""
-    import nytorch
     from nytorch import distributed as nd
 
     rank = int(os.environ["RANK"])
@@ -77,15 +77,15 @@ def worker(outdir: str, quick: bool, repeats: int) -> None:
     dist.init_process_group(backend, init_method=os.environ["INIT"], rank=rank, world_size=WORLD)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.manual_seed(rank)
-    model = make_model(quick).to(device)
-    flattened = nytorch.flatten_(make_model(quick).to(device))  # parameters in one buffer already
+    model = make_model(quick).to(device)  # packed by its first all_reduce_mean (the warm-up round)
+    unpacked = make_model(quick).to(device)
     numel = sum(p.numel() for p in model.parameters())
     flat = torch.ones(numel, device=device)  # sums stay finite over the repeats
     impls: dict[str, Callable[[], Any]] = {
         FLOOR: lambda: dist.all_reduce(flat),
         "nytorch all_reduce_mean": lambda: nd.all_reduce_mean(model, timeout=600),
-        "same, after flatten_": lambda: nd.all_reduce_mean(flattened, timeout=600),
-        "all_reduce per tensor": lambda: _per_tensor(model),
+        "same, pack=False": lambda: nd.all_reduce_mean(unpacked, timeout=600, pack=False),
+        "all_reduce per tensor": lambda: _per_tensor(unpacked),
     }
     samples: dict[str, list[float]] = {name: [] for name in impls}
     for repeat in range(repeats + 1):  # the first round warms up

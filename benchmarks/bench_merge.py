@@ -5,9 +5,10 @@ Workloads (issue 7):
 1. One EMA update ``target ← decay·target + (1 − decay)·online`` on a many-small model
    (200 tensors of 64x64) and a wide one (20 tensors, ~50M values; ~3.2M with ``--quick``):
 
-   * ``nytorch EMA.update()``: the ``EMA`` helper (holds the model's tensors, one fused ``lerp_``);
-   * ``nytorch EMA.update(), flatten_``: the same on a model whose parameters were moved into
-     one buffer by the core's ``flatten_`` (one ``lerp_`` over that buffer);
+   * ``nytorch EMA.update()``: the ``EMA`` helper as made by default: it packs the model's
+     parameters into one buffer (Parameter objects kept), so an update is one ``lerp_``;
+   * ``nytorch EMA.update(pack=False)``: the same helper on a model left as it was (one fused
+     ``_foreach_lerp_`` over its tensors);
    * ``nytorch ema_(Particle, Particle)``: the functional form, re-validated every call;
    * ``timm-style _foreach_lerp_``: timm ``ModelEmaV3`` without buffers, i.e.
      ``torch._foreach_lerp_(tuple(ema.parameters()), tuple(model.parameters()), 1 - decay)``;
@@ -41,7 +42,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import nytorch
 import nytorch.functional as nf
 from nytorch import merge
-from nytorch._flat import flatten_
 
 from . import _harness as harness
 
@@ -50,7 +50,7 @@ DECAY = 0.999
 FLOOR_EMA = "floor: flat lerp_"
 FLOOR_SOUP = "floor: [8, n].mean(0)"
 FLOOR_PER_TENSOR = "floor per-tensor: foreach by hand"
-EMA_ROWS = ("nytorch EMA.update()", "nytorch EMA.update(), flatten_")
+EMA_ROWS = ("nytorch EMA.update()", "nytorch EMA.update(pack=False)")
 
 
 def stack(layers: int, width: int) -> nn.Module:
@@ -74,12 +74,12 @@ def _flat(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def ema_rows(size: str, factory: Callable[[], nn.Module], repeats: int) -> list[Row]:
     torch.manual_seed(0)
-    online = factory()
-    flattened = copy.deepcopy(online)
-    flatten_(flattened)
-    ema = merge.EMA(online, decay=DECAY)
-    ema_flat = merge.EMA(flattened, decay=DECAY)
-    target_p, online_p = nytorch.particle(copy.deepcopy(online)), nytorch.particle(online)
+    packed = factory()
+    online = copy.deepcopy(packed)  # as users hold it: one tensor per parameter (the alternatives use it)
+    ema = merge.EMA(packed, decay=DECAY)  # packs ``packed``
+    ema_unpacked = merge.EMA(online, decay=DECAY, pack=False)
+    target_p = nytorch.particle(copy.deepcopy(online), pack=False)
+    online_p = nytorch.particle(online, pack=False)
     timm_copy = copy.deepcopy(online).requires_grad_(False)
     averaged = AveragedModel(online, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
     averaged.update_parameters(online)  # its first update copies; later ones average
@@ -95,7 +95,7 @@ def ema_rows(size: str, factory: Callable[[], nn.Module], repeats: int) -> list[
         FLOOR_EMA: lambda: floor_target.lerp_(floor_online, 1.0 - DECAY),
         FLOOR_PER_TENSOR: lambda: torch._foreach_lerp_(target_list, online_list, 1.0 - DECAY),
         EMA_ROWS[0]: ema.update,
-        EMA_ROWS[1]: ema_flat.update,
+        EMA_ROWS[1]: ema_unpacked.update,
         "nytorch ema_(Particle, Particle)": lambda: merge.ema_(target_p, online_p, decay=DECAY),
         "timm-style _foreach_lerp_": timm_style,
         "AveragedModel + get_ema_multi_avg_fn": lambda: averaged.update_parameters(online),

@@ -166,8 +166,9 @@ def custom(fn: Callable[..., Tensor], leaves: Sequence[Tensor], others: Sequence
 
 def fresh_parameters(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]]) -> list[Tensor]:
     """Leaves ready for ``rebuild``: Parameter objects are reused only where a config says ``clone=False``."""
+    plain = torch.Tensor  # ``type() is`` first: Parameter's isinstance goes through a Python metaclass hook
     return [
-        leaf.detach() if isinstance(leaf, torch.nn.Parameter) and (
+        leaf if type(leaf) is plain else leaf.detach() if isinstance(leaf, torch.nn.Parameter) and (
             configs is None or configs[i].operational or configs[i].clone) else leaf
         for i, leaf in enumerate(leaves)
     ]

@@ -17,7 +17,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "flatten_"]
+__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "pack_", "flatten_"]
 
 
 class FlatPlan:
@@ -112,16 +112,100 @@ def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
     return Flat(plan, buffers, rest, tuple(map(Tensor.data_ptr, leaves)))
 
 
+def _packable(module: nn.Module, params: Sequence[Tensor]) -> Optional[str]:
+    """Why ``module``'s parameters must keep their own storage, or ``None`` when they can be packed."""
+    if any(isinstance(sub, nn.RNNBase) for sub in module.modules()):
+        return "RNN modules manage their own flat weight buffer"
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for param in params:
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            return "a parameter is not initialised yet (lazy module)"
+        if param.layout is not torch.strided or param.device.type == "meta":
+            return f"a parameter has layout {param.layout} on device {param.device}"
+        if not param.is_contiguous():
+            return "a parameter is not contiguous (e.g. channels_last): packing would change its memory format"
+        start = int(param.storage_offset())
+        spans.setdefault(param.untyped_storage().data_ptr(), []).append((start, start + int(param.numel())))
+    for ranges in spans.values():  # parameters in one storage are fine (packed), overlapping ones are tied
+        ranges.sort()
+        if any(later[0] < earlier[1] for earlier, later in zip(ranges, ranges[1:])):
+            return "two parameters share memory: packing would untie them"
+    return None
+
+
+def _arithmetic_groups(params: Sequence[Tensor]) -> list[list[Tensor]]:
+    """Floating tensors by (device, dtype), in order (parameters before buffers, so both fit a plan)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for param in params:
+        if param.is_floating_point() or param.is_complex():
+            groups.setdefault((param.device, param.dtype), []).append(param)
+    return list(groups.values())
+
+
+def _consecutive(members: Sequence[Tensor]) -> bool:
+    first = members[0]
+    offset = first.storage_offset()
+    for member in members:
+        if (not member.is_contiguous() or member.storage_offset() != offset
+                or member.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return False
+        offset += member.numel()
+    return True
+
+
 @torch.no_grad()
+def _pack_groups(groups: Sequence[Sequence[Tensor]]) -> None:
+    for members in groups:
+        buffer = torch.cat([param.detach().reshape(-1) for param in members])
+        views = torch._C._nn.unflatten_dense_tensors(buffer, [param.detach() for param in members])
+        for param, view in zip(members, views):
+            param.data = view
+
+
+def pack_(module: nn.Module) -> bool:
+    """Pack ``module``'s floating parameters (then floating buffers) into one buffer per (device, dtype).
+
+    What ``particle(model)`` and NytoModule arithmetic do on first use.  Parameter
+    objects are kept (optimizers holding them keep working); only their storage
+    moves, once.  Models are left as they are, and ``False`` returned, when packing
+    would change their behaviour (so this is only done when it is safe): RNN modules (they keep their own flat buffer),
+    lazy or meta parameters, non-contiguous parameters (e.g. ``channels_last``), or
+    distinct parameters sharing storage.
+
+    Returns:
+        True when every floating parameter now sits in one buffer per (device, dtype).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> pack_(net), net[1].bias.data_ptr() - net[0].weight.data_ptr()
+    (True, 32)
+    """
+    from ._walk import layout_of  # local: _walk does not depend on this module
+
+    layout = layout_of(module)
+    groups = _arithmetic_groups(layout.params + layout.buffers)
+    loose = [members for members in groups if not _consecutive(members)]
+    if not loose:
+        return True
+    if _packable(module, [param for members in groups for param in members]) is not None:
+        return False
+    _pack_groups(loose)
+    return True
+
+
 def flatten_(module: nn.Module) -> nn.Module:
-    """Move ``module``'s floating parameters into one contiguous buffer per (device, dtype), in place.
+    """Move ``module``'s floating parameters (then buffers) into one buffer per (device, dtype), in place.
 
     Parameter objects are kept (optimizers holding them keep working); only their
     storage moves.  Afterwards every nytorch operation on the model (e.g. an EMA
-    ``lerp_``) is one kernel over that buffer instead of one per tensor.
+    ``lerp_``) is one kernel over that buffer instead of one per tensor.  Unlike the
+    automatic packing of ``particle(model)`` (see ``pack_``) this always packs, and
+    raises instead of silently skipping a model that packing would change.
 
     Returns:
         ``module``.
+
+    Raises:
+        ValueError: packing would change the model's behaviour (the message says why).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     >>> weight = net[0].weight
@@ -131,14 +215,12 @@ def flatten_(module: nn.Module) -> nn.Module:
     """
     from ._walk import layout_of  # local: _walk does not depend on this module
 
-    params = layout_of(module).params
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for param in params:
-        if param.is_floating_point() or param.is_complex():
-            groups.setdefault((param.device, param.dtype), []).append(param)
-    for members in groups.values():
-        buffer = torch.cat([param.detach().reshape(-1) for param in members])
-        views = torch._C._nn.unflatten_dense_tensors(buffer, [param.detach() for param in members])
-        for param, view in zip(members, views):
-            param.data = view
+    layout = layout_of(module)
+    groups = _arithmetic_groups(layout.params + layout.buffers)
+    loose = [members for members in groups if not _consecutive(members)]
+    if loose:
+        reason = _packable(module, [param for members in groups for param in members])
+        if reason is not None:
+            raise ValueError(f"flatten_: cannot pack the parameters of this {type(module).__name__}: {reason}")
+        _pack_groups(loose)
     return module

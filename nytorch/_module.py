@@ -1,7 +1,7 @@
 """``NytoModule``: an ``nn.Module`` you can add, scale and interpolate (nytorch 1.1 API)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -12,7 +12,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
 from ._operators import Operators, State
-from ._particle import Particle, layout_state
+from ._particle import Particle, layout_state, packed_view
 from ._walk import layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
@@ -58,6 +58,84 @@ class NytoModule(Operators, nn.Module):
 
     def _new(self, state: State, leaves: list[Tensor]) -> Self:
         return rebuild(state.source, leaves)  # type: ignore[return-value]
+
+    # -- the one-pass path: packed models, one kernel per buffer ------------------------------
+    def _packed(self, others: Sequence[object]) -> Optional[tuple[Particle, list[object]]]:
+        """Packed views of ``self`` and of the model operands, or ``None`` to take the per-leaf path."""
+        view = packed_view(self)
+        if view is None:
+            return None
+        operands: list[object] = []
+        for other in others:
+            if isinstance(other, nn.Module):
+                if model_class(other) is not model_class(self):
+                    return None
+                other = packed_view(other)
+                if other is None:
+                    return None
+            elif isinstance(other, Particle):
+                if other.model_class is not model_class(self):
+                    return None
+            elif not lw.is_scalar(other):
+                return None
+            operands.append(other)
+        return view, operands
+
+    def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
+        packed = self._packed(others)
+        result = None if packed is None else packed[0]._flat_binary(op, packed[1], reflected)
+        if result is None:
+            return super()._binary(op, *others, reflected=reflected)
+        return result.module()  # type: ignore[return-value]
+
+    def _binary_(self, op: lw.Op, *others: object) -> Self:
+        packed = self._packed(others)
+        if packed is None or not packed[0]._flat_binary_(op, packed[1]):
+            return super()._binary_(op, *others)
+        return self
+
+    def _flat_result(self, make: Callable[[Particle], Optional[Particle]]) -> Optional[Self]:
+        view = packed_view(self)
+        result = None if view is None else make(view)
+        return None if result is None else result.module()  # type: ignore[return-value]
+
+    def clone(self) -> Self:
+        """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(2))
+        >>> a = Net()
+        >>> b = a.clone()
+        >>> torch.equal(a.weight, b.weight), a.weight is b.weight
+        (True, False)
+        """
+        return self._flat_result(Particle.clone) or super().clone()
+
+    def randn(self) -> Self:
+        """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(2))
+        >>> tuple(Net().randn().weight.shape)
+        (2,)
+        """
+        return self._flat_result(Particle.randn) or super().randn()
+
+    def rand(self) -> Self:
+        """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
+
+        >>> class Net(NytoModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(2))
+        >>> bool((Net().rand().weight < 1).all())
+        True
+        """
+        return self._flat_result(Particle.rand) or super().rand()
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):

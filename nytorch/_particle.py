@@ -1,6 +1,7 @@
 """``Particle``: any ``nn.Module``'s parameters as one value you can do arithmetic on."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -12,12 +13,12 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
-from ._flat import Flat, FlatPlan, find_flat, plan_for
+from ._flat import Flat, FlatPlan, find_flat, pack_, plan_for
 from ._walk import Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
-__all__ = ["Particle", "particle", "layout_state"]
+__all__ = ["Particle", "particle", "packed_view", "layout_state"]
 
 
 def layout_state(layout: Layout, buffers: bool) -> tuple[list[str], list[Tensor]]:
@@ -129,8 +130,11 @@ class Particle(Operators):
                 lw.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
                 operands.append(other)
                 continue
-            if not isinstance(other, Particle) or other._names is not self._names and other._names != self._names:
+            if not isinstance(other, Particle):
                 return None
+            if other._names is not self._names and (other._names != self._names
+                                                    or other.model_class is not self.model_class):
+                return None  # the per-leaf path names the mismatch
             if other._signature is not self._signature and other._signature != self._signature:
                 return None
             found = other._flat_form()
@@ -144,23 +148,34 @@ class Particle(Operators):
         return {i: leaf if configs is not None and not configs[i].operational and not configs[i].clone
                 else leaf.detach().clone() for i, leaf in flat.rest.items()}
 
-    def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
+    def _flat_binary(self, op: lw.Op, others: Sequence[object], reflected: bool = False) -> Optional[Self]:
+        """``op`` as one kernel per flat buffer, or ``None`` when some operand is not flat like this one."""
         flat = self._flat_form()
-        operands = None if flat is None else self._flat_operands(op.name, others, flat, reflected)
+        operands = None if flat is None else self._flat_operands(op.name, tuple(others), flat, reflected)
         if operands is None:
-            return super()._binary(op, *others, reflected=reflected)
+            return None
         with torch.no_grad():
             buffers = lw.apply(op, flat.buffers, *operands)  # type: ignore[union-attr]
         return self._from_flat(Flat(flat.plan, buffers, self._carried(flat)))  # type: ignore[union-attr, arg-type]
 
-    def _binary_(self, op: lw.Op, *others: object) -> Self:
+    def _flat_binary_(self, op: lw.Op, others: Sequence[object]) -> bool:
+        """``op`` in place, one kernel per flat buffer; ``False`` (nothing written) when not flat."""
         flat = self._flat_form()
-        operands = None if flat is None else self._flat_operands(op.name, others, flat, False)
+        operands = None if flat is None else self._flat_operands(op.name, tuple(others), flat, False)
         if operands is None:
-            return super()._binary_(op, *others)
+            return False
+        names = [self._names[index[0]] for index in flat.plan.groups]  # type: ignore[union-attr]
+        algebra.check_writable(op.name, names, flat.buffers)  # type: ignore[union-attr]
         with torch.no_grad():
             lw.apply_(op, flat.buffers, *operands)  # type: ignore[union-attr]
-        return self
+        return True
+
+    def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
+        result = self._flat_binary(op, others, reflected)
+        return super()._binary(op, *others, reflected=reflected) if result is None else result
+
+    def _binary_(self, op: lw.Op, *others: object) -> Self:
+        return self if self._flat_binary_(op, others) else super()._binary_(op, *others)
 
     def _flat_unary(self, fn: Callable[[Tensor], Tensor]) -> Optional[Self]:
         flat = self._flat_form()
@@ -168,6 +183,24 @@ class Particle(Operators):
             return None
         with torch.no_grad():
             return self._from_flat(Flat(flat.plan, [fn(buffer) for buffer in flat.buffers], self._carried(flat)))
+
+    def _flat_fill(self, fill: Callable[[Tensor], Any]) -> Optional[Self]:
+        """A flat result whose every leaf view is filled by ``fill`` in leaf order.
+
+        Random fills go leaf by leaf so that a seed gives the same values as per-tensor
+        ``randn_like`` (and nytorch 1.1), packed or not.
+        """
+        flat = self._flat_form()
+        if flat is None:
+            return None
+        buffers = [torch.empty_like(buffer) for buffer in flat.buffers]
+        views: dict[int, Tensor] = {}
+        for buffer, index, likes in zip(buffers, flat.plan.groups, flat.plan.likes):
+            views.update(zip(index, torch._C._nn.unflatten_dense_tensors(buffer, likes)))
+        with torch.no_grad():
+            for i in sorted(views):
+                fill(views[i])
+        return self._from_flat(Flat(flat.plan, buffers, self._carried(flat)))
 
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
@@ -184,7 +217,7 @@ class Particle(Operators):
         >>> tuple(particle(torch.nn.Linear(2, 1)).randn().params["weight"].shape)
         (1, 2)
         """
-        return self._flat_unary(torch.randn_like) or super().randn()
+        return self._flat_fill(Tensor.normal_) or super().randn()
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
@@ -192,7 +225,7 @@ class Particle(Operators):
         >>> bool((particle(torch.nn.Linear(2, 1)).rand().params["bias"] < 1).all())
         True
         """
-        return self._flat_unary(torch.rand_like) or super().rand()
+        return self._flat_fill(Tensor.uniform_) or super().rand()
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):
@@ -362,14 +395,21 @@ class Particle(Operators):
         return self._new(state, algebra.custom(fn, self._leaves, [leaves], self._configs))
 
 
-def particle(model: nn.Module, *, buffers: bool = False) -> Particle:
-    """Wrap any ``nn.Module`` as a ``Particle`` (no subclassing, no copy).
+def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> Particle:
+    """Wrap any ``nn.Module`` as a ``Particle`` (no subclassing, no copy of its values per operation).
 
     Args:
         model: any module (``nn.Sequential``, a torchvision-style model, a NytoModule...).
         buffers: also take floating buffers (e.g. BatchNorm statistics) into arithmetic;
             integer buffers are carried unchanged.  By default buffers are only cloned
             into results.
+        pack: move ``model``'s floating parameters into one contiguous buffer per
+            (device, dtype) first (once; see ``nytorch._flat.pack_``), so that every
+            operation is one kernel per buffer instead of one per tensor.  Parameter
+            objects are kept, so optimizers holding them keep working; tensors taken
+            from the model before (``p.detach()``, ``nf.params(model)``) stop sharing
+            memory with it.  Models that packing would change (RNNs, lazy, non-contiguous
+            or memory-sharing parameters) are left as they are.  ``False``: never move storage.
 
     Returns:
         A Particle viewing ``model``'s parameters (in-place operators write into ``model``).
@@ -386,7 +426,42 @@ def particle(model: nn.Module, *, buffers: bool = False) -> Particle:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"particle: expected an nn.Module as model, got {_class_name(model)}")
+    if pack:
+        pack_(model)
     layout = layout_of(model)
     names, leaves = layout_state(layout, buffers)
     configs = configs_for(layout, names)
     return Particle(layout, names, leaves, configs, buffers)
+
+
+# Per model: the parameter list of its layout and the Flat over it (False: not packable).  Neither
+# refers to the model, so the weak key can die.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[list[Tensor], Any]]" = weakref.WeakKeyDictionary()
+
+
+def packed_view(model: nn.Module) -> Optional[Particle]:
+    """``particle(model)`` with its flat buffers found, or ``None`` when the model cannot be packed.
+
+    What NytoModule operators use: the first call packs ``model`` (see ``particle``'s
+    ``pack``); the flat buffers are then remembered while the model holds the same
+    Parameter objects at the same addresses.
+
+    >>> view = packed_view(torch.nn.Linear(2, 1))
+    >>> (view + 1).params["bias"].shape
+    torch.Size([1])
+    """
+    layout = layout_of(model)
+    seen = _PACKED.get(model)
+    if seen is not None and seen[0] is layout.params:
+        flat = seen[1]
+        if flat is False:
+            return None
+        return Particle(layout, layout.names, layout.params, None, False, layout.signature, flat, flat.plan)
+    if not pack_(model):
+        _PACKED[model] = (layout.params, False)
+        return None
+    layout = layout_of(model)
+    view = Particle(layout, layout.names, layout.params, None, False, layout.signature)
+    found = view._flat_form()
+    _PACKED[model] = (layout.params, False if found is None else found)
+    return None if found is None else view

@@ -269,18 +269,20 @@ def faults(rank: int, world: int, mode: str, timeout: float, outdir: str) -> dic
     """Loop over collectives until a peer fails: the test kills rank ``world - 1`` (``kill``), or it
     stops answering after three rounds (``hang``)."""
     import conftest as c
-    net = c.MLP()
+    net, packed = c.MLP(), c.MLP()
     swarm = Swarm.normal(net, 2, generator=torch.Generator().manual_seed(rank))
     step = 0
     while True:
         started = time.monotonic()
         before = state_of(net)
         try:
-            nd.all_reduce_mean(net, timeout=timeout)
+            # pack=False: a model left in its own tensors keeps its values when a transfer fails
+            nd.all_reduce_mean(net, timeout=timeout, pack=False)
             swarm = nd.exchange(swarm, timeout=timeout)
             nd.best(swarm, torch.rand(2), timeout=timeout)
             before = state_of(net)
-            nd.broadcast(net, 0, timeout=timeout)
+            nd.broadcast(net, 0, timeout=timeout, pack=False)
+            nd.all_reduce_mean(packed, timeout=timeout)  # packed: averaged in place
         except nd.PeerError as error:
             unchanged = all(torch.equal(before[k], v) for k, v in state_of(net).items())
             record = {"error": type(error).__name__, "message": str(error), "unchanged": unchanged,

@@ -394,8 +394,9 @@ def test_a_flattened_model_is_its_own_buffer() -> None:
     net = nyto.flatten_(c.Mixed())
     flat = _flat.flat_of("test", net)
     owned = {str(flat.groups[g].dtype): flat.own(g) for g in range(len(flat.groups))}
-    assert owned["torch.float64"] is not None and owned["torch.complex64"] is not None
-    assert owned["torch.float32"] is None  # the float32 buffer `stat` is not next to the parameters
+    assert all(owned[dtype] is not None for dtype in ("torch.float32", "torch.float64", "torch.complex64"))
+    assert owned["torch.float32"].data_ptr() == net.w32.data_ptr()  # then `frozen`, then the buffer `stat`
+    assert net.get_buffer("stat").data_ptr() == net.frozen.data_ptr() + 2 * 4
     assert owned["torch.float64"].data_ptr() == net.get_parameter("w64").data_ptr()
     plain = _flat.flat_of("test", c.Mixed())
     assert plain.own(next(g for g, group in enumerate(plain.groups) if group.dtype == torch.float32)) is None

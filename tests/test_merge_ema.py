@@ -388,14 +388,31 @@ def test_converted_model_is_noticed():
         ema.update()
 
 
+def test_ema_packs_the_model_it_follows_by_default():
+    model = bn_net()
+    weight = model[0].weight
+    ema = merge.EMA(model, decay=0.5)
+    assert ema._flat is not None and model[0].weight is weight  # same Parameter objects, one buffer
+    assert model[0].bias.data_ptr() == model[0].weight.data_ptr() + model[0].weight.numel() * 4
+    expected = {k: v.clone() for k, v in ema.averaged.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(ema.averaged.state_dict()[name], 0.5 * expected[name] + 0.5 * value), name
+
+
 def test_flattened_model_updates_with_one_lerp_and_same_values():
     torch.manual_seed(0)
     plain = bn_net()
     flat_model = copy.deepcopy(plain)
     flatten_(flat_model)
-    slow, fast = merge.EMA(plain, decay=0.8), merge.EMA(flat_model, decay=0.8)
+    slow, fast = merge.EMA(plain, decay=0.8, pack=False), merge.EMA(flat_model, decay=0.8)
     assert fast._flat is not None and slow._flat is None
-    assert len(fast._flat[0]) == 1 and fast._flat[0][0].numel() == sum(p.numel() for p in plain.parameters())
+    floating = [t for t in plain.state_dict().values() if t.is_floating_point()]  # parameters, then BN statistics
+    assert len(fast._flat[0]) == 1 and fast._flat[0][0].numel() == sum(t.numel() for t in floating)
     gen = torch.Generator().manual_seed(3)
     for step in range(4):
         noise = [torch.randn(p.shape, generator=gen) for p in plain.parameters()]

@@ -78,7 +78,8 @@ def test_binary_ops_match_per_tensor_loop(plain_name: str, op: str, kind: str) -
         expected = ref_map(lambda x: fn(x, operand).to(x.dtype), named(a))
     else:
         expected = ref_map(fn, named(a), ref_operand)
-    assert_dicts(result.params, expected, exact=kind != "tensor0d", rtol=1e-6, atol=0)
+    # pow over one packed buffer and pow per tensor may round the last bit differently (SIMD vs scalar tail)
+    assert_dicts(result.params, expected, exact=kind != "tensor0d" and op != "pow", rtol=1e-6, atol=0)
     assert_snapshot(a, before_a)
     assert_snapshot(b, before_b)
     assert storages(result.params).isdisjoint(storages(a) | storages(b))
@@ -93,7 +94,7 @@ def test_reflected_ops(plain_name: str, op: str, scalar: Any) -> None:
     result = fn(scalar, nytorch.particle(a))
     assert isinstance(result, Particle)
     expected = ref_map(lambda x: fn(scalar, x).to(x.dtype), named(a))
-    assert_dicts(result.params, expected, exact=not isinstance(scalar, Tensor), rtol=1e-6, atol=0)
+    assert_dicts(result.params, expected, exact=not isinstance(scalar, Tensor) and op != "pow", rtol=1e-6, atol=0)
     assert_snapshot(a, before)
 
 
@@ -114,7 +115,7 @@ def test_inplace_ops_write_into_the_model(plain_name: str, op: str) -> None:
     p = nytorch.particle(a)
     q = IOPS[op](p, 1.5)
     assert q is p
-    assert_dicts(named(a), expected_scalar)
+    assert_dicts(named(a), expected_scalar, exact=op != "pow", rtol=1e-6, atol=0)
     expected_model = ref_map(OPS[op], named(a), named(b))
     p2 = nytorch.particle(a)
     p2 = IOPS[op](p2, b)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .._errors import StructureError
+from .._flat import pack_
 from .._particle import Particle
 from .._swarm import Swarm
 from ._comm import Comm, Timeout, resolve
@@ -137,7 +138,7 @@ def _model_buffers(flat: Flat, size: int, groups: Sequence[int], *,
 
 
 @torch.no_grad()
-def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None) -> V:
+def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None, pack: bool = True) -> V:
     """Every rank gets rank ``src``'s value: ``torch.distributed.broadcast`` for a whole model, Particle or Swarm.
 
     Args:
@@ -146,11 +147,16 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None)
         src: the global rank whose value is sent.
         group: the process group (default: the world).
         timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
+        pack: first pack a model's floating parameters and buffers into one buffer per dtype
+            (as ``nytorch.particle`` does; the Parameter objects are kept), so that they receive
+            directly, with no copy.  ``False``: leave the model's storage as it is.
 
     Returns:
         A model: ``x`` itself, updated in place (parameters and buffers, the same Parameter
-        objects; written once the transfer has succeeded, except that leaves lying back to back
-        in memory, as after ``nytorch.flatten_``, receive directly).  A Particle or Swarm: a new
+        objects).  Leaves lying back to back in memory (packed) receive directly, and after a
+        ``PeerError`` their values are undefined, as with ``torch.distributed.broadcast``; the
+        others (``pack=False``, or a model packing would change) are written only once the
+        transfer has succeeded.  A Particle or Swarm: a new
         one holding ``src``'s values (on ``src`` too: a copy).
 
     Raises:
@@ -168,6 +174,8 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None)
     fn = "broadcast"
     if isinstance(src, bool) or not isinstance(src, int):
         raise TypeError(f"{fn}: expected an int global rank as src, got {type(src).__name__}")
+    if pack and isinstance(x, nn.Module):
+        pack_(x)
     in_place = isinstance(x, nn.Module)
 
     def prepare(comm: Comm, flat: Flat) -> Optional[tuple[list[Optional[Tensor]], set[int]]]:
@@ -201,7 +209,7 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None)
 
 
 @torch.no_grad()
-def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
+def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: bool = True) -> V:
     """The element-wise mean of ``x`` over the ranks, on every rank (model averaging, FedAvg).
 
     What is averaged: floating and complex leaves, i.e. a model's parameters and floating
@@ -209,17 +217,21 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
     only when made with ``buffers=True``, as for their arithmetic).  Integer and bool leaves
     and non-operational parameters (``ParamConfig``) stay as each rank has them.  Values are
     divided by the group size while being packed, then summed on the wire in their own
-    dtype (one buffer per dtype; float8 in float32).  A model is written only once every
-    transfer has succeeded (after a ``PeerError`` it still holds its own values), except
-    where its leaves of one dtype already lie back to back in memory (``nytorch.flatten_``):
-    those are averaged right there, with no copy at all, and a ``PeerError`` leaves them
-    undefined, as it does for ``torch.distributed.all_reduce``.
+    dtype (one buffer per dtype; float8 in float32).  A model is packed first (``pack``) and
+    averaged right there in its buffers, with no copy at all; a ``PeerError`` then leaves its
+    values undefined, as it does for ``torch.distributed.all_reduce``.  A model that is not
+    packed (``pack=False``, or one that packing would change, see ``nytorch.particle``) is
+    written only once every transfer has succeeded: after a ``PeerError`` it still holds
+    its own values.
 
     Args:
         x: a model, a ``Particle`` or a ``Swarm`` (same number of members on every rank:
             member ``i`` is averaged with member ``i`` of the other ranks).
         group: the process group (default: the world).
         timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
+        pack: first pack a model's floating parameters and buffers into one buffer per dtype
+            (once; the Parameter objects are kept, so optimizers keep working).  ``False``:
+            leave the model's storage as it is (one extra copy each way per call).
 
     Returns:
         A model: ``x`` itself, averaged in place.  A Particle or Swarm: a new one.
@@ -238,6 +250,8 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None) -> V:
     """
     fn = "all_reduce_mean"
     in_place = isinstance(x, nn.Module)
+    if pack and in_place:
+        pack_(x)  # type: ignore[arg-type]
 
     def prepare(comm: Comm, flat: Flat) -> tuple[list[Optional[Tensor]], set[int], list[Piece]]:
         """Allocate and pack the first piece while the headers travel."""

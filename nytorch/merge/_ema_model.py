@@ -2,7 +2,7 @@
 
 Like an optimizer, an ``EMA`` keeps the model's tensors it was built with, so
 ``update()`` neither walks the module tree nor re-validates it: it is one fused
-``lerp_`` (a single ``lerp_`` over one buffer when the model was ``flatten_``-ed).
+``lerp_`` (a single ``lerp_`` over one buffer: the model is packed when the EMA is made).
 A cheap fingerprint notices when the model was moved (``model.to(...)``) and
 re-validates then.  Passing another model object to ``update`` reads and checks it.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import _leafwise as lw
-from .._flat import Flat, find_flat, plan_for
+from .._flat import Flat, find_flat, pack_, plan_for
 from ._ema import apply_plan_, lerp_, plan, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, check_same, operand, rebuild
@@ -47,6 +47,10 @@ class EMA:
             (``step`` counts the updates already applied).
         buffers: ``"average"`` (default, like timm), ``"copy"`` (like ``swa_utils.AveragedModel``)
             or ``"keep"`` floating buffers; integer buffers are copied unless ``"keep"``.
+        pack: pack a module ``model``'s floating parameters and buffers into one buffer per
+            dtype first (as ``nytorch.particle`` does; Parameter objects are kept, so the
+            optimizer keeps working), which makes ``update()`` one ``lerp_`` per buffer.
+            ``False`` leaves the model's storage alone (one fused ``lerp_`` over its tensors).
 
     Attributes:
         averaged: the average, of ``model``'s kind (a module in eval mode without gradients).
@@ -67,10 +71,13 @@ class EMA:
     """
 
     def __init__(self, model: Any, /, *, decay: Union[float, Schedule] = 0.9999,
-                 buffers: BufferMode = "average") -> None:
+                 buffers: BufferMode = "average", pack: bool = True) -> None:
         check_buffers("EMA", buffers)
         if not callable(decay):
             weight_of("EMA", decay, None)
+        self._pack = pack and isinstance(model, nn.Module)
+        if self._pack:
+            pack_(model)
         self._schedule = decay
         self._buffers: BufferMode = buffers
         self._model = model
@@ -135,6 +142,8 @@ class EMA:
     def _cached(self, fn: str) -> Operand:
         if self._fingerprint() != self._seen:  # moved or converted since: check again
             check_same(fn, self._target, self._online, "model")
+            if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
+                pack_(self._model)
             self._prepare()
         return self._online
 

@@ -215,7 +215,8 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
         return []
     if all(active):  # the common case: no selection, no carrying
         picked = [list(o) if isinstance(o, tuple) else o for o in operands]
-        if op.foreach is not None and not needs_per_leaf(left, *picked):
+        # one tensor (a packed buffer): a plain kernel call skips foreach's list handling
+        if len(left) > 1 and op.foreach is not None and not needs_per_leaf(left, *picked):
             results = list(_fused(op.foreach, list(left), _detached(picked)))
         else:
             results = [op.leaf(leaf, *(o[k] if isinstance(o, list) else o for o in picked))
@@ -261,7 +262,7 @@ def apply_(op: Op, left: Sequence[Tensor], *operands: object,
     index, picked_left, picked = _pick(left, operands, active)
     if not index:
         return
-    if op.foreach_ is not None and not transforms_active():
+    if len(picked_left) > 1 and op.foreach_ is not None and not transforms_active():
         _fused(op.foreach_, picked_left, _detached(picked))
         return
     leaf_ = op.leaf_

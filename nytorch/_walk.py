@@ -140,39 +140,37 @@ class Layout:
         other._family = self._family
         return other
 
-    def _expectation(self, root: nn.Module) -> list[tuple[tuple, tuple, tuple, tuple, tuple, tuple]]:
-        """Per module: names and object ids of its children, parameters and buffers."""
+    def _expectation(self, root: nn.Module) -> list:
+        """Per module and per table (children, parameters, buffers): its length, names and object ids."""
         modules = [root] + self.modules[1:]
-        def ids(slots: list[tuple[str, Optional[int]]], values: Sequence[object]) -> tuple:
-            return tuple(id(None if i is None else values[i]) for _, i in slots)
-        return [
-            (tuple(name for name, _ in children), ids(children, modules),
-             tuple(name for name, _ in params), ids(params, self.params),
-             tuple(name for name, _ in buffers), ids(buffers, self.buffers))
-            for children, params, buffers in zip(self.children, self.param_slots, self.buffer_slots)
-        ]
+        out: list = []
+        for children, params, buffers in zip(self.children, self.param_slots, self.buffer_slots):
+            for slots, values in ((children, modules), (params, self.params), (buffers, self.buffers)):
+                out.append(len(slots))
+                out.extend(name for name, _ in slots)
+                out.extend(id(None if i is None else values[i]) for _, i in slots)  # type: ignore[index]
+        return out
 
     def _matches(self, root: nn.Module) -> bool:
         """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed.
 
         Object ids are compared: this layout holds every listed object, so none of those ids
-        can have been reused by another object.
+        can have been reused by another object.  The whole tree is read into one flat list
+        (lengths, names, ids) and compared with one list comparison.
         """
         expected = self._expect
         if expected is None:
             expected = self._expect = self._expectation(root)
         modules = self.modules
-        for k, (child_names, child_ids, param_names, param_ids, buffer_names, buffer_ids) in enumerate(expected):
-            module = root if k == 0 else modules[k]
-            table = module._modules
-            if tuple(table) != child_names or tuple(map(id, table.values())) != child_ids:
-                return False
-            own_params = module._parameters
-            if tuple(own_params) != param_names or tuple(map(id, own_params.values())) != param_ids:
-                return False
-            own_buffers = module._buffers
-            if tuple(own_buffers) != buffer_names or tuple(map(id, own_buffers.values())) != buffer_ids:
-                return False
+        seen: list = []
+        append, extend = seen.append, seen.extend
+        for module in [root] + modules[1:]:
+            for table in (module._modules, module._parameters, module._buffers):
+                append(len(table))
+                extend(table)
+                extend(map(id, table.values()))
+        if seen != expected:
+            return False
         for _, config_table, k in self.tables:
             owner = root if k == 0 else modules[k]
             if owner.__dict__.get(CONFIG_ATTR) is not config_table:

@@ -450,15 +450,20 @@ def test_matches_averaged_model_with_ema_multi_avg_fn(use_buffers):
     assert int(ema.averaged[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 5
 
 
-def test_flattened_model_moved_afterwards_falls_back_to_per_tensor():
+@pytest.mark.parametrize("pack", [True, False])
+def test_flattened_model_moved_afterwards_is_packed_again_or_falls_back(pack):
     torch.manual_seed(0)
     model = bn_net()
     flatten_(model)
-    ema = merge.EMA(model, decay=0.5)
+    ema = merge.EMA(model, decay=0.5, pack=pack)
     assert ema._flat is not None
     with torch.no_grad():  # a .data swap (what model.to(...) does) moves one parameter out of the buffer
         model[0].weight.data = model[0].weight.data.clone()
     expected = reference_ema(ema.averaged, model, 0.5, "average")
     ema.update()
-    assert ema._flat is None
+    if pack:  # packed again (the weight back in the one buffer), still one lerp_
+        assert ema._flat is not None
+        assert model[0].bias.data_ptr() == model[0].weight.data_ptr() + model[0].weight.numel() * 4
+    else:
+        assert ema._flat is None
     assert_state(ema.averaged, expected)

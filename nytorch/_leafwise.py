@@ -12,6 +12,7 @@ leaves (``num_batches_tracked``, masks) are carried through unchanged.
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -64,6 +65,43 @@ def is_scalar(value: object) -> bool:
 def is_arithmetic(leaf: Tensor) -> bool:
     """True for leaves that take part in arithmetic (floating or complex dtypes)."""
     return leaf.is_floating_point() or leaf.is_complex()
+
+
+class _ArithmeticDtypes(dict):
+    """``dtype -> takes part in arithmetic``, filled on first sight (lookups stay in C)."""
+
+    def __missing__(self, dtype: torch.dtype) -> bool:
+        self[dtype] = value = dtype.is_floating_point or dtype.is_complex
+        return value
+
+
+_ARITHMETIC_DTYPES = _ArithmeticDtypes()
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_IS_CPU = operator.attrgetter("is_cpu")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def arithmetic_mask(leaves: Sequence[Tensor]) -> list[bool]:
+    """``is_arithmetic`` of every leaf, in one C-level pass (it runs on every operation).
+
+    >>> arithmetic_mask([torch.ones(1), torch.tensor([1])])
+    [True, False]
+    """
+    return list(map(_ARITHMETIC_DTYPES.__getitem__, map(_DTYPE, leaves)))
+
+
+def same_layout(left: Sequence[Tensor], right: Sequence[Tensor]) -> bool:
+    """True when the two leaf lists agree in shape, dtype and device, leaf by leaf.
+
+    >>> same_layout([torch.ones(2)], [torch.zeros(2)]), same_layout([torch.ones(2)], [torch.zeros(3)])
+    (True, False)
+    """
+    if list(map(_SHAPE, left)) != list(map(_SHAPE, right)) or list(map(_DTYPE, left)) != list(map(_DTYPE, right)):
+        return False
+    if all(map(_IS_CPU, left)) and all(map(_IS_CPU, right)):
+        return True
+    return [leaf.device for leaf in left] == [leaf.device for leaf in right]
 
 
 def describe(leaf: Tensor) -> str:
@@ -151,9 +189,8 @@ def needs_per_leaf(*groups: object) -> bool:
             if group.requires_grad:
                 return True
         elif isinstance(group, (list, tuple)):
-            for leaf in group:
-                if isinstance(leaf, Tensor) and leaf.requires_grad:
-                    return True
+            if any(map(_REQUIRES_GRAD, group)):  # leaf lists hold tensors only; a C-level loop
+                return True
     return False
 
 
@@ -167,7 +204,7 @@ def groups(leaves: Sequence[Tensor]) -> Optional[list[list[int]]]:
     On the CPU every foreach kernel loops per tensor anyway, so only accelerator
     leaves are split: their fused kernels need one device and one dtype per call.
     """
-    if all(leaf.is_cpu for leaf in leaves):
+    if all(map(_IS_CPU, leaves)):
         return None
     found: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, leaf in enumerate(leaves):
@@ -210,7 +247,7 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     [tensor([2.5000, 2.5000]), tensor([1, 2])]
     """
     if active is None:
-        active = [is_arithmetic(leaf) for leaf in left]
+        active = arithmetic_mask(left)
     if not left:
         return []
     if all(active):  # the common case: no selection, no carrying
@@ -258,7 +295,7 @@ def apply_(op: Op, left: Sequence[Tensor], *operands: object,
     [tensor([3., 3.])]
     """
     if active is None:
-        active = [is_arithmetic(leaf) for leaf in left]
+        active = arithmetic_mask(left)
     index, picked_left, picked = _pick(left, operands, active)
     if not index:
         return

@@ -12,7 +12,8 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
 from ._operators import Operators, State
-from ._particle import Particle, layout_state, packed_view
+from . import _packed as packed
+from ._particle import Particle, layout_state
 from ._walk import layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
@@ -59,45 +60,13 @@ class NytoModule(Operators, nn.Module):
     def _new(self, state: State, leaves: list[Tensor]) -> Self:
         return rebuild(state.source, leaves)  # type: ignore[return-value]
 
-    # -- the one-pass path: packed models, one kernel per buffer ------------------------------
-    def _packed(self, others: Sequence[object]) -> Optional[tuple[Particle, list[object]]]:
-        """Packed views of ``self`` and of the model operands, or ``None`` to take the per-leaf path."""
-        view = packed_view(self)
-        if view is None:
-            return None
-        operands: list[object] = []
-        for other in others:
-            if isinstance(other, nn.Module):
-                if model_class(other) is not model_class(self):
-                    return None
-                other = packed_view(other)
-                if other is None:
-                    return None
-            elif isinstance(other, Particle):
-                if other.model_class is not model_class(self):
-                    return None
-            elif not lw.is_scalar(other):
-                return None
-            operands.append(other)
-        return view, operands
-
+    # -- the one-pass path: packed models, one kernel per buffer (see ``_packed``) ------------
     def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
-        packed = self._packed(others)
-        result = None if packed is None else packed[0]._flat_binary(op, packed[1], reflected)
-        if result is None:
-            return super()._binary(op, *others, reflected=reflected)
-        return result.module()  # type: ignore[return-value]
+        result = packed.binary(self, op, others, reflected)
+        return super()._binary(op, *others, reflected=reflected) if result is None else result  # type: ignore[return-value]
 
     def _binary_(self, op: lw.Op, *others: object) -> Self:
-        packed = self._packed(others)
-        if packed is None or not packed[0]._flat_binary_(op, packed[1]):
-            return super()._binary_(op, *others)
-        return self
-
-    def _flat_result(self, make: Callable[[Particle], Optional[Particle]]) -> Optional[Self]:
-        view = packed_view(self)
-        result = None if view is None else make(view)
-        return None if result is None else result.module()  # type: ignore[return-value]
+        return self if packed.binary_(self, op, others) else super()._binary_(op, *others)
 
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
@@ -111,7 +80,7 @@ class NytoModule(Operators, nn.Module):
         >>> torch.equal(a.weight, b.weight), a.weight is b.weight
         (True, False)
         """
-        return self._flat_result(Particle.clone) or super().clone()
+        return packed.unary(self, lambda flat: [buffer.clone() for buffer in flat.buffers]) or super().clone()  # type: ignore[return-value]
 
     def randn(self) -> Self:
         """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
@@ -123,7 +92,7 @@ class NytoModule(Operators, nn.Module):
         >>> tuple(Net().randn().weight.shape)
         (2,)
         """
-        return self._flat_result(Particle.randn) or super().randn()
+        return packed.unary(self, lambda flat: packed.fill(flat, Tensor.normal_)) or super().randn()  # type: ignore[return-value]
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
@@ -135,7 +104,7 @@ class NytoModule(Operators, nn.Module):
         >>> bool((Net().rand().weight < 1).all())
         True
         """
-        return self._flat_result(Particle.rand) or super().rand()
+        return packed.unary(self, lambda flat: packed.fill(flat, Tensor.uniform_)) or super().rand()  # type: ignore[return-value]
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):

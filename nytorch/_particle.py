@@ -1,7 +1,6 @@
 """``Particle``: any ``nn.Module``'s parameters as one value you can do arithmetic on."""
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -14,11 +13,12 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, pack_, plan_for
+from ._packed import active_for, carried, fill
 from ._walk import Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
-__all__ = ["Particle", "particle", "packed_view", "layout_state"]
+__all__ = ["Particle", "particle", "layout_state"]
 
 
 def layout_state(layout: Layout, buffers: bool) -> tuple[list[str], list[Tensor]]:
@@ -98,8 +98,7 @@ class Particle(Operators):
         return self._active_for(self._configs)
 
     def _active_for(self, configs: Optional[Sequence[ParamConfig]]) -> tuple[bool, ...]:
-        return tuple((dtype.is_floating_point or dtype.is_complex) and (configs is None or configs[i].operational)
-                     for i, (_, dtype, _) in enumerate(self._signature))
+        return active_for(self._signature, configs)
 
     def _flat_form(self) -> Optional[Flat]:
         """This Particle's flat buffers, when its arithmetic leaves are (or sit in) one buffer per dtype."""
@@ -144,9 +143,7 @@ class Particle(Operators):
         return operands
 
     def _carried(self, flat: Flat) -> dict[int, Tensor]:
-        configs = self._configs if flat.rest else None
-        return {i: leaf if configs is not None and not configs[i].operational and not configs[i].clone
-                else leaf.detach().clone() for i, leaf in flat.rest.items()}
+        return carried(flat, self._configs if flat.rest else None)
 
     def _flat_binary(self, op: lw.Op, others: Sequence[object], reflected: bool = False) -> Optional[Self]:
         """``op`` as one kernel per flat buffer, or ``None`` when some operand is not flat like this one."""
@@ -184,23 +181,12 @@ class Particle(Operators):
         with torch.no_grad():
             return self._from_flat(Flat(flat.plan, [fn(buffer) for buffer in flat.buffers], self._carried(flat)))
 
-    def _flat_fill(self, fill: Callable[[Tensor], Any]) -> Optional[Self]:
-        """A flat result whose every leaf view is filled by ``fill`` in leaf order.
-
-        Random fills go leaf by leaf so that a seed gives the same values as per-tensor
-        ``randn_like`` (and nytorch 1.1), packed or not.
-        """
+    def _flat_fill(self, method: Callable[[Tensor], Any]) -> Optional[Self]:
+        """A flat result whose leaf views are filled by ``method`` in leaf order (see ``_packed.fill``)."""
         flat = self._flat_form()
         if flat is None:
             return None
-        buffers = [torch.empty_like(buffer) for buffer in flat.buffers]
-        views: dict[int, Tensor] = {}
-        for buffer, index, likes in zip(buffers, flat.plan.groups, flat.plan.likes):
-            views.update(zip(index, torch._C._nn.unflatten_dense_tensors(buffer, likes)))
-        with torch.no_grad():
-            for i in sorted(views):
-                fill(views[i])
-        return self._from_flat(Flat(flat.plan, buffers, self._carried(flat)))
+        return self._from_flat(Flat(flat.plan, fill(flat, method), self._carried(flat)))
 
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
@@ -433,35 +419,3 @@ def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> P
     configs = configs_for(layout, names)
     return Particle(layout, names, leaves, configs, buffers)
 
-
-# Per model: the parameter list of its layout and the Flat over it (False: not packable).  Neither
-# refers to the model, so the weak key can die.
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[list[Tensor], Any]]" = weakref.WeakKeyDictionary()
-
-
-def packed_view(model: nn.Module) -> Optional[Particle]:
-    """``particle(model)`` with its flat buffers found, or ``None`` when the model cannot be packed.
-
-    What NytoModule operators use: the first call packs ``model`` (see ``particle``'s
-    ``pack``); the flat buffers are then remembered while the model holds the same
-    Parameter objects at the same addresses.
-
-    >>> view = packed_view(torch.nn.Linear(2, 1))
-    >>> (view + 1).params["bias"].shape
-    torch.Size([1])
-    """
-    layout = layout_of(model)
-    seen = _PACKED.get(model)
-    if seen is not None and seen[0] is layout.params:
-        flat = seen[1]
-        if flat is False:
-            return None
-        return Particle(layout, layout.names, layout.params, None, False, layout.signature, flat, flat.plan)
-    if not pack_(model):
-        _PACKED[model] = (layout.params, False)
-        return None
-    layout = layout_of(model)
-    view = Particle(layout, layout.names, layout.params, None, False, layout.signature)
-    found = view._flat_form()
-    _PACKED[model] = (layout.params, False if found is None else found)
-    return None if found is None else view

@@ -52,14 +52,13 @@ def flatten(fn: str, tree: PyTree, argument: str = "tree") -> tuple[list[Tensor]
     if tree is None:
         raise TypeError(f"{fn}: expected a pytree of tensors or a scalar as {argument}, got None")
     leaves, spec = optree.tree_flatten(tree)
-    for leaf in leaves:
-        if not isinstance(leaf, Tensor):
-            bad = next(i for i, value in enumerate(leaves) if not isinstance(value, Tensor))
-            name = path_names(tree)[bad]
-            raise TypeError(
-                f"{fn}: expected a pytree of tensors or a scalar as {argument}, "
-                f"but the leaf at {name!r} is a {type(leaves[bad]).__name__}"
-            )
+    if not all(issubclass(kind, Tensor) for kind in set(map(type, leaves))):
+        bad = next(i for i, value in enumerate(leaves) if not isinstance(value, Tensor))
+        name = path_names(tree)[bad]
+        raise TypeError(
+            f"{fn}: expected a pytree of tensors or a scalar as {argument}, "
+            f"but the leaf at {name!r} is a {type(leaves[bad]).__name__}"
+        )
     return leaves, spec
 
 
@@ -97,11 +96,8 @@ def matched(fn: str, a: PyTree, b: PyTree) -> tuple[list[Tensor], list[Tensor], 
     """Flatten two trees and check they share structure, shapes, dtypes and devices."""
     left, spec = flatten(fn, a, "the first operand")
     right, spec_b = flatten(fn, b, "the second operand")
-    if spec != spec_b:
+    if spec != spec_b or not lw.same_layout(left, right):
         raise _mismatch(fn, a, b)
-    for x, y in zip(left, right):
-        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
-            raise _mismatch(fn, a, b)
     return left, right, spec
 
 
@@ -118,12 +114,12 @@ def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
         if _is_scalar_operand(b, a):
             raise TypeError(f"{fn}: expected at least one pytree of tensors, got two scalars {a!r} and {b!r}")
         leaves, spec = flatten(fn, b, "the second operand")
-        active = [lw.is_arithmetic(leaf) for leaf in leaves]
+        active = lw.arithmetic_mask(leaves)
         lw.check_scalar(fn, a, lambda: path_names(b), leaves, active, reflected=True)
         return optree.tree_unflatten(spec, lw.apply(lw.REFLECTED[fn], leaves, a, active=active))
     if _is_scalar_operand(b, a):
         leaves, spec = flatten(fn, a, "the first operand")
-        active = [lw.is_arithmetic(leaf) for leaf in leaves]
+        active = lw.arithmetic_mask(leaves)
         lw.check_scalar(fn, b, lambda: path_names(a), leaves, active)
         return optree.tree_unflatten(spec, lw.apply(op, leaves, b, active=active))
     left, right, spec = matched(fn, a, b)

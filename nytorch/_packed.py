@@ -1,0 +1,217 @@
+"""Arithmetic on packed models: one kernel per buffer, results born packed.
+
+A model is packed on first use (``_flat.pack_``): its floating parameters become
+views into one buffer per (device, dtype).  The ``Flat`` over those buffers is
+remembered per model while its layout holds (same Parameter objects at the same
+addresses, which ``layout_of`` checks anyway), so an operator costs one layout
+check per operand, one kernel per buffer and the rebuild of the result, whose
+Parameters are views into the output buffers and which is remembered as packed
+in turn.  Anything this path does not cover (another class, a Particle with
+buffers, a model that cannot be packed, configs changed since) returns ``None``
+and the caller takes the per-leaf path, which also raises the informative errors.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import _algebra as algebra
+from . import _leafwise as lw
+from ._config import ParamConfig, configs_for
+from ._flat import Flat, find_flat, pack_, plan_for
+from ._walk import _CACHE, Layout, layout_of, model_class, rebuild
+
+Tensor = torch.Tensor
+
+__all__ = ["packed", "remember", "binary", "binary_", "unary", "carried", "active_for"]
+
+# Per model: the parameter list of its layout and the Flat over it (False: not packable).  Neither
+# refers to the model, so the weak key can die.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[list[Tensor], Any]]" = weakref.WeakKeyDictionary()
+
+
+def active_for(signature: Sequence[tuple], configs: Optional[Sequence[ParamConfig]]) -> tuple[bool, ...]:
+    """Which leaves take part in arithmetic: floating or complex, and operational.
+
+    >>> active_for([(torch.Size([1]), torch.float32, None), (torch.Size([1]), torch.int64, None)], None)
+    (True, False)
+    """
+    return tuple((dtype.is_floating_point or dtype.is_complex) and (configs is None or configs[i].operational)
+                 for i, (_, dtype, _) in enumerate(signature))
+
+
+def packed(model: nn.Module) -> Optional[tuple[Layout, Flat]]:
+    """``model``'s layout and the flat buffers its parameters view, packing it on first use.
+
+    Returns ``None`` when the model cannot be packed (see ``_flat.pack_``).
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> layout, flat = packed(net)
+    >>> flat.buffers[0].numel(), net.bias.data_ptr() - net.weight.data_ptr()
+    (3, 8)
+    """
+    layout = layout_of(model)
+    seen = _PACKED.get(model)
+    if seen is not None and seen[0] is layout.params:
+        return None if seen[1] is False else (layout, seen[1])
+    if not pack_(model):
+        _PACKED[model] = (layout.params, False)
+        return None
+    layout = layout_of(model)
+    found = find_flat(plan_for(layout.signature, active_for(layout.signature, configs_for(layout))), layout.params)
+    if found is not None:
+        found.pointers = None  # ``layout_of`` compares the parameters' addresses on every call
+    _PACKED[model] = (layout.params, False if found is None else found)
+    return None if found is None else (layout, found)
+
+
+def remember(result: nn.Module, flat: Flat) -> None:
+    """Record that ``result`` (just rebuilt from ``flat``'s views) is packed in ``flat``'s buffers."""
+    stored = _CACHE.get(result)
+    if stored is not None:
+        params = stored.params
+        rest = {i: params[i] for i in flat.rest}
+        _PACKED[result] = (params, Flat(flat.plan, flat.buffers, rest))
+
+
+def carried(flat: Flat, configs: Optional[Sequence[ParamConfig]]) -> dict[int, Tensor]:
+    """The inactive leaves of a result: cloned, or shared where a config says ``clone=False``."""
+    if not flat.rest:
+        return {}
+    return {i: leaf if configs is not None and not configs[i].operational and not configs[i].clone
+            else leaf.detach().clone() for i, leaf in flat.rest.items()}
+
+
+def _current(model: nn.Module) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
+    """``packed(model)`` plus its configs, or ``None`` when its configs no longer match the packing."""
+    found = packed(model)
+    if found is None:
+        return None
+    layout, flat = found
+    configs = configs_for(layout)
+    if configs is not None and active_for(layout.signature, configs) != flat.plan.active:
+        return None
+    return layout, flat, configs
+
+
+def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Sequence[object],
+              reflected: bool) -> Optional[list[object]]:
+    from ._particle import Particle  # local: _particle builds on this module
+
+    operands: list[object] = []
+    for other in others:
+        if lw.is_scalar(other):
+            names = [layout.names[index[0]] for index in flat.plan.groups]
+            lw.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
+            operands.append(other)
+            continue
+        if isinstance(other, nn.Module):
+            if model_class(other) is not model_class(model):
+                return None
+            found = _current(other)
+            if found is None:
+                return None
+            names, signature, other_flat = found[0].names, found[0].signature, found[1]
+        elif isinstance(other, Particle):
+            if other._with_buffers or other.model_class is not model_class(model):
+                return None
+            names, signature, other_flat = other._names, other._signature, other._flat_form()
+            if other_flat is None:
+                return None
+        else:
+            return None
+        if names is not layout.names and names != layout.names:
+            return None
+        if signature is not layout.signature and signature != layout.signature:
+            return None
+        if other_flat.plan.active != flat.plan.active:
+            return None
+        operands.append(other_flat.buffers)
+    return operands
+
+
+def _result(layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]], buffers: list[Tensor]) -> nn.Module:
+    out = Flat(flat.plan, buffers, carried(flat, configs))
+    result = rebuild(layout, algebra.fresh_parameters(out.leaves(), configs))
+    remember(result, out)
+    return result
+
+
+def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: bool = False) -> Optional[nn.Module]:
+    """``op(model, *others)`` as one kernel per buffer, or ``None`` when the packed path does not apply.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> torch.equal(binary(net, lw.ADD, [net]).weight, 2 * net.weight)
+    True
+    """
+    found = _current(model)
+    if found is None:
+        return None
+    layout, flat, configs = found
+    operands = _operands(op.name, model, layout, flat, others, reflected)
+    if operands is None:
+        return None
+    with torch.no_grad():
+        buffers = lw.apply(op, flat.buffers, *operands)
+    return _result(layout, flat, configs, buffers)
+
+
+def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
+    """``op`` in place on ``model``'s buffers; ``False`` (nothing written) when the packed path does not apply.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> expected = net.weight * 3
+    >>> binary_(net, lw.MUL, [3.0]), torch.equal(net.weight, expected)
+    (True, True)
+    """
+    found = _current(model)
+    if found is None:
+        return False
+    layout, flat, _ = found
+    operands = _operands(op.name, model, layout, flat, others, False)
+    if operands is None:
+        return False
+    algebra.check_writable(op.name, [layout.names[index[0]] for index in flat.plan.groups], flat.buffers)
+    with torch.no_grad():
+        lw.apply_(op, flat.buffers, *operands)
+    return True
+
+
+def unary(model: nn.Module, make: Callable[[Flat], list[Tensor]]) -> Optional[nn.Module]:
+    """A new model from ``make(flat) -> buffers`` (clone, random fills), or ``None`` off the packed path.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> torch.equal(unary(net, lambda flat: [b.clone() for b in flat.buffers]).weight, net.weight)
+    True
+    """
+    found = _current(model)
+    if found is None:
+        return None
+    layout, flat, configs = found
+    with torch.no_grad():
+        buffers = make(flat)
+    return _result(layout, flat, configs, buffers)
+
+
+def fill(flat: Flat, method: Callable[[Tensor], Any]) -> list[Tensor]:
+    """New buffers like ``flat``'s whose leaf views are filled by ``method`` in leaf order.
+
+    Random fills go leaf by leaf so that a seed gives the same values as per-tensor
+    ``randn_like`` (and nytorch 1.1), packed or not.
+
+    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
+    >>> fill(Flat(plan, [torch.zeros(2)], {}), lambda view: view.fill_(1.0))
+    [tensor([1., 1.])]
+    """
+    buffers = [torch.empty_like(buffer) for buffer in flat.buffers]
+    views: dict[int, Tensor] = {}
+    for buffer, index, likes in zip(buffers, flat.plan.groups, flat.plan.likes):
+        views.update(zip(index, torch._C._nn.unflatten_dense_tensors(buffer, likes)))
+    with torch.no_grad():
+        for i in sorted(views):
+            method(views[i])
+    return buffers

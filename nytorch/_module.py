@@ -1,7 +1,7 @@
 """``NytoModule``: an ``nn.Module`` you can add, scale and interpolate (nytorch 1.1 API)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch

@@ -109,6 +109,8 @@ def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Seq
             lw.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
             operands.append(other)
             continue
+        names: Sequence[str]
+        other_flat: Optional[Flat]
         if isinstance(other, nn.Module):
             if model_class(other) is not model_class(model):
                 return None
@@ -120,9 +122,9 @@ def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Seq
             if other._with_buffers or other.model_class is not model_class(model):
                 return None
             names, signature, other_flat = other._names, other._signature, other._flat_form()
-            if other_flat is None:
-                return None
         else:
+            return None
+        if other_flat is None:
             return None
         if names is not layout.names and names != layout.names:
             return None

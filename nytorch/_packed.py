@@ -105,8 +105,8 @@ def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Seq
     operands: list[object] = []
     for other in others:
         if lw.is_scalar(other):
-            names = [layout.names[index[0]] for index in flat.plan.groups]
-            lw.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
+            firsts = [layout.names[index[0]] for index in flat.plan.groups]
+            lw.check_scalar(fn, other, firsts, flat.buffers, [True] * len(firsts), reflected)
             operands.append(other)
             continue
         names: Sequence[str]

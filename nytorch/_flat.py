@@ -17,7 +17,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "pack_", "flatten_"]
+__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "lazy_name", "pack_", "flatten_"]
 
 
 class FlatPlan:
@@ -112,6 +112,21 @@ def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
     return Flat(plan, buffers, rest, tuple(map(Tensor.data_ptr, leaves)))
 
 
+def lazy_name(module: nn.Module) -> Optional[str]:
+    """The name of the first parameter or buffer of a lazy module not initialised yet, else ``None``.
+
+    >>> lazy_name(torch.nn.LazyLinear(2)), lazy_name(torch.nn.Linear(1, 2))
+    ('weight', None)
+    """
+    for name, tensor in module.named_parameters():
+        if nn.parameter.is_lazy(tensor):
+            return name
+    for name, tensor in module.named_buffers():
+        if nn.parameter.is_lazy(tensor):
+            return name
+    return None
+
+
 def _packable(module: nn.Module, params: Sequence[Tensor]) -> Optional[str]:
     """Why ``module``'s parameters must keep their own storage, or ``None`` when they can be packed."""
     if any(isinstance(sub, nn.RNNBase) for sub in module.modules()):
@@ -181,6 +196,8 @@ def pack_(module: nn.Module) -> bool:
     """
     from ._walk import layout_of  # local: _walk does not depend on this module
 
+    if lazy_name(module) is not None:
+        return False  # shapes unknown until the first forward
     layout = layout_of(module)
     groups = _arithmetic_groups(layout.params + layout.buffers)
     loose = [members for members in groups if not _consecutive(members)]
@@ -215,11 +232,13 @@ def flatten_(module: nn.Module) -> nn.Module:
     """
     from ._walk import layout_of  # local: _walk does not depend on this module
 
-    layout = layout_of(module)
-    groups = _arithmetic_groups(layout.params + layout.buffers)
+    lazy = lazy_name(module) is not None
+    layout = None if lazy else layout_of(module)
+    groups = [] if layout is None else _arithmetic_groups(layout.params + layout.buffers)
     loose = [members for members in groups if not _consecutive(members)]
-    if loose:
-        reason = _packable(module, [param for members in groups for param in members])
+    if lazy or loose:
+        reason = "a parameter is not initialised yet (lazy module)" if lazy else _packable(
+            module, [param for members in groups for param in members])
         if reason is not None:
             raise ValueError(f"flatten_: cannot pack the parameters of this {type(module).__name__}: {reason}")
         _pack_groups(loose)

@@ -12,7 +12,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
-from ._flat import Flat, FlatPlan, find_flat, pack_, plan_for
+from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
 from ._packed import active_for, carried, fill
 from ._walk import Layout, layout_of, model_class, rebuild
 
@@ -402,6 +402,7 @@ def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> P
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` is a lazy module not run yet (its shapes are unknown).
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
@@ -412,6 +413,10 @@ def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> P
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"particle: expected an nn.Module as model, got {_class_name(model)}")
+    lazy = lazy_name(model)
+    if lazy is not None:
+        raise ValueError(f"particle: parameter {lazy!r} is not initialised yet (a lazy module); "
+                         "run one forward pass first")
     if pack:
         pack_(model)
     layout = layout_of(model)

@@ -407,3 +407,22 @@ def test_peer_error_is_a_runtime_error() -> None:
     assert issubclass(nd.PeerError, RuntimeError)
     assert set(nd.__all__) == {"broadcast", "all_reduce_mean", "all_gather", "best", "exchange", "shard",
                                "hybrid_step", "hybrid", "PeerError"}
+
+
+def test_in_place_collectives_pack_a_model_unless_told_not_to() -> None:
+    import torch.distributed as dist
+    from torch import nn
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        packed, plain = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)), nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+        before = [p.detach().clone() for p in packed.parameters()]
+        pointers = [p.data_ptr() for p in plain.parameters()]
+        assert nd.all_reduce_mean(packed, timeout=30) is packed
+        nd.all_reduce_mean(plain, timeout=30, pack=False)
+        nd.broadcast(plain, 0, timeout=30, pack=False)
+        weights = list(packed.parameters())
+        assert all(b.data_ptr() == a.data_ptr() + a.numel() * 4 for a, b in zip(weights, weights[1:]))
+        assert all(torch.equal(a, b) for a, b in zip(before, packed.parameters()))  # the mean over one rank
+        assert [p.data_ptr() for p in plain.parameters()] == pointers
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,230 @@
+"""Packed models (``nytorch/_packed.py``, ``_flat.pack_``): one buffer per dtype, same answers as per tensor."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import nytorch
+import nytorch.functional as nf
+from nytorch import _packed
+from nytorch._flat import flatten_, pack_
+
+
+class Net(nytorch.NytoModule):
+    def __init__(self, lstm: bool = False) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(3, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.layer2 = nn.Linear(4, 2)
+        self.scale64 = nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(7))
+        if lstm:
+            self.rnn = nn.LSTM(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(torch.relu(self.norm(self.layer1(x))))
+
+
+def _consecutive(tensors: list[torch.Tensor]) -> bool:
+    base = tensors[0].untyped_storage().data_ptr()
+    offset = tensors[0].storage_offset()
+    for tensor in tensors:
+        if tensor.untyped_storage().data_ptr() != base or tensor.storage_offset() != offset:
+            return False
+        offset += tensor.numel()
+    return True
+
+
+def _float32(model: nn.Module) -> list[torch.Tensor]:
+    """Floating float32 parameters then float32 buffers: the packing order."""
+    return ([p for p in model.parameters() if p.dtype == torch.float32]
+            + [b for b in model.buffers() if b.dtype == torch.float32])
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- pack_ ----------------------------------------------------------------------------------
+def test_pack_moves_parameters_then_buffers_into_one_buffer_per_dtype() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    before, objects = _snapshot(net), [id(p) for p in net.parameters()]
+    assert pack_(net)
+    assert _consecutive(_float32(net))
+    assert [id(p) for p in net.parameters()] == objects  # optimizers holding them keep working
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert net.count.dtype == torch.int64 and net.count.item() == 7
+    pointer = net.layer1.weight.data_ptr()
+    assert pack_(net) and net.layer1.weight.data_ptr() == pointer  # already packed: nothing copied
+
+
+def test_packed_model_still_trains_and_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    plain, packed = Net(), Net()
+    packed.load_state_dict(plain.state_dict())
+    pack_(packed)
+    x = torch.randn(5, 3)
+    for model in (plain, packed):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    for (name, a), b in zip(plain.state_dict().items(), packed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert _consecutive(_float32(packed))  # the optimizer wrote into the buffer
+
+
+@pytest.mark.parametrize("case", ["lstm", "lazy", "channels_last", "shared memory"])
+def test_pack_leaves_models_it_would_change_alone(case: str) -> None:
+    if case == "lstm":
+        model: nn.Module = nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2))
+    elif case == "lazy":
+        model = nn.Sequential(nn.LazyLinear(2), nn.Linear(2, 2))
+    elif case == "channels_last":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)).to(memory_format=torch.channels_last)
+    else:
+        model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        model[1].weight.data = model[0].weight.data  # two Parameters, one memory: packing would untie them
+    pointers = [p.data_ptr() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter)]
+    assert pack_(model) is False
+    assert [p.data_ptr() for p in model.parameters()
+            if not isinstance(p, nn.parameter.UninitializedParameter)] == pointers
+    with pytest.raises(ValueError, match="flatten_: cannot pack the parameters of this Sequential: "):
+        flatten_(model)
+
+
+def test_tied_weights_stay_tied() -> None:
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5))
+    model[1].weight = model[0].weight
+    assert pack_(model)
+    assert model[1].weight is model[0].weight
+    assert model[1].bias.data_ptr() == model[0].weight.data_ptr() + 15 * 4
+
+
+# -- particle(model, pack=...) ------------------------------------------------------------------
+def test_particle_packs_by_default_and_pack_false_leaves_storage_alone() -> None:
+    model, other = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)), nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    pointers = [p.data_ptr() for p in other.parameters()]
+    nytorch.particle(model)
+    nytorch.particle(other, pack=False)
+    assert _consecutive(list(model.parameters()))
+    assert [p.data_ptr() for p in other.parameters()] == pointers
+
+
+def test_tensors_taken_before_packing_stop_sharing_memory() -> None:
+    """Documented: ``nf.params(model)`` taken before ``particle(model)`` keeps the old storage."""
+    model = nn.Linear(2, 1)
+    early = nf.params(model)
+    p = nytorch.particle(model)
+    p += 1
+    assert not torch.equal(early["bias"], model.bias)
+    assert torch.equal(nf.params(model)["bias"], model.bias)
+
+
+# -- NytoModule on the packed path ---------------------------------------------------------
+def test_results_are_born_packed_and_remembered() -> None:
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    result = 0.9 * (a - b) + a
+    assert _consecutive([p for p in result.parameters() if p.dtype == torch.float32])
+    assert result in _packed._PACKED
+    expected = {name: 0.9 * (x - y) + x for (name, x), y in zip(a.named_parameters(), b.parameters())}
+    for name, value in result.named_parameters():
+        assert torch.allclose(value, expected[name], rtol=1e-6, atol=1e-7), name
+    assert torch.equal(result.count, a.count) and result.count is not a.count
+    assert all(p.requires_grad and p.is_leaf for p in result.parameters())
+
+
+def test_packed_and_unpacked_models_give_the_same_values() -> None:
+    torch.manual_seed(0)
+    a, b = Net(lstm=True), Net(lstm=True)  # an LSTM inside: never packed, the per-leaf path
+    c, d = Net(), Net()
+    c.load_state_dict(a.state_dict(), strict=False)
+    d.load_state_dict(b.state_dict(), strict=False)
+    slow, fast = a * 2 - b / 4 + 1, c * 2 - d / 4 + 1
+    assert a not in _packed._PACKED or _packed._PACKED[a][1] is False
+    for name, value in fast.named_parameters():
+        assert torch.equal(value, slow.get_parameter(name)), name
+
+
+def test_seeded_randn_is_the_same_packed_or_not() -> None:
+    model, unpacked = Net(), nytorch.particle(Net(), pack=False)
+    torch.manual_seed(3)
+    reference = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    torch.manual_seed(3)
+    packed = model.randn()
+    torch.manual_seed(3)
+    from_particle = unpacked.randn().params
+    for name, value in packed.named_parameters():
+        assert torch.equal(value, reference[name]), name
+        assert torch.equal(from_particle[name], reference[name]), name
+
+
+def test_a_swapped_parameter_is_noticed_and_packed_again() -> None:
+    a, b = Net(), Net()
+    _ = a + b  # packs both
+    with torch.no_grad():
+        a.layer2.bias.data = torch.full((2,), 5.0)  # leaves the buffer
+    result = a + b
+    assert torch.equal(result.layer2.bias, 5.0 + b.layer2.bias)
+    assert _consecutive(_float32(a))
+
+
+def test_a_replaced_submodule_is_noticed() -> None:
+    a, b = Net(), Net()
+    _ = a + b
+    a.layer2 = nn.Linear(4, 2)
+    with torch.no_grad():
+        a.layer2.weight.fill_(1.0)
+    result = a + b
+    assert torch.equal(result.layer2.weight, 1.0 + b.layer2.weight)
+
+
+def test_in_place_keeps_parameter_objects() -> None:
+    a, b = Net(), Net()
+    objects, expected = [id(p) for p in a.parameters()], [x + 2 * y for x, y in zip(a.parameters(), b.parameters())]
+    a += b * 2
+    assert [id(p) for p in a.parameters()] == objects
+    for value, want in zip(a.parameters(), expected):
+        assert torch.allclose(value, want)
+
+
+def test_non_operational_parameters_are_carried_on_the_packed_path() -> None:
+    a, b = Net(), Net()
+    a.set_param_config(operational=False, name="layer1")
+    result = a + b
+    assert torch.equal(result.layer1.weight, a.layer1.weight) and result.layer1.weight is not a.layer1.weight
+    assert torch.equal(result.layer2.weight, a.layer2.weight + b.layer2.weight)
+
+
+def test_results_die_without_the_garbage_collector() -> None:
+    a, b = Net(), Net()
+    gc.collect()
+    gc.disable()
+    try:
+        result = a + b
+        _ = result + a  # the result is remembered as packed and used once more
+        ref = weakref.ref(result)
+        del result, _
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_packed_helpers_answer_none_off_the_path() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2))
+    assert _packed.packed(model) is None
+    assert _packed.binary(model, nytorch._leafwise.ADD, [1.0]) is None
+    assert _packed.binary_(model, nytorch._leafwise.ADD, [1.0]) is False
+
+
+def test_a_lazy_model_is_refused_with_its_parameter_named() -> None:
+    with pytest.raises(ValueError, match=r"particle: parameter '0.weight' is not initialised yet"):
+        nytorch.particle(nn.Sequential(nn.LazyLinear(2)))

@@ -118,13 +118,8 @@ def lazy_name(module: nn.Module) -> Optional[str]:
     >>> lazy_name(torch.nn.LazyLinear(2)), lazy_name(torch.nn.Linear(1, 2))
     ('weight', None)
     """
-    for name, tensor in module.named_parameters():
-        if nn.parameter.is_lazy(tensor):
-            return name
-    for name, tensor in module.named_buffers():
-        if nn.parameter.is_lazy(tensor):
-            return name
-    return None
+    named: list[tuple[str, Tensor]] = [*module.named_parameters(), *module.named_buffers()]
+    return next((name for name, tensor in named if nn.parameter.is_lazy(tensor)), None)
 
 
 def _packable(module: nn.Module, params: Sequence[Tensor]) -> Optional[str]:

@@ -258,8 +258,9 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
         active = [g for g, kind in enumerate(flat.groups) if kind.active]
         flats, owned = _model_buffers(flat, flat.size, active if in_place else range(len(flat.groups)),
                                       in_place=in_place)
-        pieces = flat.pieces([g for g in active if g not in owned])
-        pieces += [Piece(g, 0, flat.widths()[g], ()) for g in active if g in owned]
+        # The model's own buffers go first and in pieces: each is divided by the group size just
+        # before it is sent, while the previous ones travel (never here: the handshake may still fail).
+        pieces = flat.pieces([g for g in active if g in owned]) + flat.pieces([g for g in active if g not in owned])
         flat.pack(flats, pieces[:1] if pieces and pieces[0].group not in owned else [], divide=comm.size)
         return flats, owned, pieces
     comm, flat, headers, prepared = _begin(fn, x, group, timeout, overlap=prepare)
@@ -273,13 +274,17 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
             raise RuntimeError("nytorch internal error: expected prepared is not None")
         flats, owned, pieces = prepared
         carried = [g for g, kind in enumerate(flat.groups) if not kind.active]
-        sent = _pipeline(
-            comm, flats, pieces, comm.all_reduce_sum_, "summing the parameters", reduce=True,
-            pack=lambda i, piece: flat.pack(flats, [piece], divide=comm.size) if i and piece.group not in owned
-            else None,
-            meanwhile=None if in_place else lambda: flat.pack(flats, flat.pieces(carried)))
+        def pack(i: int, piece: Piece) -> None:
+            if piece.group in owned:
+                own = flats[piece.group]
+                if own is not None and prescaled(own.dtype):
+                    own[:, piece.start:piece.stop].div_(comm.size)  # sums of x / n travel as they are
+            elif i:
+                flat.pack(flats, [piece], divide=comm.size)
+        sent = _pipeline(comm, flats, pieces, comm.all_reduce_sum_, "summing the parameters", reduce=True,
+                         pack=pack, meanwhile=None if in_place else lambda: flat.pack(flats, flat.pieces(carried)))
         for piece, view, tensor in sent:
-            if piece.group in owned or not prescaled(view.dtype):
+            if not prescaled(view.dtype):
                 tensor.div_(comm.size)
             restore_(view, tensor)
         if in_place:

@@ -21,7 +21,10 @@ __all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "lazy_name", "pack_", "f
 
 
 class FlatPlan:
-    """How the ``active`` leaves of one signature pack into one 1-D buffer per (device, dtype).
+    """How the ``active`` leaves of one signature pack into 1-D buffers, one per (device, dtype).
+
+    On the CPU a (device, dtype) group larger than ``CHUNK_BYTES`` is cut into runs of
+    consecutive leaves, one buffer each (see ``CHUNK_BYTES``).
 
     Attributes:
         active: per leaf, whether it takes part in arithmetic (and so lives in a buffer).
@@ -39,12 +42,37 @@ class FlatPlan:
         for i, ((_, dtype, device), on) in enumerate(zip(signature, active)):
             if on:
                 found.setdefault((device, dtype), []).append(i)
-        self.groups = list(found.values())
-        self.devices = [device for device, _ in found]
-        self.dtypes = [dtype for _, dtype in found]
+        self.groups, self.devices, self.dtypes = [], [], []
+        for (device, dtype), index in found.items():
+            for chunk in _chunks(index, [signature[i][0].numel() * dtype.itemsize for i in index], device):
+                self.groups.append(chunk)
+                self.devices.append(device)
+                self.dtypes.append(dtype)
         self.likes = [[torch.empty(signature[i][0], dtype=dtype, device="meta") for i in index]
-                      for (_, dtype), index in zip(found, self.groups)]
+                      for dtype, index in zip(self.dtypes, self.groups)]
         self.totals = [sum(like.numel() for like in likes) for likes in self.likes]
+
+
+#: On the CPU, results are allocated in runs of leaves of at most this many bytes.  glibc
+#: serves blocks above its mmap threshold (at most 32 MiB) with fresh pages every time, and
+#: faulting 200 MB of pages in costs 4x the arithmetic; smaller blocks are reused from the heap.
+#: Accelerators have caching allocators: one buffer per (device, dtype) there.
+CHUNK_BYTES = 8 << 20
+
+
+def _chunks(index: list[int], sizes: list[int], device: torch.device) -> list[list[int]]:
+    """``index`` cut into runs of at most ``CHUNK_BYTES`` (a larger leaf is a run of its own)."""
+    if device.type != "cpu" or sum(sizes) <= CHUNK_BYTES:
+        return [index]
+    runs: list[list[int]] = [[]]
+    filled = 0
+    for i, size in zip(index, sizes):
+        if runs[-1] and filled + size > CHUNK_BYTES:
+            runs.append([])
+            filled = 0
+        runs[-1].append(i)
+        filled += size
+    return runs
 
 
 def plan_for(signature: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
@@ -172,7 +200,16 @@ def _pack_groups(groups: Sequence[Sequence[Tensor]]) -> None:
             param.data = view
 
 
-def pack_(module: nn.Module) -> bool:
+def _runs_consecutive(members: Sequence[Tensor], whole: bool) -> bool:
+    """Whether ``members`` (one dtype) lie back to back: as one run (``whole``) or chunk by chunk."""
+    if whole:
+        return _consecutive(members)
+    sizes = [member.numel() * member.element_size() for member in members]
+    runs = _chunks(list(range(len(members))), sizes, members[0].device)
+    return all(_consecutive([members[i] for i in run]) for run in runs)
+
+
+def pack_(module: nn.Module, *, whole: bool = False) -> bool:
     """Pack ``module``'s floating parameters (then floating buffers) into one buffer per (device, dtype).
 
     What ``particle(model)`` and NytoModule arithmetic do on first use.  Parameter
@@ -182,8 +219,14 @@ def pack_(module: nn.Module) -> bool:
     lazy or meta parameters, non-contiguous parameters (e.g. ``channels_last``), or
     distinct parameters sharing storage.
 
+    Args:
+        module: the model.
+        whole: require each (device, dtype) group to be one run (what in-place collectives
+            use); by default runs of at most ``CHUNK_BYTES`` in separate blocks also count as
+            packed (results of operators are allocated that way on the CPU).
+
     Returns:
-        True when every floating parameter now sits in one buffer per (device, dtype).
+        True when every floating parameter now sits in packed buffers.
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     >>> pack_(net), net[1].bias.data_ptr() - net[0].weight.data_ptr()
@@ -195,7 +238,7 @@ def pack_(module: nn.Module) -> bool:
         return False  # shapes unknown until the first forward
     layout = layout_of(module)
     groups = _arithmetic_groups(layout.params + layout.buffers)
-    loose = [members for members in groups if not _consecutive(members)]
+    loose = [members for members in groups if not _runs_consecutive(members, whole)]
     if not loose:
         return True
     if _packable(module, [param for members in groups for param in members]) is not None:

@@ -228,3 +228,30 @@ def test_packed_helpers_answer_none_off_the_path() -> None:
 def test_a_lazy_model_is_refused_with_its_parameter_named() -> None:
     with pytest.raises(ValueError, match=r"particle: parameter '0.weight' is not initialised yet"):
         nytorch.particle(nn.Sequential(nn.LazyLinear(2)))
+
+
+def test_large_cpu_results_come_in_runs_of_at_most_chunk_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nytorch import _flat
+    monkeypatch.setattr(_flat, "CHUNK_BYTES", 64)  # 16 float32 values per run
+    a, b = Net(), Net()
+    result = a + b
+    flat = _packed._PACKED[result][1]
+    assert len(flat.buffers) > 2 and all(buffer.numel() * 4 <= 64 or len(index) == 1
+                                          for buffer, index in zip(flat.buffers, flat.plan.groups))
+    for name, value in result.named_parameters():
+        assert torch.equal(value, a.get_parameter(name) + b.get_parameter(name)), name
+    assert pack_(result, whole=True) and _consecutive(_float32(result))  # collectives want one run
+
+
+class Plain(nytorch.NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+
+def test_runs_of_a_result_count_as_packed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nytorch import _flat
+    monkeypatch.setattr(_flat, "CHUNK_BYTES", 64)
+    result = Plain() + Plain()
+    pointers = [p.data_ptr() for p in result.parameters()]
+    assert pack_(result) and [p.data_ptr() for p in result.parameters()] == pointers  # nothing copied

@@ -175,7 +175,7 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
     if isinstance(src, bool) or not isinstance(src, int):
         raise TypeError(f"{fn}: expected an int global rank as src, got {type(src).__name__}")
     if pack and isinstance(x, nn.Module):
-        pack_(x)
+        pack_(x, whole=True)
     in_place = isinstance(x, nn.Module)
 
     def prepare(comm: Comm, flat: Flat) -> Optional[tuple[list[Optional[Tensor]], set[int]]]:
@@ -251,7 +251,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
     fn = "all_reduce_mean"
     in_place = isinstance(x, nn.Module)
     if pack and in_place:
-        pack_(x)  # type: ignore[arg-type]
+        pack_(x, whole=True)  # type: ignore[arg-type]
 
     def prepare(comm: Comm, flat: Flat) -> tuple[list[Optional[Tensor]], set[int], list[Piece]]:
         """Allocate and pack the first piece while the headers travel."""
@@ -274,7 +274,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
             raise RuntimeError("nytorch internal error: expected prepared is not None")
         flats, owned, pieces = prepared
         carried = [g for g, kind in enumerate(flat.groups) if not kind.active]
-        def pack(i: int, piece: Piece) -> None:
+        def prepare_piece(i: int, piece: Piece) -> None:
             if piece.group in owned:
                 own = flats[piece.group]
                 if own is not None and prescaled(own.dtype):
@@ -282,7 +282,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
             elif i:
                 flat.pack(flats, [piece], divide=comm.size)
         sent = _pipeline(comm, flats, pieces, comm.all_reduce_sum_, "summing the parameters", reduce=True,
-                         pack=pack, meanwhile=None if in_place else lambda: flat.pack(flats, flat.pieces(carried)))
+                         pack=prepare_piece, meanwhile=None if in_place else lambda: flat.pack(flats, flat.pieces(carried)))
         for piece, view, tensor in sent:
             if not prescaled(view.dtype):
                 tensor.div_(comm.size)

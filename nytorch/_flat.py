@@ -5,7 +5,7 @@ over one flat buffer holding the same values it is a single pass.  A ``FlatPlan`
 says how the arithmetic leaves of a structure pack into such buffers; ``Flat``
 holds the buffers of one value.  Leaves are views into them, made only when asked.
 ``find_flat`` recognises leaves that already are consecutive views of one buffer
-(e.g. after ``flatten_(model)``), so their arithmetic takes the one-pass path too.
+(a model packed by ``pack_`` or ``flatten_``), so their arithmetic takes the one-pass path too.
 """
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ def _model_buffers(flat: Flat, size: int, groups: Sequence[int], *,
                    in_place: bool) -> tuple[list[Optional[Tensor]], set[int]]:
     """Buffers for ``groups`` and which of them are a model's own memory.
 
-    For an in-place call on a model whose leaves already lie back to back (``nytorch.flatten_``),
+    For an in-place call on a model whose leaves already lie back to back (packed: ``_flat.pack_``),
     a buffer is the model's memory itself: nothing is copied, and the collective writes the model
     directly.  The others are new (reused scratch for in-place calls).
     """

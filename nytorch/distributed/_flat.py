@@ -133,7 +133,7 @@ class Flat:
 
     def own(self, group: int) -> Optional[Tensor]:
         """A model's buffer ``group`` as a ``[1, width]`` view of the model's own memory, when its leaves
-        already lie there back to back in slot order (e.g. after ``nytorch.flatten_``); else ``None``."""
+        already lie there back to back in slot order (a packed model, see ``_flat.pack_``); else ``None``."""
         if self.kind != "single" or not isinstance(self.source, nn.Module) or self._leaves is None:
             return None
         base: Optional[tuple[int, int]] = None  # (storage pointer, storage offset of column 0)

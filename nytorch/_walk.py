@@ -140,36 +140,15 @@ class Layout:
         other._family = self._family
         return other
 
-    def _expectation(self, root: nn.Module) -> list:
-        """Per module and per table (children, parameters, buffers): its length, names and object ids."""
-        modules = [root] + self.modules[1:]
-        out: list = []
-        for children, params, buffers in zip(self.children, self.param_slots, self.buffer_slots):
-            for slots, values in ((children, modules), (params, self.params), (buffers, self.buffers)):
-                out.append(len(slots))
-                out.extend(name for name, _ in slots)
-                out.extend(id(None if i is None else values[i]) for _, i in slots)  # type: ignore[index]
-        return out
-
     def _matches(self, root: nn.Module) -> bool:
         """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed.
 
         Object ids are compared: this layout holds every listed object, so none of those ids
         can have been reused by another object.  The whole tree is read into one flat list
-        (lengths, names, ids) and compared with one list comparison.
+        (``snapshot``) and compared with the one taken when the layout was made.
         """
-        expected = self._expect
-        if expected is None:
-            expected = self._expect = self._expectation(root)
         modules = self.modules
-        seen: list = []
-        append, extend = seen.append, seen.extend
-        for module in [root] + modules[1:]:
-            for table in (module._modules, module._parameters, module._buffers):
-                append(len(table))
-                extend(table)
-                extend(map(id, table.values()))
-        if seen != expected:
+        if snapshot([root] + modules[1:]) != self._expect:
             return False
         for _, config_table, k in self.tables:
             owner = root if k == 0 else modules[k]
@@ -177,6 +156,25 @@ class Layout:
                 return False
         # Same Parameter objects can hold new storage (``.data = ...``, ``.double()``, ``.to()``).
         return tuple(map(Tensor.data_ptr, self.params)) == self._pointers
+
+
+def snapshot(modules: Sequence[nn.Module]) -> list:
+    """Per module and per table (children, parameters, buffers): its length, names and object ids.
+
+    Built with C-level list operations: it runs on every operation on a model.
+
+    >>> import torch
+    >>> snapshot([torch.nn.Linear(1, 1)])[:4]
+    [0, 2, 'weight', 'bias']
+    """
+    seen: list = []
+    append, extend = seen.append, seen.extend
+    for module in modules:
+        for table in (module._modules, module._parameters, module._buffers):
+            append(len(table))
+            extend(table)
+            extend(map(id, table.values()))
+    return seen
 
 
 def _slots(table: Mapping[str, Optional[Tensor]], prefix: str, seen: dict[int, int],
@@ -202,6 +200,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictiona
 def _remember(root: nn.Module, layout: Layout) -> None:
     stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
     stored._pointers = tuple(map(Tensor.data_ptr, layout.params))
+    stored._expect = snapshot(layout.modules)  # the tree was just walked or built: it is what the layout says
     try:
         _CACHE[root] = stored
     except TypeError:  # pragma: no cover - modules that cannot be weakly referenced

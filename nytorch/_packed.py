@@ -27,7 +27,7 @@ from ._walk import _CACHE, Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
-__all__ = ["packed", "remember", "binary", "binary_", "unary", "carried", "active_for"]
+__all__ = ["packed", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill"]
 
 # Per model: the parameter list of its layout and the Flat over it (False: not packable).  Neither
 # refers to the model, so the weak key can die.
@@ -98,42 +98,47 @@ def _current(model: nn.Module) -> Optional[tuple[Layout, Flat, Optional[list[Par
     return layout, flat, configs
 
 
-def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Sequence[object],
-              reflected: bool) -> Optional[list[object]]:
+def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, flat: Flat,
+                  others: Sequence[object], reflected: bool) -> Optional[list[object]]:
+    """``others`` as flat buffers (or scalars) aligned with ``flat``, or ``None`` for the per-leaf path.
+
+    Scalars are checked against the buffers' dtypes here (that raises); models of class ``cls``
+    are packed on first use; Particles must be flat already.  Anything else, or a structure
+    that differs, answers ``None``: the per-leaf path then raises the informative error.
+    """
     from ._particle import Particle  # local: _particle builds on this module
 
     operands: list[object] = []
     for other in others:
         if lw.is_scalar(other):
-            firsts = [layout.names[index[0]] for index in flat.plan.groups]
+            firsts = [names[index[0]] for index in flat.plan.groups]
             lw.check_scalar(fn, other, firsts, flat.buffers, [True] * len(firsts), reflected)
             operands.append(other)
             continue
-        names: Sequence[str]
+        other_names: Sequence[str]
         other_flat: Optional[Flat]
         if isinstance(other, nn.Module):
-            if model_class(other) is not model_class(model):
-                return None
-            found = _current(other)
+            found = _current(other) if model_class(other) is cls else None
             if found is None:
                 return None
-            names, signature, other_flat = found[0].names, found[0].signature, found[1]
-        elif isinstance(other, Particle):
-            if other._with_buffers or other.model_class is not model_class(model):
-                return None
-            names, signature, other_flat = other._names, other._signature, other._flat_form()
+            other_names, other_signature, other_flat = found[0].names, found[0].signature, found[1]
+        elif isinstance(other, Particle) and other.model_class is cls:
+            other_names, other_signature, other_flat = other._names, other._signature, other._flat_form()
         else:
             return None
-        if other_flat is None:
+        if other_flat is None or other_flat.plan.active != flat.plan.active:
             return None
-        if names is not layout.names and names != layout.names:
+        if other_names is not names and other_names != names:
             return None
-        if signature is not layout.signature and signature != layout.signature:
-            return None
-        if other_flat.plan.active != flat.plan.active:
+        if other_signature is not signature and other_signature != signature:
             return None
         operands.append(other_flat.buffers)
     return operands
+
+
+def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Sequence[object],
+              reflected: bool) -> Optional[list[object]]:
+    return flat_operands(fn, model_class(model), layout.names, layout.signature, flat, others, reflected)
 
 
 def _result(layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]], buffers: list[Tensor]) -> nn.Module:

@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
-from ._packed import active_for, carried, fill
+from ._packed import active_for, carried, fill, flat_operands
 from ._walk import Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
@@ -122,25 +122,7 @@ class Particle(Operators):
         return flat
 
     def _flat_operands(self, fn: str, others: tuple[object, ...], flat: Flat, reflected: bool) -> Optional[list]:
-        operands: list[object] = []
-        for other in others:
-            if lw.is_scalar(other):
-                names = [self._names[index[0]] for index in flat.plan.groups]
-                lw.check_scalar(fn, other, names, flat.buffers, [True] * len(names), reflected)
-                operands.append(other)
-                continue
-            if not isinstance(other, Particle):
-                return None
-            if other._names is not self._names and (other._names != self._names
-                                                    or other.model_class is not self.model_class):
-                return None  # the per-leaf path names the mismatch
-            if other._signature is not self._signature and other._signature != self._signature:
-                return None
-            found = other._flat_form()
-            if found is None or found.plan.active != flat.plan.active:
-                return None
-            operands.append(found.buffers)
-        return operands
+        return flat_operands(fn, self.model_class, self._names, self._signature, flat, others, reflected)
 
     def _carried(self, flat: Flat) -> dict[int, Tensor]:
         return carried(flat, self._configs if flat.rest else None)

@@ -80,7 +80,8 @@ class NytoModule(Operators, nn.Module):
         >>> torch.equal(a.weight, b.weight), a.weight is b.weight
         (True, False)
         """
-        return packed.unary(self, lambda flat: [buffer.clone() for buffer in flat.buffers]) or super().clone()  # type: ignore[return-value]
+        result = packed.unary(self, lambda flat: [buffer.clone() for buffer in flat.buffers])
+        return super().clone() if result is None else result  # type: ignore[return-value]
 
     def randn(self) -> Self:
         """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
@@ -92,7 +93,8 @@ class NytoModule(Operators, nn.Module):
         >>> tuple(Net().randn().weight.shape)
         (2,)
         """
-        return packed.unary(self, lambda flat: packed.fill(flat, Tensor.normal_)) or super().randn()  # type: ignore[return-value]
+        result = packed.unary(self, lambda flat: packed.fill(flat, Tensor.normal_))
+        return super().randn() if result is None else result  # type: ignore[return-value]
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
@@ -104,7 +106,8 @@ class NytoModule(Operators, nn.Module):
         >>> bool((Net().rand().weight < 1).all())
         True
         """
-        return packed.unary(self, lambda flat: packed.fill(flat, Tensor.uniform_)) or super().rand()  # type: ignore[return-value]
+        result = packed.unary(self, lambda flat: packed.fill(flat, Tensor.uniform_))
+        return super().rand() if result is None else result  # type: ignore[return-value]
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):

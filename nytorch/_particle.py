@@ -371,8 +371,8 @@ def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> P
         buffers: also take floating buffers (e.g. BatchNorm statistics) into arithmetic;
             integer buffers are carried unchanged.  By default buffers are only cloned
             into results.
-        pack: move ``model``'s floating parameters into one contiguous buffer per
-            (device, dtype) first (once; see ``nytorch._flat.pack_``), so that every
+        pack: move ``model``'s floating parameters, then floating buffers, into one
+            contiguous buffer per (device, dtype) first (once; see ``nytorch._flat.pack_``), so that every
             operation is one kernel per buffer instead of one per tensor.  Parameter
             objects are kept, so optimizers holding them keep working; tensors taken
             from the model before (``p.detach()``, ``nf.params(model)``) stop sharing

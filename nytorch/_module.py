@@ -61,12 +61,30 @@ class NytoModule(Operators, nn.Module):
         return rebuild(state.source, leaves)  # type: ignore[return-value]
 
     # -- the one-pass path: packed models, one kernel per buffer (see ``_packed``) ------------
+    # A model is packed once an operation on it has succeeded (an operation that raises leaves
+    # its operands exactly as they were); from then on operations take the packed path.
     def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
         result = packed.binary(self, op, others, reflected)
-        return super()._binary(op, *others, reflected=reflected) if result is None else result  # type: ignore[return-value]
+        if result is not None:
+            return result  # type: ignore[return-value]
+        result = super()._binary(op, *others, reflected=reflected)
+        if result is not NotImplemented:
+            packed.pack_after((self, *others))
+        return result  # type: ignore[return-value]
 
     def _binary_(self, op: lw.Op, *others: object) -> Self:
-        return self if packed.binary_(self, op, others) else super()._binary_(op, *others)
+        if not packed.binary_(self, op, others):
+            super()._binary_(op, *others)
+            packed.pack_after((self, *others))
+        return self
+
+    def _unary(self, make: Callable[[Any], list[Tensor]], fallback: Callable[[], Self]) -> Self:
+        result = packed.unary(self, make)
+        if result is not None:
+            return result  # type: ignore[return-value]
+        result = fallback()
+        packed.pack_after((self,))
+        return result
 
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
@@ -80,8 +98,7 @@ class NytoModule(Operators, nn.Module):
         >>> torch.equal(a.weight, b.weight), a.weight is b.weight
         (True, False)
         """
-        result = packed.unary(self, lambda flat: [buffer.clone() for buffer in flat.buffers])
-        return super().clone() if result is None else result  # type: ignore[return-value]
+        return self._unary(lambda flat: [buffer.clone() for buffer in flat.buffers], super().clone)
 
     def randn(self) -> Self:
         """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
@@ -93,8 +110,7 @@ class NytoModule(Operators, nn.Module):
         >>> tuple(Net().randn().weight.shape)
         (2,)
         """
-        result = packed.unary(self, lambda flat: packed.fill(flat, Tensor.normal_))
-        return super().randn() if result is None else result  # type: ignore[return-value]
+        return self._unary(lambda flat: packed.fill(flat, Tensor.normal_), super().randn)
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
@@ -106,8 +122,7 @@ class NytoModule(Operators, nn.Module):
         >>> bool((Net().rand().weight < 1).all())
         True
         """
-        result = packed.unary(self, lambda flat: packed.fill(flat, Tensor.uniform_))
-        return super().rand() if result is None else result  # type: ignore[return-value]
+        return self._unary(lambda flat: packed.fill(flat, Tensor.uniform_), super().rand)
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):

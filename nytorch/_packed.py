@@ -27,7 +27,7 @@ from ._walk import _CACHE, Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
-__all__ = ["packed", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill"]
+__all__ = ["packed", "pack_after", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill"]
 
 # Per model: the parameter list of its layout and the Flat over it (False: not packable).  Neither
 # refers to the model, so the weak key can die.
@@ -44,12 +44,23 @@ def active_for(signature: Sequence[tuple], configs: Optional[Sequence[ParamConfi
                  for i, (_, dtype, _) in enumerate(signature))
 
 
-def packed(model: nn.Module) -> Optional[tuple[Layout, Flat]]:
-    """``model``'s layout and the flat buffers its parameters view, packing it on first use.
+def _find(layout: Layout) -> Optional[Flat]:
+    found = find_flat(plan_for(layout.signature, active_for(layout.signature, configs_for(layout))), layout.params)
+    if found is not None:
+        found.pointers = None  # ``layout_of`` compares the parameters' addresses on every call
+    return found
 
-    Returns ``None`` when the model cannot be packed (see ``_flat.pack_``).
+
+def packed(model: nn.Module, pack: bool = True) -> Optional[tuple[Layout, Flat]]:
+    """``model``'s layout and the flat buffers its parameters view, packing it first if ``pack``.
+
+    Returns ``None`` when the model is not packed (``pack=False``) or cannot be (see ``_flat.pack_``).
+    Operators look with ``pack=False`` and pack only after an operation succeeded (``pack_after``),
+    so that an operation that raises leaves its operands exactly as they were, storage included.
 
     >>> net = torch.nn.Linear(2, 1)
+    >>> packed(net, pack=False) is None
+    True
     >>> layout, flat = packed(net)
     >>> flat.buffers[0].numel(), net.bias.data_ptr() - net.weight.data_ptr()
     (3, 8)
@@ -57,16 +68,33 @@ def packed(model: nn.Module) -> Optional[tuple[Layout, Flat]]:
     layout = layout_of(model)
     seen = _PACKED.get(model)
     if seen is not None and seen[0] is layout.params:
-        return None if seen[1] is False else (layout, seen[1])
+        if seen[1] is not None:  # packed (a Flat) or not packable (False)
+            return None if seen[1] is False else (layout, seen[1])
+        if not pack:  # looked before: not packed
+            return None
+    elif not pack:
+        found = _find(layout)  # packed already (e.g. ``flatten_``), or not yet: None
+        _PACKED[model] = (layout.params, found)
+        return None if found is None else (layout, found)
     if not pack_(model):
         _PACKED[model] = (layout.params, False)
         return None
     layout = layout_of(model)
-    found = find_flat(plan_for(layout.signature, active_for(layout.signature, configs_for(layout))), layout.params)
-    if found is not None:
-        found.pointers = None  # ``layout_of`` compares the parameters' addresses on every call
+    found = _find(layout)
     _PACKED[model] = (layout.params, False if found is None else found)
     return None if found is None else (layout, found)
+
+
+def pack_after(values: Sequence[object]) -> None:
+    """Pack the models among ``values`` once an operation on them has succeeded.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> pack_after([net, 1.0]); packed(net, pack=False) is not None
+    True
+    """
+    for value in values:
+        if isinstance(value, nn.Module):
+            packed(value)
 
 
 def remember(result: nn.Module, flat: Flat) -> None:
@@ -87,8 +115,8 @@ def carried(flat: Flat, configs: Optional[Sequence[ParamConfig]]) -> dict[int, T
 
 
 def _current(model: nn.Module) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
-    """``packed(model)`` plus its configs, or ``None`` when its configs no longer match the packing."""
-    found = packed(model)
+    """``packed(model, pack=False)`` plus its configs, or ``None`` when they no longer match the packing."""
+    found = packed(model, pack=False)
     if found is None:
         return None
     layout, flat = found
@@ -103,7 +131,7 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     """``others`` as flat buffers (or scalars) aligned with ``flat``, or ``None`` for the per-leaf path.
 
     Scalars are checked against the buffers' dtypes here (that raises); models of class ``cls``
-    are packed on first use; Particles must be flat already.  Anything else, or a structure
+    and Particles must be packed already.  Anything else, or a structure
     that differs, answers ``None``: the per-leaf path then raises the informative error.
     """
     from ._particle import Particle  # local: _particle builds on this module

@@ -132,6 +132,8 @@ def test_tensors_taken_before_packing_stop_sharing_memory() -> None:
 def test_results_are_born_packed_and_remembered() -> None:
     torch.manual_seed(0)
     a, b = Net(), Net()
+    _ = a + b  # the first operation on a model takes the per-tensor path, then packs it
+    assert _packed.packed(a, pack=False) is not None and _packed.packed(b, pack=False) is not None
     result = 0.9 * (a - b) + a
     assert _consecutive([p for p in result.parameters() if p.dtype == torch.float32])
     assert result in _packed._PACKED
@@ -234,6 +236,7 @@ def test_large_cpu_results_come_in_runs_of_at_most_chunk_bytes(monkeypatch: pyte
     from nytorch import _flat
     monkeypatch.setattr(_flat, "CHUNK_BYTES", 64)  # 16 float32 values per run
     a, b = Net(), Net()
+    _ = a + b  # packs a and b
     result = a + b
     flat = _packed._PACKED[result][1]
     assert len(flat.buffers) > 2 and all(buffer.numel() * 4 <= 64 or len(index) == 1
@@ -252,6 +255,32 @@ class Plain(nytorch.NytoModule):
 def test_runs_of_a_result_count_as_packed(monkeypatch: pytest.MonkeyPatch) -> None:
     from nytorch import _flat
     monkeypatch.setattr(_flat, "CHUNK_BYTES", 64)
-    result = Plain() + Plain()
+    a, b = Plain(), Plain()
+    _ = a + b
+    result = a + b
     pointers = [p.data_ptr() for p in result.parameters()]
     assert pack_(result) and [p.data_ptr() for p in result.parameters()] == pointers  # nothing copied
+
+
+@pytest.mark.parametrize("bad", ["text", [1.0], 1j])
+def test_an_operation_that_raises_leaves_storage_alone(bad: object) -> None:
+    a, b = Net(), nn.Linear(2, 1)
+    pointers = [t.data_ptr() for t in a.state_dict().values()]
+    with pytest.raises(TypeError):
+        _ = a + bad
+    with pytest.raises(TypeError):
+        a += bad
+    with pytest.raises(TypeError):
+        _ = nytorch.particle(b, pack=False) + a  # another class: refused before anything moves
+    assert [t.data_ptr() for t in a.state_dict().values()] == pointers
+    _ = a + 1.0  # succeeds: packed now
+    assert _consecutive(_float32(a))
+
+
+def test_a_particle_packs_a_model_operand_after_the_first_success() -> None:
+    online, target = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    ema = nytorch.particle(target)
+    expected = [torch.lerp(t, o, 0.5) for t, o in zip(target.parameters(), online.parameters())]
+    ema.lerp_(online, 0.5)
+    assert all(torch.allclose(t, e) for t, e in zip(target.parameters(), expected))
+    assert _consecutive(list(online.parameters()))  # the next update is one kernel

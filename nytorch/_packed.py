@@ -180,6 +180,9 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
     """``op(model, *others)`` as one kernel per buffer, or ``None`` when the packed path does not apply.
 
     >>> net = torch.nn.Linear(2, 1)
+    >>> binary(net, lw.ADD, [net]) is None  # not packed yet: the caller takes the per-tensor path
+    True
+    >>> _ = packed(net)
     >>> torch.equal(binary(net, lw.ADD, [net]).weight, 2 * net.weight)
     True
     """
@@ -199,6 +202,7 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     """``op`` in place on ``model``'s buffers; ``False`` (nothing written) when the packed path does not apply.
 
     >>> net = torch.nn.Linear(2, 1)
+    >>> _ = packed(net)
     >>> expected = net.weight * 3
     >>> binary_(net, lw.MUL, [3.0]), torch.equal(net.weight, expected)
     (True, True)
@@ -220,6 +224,7 @@ def unary(model: nn.Module, make: Callable[[Flat], list[Tensor]]) -> Optional[nn
     """A new model from ``make(flat) -> buffers`` (clone, random fills), or ``None`` off the packed path.
 
     >>> net = torch.nn.Linear(2, 1)
+    >>> _ = packed(net)
     >>> torch.equal(unary(net, lambda flat: [b.clone() for b in flat.buffers]).weight, net.weight)
     True
     """

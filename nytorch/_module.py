@@ -61,30 +61,18 @@ class NytoModule(Operators, nn.Module):
         return rebuild(state.source, leaves)  # type: ignore[return-value]
 
     # -- the one-pass path: packed models, one kernel per buffer (see ``_packed``) ------------
-    # A model is packed once an operation on it has succeeded (an operation that raises leaves
-    # its operands exactly as they were); from then on operations take the packed path.
+    # Models are packed on first use (their operands checked first: an operation that raises
+    # leaves its operands exactly as they were); from then on operations take the packed path.
     def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
         result = packed.binary(self, op, others, reflected)
-        if result is not None:
-            return result  # type: ignore[return-value]
-        result = super()._binary(op, *others, reflected=reflected)
-        if result is not NotImplemented:
-            packed.pack_after((self, *others))
-        return result  # type: ignore[return-value]
+        return super()._binary(op, *others, reflected=reflected) if result is None else result  # type: ignore[return-value]
 
     def _binary_(self, op: lw.Op, *others: object) -> Self:
-        if not packed.binary_(self, op, others):
-            super()._binary_(op, *others)
-            packed.pack_after((self, *others))
-        return self
+        return self if packed.binary_(self, op, others) else super()._binary_(op, *others)
 
     def _unary(self, make: Callable[[Any], list[Tensor]], fallback: Callable[[], Self]) -> Self:
         result = packed.unary(self, make)
-        if result is not None:
-            return result  # type: ignore[return-value]
-        result = fallback()
-        packed.pack_after((self,))
-        return result
+        return fallback() if result is None else result  # type: ignore[return-value]
 
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).

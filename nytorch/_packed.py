@@ -27,7 +27,7 @@ from ._walk import _CACHE, Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
-__all__ = ["packed", "pack_after", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill"]
+__all__ = ["packed", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill"]
 
 # Per model: the parameter list of its layout and the Flat over it (False: not packable).  Neither
 # refers to the model, so the weak key can die.
@@ -55,8 +55,8 @@ def packed(model: nn.Module, pack: bool = True) -> Optional[tuple[Layout, Flat]]
     """``model``'s layout and the flat buffers its parameters view, packing it first if ``pack``.
 
     Returns ``None`` when the model is not packed (``pack=False``) or cannot be (see ``_flat.pack_``).
-    Operators look with ``pack=False`` and pack only after an operation succeeded (``pack_after``),
-    so that an operation that raises leaves its operands exactly as they were, storage included.
+    Operators pack a model only once its operands are known to be valid (``_first_use``), so
+    that an operation that raises leaves its operands exactly as they were, storage included.
 
     >>> net = torch.nn.Linear(2, 1)
     >>> packed(net, pack=False) is None
@@ -85,18 +85,6 @@ def packed(model: nn.Module, pack: bool = True) -> Optional[tuple[Layout, Flat]]
     return None if found is None else (layout, found)
 
 
-def pack_after(values: Sequence[object]) -> None:
-    """Pack the models among ``values`` once an operation on them has succeeded.
-
-    >>> net = torch.nn.Linear(2, 1)
-    >>> pack_after([net, 1.0]); packed(net, pack=False) is not None
-    True
-    """
-    for value in values:
-        if isinstance(value, nn.Module):
-            packed(value)
-
-
 def remember(result: nn.Module, flat: Flat) -> None:
     """Record that ``result`` (just rebuilt from ``flat``'s views) is packed in ``flat``'s buffers."""
     stored = _CACHE.get(result)
@@ -114,9 +102,9 @@ def carried(flat: Flat, configs: Optional[Sequence[ParamConfig]]) -> dict[int, T
             else leaf.detach().clone() for i, leaf in flat.rest.items()}
 
 
-def _current(model: nn.Module) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
-    """``packed(model, pack=False)`` plus its configs, or ``None`` when they no longer match the packing."""
-    found = packed(model, pack=False)
+def _current(model: nn.Module, pack: bool = False) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
+    """``packed(model, pack)`` plus its configs, or ``None`` when they no longer match the packing."""
+    found = packed(model, pack)
     if found is None:
         return None
     layout, flat = found
@@ -131,7 +119,7 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     """``others`` as flat buffers (or scalars) aligned with ``flat``, or ``None`` for the per-leaf path.
 
     Scalars are checked against the buffers' dtypes here (that raises); models of class ``cls``
-    and Particles must be packed already.  Anything else, or a structure
+    and the same structure are packed on first use; Particles must be flat already.  Anything else, or a structure
     that differs, answers ``None``: the per-leaf path then raises the informative error.
     """
     from ._particle import Particle  # local: _particle builds on this module
@@ -146,7 +134,9 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
         other_names: Sequence[str]
         other_flat: Optional[Flat]
         if isinstance(other, nn.Module):
-            found = _current(other) if model_class(other) is cls else None
+            if model_class(other) is not cls or not _same_structure(layout_of(other), names, signature):
+                return None  # checked before packing: a refused operand keeps its storage
+            found = _current(other, pack=True)
             if found is None:
                 return None
             other_names, other_signature, other_flat = found[0].names, found[0].signature, found[1]
@@ -162,6 +152,38 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
             return None
         operands.append(other_flat.buffers)
     return operands
+
+
+def _same_structure(layout: Layout, names: Sequence[str], signature: tuple) -> bool:
+    return ((layout.names is names or layout.names == names)
+            and (layout.signature is signature or layout.signature == signature))
+
+
+def _first_use(model: nn.Module, fn: str, others: Sequence[object],
+               reflected: bool) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
+    """``_current(model)``, packing ``model`` first when every operand is one the packed path takes.
+
+    Operands are checked against the model's layout before anything moves: a scalar of a dtype
+    the model cannot hold raises here, as on the per-tensor path; any other operand the packed
+    path would refuse answers ``None``, and the per-tensor path raises its error.
+    """
+    from ._particle import Particle  # local: _particle builds on this module
+
+    found = _current(model)
+    if found is not None:
+        return found
+    layout, cls = layout_of(model), model_class(model)
+    for other in others:
+        if lw.is_scalar(other):
+            lw.check_scalar(fn, other, layout.names, layout.params, lw.arithmetic_mask(layout.params), reflected)
+        elif isinstance(other, nn.Module):
+            if model_class(other) is not cls or not _same_structure(layout_of(other), layout.names, layout.signature):
+                return None
+        elif not (isinstance(other, Particle) and other.model_class is cls
+                  and (other._names is layout.names or other._names == layout.names)
+                  and (other._signature is layout.signature or other._signature == layout.signature)):
+            return None
+    return _current(model, pack=True)
 
 
 def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Sequence[object],
@@ -180,13 +202,10 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
     """``op(model, *others)`` as one kernel per buffer, or ``None`` when the packed path does not apply.
 
     >>> net = torch.nn.Linear(2, 1)
-    >>> binary(net, lw.ADD, [net]) is None  # not packed yet: the caller takes the per-tensor path
-    True
-    >>> _ = packed(net)
     >>> torch.equal(binary(net, lw.ADD, [net]).weight, 2 * net.weight)
     True
     """
-    found = _current(model)
+    found = _first_use(model, op.name, others, reflected)
     if found is None:
         return None
     layout, flat, configs = found
@@ -202,12 +221,11 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     """``op`` in place on ``model``'s buffers; ``False`` (nothing written) when the packed path does not apply.
 
     >>> net = torch.nn.Linear(2, 1)
-    >>> _ = packed(net)
     >>> expected = net.weight * 3
     >>> binary_(net, lw.MUL, [3.0]), torch.equal(net.weight, expected)
     (True, True)
     """
-    found = _current(model)
+    found = _first_use(model, op.name, others, False)
     if found is None:
         return False
     layout, flat, _ = found
@@ -224,11 +242,10 @@ def unary(model: nn.Module, make: Callable[[Flat], list[Tensor]]) -> Optional[nn
     """A new model from ``make(flat) -> buffers`` (clone, random fills), or ``None`` off the packed path.
 
     >>> net = torch.nn.Linear(2, 1)
-    >>> _ = packed(net)
     >>> torch.equal(unary(net, lambda flat: [b.clone() for b in flat.buffers]).weight, net.weight)
     True
     """
-    found = _current(model)
+    found = _first_use(model, "clone", (), False)
     if found is None:
         return None
     layout, flat, configs = found

@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
-from ._packed import active_for, carried, fill, flat_operands, pack_after
+from ._packed import active_for, carried, fill, flat_operands
 from ._walk import Layout, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
@@ -151,18 +151,10 @@ class Particle(Operators):
 
     def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
         result = self._flat_binary(op, others, reflected)
-        if result is not None:
-            return result
-        result = super()._binary(op, *others, reflected=reflected)
-        if result is not NotImplemented:
-            pack_after(others)  # model operands: packed once an operation on them has succeeded
-        return result
+        return super()._binary(op, *others, reflected=reflected) if result is None else result
 
     def _binary_(self, op: lw.Op, *others: object) -> Self:
-        if not self._flat_binary_(op, others):
-            super()._binary_(op, *others)
-            pack_after(others)
-        return self
+        return self if self._flat_binary_(op, others) else super()._binary_(op, *others)
 
     def _flat_unary(self, fn: Callable[[Tensor], Tensor]) -> Optional[Self]:
         flat = self._flat_form()

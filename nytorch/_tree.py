@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import optree
 import torch
@@ -108,20 +108,42 @@ def _is_scalar_operand(value: object, other: object) -> bool:
     return isinstance(value, numbers.Number)
 
 
+def _plain(tree: PyTree) -> Optional[list[Tensor]]:
+    """The leaves of a plain ``dict`` of tensors (what ``nf.params`` gives), in key order; else ``None``.
+
+    Such a dict needs no pytree machinery: its leaves are its values and its result is
+    ``dict(zip(keys, results))`` (same keys, same order), which saves flattening and
+    unflattening on every operation.
+    """
+    if type(tree) is not dict or not tree:
+        return None
+    leaves = list(tree.values())
+    return leaves if all(issubclass(kind, Tensor) for kind in set(map(type, leaves))) else None
+
+
+def _scalar_op(op: lw.Op, fn: str, tree: PyTree, scalar: object, argument: str, reflected: bool) -> PyTree:
+    plain = _plain(tree)
+    leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, argument)
+    active = lw.arithmetic_mask(leaves)
+    names = (lambda: [_path_name((key,)) for key in tree]) if plain is not None else (lambda: path_names(tree))
+    lw.check_scalar(fn, scalar, names, leaves, active, reflected=reflected)
+    results = lw.apply(lw.REFLECTED[fn] if reflected else op, leaves, scalar, active=active)
+    return dict(zip(tree, results)) if spec is None else optree.tree_unflatten(spec, results)
+
+
 def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
     fn = op.name
     if _is_scalar_operand(a, b):
         if _is_scalar_operand(b, a):
             raise TypeError(f"{fn}: expected at least one pytree of tensors, got two scalars {a!r} and {b!r}")
-        leaves, spec = flatten(fn, b, "the second operand")
-        active = lw.arithmetic_mask(leaves)
-        lw.check_scalar(fn, a, lambda: path_names(b), leaves, active, reflected=True)
-        return optree.tree_unflatten(spec, lw.apply(lw.REFLECTED[fn], leaves, a, active=active))
+        return _scalar_op(op, fn, b, a, "the second operand", reflected=True)
     if _is_scalar_operand(b, a):
-        leaves, spec = flatten(fn, a, "the first operand")
-        active = lw.arithmetic_mask(leaves)
-        lw.check_scalar(fn, b, lambda: path_names(a), leaves, active)
-        return optree.tree_unflatten(spec, lw.apply(op, leaves, b, active=active))
+        return _scalar_op(op, fn, a, b, "the first operand", reflected=False)
+    left, right = _plain(a), _plain(b)
+    if left is not None and right is not None and list(a) == list(b):  # same keys, same order
+        if not lw.same_layout(left, right):
+            raise _mismatch(fn, a, b)
+        return dict(zip(a, lw.apply(op, left, right)))
     left, right, spec = matched(fn, a, b)
     return optree.tree_unflatten(spec, lw.apply(op, left, right))
 

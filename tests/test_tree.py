@@ -531,3 +531,20 @@ def test_scalar_requiring_grad_under_no_grad(fn: str) -> None:
                "lerp": lambda: nf.lerp(tree, tree, s), "rpow": lambda: nf.pow(s, tree)}[fn]()
     expected = {"sub": tree["w"] - 2, "pow": tree["w"] ** 2, "lerp": tree["w"], "rpow": 2 ** tree["w"]}[fn]
     assert torch.allclose(out["w"], expected)
+
+
+def test_plain_dicts_keep_their_key_order_and_pair_by_key() -> None:
+    """Plain dicts of tensors take a fast path (no pytree flattening); answers match the general one."""
+    a = {"b": torch.tensor([1.0, 2.0]), "a": torch.tensor([3.0])}
+    same_order = {"b": torch.tensor([10.0, 20.0]), "a": torch.tensor([30.0])}
+    other_order = {"a": torch.tensor([30.0]), "b": torch.tensor([10.0, 20.0])}
+    for b in (same_order, other_order):
+        result = nf.add(a, b)
+        assert list(result) == ["b", "a"]
+        assert torch.equal(result["b"], torch.tensor([11.0, 22.0])) and torch.equal(result["a"], torch.tensor([33.0]))
+    scaled = nf.mul(2.0, a)
+    assert list(scaled) == ["b", "a"] and torch.equal(scaled["a"], torch.tensor([6.0]))
+    with pytest.raises(TypeError, match="'b'"):
+        nf.mul({"b": torch.ones(1), "a": torch.ones(1)}, 1j)
+    with pytest.raises(nytorch.StructureError, match="'a'"):
+        nf.add(a, {"b": torch.ones(2), "a": torch.ones(2)})

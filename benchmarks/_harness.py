@@ -36,8 +36,10 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(repeats):
-            for name, fn in impls.items():
+        order = list(impls.items())
+        for repeat in range(repeats):
+            # alternate the order, so that no implementation always runs right after the same one
+            for name, fn in order if repeat % 2 == 0 else order[::-1]:
                 number = numbers[name]
                 start = time.perf_counter()
                 for _ in range(number):

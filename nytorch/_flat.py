@@ -156,8 +156,6 @@ def _packable(module: nn.Module, params: Sequence[Tensor]) -> Optional[str]:
         return "RNN modules manage their own flat weight buffer"
     spans: dict[int, list[tuple[int, int]]] = {}
     for param in params:
-        if isinstance(param, nn.parameter.UninitializedParameter):
-            return "a parameter is not initialised yet (lazy module)"
         if param.layout is not torch.strided or param.device.type == "meta":
             return f"a parameter has layout {param.layout} on device {param.device}"
         if not param.is_contiguous():
@@ -209,6 +207,23 @@ def _runs_consecutive(members: Sequence[Tensor], whole: bool) -> bool:
     return all(_consecutive([members[i] for i in run]) for run in runs)
 
 
+def _pack_or_reason(module: nn.Module, whole: bool) -> Optional[str]:
+    """Pack ``module`` unless that would change it; ``None`` when packed (or already), else why not."""
+    from ._walk import layout_of  # local: _walk does not depend on this module
+
+    if lazy_name(module) is not None:
+        return "a parameter is not initialised yet (lazy module)"  # shapes unknown until the first forward
+    layout = layout_of(module)
+    groups = _arithmetic_groups(layout.params + layout.buffers)
+    loose = [members for members in groups if not _runs_consecutive(members, whole)]
+    if not loose:
+        return None
+    reason = _packable(module, [param for members in groups for param in members])
+    if reason is None:
+        _pack_groups(loose)
+    return reason
+
+
 def pack_(module: nn.Module, *, whole: bool = False) -> bool:
     """Pack ``module``'s floating parameters (then floating buffers) into one buffer per (device, dtype).
 
@@ -232,19 +247,7 @@ def pack_(module: nn.Module, *, whole: bool = False) -> bool:
     >>> pack_(net), net[1].bias.data_ptr() - net[0].weight.data_ptr()
     (True, 32)
     """
-    from ._walk import layout_of  # local: _walk does not depend on this module
-
-    if lazy_name(module) is not None:
-        return False  # shapes unknown until the first forward
-    layout = layout_of(module)
-    groups = _arithmetic_groups(layout.params + layout.buffers)
-    loose = [members for members in groups if not _runs_consecutive(members, whole)]
-    if not loose:
-        return True
-    if _packable(module, [param for members in groups for param in members]) is not None:
-        return False
-    _pack_groups(loose)
-    return True
+    return _pack_or_reason(module, whole) is None
 
 
 def flatten_(module: nn.Module) -> nn.Module:
@@ -268,16 +271,7 @@ def flatten_(module: nn.Module) -> nn.Module:
     >>> net[0].weight is weight, net[1].bias.data_ptr() - net[0].weight.data_ptr()
     (True, 32)
     """
-    from ._walk import layout_of  # local: _walk does not depend on this module
-
-    lazy = lazy_name(module) is not None
-    layout = None if lazy else layout_of(module)
-    groups = [] if layout is None else _arithmetic_groups(layout.params + layout.buffers)
-    loose = [members for members in groups if not _consecutive(members)]
-    if lazy or loose:
-        reason = "a parameter is not initialised yet (lazy module)" if lazy else _packable(
-            module, [param for members in groups for param in members])
-        if reason is not None:
-            raise ValueError(f"flatten_: cannot pack the parameters of this {type(module).__name__}: {reason}")
-        _pack_groups(loose)
+    reason = _pack_or_reason(module, whole=True)
+    if reason is not None:
+        raise ValueError(f"flatten_: cannot pack the parameters of this {type(module).__name__}: {reason}")
     return module

@@ -186,9 +186,15 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object],
     return _current(model, pack=True)
 
 
-def _operands(fn: str, model: nn.Module, layout: Layout, flat: Flat, others: Sequence[object],
-              reflected: bool) -> Optional[list[object]]:
-    return flat_operands(fn, model_class(model), layout.names, layout.signature, flat, others, reflected)
+def _prepared(model: nn.Module, fn: str, others: Sequence[object], reflected: bool
+              ) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]], list[object]]]:
+    """The packed layout, buffers and configs of ``model`` with its operands as buffers, or ``None``."""
+    found = _first_use(model, fn, others, reflected)
+    if found is None:
+        return None
+    layout, flat, configs = found
+    operands = flat_operands(fn, model_class(model), layout.names, layout.signature, flat, others, reflected)
+    return None if operands is None else (layout, flat, configs, operands)
 
 
 def _result(layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]], buffers: list[Tensor]) -> nn.Module:
@@ -205,13 +211,10 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
     >>> torch.equal(binary(net, lw.ADD, [net]).weight, 2 * net.weight)
     True
     """
-    found = _first_use(model, op.name, others, reflected)
-    if found is None:
+    prepared = _prepared(model, op.name, others, reflected)
+    if prepared is None:
         return None
-    layout, flat, configs = found
-    operands = _operands(op.name, model, layout, flat, others, reflected)
-    if operands is None:
-        return None
+    layout, flat, configs, operands = prepared
     with torch.no_grad():
         buffers = lw.apply(op, flat.buffers, *operands)
     return _result(layout, flat, configs, buffers)
@@ -225,13 +228,10 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     >>> binary_(net, lw.MUL, [3.0]), torch.equal(net.weight, expected)
     (True, True)
     """
-    found = _first_use(model, op.name, others, False)
-    if found is None:
+    prepared = _prepared(model, op.name, others, False)
+    if prepared is None:
         return False
-    layout, flat, _ = found
-    operands = _operands(op.name, model, layout, flat, others, False)
-    if operands is None:
-        return False
+    layout, flat, _, operands = prepared
     algebra.check_writable(op.name, [layout.names[index[0]] for index in flat.plan.groups], flat.buffers)
     with torch.no_grad():
         lw.apply_(op, flat.buffers, *operands)

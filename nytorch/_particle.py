@@ -94,9 +94,6 @@ class Particle(Operators):
                           self._signature, flat, flat.plan)
 
     # -- the one-pass path over flat buffers --------------------------------------------
-    def _active(self) -> tuple[bool, ...]:
-        return self._active_for(self._configs)
-
     def _active_for(self, configs: Optional[Sequence[ParamConfig]]) -> tuple[bool, ...]:
         return active_for(self._signature, configs)
 

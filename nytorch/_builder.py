@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-Builder = Callable[[Sequence[nn.Module], Sequence[torch.Tensor], Sequence[torch.Tensor]], list[nn.Module]]
-
+Builder = Callable[..., list[nn.Module]]
+Capture = Callable[[Sequence[nn.Module]], list[dict]]
 
 class Stale(Exception):
     """A module no longer looks like the one the builder was written for."""
@@ -28,35 +28,132 @@ def _table(slots: Sequence[tuple[str, Optional[int]]], values: str) -> str:
     return "{" + ", ".join(f"{name!r}: {value(i)}" for name, i in slots) + "}"
 
 
-def compile_builder(modules: Sequence[nn.Module], children: Sequence[Sequence[tuple[str, Optional[int]]]],
+def compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[str, Optional[int]]]],
                     param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
                     buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
                     containers: frozenset[str]) -> Builder:
-    """A function ``build(modules, params, buffers) -> new modules`` for trees shaped like ``modules``.
+    """A function ``build(states, types, params, buffers, root) -> new modules`` for trees shaped like ``states``.
 
-    It raises ``Stale`` when a module's attribute count differs from the one it was written for
-    (then the caller falls back to the generic loop).
+    ``states`` are the modules' ``__dict__``s (or ``capture``'s copies of them); each is copied, its
+    containers too, before it becomes a new module's ``__dict__``.  ``root``, when not ``None``, is the
+    object that becomes the new root (its ``__dict__`` is replaced).  It raises ``Stale`` when a
+    state's attribute count differs from the one it was written for (then the caller falls back to
+    the generic loop).
 
     >>> layer = torch.nn.Linear(1, 1)
-    >>> build = compile_builder([layer], [[]], [[("weight", 0), ("bias", 1)]], [[]], frozenset({"_forward_hooks"}))
-    >>> new = build([layer], [torch.nn.Parameter(torch.ones(1, 1)), None], [])[0]
+    >>> build = compile_builder([layer.__dict__], [[]], [[("weight", 0), ("bias", 1)]], [[]],
+    ...                         frozenset({"_forward_hooks"}))
+    >>> new = build([layer.__dict__], [torch.nn.Linear], [torch.nn.Parameter(torch.ones(1, 1)), None], [], None)[0]
     >>> new is layer, new.weight.item(), new._forward_hooks is layer._forward_hooks
     (False, 1.0, False)
     """
-    lines = ["def build(modules, params, buffers):"]
-    for k, module in enumerate(modules):
-        state = module.__dict__
-        lines.append(f"    s{k} = modules[{k}].__dict__.copy()")
+    lines = ["def build(states, types, params, buffers, root):"]
+    for k, state in enumerate(states):
+        lines.append(f"    s{k} = states[{k}].copy()")
         lines.append(f"    if len(s{k}) != {len(state)}: raise Stale")
         for key in sorted(key for key in containers.intersection(state) if state[key] is not None):
             lines.append(f"    s{k}[{key!r}] = s{k}[{key!r}].copy()")
         lines.append(f"    s{k}['_parameters'] = {_table(param_slots[k], 'params')}")
         lines.append(f"    s{k}['_buffers'] = {_table(buffer_slots[k], 'buffers')}")
-        lines.append(f"    n{k} = new(type(modules[{k}]))")
-        lines.append(f"    set_state(n{k}, '__dict__', s{k})")
+        made = "new(types[0]) if root is None else root" if k == 0 else f"new(types[{k}])"
+        lines.append(f"    n{k} = {made}")
     for k, slots in enumerate(children):
         lines.append(f"    s{k}['_modules'] = {_table(slots, 'n')}")
-    lines.append("    return [" + ", ".join(f"n{k}" for k in range(len(modules))) + "]")
+    # the root's state goes in last: a root that was pending stays so until its tree is complete
+    for k in reversed(range(len(states))):
+        lines.append(f"    set_state(n{k}, '__dict__', s{k})")
+    lines.append("    return [" + ", ".join(f"n{k}" for k in range(len(states))) + "]")
     namespace = {"new": object.__new__, "set_state": object.__setattr__, "Stale": Stale}
     exec(compile("\n".join(lines), "<nytorch rebuild>", "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace["build"]  # type: ignore[no-any-return, return-value]
+    return namespace["build"]  # type: ignore[return-value]
+
+
+def empty_like(container: object) -> object:
+    """A shared empty container of ``container``'s type, or ``container`` copied when it is not empty.
+
+    ``capture`` stores these: builders copy every container again, so the shared empties are never
+    handed out, and hooks added to a module after its capture do not reach the copies.
+
+    >>> from collections import OrderedDict
+    >>> empty_like(OrderedDict()) is empty_like(OrderedDict()), empty_like({1: 2})
+    (True, {1: 2})
+    """
+    if container:
+        return container.copy()  # type: ignore[attr-defined]
+    kind = type(container)
+    found = _EMPTIES.get(kind)
+    if found is None:
+        found = _EMPTIES[kind] = kind()
+    return found
+
+
+_EMPTIES: dict[type, object] = {}
+
+
+def compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Capture:
+    """A function ``capture(modules) -> states``: each module's ``__dict__`` as it is now, for a later build.
+
+    Containers are copied (empty ones stand for themselves, see ``empty_like``), and the
+    parameter, buffer and child tables are dropped: the build fills them in.  It raises ``Stale``
+    like the builder.
+
+    >>> layer = torch.nn.Linear(1, 1)
+    >>> state = compile_capture([layer.__dict__], frozenset({"_forward_hooks"}))([layer])[0]
+    >>> state["_parameters"], state["in_features"], state["_forward_hooks"] is layer._forward_hooks
+    (None, 1, False)
+    """
+    lines = ["def capture(modules):"]
+    namespace: dict[str, object] = {"Stale": Stale}
+    for k, state in enumerate(states):
+        keys = sorted(key for key in containers.intersection(state) if state[key] is not None)
+        # containers are nearly always empty: one test for all of them, a copy only for those that are not
+        empties = {key: empty_like(type(state[key])()) for key in keys}
+        namespace[f"e{k}"] = empties
+        lines.append(f"    d{k} = modules[{k}].__dict__")
+        lines.append(f"    s{k} = d{k}.copy()")
+        lines.append(f"    if len(s{k}) != {len(state)}: raise Stale")
+        if keys:
+            lines.append(f"    s{k}.update(e{k})")
+            lines.append("    if " + " or ".join(f"d{k}[{key!r}]" for key in keys) + ":")
+            for key in keys:
+                lines.append(f"        if d{k}[{key!r}]: s{k}[{key!r}] = d{k}[{key!r}].copy()")
+        lines.append(f"    s{k}['_parameters'] = s{k}['_buffers'] = s{k}['_modules'] = None")
+    lines.append("    return [" + ", ".join(f"s{k}" for k in range(len(states))) + "]")
+    exec(compile("\n".join(lines), "<nytorch capture>", "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace["capture"]  # type: ignore[return-value]
+
+
+def compile_check(children: Sequence[Sequence[tuple[str, Optional[int]]]],
+                  param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
+                  buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]]) -> Callable[..., bool]:
+    """A function ``check(modules, params, buffers) -> bool``: does each module still hold exactly these?
+
+    True when every module's child, parameter and buffer tables have the listed names, in the
+    listed order, holding the listed objects (``is``).  It reads the tables the way
+    ``_walk.snapshot`` does, minus the loop: one comparison per entry.
+
+    >>> layer = torch.nn.Linear(1, 1)
+    >>> check = compile_check([[]], [[("weight", 0), ("bias", 1)]], [[]])
+    >>> check([layer], [layer.weight, layer.bias], [])
+    True
+    >>> layer.bias = torch.nn.Parameter(torch.zeros(1))
+    >>> check([layer], [layer.weight, None], [])
+    False
+    """
+    lines = ["def check(modules, params, buffers):"]
+    namespace: dict[str, object] = {}
+    for k in range(len(children)):
+        lines.append(f"    d = modules[{k}].__dict__")
+        for table, slots, values in (("_modules", children[k], "modules"), ("_parameters", param_slots[k], "params"),
+                                     ("_buffers", buffer_slots[k], "buffers")):
+            if not slots:
+                lines.append(f"    if d[{table!r}]: return False")
+                continue
+            namespace[f"k{k}{table}"] = [name for name, _ in slots]
+            tests = [f"[*t] != k{k}{table}"] + [
+                f"t[{name!r}] is not " + ("None" if i is None else f"{values}[{i}]") for name, i in slots]
+            lines.append(f"    t = d[{table!r}]")
+            lines.append("    if " + " or ".join(tests) + ": return False")
+    lines.append("    return True")
+    exec(compile("\n".join(lines), "<nytorch check>", "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace["check"]  # type: ignore[return-value]

@@ -73,6 +73,9 @@ def _tables(layout: Layout) -> list[tuple[str, dict[str, ParamConfig]]]:
 
 def configs_for(layout: Layout, names: Optional[Iterable[str]] = None) -> Optional[list[ParamConfig]]:
     """The config of every parameter (``None`` when every parameter has the default)."""
+    owners = layout.tables
+    if not owners or (len(owners) == 1 and not owners[0][1]):  # none, or a NytoModule root's own, still empty
+        return None
     tables = _tables(layout)
     if not tables:
         return None

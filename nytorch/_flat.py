@@ -33,7 +33,7 @@ class FlatPlan:
         totals: per buffer, its number of elements.
     """
 
-    __slots__ = ("active", "groups", "likes", "totals", "dtypes", "devices")
+    __slots__ = ("active", "groups", "likes", "totals", "dtypes", "devices", "floating")
 
     def __init__(self, signature: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
                  active: Sequence[bool]) -> None:
@@ -51,6 +51,7 @@ class FlatPlan:
         self.likes = [[torch.empty(signature[i][0], dtype=dtype, device="meta") for i in index]
                       for dtype, index in zip(self.dtypes, self.groups)]
         self.totals = [sum(like.numel() for like in likes) for likes in self.likes]
+        self.floating = all(dtype.is_floating_point for dtype in self.dtypes)  # real numbers never change them
 
 
 #: On the CPU, results are allocated in runs of leaves of at most this many bytes.  glibc
@@ -77,8 +78,24 @@ def _chunks(index: list[int], sizes: list[int], device: torch.device) -> list[li
 
 def plan_for(signature: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
              active: Sequence[bool]) -> FlatPlan:
-    """The packing plan of a signature (see ``FlatPlan``)."""
-    return FlatPlan(signature, active)
+    """The packing plan of a signature (see ``FlatPlan``), one object per (signature, active).
+
+    Models of one structure then share their plan, and comparing plans is an identity check.
+
+    >>> signature = [(torch.Size([2]), torch.float32, torch.device("cpu"))]
+    >>> plan_for(signature, [True]) is plan_for(list(signature), (True,))
+    True
+    """
+    key = (tuple(signature), tuple(active), CHUNK_BYTES)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 256:  # a bound, not an LRU: structures are few in practice
+            _PLANS.clear()
+        plan = _PLANS[key] = FlatPlan(signature, active)
+    return plan
+
+
+_PLANS: dict[tuple, FlatPlan] = {}
 
 
 class Flat:

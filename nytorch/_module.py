@@ -14,11 +14,14 @@ from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, co
 from ._operators import Operators, State
 from . import _packed as packed
 from ._particle import Particle, layout_state
-from ._walk import layout_of, model_class, rebuild
+from ._walk import PENDING, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
 __all__ = ["NytoModule"]
+
+_module_getattr, _module_setattr, _module_delattr = nn.Module.__getattr__, nn.Module.__setattr__, nn.Module.__delattr__
+_module_getstate, _module_dir = nn.Module.__getstate__, nn.Module.__dir__
 
 
 class NytoModule(Operators, nn.Module):
@@ -51,6 +54,42 @@ class NytoModule(Operators, nn.Module):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.__dict__[CONFIG_ATTR] = {}
+
+    # -- results build their module tree on first touch (see ``_packed.Pending``) ----------------
+    _nyto_builds_on_touch = True
+
+    # An operator's values are computed at once; only the Python module objects wait.  Any
+    # attribute that is not in the instance dict (every one, while pending) lands here first.
+    def __getattr__(self, name: str) -> Any:
+        pending = self.__dict__.get(PENDING)
+        if pending is not None:
+            pending.realize(self)
+            return getattr(self, name)
+        return _module_getattr(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        pending = self.__dict__.get(PENDING)
+        if pending is not None:
+            pending.realize(self)
+        _module_setattr(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        pending = self.__dict__.get(PENDING)
+        if pending is not None:
+            pending.realize(self)
+        _module_delattr(self, name)
+
+    def __getstate__(self) -> Any:
+        pending = self.__dict__.get(PENDING)
+        if pending is not None:
+            pending.realize(self)
+        return _module_getstate(self)
+
+    def __dir__(self) -> list[str]:
+        pending = self.__dict__.get(PENDING)
+        if pending is not None:
+            pending.realize(self)
+        return _module_dir(self)
 
     # -- Operators protocol -----------------------------------------------------------
     def _state(self) -> State:

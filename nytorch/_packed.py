@@ -12,6 +12,8 @@ and the caller takes the per-leaf path, which also raises the informative errors
 """
 from __future__ import annotations
 
+import operator
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -23,15 +25,25 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._flat import Flat, find_flat, pack_, plan_for
-from ._walk import _CACHE, Layout, layout_of, model_class, rebuild
+from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, model_class, wrap_parameters
 
 Tensor = torch.Tensor
 
-__all__ = ["packed", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill"]
+__all__ = ["packed", "known", "kernel", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill",
+           "Pending"]
 
-# Per model: the parameter list of its layout and the Flat over it (False: not packable).  Neither
-# refers to the model, so the weak key can die.
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[list[Tensor], Any]]" = weakref.WeakKeyDictionary()
+_LOOKED = "looked"  # ``Layout.packing``: looked without packing (``pack=False``), not packed
+
+
+def known(model: nn.Module) -> Any:
+    """What is known about ``model``'s packing: its ``Flat``, ``False`` (cannot be packed) or ``None``.
+
+    >>> known(torch.nn.Linear(1, 1)) is None
+    True
+    """
+    stored = _CACHE.get(model)
+    found = None if stored is None else stored.packing[0]
+    return None if found is _LOOKED else found
 
 
 def active_for(signature: Sequence[tuple], configs: Optional[Sequence[ParamConfig]]) -> tuple[bool, ...]:
@@ -51,10 +63,11 @@ def _find(layout: Layout) -> Optional[Flat]:
     return found
 
 
-def packed(model: nn.Module, pack: bool = True) -> Optional[tuple[Layout, Flat]]:
+def packed(model: nn.Module, pack: bool = True, layout: Optional[Layout] = None) -> Optional[tuple[Layout, Flat]]:
     """``model``'s layout and the flat buffers its parameters view, packing it first if ``pack``.
 
     Returns ``None`` when the model is not packed (``pack=False``) or cannot be (see ``_flat.pack_``).
+    ``layout``, when given, is ``layout_of(model)`` taken just before by the caller.
     Operators pack a model only once its operands are known to be valid (``_first_use``), so
     that an operation that raises leaves its operands exactly as they were, storage included.
 
@@ -65,23 +78,24 @@ def packed(model: nn.Module, pack: bool = True) -> Optional[tuple[Layout, Flat]]
     >>> flat.buffers[0].numel(), net.bias.data_ptr() - net.weight.data_ptr()
     (3, 8)
     """
-    layout = layout_of(model)
-    seen = _PACKED.get(model)
-    if seen is not None and seen[0] is layout.params:
-        if seen[1] is not None:  # packed (a Flat) or not packable (False)
-            return None if seen[1] is False else (layout, seen[1])
-        if not pack:  # looked before: not packed
-            return None
-    elif not pack:
-        found = _find(layout)  # packed already (e.g. ``flatten_``), or not yet: None
-        _PACKED[model] = (layout.params, found)
-        return None if found is None else (layout, found)
-    if not pack_(model):
-        _PACKED[model] = (layout.params, False)
+    if layout is None:
+        layout = layout_of(model)
+    cell = layout.packing  # shared with the layout ``layout_of`` keeps for ``model``: gone when the tree changes
+    seen = cell[0]
+    if seen is not None and seen is not _LOOKED:
+        return None if seen is False else (layout, seen)
+    if not pack:
+        if seen is None:  # packed already (e.g. ``flatten_``), or not yet
+            found = _find(layout)
+            cell[0] = _LOOKED if found is None else found
+            return None if found is None else (layout, found)
         return None
-    layout = layout_of(model)
+    if not pack_(model):
+        layout_of(model).packing[0] = False
+        return None
+    layout = layout_of(model)  # the storage moved: a new layout
     found = _find(layout)
-    _PACKED[model] = (layout.params, False if found is None else found)
+    layout.packing[0] = False if found is None else found
     return None if found is None else (layout, found)
 
 
@@ -91,7 +105,7 @@ def remember(result: nn.Module, flat: Flat) -> None:
     if stored is not None:
         params = stored.params
         rest = {i: params[i] for i in flat.rest}
-        _PACKED[result] = (params, Flat(flat.plan, flat.buffers, rest))
+        stored.packing[0] = Flat(flat.plan, flat.buffers, rest)
 
 
 def carried(flat: Flat, configs: Optional[Sequence[ParamConfig]]) -> dict[int, Tensor]:
@@ -102,16 +116,31 @@ def carried(flat: Flat, configs: Optional[Sequence[ParamConfig]]) -> dict[int, T
             else leaf.detach().clone() for i, leaf in flat.rest.items()}
 
 
-def _current(model: nn.Module, pack: bool = False) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
-    """``packed(model, pack)`` plus its configs, or ``None`` when they no longer match the packing."""
-    found = packed(model, pack)
-    if found is None:
-        return None
-    layout, flat = found
+def _current(model: nn.Module, pack: bool = False, layout: Optional[Layout] = None
+             ) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
+    """``packed(model, pack, layout)`` plus its configs, or ``None`` when they no longer match the packing."""
+    pending = model.__dict__.get(PENDING)
+    if pending is not None:
+        layout, flat = pending.layout, pending.flat
+    else:
+        found = packed(model, pack, layout)
+        if found is None:
+            return None
+        layout, flat = found
     configs = configs_for(layout)
     if configs is not None and active_for(layout.signature, configs) != flat.plan.active:
         return None
     return layout, flat, configs
+
+
+_PARTICLE: list[Any] = []
+
+
+def _particle_class() -> Any:
+    if not _PARTICLE:
+        from ._particle import Particle  # local: _particle builds on this module
+        _PARTICLE.append(Particle)
+    return _PARTICLE[0]
 
 
 def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, flat: Flat,
@@ -122,10 +151,16 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     and the same structure are packed on first use; Particles must be flat already.  Anything else, or a structure
     that differs, answers ``None``: the per-leaf path then raises the informative error.
     """
-    from ._particle import Particle  # local: _particle builds on this module
-
+    Particle = _particle_class()
     operands: list[object] = []
     for other in others:
+        kind = type(other)
+        if kind is float or kind is int:  # the common scalars: they never change a floating dtype
+            if not flat.plan.floating:
+                lw.check_scalar(fn, other, [names[index[0]] for index in flat.plan.groups], flat.buffers,
+                                [True] * len(flat.buffers), reflected)
+            operands.append(other)
+            continue
         if lw.is_scalar(other):
             firsts = [names[index[0]] for index in flat.plan.groups]
             lw.check_scalar(fn, other, firsts, flat.buffers, [True] * len(firsts), reflected)
@@ -134,17 +169,26 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
         other_names: Sequence[str]
         other_flat: Optional[Flat]
         if isinstance(other, nn.Module):
-            if model_class(other) is not cls or not _same_structure(layout_of(other), names, signature):
-                return None  # checked before packing: a refused operand keeps its storage
-            found = _current(other, pack=True)
-            if found is None:
+            if model_class(other) is not cls:
                 return None
-            other_names, other_signature, other_flat = found[0].names, found[0].signature, found[1]
+            pending = other.__dict__.get(PENDING)
+            if pending is not None:
+                # its buffers are laid out by its plan, which the check below compares with ours
+                other_names, other_signature, other_flat = pending.layout.names, pending.layout.signature, pending.flat
+            else:
+                structure = layout_of(other)
+                if not _same_structure(structure, names, signature):
+                    return None  # checked before packing: a refused operand keeps its storage
+                found = _current(other, pack=True, layout=structure)
+                if found is None:
+                    return None
+                other_names, other_signature, other_flat = found[0].names, found[0].signature, found[1]
         elif isinstance(other, Particle) and other.model_class is cls:
             other_names, other_signature, other_flat = other._names, other._signature, other._flat_form()
         else:
             return None
-        if other_flat is None or other_flat.plan.active != flat.plan.active:
+        if other_flat is None or (other_flat.plan is not flat.plan and (
+                other_flat.plan.active != flat.plan.active or other_flat.plan.groups != flat.plan.groups)):
             return None
         if other_names is not names and other_names != names:
             return None
@@ -152,6 +196,12 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
             return None
         operands.append(other_flat.buffers)
     return operands
+
+
+def _structure(model: nn.Module) -> Layout:
+    """``layout_of(model)``, or a pending result's layout (without building its tree)."""
+    pending = model.__dict__.get(PENDING)
+    return layout_of(model) if pending is None else pending.layout  # type: ignore[no-any-return]
 
 
 def _same_structure(layout: Layout, names: Sequence[str], signature: tuple) -> bool:
@@ -167,8 +217,7 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object],
     the model cannot hold raises here, as on the per-tensor path; any other operand the packed
     path would refuse answers ``None``, and the per-tensor path raises its error.
     """
-    from ._particle import Particle  # local: _particle builds on this module
-
+    Particle = _particle_class()
     found = _current(model)
     if found is not None:
         return found
@@ -177,7 +226,7 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object],
         if lw.is_scalar(other):
             lw.check_scalar(fn, other, layout.names, layout.params, lw.arithmetic_mask(layout.params), reflected)
         elif isinstance(other, nn.Module):
-            if model_class(other) is not cls or not _same_structure(layout_of(other), layout.names, layout.signature):
+            if model_class(other) is not cls or not _same_structure(_structure(other), layout.names, layout.signature):
                 return None
         elif not (isinstance(other, Particle) and other.model_class is cls
                   and (other._names is layout.names or other._names == layout.names)
@@ -197,10 +246,56 @@ def _prepared(model: nn.Module, fn: str, others: Sequence[object], reflected: bo
     return None if operands is None else (layout, flat, configs, operands)
 
 
-def _result(layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]], buffers: list[Tensor]) -> nn.Module:
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_LOCK = threading.RLock()
+
+
+class Pending:
+    """A result whose values are computed and whose module tree is built on first touch.
+
+    An operator on packed models runs its kernels at once and returns an object of the
+    model's class holding only this: the output buffers, and the state of every module of its
+    operand captured at that moment (train/eval flags, hooks, other attributes), the
+    parameters' ``requires_grad`` and clones of its buffers.  The first attribute read,
+    assignment, call, pickling or nytorch read builds the tree into that same object
+    (``realize``); its Parameters are views into the output buffers.  Chains of operations
+    (``0.9 * (a - b) + a``) never build the trees of their intermediate results.
+    """
+
+    __slots__ = ("layout", "states", "types", "requires_grad", "flat", "buffers", "configs")
+
+    def __init__(self, layout: Layout, states: list[dict], types: list[type], requires_grad: tuple[bool, ...],
+                 flat: Flat, buffers: list[Tensor], configs: Optional[Sequence[ParamConfig]]) -> None:
+        self.layout, self.states, self.types, self.requires_grad = layout, states, types, requires_grad
+        self.flat, self.buffers, self.configs = flat, buffers, configs
+
+    def realize(self, root: nn.Module) -> None:
+        """Build ``root``'s module tree (once; ``root.__dict__`` is replaced by the built state)."""
+        with _LOCK:  # two threads touching one result build it once
+            if root.__dict__.get(PENDING) is not self:
+                return
+            flat = self.flat
+            wrapped = wrap_parameters(algebra.fresh_parameters(flat.leaves(), self.configs), self.requires_grad)
+            build_into(self.layout, self.states, self.types, wrapped, self.buffers, root)
+            remember(root, flat)
+
+
+def _result(model: nn.Module, layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]],
+            buffers: list[Tensor]) -> nn.Module:
     out = Flat(flat.plan, buffers, carried(flat, configs))
-    result = rebuild(layout, algebra.fresh_parameters(out.leaves(), configs))
-    remember(result, out)
+    source = model.__dict__.get(PENDING)
+    if source is not None:  # a result of a result: same captured state, its own buffers
+        pending = Pending(source.layout, source.states, source.types, source.requires_grad, out,
+                          [buffer.clone() for buffer in source.buffers], configs)
+    else:
+        states, types = capture(layout)
+        pending = Pending(layout.bare(), states, types,
+                          tuple(map(_REQUIRES_GRAD, layout.params)), out,
+                          [buffer.clone() for buffer in layout.buffers], configs)
+    result: nn.Module = object.__new__(pending.types[0])
+    result.__dict__[PENDING] = pending
+    if not getattr(pending.types[0], "_nyto_builds_on_touch", False):  # no hook to build it later: now
+        pending.realize(result)
     return result
 
 
@@ -215,9 +310,25 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
     if prepared is None:
         return None
     layout, flat, configs, operands = prepared
+    return _result(model, layout, flat, configs, kernel(op, flat.buffers, operands))
+
+
+def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object]) -> list[Tensor]:
+    """``op`` over the buffers: one plain call for one buffer and Python numbers or buffers, else ``apply``."""
+    if len(buffers) == 1:
+        args = []
+        for operand in operands:
+            kind = type(operand)
+            if kind is list:
+                args.append(operand[0])  # type: ignore[index]
+            elif kind is float or kind is int:
+                args.append(operand)
+            else:
+                break
+        else:  # detached buffers and numbers: nothing for autograd to record
+            return [op.leaf(buffers[0], *args)]
     with torch.no_grad():
-        buffers = lw.apply(op, flat.buffers, *operands)
-    return _result(layout, flat, configs, buffers)
+        return lw.apply(op, buffers, *operands)
 
 
 def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
@@ -251,7 +362,7 @@ def unary(model: nn.Module, make: Callable[[Flat], list[Tensor]]) -> Optional[nn
     layout, flat, configs = found
     with torch.no_grad():
         buffers = make(flat)
-    return _result(layout, flat, configs, buffers)
+    return _result(model, layout, flat, configs, buffers)
 
 
 def fill(flat: Flat, method: Callable[[Tensor], Any]) -> list[Tensor]:

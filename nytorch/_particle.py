@@ -13,8 +13,8 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
-from ._packed import active_for, carried, fill, flat_operands
-from ._walk import Layout, layout_of, model_class, rebuild
+from ._packed import active_for, carried, fill, flat_operands, kernel
+from ._walk import Layout, _interned, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
 
@@ -65,7 +65,7 @@ class Particle(Operators):
         del configs  # configs are read live from the model's config tables (see ``_configs``)
         self._with_buffers = with_buffers
         # A Particle records the shapes, dtypes and devices of its leaves when it is made.
-        self._signature = lw.signature(self._leaves) if signature is None else signature
+        self._signature = _interned(lw.signature(self._leaves)) if signature is None else signature
         self._flat: Any = flat  # a Flat; None: not looked for yet; False: the leaves are not flat
         self._plan = plan
 
@@ -130,8 +130,7 @@ class Particle(Operators):
         operands = None if flat is None else self._flat_operands(op.name, tuple(others), flat, reflected)
         if operands is None:
             return None
-        with torch.no_grad():
-            buffers = lw.apply(op, flat.buffers, *operands)  # type: ignore[union-attr]
+        buffers = kernel(op, flat.buffers, operands)  # type: ignore[union-attr]
         return self._from_flat(Flat(flat.plan, buffers, self._carried(flat)))  # type: ignore[union-attr, arg-type]
 
     def _flat_binary_(self, op: lw.Op, others: Sequence[object]) -> bool:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ._builder import Stale, compile_builder
+from ._builder import Stale, compile_builder, compile_capture, compile_check, empty_like
 
 Tensor = torch.Tensor
 
@@ -73,7 +73,7 @@ class Layout:
 
     __slots__ = ("modules", "prefixes", "names", "params", "buffer_names", "buffers",
                  "children", "param_slots", "buffer_slots", "tables", "_signature", "_pointers", "_expect",
-                 "_family")
+                 "_family", "packing")
 
     def __init__(self, root: nn.Module) -> None:
         self.modules: list[nn.Module] = []
@@ -89,8 +89,14 @@ class Layout:
         self._signature: Optional[tuple] = None
         self._pointers: Optional[tuple[int, ...]] = None
         self._expect: Optional[list] = None
-        self._family: list = [None, 0]  # shared by sibling layouts: [compiled builder, rebuilds so far]
+        # shared by sibling layouts: [compiled builder, rebuilds so far, compiled capture, compiled check,
+        # checks so far]
+        self._family: list = [None, 0, None, None, 0]
+        # what ``_packed.packed`` found out about this tree (shared by ``layout_of``'s answers for one root)
+        # [packing found, this layout without modules and tensors (``bare``)]
+        self.packing: list = [None, None]
         self._visit(root, "", {}, {}, {})
+        self.names = _interned(self.names)  # models of one structure share it: comparing them is ``is``
 
     @property
     def signature(self) -> tuple:
@@ -100,7 +106,7 @@ class Layout:
         construction), so comparing two of them is usually an identity check.
         """
         if self._signature is None:
-            self._signature = tuple((p.shape, p.dtype, p.device) for p in self.params)
+            self._signature = _interned(tuple((p.shape, p.dtype, p.device) for p in self.params))
         return self._signature
 
     def _visit(self, module: nn.Module, prefix: str, module_index: dict[int, int],
@@ -138,7 +144,19 @@ class Layout:
         other._pointers = None
         other._expect = None
         other._family = self._family
+        other.packing = [None, None]
         return other
+
+    def bare(self) -> "Layout":
+        """This layout without its modules, parameters and buffers (structure and config tables only).
+
+        Pending results keep one (``_packed.Pending``): it must not keep its operands' tensors alive.
+        """
+        cell = self.packing
+        found = cell[1]
+        if found is None:
+            found = cell[1] = self._sibling([], [], [])
+        return found  # type: ignore[no-any-return]
 
     def _matches(self, root: nn.Module) -> bool:
         """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed.
@@ -147,15 +165,41 @@ class Layout:
         can have been reused by another object.  The whole tree is read into one flat list
         (``snapshot``) and compared with the one taken when the layout was made.
         """
-        modules = self.modules
-        if snapshot([root] + modules[1:]) != self._expect:
-            return False
+        modules = [root] + self.modules[1:]
+        checker = self._family[3]
+        if checker is not None:
+            try:
+                if not checker(modules, self.params, self.buffers):
+                    return False
+            except (KeyError, AttributeError):  # a module lost one of nn.Module's tables
+                return False
+        else:
+            if self._expect is None or snapshot(modules) != self._expect:
+                return False
+            family = self._family
+            family[4] += 1
+            if family[4] >= 2:  # checked again: worth writing the check out once for the structure
+                family[3] = compile_check(self.children, self.param_slots, self.buffer_slots)
         for _, config_table, k in self.tables:
             owner = root if k == 0 else modules[k]
             if owner.__dict__.get(CONFIG_ATTR) is not config_table:
                 return False
         # Same Parameter objects can hold new storage (``.data = ...``, ``.double()``, ``.to()``).
         return tuple(map(Tensor.data_ptr, self.params)) == self._pointers
+
+
+_INTERNED: dict[tuple, object] = {}
+
+
+def _interned(value: Any) -> Any:
+    """One object per distinct name list or signature (bounded; equal values compare by identity)."""
+    key = (type(value), tuple(value))
+    found = _INTERNED.get(key)
+    if found is None:
+        if len(_INTERNED) >= 1024:
+            _INTERNED.clear()
+        found = _INTERNED[key] = value
+    return found
 
 
 def snapshot(modules: Sequence[nn.Module]) -> list:
@@ -199,8 +243,10 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictiona
 
 def _remember(root: nn.Module, layout: Layout) -> None:
     stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
+    stored.packing = layout.packing
     stored._pointers = tuple(map(Tensor.data_ptr, layout.params))
-    stored._expect = snapshot(layout.modules)  # the tree was just walked or built: it is what the layout says
+    if layout._family[3] is None:  # compiled checks compare with the layout's own lists instead
+        stored._expect = snapshot(layout.modules)  # the tree was just walked or built: it is what the layout says
     try:
         _CACHE[root] = stored
     except TypeError:  # pragma: no cover - modules that cannot be weakly referenced
@@ -215,9 +261,14 @@ def layout_of(root: nn.Module) -> Layout:
     >>> layout_of(net).params[0] is net.weight
     True
     """
+    pending = root.__dict__.get(PENDING)
+    if pending is not None:
+        pending.realize(root)
     stored = _CACHE.get(root)
     if stored is not None and stored._matches(root):
-        return stored._sibling([root] + stored.modules[1:], stored.params, stored.buffers)
+        found = stored._sibling([root] + stored.modules[1:], stored.params, stored.buffers)
+        found.packing = stored.packing
+        return found
     layout = Layout(root)
     _remember(root, layout)
     return layout
@@ -226,45 +277,122 @@ def layout_of(root: nn.Module) -> Layout:
 _CONTAINER_SET = frozenset(_CONTAINERS)
 
 
-def _as_parameter(value: Tensor, source: Tensor) -> nn.Parameter:
-    if isinstance(value, nn.Parameter):
-        return value
-    return nn.Parameter(value, requires_grad=source.requires_grad)
-
-
-def _build_generic(layout: Layout, wrapped: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[nn.Module]:
+def _build_generic(layout: Layout, states: Sequence[dict], types: Sequence[type], wrapped: Sequence[Tensor],
+                   buffers: Sequence[Tensor], root: Optional[nn.Module]) -> list[nn.Module]:
     copies: list[nn.Module] = []
     make, set_state = object.__new__, object.__setattr__
-    for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
-        state = module.__dict__.copy()
+    news: list[dict] = []
+    for k, (source, kind, param_slots, buffer_slots) in enumerate(
+            zip(states, types, layout.param_slots, layout.buffer_slots)):
+        state = source.copy()
         for key in _CONTAINER_SET.intersection(state):
             value = state[key]
             if value is not None:
                 state[key] = value.copy()
         state["_parameters"] = {name: None if i is None else wrapped[i] for name, i in param_slots}
         state["_buffers"] = {name: None if i is None else buffers[i] for name, i in buffer_slots}
-        new = make(type(module))
+        news.append(state)
+        copies.append(root if k == 0 and root is not None else make(kind))
+    for state, children in zip(news, layout.children):
+        state["_modules"] = {name: None if i is None else copies[i] for name, i in children}
+    for new, state in reversed(list(zip(copies, news))):  # the root last: see ``compile_builder``
         set_state(new, "__dict__", state)
-        copies.append(new)
-    for new, children in zip(copies, layout.children):
-        new.__dict__["_modules"] = {name: None if i is None else copies[i] for name, i in children}
     return copies
 
 
-def _build(layout: Layout, wrapped: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[nn.Module]:
+def _build(layout: Layout, states: Sequence[dict], types: Sequence[type], wrapped: Sequence[Tensor],
+           buffers: Sequence[Tensor], root: Optional[nn.Module] = None) -> list[nn.Module]:
     """New module objects for ``layout``: compiled straight-line code from a family's second rebuild on."""
     family = layout._family
     builder = family[0]
     if builder is None:
         family[1] += 1
         if family[1] < 2:  # a structure rebuilt once (e.g. merging N independent models) is not worth compiling
-            return _build_generic(layout, wrapped, buffers)
-        builder = family[0] = compile_builder(layout.modules, layout.children, layout.param_slots,
+            return _build_generic(layout, states, types, wrapped, buffers, root)
+        builder = family[0] = compile_builder(states, layout.children, layout.param_slots,
                                               layout.buffer_slots, _CONTAINER_SET)
     try:
-        return builder(layout.modules, wrapped, buffers)
+        return builder(states, types, wrapped, buffers, root)  # type: ignore[no-any-return]
     except (Stale, KeyError, AttributeError):  # a module gained or lost attributes since: the generic loop
-        return _build_generic(layout, wrapped, buffers)
+        return _build_generic(layout, states, types, wrapped, buffers, root)
+
+
+def capture(layout: Layout) -> tuple[list[dict], list[type]]:
+    """The state of every module of ``layout`` now, for a build later (see ``_builder.compile_capture``).
+
+    >>> import torch
+    >>> states, types = capture(Layout(torch.nn.Linear(1, 1)))
+    >>> states[0]["in_features"], types
+    (1, [<class 'torch.nn.modules.linear.Linear'>])
+    """
+    modules = layout.modules
+    types = list(map(type, modules))
+    family = layout._family
+    capturer = family[2]
+    if capturer is None:
+        states = [_capture_generic(module) for module in modules]
+        family[2] = compile_capture(states, _CONTAINER_SET)
+        return states, types
+    try:
+        return capturer(modules), types
+    except (Stale, KeyError):
+        return [_capture_generic(module) for module in modules], types
+
+
+def _capture_generic(module: nn.Module) -> dict:
+    state = module.__dict__.copy()
+    for key in _CONTAINER_SET.intersection(state):
+        value = state[key]
+        if value is not None:
+            state[key] = empty_like(value)
+    state["_parameters"] = state["_buffers"] = state["_modules"] = None
+    return state
+
+
+PENDING = "_nyto_pending"
+
+
+def realized(root: nn.Module) -> nn.Module:
+    """``root``, with its module tree built first if it is a result whose tree is still pending.
+
+    Operator results on packed ``NytoModule``s hold their values and the state of their
+    modules, and build the module tree on first touch (``NytoModule.__getattr__``); code that
+    reads a module's ``__dict__`` directly calls this first.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(1, 1)
+    >>> realized(net) is net
+    True
+    """
+    pending = root.__dict__.get(PENDING)
+    if pending is not None:
+        pending.realize(root)
+    return root
+
+
+def wrap_parameters(params: Sequence[Tensor], requires_grad: Sequence[bool]) -> list[Tensor]:
+    """``params`` as ``nn.Parameter``s: plain tensors wrapped (with ``requires_grad``), Parameters kept.
+
+    >>> import torch
+    >>> [type(p).__name__ for p in wrap_parameters([torch.ones(1), torch.nn.Parameter(torch.ones(1))], [False, True])]
+    ['Parameter', 'Parameter']
+    """
+    make_parameter, plain = Tensor._make_subclass, Tensor
+    return [
+        # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
+        make_parameter(nn.Parameter, value, flag) if type(value) is plain
+        else value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=flag)
+        for value, flag in zip(params, requires_grad)
+    ]
+
+
+def build_into(layout: Layout, states: Sequence[dict], types: Sequence[type], wrapped: Sequence[Tensor],
+               buffers: Sequence[Tensor], root: Optional[nn.Module] = None) -> nn.Module:
+    """The tree of ``layout`` built from ``states`` holding ``wrapped`` and ``buffers``, remembered; its root."""
+    copies = _build(layout, states, types, wrapped, buffers, root)
+    result = copies[0]
+    _remember(result, layout._sibling(copies, list(wrapped), list(buffers)))  # type: ignore[arg-type]
+    return result
 
 
 def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence[Tensor]] = None) -> nn.Module:
@@ -289,14 +417,6 @@ def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence
         buffers = [buffer.clone() for buffer in layout.buffers]
     else:
         buffers = list(buffers)
-    make_parameter, plain = Tensor._make_subclass, Tensor
-    wrapped = [
-        # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
-        make_parameter(nn.Parameter, value, source.requires_grad) if type(value) is plain
-        else _as_parameter(value, source)
-        for value, source in zip(params, layout.params)
-    ]
-    copies = _build(layout, wrapped, buffers)
-    result = copies[0]
-    _remember(result, layout._sibling(copies, wrapped, buffers))  # type: ignore[arg-type]
-    return result
+    modules = layout.modules
+    wrapped = wrap_parameters(params, [source.requires_grad for source in layout.params])
+    return build_into(layout, [module.__dict__ for module in modules], list(map(type, modules)), wrapped, buffers)

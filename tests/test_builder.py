@@ -25,14 +25,18 @@ def _describe(module: nn.Module) -> list:
 
 def test_repeated_operations_use_the_compiled_builder_and_match_the_generic_one():
     net = Tied()
-    results = [net * 2 for _ in range(3)]  # the second rebuild of a structure compiles it
+    results = [net * 2 for _ in range(3)]
+    for result in results:  # results build their tree on first touch; the second build of a structure compiles it
+        assert result.training
     assert layout_of(net)._family[0] is not None
     for result in results:
         assert _describe(result) == _describe(net)
         assert result.head.weight is result.embed.weight
         assert result.skip is None and torch.equal(result.steps, net.steps) and result.steps is not net.steps
         torch.testing.assert_close(result.extra["alpha"], net.extra["alpha"] * 2)
-    generic = _build_generic(layout_of(net), list(layout_of(net).params), list(layout_of(net).buffers))[0]
+    layout = layout_of(net)
+    generic = _build_generic(layout, [module.__dict__ for module in layout.modules], list(map(type, layout.modules)),
+                             list(layout.params), list(layout.buffers), None)[0]
     assert _describe(generic) == _describe(results[-1])
 
 

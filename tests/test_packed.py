@@ -1,8 +1,12 @@
 """Packed models (``nytorch/_packed.py``, ``_flat.pack_``): one buffer per dtype, same answers as per tensor."""
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
+import threading
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import nytorch
 import nytorch.functional as nf
 from nytorch import _packed
 from nytorch._flat import flatten_, pack_
+from nytorch._walk import PENDING, realized
 
 
 class Net(nytorch.NytoModule):
@@ -136,7 +141,7 @@ def test_results_are_born_packed_and_remembered() -> None:
     assert _packed.packed(a, pack=False) is not None and _packed.packed(b, pack=False) is not None
     result = 0.9 * (a - b) + a
     assert _consecutive([p for p in result.parameters() if p.dtype == torch.float32])
-    assert result in _packed._PACKED
+    assert _packed.known(result)
     expected = {name: 0.9 * (x - y) + x for (name, x), y in zip(a.named_parameters(), b.parameters())}
     for name, value in result.named_parameters():
         assert torch.allclose(value, expected[name], rtol=1e-6, atol=1e-7), name
@@ -151,7 +156,7 @@ def test_packed_and_unpacked_models_give_the_same_values() -> None:
     c.load_state_dict(a.state_dict(), strict=False)
     d.load_state_dict(b.state_dict(), strict=False)
     slow, fast = a * 2 - b / 4 + 1, c * 2 - d / 4 + 1
-    assert a not in _packed._PACKED or _packed._PACKED[a][1] is False
+    assert not _packed.known(a)
     for name, value in fast.named_parameters():
         assert torch.equal(value, slow.get_parameter(name)), name
 
@@ -237,8 +242,8 @@ def test_large_cpu_results_come_in_runs_of_at_most_chunk_bytes(monkeypatch: pyte
     monkeypatch.setattr(_flat, "CHUNK_BYTES", 64)  # 16 float32 values per run
     a, b = Net(), Net()
     _ = a + b  # packs a and b
-    result = a + b
-    flat = _packed._PACKED[result][1]
+    result = realized(a + b)  # built on first touch, then remembered as packed
+    flat = _packed.known(result)
     assert len(flat.buffers) > 2 and all(buffer.numel() * 4 <= 64 or len(index) == 1
                                           for buffer, index in zip(flat.buffers, flat.plan.groups))
     for name, value in result.named_parameters():
@@ -284,3 +289,154 @@ def test_a_particle_packs_a_model_operand_after_the_first_success() -> None:
     ema.lerp_(online, 0.5)
     assert all(torch.allclose(t, e) for t, e in zip(target.parameters(), expected))
     assert _consecutive(list(online.parameters()))  # the next update is one kernel
+
+
+# -- results build their module tree on first touch ------------------------------------------
+def _pending(model: nn.Module) -> bool:
+    return PENDING in model.__dict__
+
+
+def _expected_sum(a: nn.Module, b: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: x.detach() + y.detach() for (name, x), y in zip(a.named_parameters(), b.parameters())}
+
+
+def _warm_pair() -> tuple[Net, Net]:
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    _ = a + b  # the first operation packs both
+    return a, b
+
+
+def test_a_result_is_an_instance_of_the_class_and_builds_its_tree_on_first_touch() -> None:
+    a, b = _warm_pair()
+    expected = _expected_sum(a, b)
+    result = a + b
+    assert _pending(result) and type(result) is Net and isinstance(result, nytorch.NytoModule)
+    assert result.training  # any attribute read builds the tree
+    assert not _pending(result)
+    for name, value in result.named_parameters():
+        assert torch.equal(value, expected[name]), name
+        assert type(value) is nn.Parameter and value.is_leaf and value.requires_grad
+    assert _consecutive([p for p in result.parameters() if p.dtype == torch.float32])  # views of the output
+    assert torch.equal(result.count, a.count) and result.count is not a.count
+
+
+@pytest.mark.parametrize("touch", [
+    lambda m: m(torch.randn(5, 3)),
+    lambda m: list(m.parameters()),
+    lambda m: m.state_dict(),
+    lambda m: repr(m),
+    lambda m: dir(m),
+    lambda m: setattr(m, "tag", 1),
+    lambda m: m.layer1,
+    lambda m: torch.func.functional_call(m, dict(m.named_parameters()), (torch.randn(5, 3),)),
+    lambda m: copy.deepcopy(m),
+    lambda m: pickle.loads(pickle.dumps(m)),
+    lambda m: nytorch.particle(m),
+])
+def test_every_way_of_touching_a_result_sees_the_same_model(touch: Callable[[nn.Module], object]) -> None:
+    a, b = _warm_pair()
+    expected = _expected_sum(a, b)
+    result = a + b
+    touch(result)
+    assert not _pending(result)
+    for name, value in result.named_parameters():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_copies_and_pickles_of_a_result_are_whole_models() -> None:
+    a, b = _warm_pair()
+    for copied in (copy.deepcopy(a + b), pickle.loads(pickle.dumps(a + b)), copy.copy(a + b)):
+        assert not _pending(copied)
+        for name, value in copied.named_parameters():
+            assert torch.equal(value, a.get_parameter(name) + b.get_parameter(name)), name
+
+
+def test_a_result_holds_its_operands_state_at_the_time_of_the_operation() -> None:
+    a, b = _warm_pair()
+    calls: list[str] = []
+    a.layer1.register_forward_hook(lambda *_: calls.append("before"))
+    values = _expected_sum(a, b)
+    buffers = {name: value.clone() for name, value in a.named_buffers()}
+    result = a + b
+    # after the operation: mode, hooks, requires_grad, attributes, buffers and values of the operand change
+    a.eval()
+    a.layer2.register_forward_hook(lambda *_: calls.append("after"))
+    a.layer2.weight.requires_grad_(False)
+    a.layer1.tag = "new"
+    a.train()(torch.randn(8, 3))  # a forward in train mode moves BatchNorm's running statistics
+    with torch.no_grad():
+        a.layer1.weight.add_(100.0)
+    a.eval()
+    for name, value in result.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    for name, value in result.named_parameters():
+        assert torch.equal(value, values[name]), name
+    assert result.training and all(module.training for module in result.modules())
+    assert result.layer2.weight.requires_grad and not hasattr(result.layer1, "tag")
+    calls.clear()
+    result(torch.randn(5, 3))
+    assert calls == ["before"]  # hooks present at the operation are kept, later ones are not
+
+
+def test_chains_of_operations_on_results_match_the_per_tensor_arithmetic() -> None:
+    a, b = _warm_pair()
+    intermediate = a - b
+    result = 0.9 * intermediate + a
+    assert _pending(intermediate) and _pending(result)
+    result += 1.0  # in place on a result that is still pending
+    clone = result.clone()
+    for name, value in result.named_parameters():
+        x, y = a.get_parameter(name).detach(), b.get_parameter(name).detach()
+        expected = 0.9 * (x - y) + x + 1.0
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(clone.get_parameter(name), value) and clone.get_parameter(name) is not value
+    assert _pending(intermediate)  # never needed as a module
+
+
+def test_a_result_does_not_keep_its_operands_alive() -> None:
+    a, b = _warm_pair()
+    result = 2.0 * (a + b)
+    watch = [weakref.ref(a), weakref.ref(b), weakref.ref(a.layer1.weight)]
+    del a, b
+    gc.collect()
+    assert all(ref() is None for ref in watch)
+    assert _pending(result) and result.layer1.weight.shape == (4, 3)
+
+
+def test_seeded_randn_of_a_result_matches_the_model_it_came_from() -> None:
+    a, b = _warm_pair()
+    torch.manual_seed(3)
+    expected = (a + b).randn()
+    torch.manual_seed(3)
+    live = realized(a + b).randn()
+    for name, value in live.named_parameters():
+        assert torch.equal(value, expected.get_parameter(name)), name
+
+
+def test_threads_touching_one_result_build_it_once() -> None:
+    a, b = _warm_pair()
+    for _ in range(20):
+        result = a + b
+        seen: list[object] = []
+        threads = [threading.Thread(target=lambda: seen.append(result.layer1.weight)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(seen) == 4 and all(weight is seen[0] for weight in seen)
+
+
+def test_a_config_changed_after_the_operation_is_honoured_by_the_next_one() -> None:
+    a, b = _warm_pair()
+    result = a + b
+    a.set_param_config(operational=False, name="layer1")  # results share their source's configs
+    doubled = 2 * result
+    assert torch.equal(doubled.layer1.weight, result.layer1.weight)
+    assert torch.equal(doubled.layer2.weight, 2 * result.layer2.weight)
+
+
+def test_plain_modules_never_see_a_pending_result() -> None:
+    net = nn.Linear(2, 1)
+    result = _packed.binary(net, nytorch._leafwise.ADD, [net])
+    assert result is not None and not _pending(result) and torch.equal(result.weight, 2 * net.weight)

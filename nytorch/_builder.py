@@ -17,6 +17,29 @@ from torch import nn
 Builder = Callable[..., list[nn.Module]]
 Capture = Callable[[Sequence[nn.Module]], list[dict]]
 
+_COMPILED: dict[tuple, Callable[..., object]] = {}
+
+
+def _memo(key: tuple, make: Callable[[], Callable[..., object]]) -> Callable[..., object]:
+    """One compiled function per structure, shared by every model of that structure (bounded)."""
+    found = _COMPILED.get(key)
+    if found is None:
+        if len(_COMPILED) >= 512:
+            _COMPILED.clear()
+        found = _COMPILED[key] = make()
+    return found
+
+
+def _frozen(tables: Sequence[Sequence[tuple[str, Optional[int]]]]) -> tuple:
+    return tuple(map(tuple, tables))
+
+
+def _shape(states: Sequence[dict], containers: frozenset[str]) -> tuple:
+    """What generated code depends on in each state: its size and the containers it holds."""
+    return tuple((len(state), tuple(sorted(key for key in containers.intersection(state) if state[key] is not None)))
+                 for state in states)
+
+
 class Stale(Exception):
     """A module no longer looks like the one the builder was written for."""
 
@@ -29,6 +52,15 @@ def _table(slots: Sequence[tuple[str, Optional[int]]], values: str) -> str:
 
 
 def compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[str, Optional[int]]]],
+                    param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
+                    buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
+                    containers: frozenset[str]) -> Builder:
+    """``_compile_builder``, once per structure."""
+    key = ("build", _shape(states, containers), _frozen(children), _frozen(param_slots), _frozen(buffer_slots))
+    return _memo(key, lambda: _compile_builder(states, children, param_slots, buffer_slots, containers))  # type: ignore[return-value]
+
+
+def _compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[str, Optional[int]]]],
                     param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
                     buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
                     containers: frozenset[str]) -> Builder:
@@ -91,6 +123,12 @@ _EMPTIES: dict[type, object] = {}
 
 
 def compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Capture:
+    """``_compile_capture``, once per structure."""
+    return _memo(("capture", _shape(states, containers)),  # type: ignore[return-value]
+                 lambda: _compile_capture(states, containers))
+
+
+def _compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Capture:
     """A function ``capture(modules) -> states``: each module's ``__dict__`` as it is now, for a later build.
 
     Containers are copied (empty ones stand for themselves, see ``empty_like``), and the
@@ -126,6 +164,14 @@ def compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Captu
 def compile_check(children: Sequence[Sequence[tuple[str, Optional[int]]]],
                   param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
                   buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]]) -> Callable[..., bool]:
+    """``_compile_check``, once per structure."""
+    key = ("check", _frozen(children), _frozen(param_slots), _frozen(buffer_slots))
+    return _memo(key, lambda: _compile_check(children, param_slots, buffer_slots))  # type: ignore[return-value]
+
+
+def _compile_check(children: Sequence[Sequence[tuple[str, Optional[int]]]],
+                   param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
+                   buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]]) -> Callable[..., bool]:
     """A function ``check(modules, params, buffers) -> bool``: does each module still hold exactly these?
 
     True when every module's child, parameter and buffer tables have the listed names, in the

@@ -24,7 +24,8 @@ from torch import nn
 from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
-from ._flat import Flat, find_flat, pack_, plan_for
+from . import _pool as pool
+from ._flat import Flat, FlatPlan, find_flat, pack_, plan_for
 from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, model_class, wrap_parameters
 
 Tensor = torch.Tensor
@@ -265,7 +266,7 @@ class Pending:
     __slots__ = ("layout", "states", "types", "requires_grad", "flat", "buffers", "configs")
 
     def __init__(self, layout: Layout, states: list[dict], types: list[type], requires_grad: tuple[bool, ...],
-                 flat: Flat, buffers: list[Tensor], configs: Optional[Sequence[ParamConfig]]) -> None:
+                 flat: Optional[Flat], buffers: list[Tensor], configs: Optional[Sequence[ParamConfig]]) -> None:
         self.layout, self.states, self.types, self.requires_grad = layout, states, types, requires_grad
         self.flat, self.buffers, self.configs = flat, buffers, configs
 
@@ -278,6 +279,15 @@ class Pending:
             wrapped = wrap_parameters(algebra.fresh_parameters(flat.leaves(), self.configs), self.requires_grad)
             build_into(self.layout, self.states, self.types, wrapped, self.buffers, root)
             remember(root, flat)
+            self.flat = None  # the buffers are the model's storage now
+
+    def __del__(self) -> None:
+        flat = self.flat
+        if flat is not None:  # died unseen: its buffers can hold the next result
+            try:
+                pool.give(flat.plan, flat.buffers)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
 
 
 def _result(model: nn.Module, layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]],
@@ -310,23 +320,34 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
     if prepared is None:
         return None
     layout, flat, configs, operands = prepared
-    return _result(model, layout, flat, configs, kernel(op, flat.buffers, operands))
+    return _result(model, layout, flat, configs, kernel(op, flat.buffers, operands, flat.plan))
 
 
-def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object]) -> list[Tensor]:
-    """``op`` over the buffers: one plain call for one buffer and Python numbers or buffers, else ``apply``."""
-    if len(buffers) == 1:
-        args = []
-        for operand in operands:
-            kind = type(operand)
-            if kind is list:
-                args.append(operand[0])  # type: ignore[index]
-            elif kind is float or kind is int:
-                args.append(operand)
-            else:
-                break
-        else:  # detached buffers and numbers: nothing for autograd to record
-            return [op.leaf(buffers[0], *args)]
+_OUT = frozenset({torch.add, torch.sub, torch.mul, torch.div, torch.pow})  # kernels that take ``out=``
+
+
+def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optional[FlatPlan] = None
+           ) -> list[Tensor]:
+    """``op`` over the buffers, one plain call per buffer for Python numbers and buffers, else ``apply``.
+
+    With ``plan`` (the buffers' layout) the results go into buffers of a dead result from the pool
+    when it has some (``_pool``), instead of fresh memory.
+
+    >>> kernel(lw.ADD, [torch.ones(2)], [[torch.ones(2)]])
+    [tensor([2., 2.])]
+    """
+    plain = all(type(operand) is list or type(operand) is float or type(operand) is int for operand in operands)
+    if plain and plan is not None and op.leaf in _OUT:
+        out = pool.take(plan)
+        if out is not None:
+            leaf = op.leaf
+            for k, (buffer, into) in enumerate(zip(buffers, out)):
+                leaf(buffer, *[operand[k] if type(operand) is list else operand for operand in operands],  # type: ignore[index]
+                     out=into)
+            return out
+    if plain and len(buffers) == 1:  # detached buffers and numbers: nothing for autograd to record
+        return [op.leaf(buffers[0], *[operand[0] if type(operand) is list else operand  # type: ignore[index]
+                                      for operand in operands])]
     with torch.no_grad():
         return lw.apply(op, buffers, *operands)
 

@@ -14,6 +14,7 @@ from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
 from ._packed import active_for, carried, fill, flat_operands, kernel
+from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
@@ -81,6 +82,15 @@ class Particle(Operators):
             self._leaf_list = self._flat.leaves()  # type: ignore[union-attr]
         return self._leaf_list
 
+    def __del__(self) -> None:
+        flat = self._flat
+        # a result whose leaves were never taken: nobody else can hold its buffers (``_pool`` checks)
+        if self._leaf_list is None and flat and flat.pointers is None:
+            try:
+                give(flat.plan, flat.buffers)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
     # -- Operators protocol -----------------------------------------------------------
     def _state(self) -> State:
         return State(self._names, self._leaves, self._configs, self)
@@ -130,7 +140,7 @@ class Particle(Operators):
         operands = None if flat is None else self._flat_operands(op.name, tuple(others), flat, reflected)
         if operands is None:
             return None
-        buffers = kernel(op, flat.buffers, operands)  # type: ignore[union-attr]
+        buffers = kernel(op, flat.buffers, operands, flat.plan)  # type: ignore[union-attr]
         return self._from_flat(Flat(flat.plan, buffers, self._carried(flat)))  # type: ignore[union-attr, arg-type]
 
     def _flat_binary_(self, op: lw.Op, others: Sequence[object]) -> bool:

@@ -1,0 +1,105 @@
+"""Output buffers of results that nobody can see any more, reused by the next result of the same plan.
+
+A CPU result block of a few MiB is fresh memory from the C allocator, and every
+first write to a fresh page faults: for a model of tens of MB the faults can cost
+more than the arithmetic (``benchmarks/RESULTS.md``).  CUDA has its own caching
+allocator; on the CPU, nytorch keeps the buffers of results that died unseen (a
+pending NytoModule result never built, a Particle whose leaves were never taken)
+and writes the next result of the same plan into them.  A buffer is kept only when
+nothing but its owner refers to it: no view, no other Python reference.  At most
+``POOL_BYTES`` are held.
+
+>>> plan = plan_for([(torch.Size([4]), torch.float32, torch.device("cpu"))], [True])
+>>> give(plan, [torch.zeros(4)])
+>>> [buffer.shape for buffer in take(plan)]
+[torch.Size([4])]
+>>> take(plan) is None
+True
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from ._flat import FlatPlan, plan_for
+
+Tensor = torch.Tensor
+
+__all__ = ["POOL_BYTES", "give", "take", "clear", "held_bytes"]
+
+#: The most bytes of dead results' buffers kept for reuse (CPU).  ``0`` turns the pool off.
+POOL_BYTES = 64 << 20
+
+_FREE: dict[FlatPlan, list[list[Tensor]]] = {}
+_HELD = [0]
+
+
+def _plan_bytes(plan: FlatPlan) -> int:
+    return sum(total * dtype.itemsize for total, dtype in zip(plan.totals, plan.dtypes))
+
+
+def _references(buffer: Tensor) -> int:
+    return sys.getrefcount(buffer)
+
+
+# What an unshared buffer shows, measured once here with the same calls ``give`` makes: Python
+# references (its list, the loop variable, the call's argument) and storage users (itself, the
+# storage object asked for).
+def _baseline() -> tuple[int, int]:
+    buffers = [torch.empty(1)]
+    for buffer in buffers:
+        return _references(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
+    raise AssertionError  # pragma: no cover
+
+
+_REFERENCES, _STORAGE_USERS = _baseline()
+
+
+def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
+    """Keep ``buffers`` (a dead result's, laid out by ``plan``) for reuse, when nobody else can see them.
+
+    Buffers that are not on the CPU, that anything else refers to (a view, another Python
+    reference) or that would take the pool over ``POOL_BYTES`` are left to the allocator.
+    """
+    if not buffers or buffers[0].device.type != "cpu" or len(buffers) != len(plan.totals):
+        return
+    size = _plan_bytes(plan)
+    if _HELD[0] + size > POOL_BYTES:
+        return
+    for buffer in buffers:
+        if (_references(buffer) > _REFERENCES
+                or torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) > _STORAGE_USERS
+                or buffer.requires_grad or buffer.storage_offset() != 0):
+            return
+    _FREE.setdefault(plan, []).append(list(buffers))
+    _HELD[0] += size
+
+
+def take(plan: FlatPlan) -> Optional[list[Tensor]]:
+    """Buffers laid out by ``plan`` to write a result into, or ``None`` when the pool has none."""
+    sets = _FREE.get(plan)
+    if not sets:
+        return None
+    try:
+        buffers = sets.pop()
+    except IndexError:  # pragma: no cover - another thread took the last one
+        return None
+    _HELD[0] -= _plan_bytes(plan)
+    return buffers
+
+
+def clear() -> None:
+    """Hand every kept buffer back to the allocator.
+
+    >>> clear(); held_bytes()
+    0
+    """
+    _FREE.clear()
+    _HELD[0] = 0
+
+
+def held_bytes() -> int:
+    """Bytes the pool holds now."""
+    return _HELD[0]

@@ -31,6 +31,8 @@ __all__ = ["POOL_BYTES", "give", "take", "clear", "held_bytes"]
 
 #: The most bytes of dead results' buffers kept for reuse (CPU).  ``0`` turns the pool off.
 POOL_BYTES = 64 << 20
+#: The most dead results kept per plan: an expression needs a few at a time, not more.
+PER_PLAN = 4
 
 _FREE: dict[FlatPlan, list[list[Tensor]]] = {}
 _HELD = [0]
@@ -45,16 +47,17 @@ def _references(buffer: Tensor) -> int:
 
 
 # What an unshared buffer shows, measured once here with the same calls ``give`` makes: Python
-# references (its list, the loop variable, the call's argument) and storage users (itself, the
-# storage object asked for).
-def _baseline() -> tuple[int, int]:
+# references (its list, the loop variable, the call's argument), storage users (itself, the
+# storage object asked for) and users of the tensor itself (autograd's saved tensors, DLPack).
+def _baseline() -> tuple[int, int, int]:
     buffers = [torch.empty(1)]
     for buffer in buffers:
-        return _references(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
+        return (_references(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata),
+                buffer._use_count())
     raise AssertionError  # pragma: no cover
 
 
-_REFERENCES, _STORAGE_USERS = _baseline()
+_REFERENCES, _STORAGE_USERS, _TENSOR_USERS = _baseline()
 
 
 def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
@@ -66,14 +69,18 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     if not buffers or buffers[0].device.type != "cpu" or len(buffers) != len(plan.totals):
         return
     size = _plan_bytes(plan)
-    if _HELD[0] + size > POOL_BYTES:
+    kept = _FREE.get(plan)
+    if _HELD[0] + size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
         return
     for buffer in buffers:
         if (_references(buffer) > _REFERENCES
                 or torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) > _STORAGE_USERS
+                or buffer._use_count() > _TENSOR_USERS
                 or buffer.requires_grad or buffer.storage_offset() != 0):
             return
-    _FREE.setdefault(plan, []).append(list(buffers))
+    if kept is None:
+        kept = _FREE[plan] = []
+    kept.append(list(buffers))
     _HELD[0] += size
 
 

@@ -1,0 +1,109 @@
+"""The pool of dead results' buffers: reused only when nobody can see them."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nytorch
+from nytorch import _pool
+
+
+class Net(nytorch.NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(3, 4)
+        self.layer2 = nn.Linear(4, 2)
+
+
+@pytest.fixture(autouse=True)
+def empty_pool() -> Iterator[None]:
+    _pool.clear()
+    yield
+    _pool.clear()
+
+
+def _pair() -> tuple[Net, Net]:
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    _ = a + b  # packs both
+    _pool.clear()
+    return a, b
+
+
+def _address(result: object) -> int:
+    flat = result.__dict__["_nyto_pending"].flat if isinstance(result, nn.Module) else result._flat  # type: ignore[attr-defined]
+    return int(flat.buffers[0].data_ptr())
+
+
+def test_a_result_that_died_unseen_lends_its_buffers_to_the_next_one() -> None:
+    a, b = _pair()
+    first = a + b
+    address = _address(first)
+    del first
+    assert _pool.held_bytes() > 0
+    second = a - b
+    assert _address(second) == address and _pool.held_bytes() == 0
+    for name, value in second.named_parameters():  # written over, not added to
+        assert torch.equal(value, a.get_parameter(name) - b.get_parameter(name)), name
+
+
+def test_particle_results_lend_their_buffers_too_and_compute_the_same() -> None:
+    p, q = nytorch.particle(nn.Linear(5, 5)), nytorch.particle(nn.Linear(5, 5))
+    expected = {name: 2 * x + y for (name, x), y in zip(p.params.items(), q.params.values())}
+    for _ in range(3):
+        result = p * 2 + q
+    for name, value in result.params.items():
+        torch.testing.assert_close(value, expected[name])
+
+
+@pytest.mark.parametrize("keep", ["view", "reference", "autograd", "numpy"])
+def test_buffers_anyone_else_can_see_are_never_reused(keep: str) -> None:
+    p, q = nytorch.particle(nn.Linear(5, 5)), nytorch.particle(nn.Linear(5, 5))
+    result = p + q
+    buffer = result._flat.buffers[0]
+    held: object
+    if keep == "view":
+        held = buffer[2:5]
+    elif keep == "reference":
+        held = buffer
+    elif keep == "autograd":
+        held = (buffer * torch.ones_like(buffer, requires_grad=True)).sum()  # saves the buffer for backward
+    else:
+        held = buffer.numpy()
+    before = buffer.clone()
+    del buffer, result
+    assert _pool.held_bytes() == 0
+    for _ in range(3):
+        _ = p - q
+    if keep == "view":
+        assert torch.equal(held, before[2:5])  # type: ignore[arg-type]
+    elif keep == "numpy":
+        assert np.array_equal(held, before.numpy())  # type: ignore[arg-type]
+
+
+def test_a_result_built_into_a_module_is_never_reused() -> None:
+    a, b = _pair()
+    result = a + b
+    weight = result.layer1.weight  # built: its parameters are views of the buffers
+    expected = weight.detach().clone()
+    del result
+    for _ in range(3):
+        _ = a * 7
+    assert torch.equal(weight.detach(), expected) and _pool.held_bytes() == 0
+
+
+def test_the_pool_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _pair()
+    results = [a + b for _ in range(10)]
+    del results
+    size = sum(p.numel() * 4 for p in a.parameters())
+    assert _pool.held_bytes() == _pool.PER_PLAN * size
+    _pool.clear()
+    monkeypatch.setattr(_pool, "POOL_BYTES", 0)  # off
+    results = [a + b for _ in range(3)]
+    del results
+    assert _pool.held_bytes() == 0

@@ -53,7 +53,7 @@ def _baseline() -> tuple[int, int, int]:
     buffers = [torch.empty(1)]
     for buffer in buffers:
         return (_references(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata),
-                buffer._use_count())
+                buffer._use_count())  # type: ignore[attr-defined]
     raise AssertionError  # pragma: no cover
 
 
@@ -75,7 +75,7 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     for buffer in buffers:
         if (_references(buffer) > _REFERENCES
                 or torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) > _STORAGE_USERS
-                or buffer._use_count() > _TENSOR_USERS
+                or buffer._use_count() > _TENSOR_USERS  # type: ignore[attr-defined]
                 or buffer.requires_grad or buffer.storage_offset() != 0):
             return
     if kept is None:

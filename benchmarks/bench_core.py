@@ -49,6 +49,8 @@ def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> lis
         "functional nf.add": lambda: nf.add(ta, tb),
         "Particle p + q": lambda: pa + pb,
         "NytoModule a + b": lambda: a + b,
+        # a result builds its module tree on first touch: the same, with the tree built
+        "NytoModule a + b, then read": lambda: (a + b).training,
         "per-tensor loop": lambda: [x + y for x, y in zip(la, lb)],
         "foreach by hand": lambda: torch._foreach_add(la, lb),
     }
@@ -64,6 +66,7 @@ def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> lis
         "floor: 3 flat passes": lambda: 0.9 * (fa - fb) + fa,
         "Particle": lambda: 0.9 * (pa - pb) + pa,
         "NytoModule": lambda: 0.9 * (a - b) + a,
+        "NytoModule, then read": lambda: (0.9 * (a - b) + a).training,
         "functional": lambda: nf.add(nf.mul(0.9, nf.sub(ta, tb)), ta),
     }, repeats=repeats)
     out += harness.rows("0.9 * (a - b) + a", size, medians, "floor: flat + flat")

@@ -33,7 +33,7 @@ class FlatPlan:
         totals: per buffer, its number of elements.
     """
 
-    __slots__ = ("active", "groups", "likes", "totals", "dtypes", "devices", "floating")
+    __slots__ = ("active", "groups", "likes", "totals", "dtypes", "devices", "floating", "nbytes")
 
     def __init__(self, signature: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
                  active: Sequence[bool]) -> None:
@@ -52,6 +52,7 @@ class FlatPlan:
                       for dtype, index in zip(self.dtypes, self.groups)]
         self.totals = [sum(like.numel() for like in likes) for likes in self.likes]
         self.floating = all(dtype.is_floating_point for dtype in self.dtypes)  # real numbers never change them
+        self.nbytes = sum(total * dtype.itemsize for total, dtype in zip(self.totals, self.dtypes))
 
 
 #: On the CPU, results are allocated in runs of leaves of at most this many bytes.  glibc

@@ -336,18 +336,22 @@ def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optio
     >>> kernel(lw.ADD, [torch.ones(2)], [[torch.ones(2)]])
     [tensor([2., 2.])]
     """
-    plain = all(type(operand) is list or type(operand) is float or type(operand) is int for operand in operands)
-    if plain and plan is not None and op.leaf in _OUT:
-        out = pool.take(plan)
-        if out is not None:
-            leaf = op.leaf
-            for k, (buffer, into) in enumerate(zip(buffers, out)):
-                leaf(buffer, *[operand[k] if type(operand) is list else operand for operand in operands],  # type: ignore[index]
-                     out=into)
-            return out
-    if plain and len(buffers) == 1:  # detached buffers and numbers: nothing for autograd to record
-        return [op.leaf(buffers[0], *[operand[0] if type(operand) is list else operand  # type: ignore[index]
-                                      for operand in operands])]
+    args: list[object] = []
+    for operand in operands:
+        kind = type(operand)
+        if kind is not list and kind is not float and kind is not int:
+            break
+        args.append(operand)
+    else:  # detached buffers and Python numbers: nothing for autograd to record
+        if plan is not None and op.leaf in _OUT:
+            out = pool.take(plan)
+            if out is not None:
+                leaf = op.leaf
+                for k, (buffer, into) in enumerate(zip(buffers, out)):
+                    leaf(buffer, *[arg[k] if type(arg) is list else arg for arg in args], out=into)  # type: ignore[index]
+                return out
+        if len(buffers) == 1:
+            return [op.leaf(buffers[0], *[arg[0] if type(arg) is list else arg for arg in args])]  # type: ignore[index]
     with torch.no_grad():
         return lw.apply(op, buffers, *operands)
 

@@ -9,10 +9,10 @@ and writes the next result of the same plan into them.  A buffer is kept only wh
 nothing but its owner refers to it: no view, no other Python reference.  At most
 ``POOL_BYTES`` are held.
 
->>> plan = plan_for([(torch.Size([4]), torch.float32, torch.device("cpu"))], [True])
->>> give(plan, [torch.zeros(4)])
+>>> plan = plan_for([(torch.Size([1 << 20]), torch.float32, torch.device("cpu"))], [True])
+>>> give(plan, [torch.zeros(1 << 20)])
 >>> [buffer.shape for buffer in take(plan)]
-[torch.Size([4])]
+[torch.Size([1048576])]
 >>> take(plan) is None
 True
 """
@@ -27,19 +27,18 @@ from ._flat import FlatPlan, plan_for
 
 Tensor = torch.Tensor
 
-__all__ = ["POOL_BYTES", "give", "take", "clear", "held_bytes"]
+__all__ = ["POOL_BYTES", "PER_PLAN", "MIN_BYTES", "give", "take", "clear", "held_bytes"]
 
 #: The most bytes of dead results' buffers kept for reuse (CPU).  ``0`` turns the pool off.
 POOL_BYTES = 64 << 20
 #: The most dead results kept per plan: an expression needs a few at a time, not more.
 PER_PLAN = 4
+#: Smaller results are left to the allocator: its small blocks are reused without faults, and
+#: checking who holds a buffer would cost more than allocating it.
+MIN_BYTES = 256 << 10
 
 _FREE: dict[FlatPlan, list[list[Tensor]]] = {}
 _HELD = [0]
-
-
-def _plan_bytes(plan: FlatPlan) -> int:
-    return sum(total * dtype.itemsize for total, dtype in zip(plan.totals, plan.dtypes))
 
 
 def _references(buffer: Tensor) -> int:
@@ -66,9 +65,9 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     Buffers that are not on the CPU, that anything else refers to (a view, another Python
     reference) or that would take the pool over ``POOL_BYTES`` are left to the allocator.
     """
-    if not buffers or buffers[0].device.type != "cpu" or len(buffers) != len(plan.totals):
+    size = plan.nbytes
+    if size < MIN_BYTES or not buffers or buffers[0].device.type != "cpu" or len(buffers) != len(plan.totals):
         return
-    size = _plan_bytes(plan)
     kept = _FREE.get(plan)
     if _HELD[0] + size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
         return
@@ -86,6 +85,8 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
 
 def take(plan: FlatPlan) -> Optional[list[Tensor]]:
     """Buffers laid out by ``plan`` to write a result into, or ``None`` when the pool has none."""
+    if plan.nbytes < MIN_BYTES:
+        return None
     sets = _FREE.get(plan)
     if not sets:
         return None
@@ -93,7 +94,7 @@ def take(plan: FlatPlan) -> Optional[list[Tensor]]:
         buffers = sets.pop()
     except IndexError:  # pragma: no cover - another thread took the last one
         return None
-    _HELD[0] -= _plan_bytes(plan)
+    _HELD[0] -= plan.nbytes
     return buffers
 
 

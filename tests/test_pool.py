@@ -20,7 +20,8 @@ class Net(nytorch.NytoModule):
 
 
 @pytest.fixture(autouse=True)
-def empty_pool() -> Iterator[None]:
+def empty_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(_pool, "MIN_BYTES", 0)  # these models are small: pool them anyway
     _pool.clear()
     yield
     _pool.clear()
@@ -104,6 +105,14 @@ def test_the_pool_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _pool.held_bytes() == _pool.PER_PLAN * size
     _pool.clear()
     monkeypatch.setattr(_pool, "POOL_BYTES", 0)  # off
+    results = [a + b for _ in range(3)]
+    del results
+    assert _pool.held_bytes() == 0
+
+
+def test_small_results_are_left_to_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_pool, "MIN_BYTES", 256 << 10)
+    a, b = _pair()
     results = [a + b for _ in range(3)]
     del results
     assert _pool.held_bytes() == 0

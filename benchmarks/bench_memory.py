@@ -15,6 +15,7 @@ import torch
 
 import nytorch
 import nytorch.functional as nf
+from nytorch import _pool
 
 from . import _harness as harness
 from .memory import allocated_bytes, parameter_bytes
@@ -44,7 +45,14 @@ def _ours(size: str, layers: int, width: int) -> list[Row]:
         "Particle ema.lerp_ (in place)": lambda: pa.lerp_(pb, 0.01),
     }.items():
         fn()
+        # dead results' buffers are reused (``nytorch._pool``): measure what the operation needs when
+        # none are kept, and report below what the pool holds between operations
+        _pool.clear()
         rows.append(_row("memory of a + b", size, name, allocated_bytes(fn), floor))
+    _pool.clear()
+    for _ in range(3):  # a loop of the operations above: what the pool keeps between them
+        a + b, pa + pb, 0.9 * (a - b) + a  # noqa: B018 - results dropped on purpose
+    rows.append(_row("memory of a + b", size, "held by nytorch's pool between operations", _pool.held_bytes(), floor))
     if importlib.util.find_spec("tensordict") is not None:
         from tensordict import TensorDict
         da, db = TensorDict(ta, []), TensorDict(tb, [])

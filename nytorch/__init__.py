@@ -14,6 +14,7 @@ from ._particle import Particle, particle
 from ._swarm import Swarm
 from . import algorithms, distributed, merge
 from ._flat import flatten_
+from ._pool import set_result_pool
 from ._checkpoint import load, save
 from ._codec import CheckpointError
 from ._rng import get_rng_state, set_rng_state
@@ -26,5 +27,5 @@ __version__ = "2.0.0.dev0"
 __all__ = [
     "NytoModule", "Particle", "ParamProduct", "particle", "ParamConfig", "Swarm", "flatten_",
     "StructureError", "DeviceMismatchError", "functional", "algorithms", "distributed", "merge",
-    "save", "load", "CheckpointError", "get_rng_state", "set_rng_state",
+    "save", "load", "CheckpointError", "get_rng_state", "set_rng_state", "set_result_pool",
 ]

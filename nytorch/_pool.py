@@ -27,12 +27,12 @@ from ._flat import FlatPlan, plan_for
 
 Tensor = torch.Tensor
 
-__all__ = ["POOL_BYTES", "PER_PLAN", "MIN_BYTES", "give", "take", "clear", "held_bytes"]
+__all__ = ["POOL_BYTES", "PER_PLAN", "MIN_BYTES", "give", "take", "clear", "held_bytes", "set_result_pool"]
 
 #: The most bytes of dead results' buffers kept for reuse (CPU).  ``0`` turns the pool off.
 POOL_BYTES = 64 << 20
-#: The most dead results kept per plan: an expression needs a few at a time, not more.
-PER_PLAN = 4
+#: The most dead results kept per plan: ``0.9 * (a - b) + a`` in a loop needs two.
+PER_PLAN = 2
 #: Smaller results are left to the allocator: its small blocks are reused without faults, and
 #: checking who holds a buffer would cost more than allocating it.
 MIN_BYTES = 256 << 10
@@ -111,3 +111,37 @@ def clear() -> None:
 def held_bytes() -> int:
     """Bytes the pool holds now."""
     return _HELD[0]
+
+
+def set_result_pool(max_bytes: int) -> int:
+    """Set how many bytes of dead results' CPU buffers nytorch keeps for reuse; returns the old limit.
+
+    Results of operations on packed models (NytoModule operators, Particles) are written into
+    the buffers of results that died unseen, instead of fresh memory whose pages fault in.  The
+    pool keeps at most two dead results per structure, of at least 256 KiB each, and at most
+    ``max_bytes`` in all (64 MiB by default).  ``0`` turns it off and frees what it holds.
+
+    Args:
+        max_bytes: the new limit, in bytes (a non-negative int).
+
+    Returns:
+        The previous limit.
+
+    Raises:
+        TypeError: ``max_bytes`` is not an int.
+        ValueError: ``max_bytes`` is negative.
+
+    >>> import nytorch
+    >>> old = nytorch.set_result_pool(0)  # off: every result gets fresh memory
+    >>> nytorch.set_result_pool(old)
+    0
+    """
+    global POOL_BYTES
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"set_result_pool: expected an int as max_bytes, got {type(max_bytes).__name__}")
+    if max_bytes < 0:
+        raise ValueError(f"set_result_pool: max_bytes must be >= 0, got {max_bytes}")
+    old, POOL_BYTES = POOL_BYTES, max_bytes
+    if _HELD[0] > max_bytes:
+        clear()
+    return old

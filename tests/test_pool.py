@@ -103,11 +103,12 @@ def test_the_pool_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     del results
     size = sum(p.numel() * 4 for p in a.parameters())
     assert _pool.held_bytes() == _pool.PER_PLAN * size
-    _pool.clear()
-    monkeypatch.setattr(_pool, "POOL_BYTES", 0)  # off
+    old = nytorch.set_result_pool(0)  # off: frees what it holds
+    assert _pool.held_bytes() == 0
     results = [a + b for _ in range(3)]
     del results
     assert _pool.held_bytes() == 0
+    assert nytorch.set_result_pool(old) == 0
 
 
 def test_small_results_are_left_to_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,3 +117,11 @@ def test_small_results_are_left_to_the_allocator(monkeypatch: pytest.MonkeyPatch
     results = [a + b for _ in range(3)]
     del results
     assert _pool.held_bytes() == 0
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("64", TypeError)])
+def test_set_result_pool_rejects_what_is_not_a_byte_count(bad: object, error: type) -> None:
+    before = _pool.POOL_BYTES
+    with pytest.raises(error, match="max_bytes"):
+        nytorch.set_result_pool(bad)  # type: ignore[arg-type]
+    assert _pool.POOL_BYTES == before

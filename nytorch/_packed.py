@@ -218,10 +218,10 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object],
     the model cannot hold raises here, as on the per-tensor path; any other operand the packed
     path would refuse answers ``None``, and the per-tensor path raises its error.
     """
-    Particle = _particle_class()
     found = _current(model)
     if found is not None:
         return found
+    Particle = _particle_class()
     layout, cls = layout_of(model), model_class(model)
     for other in others:
         if lw.is_scalar(other):

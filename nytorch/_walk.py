@@ -161,9 +161,10 @@ class Layout:
     def _matches(self, root: nn.Module) -> bool:
         """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed.
 
-        Object ids are compared: this layout holds every listed object, so none of those ids
-        can have been reused by another object.  The whole tree is read into one flat list
-        (``snapshot``) and compared with the one taken when the layout was made.
+        Objects are compared by identity: this layout holds every listed object.  The first
+        check of a structure reads the whole tree into one flat list (``snapshot``) and compares
+        it with the one taken when the layout was made; from the second on, the structure has a
+        compiled check (``_builder.compile_check``) that compares each table entry directly.
         """
         modules = [root] + self.modules[1:]
         checker = self._family[3]

@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-Builder = Callable[..., list[nn.Module]]
+#: ``build(states, types, params, buffers, root) -> new modules`` (see ``compile_builder``)
+Builder = Callable[[Sequence[dict], Sequence[type], Sequence[torch.Tensor], Sequence[torch.Tensor], Optional[nn.Module]],
+                   list[nn.Module]]
 Capture = Callable[[Sequence[nn.Module]], list[dict]]
 
 _COMPILED: dict[tuple, Callable[..., object]] = {}

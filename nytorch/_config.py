@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
-from ._walk import CONFIG_ATTR, Layout
+from ._walk import CONFIG_ATTR, Layout, realized
 
 __all__ = ["ParamConfig", "CONFIG_ATTR", "configs_for", "configs_in_scope", "copy_tables"]
 
@@ -116,7 +116,7 @@ def configs_in_scope(layout: Layout, scope: str) -> list[tuple[int, ParamConfig]
 
 def copy_tables(root: nn.Module) -> None:
     """Give every module under ``root`` its own copies of its configs (a new "species")."""
-    for module in root.modules():
+    for module in realized(root).modules():  # the root's own table is read from its ``__dict__``
         table = module.__dict__.get(CONFIG_ATTR)
         if table is not None:
             module.__dict__[CONFIG_ATTR] = {key: value.copy() for key, value in table.items()}

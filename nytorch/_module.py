@@ -14,7 +14,7 @@ from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, co
 from ._operators import Operators, State
 from . import _packed as packed
 from ._particle import Particle, layout_state
-from ._walk import PENDING, layout_of, model_class, rebuild
+from ._walk import PENDING, layout_of, model_class, realized, rebuild
 
 Tensor = torch.Tensor
 
@@ -68,28 +68,16 @@ class NytoModule(Operators, nn.Module):
         return _module_getattr(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        pending = self.__dict__.get(PENDING)
-        if pending is not None:
-            pending.realize(self)
-        _module_setattr(self, name, value)
+        _module_setattr(realized(self), name, value)
 
     def __delattr__(self, name: str) -> None:
-        pending = self.__dict__.get(PENDING)
-        if pending is not None:
-            pending.realize(self)
-        _module_delattr(self, name)
+        _module_delattr(realized(self), name)
 
     def __getstate__(self) -> Any:
-        pending = self.__dict__.get(PENDING)
-        if pending is not None:
-            pending.realize(self)
-        return _module_getstate(self)
+        return _module_getstate(realized(self))
 
     def __dir__(self) -> list[str]:
-        pending = self.__dict__.get(PENDING)
-        if pending is not None:
-            pending.realize(self)
-        return _module_dir(self)
+        return _module_dir(realized(self))  # type: ignore[no-any-return]
 
     # -- Operators protocol -----------------------------------------------------------
     def _state(self) -> State:

@@ -4,9 +4,10 @@ A model is packed on first use (``_flat.pack_``): its floating parameters become
 views into one buffer per (device, dtype).  The ``Flat`` over those buffers is
 remembered per model while its layout holds (same Parameter objects at the same
 addresses, which ``layout_of`` checks anyway), so an operator costs one layout
-check per operand, one kernel per buffer and the rebuild of the result, whose
-Parameters are views into the output buffers and which is remembered as packed
-in turn.  Anything this path does not cover (another class, a Particle with
+check per operand and one kernel per buffer, written into a dead result's buffers
+when ``_pool`` has some.  The result is a ``Pending`` one: its module tree is built
+on first touch, with Parameters that are views into the output buffers, and it is
+remembered as packed in turn.  Anything this path does not cover (another class, a Particle with
 buffers, a model that cannot be packed, configs changed since) returns ``None``
 and the caller takes the per-leaf path, which also raises the informative errors.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import operator
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -156,10 +156,7 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     operands: list[object] = []
     for other in others:
         kind = type(other)
-        if kind is float or kind is int:  # the common scalars: they never change a floating dtype
-            if not flat.plan.floating:
-                lw.check_scalar(fn, other, [names[index[0]] for index in flat.plan.groups], flat.buffers,
-                                [True] * len(flat.buffers), reflected)
+        if (kind is float or kind is int) and flat.plan.floating:  # never changes a floating dtype
             operands.append(other)
             continue
         if lw.is_scalar(other):

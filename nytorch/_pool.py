@@ -9,6 +9,7 @@ and writes the next result of the same plan into them.  A buffer is kept only wh
 nothing but its owner refers to it: no view, no other Python reference.  At most
 ``POOL_BYTES`` are held.
 
+>>> from nytorch._flat import plan_for
 >>> plan = plan_for([(torch.Size([1 << 20]), torch.float32, torch.device("cpu"))], [True])
 >>> give(plan, [torch.zeros(1 << 20)])
 >>> [buffer.shape for buffer in take(plan)]
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._flat import FlatPlan, plan_for
+from ._flat import FlatPlan
 
 Tensor = torch.Tensor
 

@@ -289,7 +289,7 @@ class Pending:
 
 def _result(model: nn.Module, layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]],
             buffers: list[Tensor]) -> nn.Module:
-    out = Flat(flat.plan, buffers, carried(flat, configs))
+    out = Flat(flat.plan, buffers, carried(flat, configs) if flat.rest else {})
     source = model.__dict__.get(PENDING)
     if source is not None:  # a result of a result: same captured state, its own buffers
         pending = Pending(source.layout, source.states, source.types, source.requires_grad, out,
@@ -313,11 +313,54 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
     >>> torch.equal(binary(net, lw.ADD, [net]).weight, 2 * net.weight)
     True
     """
-    prepared = _prepared(model, op.name, others, reflected)
+    prepared = _common(model, others[0]) if len(others) == 1 else None
     if prepared is None:
-        return None
+        prepared = _prepared(model, op.name, others, reflected)
+        if prepared is None:
+            return None
     layout, flat, configs, operands = prepared
     return _result(model, layout, flat, configs, kernel(op, flat.buffers, operands, flat.plan))
+
+
+def _packed_now(model: nn.Module) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
+    """``_current(model)`` for a model already known to be packed, or a pending result; else ``None``."""
+    pending = model.__dict__.get(PENDING)
+    if pending is None:
+        layout = layout_of(model)
+        flat = layout.packing[0]
+        if type(flat) is not Flat:
+            return None
+    else:
+        layout, flat = pending.layout, pending.flat
+    configs = configs_for(layout)
+    if configs is not None and active_for(layout.signature, configs) != flat.plan.active:
+        return None
+    return layout, flat, configs
+
+
+def _common(model: nn.Module, other: object
+            ) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]], list[object]]]:
+    """``_prepared`` for the common case, in fewer steps: packed operands, a Python number or a model.
+
+    ``model`` packed (or pending) and ``other`` a Python number (on floating buffers) or a model of
+    the same class, packed or pending, with the same structure and plan; anything else answers
+    ``None`` and goes the general way.
+    """
+    found = _packed_now(model)
+    if found is None:
+        return None
+    layout, flat, configs = found
+    kind = type(other)
+    if kind is float or kind is int:
+        return (layout, flat, configs, [other]) if flat.plan.floating else None
+    if kind is not type(model):
+        return None
+    theirs = _packed_now(other)  # type: ignore[arg-type]
+    if theirs is None or theirs[1].plan is not flat.plan:
+        return None
+    if theirs[0].names is not layout.names or theirs[0].signature is not layout.signature:
+        return None
+    return layout, flat, configs, [theirs[1].buffers]
 
 
 _OUT = frozenset({torch.add, torch.sub, torch.mul, torch.div, torch.pow})  # kernels that take ``out=``
@@ -340,7 +383,7 @@ def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optio
             break
         args.append(operand)
     else:  # detached buffers and Python numbers: nothing for autograd to record
-        if plan is not None and op.leaf in _OUT:
+        if plan is not None and plan.nbytes >= pool.MIN_BYTES and op.leaf in _OUT:
             out = pool.take(plan)
             if out is not None:
                 leaf = op.leaf

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import nytorch
@@ -440,3 +442,41 @@ def test_plain_modules_never_see_a_pending_result() -> None:
     net = nn.Linear(2, 1)
     result = _packed.binary(net, nytorch._leafwise.ADD, [net])
     assert result is not None and not _pending(result) and torch.equal(result.weight, 2 * net.weight)
+
+
+_STEPS = st.lists(st.tuples(st.sampled_from(["add", "sub", "mul", "scale", "iadd", "clone", "touch", "mutate"]),
+                            st.floats(-2, 2, allow_nan=False, width=32)), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=_STEPS)
+def test_any_mix_of_operations_touches_and_operand_changes_matches_eager_arithmetic(
+        steps: list[tuple[str, float]]) -> None:
+    torch.manual_seed(0)
+    a, b = Plain(), Plain()
+    _ = a + b  # packed
+    value = a * 1.0
+    expected = {name: p.detach().clone() for name, p in a.named_parameters()}
+    for step, number in steps:
+        other = {name: p.detach().clone() for name, p in b.named_parameters()}
+        if step == "add":
+            value, expected = value + b, {k: v + other[k] for k, v in expected.items()}
+        elif step == "sub":
+            value, expected = b - value, {k: other[k] - v for k, v in expected.items()}
+        elif step == "mul":
+            value, expected = value * number, {k: v * number for k, v in expected.items()}
+        elif step == "scale":
+            value, expected = number * value + value, {k: number * v + v for k, v in expected.items()}
+        elif step == "iadd":
+            value += number
+            expected = {k: v + number for k, v in expected.items()}
+        elif step == "clone":
+            value = value.clone()
+        elif step == "touch":
+            assert value.training
+        else:  # the operands change after the operations that read them
+            with torch.no_grad():
+                for p in b.parameters():
+                    p.add_(number)
+    for name, p in value.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ True
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -40,31 +41,29 @@ MIN_BYTES = 256 << 10
 
 _FREE: dict[FlatPlan, list[list[Tensor]]] = {}
 _HELD = [0]
+# Reentrant: ``give`` runs from ``__del__``, which the garbage collector may call inside ``take``.
+_LOCK = threading.RLock()
 
 
-def _references(buffer: Tensor) -> int:
-    return sys.getrefcount(buffer)
+def _users(buffers: list[Tensor]) -> list[tuple[int, int, int]]:
+    """Per buffer: its Python references, the users of its storage and the users of the tensor itself.
+
+    The tensor's users count autograd's saved tensors and DLPack exports, which hold no Python
+    reference; the storage's count views.
+    """
+    return [(sys.getrefcount(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata),
+             buffer._use_count()) for buffer in buffers]  # type: ignore[attr-defined]
 
 
-# What an unshared buffer shows, measured once here with the same calls ``give`` makes: Python
-# references (its list, the loop variable, the call's argument), storage users (itself, the
-# storage object asked for) and users of the tensor itself (autograd's saved tensors, DLPack).
-def _baseline() -> tuple[int, int, int]:
-    buffers = [torch.empty(1)]
-    for buffer in buffers:
-        return (_references(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata),
-                buffer._use_count())  # type: ignore[attr-defined]
-    raise AssertionError  # pragma: no cover
-
-
-_REFERENCES, _STORAGE_USERS, _TENSOR_USERS = _baseline()
+# What an unshared buffer shows, measured once with the same call ``give`` makes.
+_ALONE = _users([torch.empty(1)])[0]
 
 
 def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     """Keep ``buffers`` (a dead result's, laid out by ``plan``) for reuse, when nobody else can see them.
 
     Buffers that are not on the CPU, that anything else refers to (a view, another Python
-    reference) or that would take the pool over ``POOL_BYTES`` are left to the allocator.
+    reference, autograd) or that would take the pool over ``POOL_BYTES`` are left to the allocator.
     """
     size = plan.nbytes
     if size < MIN_BYTES or not buffers or buffers[0].device.type != "cpu" or len(buffers) != len(plan.totals):
@@ -72,30 +71,35 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     kept = _FREE.get(plan)
     if _HELD[0] + size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
         return
-    for buffer in buffers:
-        if (_references(buffer) > _REFERENCES
-                or torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) > _STORAGE_USERS
-                or buffer._use_count() > _TENSOR_USERS  # type: ignore[attr-defined]
+    references, storage_users, tensor_users = _ALONE
+    for (mine, storage, tensor), buffer in zip(_users(buffers), buffers):
+        if (mine > references or storage > storage_users or tensor > tensor_users
                 or buffer.requires_grad or buffer.storage_offset() != 0):
             return
-    if kept is None:
-        kept = _FREE[plan] = []
-    kept.append(list(buffers))
-    _HELD[0] += size
+    with _LOCK:
+        kept = _FREE.get(plan)
+        if _HELD[0] + size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
+            return
+        if kept is None:
+            kept = _FREE[plan] = []
+        kept.append(list(buffers))
+        _HELD[0] += size
 
 
 def take(plan: FlatPlan) -> Optional[list[Tensor]]:
     """Buffers laid out by ``plan`` to write a result into, or ``None`` when the pool has none."""
     if plan.nbytes < MIN_BYTES:
         return None
-    sets = _FREE.get(plan)
-    if not sets:
+    if not _FREE.get(plan):
         return None
-    try:
+    with _LOCK:
+        sets = _FREE.get(plan)
+        if not sets:
+            return None
         buffers = sets.pop()
-    except IndexError:  # pragma: no cover - another thread took the last one
-        return None
-    _HELD[0] -= plan.nbytes
+        if not sets:
+            del _FREE[plan]  # no structure stays referenced here once its buffers are gone
+        _HELD[0] -= plan.nbytes
     return buffers
 
 
@@ -105,8 +109,9 @@ def clear() -> None:
     >>> clear(); held_bytes()
     0
     """
-    _FREE.clear()
-    _HELD[0] = 0
+    with _LOCK:
+        _FREE.clear()
+        _HELD[0] = 0
 
 
 def held_bytes() -> int:

@@ -107,14 +107,53 @@ class Flat:
     [tensor([0., 1.])]
     """
 
-    __slots__ = ("plan", "buffers", "rest", "pointers")
+    __slots__ = ("plan", "raw", "rest", "pointers", "scale", "shared", "owned")
 
     def __init__(self, plan: FlatPlan, buffers: list[Tensor], rest: dict[int, Tensor],
-                 pointers: Optional[tuple[int, ...]] = None) -> None:
+                 pointers: Optional[tuple[int, ...]] = None, scale: float = 1.0, owned: bool = False) -> None:
         self.plan = plan
-        self.buffers = buffers
+        self.raw = buffers  # the values are ``scale * raw`` (see ``buffers``)
         self.rest = rest  # inactive leaves by index
         self.pointers = pointers  # for views of someone else's storage: data_ptr of every leaf when found
+        self.scale = scale  # a factor not applied yet (see ``scaled``)
+        self.shared = False  # ``raw`` is shared with another Flat (``scaled``): copied before it is handed out
+        self.owned = owned  # a result's own buffers, which no model or user holds: only those are scaled
+
+    @property
+    def buffers(self) -> list[Tensor]:
+        """The buffers holding the values, this Flat's own: a pending factor is applied first.
+
+        Everything but the fused sums of ``_packed.compute`` reads values through here, so a
+        pending factor never reaches code that does not know about it, and buffers shared by
+        ``scaled`` are copied before anyone can write into them or take views of them.
+
+        >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
+        >>> Flat(plan, [torch.arange(2.)], {}, owned=True).scaled(3.0, {}).buffers
+        [tensor([0., 3.])]
+        """
+        if self.scale != 1.0 or self.shared:
+            with torch.no_grad():
+                scale = self.scale
+                # multiplied by the same number as per-tensor arithmetic would: the same rounding
+                self.raw = [buffer * scale for buffer in self.raw] if scale != 1.0 else [
+                    buffer.clone() for buffer in self.raw]
+            self.scale, self.shared = 1.0, False
+        return self.raw
+
+    def readable(self) -> list[Tensor]:
+        """The buffers to read from (a kernel's inputs): a pending factor applied, shared ones not copied."""
+        return self.raw if self.scale == 1.0 else self.buffers
+
+    def scaled(self, factor: float, rest: dict[int, Tensor]) -> "Flat":
+        """``factor`` times this value (``rest``: its inactive leaves), sharing the buffers: no pass yet.
+
+        Callers scale only an ``owned`` Flat without a pending factor: reading the result then
+        multiplies once, by the same number per-tensor arithmetic would, and a model's own
+        buffers are never shared.
+        """
+        out = Flat(self.plan, list(self.raw), rest, None, factor, owned=True)  # its own list: see ``_pool``
+        self.shared = out.shared = True
+        return out
 
     def leaves(self) -> list[Tensor]:
         """Every leaf, active ones as views into the buffers."""

@@ -113,7 +113,7 @@ class NytoModule(Operators, nn.Module):
         >>> torch.equal(a.weight, b.weight), a.weight is b.weight
         (True, False)
         """
-        return self._unary(lambda flat: [buffer.clone() for buffer in flat.buffers], super().clone)
+        return self._unary(lambda flat: [buffer.clone() for buffer in flat.readable()], super().clone)
 
     def randn(self) -> Self:
         """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).

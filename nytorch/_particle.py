@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
-from ._packed import active_for, carried, fill, flat_operands, kernel
+from ._packed import active_for, carried, compute, fill, flat_operands, readable
 from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
 
@@ -87,7 +87,7 @@ class Particle(Operators):
         # a result whose leaves were never taken: nobody else can hold its buffers (``_pool`` checks)
         if self._leaf_list is None and flat and flat.pointers is None:
             try:
-                give(flat.plan, flat.buffers)
+                give(flat.plan, flat.raw)
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
@@ -140,8 +140,7 @@ class Particle(Operators):
         operands = None if flat is None else self._flat_operands(op.name, tuple(others), flat, reflected)
         if operands is None:
             return None
-        buffers = kernel(op, flat.buffers, operands, flat.plan)  # type: ignore[union-attr]
-        return self._from_flat(Flat(flat.plan, buffers, self._carried(flat)))  # type: ignore[union-attr, arg-type]
+        return self._from_flat(compute(op, flat, operands, self._carried(flat)))  # type: ignore[arg-type]
 
     def _flat_binary_(self, op: lw.Op, others: Sequence[object]) -> bool:
         """``op`` in place, one kernel per flat buffer; ``False`` (nothing written) when not flat."""
@@ -152,7 +151,7 @@ class Particle(Operators):
         names = [self._names[index[0]] for index in flat.plan.groups]  # type: ignore[union-attr]
         algebra.check_writable(op.name, names, flat.buffers)  # type: ignore[union-attr]
         with torch.no_grad():
-            lw.apply_(op, flat.buffers, *operands)  # type: ignore[union-attr]
+            lw.apply_(op, flat.buffers, *readable(operands))  # type: ignore[union-attr]
         return True
 
     def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:
@@ -167,14 +166,15 @@ class Particle(Operators):
         if flat is None:
             return None
         with torch.no_grad():
-            return self._from_flat(Flat(flat.plan, [fn(buffer) for buffer in flat.buffers], self._carried(flat)))
+            return self._from_flat(Flat(flat.plan, [fn(buffer) for buffer in flat.readable()], self._carried(flat),
+                                        owned=True))
 
     def _flat_fill(self, method: Callable[[Tensor], Any]) -> Optional[Self]:
         """A flat result whose leaf views are filled by ``method`` in leaf order (see ``_packed.fill``)."""
         flat = self._flat_form()
         if flat is None:
             return None
-        return self._from_flat(Flat(flat.plan, fill(flat, method), self._carried(flat)))
+        return self._from_flat(Flat(flat.plan, fill(flat, method), self._carried(flat), owned=True))
 
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).

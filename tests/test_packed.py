@@ -480,3 +480,53 @@ def test_any_mix_of_operations_touches_and_operand_changes_matches_eager_arithme
                     p.add_(number)
     for name, p in value.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-5)
+
+
+# -- a product by a number stays pending, and sums with it are one exact pass -----------------------
+_EXPRESSIONS = {
+    "0.9 * (a - b) + a": lambda a, b: 0.9 * (a - b) + a,
+    "a - 0.5 * (b - a)": lambda a, b: a - 0.5 * (b - a),
+    "(a - b) * 3 - a": lambda a, b: (a - b) * 3 - a,
+    "0.5 * (0.9 * (a - b)) + b": lambda a, b: 0.5 * (0.9 * (a - b)) + b,
+    "-(2 * (a + b)) + a": lambda a, b: -(2 * (a + b)) + a,
+    "(a + b) * 2": lambda a, b: (a + b) * 2,
+}
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("name", list(_EXPRESSIONS))
+def test_expressions_are_bitwise_the_per_tensor_arithmetic(name: str, exact: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if not exact:  # a device whose fused kernel rounds once: no rewrites, same values
+        monkeypatch.setattr(_packed, "exact_fusion", lambda plan: False)
+    expression = _EXPRESSIONS[name]
+    torch.manual_seed(0)
+    a, b = Plain(), Plain()
+    _ = a + b
+    pa, pb = nytorch.particle(a), nytorch.particle(b)
+    tensors = {key: expression(x.detach(), y.detach())
+               for (key, x), y in zip(a.named_parameters(), b.parameters())}
+    module, particle_value = expression(a, b), expression(pa, pb)
+    for key, value in module.named_parameters():
+        assert torch.equal(value.detach(), tensors[key]), key
+    for key, value in particle_value.params.items():
+        assert torch.equal(value, tensors[key]), key
+
+
+def test_a_pending_product_is_applied_before_anyone_writes_or_views() -> None:
+    a, b = _warm_pair()
+    difference = a - b
+    product = 0.5 * difference  # shares the difference's buffers, factor pending
+    expected = {key: 0.5 * value.detach() for key, value in difference.named_parameters()}
+    difference += 100.0  # writes into its own copy, not into the product's
+    for key, value in product.named_parameters():
+        assert torch.equal(value.detach(), expected[key]), key
+    model = Plain()
+    p = nytorch.particle(model)
+    before = {key: value.clone() for key, value in p.params.items()}
+    q = p * 2  # a Particle of a live model is never shared: ``p -= 1`` must reach the model
+    p -= 1
+    for key, value in q.params.items():
+        assert torch.equal(value, 2 * before[key]), key
+    for key, value in model.named_parameters():
+        assert torch.equal(value.detach(), before[key] - 1), key

@@ -372,8 +372,8 @@ def compute(op: lw.Op, flat: Flat, operands: list[object], rest: dict[int, Tenso
 
     - a result multiplied by a Python number (``0.9 * (a - b)``) shares its buffers and records
       the factor (``Flat.scaled``); nothing is computed yet, and reading it multiplies once;
-    - a sum or difference where exactly one side carries such a factor is one ``addcmul`` pass,
-      used only on devices where it rounds like a product then a sum (``exact_fusion``).
+    - ``x + s·y``, ``s·x + y`` and ``x - s·y``, where only one side carries such a factor, are one
+      ``addcmul`` pass, used only where it rounds like a product then a sum (``exact_fusion``).
 
     >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
     >>> a, b = Flat(plan, [torch.ones(2)], {}), Flat(plan, [torch.full((2,), 3.0)], {}, owned=True)
@@ -387,16 +387,14 @@ def compute(op: lw.Op, flat: Flat, operands: list[object], rest: dict[int, Tenso
         if op is lw.MUL and (kind is float or kind is int) and flat.owned and flat.scale == 1.0 \
                 and exact_fusion(flat.plan):
             return flat.scaled(other, rest)  # type: ignore[arg-type]
-        if (op is lw.ADD or op is lw.SUB) and isinstance(other, Flat) and (flat.scale == 1.0) != (
-                other.scale == 1.0) and exact_fusion(flat.plan):
+        if isinstance(other, Flat) and (flat.scale == 1.0) != (other.scale == 1.0) and exact_fusion(flat.plan):
             plan = flat.plan
-            if flat.scale == 1.0:  # x ± s·y
+            if flat.scale == 1.0 and (op is lw.ADD or op is lw.SUB):  # x ± s·y
                 factor = other.scale if op is lw.ADD else -other.scale
                 return Flat(plan, _fused(flat.raw, other.raw, factor, plan), rest, owned=True)
             if op is lw.ADD:  # s·x + y
                 return Flat(plan, _fused(other.raw, flat.raw, flat.scale, plan), rest, owned=True)
-            # s·x - y = -(y - s·x): negation is exact, and stays pending
-            return Flat(plan, _fused(other.raw, flat.raw, -flat.scale, plan), rest, None, -1.0, owned=True)
+            # s·x - y: -(y - s·x) would turn an exact +0 into -0, so the factor is applied first
     return Flat(flat.plan, kernel(op, flat.readable(), readable(operands), flat.plan), rest, owned=True)
 
 

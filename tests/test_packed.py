@@ -530,3 +530,16 @@ def test_a_pending_product_is_applied_before_anyone_writes_or_views() -> None:
         assert torch.equal(value, 2 * before[key]), key
     for key, value in model.named_parameters():
         assert torch.equal(value.detach(), before[key] - 1), key
+
+
+def test_a_difference_that_is_exactly_zero_is_plus_zero_as_in_per_tensor_arithmetic() -> None:
+    a, b = _warm_pair()
+    for left, right in ((nytorch.particle(a), nytorch.particle(b)), (a, b)):
+        scaled = (left + right) * 2  # the factor stays pending
+        settled = (left + right) * 2 + 0.0  # the same values, computed
+        zero = scaled - settled
+        leaves = zero.params.values() if isinstance(zero, nytorch.Particle) else [
+            p.detach() for p in zero.parameters()]
+        for leaf in leaves:
+            if leaf.is_floating_point():
+                assert not torch.signbit(leaf).any() and not leaf.any()

@@ -30,8 +30,8 @@ from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, mode
 
 Tensor = torch.Tensor
 
-__all__ = ["packed", "known", "kernel", "compute", "readable", "exact_fusion", "remember", "binary", "binary_", "unary", "carried", "active_for", "flat_operands", "fill",
-           "Pending"]
+__all__ = ["packed", "known", "kernel", "compute", "readable", "exact_fusion", "remember", "binary", "binary_",
+           "unary", "carried", "active_for", "flat_operands", "fill", "Pending"]
 
 _LOOKED = "looked"  # ``Layout.packing``: looked without packing (``pack=False``), not packed
 
@@ -318,7 +318,8 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
         if prepared is None:
             return None
     layout, flat, configs, operands = prepared
-    return _result(model, layout, flat, configs, compute(op, flat, operands, carried(flat, configs) if flat.rest else {}))
+    rest = carried(flat, configs) if flat.rest else {}
+    return _result(model, layout, flat, configs, compute(op, flat, operands, rest))
 
 
 def _packed_now(model: nn.Module) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
@@ -426,9 +427,9 @@ _EXACT: dict[tuple[torch.dtype, torch.device], bool] = {}
 def exact_fusion(plan: FlatPlan) -> bool:
     """Whether ``addcmul(x, y, 1, value=s)`` equals ``x + s * y`` bit for bit for every buffer of ``plan``.
 
-    It does where the kernel multiplies and adds as two operations (the CPU kernels); a device
-    that contracts them into one fused multiply-add (CUDA compilers do by default) rounds once
-    instead of twice, and there the rewrites of ``compute`` are not made.  Checked once per
+    It does where the kernel multiplies and adds as two operations (this CPU build's kernels); a
+    kernel contracted into one fused multiply-add (as CUDA compilers may do) rounds once instead
+    of twice, and there the rewrites of ``compute`` are not made.  Checked once per
     (dtype, device) on 4,099 random values, with factors of either sign.
 
     >>> exact_fusion(plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])) in (True, False)

@@ -543,3 +543,58 @@ def test_a_difference_that_is_exactly_zero_is_plus_zero_as_in_per_tensor_arithme
         for leaf in leaves:
             if leaf.is_floating_point():
                 assert not torch.signbit(leaf).any() and not leaf.any()
+
+
+_PROGRAM = st.lists(st.tuples(st.sampled_from(["mul", "add", "sub", "rsub", "neg", "iadd", "imul", "read",
+                                               "clone", "sub_from"]),
+                              st.sampled_from([0.5, -0.9, 2, 3.0, 0.1])), min_size=1, max_size=10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(program=_PROGRAM)
+def test_any_program_on_particles_is_bitwise_the_per_tensor_arithmetic(program: list[tuple[str, float]]) -> None:
+    from nytorch import _pool
+    minimum, _pool.MIN_BYTES = _pool.MIN_BYTES, 0  # small buffers: let the pool reuse them too
+    try:
+        _run_program(program)
+    finally:
+        _pool.MIN_BYTES = minimum
+        _pool.clear()
+
+
+def _run_program(program: list[tuple[str, float]]) -> None:
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 64), nn.Linear(64, 64)
+    pa, pb = nytorch.particle(a), nytorch.particle(b)
+    ta = {k: v.detach().clone() for k, v in a.named_parameters()}
+    tb = {k: v.detach().clone() for k, v in b.named_parameters()}
+    value, tensors = pa - pb, {k: ta[k] - tb[k] for k in ta}  # a result: its own buffers
+    kept = []  # earlier values stay alive and unchanged
+    for step, number in program:
+        if step == "mul":
+            value, tensors = value * number, {k: v * number for k, v in tensors.items()}
+        elif step == "add":
+            value, tensors = value + pa, {k: v + ta[k] for k, v in tensors.items()}
+        elif step == "sub":
+            value, tensors = value - pb, {k: v - tb[k] for k, v in tensors.items()}
+        elif step == "sub_from":
+            value, tensors = pa - value, {k: ta[k] - v for k, v in tensors.items()}
+        elif step == "rsub":
+            value, tensors = number - value, {k: number - v for k, v in tensors.items()}
+        elif step == "neg":
+            value, tensors = -value, {k: -v for k, v in tensors.items()}
+        elif step == "iadd":
+            value += number
+            tensors = {k: v + number for k, v in tensors.items()}
+        elif step == "imul":
+            value *= number
+            tensors = {k: v * number for k, v in tensors.items()}
+        elif step == "read":
+            for k, leaf in value.params.items():
+                assert torch.equal(leaf, tensors[k]), k
+        else:
+            kept.append((value, tensors))
+            value, tensors = value.clone(), dict(tensors)
+    for held, expected in kept + [(value, tensors)]:
+        for k, leaf in held.params.items():
+            assert torch.equal(leaf, expected[k]) and torch.equal(torch.signbit(leaf), torch.signbit(expected[k])), k

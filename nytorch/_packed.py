@@ -322,22 +322,6 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
     return _result(model, layout, flat, configs, compute(op, flat, operands, rest))
 
 
-def _packed_now(model: nn.Module) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
-    """``_current(model)`` for a model already known to be packed, or a pending result; else ``None``."""
-    pending = model.__dict__.get(PENDING)
-    if pending is None:
-        layout = layout_of(model)
-        flat = layout.packing[0]
-        if type(flat) is not Flat:
-            return None
-    else:
-        layout, flat = pending.layout, pending.flat
-    configs = configs_for(layout)
-    if configs is not None and active_for(layout.signature, configs) != flat.plan.active:
-        return None
-    return layout, flat, configs
-
-
 def _common(model: nn.Module, other: object
             ) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]], list[object]]]:
     """``_prepared`` for the common case, in fewer steps: packed operands, a Python number or a model.
@@ -346,7 +330,7 @@ def _common(model: nn.Module, other: object
     the same class, packed or pending, with the same structure and plan; anything else answers
     ``None`` and goes the general way.
     """
-    found = _packed_now(model)
+    found = _current(model)  # packed already (or pending): packing waits for the general path's checks
     if found is None:
         return None
     layout, flat, configs = found
@@ -355,7 +339,7 @@ def _common(model: nn.Module, other: object
         return (layout, flat, configs, [other]) if flat.plan.floating else None
     if kind is not type(model):
         return None
-    theirs = _packed_now(other)  # type: ignore[arg-type]
+    theirs = _current(other)  # type: ignore[arg-type]
     if theirs is None or theirs[1].plan is not flat.plan:
         return None
     if theirs[0].names is not layout.names or theirs[0].signature is not layout.signature:

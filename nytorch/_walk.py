@@ -9,7 +9,7 @@ copied, parameters are the tensors it is given, buffers are cloned unless given.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -47,6 +47,19 @@ def model_class(module: nn.Module) -> type:
 
 CONFIG_ATTR = "_nyto_param_configs"
 _MISSING = object()
+
+
+class _Family:
+    """What layouts of one structure share: its compiled code, and how often it was needed before."""
+
+    __slots__ = ("build", "builds", "capture", "check", "checks")
+
+    def __init__(self) -> None:
+        self.build: Optional[Callable[..., list]] = None  # ``_builder.compile_builder``, from the second build
+        self.builds = 0
+        self.capture: Optional[Callable[..., list]] = None  # ``_builder.compile_capture``
+        self.check: Optional[Callable[..., bool]] = None  # ``_builder.compile_check``, from the second check
+        self.checks = 0
 
 
 class Layout:
@@ -89,9 +102,7 @@ class Layout:
         self._signature: Optional[tuple] = None
         self._pointers: Optional[tuple[int, ...]] = None
         self._expect: Optional[list] = None
-        # shared by sibling layouts: [compiled builder, rebuilds so far, compiled capture, compiled check,
-        # checks so far]
-        self._family: list = [None, 0, None, None, 0]
+        self._family = _Family()  # shared by sibling layouts
         # what ``_packed.packed`` found out about this tree (shared by ``layout_of``'s answers for one root)
         # [packing found, this layout without modules and tensors (``bare``)]
         self.packing: list = [None, None]
@@ -167,7 +178,7 @@ class Layout:
         compiled check (``_builder.compile_check``) that compares each table entry directly.
         """
         modules = [root] + self.modules[1:]
-        checker = self._family[3]
+        checker = self._family.check
         if checker is not None:
             try:
                 if not checker(modules, self.params, self.buffers):
@@ -178,9 +189,9 @@ class Layout:
             if self._expect is None or snapshot(modules) != self._expect:
                 return False
             family = self._family
-            family[4] += 1
-            if family[4] >= 2:  # checked again: worth writing the check out once for the structure
-                family[3] = compile_check(self.children, self.param_slots, self.buffer_slots)
+            family.checks += 1
+            if family.checks >= 2:  # checked again: worth writing the check out once for the structure
+                family.check = compile_check(self.children, self.param_slots, self.buffer_slots)
         for _, config_table, k in self.tables:
             owner = root if k == 0 else modules[k]
             if owner.__dict__.get(CONFIG_ATTR) is not config_table:
@@ -246,7 +257,7 @@ def _remember(root: nn.Module, layout: Layout) -> None:
     stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
     stored.packing = layout.packing
     stored._pointers = tuple(map(Tensor.data_ptr, layout.params))
-    if layout._family[3] is None:  # compiled checks compare with the layout's own lists instead
+    if layout._family.check is None:  # compiled checks compare with the layout's own lists instead
         stored._expect = snapshot(layout.modules)  # the tree was just walked or built: it is what the layout says
     try:
         _CACHE[root] = stored
@@ -262,9 +273,7 @@ def layout_of(root: nn.Module) -> Layout:
     >>> layout_of(net).params[0] is net.weight
     True
     """
-    pending = root.__dict__.get(PENDING)
-    if pending is not None:
-        pending.realize(root)
+    realized(root)  # a result still pending builds its tree first
     stored = _CACHE.get(root)
     if stored is not None and stored._matches(root):
         found = stored._sibling([root] + stored.modules[1:], stored.params, stored.buffers)
@@ -305,12 +314,12 @@ def _build(layout: Layout, states: Sequence[dict], types: Sequence[type], wrappe
            buffers: Sequence[Tensor], root: Optional[nn.Module] = None) -> list[nn.Module]:
     """New module objects for ``layout``: compiled straight-line code from a family's second rebuild on."""
     family = layout._family
-    builder = family[0]
+    builder = family.build
     if builder is None:
-        family[1] += 1
-        if family[1] < 2:  # a structure rebuilt once (e.g. merging N independent models) is not worth compiling
+        family.builds += 1
+        if family.builds < 2:  # a structure rebuilt once (e.g. merging N independent models) is not worth compiling
             return _build_generic(layout, states, types, wrapped, buffers, root)
-        builder = family[0] = compile_builder(states, layout.children, layout.param_slots,
+        builder = family.build = compile_builder(states, layout.children, layout.param_slots,
                                               layout.buffer_slots, _CONTAINER_SET)
     try:
         return builder(states, types, wrapped, buffers, root)  # type: ignore[no-any-return]
@@ -329,10 +338,10 @@ def capture(layout: Layout) -> tuple[list[dict], list[type]]:
     modules = layout.modules
     types = list(map(type, modules))
     family = layout._family
-    capturer = family[2]
+    capturer = family.capture
     if capturer is None:
         states = [_capture_generic(module) for module in modules]
-        family[2] = compile_capture(states, _CONTAINER_SET)
+        family.capture = compile_capture(states, _CONTAINER_SET)
         return states, types
     try:
         return capturer(modules), types

@@ -28,7 +28,7 @@ def test_repeated_operations_use_the_compiled_builder_and_match_the_generic_one(
     results = [net * 2 for _ in range(3)]
     for result in results:  # results build their tree on first touch; the second build of a structure compiles it
         assert result.training
-    assert layout_of(net)._family[0] is not None
+    assert layout_of(net)._family.build is not None
     for result in results:
         assert _describe(result) == _describe(net)
         assert result.head.weight is result.embed.weight

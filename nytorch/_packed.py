@@ -169,18 +169,13 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
         if isinstance(other, nn.Module):
             if model_class(other) is not cls:
                 return None
-            pending = other.__dict__.get(PENDING)
-            if pending is not None:
-                # its buffers are laid out by its plan, which the check below compares with ours
-                other_names, other_signature, other_flat = pending.layout.names, pending.layout.signature, pending.flat
-            else:
-                structure = layout_of(other)
-                if not _same_structure(structure, names, signature):
-                    return None  # checked before packing: a refused operand keeps its storage
-                found = _current(other, pack=True, layout=structure)
-                if found is None:
-                    return None
-                other_names, other_signature, other_flat = found[0].names, found[0].signature, found[1]
+            structure = _structure(other)  # a pending result's tree is not built for this
+            if not _same_structure(structure, names, signature):
+                return None  # checked before packing: a refused operand keeps its storage
+            found = _current(other, pack=True, layout=structure)
+            if found is None:
+                return None
+            other_names, other_signature, other_flat = found[0].names, found[0].signature, found[1]
         elif isinstance(other, Particle) and other.model_class is cls:
             other_names, other_signature, other_flat = other._names, other._signature, other._flat_form()
         else:

@@ -89,7 +89,30 @@ def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> lis
         "NytoModule clone": lambda: a.clone(),
     }, repeats=repeats)
     out += harness.rows("randn / clone", size, medians, "floor: flat + flat")
-    return out
+    return out + bench_structure(size, a, b, pa, pb, ta, tb, repeats)
+
+
+def bench_structure(size: str, a: nn.Module, b: nn.Module, pa: nytorch.Particle, pb: nytorch.Particle,
+                    ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], repeats: int) -> list[Row]:
+    """Whether two models line up for arithmetic: the check every binary operation starts with.
+
+    The floor compares two lists of ``(name, shape, dtype, device)`` gathered beforehand (the
+    comparison alone); the per-tensor loop gathers them from ``named_parameters()`` each time, as
+    hand-written code does.  nytorch 1.1 has no such check (operands must share a "species", an
+    identity test) and tensordict none either, so neither has a row.
+    """
+    def signature(model: nn.Module) -> list[tuple[Any, ...]]:
+        return [(name, p.shape, p.dtype, p.device) for name, p in model.named_parameters()]
+
+    signature_a, signature_b = signature(a), signature(b)
+    medians = harness.compare({
+        "floor: compare two prebuilt signatures": lambda: signature_a == signature_b,
+        "per-tensor loop over named_parameters()": lambda: signature(a) == signature(b),
+        "NytoModule same_structure(a, b)": lambda: nytorch.same_structure(a, b),
+        "Particle same_structure(p, q)": lambda: nytorch.same_structure(pa, pb),
+        "functional same_structure(params, params)": lambda: nytorch.same_structure(ta, tb),
+    }, repeats=repeats)
+    return harness.rows("structural check of two models", size, medians, "floor: compare two prebuilt signatures")
 
 
 def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:

@@ -18,6 +18,7 @@ from ._pool import set_result_pool
 from ._checkpoint import load, save
 from ._codec import CheckpointError
 from ._rng import get_rng_state, set_rng_state
+from ._structure import check_structure, same_structure
 
 #: nytorch 1.1 name of ``Particle``.
 ParamProduct = Particle
@@ -28,4 +29,5 @@ __all__ = [
     "NytoModule", "Particle", "ParamProduct", "particle", "ParamConfig", "Swarm", "flatten_",
     "StructureError", "DeviceMismatchError", "functional", "algorithms", "distributed", "merge",
     "save", "load", "CheckpointError", "get_rng_state", "set_rng_state", "set_result_pool",
+    "check_structure", "same_structure",
 ]

@@ -13,4 +13,8 @@ def test_core_rows_have_ratios_to_their_floor():
     rows = bench_core.bench_size("tiny", SeedLinear, repeats=2)
     floors = [row for row in rows if row["implementation"].startswith("floor")]
     assert floors and all(row["ratio_to_floor"] > 0 for row in rows)
-    assert {row["workload"] for row in rows} >= {"a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)"}
+    assert {row["workload"] for row in rows} >= {"a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)",
+                                                 "randn / clone", "structural check of two models"}
+    checks = {row["implementation"] for row in rows if row["workload"] == "structural check of two models"}
+    assert {"NytoModule same_structure(a, b)", "Particle same_structure(p, q)",
+            "functional same_structure(params, params)", "per-tensor loop over named_parameters()"} <= checks

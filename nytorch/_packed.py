@@ -458,6 +458,31 @@ def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optio
         return lw.apply(op, buffers, *operands)
 
 
+def kernel_(op: lw.Op, buffers: list[Tensor], operands: list[object]) -> None:
+    """``op`` in place on the buffers: one plain call per buffer for Python numbers and buffers, else ``apply_``.
+
+    Callers have checked that the buffers can be written (``algebra.check_writable``).
+
+    >>> buffers = [torch.ones(2)]
+    >>> kernel_(lw.LERP, buffers, [[torch.zeros(2)], 0.5])
+    >>> buffers
+    [tensor([0.5000, 0.5000])]
+    """
+    leaf_ = op.leaf_
+    if leaf_ is not None:
+        for operand in operands:
+            kind = type(operand)
+            if kind is not list and kind is not float and kind is not int:
+                break
+        else:  # detached buffers and Python numbers: nothing for autograd to record
+            for k, buffer in enumerate(buffers):
+                leaf_(buffer, *[operand[k] if type(operand) is list else operand  # type: ignore[index]
+                                for operand in operands])
+            return
+    with torch.no_grad():
+        lw.apply_(op, buffers, *operands)
+
+
 def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     """``op`` in place on ``model``'s buffers; ``False`` (nothing written) when the packed path does not apply.
 
@@ -471,8 +496,7 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
         return False
     layout, flat, _, operands = prepared
     algebra.check_writable(op.name, [layout.names[index[0]] for index in flat.plan.groups], flat.buffers)
-    with torch.no_grad():
-        lw.apply_(op, flat.buffers, *readable(operands))
+    kernel_(op, flat.buffers, readable(operands))
     return True
 
 

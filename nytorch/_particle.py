@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
-from ._packed import active_for, carried, compute, fill, flat_operands, readable
+from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable
 from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
 
@@ -150,8 +150,7 @@ class Particle(Operators):
             return False
         names = [self._names[index[0]] for index in flat.plan.groups]  # type: ignore[union-attr]
         algebra.check_writable(op.name, names, flat.buffers)  # type: ignore[union-attr]
-        with torch.no_grad():
-            lw.apply_(op, flat.buffers, *readable(operands))  # type: ignore[union-attr]
+        kernel_(op, flat.buffers, readable(operands))  # type: ignore[union-attr]
         return True
 
     def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:

@@ -1,13 +1,15 @@
-"""The whole benchmark suite: ``python -m benchmarks [--quick] [--json PATH] [--results]``.
+"""The whole benchmark suite: ``python -m benchmarks [--quick] [--json PATH] [--plot PATH] [--results]``.
 
 Every row is a median of interleaved samples taken in this one run, with its ratio
 to the floor measured alongside (never absolute seconds across runs).
-``--results`` rewrites ``benchmarks/RESULTS.md`` with the table and the machine.
+``--results`` rewrites ``benchmarks/RESULTS.md`` with the table and the machine, and
+draws the core ratios to ``benchmarks/RESULTS.png`` (``benchmarks/plot.py``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -35,12 +37,32 @@ def collect(quick: bool, only: list[str]) -> list[dict[str, Any]]:
     return table
 
 
+def _plotted(table: list[dict[str, Any]], path: str, title: str) -> bool:
+    """Draw the core ratios to ``path``; ``False`` (with a note) when matplotlib is missing."""
+    try:
+        from .plot import plot
+        plot(table, path, title=title)
+    except ImportError as error:
+        print(f"no plot: {error}", file=sys.stderr)
+        return False
+    except ValueError as error:  # no core rows (e.g. ``--only bench_swarm``)
+        print(f"no plot: {error}", file=sys.stderr)
+        return False
+    return True
+
+
 def write_results(table: list[dict[str, Any]], path: str = "benchmarks/RESULTS.md") -> None:
     machine = harness.machine()
+    described = ", ".join(f"{key} {value}" for key, value in machine.items())
+    image = os.path.join(os.path.dirname(path), "RESULTS.png")
+    drawn = _plotted(table, image, described)
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks --results` (ratios are to the floor measured in the same run).", "",
-             "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()), "",
-             "| suite | workload | size | implementation | median | x floor |",
+             "Machine: " + described, ""]
+    if drawn:
+        lines += ["![Ratios to the floor of bench_core, per workload and size; black ticks are issue 4's targets]"
+                  "(RESULTS.png)", ""]
+    lines += ["| suite | workload | size | implementation | median | x floor |",
              "|---|---|---|---|---|---|"]
     for row in table:
         median = row["median_us"]
@@ -55,7 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI)")
     parser.add_argument("--json", metavar="PATH", help="also write rows and the machine as JSON")
-    parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md")
+    parser.add_argument("--plot", metavar="PATH", help="also draw the core ratios to an image (needs matplotlib)")
+    parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md and RESULTS.png")
     parser.add_argument("--only", nargs="*", default=[], help=f"suites to run, among {SUITES}")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own; 1 gives steadier ratios on a shared machine)")
@@ -67,6 +90,8 @@ def main() -> None:
     harness.print_table(table)
     if args.json:
         harness.dump_json(table, args.json)
+    if args.plot:
+        _plotted(table, args.plot, ", ".join(f"{key} {value}" for key, value in harness.machine().items()))
     if args.results:
         write_results(table)
 

@@ -76,13 +76,15 @@ def machine() -> dict[str, Any]:
 
 def print_table(table: list[dict[str, Any]]) -> None:
     """Aligned text table: workload, size, implementation, median, ratio."""
-    header = f"{'workload':<26} {'size':<12} {'implementation':<26} {'median':>12} {'x floor':>8}"
+    widths = [max([len(heading)] + [len(str(row.get(key, ""))) for row in table])
+              for key, heading in (("workload", "workload"), ("size", "size"), ("implementation", "implementation"))]
+    header = f"{'workload':<{widths[0]}} {'size':<{widths[1]}} {'implementation':<{widths[2]}} {'median':>12} {'x floor':>8}"
     print(header)
     print("-" * len(header))
     for row in table:
         median = row["median_us"]
         shown = row.get("shown") or (f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} us")
-        print(f"{row['workload']:<26} {row.get('size', ''):<12} {row['implementation']:<26} "
+        print(f"{row['workload']:<{widths[0]}} {row.get('size', ''):<{widths[1]}} {row['implementation']:<{widths[2]}} "
               f"{shown:>12} {row['ratio_to_floor']:>8.2f}")
 
 

@@ -18,3 +18,28 @@ def test_core_rows_have_ratios_to_their_floor():
     checks = {row["implementation"] for row in rows if row["workload"] == "structural check of two models"}
     assert {"NytoModule same_structure(a, b)", "Particle same_structure(p, q)",
             "functional same_structure(params, params)", "per-tensor loop over named_parameters()"} <= checks
+
+
+def test_plot_draws_one_panel_per_workload_present(tmp_path):
+    from benchmarks.plot import family, plot
+
+    rows = [{"workload": workload, "size": size, "implementation": name, "ratio_to_floor": ratio}
+            for workload in ("a + b", "lerp_ (EMA, in place)")
+            for size in ("many-small", "deep-narrow")
+            for name, ratio in [("floor: flat + flat", 1.0), ("Particle p + q", 1.4), ("foreach by hand", 4.5)]]
+    rows.append({"workload": "a + b", "size": "many-small", "implementation": "x", "ratio_to_floor": 2.0,
+                 "suite": "bench_swarm"})  # other suites are not drawn
+    path = tmp_path / "ratios.png"
+    assert plot(rows, str(path)) == ["a + b", "lerp_ (EMA, in place)"]
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert family("NytoModule a + b, then read")[0] == "NytoModule" and family("mystery")[0] == "other"
+
+
+def test_plot_without_core_rows_raises(tmp_path):
+    import pytest
+
+    from benchmarks.plot import plot
+
+    with pytest.raises(ValueError, match=r"plot: expected rows of at least one of"):
+        plot([{"workload": "swarm forward", "size": "P=64", "implementation": "a", "ratio_to_floor": 1.0}],
+             str(tmp_path / "none.png"))

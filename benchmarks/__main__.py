@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from . import _harness as harness
+from .targets import verdicts
 
 # Each suite module exposes ``run(quick: bool) -> list[dict]``.
 SUITES = ["bench_core", "bench_memory", "bench_swarm", "bench_merge", "bench_distributed"]
@@ -62,7 +63,10 @@ def write_results(table: list[dict[str, Any]], path: str = "benchmarks/RESULTS.m
     if drawn:
         lines += ["![Ratios to the floor of bench_core, per workload and size; black ticks are issue 4's targets]"
                   "(RESULTS.png)", ""]
-    lines += ["| suite | workload | size | implementation | median | x floor |",
+    judged = verdicts(table)
+    if judged:
+        lines += ["## Issue 4's targets in this run", "", "```"] + [verdict.line() for verdict in judged] + ["```", ""]
+    lines += ["## Every row", "", "| suite | workload | size | implementation | median | x floor |",
              "|---|---|---|---|---|---|"]
     for row in table:
         median = row["median_us"]
@@ -88,6 +92,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     table = collect(args.quick, args.only)
     harness.print_table(table)
+    for verdict in verdicts(table):
+        print(verdict.line())
     if args.json:
         harness.dump_json(table, args.json)
     if args.plot:

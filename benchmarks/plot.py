@@ -11,6 +11,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from .targets import tick
+
 #: The ``bench_core`` workloads drawn, in panel order.
 WORKLOADS = ("a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)", "structural check of two models")
 
@@ -18,19 +20,6 @@ WORKLOADS = ("a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)", "structural 
 FAMILIES = (("Particle", "tab:red"), ("NytoModule", "tab:orange"), ("functional", "tab:purple"),
             ("kernel only", "tab:gray"), ("foreach", "tab:blue"), ("per-tensor", "tab:cyan"),
             ("tensordict", "tab:green"), ("nytorch 1.1", "tab:brown"))
-
-#: Issue 4's targets, ``(workload, size, family) -> ratio``, drawn as a black tick across the bar.
-TARGETS = {
-    ("a + b", "deep-narrow", "Particle"): 1.15, ("a + b", "wide", "Particle"): 1.15,
-    ("a + b", "many-small", "Particle"): 1.5,
-    ("a + b", "deep-narrow", "functional"): 1.15, ("a + b", "wide", "functional"): 1.15,
-    ("a + b", "many-small", "functional"): 1.5,
-    ("a + b", "deep-narrow", "NytoModule"): 1.5, ("a + b", "wide", "NytoModule"): 1.1,
-    ("0.9 * (a - b) + a", "deep-narrow", "Particle"): 2.0, ("0.9 * (a - b) + a", "deep-narrow", "NytoModule"): 2.0,
-    ("0.9 * (a - b) + a", "deep-narrow", "functional"): 2.0,
-    ("lerp_ (EMA, in place)", "many-small", "Particle"): 1.5,
-}
-
 
 def family(name: str) -> tuple[str, str]:
     """``(family, colour)`` of an implementation's row name.
@@ -92,13 +81,13 @@ def plot(table: Sequence[dict[str, Any]], path: str, title: str = "") -> list[st
         step = 1.0 / (max(len(by_name) for by_name in rows.values()) + 1)
         for k, size in enumerate(sizes):
             for j, name in enumerate(sorted(rows[size], key=_order)):
-                kind, colour = family(name)
+                colour = family(name)[1]
                 y = k + j * step
                 axis.barh(y, rows[size][name], height=step * 0.9, color=colour,
                           hatch="//" if "then read" in name else None, edgecolor="white", linewidth=0,
                           label=name if name not in axis.get_legend_handles_labels()[1] else None)
-                target = TARGETS.get((workload, size, kind))
-                if target is not None and "then read" not in name:
+                target = tick(workload, size, name)
+                if target is not None:
                     axis.plot([target, target], [y - step * 0.6, y + step * 0.6], color="black", linewidth=2.5,
                               label="target" if "target" not in axis.get_legend_handles_labels()[1] else None)
         axis.set_xscale("log")

@@ -43,3 +43,18 @@ def test_plot_without_core_rows_raises(tmp_path):
     with pytest.raises(ValueError, match=r"plot: expected rows of at least one of"):
         plot([{"workload": "swarm forward", "size": "P=64", "implementation": "a", "ratio_to_floor": 1.0}],
              str(tmp_path / "none.png"))
+
+
+def test_verdicts_judge_ratios_and_speedups_of_one_run():
+    from benchmarks.targets import verdicts
+
+    def row(implementation, median, ratio, size="iris MLP"):
+        return {"suite": "bench_core", "workload": "a + b", "size": size, "implementation": implementation,
+                "median_us": median, "ratio_to_floor": ratio}
+
+    table = [row("NytoModule a + b", 10.0, 8.0), row("nytorch 1.1 NytoModule", 60.0, 48.0),
+             row("tensordict td + td", 15.0, 12.0), row("NytoModule a + b", 1.0, 1.6, "deep-narrow")]
+    lines = [verdict.line() for verdict in verdicts(table)]
+    assert lines == ["MISS  NytoModule a + b, deep-narrow: 1.60 (target <= 1.5)",
+                     "met   iris NytoModule net + net vs nytorch 1.1: 6.00x faster (target >= 5x faster)",
+                     "MISS  iris NytoModule net + net vs tensordict td + td: 1.50x faster (target >= 2x faster)"]

@@ -1,0 +1,110 @@
+"""Issue 4's targets, judged against the rows of one run (ratios only, never seconds across runs).
+
+``verdicts(table)`` answers, for every target whose rows the run has, what was measured
+and whether it meets the target; ``python -m benchmarks`` prints them after the table and
+``--results`` writes them into ``RESULTS.md``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional
+
+Row = dict[str, Any]
+
+
+class Target(NamedTuple):
+    """``measured <= at_most`` for a ratio to the floor, or ``speedup >= at_least`` over another implementation."""
+
+    text: str
+    suite: str
+    workload: str
+    size: str
+    implementation: str
+    at_most: Optional[float] = None  # a ratio to the floor
+    at_least: Optional[float] = None  # how many times faster than ``than``
+    than: str = ""
+
+
+class Verdict(NamedTuple):
+    target: Target
+    measured: float
+    met: bool
+
+    def line(self) -> str:
+        """``met  Particle a + b, deep-narrow: 1.12 (target <= 1.15)``."""
+        bound = (f"<= {self.target.at_most:g}" if self.target.at_most is not None
+                 else f">= {self.target.at_least:g}x faster")
+        shown = f"{self.measured:.2f}" if self.target.at_most is not None else f"{self.measured:.2f}x faster"
+        return f"{'met ' if self.met else 'MISS'}  {self.target.text}: {shown} (target {bound})"
+
+
+def _ratio_targets() -> list[Target]:
+    found = []
+    for size, particle, module in (("deep-narrow", 1.15, 1.5), ("wide", 1.15, 1.1), ("many-small", 1.5, None)):
+        found.append(Target(f"Particle a + b, {size}", "bench_core", "a + b", size, "Particle p + q", particle))
+        found.append(Target(f"functional a + b, {size}", "bench_core", "a + b", size, "functional nf.add", particle))
+        if module is not None:
+            found.append(Target(f"NytoModule a + b, {size}", "bench_core", "a + b", size, "NytoModule a + b", module))
+    for implementation in ("Particle", "NytoModule"):
+        found.append(Target(f"{implementation} 0.9 * (a - b) + a, deep-narrow", "bench_core", "0.9 * (a - b) + a",
+                            "deep-narrow", implementation, 2.0))
+    found += [
+        Target("Particle ema.lerp_(model, 0.001), many-small", "bench_core", "lerp_ (EMA, in place)", "many-small",
+               "Particle ema.lerp_", 1.5),
+        Target("its equivalent merge.EMA.update(), many-small", "bench_merge", "EMA update",
+               "many-small (200 x 64x64)", "nytorch EMA.update()", 1.5),
+        Target("momentum example, 100 epochs", "bench_core", "momentum example, 100 epochs", "iris MLP",
+               "NytoModule (seed example)", 1.5),
+    ]
+    for size in ("many-small", "deep-narrow"):
+        for implementation in ("NytoModule a + b", "Particle p + q", "functional nf.add"):
+            found.append(Target(f"memory of {implementation}, {size}", "bench_memory", "memory of a + b", size,
+                                implementation, 1.1))
+    return found
+
+
+#: Every target of issue 4 the suite measures, in the issue's order.
+TARGETS: list[Target] = _ratio_targets() + [
+    Target("iris NytoModule net + net vs nytorch 1.1", "bench_core", "a + b", "iris MLP", "NytoModule a + b",
+           at_least=5.0, than="nytorch 1.1 NytoModule"),
+    Target("iris NytoModule net + net vs tensordict td + td", "bench_core", "a + b", "iris MLP", "NytoModule a + b",
+           at_least=2.0, than="tensordict td + td"),
+]
+
+
+def verdicts(table: Sequence[Row]) -> list[Verdict]:
+    """The verdict on every target whose rows are in ``table``.
+
+    >>> rows = [{"suite": "bench_core", "workload": "a + b", "size": "wide", "implementation": "Particle p + q",
+    ...          "median_us": 20.0, "ratio_to_floor": 0.9}]
+    >>> [verdict.line() for verdict in verdicts(rows)]
+    ['met   Particle a + b, wide: 0.90 (target <= 1.15)']
+    """
+    rows = {(row.get("suite", ""), row["workload"], row.get("size", ""), row["implementation"]): row for row in table}
+    found = []
+    for target in TARGETS:
+        row = rows.get((target.suite, target.workload, target.size, target.implementation))
+        if row is None:
+            continue
+        if target.at_most is not None:
+            found.append(Verdict(target, row["ratio_to_floor"], row["ratio_to_floor"] <= target.at_most))
+            continue
+        other = rows.get((target.suite, target.workload, target.size, target.than))
+        if other is None or not row["median_us"]:
+            continue
+        speedup = other["median_us"] / row["median_us"]
+        found.append(Verdict(target, speedup, speedup >= target.at_least))  # type: ignore[operator]
+    return found
+
+
+def tick(workload: str, size: str, implementation: str) -> Optional[float]:
+    """The ratio target drawn across a bar of ``plot``, if there is one (``bench_core`` rows).
+
+    >>> tick("a + b", "wide", "NytoModule a + b")
+    1.1
+    """
+    for target in TARGETS:
+        if (target.suite, target.workload, target.size, target.implementation) == (
+                "bench_core", workload, size, implementation) and target.at_most is not None:
+            return target.at_most
+    return None

@@ -17,7 +17,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "lazy_name", "pack_", "flatten_"]
+__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "written", "lazy_name", "pack_", "flatten_"]
 
 
 class FlatPlan:
@@ -33,11 +33,12 @@ class FlatPlan:
         totals: per buffer, its number of elements.
     """
 
-    __slots__ = ("active", "groups", "likes", "totals", "dtypes", "devices", "floating", "nbytes")
+    __slots__ = ("active", "every", "groups", "likes", "totals", "dtypes", "devices", "floating", "nbytes")
 
     def __init__(self, signature: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
                  active: Sequence[bool]) -> None:
         self.active = tuple(active)
+        self.every = all(self.active)
         found: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, ((_, dtype, device), on) in enumerate(zip(signature, active)):
             if on:
@@ -195,6 +196,23 @@ def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
         buffers.append(first.detach().as_strided((total,), (1,), start))
     rest = {i: leaf for i, (leaf, on) in enumerate(zip(leaves, plan.active)) if not on}
     return Flat(plan, buffers, rest, tuple(map(Tensor.data_ptr, leaves)))
+
+
+def written(leaves: Sequence[Tensor], plan: Optional[FlatPlan] = None) -> None:
+    """Tell autograd that ``leaves`` (the active ones of ``plan``, else all) changed in place.
+
+    A packed model's Parameters view its buffers but keep version counters of their own
+    (``param.data = view`` keeps them), so a write into the buffers bumps none of them.  A
+    graph that saved one would then run backward on the new values, where PyTorch raises
+    for any tensor modified in place after it was saved: bumping them keeps that error.
+
+    >>> leaf = torch.zeros(2)
+    >>> written([leaf]); leaf._version
+    1
+    """
+    if plan is not None and not plan.every:
+        leaves = [leaf for leaf, on in zip(leaves, plan.active) if on]
+    torch.autograd.graph.increment_version(leaves)  # type: ignore[arg-type]
 
 
 def lazy_name(module: nn.Module) -> Optional[str]:

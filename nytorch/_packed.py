@@ -25,7 +25,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from . import _pool as pool
-from ._flat import Flat, FlatPlan, find_flat, pack_, plan_for
+from ._flat import Flat, FlatPlan, find_flat, pack_, plan_for, written
 from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, model_class, wrap_parameters
 
 Tensor = torch.Tensor
@@ -497,6 +497,7 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     layout, flat, _, operands = prepared
     algebra.check_writable(op.name, [layout.names[index[0]] for index in flat.plan.groups], flat.buffers)
     kernel_(op, flat.buffers, readable(operands))
+    written(layout.params, flat.plan)  # (a result not built yet has no Parameters to tell)
     return True
 
 

@@ -12,7 +12,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
-from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for
+from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for, written
 from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable
 from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
@@ -145,12 +145,16 @@ class Particle(Operators):
     def _flat_binary_(self, op: lw.Op, others: Sequence[object]) -> bool:
         """``op`` in place, one kernel per flat buffer; ``False`` (nothing written) when not flat."""
         flat = self._flat_form()
-        operands = None if flat is None else self._flat_operands(op.name, tuple(others), flat, False)
+        if flat is None:
+            return False
+        operands = self._flat_operands(op.name, tuple(others), flat, False)
         if operands is None:
             return False
-        names = [self._names[index[0]] for index in flat.plan.groups]  # type: ignore[union-attr]
-        algebra.check_writable(op.name, names, flat.buffers)  # type: ignore[union-attr]
-        kernel_(op, flat.buffers, readable(operands))  # type: ignore[union-attr]
+        names = [self._names[index[0]] for index in flat.plan.groups]
+        algebra.check_writable(op.name, names, flat.buffers)
+        kernel_(op, flat.buffers, readable(operands))
+        if flat.pointers is not None:  # leaves of someone else's storage (a model's Parameters)
+            written(self._leaves, flat.plan)
         return True
 
     def _binary(self, op: lw.Op, *others: object, reflected: bool = False) -> Self:

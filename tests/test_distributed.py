@@ -426,3 +426,21 @@ def test_in_place_collectives_pack_a_model_unless_told_not_to() -> None:
         assert [p.data_ptr() for p in plain.parameters()] == pointers
     finally:
         dist.destroy_process_group()
+
+
+def test_in_place_collectives_are_seen_by_autograd() -> None:
+    """A graph that saved a parameter raises after all_reduce_mean wrote it in place, as torch's own ops do."""
+    import torch.distributed as dist
+    from torch import nn
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+        nd.all_reduce_mean(model, timeout=30)  # packs it: the collective then writes its buffer directly
+        loss = model[1](torch.randn(4, 3, requires_grad=True)).sum()  # saves the last weight
+        version = model[1].weight._version
+        nd.all_reduce_mean(model, timeout=30)
+        assert model[1].weight._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    finally:
+        dist.destroy_process_group()

@@ -95,3 +95,85 @@ def test_configs_changed_after_packing_fall_back():
     second = first * 10
     assert torch.equal(second.params["a"], torch.full((2,), 2.0))
     assert torch.equal(second.params["b"], torch.full((2,), 20.0))
+
+
+class _Pair(nytorch.NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 4)
+        self.second = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+def _backward_after(model: nn.Module, update) -> str:
+    """What ``backward`` says about a graph that saved ``model``'s last weight, after ``update()``.
+
+    Only the last layer runs: the packed buffer shares its version counter with the first
+    parameter, so a graph through the first layer would notice the write anyway.
+    """
+    x = torch.randn(5, 4, requires_grad=True)  # so that the layer saves its weight
+    loss = model.second(x).sum() if hasattr(model, "second") else model[-1](x).sum()
+    update()
+    try:
+        loss.backward()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def _in_place_updates():
+    def particle_add(model):
+        return lambda: nytorch.particle(model).__iadd__(1.0)
+
+    def particle_lerp(model):
+        other = _Pair()
+        return lambda: nytorch.particle(model).lerp_(nytorch.particle(other), 0.5)
+
+    def module_add(model):
+        other = _Pair()
+
+        def update():
+            result = model
+            result += other  # NytoModule's in-place operator: same Parameter objects
+            assert result is model
+        return update
+
+    def ema_update(model):
+        from nytorch.merge import EMA
+        ema = EMA(_Pair(), decay=0.5)
+        model.load_state_dict(ema.averaged.state_dict())
+        return ema  # the test runs the graph through ema.averaged instead
+
+    return {"Particle +=": particle_add, "Particle.lerp_": particle_lerp, "NytoModule +=": module_add,
+            "EMA.update": ema_update}
+
+
+@pytest.mark.parametrize("name", list(_in_place_updates()))
+def test_writes_into_packed_buffers_are_seen_by_autograd(name):
+    """A graph that saved a packed model's parameters raises after nytorch writes them in place, as torch does."""
+    torch.manual_seed(0)
+    model = _Pair()
+    nytorch.particle(model)  # packed: every parameter views one buffer
+    made = _in_place_updates()[name](model)
+    if name == "EMA.update":
+        message = _backward_after(made.averaged, made.update)
+    else:
+        message = _backward_after(model, made)
+    assert "modified by an inplace operation" in message
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # the same with plain torch
+
+    def add_one() -> None:
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.add_(1.0)
+    assert "modified by an inplace operation" in _backward_after(plain, add_one)
+
+
+def test_written_bumps_only_active_leaves():
+    leaves = [torch.zeros(2), torch.zeros(2, dtype=torch.int64)]
+    signature = [(leaf.shape, leaf.dtype, leaf.device) for leaf in leaves]
+    from nytorch._flat import written
+    written(leaves, plan_for(signature, [True, False]))
+    assert [leaf._version for leaf in leaves] == [1, 0]

@@ -388,6 +388,21 @@ def test_converted_model_is_noticed():
         ema.update()
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_new_storage_for_any_one_parameter_is_followed(pack):
+    """``param.data = ...`` on a middle parameter: the next update averages the new values, like an optimizer."""
+    model = nn.Sequential(*(nn.Linear(3, 3) for _ in range(4)))
+    ema = merge.EMA(model, decay=0.0, pack=pack)  # decay 0: the average becomes the model
+    model[2].weight.data = torch.full((3, 3), 7.0)
+    ema.update()
+    assert torch.equal(ema.averaged[2].weight, torch.full((3, 3), 7.0))
+    assert all(torch.equal(a, b) for a, b in zip(ema.averaged.parameters(), model.parameters()))
+    with torch.no_grad():
+        model[1].bias.add_(1.0)  # and the next update reads the model's values again, wherever they live
+    ema.update()
+    assert torch.equal(ema.averaged[1].bias, model[1].bias)
+
+
 def test_ema_packs_the_model_it_follows_by_default():
     model = bn_net()
     weight = model[0].weight

@@ -201,7 +201,7 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
             _moved(comm, flat, flats, root, "broadcasting the parameters")
         if in_place:
             if comm.rank != root:
-                flat.write_([None if g in owned else f for g, f in enumerate(flats)])
+                flat.write_([None if g in owned else f for g, f in enumerate(flats)], owned)
             return x
         return flat.like(whole(flats), size)  # type: ignore[return-value]
     finally:
@@ -288,7 +288,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
                 tensor.div_(comm.size)
             restore_(view, tensor)
         if in_place:
-            flat.write_([None if g in owned else f for g, f in enumerate(flats)])
+            flat.write_([None if g in owned else f for g, f in enumerate(flats)], owned)
             return x
         return flat.like(whole(flats), flat.size, carry=True)  # type: ignore[return-value]
     finally:

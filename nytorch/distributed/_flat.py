@@ -12,7 +12,7 @@ leaf (parameters and buffers).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import _algebra as algebra
 from .._config import configs_for
+from .._flat import written
 from .._particle import Particle, layout_state
 from .._swarm import Swarm
 from .._walk import Layout, rebuild
@@ -271,10 +272,17 @@ class Flat:
         return Swarm.from_params(self.source, params)
 
     @torch.no_grad()
-    def write_(self, flats: Sequence[Optional[Tensor]]) -> None:
-        """Copy ``flats`` (``[1, width]``; ``None`` skips a group) into the source model's tensors in place."""
+    def write_(self, flats: Sequence[Optional[Tensor]], owned: Iterable[int] = ()) -> None:
+        """Copy ``flats`` (``[1, width]``; ``None`` skips a group) into the source model's tensors in place.
+
+        ``owned``: groups whose buffer was the model's own memory, written by the collective itself;
+        their tensors are only told they changed (``_flat.written``), as a copy into them would.
+        """
         if not (self._leaves is not None):  # an internal invariant
             raise RuntimeError("nytorch internal error: expected self._leaves is not None")
+        owned = set(owned)
+        if owned:
+            written([leaf for slot, leaf in zip(self.slots, self._leaves) if slot.group in owned])
         targets, values = [], []
         for slot, leaf in zip(self.slots, self._leaves):
             flat = flats[slot.group]

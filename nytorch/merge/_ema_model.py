@@ -3,7 +3,8 @@
 Like an optimizer, an ``EMA`` keeps the model's tensors it was built with, so
 ``update()`` neither walks the module tree nor re-validates it: it is one fused
 ``lerp_`` (a single ``lerp_`` over one buffer: the model is packed when the EMA is made).
-A cheap fingerprint notices when the model was moved (``model.to(...)``) and
+The addresses of the tensors in that buffer are compared on every update, so a move
+(``model.to(...)``) or a ``param.data = ...`` on any parameter is noticed, and the EMA
 re-validates then.  Passing another model object to ``update`` reads and checks it.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _leafwise as lw
-from .._flat import Flat, find_flat, pack_, plan_for
+from .._flat import Flat, find_flat, pack_, plan_for, written
 from ._ema import apply_plan_, lerp_, plan, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, check_same, operand, rebuild
@@ -37,7 +38,8 @@ class EMA:
     and restores the trained values afterwards, even on error.
 
     Like an optimizer, it holds the model's tensors (the ``Parameter`` objects): moving or
-    converting the model (``model.to(...)``) is noticed and re-checked, but if you replace
+    converting the model (``model.to(...)``) or giving a parameter new storage
+    (``param.data = ...``) is noticed and re-checked, but if you replace
     parameters or submodules by new objects, make a new ``EMA`` (or pass the new model
     object to ``update``, which then reads and checks it).
 
@@ -125,19 +127,26 @@ class EMA:
         flat_target, flat_online = self._pairs(group)
         target = None if online is None else find_flat(online.plan, flat_target)
         self._flat: Optional[tuple[list[Tensor], list[Tensor]]] = None
+        self._flat_target: list[Tensor] = []  # the averaged leaves the flat ``lerp_`` writes
         if target is not None and online is not None:
             self._flat = (target.buffers, online.buffers)
+            self._flat_target = flat_target
         else:
             group = []
         grouped = set(group)
         self._lerp_target, self._lerp_online = self._pairs([i for i in self._plan.lerp if i not in grouped])
         self._copy_target, self._copy_online = self._pairs(self._plan.copy)
-        watched = [self._lerp_target, self._lerp_online] + ([flat_target, flat_online] if group else [])
-        self._watch = [leaf for leaves in watched for leaf in leaves[:1] + leaves[-1:]]
+        # Per-tensor kernels follow each tensor wherever it moves: the first and last address tell a
+        # move (``.to()``), and so they do for the averaged copy, which is the EMA's own.  The model's
+        # flat buffer stands for every tensor of the group, so a ``param.data = ...`` on any one of
+        # them must be seen: every address there is compared.
+        ends = [leaf for leaves in (self._lerp_target, self._lerp_online, flat_target if group else [])
+                for leaf in leaves[:1] + leaves[-1:]]
+        self._watch = ends + (flat_online if group else [])
         self._seen = self._fingerprint()
 
     def _fingerprint(self) -> tuple[int, ...]:
-        return tuple(leaf.data_ptr() for leaf in self._watch)
+        return tuple(map(Tensor.data_ptr, self._watch))
 
     def _cached(self, fn: str) -> Operand:
         if self._fingerprint() != self._seen:  # moved or converted since: check again
@@ -189,6 +198,7 @@ class EMA:
             self._cached("EMA.update")
             if self._flat is not None:
                 lerp_(self._flat[0], self._flat[1], tau)
+                written(self._flat_target)
             lerp_(self._lerp_target, self._lerp_online, tau)
             if self._copy_target:
                 torch._foreach_copy_(self._copy_target, self._copy_online)

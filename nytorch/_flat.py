@@ -17,7 +17,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "written", "lazy_name", "pack_", "flatten_"]
+__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "written", "unshared", "lazy_name", "pack_", "flatten_"]
 
 
 class FlatPlan:
@@ -213,6 +213,23 @@ def written(leaves: Sequence[Tensor], plan: Optional[FlatPlan] = None) -> None:
     if plan is not None and not plan.every:
         leaves = [leaf for leaf, on in zip(leaves, plan.active) if on]
     torch.autograd.graph.increment_version(leaves)  # type: ignore[arg-type]
+
+
+def unshared(leaves: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[Tensor]:
+    """The ``leaves`` whose version counter is none of ``buffers``': a write into the buffers misses them.
+
+    Views of a buffer share its counter (a result's Parameters do); a packed model's Parameters
+    keep their own.  Found by bumping the buffers once and seeing who moved, which callers do only
+    where a write is about to come anyway (it is one, to autograd).
+
+    >>> buffer = torch.zeros(4)
+    >>> views, own = list(buffer.split(2)), torch.zeros(2)
+    >>> [leaf is own for leaf in unshared(views + [own], [buffer])]
+    [True]
+    """
+    before = [leaf._version for leaf in leaves]
+    torch.autograd.graph.increment_version(buffers)  # type: ignore[arg-type]
+    return [leaf for leaf, version in zip(leaves, before) if leaf._version == version]
 
 
 def lazy_name(module: nn.Module) -> Optional[str]:

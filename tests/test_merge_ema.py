@@ -403,6 +403,27 @@ def test_new_storage_for_any_one_parameter_is_followed(pack):
     assert torch.equal(ema.averaged[1].bias, model[1].bias)
 
 
+@pytest.mark.parametrize("repack", [False, True])
+def test_update_is_seen_by_autograd(repack):
+    """A graph that saved an averaged weight raises at backward after ``update`` wrote it, as torch's ops do.
+
+    ``repack``: the average given new storage by someone else, the way ``pack_`` does it
+    (``param.data = view``): the EMA notices the move and prepares again.
+    """
+    model = nn.Sequential(*(nn.Linear(3, 3) for _ in range(3)))
+    ema = merge.EMA(model, decay=0.5)
+    if repack:
+        params = list(ema.averaged.parameters())
+        buffer = torch.cat([p.detach().reshape(-1) for p in params])
+        for p, view in zip(params, torch._C._nn.unflatten_dense_tensors(buffer, [p.detach() for p in params])):
+            p.data = view
+        ema.update()  # the move is noticed here
+    loss = ema.averaged[2](torch.randn(2, 3, requires_grad=True)).sum()  # saves the last weight
+    ema.update()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_ema_packs_the_model_it_follows_by_default():
     model = bn_net()
     weight = model[0].weight

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _leafwise as lw
-from .._flat import Flat, find_flat, pack_, plan_for, written
+from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
 from ._ema import apply_plan_, lerp_, plan, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, check_same, operand, rebuild
@@ -127,10 +127,12 @@ class EMA:
         flat_target, flat_online = self._pairs(group)
         target = None if online is None else find_flat(online.plan, flat_target)
         self._flat: Optional[tuple[list[Tensor], list[Tensor]]] = None
-        self._flat_target: list[Tensor] = []  # the averaged leaves the flat ``lerp_`` writes
+        # the averaged leaves the flat ``lerp_`` writes without autograd seeing it: none while the
+        # average is the copy built here (its Parameters are views of its buffer)
+        self._flat_target: list[Tensor] = []
         if target is not None and online is not None:
             self._flat = (target.buffers, online.buffers)
-            self._flat_target = flat_target
+            self._flat_target = unshared(flat_target, target.buffers)
         else:
             group = []
         grouped = set(group)
@@ -198,7 +200,8 @@ class EMA:
             self._cached("EMA.update")
             if self._flat is not None:
                 lerp_(self._flat[0], self._flat[1], tau)
-                written(self._flat_target)
+                if self._flat_target:
+                    written(self._flat_target)
             lerp_(self._lerp_target, self._lerp_online, tau)
             if self._copy_target:
                 torch._foreach_copy_(self._copy_target, self._copy_online)

@@ -453,6 +453,9 @@ def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optio
                     leaf(buffer, *[arg[k] if type(arg) is list else arg for arg in args], out=into)  # type: ignore[index]
                 return out
         if len(buffers) == 1:
+            if len(args) == 1:  # the common case (``a + b``, ``a * 0.5``): no argument list to build
+                arg = args[0]
+                return [op.leaf(buffers[0], arg[0] if type(arg) is list else arg)]  # type: ignore[index]
             return [op.leaf(buffers[0], *[arg[0] if type(arg) is list else arg for arg in args])]  # type: ignore[index]
     with torch.no_grad():
         return lw.apply(op, buffers, *operands)

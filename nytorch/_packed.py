@@ -268,7 +268,12 @@ class Pending:
             if root.__dict__.get(PENDING) is not self:
                 return
             flat = self.flat
-            wrapped = wrap_parameters(algebra.fresh_parameters(flat.leaves(), self.configs), self.requires_grad)
+            rest = flat.rest
+            # Views of one buffer share its version counter; ``.data`` gives each Parameter one of its
+            # own, as any new model has, so an in-place step on one parameter does not mark its
+            # siblings as modified for autograd.  Writes into the buffer bump them all (``written``).
+            leaves = [leaf if i in rest else leaf.data for i, leaf in enumerate(flat.leaves())]
+            wrapped = wrap_parameters(algebra.fresh_parameters(leaves, self.configs), self.requires_grad)
             build_into(self.layout, self.states, self.types, wrapped, self.buffers, root)
             remember(root, flat)
             self.flat = None  # the buffers are the model's storage now

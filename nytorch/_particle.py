@@ -309,9 +309,22 @@ class Particle(Operators):
         """
         leaves = algebra.fresh_parameters(self._leaves, self._configs)
         count = len(self._layout.params)
-        if self._with_buffers:
-            return rebuild(self._layout, leaves[:count], self._leaves[count:])
-        return rebuild(self._layout, leaves)
+        flat = self._flat
+        own = bool(flat) and flat.pointers is None  # this Particle's own buffers (a result's)
+        if own:
+            # Views of one buffer share its version counter; ``.data`` gives each Parameter one of its
+            # own, as any new model has, so an optimizer step on one does not mark the others as
+            # modified for autograd.  This Particle then views the module, like ``particle(module)``:
+            # its in-place operations tell those Parameters (``_flat.written``).
+            active = flat.plan.active
+            leaves = [leaf.data if i < count and active[i] and type(leaf) is Tensor else leaf
+                      for i, leaf in enumerate(leaves)]
+        result = rebuild(self._layout, leaves[:count], self._leaves[count:]) if self._with_buffers \
+            else rebuild(self._layout, leaves)
+        if own:
+            self._leaf_list = layout_state(layout_of(result), self._with_buffers)[1]
+            flat.pointers = tuple(map(Tensor.data_ptr, self._leaf_list))
+        return result
 
     def particle(self) -> nn.Module:
         """nytorch 1.1 spelling of ``module()``.

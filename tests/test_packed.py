@@ -598,3 +598,19 @@ def _run_program(program: list[tuple[str, float]]) -> None:
     for held, expected in kept + [(value, tensors)]:
         for k, leaf in held.params.items():
             assert torch.equal(leaf, expected[k]) and torch.equal(torch.signbit(leaf), torch.signbit(expected[k])), k
+
+
+def test_a_result_s_parameters_have_version_counters_of_their_own():
+    """As in any new model: a step on one parameter does not mark the others as modified for autograd."""
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    result = a + b
+    x = torch.randn(5, 4, requires_grad=True)
+    loss = result.layer2(x).sum()  # saves layer2.weight
+    with torch.no_grad():
+        result.layer1.bias.add_(1.0)  # another parameter, as one optimizer of two would
+    loss.backward()  # no error: layer2.weight did not change
+    loss = result.layer2(x).sum()
+    result += 1.0  # this one does write layer2.weight
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -457,3 +457,23 @@ def test_cuda_mixed_dtypes_and_devices() -> None:
     p += b
     with pytest.raises(nytorch.DeviceMismatchError, match=r"is on cuda:0 in the first operand and on cpu"):
         nytorch.particle(a) + make_plain("mixed", 1)
+
+
+def test_module_of_a_result_has_version_counters_of_its_own_and_stays_in_sync():
+    """``(p + q).module()``: a step on one Parameter does not mark the others as modified for autograd,
+    and in-place operations on the Particle afterwards are seen by autograd in the module."""
+    torch.manual_seed(0)
+    first, second = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    p = nytorch.particle(first) + nytorch.particle(second)
+    module = p.module()
+    x = torch.randn(5, 4, requires_grad=True)
+    loss = module[1](x).sum()  # saves module[1].weight
+    with torch.no_grad():
+        module[0].bias.add_(1.0)  # another Parameter, as one optimizer of two would
+    loss.backward()
+    loss = module[1](x).sum()
+    p += 1.0  # writes every Parameter of the module (they share storage with p)
+    assert torch.equal(module[1].weight, first[1].weight + second[1].weight + 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    assert torch.equal((p * 2).params["0.bias"], module[0].bias * 2)  # and p still reads the module's values

@@ -182,15 +182,16 @@ def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
     True
     """
     buffers = []
-    for index, total in zip(plan.groups, plan.totals):
+    for index, total, likes, dtype in zip(plan.groups, plan.totals, plan.likes, plan.dtypes):
         first = leaves[index[0]]
         size = first.element_size()
         base = first.data_ptr() - first.storage_offset() * size
         offset = start = first.storage_offset()
-        for i in index:
+        for i, like in zip(index, likes):
             leaf = leaves[i]
+            # the shape and dtype too: leaves given other ones since the plan was made must not pass
             if (not leaf.is_contiguous() or leaf.storage_offset() != offset
-                    or leaf.data_ptr() - offset * size != base):
+                    or leaf.data_ptr() - offset * size != base or leaf.shape != like.shape or leaf.dtype != dtype):
                 return None
             offset += leaf.numel()
         buffers.append(first.detach().as_strided((total,), (1,), start))

@@ -147,7 +147,7 @@ class NytoModule(Operators, nn.Module):
                 raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
                                 f"got a Particle of {other.model_class.__name__}")
             algebra.check_state(fn, state.names, state.leaves, other._names, other._leaves,
-                                (state.source.signature, other._signature))
+                                (state.source.signature, other._current_signature()))
             return other._leaves
         elif isinstance(other, nn.Module):
             if model_class(other) is not model_class(self):

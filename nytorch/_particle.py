@@ -125,8 +125,20 @@ class Particle(Operators):
             return flat
         if flat.pointers is not None and not flat.still_views(self._leaves):
             self._flat = None  # the storage moved (``.data`` swap, ``.to()``): look again next time
+            # ``param.data = ...`` can change a shape or dtype too: what was recorded is out of date
+            self._signature, self._plan = _interned(lw.signature(self._leaves)), None
             return None
         return flat
+
+    def _current_signature(self) -> tuple:
+        """The leaves' signature as they are now.
+
+        A Particle of a model views its Parameters, which ``param.data = ...`` can give another
+        shape: flat ones notice it through their addresses (``_flat_form``), the others are read again.
+        """
+        if self._flat_form() is None:
+            self._signature = _interned(lw.signature(self._leaves))
+        return self._signature  # type: ignore[no-any-return]
 
     def _flat_operands(self, fn: str, others: tuple[object, ...], flat: Flat, reflected: bool) -> Optional[list]:
         return flat_operands(fn, self.model_class, self._names, self._signature, flat, others, reflected)
@@ -208,10 +220,9 @@ class Particle(Operators):
         if lw.is_scalar(other):
             return other
         if isinstance(other, Particle):
-            if other._names is not self._names:
-                self._check_class(fn, other._layout.modules[0])
+            self._check_class(fn, other._layout.modules[0])  # names alone do not tell: they are shared
             algebra.check_state(fn, self._names, self._leaves, other._names, other._leaves,
-                                (self._signature, other._signature))
+                                (self._current_signature(), other._current_signature()))
             return other._leaves
         if isinstance(other, nn.Module):
             self._check_class(fn, other)

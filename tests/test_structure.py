@@ -136,3 +136,37 @@ def test_agrees_with_arithmetic(left, right, left_kind, right_kind) -> None:
     assert same_structure(a, b) is combines
     assert same_structure(b, a) is combines
     assert combines is (left == right)
+
+
+def test_judges_parameters_as_they_are_now_like_arithmetic() -> None:
+    """A Particle made before ``param.data = ...`` changed a shape: both checks read the parameters now."""
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    p = nytorch.particle(a)
+    a.weight.data = torch.zeros(3, 2)
+    assert not same_structure(p, b)
+    with pytest.raises(StructureError, match=r"parameter 'weight' differs: shape \(3, 2\) float32 vs shape \(2, 2\)"):
+        p + nytorch.particle(b)
+    b.weight.data = torch.zeros(3, 2)
+    check_structure(p, b)
+    p + nytorch.particle(b)
+
+
+def test_a_particle_made_before_a_shape_change_computes_with_the_new_shape() -> None:
+    """One parameter given another shape of the same size between ``particle(model)`` and its first use."""
+    model = nn.Linear(3, 2, bias=False)
+    p = nytorch.particle(model)
+    model.weight.data = torch.arange(6.0).reshape(3, 2)
+    result = p + 1.0
+    assert result.params["weight"].shape == (3, 2)
+    assert torch.equal(result.params["weight"], torch.arange(6.0).reshape(3, 2) + 1.0)
+
+
+def test_particles_of_two_classes_of_one_structure_do_not_combine() -> None:
+    """``Other`` has ``Net``'s parameter names (shared, interned lists): the classes still differ."""
+    a, b = nytorch.particle(Net()), nytorch.particle(Other())
+    assert not same_structure(a, b)
+    for left, right in ((a, b), (b, a)):
+        with pytest.raises(TypeError, match=r"add: expected a (Net|Other) \(or a Particle of one\), got a (Other|Net)"):
+            left + right
+        with pytest.raises(TypeError, match=r"expected a (Net|Other)"):
+            left.clone().__iadd__(right)

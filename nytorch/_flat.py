@@ -219,9 +219,10 @@ def written(leaves: Sequence[Tensor], plan: Optional[FlatPlan] = None) -> None:
 def unshared(leaves: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[Tensor]:
     """The ``leaves`` whose version counter is none of ``buffers``': a write into the buffers misses them.
 
-    Views of a buffer share its counter (a result's Parameters do); a packed model's Parameters
-    keep their own.  Found by bumping the buffers once and seeing who moved, which callers do only
-    where a write is about to come anyway (it is one, to autograd).
+    Views of a buffer share its counter; a packed model's Parameters keep their own.  Found by
+    bumping the buffers once and seeing who moved: to autograd that bump is a write, so callers
+    probe only leaves nothing can have saved yet or that are about to be written (``merge.EMA``
+    probes its averaged copy when it builds it, and again after the copy moved).
 
     >>> buffer = torch.zeros(4)
     >>> views, own = list(buffer.split(2)), torch.zeros(2)

@@ -5,6 +5,7 @@ from torch import nn
 
 import nytorch
 import nytorch.functional as nf
+from conftest import MLP
 from nytorch._flat import find_flat, flatten_, plan_for
 
 
@@ -97,24 +98,14 @@ def test_configs_changed_after_packing_fall_back():
     assert torch.equal(second.params["b"], torch.full((2,), 20.0))
 
 
-class _Pair(nytorch.NytoModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(3, 4)
-        self.second = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(torch.relu(self.first(x)))
-
-
 def _backward_after(model: nn.Module, update) -> str:
     """What ``backward`` says about a graph that saved ``model``'s last weight, after ``update()``.
 
     Only the last layer runs: the packed buffer shares its version counter with the first
     parameter, so a graph through the first layer would notice the write anyway.
     """
-    x = torch.randn(5, 4, requires_grad=True)  # so that the layer saves its weight
-    loss = model.second(x).sum() if hasattr(model, "second") else model[-1](x).sum()
+    x = torch.randn(5, 6, requires_grad=True)  # so that the layer saves its weight
+    loss = (model.layer1 if isinstance(model, MLP) else model[-1])(x).sum()
     update()
     try:
         loss.backward()
@@ -128,11 +119,11 @@ def _in_place_updates():
         return lambda: nytorch.particle(model).__iadd__(1.0)
 
     def particle_lerp(model):
-        other = _Pair()
+        other = MLP()
         return lambda: nytorch.particle(model).lerp_(nytorch.particle(other), 0.5)
 
     def module_add(model):
-        other = _Pair()
+        other = MLP()
 
         def update():
             result = model
@@ -142,7 +133,7 @@ def _in_place_updates():
 
     def ema_update(model):
         from nytorch.merge import EMA
-        ema = EMA(_Pair(), decay=0.5)
+        ema = EMA(MLP(), decay=0.5)
         model.load_state_dict(ema.averaged.state_dict())
         return ema  # the test runs the graph through ema.averaged instead
 
@@ -154,7 +145,7 @@ def _in_place_updates():
 def test_writes_into_packed_buffers_are_seen_by_autograd(name):
     """A graph that saved a packed model's parameters raises after nytorch writes them in place, as torch does."""
     torch.manual_seed(0)
-    model = _Pair()
+    model = MLP()
     nytorch.particle(model)  # packed: every parameter views one buffer
     made = _in_place_updates()[name](model)
     if name == "EMA.update":
@@ -162,7 +153,7 @@ def test_writes_into_packed_buffers_are_seen_by_autograd(name):
     else:
         message = _backward_after(model, made)
     assert "modified by an inplace operation" in message
-    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # the same with plain torch
+    plain = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))  # the same with plain torch
 
     def add_one() -> None:
         with torch.no_grad():

@@ -433,6 +433,21 @@ def exact_fusion(plan: FlatPlan) -> bool:
     return True
 
 
+def _direct(operands: Sequence[object]) -> bool:
+    """True when every operand is a buffer list or a Python number: one plain call per buffer then,
+    with nothing for autograd to record (the buffers are detached)."""
+    for operand in operands:
+        kind = type(operand)
+        if kind is not list and kind is not float and kind is not int:
+            return False
+    return True
+
+
+def _at(operands: Sequence[object], k: int) -> list[object]:
+    """The arguments of buffer ``k``'s kernel call: the ``k``-th buffer of each list, numbers as they are."""
+    return [operand[k] if type(operand) is list else operand for operand in operands]  # type: ignore[index]
+
+
 def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optional[FlatPlan] = None
            ) -> list[Tensor]:
     """``op`` over the buffers, one plain call per buffer for Python numbers and buffers, else ``apply``.
@@ -443,25 +458,19 @@ def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optio
     >>> kernel(lw.ADD, [torch.ones(2)], [[torch.ones(2)]])
     [tensor([2., 2.])]
     """
-    args: list[object] = []
-    for operand in operands:
-        kind = type(operand)
-        if kind is not list and kind is not float and kind is not int:
-            break
-        args.append(operand)
-    else:  # detached buffers and Python numbers: nothing for autograd to record
-        if plan is not None and plan.nbytes >= pool.MIN_BYTES and op.leaf in _OUT:
+    if _direct(operands):
+        leaf = op.leaf
+        if plan is not None and plan.nbytes >= pool.MIN_BYTES and leaf in _OUT:
             out = pool.take(plan)
             if out is not None:
-                leaf = op.leaf
                 for k, (buffer, into) in enumerate(zip(buffers, out)):
-                    leaf(buffer, *[arg[k] if type(arg) is list else arg for arg in args], out=into)  # type: ignore[index]
+                    leaf(buffer, *_at(operands, k), out=into)
                 return out
         if len(buffers) == 1:
-            if len(args) == 1:  # the common case (``a + b``, ``a * 0.5``): no argument list to build
-                arg = args[0]
-                return [op.leaf(buffers[0], arg[0] if type(arg) is list else arg)]  # type: ignore[index]
-            return [op.leaf(buffers[0], *[arg[0] if type(arg) is list else arg for arg in args])]  # type: ignore[index]
+            if len(operands) == 1:  # the common case (``a + b``, ``a * 0.5``): no argument list to build
+                operand = operands[0]
+                return [leaf(buffers[0], operand[0] if type(operand) is list else operand)]  # type: ignore[index]
+            return [leaf(buffers[0], *_at(operands, 0))]
     with torch.no_grad():
         return lw.apply(op, buffers, *operands)
 
@@ -477,16 +486,10 @@ def kernel_(op: lw.Op, buffers: list[Tensor], operands: list[object]) -> None:
     [tensor([0.5000, 0.5000])]
     """
     leaf_ = op.leaf_
-    if leaf_ is not None:
-        for operand in operands:
-            kind = type(operand)
-            if kind is not list and kind is not float and kind is not int:
-                break
-        else:  # detached buffers and Python numbers: nothing for autograd to record
-            for k, buffer in enumerate(buffers):
-                leaf_(buffer, *[operand[k] if type(operand) is list else operand  # type: ignore[index]
-                                for operand in operands])
-            return
+    if leaf_ is not None and _direct(operands):
+        for k, buffer in enumerate(buffers):
+            leaf_(buffer, *_at(operands, k))
+        return
     with torch.no_grad():
         lw.apply_(op, buffers, *operands)
 

@@ -65,7 +65,7 @@ def write_results(table: list[dict[str, Any]], path: str = "benchmarks/RESULTS.m
                   "(RESULTS.png)", ""]
     judged = verdicts(table)
     if judged:
-        lines += ["## Issue 4's targets in this run", "", "```"] + [verdict.line() for verdict in judged] + ["```", ""]
+        lines += ["## Targets in this run (benchmarks/targets.py)", "", "```"] + [verdict.line() for verdict in judged] + ["```", ""]
     lines += ["## Every row", "", "| suite | workload | size | implementation | median | x floor |",
              "|---|---|---|---|---|---|"]
     for row in table:

@@ -28,6 +28,7 @@ import nytorch.algorithms as alg
 from nytorch._swarm import Swarm
 
 from . import _harness as harness
+from . import targets
 
 Row = dict[str, Any]
 P, BATCH = 64, 64
@@ -164,22 +165,9 @@ def run(quick: bool) -> list[Row]:
 
 
 def verdicts(table: list[Row]) -> list[str]:
-    """The issue's targets, checked against one run's ratios."""
-    ratio = {(row["workload"], row["implementation"]): row["ratio_to_floor"] for row in table}
-    checks = []
-    forward = ratio.get(("swarm forward", "Swarm: swarm(x)"))
-    loop = ratio.get(("swarm forward", "Python loop of 64 modules"))
-    if forward is not None and loop is not None:
-        checks.append(f"forward: {forward:.2f}x floor (target <= 1.5), {loop / forward:.1f}x faster than the loop "
-                      f"(target >= 3)")
-    apso = ratio.get(("APSO update", "nytorch algorithms.apso"))
-    old = [value for (workload, name), value in ratio.items() if workload == "APSO update" and "1.1" in name]
-    if apso is not None:
-        text = f"APSO: {apso:.2f}x floor (target <= 1.3)"
-        if old:
-            text += f", {min(old) / apso:.0f}x faster than nytorch 1.1 (target >= 50)"
-        checks.append(text)
-    return checks
+    """The swarm issue's targets (``benchmarks/targets.py``), checked against one run's ratios."""
+    rows = [dict(row, suite=row.get("suite", "bench_swarm")) for row in table]
+    return [verdict.line() for verdict in targets.verdicts(rows) if verdict.target.suite == "bench_swarm"]
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""Issue 4's targets, judged against the rows of one run (ratios only, never seconds across runs).
+"""The issues' speed targets, judged against the rows of one run (ratios only, never seconds across runs).
 
+The performance issue (4) sets most of them; the swarm issue sets those of ``bench_swarm``.
 ``verdicts(table)`` answers, for every target whose rows the run has, what was measured
 and whether it meets the target; ``python -m benchmarks`` prints them after the table and
 ``--results`` writes them into ``RESULTS.md``.
@@ -63,12 +64,20 @@ def _ratio_targets() -> list[Target]:
     return found
 
 
-#: Every target of issue 4 the suite measures, in the issue's order.
+#: Every target the suite measures: issue 4's in its order, then the swarm issue's.
 TARGETS: list[Target] = _ratio_targets() + [
     Target("iris NytoModule net + net vs nytorch 1.1", "bench_core", "a + b", "iris MLP", "NytoModule a + b",
            at_least=5.0, than="nytorch 1.1 NytoModule"),
     Target("iris NytoModule net + net vs tensordict td + td", "bench_core", "a + b", "iris MLP", "NytoModule a + b",
            at_least=2.0, than="tensordict td + td"),
+    Target("swarm forward, P = 64", "bench_swarm", "swarm forward", "P=64 4-32-32-3", "Swarm: swarm(x)", 1.5),
+    Target("swarm forward vs a Python loop of the 64 modules", "bench_swarm", "swarm forward", "P=64 4-32-32-3",
+           "Swarm: swarm(x)", at_least=3.0, than="Python loop of 64 modules"),
+    Target("accelerated-PSO update, P = 64", "bench_swarm", "APSO update", "P=64 n=1315",
+           "nytorch algorithms.apso", 1.3),
+    # against the faster of nytorch 1.1's two forms (products; its modules are ~3x slower still)
+    Target("accelerated-PSO update vs nytorch 1.1", "bench_swarm", "APSO update", "P=64 n=1315",
+           "nytorch algorithms.apso", at_least=50.0, than="nytorch 1.1 products (subprocess)"),
 ]
 
 

@@ -614,3 +614,51 @@ def test_a_result_s_parameters_have_version_counters_of_their_own():
     result += 1.0  # this one does write layer2.weight
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+_VERSION_STEPS = st.lists(st.sampled_from(["particle +=", "particle lerp_", "module +=", "one parameter",
+                                           "new result", "module of a particle result"]), min_size=1, max_size=8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_VERSION_STEPS)
+def test_version_counters_move_exactly_when_values_are_written(steps):
+    """Any program of in-place writes: a Parameter's version counter moves when its values were written
+    (autograd then refuses a graph that saved it) and stays when only its siblings were (no false alarm)."""
+    torch.manual_seed(0)
+    model, other = Net(), Net()
+    with torch.no_grad():  # no two parameters alike (BatchNorm starts every model at ones and zeros)
+        for param in [*model.parameters(), *other.parameters()]:
+            param.add_(torch.rand_like(param) + 0.5)
+    for step in steps:
+        params = list(model.parameters())
+        before = [(p._version, p.detach().clone()) for p in params]
+        touched = set(range(len(params)))  # what the step writes; every floating parameter unless said
+        if step == "particle +=":
+            p = nytorch.particle(model)
+            p += 0.5
+        elif step == "particle lerp_":
+            nytorch.particle(model).lerp_(nytorch.particle(other), 0.25)
+        elif step == "module +=":
+            same = model
+            model += 0.5
+            assert model is same
+        elif step == "one parameter":
+            with torch.no_grad():
+                params[1].add_(1.0)
+            touched = {1}
+        elif step == "new result":
+            model = model + other  # a fresh model: nothing to compare in this step
+            continue
+        else:  # a module made from a Particle result, then written through the Particle
+            source = nytorch.particle(model) * 1.0
+            model = source.module()
+            params = list(model.parameters())
+            before = [(p._version, p.detach().clone()) for p in params]
+            source += 0.5
+        for i, (param, (version, values)) in enumerate(zip(params, before)):
+            if not param.is_floating_point():
+                continue
+            changed = not torch.equal(param.detach(), values)
+            assert changed == (i in touched), (step, i)
+            assert (param._version != version) == changed, (step, i)

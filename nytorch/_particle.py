@@ -198,7 +198,8 @@ class Particle(Operators):
         >>> torch.equal(p.clone().params["weight"], p.params["weight"])
         True
         """
-        return self._flat_unary(torch.clone) or super().clone()
+        result = self._flat_unary(torch.clone)
+        return super().clone() if result is None else result
 
     def randn(self) -> Self:
         """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
@@ -206,7 +207,8 @@ class Particle(Operators):
         >>> tuple(particle(torch.nn.Linear(2, 1)).randn().params["weight"].shape)
         (1, 2)
         """
-        return self._flat_fill(Tensor.normal_) or super().randn()
+        result = self._flat_fill(Tensor.normal_)
+        return super().randn() if result is None else result
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
@@ -214,7 +216,8 @@ class Particle(Operators):
         >>> bool((particle(torch.nn.Linear(2, 1)).rand().params["bias"] < 1).all())
         True
         """
-        return self._flat_fill(Tensor.uniform_) or super().rand()
+        result = self._flat_fill(Tensor.uniform_)
+        return super().rand() if result is None else result
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):
@@ -301,7 +304,7 @@ class Particle(Operators):
         return {name: leaf.detach() for name, leaf in zip(self._names, self._leaves)}
 
     def __len__(self) -> int:
-        return len(self._leaves)
+        return len(self._names)  # the names, not the leaves: a result's leaf views are made only when asked
 
     def __repr__(self) -> str:
         count = sum(leaf.numel() for leaf in self._leaves)

@@ -17,7 +17,8 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "written", "unshared", "lazy_name", "pack_", "flatten_"]
+__all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "written", "own_counters", "unshared", "lazy_name",
+           "pack_", "flatten_"]
 
 
 class FlatPlan:
@@ -214,6 +215,22 @@ def written(leaves: Sequence[Tensor], plan: Optional[FlatPlan] = None) -> None:
     if plan is not None and not plan.every:
         leaves = [leaf for leaf, on in zip(leaves, plan.active) if on]
     torch.autograd.graph.increment_version(leaves)  # type: ignore[arg-type]
+
+
+def own_counters(leaves: Sequence[Tensor], plan: FlatPlan) -> list[Tensor]:
+    """The active ``leaves`` (views of the buffers) as tensors with version counters of their own.
+
+    Views of one buffer share its counter, so an in-place step on one would mark all of them as
+    modified for autograd; Parameters made from these do not (``tensor.data`` shares the storage,
+    not the counter).  Writes into the buffer then have to tell them (``written``).
+
+    >>> buffer = torch.zeros(4)
+    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))] * 2, [True, True])
+    >>> views = own_counters(list(buffer.split(2)), plan)
+    >>> _ = views[0].add_(1); views[1]._version, buffer.tolist()
+    (0, [1.0, 1.0, 0.0, 0.0])
+    """
+    return [leaf.data if on else leaf for leaf, on in zip(leaves, plan.active)]
 
 
 def unshared(leaves: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[Tensor]:

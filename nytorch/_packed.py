@@ -25,7 +25,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from . import _pool as pool
-from ._flat import Flat, FlatPlan, find_flat, pack_, plan_for, written
+from ._flat import Flat, FlatPlan, find_flat, own_counters, pack_, plan_for, written
 from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, model_class, wrap_parameters
 
 Tensor = torch.Tensor
@@ -268,11 +268,8 @@ class Pending:
             if root.__dict__.get(PENDING) is not self:
                 return
             flat = self.flat
-            rest = flat.rest
-            # Views of one buffer share its version counter; ``.data`` gives each Parameter one of its
-            # own, as any new model has, so an in-place step on one parameter does not mark its
-            # siblings as modified for autograd.  Writes into the buffer bump them all (``written``).
-            leaves = [leaf if i in rest else leaf.data for i, leaf in enumerate(flat.leaves())]
+            # as any new model's, its Parameters get version counters of their own
+            leaves = own_counters(flat.leaves(), flat.plan)
             wrapped = wrap_parameters(algebra.fresh_parameters(leaves, self.configs), self.requires_grad)
             build_into(self.layout, self.states, self.types, wrapped, self.buffers, root)
             remember(root, flat)

@@ -12,7 +12,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
-from ._flat import Flat, FlatPlan, find_flat, lazy_name, pack_, plan_for, written
+from ._flat import Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
 from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable
 from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
@@ -326,13 +326,10 @@ class Particle(Operators):
         flat = self._flat
         own = bool(flat) and flat.pointers is None  # this Particle's own buffers (a result's)
         if own:
-            # Views of one buffer share its version counter; ``.data`` gives each Parameter one of its
-            # own, as any new model has, so an optimizer step on one does not mark the others as
-            # modified for autograd.  This Particle then views the module, like ``particle(module)``:
-            # its in-place operations tell those Parameters (``_flat.written``).
-            active = flat.plan.active
-            leaves = [leaf.data if i < count and active[i] and type(leaf) is Tensor else leaf
-                      for i, leaf in enumerate(leaves)]
+            # As any new model's, the module's Parameters get version counters of their own; this
+            # Particle then views the module, like ``particle(module)``, so its in-place operations
+            # tell those Parameters (``_flat.written``).
+            leaves = own_counters(leaves, flat.plan)
         result = rebuild(self._layout, leaves[:count], self._leaves[count:]) if self._with_buffers \
             else rebuild(self._layout, leaves)
         if own:

@@ -284,20 +284,32 @@ class Pending:
                 pass
 
 
-def _result(model: nn.Module, layout: Layout, flat: Flat, configs: Optional[Sequence[ParamConfig]],
-            out: Flat) -> nn.Module:
+Snapshot = tuple[Layout, list[dict], list[type], tuple[bool, ...], list[Tensor]]
+
+
+def _snapshot(model: nn.Module, layout: Layout) -> Snapshot:
+    """What a result of ``model`` keeps of it as it is now: its modules' state, ``requires_grad``, buffer clones.
+
+    Taken before the kernel runs: its passes over memory evict ``model``'s objects from the caches
+    that checking it just filled (101 modules and 200 parameters: ~170 µs after a 12 MB kernel,
+    ~145 µs right after the check).
+    """
     source = model.__dict__.get(PENDING)
     if source is not None:  # a result of a result: same captured state, its own buffers
-        pending = Pending(source.layout, source.states, source.types, source.requires_grad, out,
-                          [buffer.clone() for buffer in source.buffers], configs)
-    else:
-        states, types = capture(layout)
-        pending = Pending(layout.bare(), states, types,
-                          tuple(map(_REQUIRES_GRAD, layout.params)), out,
-                          [buffer.clone() for buffer in layout.buffers], configs)
-    result: nn.Module = object.__new__(pending.types[0])
+        return source.layout, source.states, source.types, source.requires_grad, [
+            buffer.clone() for buffer in source.buffers]
+    states, types = capture(layout)
+    return (layout.bare(), states, types, tuple(map(_REQUIRES_GRAD, layout.params)),
+            [buffer.clone() for buffer in layout.buffers])
+
+
+def _result(snapshot: Snapshot, configs: Optional[Sequence[ParamConfig]], out: Flat) -> nn.Module:
+    """A result of the model ``snapshot`` was taken of, holding the values ``out`` (built on first touch)."""
+    layout, states, types, requires_grad, buffers = snapshot
+    pending = Pending(layout, states, types, requires_grad, out, buffers, configs)
+    result: nn.Module = object.__new__(types[0])
     result.__dict__[PENDING] = pending
-    if not getattr(pending.types[0], "_nyto_builds_on_touch", False):  # no hook to build it later: now
+    if not getattr(types[0], "_nyto_builds_on_touch", False):  # no hook to build it later: now
         pending.realize(result)
     return result
 
@@ -316,7 +328,8 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
             return None
     layout, flat, configs, operands = prepared
     rest = carried(flat, configs) if flat.rest else {}
-    return _result(model, layout, flat, configs, compute(op, flat, operands, rest))
+    snapshot = _snapshot(model, layout)
+    return _result(snapshot, configs, compute(op, flat, operands, rest))
 
 
 def _common(model: nn.Module, other: object
@@ -525,9 +538,10 @@ def unary(model: nn.Module, make: Callable[[Flat], list[Tensor]]) -> Optional[nn
     if found is None:
         return None
     layout, flat, configs = found
+    snapshot = _snapshot(model, layout)
     with torch.no_grad():
         buffers = make(flat)
-    return _result(model, layout, flat, configs, Flat(flat.plan, buffers, carried(flat, configs), owned=True))
+    return _result(snapshot, configs, Flat(flat.plan, buffers, carried(flat, configs), owned=True))
 
 
 def fill(flat: Flat, method: Callable[[Tensor], Any]) -> list[Tensor]:

@@ -4,6 +4,7 @@ Every row is a median of interleaved samples taken in this one run, with its rat
 to the floor measured alongside (never absolute seconds across runs).
 ``--results`` rewrites ``benchmarks/RESULTS.md`` with the table and the machine, and
 draws the core ratios to ``benchmarks/RESULTS.png`` (``benchmarks/plot.py``).
+``--allocator`` says how memory is served while measuring (``_harness.use_allocator``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def collect(quick: bool, only: list[str]) -> list[dict[str, Any]]:
     return table
 
 
+def not_measured(table: list[dict[str, Any]]) -> list[str]:
+    """One line per implementation a workload of ``table`` has no row for, saying why (suites' ``NOT_MEASURED``)."""
+    lines = []
+    workloads = {(row.get("suite", ""), row["workload"]) for row in table}
+    for suite in dict.fromkeys(row.get("suite", "") for row in table):
+        reasons = getattr(importlib.import_module(f"benchmarks.{suite}"), "NOT_MEASURED", {}) if suite else {}
+        lines += [f"{workload}: no {implementation} row: {reason}"
+                  for (workload, implementation), reason in reasons.items() if (suite, workload) in workloads]
+    return lines
+
+
 def _plotted(table: list[dict[str, Any]], path: str, title: str) -> bool:
     """Draw the core ratios to ``path``; ``False`` (with a note) when matplotlib is missing."""
     try:
@@ -66,6 +78,9 @@ def write_results(table: list[dict[str, Any]], path: str = "benchmarks/RESULTS.m
     judged = verdicts(table)
     if judged:
         lines += ["## Targets in this run (benchmarks/targets.py)", "", "```"] + [verdict.line() for verdict in judged] + ["```", ""]
+    missing = not_measured(table)
+    if missing:
+        lines += ["## No row, and why", ""] + [f"- {line}" for line in missing] + [""]
     lines += ["## Every row", "", "| suite | workload | size | implementation | median | x floor |",
              "|---|---|---|---|---|---|"]
     for row in table:
@@ -84,14 +99,22 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PATH", help="also draw the core ratios to an image (needs matplotlib)")
     parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md and RESULTS.png")
     parser.add_argument("--only", nargs="*", default=[], help=f"suites to run, among {SUITES}")
+    parser.add_argument("--allocator", choices=harness.ALLOCATORS, default="warm",
+                        help="warm (default): glibc keeps freed memory, so no time includes page faults; "
+                             "system: glibc's defaults, where fresh pages fault in depending on the heap's history")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own; 1 gives steadier ratios on a shared machine)")
     args = parser.parse_args()
+    if not harness.use_allocator(args.allocator):
+        print(f"--allocator {args.allocator} is not available here (no glibc): measuring with the system's",
+              file=sys.stderr)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     table = collect(args.quick, args.only)
     harness.print_table(table)
+    for line in not_measured(table):
+        print(line)
     for verdict in verdicts(table):
         print(verdict.line())
     if args.json:

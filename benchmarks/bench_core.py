@@ -9,7 +9,7 @@ import importlib.util
 import json
 import textwrap
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -32,16 +32,56 @@ def _pair(factory: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
     return factory(), factory()
 
 
-def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> list[Row]:
+def _tensordict(tree: dict[str, torch.Tensor]) -> Any:
+    """``tree`` as a TensorDict, or ``None`` when tensordict is not installed (it is optional)."""
+    if importlib.util.find_spec("tensordict") is None:  # PYTHONPATH to a tensordict install
+        return None
+    from tensordict import TensorDict
+    return TensorDict(tree, [])
+
+
+#: Implementation families (``plot.family``) a workload has no row for, and why: printed under the
+#: table and in RESULTS.md.  (The functional API has no in-place operations: its EMA row computes
+#: a new tree, ``nf.lerp(ema, params, 0.001)``, and says so.)
+NOT_MEASURED = {
+    ("randn", "foreach"): "torch has no foreach random kernel",
+    ("structural check of two models", "foreach"): "there is nothing to compute",
+    ("structural check of two models", "tensordict"): "tensordict has no such check (a mismatch raises inside td + td)",
+    ("structural check of two models", "nytorch 1.1"): "1.1 has no such check: operands must share a "
+                                                       "\"species\", an identity test",
+}
+
+
+class Workload(NamedTuple):
+    """One core workload at one size: its name, the name of its floor, and every implementation."""
+
+    name: str
+    floor: str
+    impls: dict[str, Callable[[], Any]]
+
+
+def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
+    """Every core workload on two models made by ``factory``, each implementation a ready call.
+
+    Shared by the timings (``bench_size``) and the profile (``benchmarks/profile.py``).
+    """
     a, b = _pair(factory)
     fa, fb = _flat(a), _flat(b)
     pa, pb = nytorch.particle(a), nytorch.particle(b)  # packs a and b (one buffer each), as NytoModule ops do
     ta, tb = nf.params(a), nf.params(b)  # views into those buffers
     la, lb = list(ta.values()), list(tb.values())
-    out: list[Row] = []
+    da, db = _tensordict(ta), _tensordict(tb)
+    out: list[Workload] = []
+
+    def measure(workload: str, floor: str, impls: dict[str, Callable[[], Any]],
+                tensordict: tuple[str, Callable[[], Any]]) -> None:
+        """Add a workload (with tensordict's ``(spelling, call)`` when it is installed)."""
+        if da is not None:
+            impls["tensordict " + tensordict[0]] = tensordict[1]
+        out.append(Workload(workload, floor, impls))
 
     reused = torch.empty_like(fa)
-    impls: dict[str, Callable[[], Any]] = {
+    measure("a + b", "floor: flat + flat", {
         "floor: flat + flat": lambda: fa + fb,
         # the same pass into a buffer that is already there: the kernel without the allocation, whose
         # cost swings with glibc's heap (fresh pages above its mmap threshold fault in every time)
@@ -53,47 +93,67 @@ def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> lis
         "NytoModule a + b, then read": lambda: (a + b).training,
         "per-tensor loop": lambda: [x + y for x, y in zip(la, lb)],
         "foreach by hand": lambda: torch._foreach_add(la, lb),
-    }
-    if importlib.util.find_spec("tensordict") is not None:  # optional: PYTHONPATH to a tensordict install
-        from tensordict import TensorDict
-        da, db = TensorDict(ta, []), TensorDict(tb, [])
-        impls["tensordict td + td"] = lambda: da + db
-    medians = harness.compare(impls, repeats=repeats)
-    out += harness.rows("a + b", size, medians, "floor: flat + flat")
+    }, ("td + td", lambda: da + db))
 
-    medians = harness.compare({
+    measure("0.9 * (a - b) + a", "floor: flat + flat", {
         "floor: flat + flat": lambda: fa + fb,
         "floor: 3 flat passes": lambda: 0.9 * (fa - fb) + fa,
         "Particle": lambda: 0.9 * (pa - pb) + pa,
         "NytoModule": lambda: 0.9 * (a - b) + a,
         "NytoModule, then read": lambda: (0.9 * (a - b) + a).training,
         "functional": lambda: nf.add(nf.mul(0.9, nf.sub(ta, tb)), ta),
-    }, repeats=repeats)
-    out += harness.rows("0.9 * (a - b) + a", size, medians, "floor: flat + flat")
+        "per-tensor loop": lambda: [0.9 * (x - y) + x for x, y in zip(la, lb)],
+        "foreach by hand": lambda: torch._foreach_add(torch._foreach_mul(torch._foreach_sub(la, lb), 0.9), la),
+    }, ("0.9 * (td - td) + td", lambda: 0.9 * (da - db) + da))
 
-    ema, ema_flat, ema_list = pa.clone(), fa.clone(), [x.clone() for x in la]
-    medians = harness.compare({
+    # every EMA below starts from a's values and moves towards b's
+    ema_flat, ema_particle, ema_module = fa.clone(), pa.clone(), a.clone()
+    ema_list = [x.clone() for x in la]
+    ema_tree = nf.clone(ta)
+    ema_td = None if da is None else da.clone()
+
+    def loop_lerp_() -> None:
+        for average, x in zip(ema_list, lb):
+            average.lerp_(x, 0.001)
+
+    measure("lerp_ (EMA, in place)", "floor: flat.lerp_", {
         "floor: flat.lerp_": lambda: ema_flat.lerp_(fb, 0.001),
-        "Particle ema.lerp_": lambda: ema.lerp_(pb, 0.001),
+        "Particle ema.lerp_": lambda: ema_particle.lerp_(pb, 0.001),
+        "NytoModule ema.lerp_": lambda: ema_module.lerp_(b, 0.001),
+        "functional nf.lerp (a new tree)": lambda: nf.lerp(ema_tree, tb, 0.001),
+        "per-tensor loop of lerp_": loop_lerp_,
         "foreach_lerp_ by hand": lambda: torch._foreach_lerp_(ema_list, lb, 0.001),
-    }, repeats=repeats)
-    out += harness.rows("lerp_ (EMA, in place)", size, medians, "floor: flat.lerp_")
+    }, ("td.lerp_", lambda: ema_td.lerp_(db, 0.001)))  # type: ignore[union-attr]
 
-    medians = harness.compare({
-        "floor: flat + flat": lambda: fa + fb,
+    measure("randn", "floor: torch.randn(n)", {
         "floor: torch.randn(n)": lambda: torch.randn(fa.numel()),
+        "functional nf.randn_like": lambda: nf.randn_like(ta),
         "Particle randn": lambda: pa.randn(),
         "NytoModule randn": lambda: a.randn(),
+        "per-tensor loop": lambda: [torch.randn_like(x) for x in la],
+    }, ("td.apply(torch.randn_like)", lambda: da.apply(torch.randn_like)))
+
+    measure("clone", "floor: flat.clone()", {
         "floor: flat.clone()": lambda: fa.clone(),
+        "functional nf.clone": lambda: nf.clone(ta),
         "Particle clone": lambda: pa.clone(),
         "NytoModule clone": lambda: a.clone(),
-    }, repeats=repeats)
-    out += harness.rows("randn / clone", size, medians, "floor: flat + flat")
-    return out + bench_structure(size, a, b, pa, pb, ta, tb, repeats)
+        "per-tensor loop": lambda: [x.clone() for x in la],
+        "foreach by hand": lambda: torch._foreach_clone(la),
+    }, ("td.clone()", lambda: da.clone()))
+    return out + [structure_workload(a, b, pa, pb, ta, tb)]
 
 
-def bench_structure(size: str, a: nn.Module, b: nn.Module, pa: nytorch.Particle, pb: nytorch.Particle,
-                    ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], repeats: int) -> list[Row]:
+def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> list[Row]:
+    """Every core workload on two models of one size, each implementation timed beside its floor."""
+    out: list[Row] = []
+    for workload in workloads(factory):
+        out += harness.rows(workload.name, size, harness.compare(workload.impls, repeats=repeats), workload.floor)
+    return out
+
+
+def structure_workload(a: nn.Module, b: nn.Module, pa: nytorch.Particle, pb: nytorch.Particle,
+                       ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor]) -> Workload:
     """Whether two models line up for arithmetic: the check every binary operation starts with.
 
     The floor compares two lists of ``(name, shape, dtype, device)`` gathered beforehand (the
@@ -105,14 +165,14 @@ def bench_structure(size: str, a: nn.Module, b: nn.Module, pa: nytorch.Particle,
         return [(name, p.shape, p.dtype, p.device) for name, p in model.named_parameters()]
 
     signature_a, signature_b = signature(a), signature(b)
-    medians = harness.compare({
-        "floor: compare two prebuilt signatures": lambda: signature_a == signature_b,
+    floor = "floor: compare two prebuilt signatures"
+    return Workload("structural check of two models", floor, {
+        floor: lambda: signature_a == signature_b,
         "per-tensor loop over named_parameters()": lambda: signature(a) == signature(b),
         "NytoModule same_structure(a, b)": lambda: nytorch.same_structure(a, b),
         "Particle same_structure(p, q)": lambda: nytorch.same_structure(pa, pb),
         "functional same_structure(params, params)": lambda: nytorch.same_structure(ta, tb),
-    }, repeats=repeats)
-    return harness.rows("structural check of two models", size, medians, "floor: compare two prebuilt signatures")
+    })
 
 
 def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
@@ -165,51 +225,49 @@ def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, sys, time, statistics, torch
-    from torch import nn
-    from nytorch import NytoModule
-    class Stack(NytoModule):
-        def __init__(self, layers, width):
-            super().__init__()
-            self.layers = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
-    class Iris(NytoModule):
-        def __init__(self):
-            super().__init__()
-            self.layer1 = nn.Linear(4, 12); self.layer2 = nn.Linear(12, 3)
-    sizes = {"iris MLP": Iris, "many-small": lambda: Stack(100, 64), "deep-narrow": lambda: Stack(100, 170)}
-    def median(fn, repeats):
-        for _ in range(3): fn()
-        number = 1
-        while True:
-            start = time.perf_counter()
-            for _ in range(number): fn()
-            if time.perf_counter() - start > 0.002 or number > 4096: break
-            number *= 4
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(number): fn()
-            samples.append((time.perf_counter() - start) / number * 1e6)
-        return statistics.median(samples)
+    import json, runpy, sys, torch
+    # nytorch here is 1.1: the suite's own models (they subclass its NytoModule) and its own timer
+    zoo = runpy.run_path(sys.argv[1] + "/models.py")["sizes"](json.loads(sys.argv[3]))
+    compare = runpy.run_path(sys.argv[1] + "/_harness.py")["compare"]
     rows = []
-    for size in json.loads(sys.argv[1]):
-        a = sizes[size](); b = a.clone_from(sizes[size]())
+    for size in json.loads(sys.argv[2]):
+        torch.manual_seed(0)
+        a = zoo[size](); b = a.clone_from(zoo[size]())  # one "species", as 1.1 requires of operands
         fa = torch.cat([p.detach().reshape(-1) for p in a.parameters()]); fb = fa.clone()
-        floor = median(lambda: fa + fb, int(sys.argv[2]))
-        rows.append(dict(size=size, workload="a + b", median_us=median(lambda: a + b, int(sys.argv[2])), floor=floor))
-        rows.append(dict(size=size, workload="0.9 * (a - b) + a",
-                         median_us=median(lambda: 0.9 * (a - b) + a, int(sys.argv[2])), floor=floor))
+        ema, ema_flat = a.clone(), fa.clone()
+        repeats = int(sys.argv[4])
+        if fa.numel() > 10 ** 7:
+            repeats = max(5, repeats // 3)  # a second per call: fewer samples
+        def ema_update(): ema.product_(ema.product() * 0.999 + b.product() * 0.001)
+        for workload, floor, fn in [
+                ("a + b", lambda: fa + fb, lambda: a + b),
+                ("0.9 * (a - b) + a", lambda: fa + fb, lambda: 0.9 * (a - b) + a),
+                ("lerp_ (EMA, in place)", lambda: ema_flat.lerp_(fb, 0.001), ema_update),
+                ("randn", lambda: torch.randn(fa.numel()), lambda: a.randn()),
+                ("clone", lambda: fa.clone(), lambda: a.clone())]:
+            medians = compare({"floor": floor, "nytorch 1.1": fn}, repeats=repeats)
+            rows.append(dict(size=size, workload=workload, median_us=medians["nytorch 1.1"], floor=medians["floor"]))
     print(json.dumps(rows))
 ''')
 
+#: How each workload is spelt in nytorch 1.1 (its rows' names).
+_SPELT_11 = {"lerp_ (EMA, in place)": "nytorch 1.1 ema.product_(ema.product() * 0.999 + b.product() * 0.001)"}
 
-def nytorch_11(size_names: list[str], repeats: int) -> list[Row]:
-    """nytorch 1.1 in a subprocess (it is also called ``nytorch``); ratios use its own in-process floor."""
-    found = harness.run_nytorch_11(_NYTORCH_11, json.dumps(size_names), str(repeats))
+
+def nytorch_11(size_names: list[str], quick: bool, repeats: int) -> list[Row]:
+    """nytorch 1.1 in a subprocess (it is also called ``nytorch``); ratios use its own in-process floor.
+
+    It builds the same models (``models.py`` run under 1.1, whose ``NytoModule`` they then subclass)
+    and times them with the same interleaving ``_harness.compare``.
+    """
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = harness.run_nytorch_11(_NYTORCH_11, here, json.dumps(size_names), json.dumps(quick), str(repeats))
     if found is None:
         return []
     return [
-        {"workload": row["workload"], "size": row["size"], "implementation": "nytorch 1.1 NytoModule",
+        {"workload": row["workload"], "size": row["size"],
+         "implementation": _SPELT_11.get(row["workload"], "nytorch 1.1 NytoModule"),
          "median_us": round(row["median_us"], 2), "ratio_to_floor": round(row["median_us"] / row["floor"], 3)}
         for row in found
     ]
@@ -223,7 +281,7 @@ def run(quick: bool) -> list[Row]:
     for size, factory in zoo.items():
         table += bench_size(size, factory, repeats)
     table += bench_momentum(repeats)
-    table += nytorch_11([name for name in ("iris MLP", "many-small", "deep-narrow") if name in zoo], repeats)
+    table += nytorch_11(list(zoo), quick, repeats)
     return table
 
 

@@ -5,11 +5,13 @@ Workloads (issue 3):
 1. Forward of P=64 MLPs 4-32-32-3 on a batch of 64: ``swarm(x)`` vs the compute floor
    written by hand (``torch.baddbmm`` over stacked weights), a Python loop of 64 modules,
    and plain ``vmap(functional_call)``.  Targets: within 1.5x of the floor, >= 3x faster
-   than the loop.
+   than the loop.  Also at a second size (not in ``--quick``): P=8 models of the suite's
+   many-small size (100 ``Linear(64, 64)``, 200 tensors).
 2. One accelerated-PSO update ``(1-b)·S + b·S[best] + a·noise`` over P=64 members:
    ``nytorch.algorithms.apso`` vs the same three operations by hand on one flat ``[P, n]``
    tensor (the floor) and vs nytorch 1.1 NytoModules (in a subprocess with
    ``PYTHONPATH=/tmp/nyto11``).  Targets: within 1.3x of the floor, >= 50x faster than 1.1.
+   Also at P=8 of the many-small size.
 
 Run: ``python -m benchmarks.bench_swarm [--quick] [--threads N]`` from the repository root.
 """
@@ -29,6 +31,7 @@ from nytorch._swarm import Swarm
 
 from . import _harness as harness
 from . import targets
+from .models import Stack
 
 Row = dict[str, Any]
 P, BATCH = 64, 64
@@ -53,47 +56,69 @@ class ClassMLP(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-def forward_rows(repeats: int) -> list[Row]:
-    torch.manual_seed(0)
-    modules = [mlp() for _ in range(P)]
-    x = torch.randn(BATCH, 4)
-    swarm = Swarm.stack(modules)
-    generic = Swarm.stack([ClassMLP() for _ in range(P)])
-    params, buffers = torch.func.stack_module_state(modules)  # type: ignore[arg-type]
-    weights = [params[f"{i}.weight"] for i in (0, 2, 4)]
-    biases = [params[f"{i}.bias"].unsqueeze(1) for i in (0, 2, 4)]
-    base = mlp()
+def _chain_floor(params: dict[str, torch.Tensor], layers: list[str], relu: bool,
+                 x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The forward of P stacked Linear chains written by hand: one ``baddbmm`` per layer."""
+    weights = [params[f"{name}.weight"].mT for name in layers]
+    biases = [params[f"{name}.bias"].unsqueeze(1) for name in layers]
+    members = weights[0].shape[0]
 
     def floor() -> torch.Tensor:
-        h = x.expand(P, BATCH, 4)
-        h = torch.baddbmm(biases[0], h, weights[0].mT).relu_()
-        h = torch.baddbmm(biases[1], h, weights[1].mT).relu_()
-        return torch.baddbmm(biases[2], h, weights[2].mT)
+        h = x.expand(members, *x.shape)
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
+            h = torch.baddbmm(bias, h, weight)
+            if relu and i < len(weights) - 1:
+                h = h.relu_()
+        return h
+    return floor
+
+
+def forward_rows(repeats: int, many_small: bool = False) -> list[Row]:
+    """Forward of a swarm: P=64 MLPs 4-32-32-3, or (``many_small``) P=8 models of 100 Linear(64, 64)."""
+    torch.manual_seed(0)
+    if many_small:
+        members, size = 8, "P=8 many-small (200 x 64x64)"
+        modules: list[nn.Module] = [Stack(100, 64) for _ in range(members)]
+        x = torch.randn(BATCH, 64)
+        layers, relu = [f"layers.{i}" for i in range(100)], False
+    else:
+        members, size = P, "P=64 4-32-32-3"
+        modules = [mlp() for _ in range(members)]
+        x = torch.randn(BATCH, 4)
+        layers, relu = ["0", "2", "4"], True
+    swarm = Swarm.stack(modules)
+    params, buffers = torch.func.stack_module_state(modules)  # type: ignore[arg-type]
+    floor = _chain_floor(params, layers, relu, x)
+    base = modules[0]
 
     def loop() -> torch.Tensor:
         return torch.stack([module(x) for module in modules])
 
     plain = torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
     reference = floor()
-    for out in (swarm(x), swarm(x, chunk_size=P), loop(), plain(params, buffers, x)):
-        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    for out in (swarm(x), swarm(x, chunk_size=members), loop(), plain(params, buffers, x)):
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
     impls: dict[str, Callable[[], Any]] = {
         FLOOR_FORWARD: floor,
         "Swarm: swarm(x)": lambda: swarm(x),
-        "Swarm: custom-class MLP": lambda: generic(x),
-        "Swarm: general vmap path": lambda: swarm(x, chunk_size=P),
-        "Python loop of 64 modules": loop,
+        "Swarm: general vmap path": lambda: swarm(x, chunk_size=members),
+        f"Python loop of {members} modules": loop,
         "vmap(functional_call)": lambda: plain(params, buffers, x),
     }
+    if not many_small:  # the model there is a custom class already (``Stack``)
+        generic = Swarm.stack([ClassMLP() for _ in range(members)])
+        impls["Swarm: custom-class MLP"] = lambda: generic(x)
     with torch.no_grad():
         medians = harness.compare(impls, repeats=repeats)
-    return harness.rows("swarm forward", "P=64 4-32-32-3", medians, FLOOR_FORWARD)
+    return harness.rows("swarm forward", size, medians, FLOOR_FORWARD)
 
 
-def apso_rows(repeats: int) -> list[Row]:
+def apso_rows(repeats: int, many_small: bool = False) -> list[Row]:
+    """One accelerated-PSO update of P=64 MLPs 4-32-32-3, or (``many_small``) P=8 models of 100 Linear(64, 64)."""
     torch.manual_seed(0)
-    swarm = Swarm.stack([mlp() for _ in range(P)])
-    flat = torch.cat([leaf.reshape(P, -1) for leaf in swarm.params.values()], dim=1).contiguous()
+    members = 8 if many_small else P
+    swarm = Swarm.stack([Stack(100, 64) if many_small else mlp() for _ in range(members)])
+    flat = torch.cat([leaf.reshape(members, -1) for leaf in swarm.params.values()], dim=1).contiguous()
 
     def floor() -> torch.Tensor:
         return (1 - BETA) * flat + BETA * flat[BEST] + ALPHA * torch.randn_like(flat)
@@ -105,63 +130,70 @@ def apso_rows(repeats: int) -> list[Row]:
     }
     with torch.no_grad():
         medians = harness.compare(impls, repeats=repeats)
-    return harness.rows("APSO update", f"P=64 n={flat.shape[1]}", medians, FLOOR_APSO)
+    return harness.rows("APSO update", f"P={members} n={flat.shape[1]}", medians, FLOOR_APSO)
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, statistics, sys, time, torch
+    import json, sys, runpy, torch
     from torch import nn
     from nytorch import NytoModule
-    P, ALPHA, BETA, BEST = 64, 0.1, 0.5, 7
+    ALPHA, BETA, BEST = 0.1, 0.5, 7
+    Stack = runpy.run_path(sys.argv[1] + "/models.py")["Stack"]  # subclasses 1.1's NytoModule here
+    compare = runpy.run_path(sys.argv[1] + "/_harness.py")["compare"]
     class MLP(NytoModule):
         def __init__(self):
             super().__init__()
             self.layers = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
         def forward(self, x):
             return self.layers(x)
-    torch.manual_seed(0)
-    first = MLP()
-    members = [first] + [first.clone_from(MLP()) for _ in range(P - 1)]  # one species, as 1.1 requires
-    flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in members])
-    def floor():
-        return (1 - BETA) * flat + BETA * flat[BEST] + ALPHA * torch.randn_like(flat)
-    def products():  # the faster 1.1 spelling: ParamProducts, one module per member at the end
-        best = members[BEST].product()
-        return [((1 - BETA) * m.product() + BETA * best + ALPHA * m.product().randn()).module() for m in members]
-    def modules():
-        best = members[BEST]
-        return [(1 - BETA) * m + BETA * best + ALPHA * m.randn() for m in members]
-    def median(fn, repeats):
-        for _ in range(2): fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter(); fn(); samples.append((time.perf_counter() - start) * 1e6)
-        return statistics.median(samples)
-    repeats = int(sys.argv[1])
-    times = {"floor": [], "products": [], "modules": []}
-    for _ in range(repeats):  # alternate, as in the main process
-        for name, fn in (("floor", floor), ("products", products), ("modules", modules)):
-            times[name].append(median(fn, 1))
-    print(json.dumps({name: statistics.median(values) for name, values in times.items()}))
+    out = []
+    for many_small in json.loads(sys.argv[3]):
+        torch.manual_seed(0)
+        members, make = (8, lambda: Stack(100, 64)) if many_small else (64, MLP)
+        first = make()
+        swarm = [first] + [first.clone_from(make()) for _ in range(members - 1)]  # one species, as 1.1 requires
+        flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in swarm])
+        def floor():
+            return (1 - BETA) * flat + BETA * flat[BEST] + ALPHA * torch.randn_like(flat)
+        def products():  # the faster 1.1 spelling: ParamProducts, one module per member at the end
+            best = swarm[BEST].product()
+            return [((1 - BETA) * m.product() + BETA * best + ALPHA * m.product().randn()).module() for m in swarm]
+        def modules():
+            best = swarm[BEST]
+            return [(1 - BETA) * m + BETA * best + ALPHA * m.randn() for m in swarm]
+        medians = compare({"floor": floor, "products": products, "modules": modules}, repeats=int(sys.argv[2]))
+        out.append(dict(medians, size=f"P={members} n={flat.shape[1]}"))
+    print(json.dumps(out))
 ''')
 
 
-def nytorch_11(repeats: int) -> list[Row]:
-    """The APSO update with nytorch 1.1 NytoModules (a separate library also named ``nytorch``)."""
-    medians = harness.run_nytorch_11(_NYTORCH_11, str(repeats))
-    if medians is None:
+def nytorch_11(repeats: int, many_small: bool = True) -> list[Row]:
+    """The APSO update with nytorch 1.1 NytoModules (a separate library also named ``nytorch``).
+
+    Its runs time the floor alongside with the same ``_harness.compare``, and build the
+    many-small members from the suite's ``models.py`` (run under 1.1, whose ``NytoModule`` they subclass).
+    """
+    import json
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = harness.run_nytorch_11(_NYTORCH_11, here, str(repeats), json.dumps([False] + [True] * many_small))
+    if found is None:
         return []
     return [
-        {"workload": "APSO update", "size": "P=64 n=1315", "implementation": f"nytorch 1.1 {name} (subprocess)",
+        {"workload": "APSO update", "size": medians["size"], "implementation": f"nytorch 1.1 {name} (subprocess)",
          "median_us": round(medians[name], 2), "ratio_to_floor": round(medians[name] / medians["floor"], 3)}
-        for name in ("products", "modules")
+        for medians in found for name in ("products", "modules")
     ]
 
 
 def run(quick: bool) -> list[Row]:
     """Every swarm row: ``workload, size, implementation, median_us, ratio_to_floor``."""
     repeats = 7 if quick else 25
-    return forward_rows(repeats) + apso_rows(repeats) + nytorch_11(5 if quick else 11)
+    rows = forward_rows(repeats) + apso_rows(repeats)
+    if not quick:
+        rows += forward_rows(repeats, many_small=True) + apso_rows(repeats, many_small=True)
+    return rows + nytorch_11(5 if quick else 11, many_small=not quick)
 
 
 def verdicts(table: list[Row]) -> list[str]:

@@ -14,7 +14,10 @@ from typing import Any
 from .targets import tick
 
 #: The ``bench_core`` workloads drawn, in panel order.
-WORKLOADS = ("a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)", "structural check of two models")
+WORKLOADS = ("a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)", "randn", "clone", "structural check of two models")
+
+#: Panels per row of the figure.
+COLUMNS = 3
 
 #: Bar colour by the implementation's first word(s): nytorch's three styles warm, the others cool or grey.
 FAMILIES = (("Particle", "tab:red"), ("NytoModule", "tab:orange"), ("functional", "tab:purple"),
@@ -75,8 +78,12 @@ def plot(table: Sequence[dict[str, Any]], path: str, title: str = "") -> list[st
     panels = [(workload, rows) for workload in WORKLOADS if (rows := _panel_rows(table, workload))]
     if not panels:
         raise ValueError(f"plot: expected rows of at least one of {list(WORKLOADS)} in table, found none")
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 7.5), squeeze=False)
-    for axis, (workload, rows) in zip(axes[0], panels):
+    columns = min(COLUMNS, len(panels))
+    lines = -(-len(panels) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(5.6 * columns, 7.5 * lines), squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis, (workload, rows) in zip(axes.flat, panels):
         sizes = list(rows)
         step = 1.0 / (max(len(by_name) for by_name in rows.values()) + 1)
         for k, size in enumerate(sizes):

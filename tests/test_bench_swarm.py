@@ -11,3 +11,11 @@ def test_swarm_benchmark_rows() -> None:
     floors = [row for row in rows if row["implementation"].startswith("floor")]
     assert len(floors) == 2 and all(row["ratio_to_floor"] == 1.0 for row in floors)
     assert any("forward" in line for line in bench_swarm.verdicts(rows))
+
+
+def test_swarm_benchmark_runs_at_the_many_small_size_too() -> None:
+    rows = bench_swarm.forward_rows(repeats=1, many_small=True) + bench_swarm.apso_rows(repeats=1, many_small=True)
+    assert {row["size"] for row in rows} == {"P=8 many-small (200 x 64x64)", "P=8 n=416000"}
+    assert {row["implementation"] for row in rows if row["workload"] == "swarm forward"} >= {
+        "Swarm: swarm(x)", "Python loop of 8 modules", "vmap(functional_call)"}
+    assert all(row["ratio_to_floor"] > 0 for row in rows)

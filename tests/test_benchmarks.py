@@ -1,4 +1,6 @@
 """The benchmark suite runs (its numbers are judged by people reading ratios, not by tests)."""
+import importlib.util
+
 from benchmarks import _harness as harness
 from benchmarks import bench_core
 from benchmarks.models import SeedLinear
@@ -13,11 +15,35 @@ def test_core_rows_have_ratios_to_their_floor():
     rows = bench_core.bench_size("tiny", SeedLinear, repeats=2)
     floors = [row for row in rows if row["implementation"].startswith("floor")]
     assert floors and all(row["ratio_to_floor"] > 0 for row in rows)
-    assert {row["workload"] for row in rows} >= {"a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)",
-                                                 "randn / clone", "structural check of two models"}
+    assert {row["workload"] for row in rows} == {"a + b", "0.9 * (a - b) + a", "lerp_ (EMA, in place)",
+                                                 "randn", "clone", "structural check of two models"}
     checks = {row["implementation"] for row in rows if row["workload"] == "structural check of two models"}
     assert {"NytoModule same_structure(a, b)", "Particle same_structure(p, q)",
             "functional same_structure(params, params)", "per-tensor loop over named_parameters()"} <= checks
+
+
+def test_every_core_workload_has_every_implementation_or_says_why_not():
+    from benchmarks.plot import family
+
+    rows = bench_core.bench_size("tiny", SeedLinear, repeats=1)
+    families = ["functional", "Particle", "NytoModule", "per-tensor", "foreach", "tensordict"]
+    if importlib.util.find_spec("tensordict") is None:
+        families.remove("tensordict")  # optional: measured when installed
+    for workload in {row["workload"] for row in rows}:
+        present = {family(row["implementation"])[0] for row in rows if row["workload"] == workload}
+        absent = {implementation for (named, implementation) in bench_core.NOT_MEASURED if named == workload}
+        assert [name for name in families if name not in present and name not in absent] == [], workload
+        assert not present & absent, workload  # a reason given for a row that exists would be stale
+        floors = [row for row in rows if row["workload"] == workload and row["ratio_to_floor"] == 1.0]
+        assert floors and floors[0]["implementation"].startswith("floor"), workload
+
+
+def test_not_measured_lines_name_the_workloads_of_the_run():
+    from benchmarks.__main__ import not_measured
+
+    table = [{"suite": "bench_core", "workload": "randn", "size": "tiny", "implementation": "floor: torch.randn(n)",
+              "median_us": 1.0, "ratio_to_floor": 1.0}]
+    assert not_measured(table) == ["randn: no foreach row: torch has no foreach random kernel"]
 
 
 def test_plot_draws_one_panel_per_workload_present(tmp_path):
@@ -58,3 +84,41 @@ def test_verdicts_judge_ratios_and_speedups_of_one_run():
     assert lines == ["MISS  NytoModule a + b, deep-narrow: 1.60 (target <= 1.5)",
                      "met   iris NytoModule net + net vs nytorch 1.1: 6.00x faster (target >= 5x faster)",
                      "MISS  iris NytoModule net + net vs tensordict td + td: 1.50x faster (target >= 2x faster)"]
+
+
+def test_nytorch_11_rows_cover_every_workload_it_can_spell():
+    import os
+
+    import pytest
+
+    if not os.path.isdir(os.path.join(os.environ.get("NYTORCH11_DIR", "/tmp/nyto11"), "nytorch")):
+        pytest.skip("nytorch 1.1 is not installed (see DEVELOPERS.md)")
+    rows = bench_core.nytorch_11(["tiny (seed)"], True, 1)
+    workloads = {row["workload"] for row in bench_core.bench_size("tiny (seed)", SeedLinear, repeats=1)}
+    spelt = {workload for (workload, implementation) in bench_core.NOT_MEASURED if implementation == "nytorch 1.1"}
+    assert {row["workload"] for row in rows} == workloads - spelt
+    assert all(row["size"] == "tiny (seed)" and row["ratio_to_floor"] > 0 for row in rows)
+
+
+def test_profile_splits_time_into_kernel_allocation_and_the_rest():
+    from benchmarks.bench_core import Workload
+    from benchmarks.profile import split
+
+    medians = {"floor: flat + flat": 10.0, "kernel only: torch.add(out=reused)": 8.0, "Particle p + q": 15.0}
+    assert split(Workload("a + b", "floor: flat + flat", {}), medians, "Particle p + q") == {
+        "kernel": 8.0, "allocation": 2.0, "rest": 5.0}
+    # in place: the floor is the kernel, nothing is allocated
+    medians = {"floor: flat.lerp_": 10.0, "Particle ema.lerp_": 12.0}
+    assert split(Workload("lerp_ (EMA, in place)", "floor: flat.lerp_", {}), medians, "Particle ema.lerp_") == {
+        "kernel": 10.0, "allocation": 0.0, "rest": 2.0}
+
+
+def test_profile_names_where_the_time_goes(capsys):
+    from benchmarks.profile import hot_spots, report
+
+    spots = hot_spots(lambda: sorted(range(100_000), reverse=True), calls=3, top=3)
+    assert any(label.endswith("builtins.sorted>") for label, _, _ in spots)
+    assert all(per_call >= 0 and 0 <= share <= 1 for _, per_call, share in spots)
+    report("tiny (seed)", SeedLinear, ["a + b"], ["Particle"], calls=5, repeats=1, top=3)
+    printed = capsys.readouterr().out
+    assert "a + b | tiny (seed) | Particle p + q:" in printed and "kernel" in printed and "rest" in printed

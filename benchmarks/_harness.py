@@ -82,6 +82,8 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
     samples: dict[str, list[float]] = {name: [] for name in impls}
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    gc.collect()
+    gc.freeze()  # what exists now is never scanned again while sampling
     try:
         order = list(impls.items())
         for repeat in range(repeats):
@@ -92,7 +94,12 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
                 for _ in range(number):
                     fn()
                 samples[name].append((time.perf_counter() - start) / number * 1e6)
+                # untimed: free what reference cycles hold (nytorch 1.1's dead models), else memory grows
+                # from sample to sample and fresh pages fault into whichever implementation runs next;
+                # cheap, as everything older than this loop is frozen
+                gc.collect()
     finally:
+        gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -11,6 +11,26 @@ def test_compare_returns_a_median_per_implementation():
     assert set(medians) == {"a", "b"} and all(value > 0 for value in medians.values())
 
 
+def test_compare_frees_reference_cycles_between_samples_and_restores_gc():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    alive: "weakref.WeakSet[Node]" = weakref.WeakSet()
+
+    def cycle() -> None:  # what nytorch 1.1's results do: dead, yet alive until a collection
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]
+        alive.add(node)
+
+    was_enabled = gc.isenabled()
+    harness.compare({"cycle": cycle}, repeats=5, warmup=0, target_s=0.0)
+    assert len(alive) == 0
+    assert gc.isenabled() == was_enabled and gc.get_freeze_count() == 0
+
+
 def test_core_rows_have_ratios_to_their_floor():
     rows = bench_core.bench_size("tiny", SeedLinear, repeats=2)
     floors = [row for row in rows if row["implementation"].startswith("floor")]
@@ -122,3 +142,19 @@ def test_profile_names_where_the_time_goes(capsys):
     report("tiny (seed)", SeedLinear, ["a + b"], ["Particle"], calls=5, repeats=1, top=3)
     printed = capsys.readouterr().out
     assert "a + b | tiny (seed) | Particle p + q:" in printed and "kernel" in printed and "rest" in printed
+
+
+def test_use_allocator_names_its_regime_and_rejects_others():
+    import subprocess
+    import sys
+
+    import pytest
+
+    with pytest.raises(ValueError, match=r"use_allocator: expected one of \['warm', 'system'\] as regime, got 'hot'"):
+        harness.use_allocator("hot")
+    assert harness.use_allocator("system") and harness.machine()["allocator"].startswith("system defaults")
+    # "warm" changes malloc for the whole process: tried in a child, which reports what it got
+    script = ("from benchmarks import _harness as h; ok = h.use_allocator('warm'); "
+              "print(ok, h.ALLOCATOR if ok else 'system', h.machine()['allocator'])")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert shown.startswith("True warm glibc keeping freed memory") or shown.startswith("False system system")

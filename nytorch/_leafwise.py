@@ -137,11 +137,13 @@ def check_scalar(fn: str, scalar: object, names: Union[Sequence[str], Callable[[
 
     A 0-dim tensor scalar is judged like a Python number of its kind (float, complex),
     also against 0-dim leaves, whose results ``apply`` casts back to the leaf's dtype.
-    ``names`` may be a callable, called only when a leaf has to be checked.
+    ``names`` may be a callable, called only when a leaf has to be checked; ``active`` marks the
+    leaves that take part in the operation, all of them floating or complex.
     """
-    if isinstance(scalar, (bool, int, float)) and all(
-            leaf.is_floating_point() for leaf, on in zip(leaves, active) if on):
-        return  # the common case: a real Python number never changes a floating dtype
+    if isinstance(scalar, (bool, int, float)) and not any(dtype.is_complex for dtype in set(map(_DTYPE, leaves))):
+        # the common case: a real Python number never changes a floating dtype (and integer
+        # leaves take no part); the dtypes are read in one C-level pass, as on every operation
+        return
     if callable(names):
         names = names()
     seen: set[tuple[torch.dtype, torch.device]] = set()

@@ -237,12 +237,15 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
     >>> lerp({"w": torch.tensor([0., 10.])}, {"w": torch.tensor([10., 20.])}, 0.1)
     {'w': tensor([ 1., 11.])}
     """
-    left, right, spec = matched("lerp", a, b)
-    if _is_scalar_operand(weight, a):
-        lw.check_scalar("lerp", weight, lambda: path_names(a), left, [lw.is_arithmetic(leaf) for leaf in left])
-        return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weight))
-    _, weights, _ = matched("lerp", a, weight)
-    return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
+    if not _is_scalar_operand(weight, a):
+        left, right, spec = matched("lerp", a, b)
+        _, weights, _ = matched("lerp", a, weight)  # the same (flattened) leaf order as ``left``
+        return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
+    left, right, plain_spec = aligned("lerp", a, b)  # ``None``: two plain dicts, leaves in key order
+    names = (lambda: [_path_name((key,)) for key in a]) if plain_spec is None else (lambda: path_names(a))
+    lw.check_scalar("lerp", weight, names, left, lw.arithmetic_mask(left))
+    results = lw.apply(lw.LERP, left, right, weight)
+    return dict(zip(a, results)) if plain_spec is None else optree.tree_unflatten(plain_spec, results)
 
 
 def _unary(fn: str, a: PyTree, per_leaf: Callable[[Tensor], Tensor], *, arithmetic_only: bool) -> PyTree:

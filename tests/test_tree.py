@@ -250,6 +250,19 @@ def test_lerp_scalar_weight(kind: str, weight: Any) -> None:
     _unchanged(b, sb)
 
 
+def test_lerp_of_plain_dicts_keeps_key_order_and_names_the_right_leaf() -> None:
+    a = {"z": torch.tensor([1.0, 2.0], dtype=torch.float64), "a": torch.tensor([3.0])}
+    b = {"z": torch.tensor([5.0, 6.0], dtype=torch.float64), "a": torch.tensor([7.0])}
+    out = nf.lerp(a, b, 0.25)
+    assert list(out) == ["z", "a"]
+    _assert_tree(out, {key: torch.lerp(a[key], b[key], 0.25) for key in a})
+    # keys in another order: matched by key, not by position
+    shuffled = {"a": b["a"], "z": b["z"]}
+    _assert_tree(nf.lerp(a, shuffled, 0.5), {key: torch.lerp(a[key], b[key], 0.5) for key in a})
+    with pytest.raises(TypeError, match=r"parameter 'z' \(shape \(2,\) float64\) into complex128"):
+        nf.lerp(a, b, 1j)
+
+
 def test_lerp_tree_weight() -> None:
     a, b = _trees(9)["nested"], _trees(10)["nested"]
     w = nf.tree_map(lambda t: torch.rand_like(t), a)

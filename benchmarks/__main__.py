@@ -20,6 +20,9 @@ from .targets import verdicts
 # Each suite module exposes ``run(quick: bool) -> list[dict]``.
 SUITES = ["bench_core", "bench_memory", "bench_swarm", "bench_merge", "bench_distributed"]
 
+#: Suites that measure on the CPU whatever ``--device`` says (gloo collectives, CPU-side merging).
+CPU_ONLY = ("bench_merge", "bench_distributed")
+
 
 def collect(quick: bool, only: list[str]) -> list[dict[str, Any]]:
     table: list[dict[str, Any]] = []
@@ -78,6 +81,8 @@ def write_results(table: list[dict[str, Any]], path: str = "benchmarks/RESULTS.m
     judged = verdicts(table)
     if judged:
         lines += ["## Targets in this run (benchmarks/targets.py)", "", "```"] + [verdict.line() for verdict in judged] + ["```", ""]
+    if harness.DEVICE.type != "cpu":
+        lines += [f"Models and tensors on {harness.DEVICE}, except in {' and '.join(CPU_ONLY)} (CPU).", ""]
     missing = not_measured(table)
     if missing:
         lines += ["## No row, and why", ""] + [f"- {line}" for line in missing] + [""]
@@ -102,9 +107,16 @@ def main() -> None:
     parser.add_argument("--allocator", choices=harness.ALLOCATORS, default="warm",
                         help="warm (default): glibc keeps freed memory, so no time includes page faults; "
                              "system: glibc's defaults, where fresh pages fault in depending on the heap's history")
+    parser.add_argument("--device", default="cpu",
+                        help="where bench_core, bench_memory and bench_swarm put their models and tensors "
+                             f"(cpu, cuda, cuda:1...); {', '.join(CPU_ONLY)} run on the CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own; 1 gives steadier ratios on a shared machine)")
     args = parser.parse_args()
+    try:
+        harness.use_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if not harness.use_allocator(args.allocator):
         print(f"--allocator {args.allocator} is not available here (no glibc): measuring with the system's",
               file=sys.stderr)

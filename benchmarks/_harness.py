@@ -60,13 +60,46 @@ def use_allocator(regime: str) -> bool:
     return True
 
 
+#: The device the suites put their models and tensors on (``use_device``).
+DEVICE = torch.device("cpu")
+
+
+def use_device(name: str) -> torch.device:
+    """Put the suites' models and tensors on device ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+
+    Timings then wait for the device's queued kernels before reading the clock (``synchronize``).
+
+    Raises:
+        ValueError: ``name`` is not a device torch knows, or none of that kind is available here.
+
+    >>> use_device("cpu")
+    device(type='cpu')
+    """
+    global DEVICE
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)  # raises where this torch build or machine has no such device
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"use_device: device {name!r} is not available here ({error})") from None
+    DEVICE = device
+    return device
+
+
+def synchronize() -> None:
+    """Wait until ``DEVICE`` has run every kernel queued so far (nothing to wait for on the CPU)."""
+    if DEVICE.type != "cpu":
+        getattr(torch, DEVICE.type).synchronize(DEVICE)
+
+
 def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
     """How many calls make one sample last about ``target_s`` (amortises timer overhead on tiny ops)."""
     number = 1
     while True:
+        synchronize()
         start = time.perf_counter()
         for _ in range(number):
             fn()
+        synchronize()
         if time.perf_counter() - start >= target_s or number >= 1 << 16:
             return number
         number *= 4
@@ -90,9 +123,11 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
             # alternate the order, so that no implementation always runs right after the same one
             for name, fn in order if repeat % 2 == 0 else order[::-1]:
                 number = numbers[name]
+                synchronize()
                 start = time.perf_counter()
                 for _ in range(number):
                     fn()
+                synchronize()  # kernels queued on an accelerator count until they have run
                 samples[name].append((time.perf_counter() - start) / number * 1e6)
                 # untimed: free what reference cycles hold (nytorch 1.1's dead models), else memory grows
                 # from sample to sample and fresh pages fault into whichever implementation runs next;
@@ -124,7 +159,7 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": f"{DEVICE}: {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else str(DEVICE),
         "allocator": {"warm": "glibc keeping freed memory (--allocator warm)",
                       "system": "system defaults (--allocator system)"}[ALLOCATOR],
     }
@@ -165,7 +200,8 @@ def run_nytorch_11(script: str, *args: str) -> Any:
         if done.returncode != 0:
             print("nytorch 1.1 unavailable; skipping its rows", file=sys.stderr)
             return None
-    env = dict(os.environ, PYTHONPATH=target, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env = dict(os.environ, PYTHONPATH=target, OMP_NUM_THREADS=str(torch.get_num_threads()),
+               NYTORCH_BENCH_DEVICE=str(DEVICE))  # the scripts put their models there (``use_device``)
     # the same allocator regime as this process (``use_allocator``), set before the script allocates
     preamble = (f"import runpy; runpy.run_path({os.path.abspath(__file__)!r})['use_allocator']({ALLOCATOR!r})\n"
                 if ALLOCATOR != "system" else "")

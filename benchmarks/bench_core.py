@@ -28,8 +28,9 @@ def _flat(model: nn.Module) -> torch.Tensor:
 
 
 def _pair(factory: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+    """Two models of one size on the suite's device (``harness.use_device``)."""
     torch.manual_seed(0)
-    return factory(), factory()
+    return factory().to(harness.DEVICE), factory().to(harness.DEVICE)
 
 
 def _tensordict(tree: dict[str, torch.Tensor]) -> Any:
@@ -126,7 +127,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
     }, ("td.lerp_", lambda: ema_td.lerp_(db, 0.001)))  # type: ignore[union-attr]
 
     measure("randn", "floor: torch.randn(n)", {
-        "floor: torch.randn(n)": lambda: torch.randn(fa.numel()),
+        "floor: torch.randn(n)": lambda: torch.randn(fa.numel(), device=fa.device),
         "functional nf.randn_like": lambda: nf.randn_like(ta),
         "Particle randn": lambda: pa.randn(),
         "NytoModule randn": lambda: a.randn(),
@@ -182,7 +183,8 @@ def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
     from .models import IrisMLP
 
     torch.manual_seed(0)
-    x, y = torch.randn(120, 4), torch.randint(0, 3, (120,))
+    device = harness.DEVICE
+    x, y = torch.randn(120, 4, device=device), torch.randint(0, 3, (120,), device=device)
     criterion = nn.CrossEntropyLoss()
     beta, lr = 0.9, 0.005
 
@@ -195,7 +197,7 @@ def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
         return new_net
 
     def ours() -> None:
-        net0 = IrisMLP()
+        net0 = IrisMLP().to(device)
         net1 = train_module(net0)
         for _ in range(epochs):
             momentum = beta * (net1 - net0)
@@ -213,7 +215,7 @@ def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
         return [t.detach() for t in new_w]
 
     def plain() -> None:
-        w0 = [p.detach() for p in IrisMLP().parameters()]
+        w0 = [p.detach() for p in IrisMLP().to(device).parameters()]
         w1 = train_tensors(w0)
         for _ in range(epochs):
             momentum = [beta * (a - b) for a, b in zip(w1, w0)]
@@ -225,14 +227,15 @@ def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, runpy, sys, torch
+    import json, os, runpy, sys, torch
     # nytorch here is 1.1: the suite's own models (they subclass its NytoModule) and its own timer
     zoo = runpy.run_path(sys.argv[1] + "/models.py")["sizes"](json.loads(sys.argv[3]))
-    compare = runpy.run_path(sys.argv[1] + "/_harness.py")["compare"]
+    harness = runpy.run_path(sys.argv[1] + "/_harness.py")
+    device, compare = harness["use_device"](os.environ.get("NYTORCH_BENCH_DEVICE", "cpu")), harness["compare"]
     rows = []
     for size in json.loads(sys.argv[2]):
         torch.manual_seed(0)
-        a = zoo[size](); b = a.clone_from(zoo[size]())  # one "species", as 1.1 requires of operands
+        a = zoo[size]().to(device); b = a.clone_from(zoo[size]().to(device))  # one "species", as 1.1 requires
         fa = torch.cat([p.detach().reshape(-1) for p in a.parameters()]); fb = fa.clone()
         ema, ema_flat = a.clone(), fa.clone()
         repeats = int(sys.argv[4])
@@ -242,7 +245,7 @@ _NYTORCH_11 = textwrap.dedent('''
         spelt = {"a + b": (lambda: fa + fb, lambda: a + b),
                  "0.9 * (a - b) + a": (lambda: fa + fb, lambda: 0.9 * (a - b) + a),
                  "lerp_ (EMA, in place)": (lambda: ema_flat.lerp_(fb, 0.001), ema_update),
-                 "randn": (lambda: torch.randn(fa.numel()), lambda: a.randn()),
+                 "randn": (lambda: torch.randn(fa.numel(), device=device), lambda: a.randn()),
                  "clone": (lambda: fa.clone(), lambda: a.clone())}
         # the floors first, beside each other: 1.1's results are many blocks, and once they have
         # split the heap a fresh 200 MB floor no longer fits in a free block and faults in

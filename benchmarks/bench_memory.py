@@ -31,7 +31,7 @@ def _row(workload: str, size: str, implementation: str, used: int, floor: int) -
 
 
 def _ours(size: str, layers: int, width: int) -> list[Row]:
-    a, b = Stack(layers, width), Stack(layers, width)
+    a, b = Stack(layers, width).to(harness.DEVICE), Stack(layers, width).to(harness.DEVICE)
     floor = parameter_bytes(a)
     pa, pb = nytorch.particle(a), nytorch.particle(b)
     ta, tb = nf.params(a), nf.params(b)
@@ -48,7 +48,7 @@ def _ours(size: str, layers: int, width: int) -> list[Row]:
         # dead results' buffers are reused (``nytorch._pool``): measure what the operation needs when
         # none are kept, and report below what the pool holds between operations
         _pool.clear()
-        rows.append(_row("memory of a + b", size, name, allocated_bytes(fn), floor))
+        rows.append(_row("memory of a + b", size, name, allocated_bytes(fn, harness.DEVICE), floor))
     _pool.clear()
     for _ in range(3):  # a loop of the operations above: what the pool keeps between them
         a + b, pa + pb, 0.9 * (a - b) + a  # noqa: B018 - results dropped on purpose
@@ -56,34 +56,31 @@ def _ours(size: str, layers: int, width: int) -> list[Row]:
     if importlib.util.find_spec("tensordict") is not None:
         from tensordict import TensorDict
         da, db = TensorDict(ta, []), TensorDict(tb, [])
-        rows.append(_row("memory of a + b", size, "tensordict td + td", allocated_bytes(lambda: da + db), floor))
+        used = allocated_bytes(lambda: da + db, harness.DEVICE)
+        rows.append(_row("memory of a + b", size, "tensordict td + td", used, floor))
     return rows
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, sys, contextlib, io, os, torch
-    from torch import nn
-    from torch.profiler import profile, ProfilerActivity
-    from nytorch import NytoModule
-    class Stack(NytoModule):
-        def __init__(self, layers, width):
-            super().__init__()
-            self.layers = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers)))
+    import json, os, runpy, sys, torch
+    # nytorch here is 1.1: the suite's own models (they subclass its NytoModule) and its own measure
+    Stack = runpy.run_path(sys.argv[1] + "/models.py")["Stack"]
+    allocated_bytes = runpy.run_path(sys.argv[1] + "/memory.py")["allocated_bytes"]
+    device = torch.device(os.environ.get("NYTORCH_BENCH_DEVICE", "cpu"))
     rows = []
-    for size, (layers, width) in json.loads(sys.argv[1]).items():
-        a = Stack(layers, width); b = a.clone_from(Stack(layers, width))
+    for size, (layers, width) in json.loads(sys.argv[2]).items():
+        a = Stack(layers, width).to(device); b = a.clone_from(Stack(layers, width).to(device))
         a + b
-        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(io.StringIO()):
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                out = a + b
-        used = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
-        rows.append(dict(size=size, used=used, floor=sum(p.numel() * 4 for p in a.parameters())))
+        rows.append(dict(size=size, used=allocated_bytes(lambda: a + b, device),
+                         floor=sum(p.numel() * p.element_size() for p in a.parameters())))
     print(json.dumps(rows))
 ''')
 
 
 def _nytorch_11(sizes: dict[str, tuple[int, int]]) -> list[Row]:
-    found = harness.run_nytorch_11(_NYTORCH_11, json.dumps(sizes))
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = harness.run_nytorch_11(_NYTORCH_11, here, json.dumps(sizes))
     if found is None:
         return []
     return [_row("memory of a + b", row["size"], "nytorch 1.1 NytoModule", row["used"], row["floor"])

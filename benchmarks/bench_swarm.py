@@ -76,15 +76,16 @@ def _chain_floor(params: dict[str, torch.Tensor], layers: list[str], relu: bool,
 def forward_rows(repeats: int, many_small: bool = False) -> list[Row]:
     """Forward of a swarm: P=64 MLPs 4-32-32-3, or (``many_small``) P=8 models of 100 Linear(64, 64)."""
     torch.manual_seed(0)
+    device = harness.DEVICE
     if many_small:
         members, size = 8, "P=8 many-small (200 x 64x64)"
-        modules: list[nn.Module] = [Stack(100, 64) for _ in range(members)]
-        x = torch.randn(BATCH, 64)
+        modules: list[nn.Module] = [Stack(100, 64).to(device) for _ in range(members)]
+        x = torch.randn(BATCH, 64, device=device)
         layers, relu = [f"layers.{i}" for i in range(100)], False
     else:
         members, size = P, "P=64 4-32-32-3"
-        modules = [mlp() for _ in range(members)]
-        x = torch.randn(BATCH, 4)
+        modules = [mlp().to(device) for _ in range(members)]
+        x = torch.randn(BATCH, 4, device=device)
         layers, relu = ["0", "2", "4"], True
     swarm = Swarm.stack(modules)
     params, buffers = torch.func.stack_module_state(modules)  # type: ignore[arg-type]
@@ -106,7 +107,7 @@ def forward_rows(repeats: int, many_small: bool = False) -> list[Row]:
         "vmap(functional_call)": lambda: plain(params, buffers, x),
     }
     if not many_small:  # the model there is a custom class already (``Stack``)
-        generic = Swarm.stack([ClassMLP() for _ in range(members)])
+        generic = Swarm.stack([ClassMLP().to(device) for _ in range(members)])
         impls["Swarm: custom-class MLP"] = lambda: generic(x)
     with torch.no_grad():
         medians = harness.compare(impls, repeats=repeats)
@@ -117,7 +118,7 @@ def apso_rows(repeats: int, many_small: bool = False) -> list[Row]:
     """One accelerated-PSO update of P=64 MLPs 4-32-32-3, or (``many_small``) P=8 models of 100 Linear(64, 64)."""
     torch.manual_seed(0)
     members = 8 if many_small else P
-    swarm = Swarm.stack([Stack(100, 64) if many_small else mlp() for _ in range(members)])
+    swarm = Swarm.stack([(Stack(100, 64) if many_small else mlp()).to(harness.DEVICE) for _ in range(members)])
     flat = torch.cat([leaf.reshape(members, -1) for leaf in swarm.params.values()], dim=1).contiguous()
 
     def floor() -> torch.Tensor:
@@ -134,12 +135,13 @@ def apso_rows(repeats: int, many_small: bool = False) -> list[Row]:
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, sys, runpy, torch
+    import json, os, sys, runpy, torch
     from torch import nn
     from nytorch import NytoModule
     ALPHA, BETA, BEST = 0.1, 0.5, 7
     Stack = runpy.run_path(sys.argv[1] + "/models.py")["Stack"]  # subclasses 1.1's NytoModule here
-    compare = runpy.run_path(sys.argv[1] + "/_harness.py")["compare"]
+    harness = runpy.run_path(sys.argv[1] + "/_harness.py")
+    device, compare = harness["use_device"](os.environ.get("NYTORCH_BENCH_DEVICE", "cpu")), harness["compare"]
     class MLP(NytoModule):
         def __init__(self):
             super().__init__()
@@ -150,8 +152,8 @@ _NYTORCH_11 = textwrap.dedent('''
     for many_small in json.loads(sys.argv[3]):
         torch.manual_seed(0)
         members, make = (8, lambda: Stack(100, 64)) if many_small else (64, MLP)
-        first = make()
-        swarm = [first] + [first.clone_from(make()) for _ in range(members - 1)]  # one species, as 1.1 requires
+        first = make().to(device)
+        swarm = [first] + [first.clone_from(make().to(device)) for _ in range(members - 1)]  # one species
         flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in swarm])
         def floor():
             return (1 - BETA) * flat + BETA * flat[BEST] + ALPHA * torch.randn_like(flat)

@@ -16,8 +16,21 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def allocated_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes allocated by torch while ``fn()`` runs (its result is kept alive until measured)."""
+def allocated_bytes(fn: Callable[[], Any], device: torch.device = torch.device("cpu")) -> int:
+    """Bytes allocated by torch while ``fn()`` runs on ``device`` (its result is kept alive until measured).
+
+    On CUDA: the peak of the caching allocator's allocated bytes during the call, above what was
+    allocated before.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return peak
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(io.StringIO()):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = fn()

@@ -158,3 +158,27 @@ def test_use_allocator_names_its_regime_and_rejects_others():
               "print(ok, h.ALLOCATOR if ok else 'system', h.machine()['allocator'])")
     shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert shown.startswith("True warm glibc keeping freed memory") or shown.startswith("False system system")
+
+
+def test_use_device_moves_the_suites_or_says_why_not():
+    import pytest
+    import torch
+
+    assert harness.use_device("cpu") == torch.device("cpu") and harness.machine()["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"use_device: device 'cuda' is not available here"):
+            harness.use_device("cuda")
+    with pytest.raises(ValueError, match=r"use_device: device 'abacus' is not available here"):
+        harness.use_device("abacus")
+    assert harness.DEVICE == torch.device("cpu")  # a refused device changes nothing
+    harness.synchronize()  # nothing to wait for on the CPU
+
+
+def test_memory_counts_what_one_operation_allocates():
+    import torch
+
+    from benchmarks.memory import allocated_bytes
+
+    a = torch.zeros(1000)
+    assert allocated_bytes(lambda: a + a, torch.device("cpu")) == 4000
+    assert allocated_bytes(lambda: a.add_(a)) == 0

@@ -4,12 +4,14 @@ Workloads (issue 3):
 
 1. Forward of P=64 MLPs 4-32-32-3 on a batch of 64: ``swarm(x)`` vs the compute floor
    written by hand (``torch.baddbmm`` over stacked weights), a Python loop of 64 modules,
-   and plain ``vmap(functional_call)``.  Targets: within 1.5x of the floor, >= 3x faster
+   plain ``vmap(functional_call)`` and tensordict's ``from_modules`` + ``vmap(to_module)`` (when
+   installed).  Targets: within 1.5x of the floor, >= 3x faster
    than the loop.  Also at a second size (not in ``--quick``): P=8 models of the suite's
    many-small size (100 ``Linear(64, 64)``, 200 tensors).
 2. One accelerated-PSO update ``(1-b)·S + b·S[best] + a·noise`` over P=64 members:
    ``nytorch.algorithms.apso`` vs the same three operations by hand on one flat ``[P, n]``
-   tensor (the floor) and vs nytorch 1.1 NytoModules (in a subprocess with
+   tensor (the floor), a per-tensor loop and foreach by hand over the stacked parameters,
+   a batched TensorDict (when installed), and nytorch 1.1 NytoModules (in a subprocess with
    ``PYTHONPATH=/tmp/nyto11``).  Targets: within 1.3x of the floor, >= 50x faster than 1.1.
    Also at P=8 of the many-small size.
 
@@ -18,6 +20,7 @@ Run: ``python -m benchmarks.bench_swarm [--quick] [--threads N]`` from the repos
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +37,13 @@ from . import targets
 from .models import Stack
 
 Row = dict[str, Any]
+
+#: Implementation families a swarm workload has no row for, and why (printed under the table).
+NOT_MEASURED = {
+    ("swarm forward", "foreach"): "a forward pass is matrix products, and torch has no foreach matmul",
+    ("swarm forward", "nytorch 1.1"): "1.1 has no vectorised forward: its members run one by one, "
+                                      "as the Python loop of modules does",
+}
 P, BATCH = 64, 64
 ALPHA, BETA, BEST = 0.1, 0.5, 7
 FLOOR_FORWARD = "floor: baddbmm by hand"
@@ -109,6 +119,18 @@ def forward_rows(repeats: int, many_small: bool = False) -> list[Row]:
     if not many_small:  # the model there is a custom class already (``Stack``)
         generic = Swarm.stack([ClassMLP().to(device) for _ in range(members)])
         impls["Swarm: custom-class MLP"] = lambda: generic(x)
+    if importlib.util.find_spec("tensordict") is not None:  # optional, as in bench_core
+        from tensordict import TensorDict
+
+        stacked = TensorDict.from_modules(*modules)  # tensordict's ensembling recipe: vmap over to_module
+
+        def call(members_params: Any, inputs: torch.Tensor) -> torch.Tensor:
+            with members_params.to_module(base):
+                return base(inputs)
+
+        ensemble = torch.vmap(call, (0, None))
+        torch.testing.assert_close(ensemble(stacked, x), reference, rtol=1e-4, atol=1e-5)
+        impls["tensordict from_modules + vmap(to_module)"] = lambda: ensemble(stacked, x)
     with torch.no_grad():
         medians = harness.compare(impls, repeats=repeats)
     return harness.rows("swarm forward", size, medians, FLOOR_FORWARD)
@@ -124,11 +146,31 @@ def apso_rows(repeats: int, many_small: bool = False) -> list[Row]:
     def floor() -> torch.Tensor:
         return (1 - BETA) * flat + BETA * flat[BEST] + ALPHA * torch.randn_like(flat)
 
+    stacked = dict(swarm.params)  # one [P, ...] tensor per parameter
+    leaves = list(stacked.values())
+
+    def per_tensor() -> dict[str, torch.Tensor]:
+        return {name: (1 - BETA) * leaf + BETA * leaf[BEST] + ALPHA * torch.randn_like(leaf)
+                for name, leaf in stacked.items()}
+
+    def foreach() -> list[torch.Tensor]:
+        out = torch._foreach_add(torch._foreach_mul(leaves, 1 - BETA), [leaf[BEST] for leaf in leaves], alpha=BETA)
+        torch._foreach_add_(out, [torch.randn_like(leaf) for leaf in leaves], alpha=ALPHA)  # no foreach randn
+        return out
+
     impls: dict[str, Callable[[], Any]] = {
         FLOOR_APSO: floor,
         "nytorch algorithms.apso": lambda: alg.apso(swarm, BEST, alpha=ALPHA, beta=BETA),
         "Swarm operators spelled out": lambda: (1 - BETA) * swarm + BETA * swarm[BEST] + ALPHA * Swarm.randn(swarm),
+        "per-tensor loop over stacked parameters": per_tensor,
+        "foreach by hand over stacked parameters": foreach,
     }
+    if importlib.util.find_spec("tensordict") is not None:  # optional, as in bench_core
+        from tensordict import TensorDict
+
+        td = TensorDict(stacked, batch_size=[members])
+        impls["tensordict (1-b)*td + b*td[best] + a*noise"] = (
+            lambda: (1 - BETA) * td + BETA * td[BEST] + ALPHA * td.apply(torch.randn_like))
     with torch.no_grad():
         medians = harness.compare(impls, repeats=repeats)
     return harness.rows("APSO update", f"P={members} n={flat.shape[1]}", medians, FLOOR_APSO)

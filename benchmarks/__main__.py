@@ -17,8 +17,10 @@ from typing import Any
 from . import _harness as harness
 from .targets import verdicts
 
-# Each suite module exposes ``run(quick: bool) -> list[dict]``.
-SUITES = ["bench_core", "bench_memory", "bench_swarm", "bench_merge", "bench_distributed"]
+# Each suite module exposes ``run(quick: bool) -> list[dict]``.  bench_memory comes last: it measures
+# with torch.profiler, whose own allocations split glibc's free blocks, and fresh buffers page-fault
+# in for the rest of the process (see benchmarks/profile.py), which would slow every later timing.
+SUITES = ["bench_core", "bench_swarm", "bench_merge", "bench_distributed", "bench_memory"]
 
 #: Suites that measure on the CPU whatever ``--device`` says (gloo collectives, CPU-side merging).
 CPU_ONLY = ("bench_merge", "bench_distributed")

@@ -74,7 +74,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
     da, db = _tensordict(ta), _tensordict(tb)
     out: list[Workload] = []
 
-    def measure(workload: str, floor: str, impls: dict[str, Callable[[], Any]],
+    def add(workload: str, floor: str, impls: dict[str, Callable[[], Any]],
                 tensordict: tuple[str, Callable[[], Any]]) -> None:
         """Add a workload (with tensordict's ``(spelling, call)`` when it is installed)."""
         if da is not None:
@@ -82,7 +82,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
         out.append(Workload(workload, floor, impls))
 
     reused = torch.empty_like(fa)
-    measure("a + b", "floor: flat + flat", {
+    add("a + b", "floor: flat + flat", {
         "floor: flat + flat": lambda: fa + fb,
         # the same pass into a buffer that is already there: the kernel without the allocation, whose
         # cost swings with glibc's heap (fresh pages above its mmap threshold fault in every time)
@@ -96,7 +96,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
         "foreach by hand": lambda: torch._foreach_add(la, lb),
     }, ("td + td", lambda: da + db))
 
-    measure("0.9 * (a - b) + a", "floor: flat + flat", {
+    add("0.9 * (a - b) + a", "floor: flat + flat", {
         "floor: flat + flat": lambda: fa + fb,
         "floor: 3 flat passes": lambda: 0.9 * (fa - fb) + fa,
         "Particle": lambda: 0.9 * (pa - pb) + pa,
@@ -117,7 +117,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
         for average, x in zip(ema_list, lb):
             average.lerp_(x, 0.001)
 
-    measure("lerp_ (EMA, in place)", "floor: flat.lerp_", {
+    add("lerp_ (EMA, in place)", "floor: flat.lerp_", {
         "floor: flat.lerp_": lambda: ema_flat.lerp_(fb, 0.001),
         "Particle ema.lerp_": lambda: ema_particle.lerp_(pb, 0.001),
         "NytoModule ema.lerp_": lambda: ema_module.lerp_(b, 0.001),
@@ -126,7 +126,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
         "foreach_lerp_ by hand": lambda: torch._foreach_lerp_(ema_list, lb, 0.001),
     }, ("td.lerp_", lambda: ema_td.lerp_(db, 0.001)))  # type: ignore[union-attr]
 
-    measure("randn", "floor: torch.randn(n)", {
+    add("randn", "floor: torch.randn(n)", {
         "floor: torch.randn(n)": lambda: torch.randn(fa.numel(), device=fa.device),
         "functional nf.randn_like": lambda: nf.randn_like(ta),
         "Particle randn": lambda: pa.randn(),
@@ -134,7 +134,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
         "per-tensor loop": lambda: [torch.randn_like(x) for x in la],
     }, ("td.apply(torch.randn_like)", lambda: da.apply(torch.randn_like)))
 
-    measure("clone", "floor: flat.clone()", {
+    add("clone", "floor: flat.clone()", {
         "floor: flat.clone()": lambda: fa.clone(),
         "functional nf.clone": lambda: nf.clone(ta),
         "Particle clone": lambda: pa.clone(),

@@ -81,6 +81,8 @@ def use_device(name: str) -> torch.device:
         torch.empty(0, device=device)  # raises where this torch build or machine has no such device
     except (RuntimeError, AssertionError) as error:
         raise ValueError(f"use_device: device {name!r} is not available here ({error})") from None
+    if device.type != "cpu" and not hasattr(getattr(torch, device.type, None), "synchronize"):
+        raise ValueError(f"use_device: device {name!r} cannot be timed: torch.{device.type} has no synchronize()")
     DEVICE = device
     return device
 

@@ -17,7 +17,8 @@ For each chosen implementation of the core workloads (``bench_core.workloads``) 
 2. A profile of that rest: ``cProfile``'s self time per call of the functions and C calls it
    spends the most in, in microseconds and per cent of the profiled total.  ``cProfile`` adds
    ~0.1 µs per Python call it sees, so read the shares, not the sums; C functions called from C
-   (``map(Tensor.data_ptr, leaves)``) are counted in their Python caller.
+   (``map(Tensor.data_ptr, leaves)``) are counted in their Python caller.  On an accelerator (``--device``)
+   it shows host-side time only: kernels run asynchronously, and only the split above waits for them.
 
 ``torch.profiler`` is not used: its own allocations split glibc's free blocks, after which fresh
 buffers page-fault in (measured: 0 faults per ``a + b`` on many-small before, 13 while profiling,
@@ -112,8 +113,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11, help="timed samples per implementation")
     parser.add_argument("--top", type=int, default=10, help="functions listed per implementation")
     parser.add_argument("--allocator", choices=harness.ALLOCATORS, default="warm", help="as for python -m benchmarks")
+    parser.add_argument("--device", default="cpu", help="as for python -m benchmarks (default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
+    try:
+        harness.use_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     harness.use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     for size in args.size:

@@ -170,6 +170,8 @@ def test_use_device_moves_the_suites_or_says_why_not():
             harness.use_device("cuda")
     with pytest.raises(ValueError, match=r"use_device: device 'abacus' is not available here"):
         harness.use_device("abacus")
+    with pytest.raises(ValueError, match=r"use_device: device 'meta' cannot be timed: torch.meta has no synchronize"):
+        harness.use_device("meta")  # it exists, but runs nothing a clock could measure
     assert harness.DEVICE == torch.device("cpu")  # a refused device changes nothing
     harness.synchronize()  # nothing to wait for on the CPU
 

@@ -1,6 +1,7 @@
 """Peak extra memory of one operation as a multiple of the model's parameter bytes.
 
-Ours vs a per-tensor loop vs nytorch 1.1 (subprocess) vs tensordict (if installed).
+Ours vs a per-tensor loop vs nytorch 1.1 (subprocess) vs tensordict (if installed), on the
+many-small, deep-narrow, wide and ResNet-18-shaped models of ``models.py``.
 Run: ``python -m benchmarks.bench_memory [--quick]``.
 """
 from __future__ import annotations
@@ -9,9 +10,11 @@ import argparse
 import importlib.util
 import json
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 import nytorch
 import nytorch.functional as nf
@@ -19,10 +22,12 @@ from nytorch import _pool
 
 from . import _harness as harness
 from .memory import allocated_bytes, parameter_bytes
-from .models import Stack
+from .models import sizes
 
 Row = dict[str, Any]
-SIZES = {"many-small": (100, 64), "deep-narrow": (100, 170)}
+
+#: The model sizes measured (``models.sizes``); ``--quick`` keeps the first.
+SIZES = ("many-small", "deep-narrow", "wide", "resnet18")
 
 
 def _row(workload: str, size: str, implementation: str, used: int, floor: int) -> Row:
@@ -30,8 +35,8 @@ def _row(workload: str, size: str, implementation: str, used: int, floor: int) -
             "ratio_to_floor": round(used / floor, 3), "bytes": used, "shown": f"{used / 2**20:.2f} MiB"}
 
 
-def _ours(size: str, layers: int, width: int) -> list[Row]:
-    a, b = Stack(layers, width).to(harness.DEVICE), Stack(layers, width).to(harness.DEVICE)
+def _ours(size: str, factory: Callable[[], nn.Module]) -> list[Row]:
+    a, b = factory().to(harness.DEVICE), factory().to(harness.DEVICE)
     floor = parameter_bytes(a)
     pa, pb = nytorch.particle(a), nytorch.particle(b)
     ta, tb = nf.params(a), nf.params(b)
@@ -64,12 +69,12 @@ def _ours(size: str, layers: int, width: int) -> list[Row]:
 _NYTORCH_11 = textwrap.dedent('''
     import json, os, runpy, sys, torch
     # nytorch here is 1.1: the suite's own models (they subclass its NytoModule) and its own measure
-    Stack = runpy.run_path(sys.argv[1] + "/models.py")["Stack"]
+    zoo = runpy.run_path(sys.argv[1] + "/models.py")["sizes"](json.loads(sys.argv[3]))
     allocated_bytes = runpy.run_path(sys.argv[1] + "/memory.py")["allocated_bytes"]
     device = torch.device(os.environ.get("NYTORCH_BENCH_DEVICE", "cpu"))
     rows = []
-    for size, (layers, width) in json.loads(sys.argv[2]).items():
-        a = Stack(layers, width).to(device); b = a.clone_from(Stack(layers, width).to(device))
+    for size in json.loads(sys.argv[2]):
+        a = zoo[size]().to(device); b = a.clone_from(zoo[size]().to(device))
         a + b
         rows.append(dict(size=size, used=allocated_bytes(lambda: a + b, device),
                          floor=sum(p.numel() * p.element_size() for p in a.parameters())))
@@ -77,10 +82,10 @@ _NYTORCH_11 = textwrap.dedent('''
 ''')
 
 
-def _nytorch_11(sizes: dict[str, tuple[int, int]]) -> list[Row]:
+def _nytorch_11(names: list[str], quick: bool) -> list[Row]:
     import os
     here = os.path.dirname(os.path.abspath(__file__))
-    found = harness.run_nytorch_11(_NYTORCH_11, here, json.dumps(sizes))
+    found = harness.run_nytorch_11(_NYTORCH_11, here, json.dumps(names), json.dumps(quick))
     if found is None:
         return []
     return [_row("memory of a + b", row["size"], "nytorch 1.1 NytoModule", row["used"], row["floor"])
@@ -88,11 +93,12 @@ def _nytorch_11(sizes: dict[str, tuple[int, int]]) -> list[Row]:
 
 
 def run(quick: bool) -> list[Row]:
-    sizes = {"many-small": SIZES["many-small"]} if quick else SIZES
+    zoo = sizes(quick)
+    names = list(SIZES[:1] if quick else SIZES)
     rows: list[Row] = []
-    for size, (layers, width) in sizes.items():
-        rows += _ours(size, layers, width)
-    return rows + _nytorch_11(sizes)
+    for size in names:
+        rows += _ours(size, zoo[size])
+    return rows + _nytorch_11(names, quick)
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def _ratio_targets() -> list[Target]:
         Target("momentum example, 100 epochs", "bench_core", "momentum example, 100 epochs", "iris MLP",
                "NytoModule (seed example)", 1.5),
     ]
-    for size in ("many-small", "deep-narrow"):
+    for size in ("many-small", "deep-narrow", "wide", "resnet18"):  # bench_memory.SIZES
         for implementation in ("NytoModule a + b", "Particle p + q", "functional nf.add"):
             found.append(Target(f"memory of {implementation}, {size}", "bench_memory", "memory of a + b", size,
                                 implementation, 1.1))

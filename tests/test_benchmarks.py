@@ -184,3 +184,16 @@ def test_memory_counts_what_one_operation_allocates():
     a = torch.zeros(1000)
     assert allocated_bytes(lambda: a + a, torch.device("cpu")) == 4000
     assert allocated_bytes(lambda: a.add_(a)) == 0
+
+
+def test_memory_rows_give_each_style_one_output_of_parameter_bytes():
+    from benchmarks import bench_memory
+    from benchmarks.models import Stack
+
+    rows = {row["implementation"]: row for row in bench_memory._ours("small", lambda: Stack(3, 32))}
+    floor = rows["parameter bytes (floor)"]["bytes"]
+    assert floor == 3 * (32 * 32 + 32) * 4
+    for name in ("NytoModule a + b", "Particle p + q", "functional nf.add", "per-tensor loop"):
+        assert rows[name]["bytes"] == floor, name
+    assert rows["NytoModule 0.9*(a-b)+a"]["bytes"] == 2 * floor  # the difference, then the sum
+    assert rows["Particle ema.lerp_ (in place)"]["bytes"] == 0

@@ -117,8 +117,11 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
     samples: dict[str, list[float]] = {name: [] for name in impls}
     gc_was_enabled = gc.isenabled()
     gc.disable()
-    gc.collect()
-    gc.freeze()  # what exists now is never scanned again while sampling
+    # what exists now is never scanned again while sampling; a caller's own frozen objects stay frozen
+    freezing = gc.get_freeze_count() == 0
+    if freezing:
+        gc.collect()
+        gc.freeze()
     try:
         order = list(impls.items())
         for repeat in range(repeats):
@@ -136,7 +139,8 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
                 # cheap, as everything older than this loop is frozen
                 gc.collect()
     finally:
-        gc.unfreeze()
+        if freezing:
+            gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
     return {name: statistics.median(values) for name, values in samples.items()}

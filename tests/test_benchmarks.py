@@ -29,6 +29,16 @@ def test_compare_frees_reference_cycles_between_samples_and_restores_gc():
     harness.compare({"cycle": cycle}, repeats=5, warmup=0, target_s=0.0)
     assert len(alive) == 0
     assert gc.isenabled() == was_enabled and gc.get_freeze_count() == 0
+    # objects the caller froze stay frozen
+    keep = [Node() for _ in range(3)]
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        harness.compare({"cycle": cycle}, repeats=2, warmup=0, target_s=0.0)
+        assert gc.get_freeze_count() == frozen and len(alive) == 0
+    finally:
+        gc.unfreeze()
+    del keep
 
 
 def test_core_rows_have_ratios_to_their_floor():

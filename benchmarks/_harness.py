@@ -37,7 +37,7 @@ def use_allocator(regime: str) -> bool:
         and then nothing was changed.
 
     Raises:
-        ValueError: ``regime`` is not one of ``ALLOCATORS``.
+        ValueError: ``regime`` is not one of ``ALLOCATORS``, or ``"system"`` is asked for after ``"warm"``.
 
     >>> use_allocator("system")
     True
@@ -45,6 +45,9 @@ def use_allocator(regime: str) -> bool:
     global ALLOCATOR
     if regime not in ALLOCATORS:
         raise ValueError(f"use_allocator: expected one of {list(ALLOCATORS)} as regime, got {regime!r}")
+    if regime == "system" and ALLOCATOR == "warm":  # mallopt cannot give glibc back its moving thresholds
+        raise ValueError("use_allocator: the 'warm' regime is in force and lasts as long as this process; "
+                         "measure 'system' in a new one")
     if regime == "warm":
         import ctypes
         import ctypes.util
@@ -65,12 +68,14 @@ DEVICE = torch.device("cpu")
 
 
 def use_device(name: str) -> torch.device:
-    """Put the suites' models and tensors on device ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+    """Put the suites' models and tensors on device ``name``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
-    Timings then wait for the device's queued kernels before reading the clock (``synchronize``).
+    Timings then wait for the device's queued kernels before reading the clock (``synchronize``),
+    and memory is the CUDA caching allocator's peak (``memory.allocated_bytes``); other
+    accelerators have neither here, so they are refused rather than measured wrongly.
 
     Raises:
-        ValueError: ``name`` is not a device torch knows, or none of that kind is available here.
+        ValueError: ``name`` is not a CPU or CUDA device, or none is available here.
 
     >>> use_device("cpu")
     device(type='cpu')
@@ -78,19 +83,19 @@ def use_device(name: str) -> torch.device:
     global DEVICE
     try:
         device = torch.device(name)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"use_device: the suites time and measure memory on cpu and cuda only, got {name!r}")
         torch.empty(0, device=device)  # raises where this torch build or machine has no such device
     except (RuntimeError, AssertionError) as error:
         raise ValueError(f"use_device: device {name!r} is not available here ({error})") from None
-    if device.type != "cpu" and not hasattr(getattr(torch, device.type, None), "synchronize"):
-        raise ValueError(f"use_device: device {name!r} cannot be timed: torch.{device.type} has no synchronize()")
     DEVICE = device
     return device
 
 
 def synchronize() -> None:
     """Wait until ``DEVICE`` has run every kernel queued so far (nothing to wait for on the CPU)."""
-    if DEVICE.type != "cpu":
-        getattr(torch, DEVICE.type).synchronize(DEVICE)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
@@ -108,15 +113,25 @@ def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
 
 
 def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: int = 3,
-            target_s: float = 0.002) -> dict[str, float]:
-    """Median microseconds per call of each implementation, measured interleaved in one run."""
+            target_s: float = 0.002, end_to_end: bool = False) -> dict[str, float]:
+    """Median microseconds per call of each implementation, measured interleaved in one run.
+
+    The garbage collector is off while a sample runs and collects between samples, untimed;
+    ``end_to_end`` keeps it on, so that a whole program's samples include what collecting its
+    reference cycles costs (nytorch 1.1 makes one per model), as it would outside a benchmark.
+    Either way the objects that exist before sampling are frozen, so collections scan only what
+    the implementations made.
+    """
     for fn in impls.values():
         for _ in range(warmup):
             fn()
     numbers = {name: _calibrate(fn, target_s) for name, fn in impls.items()}
     samples: dict[str, list[float]] = {name: [] for name in impls}
     gc_was_enabled = gc.isenabled()
-    gc.disable()
+    if end_to_end:
+        gc.enable()
+    else:
+        gc.disable()
     # what exists now is never scanned again while sampling; a caller's own frozen objects stay frozen
     freezing = gc.get_freeze_count() == 0
     if freezing:
@@ -141,8 +156,7 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
     finally:
         if freezing:
             gc.unfreeze()
-        if gc_was_enabled:
-            gc.enable()
+        (gc.enable if gc_was_enabled else gc.disable)()
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

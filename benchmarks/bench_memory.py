@@ -104,7 +104,9 @@ def run(quick: bool) -> list[Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    harness.print_table(run(parser.parse_args().quick))
+    quick = parser.parse_args().quick
+    harness.use_allocator("warm")  # as ``python -m benchmarks`` does by default
+    harness.print_table(run(quick))
 
 
 if __name__ == "__main__":

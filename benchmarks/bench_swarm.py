@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     args = parser.parse_args()
+    harness.use_allocator("warm")  # as ``python -m benchmarks`` does by default
     if args.threads:
         torch.set_num_threads(args.threads)
     table = run(args.quick)

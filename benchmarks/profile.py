@@ -10,7 +10,8 @@ For each chosen implementation of the core workloads (``bench_core.workloads``) 
    - **kernel**: the same pass into a buffer that already exists (``kernel only`` for ``a + b``;
      the floor itself for in-place workloads, which allocate nothing);
    - **allocation**: the floor minus the kernel (a fresh buffer; with ``--allocator system``
-     this is where page faults show);
+     this is where page faults show), where the workload has a "kernel only" row (``a + b``);
+     0 for in-place workloads; elsewhere "n/a", counted in the kernel;
    - **the rest**: this implementation minus the floor: Python, checks, dispatch, and any extra
      passes or per-tensor kernels it makes.
 
@@ -31,7 +32,7 @@ import cProfile
 import os
 import pstats
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -39,20 +40,32 @@ from . import _harness as harness
 from .bench_core import Workload, workloads
 from .models import sizes
 
-#: The row that isolates the kernel, per workload that has one (else the floor is the kernel).
+#: The row that isolates the kernel, per workload that has one.
 KERNEL_ROWS = {"a + b": "kernel only: torch.add(out=reused)"}
 
+#: Workloads that write in place: they allocate nothing, so their floor is their kernel.
+IN_PLACE = frozenset({"lerp_ (EMA, in place)"})
 
-def split(workload: Workload, medians: dict[str, float], name: str) -> dict[str, float]:
+
+def split(workload: Workload, medians: dict[str, float], name: str) -> dict[str, Optional[float]]:
     """``kernel``, ``allocation`` and ``rest`` of implementation ``name``, in microseconds.
+
+    ``allocation`` is ``None`` where the suite does not time the floor's kernel apart from its
+    allocation (no "kernel only" row, not in place): ``kernel`` is then the whole floor.
 
     >>> medians = {"floor": 10.0, "kernel only: torch.add(out=reused)": 8.0, "ours": 15.0}
     >>> split(Workload("a + b", "floor", {}), medians, "ours")
     {'kernel': 8.0, 'allocation': 2.0, 'rest': 5.0}
+    >>> split(Workload("clone", "floor", {}), medians, "ours")
+    {'kernel': 10.0, 'allocation': None, 'rest': 5.0}
     """
     floor = medians[workload.floor]
-    kernel = min(medians.get(KERNEL_ROWS.get(workload.name, ""), floor), floor)
-    return {"kernel": kernel, "allocation": floor - kernel, "rest": medians[name] - floor}
+    row = KERNEL_ROWS.get(workload.name)
+    if row is not None:
+        kernel = min(medians[row], floor)
+        return {"kernel": kernel, "allocation": floor - kernel, "rest": medians[name] - floor}
+    allocation = 0.0 if workload.name in IN_PLACE else None
+    return {"kernel": floor, "allocation": allocation, "rest": medians[name] - floor}
 
 
 def _label(key: tuple[str, int, str]) -> str:
@@ -95,8 +108,8 @@ def report(size: str, factory: Callable[[], torch.nn.Module], names: Sequence[st
             parts = split(workload, medians, name)
             ratio = medians[name] / medians[workload.floor]
             print(f"\n{workload.name} | {size} | {name}: {medians[name]:.1f} µs = {ratio:.2f} x floor")
-            print("  " + ", ".join(f"{part} {value:.1f} µs ({100 * value / medians[name]:.0f}%)"
-                                   for part, value in parts.items()))
+            print("  " + ", ".join(f"{part} {value:.1f} µs ({100 * value / medians[name]:.0f}%)" if value is not None
+                                   else f"{part} n/a (inside the floor's kernel)" for part, value in parts.items()))
             for function, per_call, share in hot_spots(fn, calls, top):
                 print(f"  {per_call:9.2f} µs {100 * share:5.1f}%  {function}")
 

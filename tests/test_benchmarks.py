@@ -29,6 +29,15 @@ def test_compare_frees_reference_cycles_between_samples_and_restores_gc():
     harness.compare({"cycle": cycle}, repeats=5, warmup=0, target_s=0.0)
     assert len(alive) == 0
     assert gc.isenabled() == was_enabled and gc.get_freeze_count() == 0
+    # end to end: collections run inside the samples too, and the caller's setting comes back
+    gc.disable()
+    try:
+        seen: list[bool] = []
+        harness.compare({"on": lambda: seen.append(gc.isenabled())}, repeats=2, warmup=0, target_s=0.0,
+                        end_to_end=True)
+        assert seen[-2:] == [True, True] and not gc.isenabled()  # the two samples (after calibration)
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
     # objects the caller froze stay frozen
     keep = [Node() for _ in range(3)]
     gc.freeze()
@@ -55,7 +64,7 @@ def test_core_rows_have_ratios_to_their_floor():
 def test_every_core_workload_has_every_implementation_or_says_why_not():
     from benchmarks.plot import family
 
-    rows = bench_core.bench_size("tiny", SeedLinear, repeats=1)
+    rows = bench_core.bench_size("tiny", SeedLinear, repeats=1) + bench_core.bench_momentum(repeats=1)
     families = ["functional", "Particle", "NytoModule", "per-tensor", "foreach", "tensordict"]
     if importlib.util.find_spec("tensordict") is None:
         families.remove("tensordict")  # optional: measured when installed
@@ -65,7 +74,7 @@ def test_every_core_workload_has_every_implementation_or_says_why_not():
         assert [name for name in families if name not in present and name not in absent] == [], workload
         assert not present & absent, workload  # a reason given for a row that exists would be stale
         floors = [row for row in rows if row["workload"] == workload and row["ratio_to_floor"] == 1.0]
-        assert floors and floors[0]["implementation"].startswith("floor"), workload
+        assert floors and "floor" in floors[0]["implementation"], workload
 
 
 def test_not_measured_lines_name_the_workloads_of_the_run():
@@ -137,6 +146,10 @@ def test_profile_splits_time_into_kernel_allocation_and_the_rest():
     medians = {"floor: flat + flat": 10.0, "kernel only: torch.add(out=reused)": 8.0, "Particle p + q": 15.0}
     assert split(Workload("a + b", "floor: flat + flat", {}), medians, "Particle p + q") == {
         "kernel": 8.0, "allocation": 2.0, "rest": 5.0}
+    # no kernel-only row: the floor's allocation is not timed apart
+    medians = {"floor: flat.clone()": 10.0, "Particle clone": 12.0}
+    assert split(Workload("clone", "floor: flat.clone()", {}), medians, "Particle clone") == {
+        "kernel": 10.0, "allocation": None, "rest": 2.0}
     # in place: the floor is the kernel, nothing is allocated
     medians = {"floor: flat.lerp_": 10.0, "Particle ema.lerp_": 12.0}
     assert split(Workload("lerp_ (EMA, in place)", "floor: flat.lerp_", {}), medians, "Particle ema.lerp_") == {
@@ -165,9 +178,12 @@ def test_use_allocator_names_its_regime_and_rejects_others():
     assert harness.use_allocator("system") and harness.machine()["allocator"].startswith("system defaults")
     # "warm" changes malloc for the whole process: tried in a child, which reports what it got
     script = ("from benchmarks import _harness as h; ok = h.use_allocator('warm'); "
-              "print(ok, h.ALLOCATOR if ok else 'system', h.machine()['allocator'])")
+              "print(ok, h.ALLOCATOR if ok else 'system', h.machine()['allocator'])\n"
+              "try:\n    h.use_allocator('system')\nexcept ValueError as error:\n    print(error)")
     shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert shown.startswith("True warm glibc keeping freed memory") or shown.startswith("False system system")
+    if shown.startswith("True"):  # glibc's moving thresholds cannot be given back: refused, not faked
+        assert "use_allocator: the 'warm' regime is in force and lasts as long as this process" in shown
 
 
 def test_use_device_moves_the_suites_or_says_why_not():
@@ -180,8 +196,10 @@ def test_use_device_moves_the_suites_or_says_why_not():
             harness.use_device("cuda")
     with pytest.raises(ValueError, match=r"use_device: device 'abacus' is not available here"):
         harness.use_device("abacus")
-    with pytest.raises(ValueError, match=r"use_device: device 'meta' cannot be timed: torch.meta has no synchronize"):
-        harness.use_device("meta")  # it exists, but runs nothing a clock could measure
+    for other in ("meta", "mps"):  # no synchronize() taking a device, no memory measure: refused
+        with pytest.raises(ValueError, match=rf"use_device: the suites time and measure memory on cpu and cuda "
+                                             rf"only, got '{other}'"):
+            harness.use_device(other)
     assert harness.DEVICE == torch.device("cpu")  # a refused device changes nothing
     harness.synchronize()  # nothing to wait for on the CPU
 

@@ -106,25 +106,10 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PATH", help="also draw the core ratios to an image (needs matplotlib)")
     parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md and RESULTS.png")
     parser.add_argument("--only", nargs="*", default=[], help=f"suites to run, among {SUITES}")
-    parser.add_argument("--allocator", choices=harness.ALLOCATORS, default="warm",
-                        help="warm (default): glibc keeps freed memory, so no time includes page faults; "
-                             "system: glibc's defaults, where fresh pages fault in depending on the heap's history")
-    parser.add_argument("--device", default="cpu",
-                        help="where bench_core, bench_memory and bench_swarm put their models and tensors "
-                             f"(cpu, cuda, cuda:1...); {', '.join(CPU_ONLY)} run on the CPU")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own; 1 gives steadier ratios on a shared machine)")
+    harness.add_measuring_options(parser, device_note=" for bench_core, bench_memory and bench_swarm; "
+                                                     f"{', '.join(CPU_ONLY)} run on the CPU")
     args = parser.parse_args()
-    try:
-        harness.use_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    if not harness.use_allocator(args.allocator):
-        print(f"--allocator {args.allocator} is not available here (no glibc): measuring with the system's",
-              file=sys.stderr)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    harness.apply_measuring_options(parser, args)
     table = collect(args.quick, args.only)
     harness.print_table(table)
     for line in not_measured(table):

@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -96,6 +96,36 @@ def synchronize() -> None:
     """Wait until ``DEVICE`` has run every kernel queued so far (nothing to wait for on the CPU)."""
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
+
+
+def add_measuring_options(parser: Any, threads: Optional[int] = None, device_note: str = "") -> None:
+    """``--allocator``, ``--device`` and ``--threads`` on a command line that measures (see ``apply_measuring_options``)."""
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="warm",
+                        help="warm (default): glibc keeps freed memory, so no time includes page faults; "
+                             "system: glibc's defaults, where fresh pages fault in depending on the heap's history")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N" + device_note)
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="torch threads (default: " + (str(threads) if threads else "torch's own")
+                             + "; 1 gives steadier ratios on a shared machine)")
+
+
+def apply_measuring_options(parser: Any, args: Any) -> None:
+    """Put the options of ``add_measuring_options`` in force, before anything is measured.
+
+    A device that cannot be used is a usage error; a ``warm`` allocator that cannot be had (no
+    glibc) is said on stderr, and the measurement goes on with the system's.
+    """
+    import sys
+
+    try:
+        use_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    if not use_allocator(args.allocator):
+        print(f"--allocator {args.allocator} is not available here (no glibc): measuring with the system's",
+              file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
@@ -204,11 +234,28 @@ def dump_json(table: list[dict[str, Any]], path: str) -> None:
         json.dump({"machine": machine(), "rows": table}, handle, indent=1)
 
 
+def tensordict() -> Any:
+    """tensordict's ``TensorDict`` class, or ``None`` where it is not installed.
+
+    It is optional, never a dependency: its rows appear when it can be imported (e.g. with
+    ``PYTHONPATH`` pointing at a ``pip install --target`` of it, see DEVELOPERS.md).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("tensordict") is None:
+        return None
+    from tensordict import TensorDict
+    return TensorDict
+
+
 def run_nytorch_11(script: str, *args: str) -> Any:
     """Run ``script`` under nytorch 1.1 (a separate library also named ``nytorch``) and parse its JSON output.
 
     1.1 is installed with ``pip install --no-deps --target $NYTORCH11_DIR nytorch==1.1.0`` when missing
     and imported from a subprocess with ``PYTHONPATH`` pointing there.  Returns ``None`` when unavailable.
+    The script starts under this process's allocator regime and device, and finds three names
+    defined: ``device``, ``compare`` (this module's) and ``suite_file(name)``, which runs one of the
+    suite's files (``"models.py"``...) there, where ``nytorch`` is 1.1.
     """
     import subprocess
     import sys
@@ -220,11 +267,14 @@ def run_nytorch_11(script: str, *args: str) -> Any:
         if done.returncode != 0:
             print("nytorch 1.1 unavailable; skipping its rows", file=sys.stderr)
             return None
-    env = dict(os.environ, PYTHONPATH=target, OMP_NUM_THREADS=str(torch.get_num_threads()),
-               NYTORCH_BENCH_DEVICE=str(DEVICE))  # the scripts put their models there (``use_device``)
-    # the same allocator regime as this process (``use_allocator``), set before the script allocates
-    preamble = (f"import runpy; runpy.run_path({os.path.abspath(__file__)!r})['use_allocator']({ALLOCATOR!r})\n"
-                if ALLOCATOR != "system" else "")
+    env = dict(os.environ, PYTHONPATH=target, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    here = os.path.dirname(os.path.abspath(__file__))
+    # set before the script allocates: the same allocator regime and device as this process
+    preamble = (f"import os, runpy\n"
+                f"harness = runpy.run_path({os.path.join(here, '_harness.py')!r})\n"
+                f"harness['use_allocator']({ALLOCATOR!r})\n"
+                f"device, compare = harness['use_device']({str(DEVICE)!r}), harness['compare']\n"
+                f"def suite_file(name): return runpy.run_path(os.path.join({here!r}, name))\n")
     result = subprocess.run([sys.executable, "-c", preamble + script, *args], capture_output=True, text=True,
                             env=env, cwd="/")
     if result.returncode != 0:

@@ -5,7 +5,6 @@ Run: ``python -m benchmarks.bench_core [--quick]``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import textwrap
 from collections.abc import Callable
@@ -33,14 +32,6 @@ def _pair(factory: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
     return factory().to(harness.DEVICE), factory().to(harness.DEVICE)
 
 
-def _tensordict(tree: dict[str, torch.Tensor]) -> Any:
-    """``tree`` as a TensorDict, or ``None`` when tensordict is not installed (it is optional)."""
-    if importlib.util.find_spec("tensordict") is None:  # PYTHONPATH to a tensordict install
-        return None
-    from tensordict import TensorDict
-    return TensorDict(tree, [])
-
-
 #: Implementation families (``plot.family``) a workload has no row for, and why: printed under the
 #: table and in RESULTS.md.  (The functional API has no in-place operations: its EMA row computes
 #: a new tree, ``nf.lerp(ema, params, 0.001)``, and says so.)
@@ -54,6 +45,10 @@ NOT_MEASURED = {
     ("structural check of two models", "nytorch 1.1"): "1.1 has no such check: operands must share a "
                                                        "\"species\", an identity test",
 }
+
+
+#: The ``a + b`` row that times the floor's kernel without its allocation (``profile.py`` reads it).
+KERNEL_ONLY = "kernel only: torch.add(out=reused)"
 
 
 class Workload(NamedTuple):
@@ -74,7 +69,8 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
     pa, pb = nytorch.particle(a), nytorch.particle(b)  # packs a and b (one buffer each), as NytoModule ops do
     ta, tb = nf.params(a), nf.params(b)  # views into those buffers
     la, lb = list(ta.values()), list(tb.values())
-    da, db = _tensordict(ta), _tensordict(tb)
+    TensorDict = harness.tensordict()  # optional: its rows appear when it is installed
+    da, db = (None, None) if TensorDict is None else (TensorDict(ta, []), TensorDict(tb, []))
     out: list[Workload] = []
 
     def add(workload: str, floor: str, impls: dict[str, Callable[[], Any]],
@@ -89,7 +85,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
         "floor: flat + flat": lambda: fa + fb,
         # the same pass into a buffer that is already there: the kernel without the allocation, whose
         # cost swings with glibc's heap (fresh pages above its mmap threshold fault in every time)
-        "kernel only: torch.add(out=reused)": lambda: torch.add(fa, fb, out=reused),
+        KERNEL_ONLY: lambda: torch.add(fa, fb, out=reused),
         "functional nf.add": lambda: nf.add(ta, tb),
         "Particle p + q": lambda: pa + pb,
         "NytoModule a + b": lambda: a + b,
@@ -192,23 +188,21 @@ def bench_momentum(repeats: int, epochs: int = 100) -> list[Row]:
 
     medians = harness.compare({"plain tensors (floor)": momentum.with_tensors(make, x, y, epochs),
                                "NytoModule (seed example)": momentum.with_modules(make, x, y, epochs)},
-                              repeats=max(3, repeats // 3), warmup=1, target_s=0.0, end_to_end=True)
+                              repeats=max(3, repeats // 3), **momentum.TIMING)
     return harness.rows(f"momentum example, {epochs} epochs", "iris MLP", medians, "plain tensors (floor)")
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, os, runpy, sys, torch
-    # nytorch here is 1.1: the suite's own models (they subclass its NytoModule) and its own timer
-    zoo = runpy.run_path(sys.argv[1] + "/models.py")["sizes"](json.loads(sys.argv[3]))
-    harness = runpy.run_path(sys.argv[1] + "/_harness.py")
-    device, compare = harness["use_device"](os.environ.get("NYTORCH_BENCH_DEVICE", "cpu")), harness["compare"]
+    import json, sys, torch
+    # nytorch here is 1.1: the suite's own models (they subclass its NytoModule), timed by ``compare``
+    zoo = suite_file("models.py")["sizes"](json.loads(sys.argv[2]))
     rows = []
-    for size in json.loads(sys.argv[2]):
+    for size in json.loads(sys.argv[1]):
         torch.manual_seed(0)
         a = zoo[size]().to(device); b = a.clone_from(zoo[size]().to(device))  # one "species", as 1.1 requires
         fa = torch.cat([p.detach().reshape(-1) for p in a.parameters()]); fb = fa.clone()
         ema, ema_flat = a.clone(), fa.clone()
-        repeats = int(sys.argv[4])
+        repeats = int(sys.argv[3])
         if fa.numel() > 10 ** 7:
             repeats = max(5, repeats // 3)  # a second per call: fewer samples
         def ema_update(): ema.product_(ema.product() * 0.999 + b.product() * 0.001)
@@ -221,11 +215,11 @@ _NYTORCH_11 = textwrap.dedent('''
             medians = compare({"floor": floor, "nytorch 1.1": spelling}, repeats=repeats)
             rows.append(dict(size=size, workload=workload, median_us=medians["nytorch 1.1"], floor=medians["floor"]))
         if size == "iris MLP":  # the seed's momentum example, with the suite's own loops (momentum.py)
-            momentum = runpy.run_path(sys.argv[1] + "/momentum.py")
+            momentum = suite_file("momentum.py")
             x, y = momentum["data"](device)
             make = lambda: zoo[size]().to(device)
             medians = compare({"floor": momentum["with_tensors"](make, x, y), "nytorch 1.1": momentum["with_modules"](make, x, y)},
-                              repeats=max(3, repeats // 3), warmup=1, target_s=0.0, end_to_end=True)
+                              repeats=max(3, repeats // 3), **momentum["TIMING"])
             rows.append(dict(size=size, workload="momentum example, 100 epochs", median_us=medians["nytorch 1.1"],
                              floor=medians["floor"]))
     print(json.dumps(rows))
@@ -241,9 +235,7 @@ def nytorch_11(size_names: list[str], quick: bool, repeats: int) -> list[Row]:
     It builds the same models (``models.py`` run under 1.1, whose ``NytoModule`` they then subclass)
     and times them with the same interleaving ``_harness.compare``.
     """
-    import os
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = harness.run_nytorch_11(_NYTORCH_11, here, json.dumps(size_names), json.dumps(quick), str(repeats))
+    found = harness.run_nytorch_11(_NYTORCH_11, json.dumps(size_names), json.dumps(quick), str(repeats))
     if found is None:
         return []
     return [

@@ -7,7 +7,6 @@ Run: ``python -m benchmarks.bench_memory [--quick]``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import textwrap
 from collections.abc import Callable
@@ -58,8 +57,8 @@ def _ours(size: str, factory: Callable[[], nn.Module]) -> list[Row]:
     for _ in range(3):  # a loop of the operations above: what the pool keeps between them
         a + b, pa + pb, 0.9 * (a - b) + a  # noqa: B018 - results dropped on purpose
     rows.append(_row("memory of a + b", size, "held by nytorch's pool between operations", _pool.held_bytes(), floor))
-    if importlib.util.find_spec("tensordict") is not None:
-        from tensordict import TensorDict
+    TensorDict = harness.tensordict()
+    if TensorDict is not None:
         da, db = TensorDict(ta, []), TensorDict(tb, [])
         used = allocated_bytes(lambda: da + db, harness.DEVICE)
         rows.append(_row("memory of a + b", size, "tensordict td + td", used, floor))
@@ -67,13 +66,12 @@ def _ours(size: str, factory: Callable[[], nn.Module]) -> list[Row]:
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, os, runpy, sys, torch
+    import json, sys
     # nytorch here is 1.1: the suite's own models (they subclass its NytoModule) and its own measure
-    zoo = runpy.run_path(sys.argv[1] + "/models.py")["sizes"](json.loads(sys.argv[3]))
-    allocated_bytes = runpy.run_path(sys.argv[1] + "/memory.py")["allocated_bytes"]
-    device = torch.device(os.environ.get("NYTORCH_BENCH_DEVICE", "cpu"))
+    zoo = suite_file("models.py")["sizes"](json.loads(sys.argv[2]))
+    allocated_bytes = suite_file("memory.py")["allocated_bytes"]
     rows = []
-    for size in json.loads(sys.argv[2]):
+    for size in json.loads(sys.argv[1]):
         a = zoo[size]().to(device); b = a.clone_from(zoo[size]().to(device))
         a + b
         rows.append(dict(size=size, used=allocated_bytes(lambda: a + b, device),
@@ -83,9 +81,7 @@ _NYTORCH_11 = textwrap.dedent('''
 
 
 def _nytorch_11(names: list[str], quick: bool) -> list[Row]:
-    import os
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = harness.run_nytorch_11(_NYTORCH_11, here, json.dumps(names), json.dumps(quick))
+    found = harness.run_nytorch_11(_NYTORCH_11, json.dumps(names), json.dumps(quick))
     if found is None:
         return []
     return [_row("memory of a + b", row["size"], "nytorch 1.1 NytoModule", row["used"], row["floor"])

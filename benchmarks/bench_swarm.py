@@ -20,7 +20,6 @@ Run: ``python -m benchmarks.bench_swarm [--quick] [--threads N]`` from the repos
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -119,9 +118,8 @@ def forward_rows(repeats: int, many_small: bool = False) -> list[Row]:
     if not many_small:  # the model there is a custom class already (``Stack``)
         generic = Swarm.stack([ClassMLP().to(device) for _ in range(members)])
         impls["Swarm: custom-class MLP"] = lambda: generic(x)
-    if importlib.util.find_spec("tensordict") is not None:  # optional, as in bench_core
-        from tensordict import TensorDict
-
+    TensorDict = harness.tensordict()
+    if TensorDict is not None:
         stacked = TensorDict.from_modules(*modules)  # tensordict's ensembling recipe: vmap over to_module
 
         def call(members_params: Any, inputs: torch.Tensor) -> torch.Tensor:
@@ -165,9 +163,8 @@ def apso_rows(repeats: int, many_small: bool = False) -> list[Row]:
         "per-tensor loop over stacked parameters": per_tensor,
         "foreach by hand over stacked parameters": foreach,
     }
-    if importlib.util.find_spec("tensordict") is not None:  # optional, as in bench_core
-        from tensordict import TensorDict
-
+    TensorDict = harness.tensordict()
+    if TensorDict is not None:
         td = TensorDict(stacked, batch_size=[members])
         impls["tensordict (1-b)*td + b*td[best] + a*noise"] = (
             lambda: (1 - BETA) * td + BETA * td[BEST] + ALPHA * td.apply(torch.randn_like))
@@ -177,13 +174,11 @@ def apso_rows(repeats: int, many_small: bool = False) -> list[Row]:
 
 
 _NYTORCH_11 = textwrap.dedent('''
-    import json, os, sys, runpy, torch
+    import json, sys, torch
     from torch import nn
     from nytorch import NytoModule
     ALPHA, BETA, BEST = 0.1, 0.5, 7
-    Stack = runpy.run_path(sys.argv[1] + "/models.py")["Stack"]  # subclasses 1.1's NytoModule here
-    harness = runpy.run_path(sys.argv[1] + "/_harness.py")
-    device, compare = harness["use_device"](os.environ.get("NYTORCH_BENCH_DEVICE", "cpu")), harness["compare"]
+    Stack = suite_file("models.py")["Stack"]  # subclasses 1.1's NytoModule here
     class MLP(NytoModule):
         def __init__(self):
             super().__init__()
@@ -191,7 +186,7 @@ _NYTORCH_11 = textwrap.dedent('''
         def forward(self, x):
             return self.layers(x)
     out = []
-    for many_small in json.loads(sys.argv[3]):
+    for many_small in json.loads(sys.argv[2]):
         torch.manual_seed(0)
         members, make = (8, lambda: Stack(100, 64)) if many_small else (64, MLP)
         first = make().to(device)
@@ -205,7 +200,7 @@ _NYTORCH_11 = textwrap.dedent('''
         def modules():
             best = swarm[BEST]
             return [(1 - BETA) * m + BETA * best + ALPHA * m.randn() for m in swarm]
-        medians = compare({"floor": floor, "products": products, "modules": modules}, repeats=int(sys.argv[2]))
+        medians = compare({"floor": floor, "products": products, "modules": modules}, repeats=int(sys.argv[1]))
         out.append(dict(medians, size=f"P={members} n={flat.shape[1]}"))
     print(json.dumps(out))
 ''')
@@ -218,10 +213,8 @@ def nytorch_11(repeats: int, many_small: bool = True) -> list[Row]:
     many-small members from the suite's ``models.py`` (run under 1.1, whose ``NytoModule`` they subclass).
     """
     import json
-    import os
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = harness.run_nytorch_11(_NYTORCH_11, here, str(repeats), json.dumps([False] + [True] * many_small))
+    found = harness.run_nytorch_11(_NYTORCH_11, str(repeats), json.dumps([False] + [True] * many_small))
     if found is None:
         return []
     return [

@@ -37,11 +37,11 @@ from typing import Any, Optional
 import torch
 
 from . import _harness as harness
-from .bench_core import Workload, workloads
+from .bench_core import KERNEL_ONLY, Workload, workloads
 from .models import sizes
 
 #: The row that isolates the kernel, per workload that has one.
-KERNEL_ROWS = {"a + b": "kernel only: torch.add(out=reused)"}
+KERNEL_ROWS = {"a + b": KERNEL_ONLY}
 
 #: Workloads that write in place: they allocate nothing, so their floor is their kernel.
 IN_PLACE = frozenset({"lerp_ (EMA, in place)"})
@@ -125,16 +125,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="profiled calls per implementation")
     parser.add_argument("--repeats", type=int, default=11, help="timed samples per implementation")
     parser.add_argument("--top", type=int, default=10, help="functions listed per implementation")
-    parser.add_argument("--allocator", choices=harness.ALLOCATORS, default="warm", help="as for python -m benchmarks")
-    parser.add_argument("--device", default="cpu", help="as for python -m benchmarks (default cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    harness.add_measuring_options(parser, threads=1)
     args = parser.parse_args()
-    try:
-        harness.use_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    harness.use_allocator(args.allocator)
-    torch.set_num_threads(args.threads)
+    harness.apply_measuring_options(parser, args)
     for size in args.size:
         report(size, zoo[size], args.workload, args.implementation, args.calls, args.repeats, args.top)
 

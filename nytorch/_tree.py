@@ -135,11 +135,21 @@ def _plain(tree: PyTree) -> Optional[list[Tensor]]:
     return leaves if all(issubclass(kind, Tensor) for kind in set(map(type, leaves))) else None
 
 
+def _leaf_names(tree: PyTree, plain: bool) -> Callable[[], list[str]]:
+    """The names of ``tree``'s leaves in the order its leaves were taken, read only when called.
+
+    A plain dict's leaves are its values in key order (``_plain``); any other tree's are optree's.
+    """
+    if plain:
+        return lambda: [_path_name((key,)) for key in tree]
+    return lambda: path_names(tree)
+
+
 def _scalar_op(op: lw.Op, fn: str, tree: PyTree, scalar: object, argument: str, reflected: bool) -> PyTree:
     plain = _plain(tree)
     leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, argument)
     active = lw.arithmetic_mask(leaves)
-    names = (lambda: [_path_name((key,)) for key in tree]) if plain is not None else (lambda: path_names(tree))
+    names = _leaf_names(tree, plain is not None)
     lw.check_scalar(fn, scalar, names, leaves, active, reflected=reflected)
     results = lw.apply(lw.REFLECTED[fn] if reflected else op, leaves, scalar, active=active)
     return dict(zip(tree, results)) if spec is None else optree.tree_unflatten(spec, results)
@@ -242,7 +252,7 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
         _, weights, _ = matched("lerp", a, weight)  # the same (flattened) leaf order as ``left``
         return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
     left, right, plain_spec = aligned("lerp", a, b)  # ``None``: two plain dicts, leaves in key order
-    names = (lambda: [_path_name((key,)) for key in a]) if plain_spec is None else (lambda: path_names(a))
+    names = _leaf_names(a, plain_spec is None)
     lw.check_scalar("lerp", weight, names, left, lw.arithmetic_mask(left))
     results = lw.apply(lw.LERP, left, right, weight)
     return dict(zip(a, results)) if plain_spec is None else optree.tree_unflatten(plain_spec, results)

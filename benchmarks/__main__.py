@@ -2,19 +2,21 @@
 
 Every row is a median of interleaved samples taken in this one run, with its ratio
 to the floor measured alongside (never absolute seconds across runs).
-``--results`` rewrites ``benchmarks/RESULTS.md`` with the table and the machine, and
-draws the core ratios to ``benchmarks/RESULTS.png`` (``benchmarks/plot.py``).
+``--results`` rewrites this device's section of ``benchmarks/RESULTS.md`` with the table and the
+machine, and draws the core ratios beside it (``benchmarks/results.py``, ``benchmarks/plot.py``).
 ``--allocator`` says how memory is served while measuring (``_harness.use_allocator``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from typing import Any
+import time
+import traceback
+from typing import Any, NamedTuple
 
 from . import _harness as harness
+from .results import CPU_ONLY, drawn, describe, not_measured, write
 from .targets import verdicts
 
 # Each suite module exposes ``run(quick: bool) -> list[dict]``.  bench_memory comes last: it measures
@@ -22,12 +24,23 @@ from .targets import verdicts
 # in for the rest of the process (see benchmarks/profile.py), which would slow every later timing.
 SUITES = ["bench_core", "bench_swarm", "bench_merge", "bench_distributed", "bench_memory"]
 
-#: Suites that measure on the CPU whatever ``--device`` says (gloo collectives, CPU-side merging).
-CPU_ONLY = ("bench_merge", "bench_distributed")
+
+class Run(NamedTuple):
+    """A run's rows, and one line per suite that raised under ``--keep-going``."""
+
+    table: list[dict[str, Any]]
+    failures: list[str]
 
 
-def collect(quick: bool, only: list[str]) -> list[dict[str, Any]]:
+def collect(quick: bool, only: list[str], *, keep_going: bool = False, json_path: str = "") -> Run:
+    """Run the suites (``only`` those, when given) in order; each suite's rows get its name.
+
+    ``keep_going`` reports a suite that raises (traceback on stderr, a line in ``failures``) and runs
+    the next; ``json_path`` is rewritten after every suite (every part, for a suite with ``parts``), so
+    a run cut short keeps what it measured.
+    """
     table: list[dict[str, Any]] = []
+    failures: list[str] = []
     for name in SUITES:
         if only and name not in only:
             continue
@@ -37,66 +50,26 @@ def collect(quick: bool, only: list[str]) -> list[dict[str, Any]]:
             print(f"skipping {name}: {error}", file=sys.stderr)
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows = module.run(quick)
-        for row in rows:
-            row.setdefault("suite", name)
-        table += rows
-    return table
-
-
-def not_measured(table: list[dict[str, Any]]) -> list[str]:
-    """One line per implementation a workload of ``table`` has no row for, saying why (suites' ``NOT_MEASURED``)."""
-    lines = []
-    workloads = {(row.get("suite", ""), row["workload"]) for row in table}
-    for suite in dict.fromkeys(row.get("suite", "") for row in table):
-        reasons = getattr(importlib.import_module(f"benchmarks.{suite}"), "NOT_MEASURED", {}) if suite else {}
-        lines += [f"{workload}: no {implementation} row: {reason}"
-                  for (workload, implementation), reason in reasons.items() if (suite, workload) in workloads]
-    return lines
-
-
-def _plotted(table: list[dict[str, Any]], path: str, title: str) -> bool:
-    """Draw the core ratios to ``path``; ``False`` (with a note) when matplotlib is missing."""
-    try:
-        from .plot import plot
-        plot(table, path, title=title)
-    except ImportError as error:
-        print(f"no plot: {error}", file=sys.stderr)
-        return False
-    except ValueError as error:  # no core rows (e.g. ``--only bench_swarm``)
-        print(f"no plot: {error}", file=sys.stderr)
-        return False
-    return True
-
-
-def write_results(table: list[dict[str, Any]], path: str = "benchmarks/RESULTS.md") -> None:
-    machine = harness.machine()
-    described = ", ".join(f"{key} {value}" for key, value in machine.items())
-    image = os.path.join(os.path.dirname(path), "RESULTS.png")
-    drawn = _plotted(table, image, described)
-    lines = ["# Benchmark results", "",
-             "Regenerate with `python -m benchmarks --results` (ratios are to the floor measured in the same run).", "",
-             "Machine: " + described, ""]
-    if drawn:
-        lines += ["![Ratios to the floor of bench_core, per workload and size; black ticks are issue 4's targets]"
-                  "(RESULTS.png)", ""]
-    judged = verdicts(table)
-    if judged:
-        lines += ["## Targets in this run (benchmarks/targets.py)", "", "```"] + [verdict.line() for verdict in judged] + ["```", ""]
-    if harness.DEVICE.type != "cpu":
-        lines += [f"Models and tensors on {harness.DEVICE}, except in {' and '.join(CPU_ONLY)} (CPU).", ""]
-    missing = not_measured(table)
-    if missing:
-        lines += ["## No row, and why", ""] + [f"- {line}" for line in missing] + [""]
-    lines += ["## Every row", "", "| suite | workload | size | implementation | median | x floor |",
-             "|---|---|---|---|---|---|"]
-    for row in table:
-        median = row["median_us"]
-        shown = row.get("shown") or (f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} µs")
-        lines.append(f"| {row.get('suite', '')} | {row['workload']} | {row.get('size', '')} | "
-                     f"{row['implementation']} | {shown} | {row['ratio_to_floor']:.2f} |")
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+        started = time.perf_counter()
+        try:
+            # a suite with ``parts`` hands its rows over a part at a time: each is saved as it comes
+            for rows in module.parts(quick) if hasattr(module, "parts") else [module.run(quick)]:
+                for row in rows:
+                    row.setdefault("suite", name)
+                table += rows
+                if json_path:
+                    harness.dump_json(table, json_path, failures)
+                print(f"{name}: {len(table)} rows so far, {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                      flush=True)
+        except Exception as error:
+            if not keep_going:
+                raise
+            traceback.print_exc()
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+            if json_path:
+                harness.dump_json(table, json_path, failures)
+        print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return Run(table, failures)
 
 
 def main() -> None:
@@ -106,22 +79,28 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PATH", help="also draw the core ratios to an image (needs matplotlib)")
     parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md and RESULTS.png")
     parser.add_argument("--only", nargs="*", default=[], help=f"suites to run, among {SUITES}")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="report a suite that raises and run the next (e.g. once on a lent GPU machine)")
     harness.add_measuring_options(parser, device_note=" for bench_core, bench_memory and bench_swarm; "
                                                      f"{', '.join(CPU_ONLY)} run on the CPU")
     args = parser.parse_args()
     harness.apply_measuring_options(parser, args)
-    table = collect(args.quick, args.only)
+    table, failures = collect(args.quick, args.only, keep_going=args.keep_going, json_path=args.json or "")
     harness.print_table(table)
     for line in not_measured(table):
         print(line)
     for verdict in verdicts(table):
         print(verdict.line())
+    for failure in failures:
+        print("FAILED", failure)
     if args.json:
-        harness.dump_json(table, args.json)
+        harness.dump_json(table, args.json, failures)
     if args.plot:
-        _plotted(table, args.plot, ", ".join(f"{key} {value}" for key, value in harness.machine().items()))
+        drawn(table, args.plot, describe(harness.machine()))
     if args.results:
-        write_results(table)
+        write(table, harness.machine(), failures=failures)
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -229,9 +229,10 @@ def print_table(table: list[dict[str, Any]]) -> None:
               f"{shown:>12} {row['ratio_to_floor']:>8.2f}")
 
 
-def dump_json(table: list[dict[str, Any]], path: str) -> None:
+def dump_json(table: list[dict[str, Any]], path: str, failures: Optional[list[str]] = None) -> None:
+    """Write the rows, the machine and the suites that failed (``python -m benchmarks --keep-going``) to ``path``."""
     with open(path, "w") as handle:
-        json.dump({"machine": machine(), "rows": table}, handle, indent=1)
+        json.dump({"machine": machine(), "rows": table, "failures": failures or []}, handle, indent=1)
 
 
 def tensordict() -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -139,7 +139,7 @@ def workloads(factory: Callable[[], nn.Module]) -> list[Workload]:
         "Particle clone": lambda: pa.clone(),
         "NytoModule clone": lambda: a.clone(),
         "per-tensor loop": lambda: [x.clone() for x in la],
-        "foreach by hand": lambda: torch._foreach_clone(la),
+        **_foreach_clone(la),
     }, ("td.clone()", lambda: da.clone()))
     return out + [structure_workload(a, b, pa, pb, ta, tb)]
 
@@ -150,6 +150,16 @@ def bench_size(size: str, factory: Callable[[], nn.Module], repeats: int) -> lis
     for workload in workloads(factory):
         out += harness.rows(workload.name, size, harness.compare(workload.impls, repeats=repeats), workload.floor)
     return out
+
+
+def _foreach_clone(leaves: list[torch.Tensor]) -> dict[str, Callable[[], Any]]:
+    """The "foreach by hand" clone row: ``torch._foreach_clone``, or where a torch lacks it (2.11 does)
+    the nearest fused kernel that makes new tensors, ``_foreach_mul`` by 1, named as such."""
+    clone = getattr(torch, "_foreach_clone", None)
+    if clone is not None:
+        return {"foreach by hand": lambda: clone(leaves)}
+    return {"foreach by hand (_foreach_mul by 1: this torch has no _foreach_clone)":
+            lambda: torch._foreach_mul(leaves, 1.0)}
 
 
 def structure_workload(a: nn.Module, b: nn.Module, pa: nytorch.Particle, pb: nytorch.Particle,
@@ -246,16 +256,20 @@ def nytorch_11(size_names: list[str], quick: bool, repeats: int) -> list[Row]:
     ]
 
 
-def run(quick: bool) -> list[Row]:
-    """All core rows (``quick`` shrinks sizes and repeats for CI)."""
+def parts(quick: bool) -> Iterator[list[Row]]:
+    """The core rows a part at a time (each size, the momentum example, nytorch 1.1), so that a
+    run cut short keeps the parts it finished (``python -m benchmarks --json``)."""
     repeats = 7 if quick else 21
-    table: list[Row] = []
     zoo = sizes(quick)
     for size, factory in zoo.items():
-        table += bench_size(size, factory, repeats)
-    table += bench_momentum(repeats)
-    table += nytorch_11(list(zoo), quick, repeats)
-    return table
+        yield bench_size(size, factory, repeats)
+    yield bench_momentum(repeats)
+    yield nytorch_11(list(zoo), quick, repeats)
+
+
+def run(quick: bool) -> list[Row]:
+    """All core rows (``quick`` shrinks sizes and repeats for CI)."""
+    return [row for part in parts(quick) for row in part]
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,7 +110,7 @@ def plot(table: Sequence[dict[str, Any]], path: str, title: str = "") -> list[st
         axis.grid(axis="x", which="both", alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
     if title:
-        figure.suptitle(title)
+        figure.suptitle(textwrap.fill(title, 150))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -78,7 +78,7 @@ def test_every_core_workload_has_every_implementation_or_says_why_not():
 
 
 def test_not_measured_lines_name_the_workloads_of_the_run():
-    from benchmarks.__main__ import not_measured
+    from benchmarks.results import not_measured
 
     table = [{"suite": "bench_core", "workload": "randn", "size": "tiny", "implementation": "floor: torch.randn(n)",
               "median_us": 1.0, "ratio_to_floor": 1.0}]
@@ -225,3 +225,64 @@ def test_memory_rows_give_each_style_one_output_of_parameter_bytes():
         assert rows[name]["bytes"] == floor, name
     assert rows["NytoModule 0.9*(a-b)+a"]["bytes"] == 2 * floor  # the difference, then the sum
     assert rows["Particle ema.lerp_ (in place)"]["bytes"] == 0
+
+
+def _rows(implementation: str, median: float) -> list[dict]:
+    return [{"suite": "bench_core", "workload": "a + b", "size": "wide", "implementation": name,
+             "median_us": value, "ratio_to_floor": value / 2.0}
+            for name, value in (("floor: flat + flat", 2.0), (implementation, median))]
+
+
+def test_results_keep_each_device_section_until_that_device_runs_again(tmp_path):
+    from benchmarks import results
+
+    path = str(tmp_path / "RESULTS.md")
+    cpu, cuda = {"device": "cpu", "date": "d1"}, {"device": "cuda:0: NVIDIA H200", "date": "d2"}
+    assert results.write(_rows("Particle p + q", 3.0), cpu, path) == "cpu"
+    assert results.write(_rows("Particle p + q", 5.0), cuda, path, failures=["bench_swarm: RuntimeError: boom"]) == "cuda"
+    text = open(path).read()
+    assert text.index("## On the CPU") < text.index("## On CUDA: NVIDIA H200")
+    assert "| 3.0 µs | 1.50 |" in text and "| 5.0 µs | 2.50 |" in text
+    assert "- bench_swarm: RuntimeError: boom" in text and "for comparison" in text
+    results.write(_rows("Particle p + q", 4.0), cpu, path)  # the CPU again: its section only
+    text = open(path).read()
+    assert "| 3.0 µs |" not in text and "| 4.0 µs | 2.00 |" in text and "| 5.0 µs | 2.50 |" in text
+    assert text.count("<!-- run: cpu -->") == 1 and text.count("<!-- run: cuda -->") == 1
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "RESULTS.png").exists() and (tmp_path / "RESULTS-cuda.png").exists()
+        assert "(RESULTS-cuda.png)" in text
+
+
+def test_collect_keeps_going_past_a_failing_suite_and_saves_after_each(tmp_path, monkeypatch):
+    import json
+    import sys
+    import types
+
+    import pytest
+
+    from benchmarks import __main__ as suite
+
+    def failing(quick: bool) -> list:
+        raise RuntimeError("no such kernel")
+
+    for name, run in (("fake_fails", failing), ("fake_works", lambda quick: _rows("Particle p + q", 3.0))):
+        monkeypatch.setitem(sys.modules, f"benchmarks.{name}", types.SimpleNamespace(run=run))
+    monkeypatch.setattr(suite, "SUITES", ["fake_fails", "fake_works"])
+    path = str(tmp_path / "run.json")
+    table, failures = suite.collect(True, [], keep_going=True, json_path=path)
+    assert failures == ["fake_fails: RuntimeError: no such kernel"]
+    assert [row["implementation"] for row in table] == ["floor: flat + flat", "Particle p + q"]
+    saved = json.load(open(path))
+    assert saved["failures"] == failures and saved["rows"] == table and "device" in saved["machine"]
+    with pytest.raises(RuntimeError, match="no such kernel"):
+        suite.collect(True, [], json_path=path)
+
+    def parts(quick: bool):  # a suite handing over its rows a part at a time, cut short after the first
+        yield _rows("NytoModule a + b", 4.0)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_parts", types.SimpleNamespace(parts=parts))
+    monkeypatch.setattr(suite, "SUITES", ["fake_parts"])
+    table, failures = suite.collect(True, [], keep_going=True, json_path=path)
+    assert [row["implementation"] for row in table] == ["floor: flat + flat", "NytoModule a + b"]
+    assert failures == ["fake_parts: RuntimeError: out of memory"] and json.load(open(path))["rows"] == table

@@ -343,7 +343,8 @@ def test_device_mismatch_is_a_clear_error() -> None:
         nf.add({"w": torch.ones(2)}, torch.tensor(1.0, device="meta"))
 
 
-@pytest.mark.parametrize("bad", ["text", None, [1.0, 2.0], {"w": 1.0}, object()], ids=repr)
+@pytest.mark.parametrize("bad", ["text", None, [1.0, 2.0], {"w": 1.0}, object()],
+                         ids=["text", "None", "list", "dict", "object"])
 def test_unsupported_operands_raise_type_or_value_error(bad: Any) -> None:
     tree = {"w": torch.ones(2)}
     for fn in (nf.add, nf.sub, nf.mul, nf.div, nf.pow, nf.dot):

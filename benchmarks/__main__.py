@@ -85,6 +85,8 @@ def main() -> None:
                                                      f"{', '.join(CPU_ONLY)} run on the CPU")
     args = parser.parse_args()
     harness.apply_measuring_options(parser, args)
+    print("harness overheads (µs): " + ", ".join(f"{key} {value:g}" for key, value in harness.overheads().items()),
+          file=sys.stderr, flush=True)
     table, failures = collect(args.quick, args.only, keep_going=args.keep_going, json_path=args.json or "")
     harness.print_table(table)
     for line in not_measured(table):

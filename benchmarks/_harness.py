@@ -162,11 +162,12 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
         gc.enable()
     else:
         gc.disable()
-    # what exists now is never scanned again while sampling; a caller's own frozen objects stay frozen
+    # what exists now is never scanned again while sampling, also when a caller (or a library) froze
+    # objects earlier: otherwise every collection between samples would scan all made since then.
+    # A caller's frozen objects stay frozen; ours are unfrozen at the end only if we froze first.
     freezing = gc.get_freeze_count() == 0
-    if freezing:
-        gc.collect()
-        gc.freeze()
+    gc.collect()
+    gc.freeze()
     try:
         order = list(impls.items())
         for repeat in range(repeats):
@@ -188,6 +189,31 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
             gc.unfreeze()
         (gc.enable if gc_was_enabled else gc.disable)()
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def overheads() -> dict[str, float]:
+    """What the harness itself costs here, in µs: a timer read, ``synchronize`` and the collection
+    between samples (after a freeze, as in ``compare``); printed at the start of a run, so that a
+    machine where the suite runs slowly says whether the harness is why."""
+    def median_us(fn: Callable[[], Any], number: int) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            times.append((time.perf_counter() - start) / number * 1e6)
+        return round(statistics.median(times), 3)
+
+    found = {"timer": median_us(time.perf_counter, 1000), "synchronize": median_us(synchronize, 100),
+             "full collection": median_us(gc.collect, 1)}
+    freezing = gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        found["collection after a freeze"] = median_us(gc.collect, 20)
+    finally:
+        if freezing:
+            gc.unfreeze()
+    return found
 
 
 def rows(workload: str, size: str, medians: dict[str, float], floor: str) -> list[dict[str, Any]]:

@@ -19,7 +19,8 @@ from . import _harness as harness
 from .results import CPU_ONLY, drawn, describe, not_measured, write
 from .targets import verdicts
 
-# Each suite module exposes ``run(quick: bool) -> list[dict]``.  bench_memory comes last: it measures
+# Each suite module exposes ``run(quick: bool) -> list[dict]``, and may expose ``parts(quick)``
+# yielding the same rows a list at a time (saved as they come).  bench_memory comes last: it measures
 # with torch.profiler, whose own allocations split glibc's free blocks, and fresh buffers page-fault
 # in for the rest of the process (see benchmarks/profile.py), which would slow every later timing.
 SUITES = ["bench_core", "bench_swarm", "bench_merge", "bench_distributed", "bench_memory"]
@@ -77,8 +78,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI)")
     parser.add_argument("--json", metavar="PATH", help="also write rows and the machine as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also draw the core ratios to an image (needs matplotlib)")
-    parser.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md and RESULTS.png")
-    parser.add_argument("--only", nargs="*", default=[], help=f"suites to run, among {SUITES}")
+    parser.add_argument("--results", action="store_true",
+                        help="rewrite this device's section of benchmarks/RESULTS.md, and its picture")
+    parser.add_argument("--only", nargs="*", default=[], choices=SUITES, metavar="SUITE",
+                        help=f"suites to run, among {SUITES}")
     parser.add_argument("--keep-going", action="store_true",
                         help="report a suite that raises and run the next (e.g. once on a lent GPU machine)")
     harness.add_measuring_options(parser, device_note=" for bench_core, bench_memory and bench_swarm; "

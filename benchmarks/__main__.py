@@ -16,6 +16,7 @@ import traceback
 from typing import Any, NamedTuple
 
 from . import _harness as harness
+from . import models
 from .results import CPU_ONLY, drawn, describe, not_measured, write
 from .targets import verdicts
 
@@ -82,12 +83,16 @@ def main() -> None:
                         help="rewrite this device's section of benchmarks/RESULTS.md, and its picture")
     parser.add_argument("--only", nargs="*", default=[], choices=SUITES, metavar="SUITE",
                         help=f"suites to run, among {SUITES}")
+    parser.add_argument("--sizes", nargs="+", default=[], choices=list(models.sizes(quick=False)), metavar="SIZE",
+                        help="model sizes of bench_core and bench_memory to run (default: every one), among "
+                             f"{list(models.sizes(quick=False))}")
     parser.add_argument("--keep-going", action="store_true",
                         help="report a suite that raises and run the next (e.g. once on a lent GPU machine)")
     harness.add_measuring_options(parser, device_note=" for bench_core, bench_memory and bench_swarm; "
                                                      f"{', '.join(CPU_ONLY)} run on the CPU")
     args = parser.parse_args()
     harness.apply_measuring_options(parser, args)
+    models.ONLY[:] = args.sizes
     print("harness overheads (µs): " + ", ".join(f"{key} {value:g}" for key, value in harness.overheads().items()),
           file=sys.stderr, flush=True)
     table, failures = collect(args.quick, args.only, keep_going=args.keep_going, json_path=args.json or "")

@@ -76,8 +76,16 @@ class ResNet18(nytorch.NytoModule):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+#: The sizes ``sizes`` keeps, as ``python -m benchmarks --sizes`` sets them; empty keeps every one.
+ONLY: list[str] = []
+
+
 def sizes(quick: bool) -> dict[str, Callable[[], nn.Module]]:
-    """name -> model factory; ``quick`` shrinks the wide model for CI."""
+    """name -> model factory; ``quick`` shrinks the wide model for CI, ``ONLY`` picks sizes by name.
+
+    >>> list(sizes(quick=True))
+    ['tiny (seed)', 'iris MLP', 'many-small', 'deep-narrow', 'wide']
+    """
     zoo: dict[str, Callable[[], nn.Module]] = {
         "tiny (seed)": SeedLinear,
         "iris MLP": IrisMLP,
@@ -88,4 +96,4 @@ def sizes(quick: bool) -> dict[str, Callable[[], nn.Module]]:
     }
     if quick:
         zoo.pop("resnet18")
-    return zoo
+    return {name: factory for name, factory in zoo.items() if name in ONLY} if ONLY else zoo

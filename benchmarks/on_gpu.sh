@@ -8,8 +8,9 @@
 # suite, so a run cut short keeps what it measured) and tests.log.  DEPS (default .device) holds
 # what the machine lacks: whl/ (optree wheels for its Python), nyto11/ (pip install --target of
 # nytorch 1.1) and td/ (of tensordict), all optional.  Settable: DEVICE (default cuda), SUITES
-# (names, as for --only), the caps CUDA_TESTS_S, SUITE_S, TESTS_S (seconds) and WORKERS (pytest
-# -n).  DEVICE=cpu runs the same steps here, to try the script without a GPU.
+# (names, as for --only), SIZES (commas between, as for --sizes), the caps CUDA_TESTS_S, SUITE_S
+# and TESTS_S (seconds), and WORKERS (pytest -n).  DEVICE=cpu runs the same steps here, to try
+# the script without a GPU.
 set -u
 out=${1:?usage: benchmarks/on_gpu.sh OUT [DEPS]}
 deps=$(cd "${2:-.device}" 2>/dev/null && pwd) || deps=/nonexistent
@@ -42,9 +43,11 @@ timeout "${CUDA_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider tests/tes
     "tests/test_particle.py::test_cuda_mixed_dtypes_and_devices" 2>&1 | tee "$out/cuda_tests.log" | tail -15
 
 echo "== suite on $device"
+picked=()  # SIZES: model sizes separated by commas, as for --sizes ("many-small,wide")
+[ -n "${SIZES:-}" ] && IFS=, read -ra sizes <<<"$SIZES" && picked=(--sizes "${sizes[@]}")
 # shellcheck disable=SC2086  # SUITES is a list of names
 timeout "${SUITE_S:-330}" python3 -m benchmarks --device "$device" --only ${SUITES:-bench_core bench_swarm bench_memory} \
-    --keep-going --json "$out/$device.json" >"$out/suite.log" 2>&1
+    "${picked[@]}" --keep-going --json "$out/$device.json" >"$out/suite.log" 2>&1
 echo "suite exit status $?"
 tail -25 "$out/suite.log"
 

@@ -294,3 +294,14 @@ def test_collect_keeps_going_past_a_failing_suite_and_saves_after_each(tmp_path,
     table, failures = suite.collect(True, [], keep_going=True, json_path=path)
     assert [row["implementation"] for row in table] == ["floor: flat + flat", "NytoModule a + b"]
     assert failures == ["fake_parts: RuntimeError: out of memory"] and json.load(open(path))["rows"] == table
+
+
+def test_sizes_keeps_the_sizes_asked_for(monkeypatch):
+    from benchmarks import bench_memory, models
+
+    monkeypatch.setattr(models, "ONLY", ["iris MLP", "many-small"])
+    assert list(models.sizes(quick=True)) == ["iris MLP", "many-small"]
+    monkeypatch.setattr(bench_memory, "_nytorch_11", lambda names, quick: [])
+    assert {row["size"] for row in bench_memory.run(quick=True)} == {"many-small"}
+    monkeypatch.setattr(models, "ONLY", [])
+    assert len(models.sizes(quick=False)) == 6

@@ -61,7 +61,11 @@ def not_measured(table: Sequence[Row]) -> list[str]:
 
 
 def describe(machine: dict[str, Any]) -> str:
-    """One line naming what a run was measured on."""
+    """One line naming what a run was measured on.
+
+    >>> describe({"cores": 2, "device": "cpu"})
+    'cores 2, device cpu'
+    """
     return ", ".join(f"{key} {value}" for key, value in machine.items())
 
 
@@ -124,6 +128,16 @@ def write(table: Sequence[Row], machine: dict[str, Any], path: str = "benchmarks
 
     Returns:
         the device kind whose section was written.
+
+    >>> import os, tempfile
+    >>> row = {"workload": "a + b", "size": "tiny", "implementation": "floor: flat + flat",
+    ...        "median_us": 2.0, "ratio_to_floor": 1.0}
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "RESULTS.md")
+    ...     kinds = [write([row], {"device": device}, path) for device in ("cuda:0: H200", "cpu", "cpu")]
+    ...     text = open(path).read()
+    >>> kinds, text.count("<!-- run: cpu -->"), text.index("run: cpu") < text.index("run: cuda")
+    (['cuda', 'cpu', 'cpu'], 1, True)
     """
     kind = device_kind(machine)
     image = image_name(kind)

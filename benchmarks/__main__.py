@@ -83,9 +83,9 @@ def main() -> None:
                         help="rewrite this device's section of benchmarks/RESULTS.md, and its picture")
     parser.add_argument("--only", nargs="*", default=[], choices=SUITES, metavar="SUITE",
                         help=f"suites to run, among {SUITES}")
-    parser.add_argument("--sizes", nargs="+", default=[], choices=list(models.sizes(quick=False)), metavar="SIZE",
-                        help="model sizes of bench_core and bench_memory to run (default: every one), among "
-                             f"{list(models.sizes(quick=False))}")
+    every_size = list(models.sizes(quick=False))
+    parser.add_argument("--sizes", nargs="+", default=[], choices=every_size, metavar="SIZE",
+                        help=f"model sizes of bench_core and bench_memory to run (default: every one), among {every_size}")
     parser.add_argument("--keep-going", action="store_true",
                         help="report a suite that raises and run the next (e.g. once on a lent GPU machine)")
     harness.add_measuring_options(parser, device_note=" for bench_core, bench_memory and bench_swarm; "

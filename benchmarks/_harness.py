@@ -245,6 +245,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def shown(row: dict[str, Any], micro: str = "us") -> str:
+    """A row's median as printed: its own ``shown`` text (memory rows), else µs or ms.
+
+    >>> shown({"median_us": 1520.0}), shown({"median_us": 12.34}, micro="µs")
+    ('1.52 ms', '12.3 µs')
+    """
+    median = row["median_us"]
+    return row.get("shown") or (f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} {micro}")
+
+
 def print_table(table: list[dict[str, Any]]) -> None:
     """Aligned text table: workload, size, implementation, median, ratio."""
     widths = [max([len(heading)] + [len(str(row.get(key, ""))) for row in table])
@@ -253,10 +263,8 @@ def print_table(table: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for row in table:
-        median = row["median_us"]
-        shown = row.get("shown") or (f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} us")
         print(f"{row['workload']:<{widths[0]}} {row.get('size', ''):<{widths[1]}} {row['implementation']:<{widths[2]}} "
-              f"{shown:>12} {row['ratio_to_floor']:>8.2f}")
+              f"{shown(row):>12} {row['ratio_to_floor']:>8.2f}")
 
 
 def dump_json(table: list[dict[str, Any]], path: str, failures: Optional[list[str]] = None) -> None:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._harness import shown
 from .targets import verdicts
 
 Row = dict[str, Any]
@@ -115,10 +116,8 @@ def section(table: Sequence[Row], machine: dict[str, Any], *, image: str = "", f
     lines += ["### Every row", "", "| suite | workload | size | implementation | median | x floor |",
               "|---|---|---|---|---|---|"]
     for row in table:
-        median = row["median_us"]
-        shown = row.get("shown") or (f"{median / 1000:.2f} ms" if median >= 1000 else f"{median:.1f} µs")
         lines.append(f"| {row.get('suite', '')} | {row['workload']} | {row.get('size', '')} | "
-                     f"{row['implementation']} | {shown} | {row['ratio_to_floor']:.2f} |")
+                     f"{row['implementation']} | {shown(row, micro='µs')} | {row['ratio_to_floor']:.2f} |")
     return "\n".join(lines + ["", f"<!-- end run: {kind} -->", ""])
 
 

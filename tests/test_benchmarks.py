@@ -305,3 +305,21 @@ def test_sizes_keeps_the_sizes_asked_for(monkeypatch):
     assert {row["size"] for row in bench_memory.run(quick=True)} == {"many-small"}
     monkeypatch.setattr(models, "ONLY", [])
     assert len(models.sizes(quick=False)) == 6
+
+
+def test_on_gpu_script_runs_its_steps_on_the_cpu_too(tmp_path):
+    """``benchmarks/on_gpu.sh`` is run once per lent GPU: it must not rot in between (DEVICE=cpu here)."""
+    import json
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", SUITES="bench_memory", SIZES="many-small",
+               CUDA_TESTS_S="0", TESTS_S="0", SUITE_S="120")
+    done = subprocess.run(["bash", "benchmarks/on_gpu.sh", str(tmp_path), str(tmp_path / "no deps")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "suite exit status 0" in done.stdout
+    assert "torch" in (tmp_path / "versions.txt").read_text()
+    saved = json.loads((tmp_path / "cpu.json").read_text())
+    assert saved["failures"] == [] and {row["size"] for row in saved["rows"]} == {"many-small"}

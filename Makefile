@@ -3,7 +3,7 @@ PYTHON ?= python3
 # A bare `torch` requirement resolves to a multi-GB CUDA build; pin the CPU wheel unless torch is present.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test typecheck bench
+.PHONY: install demo test typecheck bench gpu-deps
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -21,3 +21,12 @@ typecheck: install
 
 bench: install
 	$(PYTHON) -m benchmarks --quick
+
+# What a lent GPU machine lacks, into .device/ (git ignores it) for benchmarks/on_gpu.sh:
+# optree built for its Python (GPU_PYTHON), nytorch 1.1 and tensordict for their rows.
+GPU_PYTHON ?= 3.12
+gpu-deps:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .device/whl optree
+	$(PYTHON) -m pip install -q --no-deps --target .device/nyto11 nytorch==1.1.0
+	$(PYTHON) -m pip install -q --no-deps --target .device/td tensordict pyvers

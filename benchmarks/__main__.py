@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from . import _harness as harness
 from . import models
-from .results import CPU_ONLY, drawn, describe, not_measured, write
+from .results import CPU_ONLY, drawn, not_measured, write
 from .targets import verdicts
 
 # Each suite module exposes ``run(quick: bool) -> list[dict]``, and may expose ``parts(quick)``
@@ -106,7 +106,7 @@ def main() -> None:
     if args.json:
         harness.dump_json(table, args.json, failures)
     if args.plot:
-        drawn(table, args.plot, describe(harness.machine()))
+        drawn(table, args.plot, harness.describe())
     if args.results:
         write(table, harness.machine(), failures=failures)
     if failures:

@@ -1,13 +1,14 @@
 """Side-by-side timing: implementations alternate inside one loop, medians and ratios from one run."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -162,33 +163,49 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
         gc.enable()
     else:
         gc.disable()
-    # what exists now is never scanned again while sampling, also when a caller (or a library) froze
-    # objects earlier: otherwise every collection between samples would scan all made since then.
-    # A caller's frozen objects stay frozen; ours are unfrozen at the end only if we froze first.
+    try:
+        with frozen():  # what exists now is never scanned again while sampling
+            order = list(impls.items())
+            for repeat in range(repeats):
+                # alternate the order, so that no implementation always runs right after the same one
+                for name, fn in order if repeat % 2 == 0 else order[::-1]:
+                    number = numbers[name]
+                    synchronize()
+                    start = time.perf_counter()
+                    for _ in range(number):
+                        fn()
+                    synchronize()  # kernels queued on an accelerator count until they have run
+                    samples[name].append((time.perf_counter() - start) / number * 1e6)
+                    # untimed: free what reference cycles hold (nytorch 1.1's dead models), else memory
+                    # grows from sample to sample and fresh pages fault into whichever implementation
+                    # runs next; cheap, as everything older than this loop is frozen
+                    gc.collect()
+    finally:
+        (gc.enable if gc_was_enabled else gc.disable)()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def frozen(collect: bool = True) -> Iterator[None]:
+    """Move every object alive now (after a collection, with ``collect``) out of the collector's sight.
+
+    Also when a caller (or a library) froze objects earlier: otherwise each collection would scan
+    all made since then.  A caller's frozen objects stay frozen; what this froze is unfrozen on
+    leaving only when nothing was frozen before.
+
+    >>> with frozen():
+    ...     gc.get_freeze_count() > 0
+    True
+    """
     freezing = gc.get_freeze_count() == 0
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.freeze()
     try:
-        order = list(impls.items())
-        for repeat in range(repeats):
-            # alternate the order, so that no implementation always runs right after the same one
-            for name, fn in order if repeat % 2 == 0 else order[::-1]:
-                number = numbers[name]
-                synchronize()
-                start = time.perf_counter()
-                for _ in range(number):
-                    fn()
-                synchronize()  # kernels queued on an accelerator count until they have run
-                samples[name].append((time.perf_counter() - start) / number * 1e6)
-                # untimed: free what reference cycles hold (nytorch 1.1's dead models), else memory grows
-                # from sample to sample and fresh pages fault into whichever implementation runs next;
-                # cheap, as everything older than this loop is frozen
-                gc.collect()
+        yield
     finally:
         if freezing:
             gc.unfreeze()
-        (gc.enable if gc_was_enabled else gc.disable)()
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def overheads() -> dict[str, float]:
@@ -210,13 +227,8 @@ def overheads() -> dict[str, float]:
 
     found = {"timer": median_us(time.perf_counter, 1000), "synchronize": median_us(synchronize, 100),
              "full collection": median_us(gc.collect, 1)}
-    freezing = gc.get_freeze_count() == 0
-    gc.freeze()
-    try:
+    with frozen(collect=False):
         found["collection after a freeze"] = median_us(gc.collect, 20)
-    finally:
-        if freezing:
-            gc.unfreeze()
     return found
 
 
@@ -243,6 +255,15 @@ def machine() -> dict[str, Any]:
         "allocator": {"warm": "glibc keeping freed memory (--allocator warm)",
                       "system": "system defaults (--allocator system)"}[ALLOCATOR],
     }
+
+
+def describe(found: Optional[dict[str, Any]] = None) -> str:
+    """One line naming what a run was measured on (``machine()`` unless ``found`` is given).
+
+    >>> describe({"cores": 2, "device": "cpu"})
+    'cores 2, device cpu'
+    """
+    return ", ".join(f"{key} {value}" for key, value in (machine() if found is None else found).items())
 
 
 def shown(row: dict[str, Any], micro: str = "us") -> str:

@@ -159,7 +159,7 @@ def main() -> None:
         return
     from . import _harness as harness
     rows = run(args.quick)
-    print("machine: " + ", ".join(f"{key} {value}" for key, value in harness.machine().items()))
+    print("machine: " + harness.describe())
     harness.print_table(rows)
     for row in rows:
         print(f"{row['implementation']:<26} moves {row['bytes_per_rank'] / 1e6:.2f} MB per rank")

@@ -178,7 +178,7 @@ def main() -> None:
     harness.use_allocator("warm")  # as ``python -m benchmarks`` does by default
     machine = harness.machine()
     machine["threads"] = args.threads or machine["threads"]
-    print("machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()))
+    print("machine: " + harness.describe(machine))
     table = run(args.quick, args.threads or None)
     harness.print_table(table)
     print()

@@ -248,7 +248,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     table = run(args.quick)
-    print("machine:", ", ".join(f"{key} {value}" for key, value in harness.machine().items()))
+    print("machine:", harness.describe())
     harness.print_table(table)
     for line in verdicts(table):
         print(line)

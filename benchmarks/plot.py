@@ -12,6 +12,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from ._harness import describe
 from .targets import tick
 
 #: The ``bench_core`` workloads drawn, in panel order.
@@ -124,8 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.json) as handle:
         dump = json.load(handle)
-    machine = dump.get("machine", {})
-    plot(dump["rows"], args.out, title=", ".join(f"{key} {value}" for key, value in machine.items()))
+    plot(dump["rows"], args.out, title=describe(dump.get("machine", {})))
     print(f"wrote {args.out}")
 
 

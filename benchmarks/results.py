@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._harness import shown
+from ._harness import describe, shown
 from .targets import verdicts
 
 Row = dict[str, Any]
@@ -59,15 +59,6 @@ def not_measured(table: Sequence[Row]) -> list[str]:
         lines += [f"{workload}: no {implementation} row: {reason}"
                   for (workload, implementation), reason in reasons.items() if (suite, workload) in workloads]
     return lines
-
-
-def describe(machine: dict[str, Any]) -> str:
-    """One line naming what a run was measured on.
-
-    >>> describe({"cores": 2, "device": "cpu"})
-    'cores 2, device cpu'
-    """
-    return ", ".join(f"{key} {value}" for key, value in machine.items())
 
 
 def drawn(table: Sequence[Row], path: str, title: str) -> bool:
@@ -140,12 +131,12 @@ def write(table: Sequence[Row], machine: dict[str, Any], path: str = "benchmarks
     """
     kind = device_kind(machine)
     image = image_name(kind)
-    shown = image if drawn(table, os.path.join(os.path.dirname(path), image), describe(machine)) else ""
+    picture = image if drawn(table, os.path.join(os.path.dirname(path), image), describe(machine)) else ""
     sections: dict[str, str] = {}
     if os.path.exists(path):
         with open(path) as handle:
             sections = {found["key"]: found.group(0) for found in _SECTION.finditer(handle.read())}
-    sections[kind] = section(table, machine, image=shown, failures=failures, notes=notes)
+    sections[kind] = section(table, machine, image=picture, failures=failures, notes=notes)
     ordered = sorted(sections, key=lambda key: (key != "cpu", key))
     with open(path, "w") as handle:
         handle.write("\n".join(_HEADER) + "\n" + "\n".join(sections[key] for key in ordered))

@@ -30,11 +30,13 @@ def normalise(key: object, size: int) -> Index:
 
     >>> normalise(-1, 4), normalise([0, -1], 4), normalise(torch.tensor([True, False, True]), 3)
     (3, tensor([0, 3]), tensor([0, 2]))
+    >>> normalise([False, True, True], 3)  # a list of bools is a mask
+    tensor([1, 2])
     """
     if isinstance(key, slice):
         return key
     if isinstance(key, (list, range)):
-        key = torch.tensor(list(key), dtype=torch.long) if len(key) else torch.zeros(0, dtype=torch.long)
+        key = _list_index(list(key))
     if isinstance(key, Tensor):
         if key.dtype == torch.bool:
             if key.dim() != 1 or key.shape[0] != size:
@@ -56,6 +58,20 @@ def normalise(key: object, size: int) -> Index:
     if not -size <= index < size:
         raise IndexError(f"Swarm: index {index} is out of range for a swarm of {size} members")
     return index % size
+
+
+def _list_index(items: list) -> Tensor:
+    """A list of indices as a tensor: a list of bools is a mask (as in torch and NumPy), ints are indices."""
+    if not items:
+        return torch.zeros(0, dtype=torch.long)
+    bools = sum(isinstance(item, bool) or (isinstance(item, Tensor) and item.dtype == torch.bool) for item in items)
+    if bools and bools != len(items):
+        raise TypeError("Swarm: a list index mixes booleans with integers; give a boolean mask or integer "
+                        f"indices, got {items!r}")
+    try:
+        return torch.tensor(items)  # bools make a mask; floats a float tensor, refused below
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"Swarm: expected a list of integer indices or booleans, got {items!r}") from error
 
 
 def count(index: Index, size: int) -> int:

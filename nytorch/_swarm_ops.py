@@ -71,7 +71,7 @@ def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[
 
 def _check_scalar(fn: str, spec: Spec, scalar: object, reflected: bool) -> None:
     groups = spec.groups
-    if isinstance(scalar, (bool, int, float)) and all(g.dtype.is_floating_point for g in groups if g.active):
+    if type(scalar) in (int, float) and all(g.dtype.is_floating_point for g in groups if g.active):
         return
     stand_ins = spec.layout.params + spec.layout.buffers
     firsts = [spec.names.index(spec.leaf_name(g)) for g in range(len(groups))]
@@ -173,9 +173,37 @@ def combine(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand) 
     ]
 
 
+def _unaliased(flats: Sequence[Tensor], operands: Sequence[Operand]) -> list[Operand]:
+    """``operands`` with every tensor that shares memory with ``flats`` copied.
+
+    An operand can be the swarm itself, read while it is written: ``s += s[0]`` broadcasts a
+    view of member 0 over every row of its buffer, which torch refuses half-way through the
+    groups.  Copied first, every member reads the values from before the step, as
+    ``s = s + s[0]`` would.
+    """
+    written = {flat.untyped_storage().data_ptr() for flat in flats}
+
+    def copied(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.untyped_storage().data_ptr() in written:
+            return value.clone()
+        if isinstance(value, list):
+            return [copied(item) for item in value]
+        return value
+
+    return [copied(operand) for operand in operands]
+
+
 @torch.no_grad()
 def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand) -> None:
-    """In place: ``op`` on every arithmetic group (callers validated every operand first)."""
+    """In place: ``op`` on every arithmetic group (callers validated every operand first).
+
+    >>> from nytorch import Swarm
+    >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2) + torch.tensor([1.0, 2.0])
+    >>> s += s[0]  # calls this; every member adds member 0 as it was before the step
+    >>> s.params["bias"].flatten()
+    tensor([2., 3.])
+    """
+    operands = tuple(_unaliased(flats, operands))
     for g, (flat, group) in enumerate(zip(flats, spec.groups)):
         if not group.active:
             continue

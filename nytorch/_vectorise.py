@@ -154,16 +154,28 @@ def _module_step(layout: Any, index: dict[int, int], module: nn.Module) -> Optio
     return None
 
 
-def _traced_steps(layout: Any, index: dict[int, int]) -> Optional[list[tuple[Any, ...]]]:
-    """Steps of a forward that torch.fx traces to one chain of Linear and elementwise ops (else ``None``)."""
-    root = layout.modules[0]
+def _traced_steps(spec: Spec, index: dict[int, int]) -> Optional[list[tuple[Any, ...]]]:
+    """Steps of a forward that torch.fx traces to one chain of Linear and elementwise ops (else ``None``).
+
+    Tracing runs the forward, and what it does to the module's own tensors is not in the graph
+    (``self.count += 1`` on a buffer): it traces with copies bound, and a forward that writes to
+    or reassigns any of them has effects the fused path would drop, so it is not fused.
+    """
+    layout = spec.layout
     if any(_has_hooks(module) for module in layout.modules):
         return None
     import torch.fx  # only when a plan is first needed
 
+    probes = [nn.Parameter(leaf.detach().clone(), leaf.requires_grad) if isinstance(leaf, nn.Parameter)
+              else leaf.detach().clone() for leaf in layout.params + layout.buffers]
+    versions = [probe._version for probe in probes]
     try:
-        graph = torch.fx.Tracer().trace(root)
+        with bound(spec, probes) as root:
+            graph = torch.fx.Tracer().trace(root)
+            kept = all(table[key] is probes[i] for table, key, i in spec.entries)
     except Exception:  # noqa: BLE001 - anything untraceable just takes the vmap path
+        return None
+    if not kept or [probe._version for probe in probes] != versions:
         return None
     nodes = list(graph.nodes)
     if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[0].args or nodes[-1].op != "output":
@@ -204,7 +216,7 @@ def _build_plan(spec: Spec) -> tuple[Any, ...]:
                 return _NO_PLAN
             steps.append(step)  # type: ignore[union-attr]
     else:
-        steps = _traced_steps(layout, index)
+        steps = _traced_steps(spec, index)
     if not steps or steps[0][0] != "linear" or steps[0][1] is None:
         return _NO_PLAN
     return tuple(steps)

@@ -272,6 +272,19 @@ def test_indexing_gives_views_and_copies() -> None:
         [swarm[i].params["0.bias"].data_ptr() for i in range(6)]
 
 
+def test_a_list_of_booleans_is_a_mask() -> None:
+    modules = members("mlp", 5)
+    swarm = Swarm.stack(modules)
+    assert_swarm(swarm[[True, False, True, False, True]], stacked([modules[0], modules[2], modules[4]]))
+    assert_swarm(swarm[[False] * 5], {name: value[:0] for name, value in stacked(modules).items()})
+    with pytest.raises(TypeError, match=r"mixes booleans with integers"):
+        swarm[[True, 1]]
+    with pytest.raises(IndexError, match=r"integer or boolean member indices"):
+        swarm[[0.5]]  # not member 0
+    with pytest.raises(IndexError, match=r"boolean mask must have shape \(5,\), got \(2,\)"):
+        swarm[[True, False]]
+
+
 def test_index_errors() -> None:
     swarm = Swarm.zeros(nn.Linear(1, 1), 3)
     with pytest.raises(IndexError, match=r"index 3 is out of range for a swarm of 3 members"):
@@ -328,6 +341,43 @@ def test_setitem_and_its_atomicity() -> None:
     with pytest.raises(TypeError, match=r"expected a Deep, a Particle or a Swarm of one, or a number, got str"):
         swarm[0] = "x"
     assert_swarm(swarm, expected)
+
+
+class _ThreeGroups(nn.Module):
+    """Two float32 parameters in one group, a float64 one alone in another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(3))
+        self.b = nn.Parameter(torch.randn(2))
+        self.c = nn.Parameter(torch.randn(2, dtype=torch.float64))
+
+
+IN_PLACE_SELF: dict[str, tuple[Callable[[Swarm], Any], Callable[[Swarm], Any]]] = {
+    # name: (in place, out of place): the operand is (a view of) the swarm itself
+    "s += s[0]": (lambda s: s.__iadd__(s[0]), lambda s: s + s[0]),
+    "s -= s[-1]": (lambda s: s.__isub__(s[-1]), lambda s: s - s[-1]),
+    "s *= s[1:2]": (lambda s: s.__imul__(s[1:2]), lambda s: s * s[1:2]),
+    "s.add_(s[2], alpha=-0.5)": (lambda s: s.add_(s[2], alpha=-0.5), lambda s: s.add(s[2], alpha=-0.5)),
+    "s.lerp_(s[0], 0.3)": (lambda s: s.lerp_(s[0], 0.3), lambda s: s.lerp(s[0], 0.3)),
+    "s.lerp_(s[3:], w)": (lambda s: s.lerp_(s[3:], torch.tensor([0.1, 0.2, 0.3, 0.4])),
+                          lambda s: s.lerp(s[3:], torch.tensor([0.1, 0.2, 0.3, 0.4]))),
+    "s -= s": (lambda s: s.__isub__(s), lambda s: s - s),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_PLACE_SELF))
+@pytest.mark.parametrize("factory", [_ThreeGroups, lambda: nn.Linear(2, 1, bias=False), mlp],
+                         ids=["three groups", "one tensor", "mlp"])
+def test_in_place_ops_read_the_swarm_as_it_was(case: str, factory: Callable[[], nn.Module]) -> None:
+    # s += s[0] reads member 0 while writing it: every member must add member 0's values from before
+    # the step, exactly as s + s[0] does (torch alone refuses such overlaps half-way through)
+    in_place, out_of_place = IN_PLACE_SELF[case]
+    swarm = Swarm.stack([factory() for _ in range(4)])
+    expected = out_of_place(swarm).params
+    assert in_place(swarm) is swarm
+    for name, value in expected.items():
+        assert torch.equal(swarm.params[name], value), name
 
 
 # -- arithmetic -------------------------------------------------------------------------------------
@@ -572,6 +622,32 @@ def test_fused_path_is_taken_for_linear_chains() -> None:
     hooked[0].register_forward_hook(lambda module, args, out: out * 0)
     assert vec._plan(Swarm.stack([hooked]) ._spec) == ("none",)
     assert Swarm.stack([hooked])(torch.ones(1, 2)).abs().sum() == 0  # hooks run on the vmap path
+
+
+class _Counting(nn.Module):
+    """A Linear whose forward also counts its calls in a buffer (an effect outside the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_forwards_that_write_their_buffers_are_not_fused() -> None:
+    modules = [_Counting() for _ in range(3)]
+    swarm = Swarm.stack(modules)
+    template_calls = swarm._spec.layout.buffers[0].clone()
+    x = torch.randn(5, 2)
+    out = swarm(x)
+    expected = torch.stack([module(x) for module in modules])
+    torch.testing.assert_close(out, expected)
+    assert vec._plan(swarm._spec) == ("none",)  # tracing saw the write: the vmap path runs it
+    assert swarm.buffers["calls"].tolist() == [1.0, 1.0, 1.0] == [module.calls.item() for module in modules]
+    assert torch.equal(swarm._spec.layout.buffers[0], template_calls)  # tracing wrote to copies only
 
 
 def test_forward_shapes_kwargs_and_randomness() -> None:

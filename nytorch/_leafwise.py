@@ -16,6 +16,7 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 
 from ._errors import DeviceMismatchError, StructureError
@@ -140,10 +141,17 @@ def check_scalar(fn: str, scalar: object, names: Union[Sequence[str], Callable[[
     ``names`` may be a callable, called only when a leaf has to be checked; ``active`` marks the
     leaves that take part in the operation, all of them floating or complex.
     """
+    if "sub" in fn and (isinstance(scalar, bool) or (isinstance(scalar, Tensor) and scalar.dtype == torch.bool)):
+        raise TypeError(f"{fn}: expected a number to subtract, got the boolean {scalar!r} "
+                        "(torch does not subtract booleans); use an int or a float")
     if isinstance(scalar, (bool, int, float)) and not any(dtype.is_complex for dtype in set(map(_DTYPE, leaves))):
         # the common case: a real Python number never changes a floating dtype (and integer
         # leaves take no part); the dtypes are read in one C-level pass, as on every operation
         return
+    if isinstance(scalar, np.generic):
+        # torch reads a NumPy scalar as a real number of its own kind, dropping ``np.complex64(1j)``'s
+        # imaginary part with only a warning: judge it as the Python number it holds
+        scalar = scalar.item()
     if callable(names):
         names = names()
     seen: set[tuple[torch.dtype, torch.device]] = set()

@@ -161,7 +161,9 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
             continue
         if lw.is_scalar(other):
             firsts = [names[index[0]] for index in flat.plan.groups]
-            lw.check_scalar(fn, other, firsts, flat.raw, [True] * len(firsts), reflected)
+            # each group's first leaf as a view: an error names its shape, not the buffer's
+            leaves = [buffer[:likes[0].numel()].view(likes[0].shape) for buffer, likes in zip(flat.raw, flat.plan.likes)]
+            lw.check_scalar(fn, other, firsts, leaves, [True] * len(firsts), reflected)
             operands.append(other)
             continue
         other_names: Sequence[str]

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -416,6 +417,61 @@ def test_scalars_that_would_change_dtype_or_device_raise_naming_first_parameter(
                                                   r"'fc1.weight' is on cpu"):
         action(a, torch.tensor(2.0, device="meta"))
     assert_unchanged(before, a, base)
+
+
+_FORMS: dict[str, Callable[[], Any]] = {
+    "particle": lambda: nytorch.particle(Plain()),
+    "particle pack=False": lambda: nytorch.particle(Plain(), pack=False),
+    "NytoModule": Nyto,
+    "NytoModule packed": lambda: Nyto() + 0,
+    "Swarm": lambda: nytorch.Swarm.stack([Plain(), Plain()]),
+    "functional": lambda: nf.params(Plain()),
+}
+
+
+def _values(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of every parameter of any form in ``_FORMS``."""
+    if isinstance(model, nn.Module):
+        model = nf.params(model)
+    elif not isinstance(model, dict):
+        model = model.params
+    return {name: value.detach().clone() for name, value in model.items()}
+
+
+@pytest.mark.parametrize("form", sorted(_FORMS))
+@pytest.mark.parametrize("scalar", [1j, np.complex64(1j), torch.tensor(1j)], ids=["complex", "numpy", "tensor"])
+def test_scalar_errors_describe_the_parameter_not_its_buffer(form: str, scalar: object) -> None:
+    # a packed model's first parameter sits at the start of a buffer of 26 values: the message
+    # gives the parameter's own shape; a NumPy complex scalar is complex (torch alone drops its
+    # imaginary part with a warning)
+    model = _FORMS[form]()
+    before = _values(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ComplexWarning either
+        with pytest.raises(TypeError, match=r"^mul: the scalar .* would turn parameter 'fc1.weight' "
+                                            r"\(shape \(4, 3\) float32\) into complex64"):
+            nf.mul(model, scalar) if isinstance(model, dict) else model * scalar
+    after = _values(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("form", sorted(_FORMS))
+def test_subtracting_a_boolean_is_a_type_error(form: str) -> None:
+    model = _FORMS[form]()
+    before = _values(model)
+    message = r"expected a number to subtract, got the boolean (True|tensor\(True\)) \(torch does not subtract booleans\)"
+    if isinstance(model, dict):
+        calls = [("sub", lambda: nf.sub(model, True)), ("sub", lambda: nf.sub(True, model))]  # the function called
+    else:
+        calls = [("sub", lambda: model - True), ("rsub", lambda: True - model),
+                 ("sub", lambda: model.__isub__(True)), ("sub", lambda: model - torch.tensor(True))]
+    for fn, call in calls:
+        with pytest.raises(TypeError, match=rf"^{fn}: {message}"):
+            call()
+    after = _values(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    added = nf.add(model, True) if isinstance(model, dict) else model + True  # adding a boolean is adding 1
+    assert torch.equal(_values(added)["fc1.weight"], before["fc1.weight"] + 1)
 
 
 def test_set_param_config_and_get_param_id_reject_unknown() -> None:

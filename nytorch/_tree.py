@@ -71,14 +71,15 @@ def _in_insertion_order(tree: PyTree) -> PyTree:
     return tree
 
 
-def _mismatch(fn: str, a: PyTree, b: PyTree, *, leaves: bool = True) -> StructureError:
+def _mismatch(fn: str, a: PyTree, b: PyTree, *, leaves: bool = True, other: str = "the second operand"
+              ) -> StructureError:
     """The first difference in ``a``'s own key order (``named_parameters()`` order for ``nf.params``)."""
     ordered_a, ordered_b = _in_insertion_order(a), _in_insertion_order(b)
     names_a, names_b = path_names(ordered_a), path_names(ordered_b)
     leaves_b = dict(zip(names_b, optree.tree_leaves(ordered_b)))
     for name, leaf in zip(names_a, optree.tree_leaves(ordered_a)):
         if name not in leaves_b:
-            return StructureError(f"{fn}: parameter {name!r} is missing from the second operand")
+            return StructureError(f"{fn}: parameter {name!r} is missing from {other}")
         if leaves:
             try:
                 lw.check_pairs(fn, [name], [leaf], [leaves_b[name]])
@@ -87,17 +88,18 @@ def _mismatch(fn: str, a: PyTree, b: PyTree, *, leaves: bool = True) -> Structur
     known = set(names_a)
     for name in names_b:
         if name not in known:
-            return StructureError(f"{fn}: the second operand has an extra parameter {name!r}")
+            return StructureError(f"{fn}: {other} has an extra parameter {name!r}")
     return StructureError(f"{fn}: the operands have different container types "
                           f"({optree.tree_structure(a)} vs {optree.tree_structure(b)})")
 
 
-def matched(fn: str, a: PyTree, b: PyTree) -> tuple[list[Tensor], list[Tensor], optree.PyTreeSpec]:
-    """Flatten two trees and check they share structure, shapes, dtypes and devices."""
+def matched(fn: str, a: PyTree, b: PyTree, other: str = "the second operand"
+            ) -> tuple[list[Tensor], list[Tensor], optree.PyTreeSpec]:
+    """Flatten two trees and check they share structure, shapes, dtypes and devices (``other`` names ``b``)."""
     left, spec = flatten(fn, a, "the first operand")
-    right, spec_b = flatten(fn, b, "the second operand")
+    right, spec_b = flatten(fn, b, other)
     if spec != spec_b or not lw.same_layout(left, right):
-        raise _mismatch(fn, a, b)
+        raise _mismatch(fn, a, b, other=other)
     return left, right, spec
 
 
@@ -246,10 +248,14 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
 
     >>> lerp({"w": torch.tensor([0., 10.])}, {"w": torch.tensor([10., 20.])}, 0.1)
     {'w': tensor([ 1., 11.])}
+    >>> lerp({"w": torch.tensor([0., 10.])}, 20.0, 0.5)  # ``b`` a scalar: every leaf moves toward it
+    {'w': tensor([10., 15.])}
     """
+    if _is_scalar_operand(b, a):
+        b = _filled("lerp", a, b)
     if not _is_scalar_operand(weight, a):
         left, right, spec = matched("lerp", a, b)
-        _, weights, _ = matched("lerp", a, weight)  # the same (flattened) leaf order as ``left``
+        _, weights, _ = matched("lerp", a, weight, "the weight")  # the same (flattened) leaf order as ``left``
         return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
     left, right, plain_spec = aligned("lerp", a, b)  # ``None``: two plain dicts, leaves in key order
     names = _leaf_names(a, plain_spec is None)
@@ -308,15 +314,34 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, /, *rest: PyTree) -> PyTree:
 
     >>> tree_map(lambda x, y: x * y, {"w": torch.tensor([2.])}, {"w": torch.tensor([3.])})
     {'w': tensor([6.])}
+    >>> tree_map(torch.add, {"w": torch.tensor([2.])}, 1.5)  # a scalar reaches every call as it is
+    {'w': tensor([3.5000])}
     """
     leaves, spec = flatten("tree_map", tree)
-    others = []
+    others: list[Any] = []
     for other in rest:
+        if _is_scalar_operand(other, tree):
+            others.append([other] * len(leaves))
+            continue
         other_leaves, other_spec = flatten("tree_map", other, "a rest tree")
         if other_spec != spec:
             raise _mismatch("tree_map", tree, other, leaves=False)
         others.append(other_leaves)
     return optree.tree_unflatten(spec, [fn(leaf, *(o[i] for o in others)) for i, leaf in enumerate(leaves)])
+
+
+def _filled(fn: str, tree: PyTree, scalar: Any) -> PyTree:
+    """``tree`` with each arithmetic leaf replaced by ``scalar`` in its dtype, device and shape (expanded).
+
+    A scalar second operand broadcasts like a tree of them; the graph of a ``scalar`` tensor that
+    requires grad is kept.
+    """
+    plain = _plain(tree)
+    leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, "the first operand")
+    lw.check_scalar(fn, scalar, _leaf_names(tree, plain is not None), leaves, lw.arithmetic_mask(leaves))
+    filled = [torch.as_tensor(scalar, dtype=leaf.dtype, device=leaf.device).expand_as(leaf)
+              if lw.is_arithmetic(leaf) else leaf for leaf in leaves]  # expanded: no memory per leaf
+    return dict(zip(tree, filled)) if spec is None else optree.tree_unflatten(spec, filled)
 
 
 def _sum_scalars(terms: list[Tensor], like: list[Tensor]) -> Tensor:
@@ -337,7 +362,11 @@ def dot(a: PyTree, b: PyTree, /) -> Tensor:
     >>> dot({"w": torch.tensor([1., 2.]), "b": torch.tensor([3.])},
     ...     {"w": torch.tensor([1., 1.]), "b": torch.tensor([2.])})
     tensor(9.)
+    >>> dot({"w": torch.tensor([1., 2.])}, 2.0)  # ``b`` a scalar: 2 * the sum of every leaf
+    tensor(6.)
     """
+    if _is_scalar_operand(b, a):
+        b = _filled("dot", a, b)
     left, right, _ = matched("dot", a, b)
     pairs = [(x, y) for x, y in zip(left, right) if lw.is_arithmetic(x)]
     return _sum_scalars([torch.sum(x * y) for x, y in pairs], left)

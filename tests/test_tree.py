@@ -14,6 +14,7 @@ from conftest import MLP, is_arith
 
 import nytorch
 import nytorch.functional as nf
+from nytorch import StructureError
 
 Tensor = torch.Tensor
 
@@ -261,6 +262,40 @@ def test_lerp_of_plain_dicts_keeps_key_order_and_names_the_right_leaf() -> None:
     _assert_tree(nf.lerp(a, shuffled, 0.5), {key: torch.lerp(a[key], b[key], 0.5) for key in a})
     with pytest.raises(TypeError, match=r"parameter 'z' \(shape \(2,\) float64\) into complex128"):
         nf.lerp(a, b, 1j)
+
+
+@pytest.mark.parametrize("kind", TREE_KINDS)
+@pytest.mark.parametrize("end", [3.0, -2, torch.tensor(0.5)], ids=repr)
+def test_lerp_dot_and_tree_map_take_a_scalar_second_operand(kind: str, end: Any) -> None:
+    # "each taking a tree or a scalar as the second operand": the scalar broadcasts to every leaf
+    a = _trees(13)[kind]
+    snapshot = _snapshot(a)
+    _assert_tree(nf.lerp(a, end, 0.25), _ref(lambda x: torch.lerp(x, torch.full_like(x, float(end)), 0.25), a))
+    weights = nf.tree_map(lambda x: torch.rand_like(x) if is_arith(x) else x, a)
+    _assert_tree(nf.lerp(a, end, weights),
+                 _ref(lambda x, w: torch.lerp(x, torch.full_like(x, float(end)), w), a, weights))
+    expected_dot = sum((leaf * float(end)).sum() for leaf in optree.tree_leaves(a) if is_arith(leaf))
+    torch.testing.assert_close(nf.dot(a, end), torch.as_tensor(expected_dot).to(nf.dot(a, a).dtype))
+    _assert_tree(nf.tree_map(lambda x, y: x * y, a, end), optree.tree_map(lambda x: x * end, a))
+    _unchanged(a, snapshot)
+
+
+def test_lerp_toward_a_scalar_is_differentiable_and_checks_dtypes() -> None:
+    end = torch.tensor(3.0, requires_grad=True)
+    out = nf.lerp({"w": torch.ones(2)}, end, 0.25)
+    out["w"].sum().backward()
+    assert end.grad is not None and end.grad.item() == 0.5
+    with pytest.raises(TypeError, match=r"^lerp: the scalar 1j would turn parameter 'w'"):
+        nf.lerp({"w": torch.ones(2)}, 1j, 0.5)
+
+
+def test_a_bad_lerp_weight_is_named_the_weight() -> None:
+    a = {"w": torch.ones(2)}
+    with pytest.raises(TypeError, match=r"^lerp: expected a pytree of tensors or a scalar as the weight, "
+                                        r"but the leaf at '<root>' is a str"):
+        nf.lerp(a, a, "x")
+    with pytest.raises(StructureError, match=r"^lerp: the weight has an extra parameter 'z'"):
+        nf.lerp(a, a, {"w": torch.ones(2), "z": torch.ones(1)})
 
 
 def test_lerp_tree_weight() -> None:

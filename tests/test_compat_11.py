@@ -71,6 +71,11 @@ class Root(NytoModule):
 
 def run():
     out = {}
+    # 1.1's own import paths for its documented names
+    from nytorch.mtype import ParamConfig as Config, ParamID
+    from nytorch.module import NytoModule as Module, ParamProduct
+    out["type.imports"] = [Module is NytoModule, Config(operational=False).operational, ParamID.__name__,
+                           ParamProduct.__name__ in ("ParamProduct", "Particle")]
     net = NytoLinear()
     net2 = net + 10
     x = torch.arange(4)

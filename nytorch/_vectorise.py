@@ -36,8 +36,12 @@ _NO_PLAN = ("none",)
 
 
 @contextmanager
-def bound(spec: Spec, leaves: Sequence[Tensor]) -> Iterator[nn.Module]:
-    """The skeleton module holding ``leaves`` (aligned with ``spec.names``) for the duration of the block."""
+def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any]] = None) -> Iterator[nn.Module]:
+    """The skeleton module holding ``leaves`` (aligned with ``spec.names``) for the duration of the block.
+
+    With ``replaced``, the buffers that the block assigned anew (``self.stat = 0.9 * self.stat + ...``
+    in a forward) are recorded there by index, before the skeleton gets its own back.
+    """
     entries = spec.entries
     with spec.lock:
         saved = [table[key] for table, key, _ in entries]
@@ -45,9 +49,38 @@ def bound(spec: Spec, leaves: Sequence[Tensor]) -> Iterator[nn.Module]:
             for table, key, index in entries:
                 table[key] = leaves[index]
             yield spec.layout.modules[0]
+            if replaced is not None:
+                for table, key, index in entries:
+                    if index >= spec.n_params and table[key] is not leaves[index]:
+                        replaced[index] = table[key]
         finally:
             for (table, key, _), old in zip(entries, saved):
                 table[key] = old
+
+
+def _assigned(fn: str, spec: Spec, replaced: dict[int, Any]) -> tuple[list[int], list[Tensor]]:
+    """The buffers a member's forward assigned anew, as indices and values (a vmapped function's output)."""
+    indices = sorted(replaced)
+    for index in indices:
+        value = replaced[index]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{fn}: the forward set buffer {spec.names[index]!r} to a "
+                            f"{type(value).__name__}; a swarm's buffers stay tensors of their shape and dtype")
+    return indices, [replaced[index] for index in indices]
+
+
+def _write_assigned(fn: str, spec: Spec, views: Sequence[Tensor], indices: Sequence[int],
+                    values: Sequence[Tensor]) -> None:
+    """Copy what each member's forward assigned to its buffers into the swarm's (stacked) buffers."""
+    for index, value in zip(indices, values):
+        view = views[index]
+        if value.shape != view.shape or value.dtype != view.dtype:
+            raise ValueError(f"{fn}: the forward assigned buffer {spec.names[index]!r} a tensor of shape "
+                             f"{tuple(value.shape[1:])} {value.dtype} per member, but it holds shape "
+                             f"{tuple(view.shape[1:])} {view.dtype}; update it in place or keep its shape and dtype")
+    with torch.no_grad():
+        for index, value in zip(indices, values):
+            views[index].copy_(value)
 
 
 class Member:
@@ -58,14 +91,15 @@ class Member:
         buffers: ``dict[str, Tensor]`` of its buffers.
     """
 
-    __slots__ = ("_spec", "_leaves")
+    __slots__ = ("_spec", "_leaves", "_replaced")
 
-    def __init__(self, spec: Spec, leaves: Sequence[Tensor]) -> None:
+    def __init__(self, spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any]] = None) -> None:
         self._spec = spec
         self._leaves = leaves
+        self._replaced = replaced
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with bound(self._spec, self._leaves) as module:
+        with bound(self._spec, self._leaves, self._replaced) as module:
             return module(*args, **kwargs)
 
     @property
@@ -91,7 +125,11 @@ def _in_dims(fn: str, in_dims: InDims, args: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _hint(spec: Spec, message: str) -> str:
-    if "Batch norm" in message or "running_mean" in message:
+    training_norms = any(isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+                         and module.track_running_stats for module in spec.layout.modules)
+    # BatchNorm with momentum=None reads its batch count as a number: that fails as a data-dependent call
+    if "Batch norm" in message or "running_mean" in message or (
+            training_norms and ("data-dependent" in message or ".item()" in message)):
         return ("put the swarm in eval mode (swarm.eval()) or build the model with "
                 "track_running_stats=False")
     if "randomness" in message:
@@ -281,14 +319,20 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
         if fused is not None:
             return fused
 
+    assigned: list[int] = []
+
     def member(leaves: list[Tensor], *inputs: Any) -> Any:
-        with bound(spec, leaves) as module:
-            return module(*inputs, **kwargs)
+        replaced: dict[int, Any] = {}
+        with bound(spec, leaves, replaced) as module:
+            out = module(*inputs, **kwargs)
+        assigned[:], values = _assigned(fn, spec, replaced)
+        return out, values
 
     leaves, write_back = _writable(spec, views)
     carrier = leaves or [torch.zeros(size, 0)]  # a model without tensors: still map over the members
-    out = _vmap(fn, spec, member, (0, *dims), randomness, chunk_size, carrier, *args)
+    out, values = _vmap(fn, spec, member, (0, *dims), randomness, chunk_size, carrier, *args)
     write_back()
+    _write_assigned(fn, spec, views, assigned, values)
     return out
 
 
@@ -332,24 +376,29 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
     ]
     others = [i for i in range(len(spec.names)) if i not in set(wanted)]
 
-    def member_loss(diff: list[Tensor], rest: list[Tensor], *inputs: Any) -> Tensor:
+    assigned: list[int] = []
+
+    def member_loss(diff: list[Tensor], rest: list[Tensor], *inputs: Any) -> tuple[Tensor, list[Tensor]]:
         leaves: list[Tensor] = [None] * len(spec.names)  # type: ignore[list-item]
         for i, leaf in zip(wanted, diff):
             leaves[i] = leaf
         for i, leaf in zip(others, rest):
             leaves[i] = leaf
-        loss = loss_fn(Member(spec, leaves), *inputs, **kwargs)
+        replaced: dict[int, Any] = {}
+        loss = loss_fn(Member(spec, leaves, replaced), *inputs, **kwargs)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"{fn}: expected loss_fn to return a 0-dim tensor per member, got {shape}; "
                              "reduce it (e.g. .mean()) inside loss_fn")
-        return loss
+        assigned[:], values = _assigned(fn, spec, replaced)
+        return loss, [value.detach() for value in values]
 
     leaves, write_back = _writable(spec, views)
     rest = [leaves[i] for i in others] or [torch.zeros(size, 0)]
-    grads, losses = _vmap(fn, spec, torch.func.grad_and_value(member_loss), (0, 0, *dims), randomness,
-                          chunk_size, [leaves[i] for i in wanted], rest, *args)
+    grads, (losses, values) = _vmap(fn, spec, torch.func.grad_and_value(member_loss, has_aux=True), (0, 0, *dims),
+                                    randomness, chunk_size, [leaves[i] for i in wanted], rest, *args)
     write_back()
+    _write_assigned(fn, spec, views, assigned, values)
     out: list[Optional[Tensor]] = [None] * len(spec.names)
     for i, grad in zip(wanted, grads):
         out[i] = grad

@@ -650,6 +650,55 @@ def test_forwards_that_write_their_buffers_are_not_fused() -> None:
     assert torch.equal(swarm._spec.layout.buffers[0], template_calls)  # tracing wrote to copies only
 
 
+class _Averaging(nn.Module):
+    """A forward that assigns a buffer anew: a running mean of its inputs."""
+
+    def __init__(self, width: int = 2) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+        self.register_buffer("mean", torch.zeros(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_buffers_assigned_in_forward_reach_every_member(chunk_size: Any) -> None:
+    modules = [_Averaging() for _ in range(3)]
+    swarm = Swarm.stack(modules)
+    shared, per_member = torch.randn(5, 2), torch.randn(3, 5, 2)
+    torch.testing.assert_close(swarm(shared, chunk_size=chunk_size), torch.stack([m(shared) for m in modules]))
+    torch.testing.assert_close(swarm(per_member, in_dims=0, chunk_size=chunk_size),
+                               torch.stack([m(x) for m, x in zip(modules, per_member)]))
+    torch.testing.assert_close(swarm.buffers["mean"], torch.stack([m.mean for m in modules]))
+    grads, losses = swarm.grad_and_value(lambda member, x: member(x).square().mean(), per_member, in_dims=0,
+                                         chunk_size=chunk_size)
+    expected = [nn.functional.mse_loss(m(x), torch.zeros(5, 3), reduction="mean") for m, x in zip(modules, per_member)]
+    torch.testing.assert_close(losses, torch.stack(expected).detach())
+    torch.testing.assert_close(swarm.buffers["mean"], torch.stack([m.mean for m in modules]))
+
+
+def test_a_buffer_assigned_another_shape_or_none_is_refused() -> None:
+    class Reshaping(_Averaging):
+        def forward(self, x: Tensor) -> Tensor:
+            self.mean = x.mean(0, keepdim=True)  # (1, 2) where the buffer holds (2,)
+            return self.fc(x)
+
+    class Dropping(_Averaging):
+        def forward(self, x: Tensor) -> Tensor:
+            self.mean = None
+            return self.fc(x)
+
+    for kind, error, message in ((Reshaping, ValueError, r"assigned buffer 'mean' a tensor of shape \(1, 2\)"),
+                                 (Dropping, TypeError, r"set buffer 'mean' to a NoneType")):
+        swarm = Swarm.stack([kind() for _ in range(2)])
+        before = swarm.buffers["mean"].clone()
+        with pytest.raises(error, match=rf"^Swarm.__call__: the forward {message}"):
+            swarm(torch.randn(4, 2))
+        assert torch.equal(swarm.buffers["mean"], before)
+
+
 def test_forward_shapes_kwargs_and_randomness() -> None:
     swarm = Swarm.stack([mlp() for _ in range(3)])
     assert swarm(torch.randn(4)).shape == (3, 3)  # unbatched input
@@ -681,6 +730,11 @@ def test_forward_refuses_unvectorisable_models_with_a_hint() -> None:
     swarm = Swarm.stack([Branchy() for _ in range(2)])
     with pytest.raises(RuntimeError, match=r"could not run Branchy.*\n.*Hint: .*torch.where"):
         swarm(torch.randn(3, 2))
+    # a cumulative BatchNorm (momentum=None) fails as a data-dependent call: the hint is still eval()
+    norms = Swarm.stack([nn.BatchNorm1d(3, momentum=None) for _ in range(2)])
+    with pytest.raises(RuntimeError, match=r"\n.*Hint: put the swarm in eval mode \(swarm.eval\(\)\)"):
+        norms(torch.randn(4, 3))
+    torch.testing.assert_close(norms.eval()(torch.ones(4, 3)), torch.ones(2, 4, 3), rtol=1e-4, atol=1e-4)
 
 
 def test_batchnorm_train_mode_updates_each_members_statistics() -> None:

@@ -104,6 +104,21 @@ def test_pso_zero_coefficients_leave_the_swarm_unchanged() -> None:
     assert_members(moved, per_member(swarm), exact=True)  # zero velocity stays zero
 
 
+def test_pso_zero_coefficients_hold_infinite_values_and_nan_bests_are_beaten() -> None:
+    swarm = population()
+    swarm.params["0.weight"][1, 0, 0] = float("inf")  # a diverged member
+    losses = quadratic(swarm)
+    losses[2] = float("nan")
+    state = alg.pso_init(swarm, losses)
+    moved, state = alg.pso_step(swarm, losses, state, inertia=0.0, cognitive=0.0, social=0.0)
+    assert_members(moved, per_member(swarm), exact=True)  # no 0 * (inf - inf) = NaN
+    assert not moved.params["0.weight"].isnan().any()
+    new_losses = quadratic(moved)
+    new_losses[2] = 1.0
+    _, state = alg.pso_step(moved, new_losses, state, inertia=0.0, cognitive=0.0, social=0.0)
+    assert state.best_loss[2].item() == 1.0  # a NaN personal best is beaten by any number
+
+
 def test_pso_step_matches_loop() -> None:
     swarm = population()
     state = alg.pso_init(swarm, quadratic(swarm))
@@ -147,6 +162,37 @@ def test_pso_errors() -> None:
         alg.pso_step(swarm[:3], torch.zeros(3), state)
     with pytest.raises(TypeError, match=r"pso_step: expected a PSOState as state"):
         alg.pso_step(swarm, torch.zeros(6), (1, 2, 3))  # type: ignore[arg-type]
+    other = alg.pso_init(Swarm.stack([nn.Linear(4, 2) for _ in range(6)]), torch.zeros(6))
+    with pytest.raises(TypeError, match=r"^pso_step: expected a Sequential \(or a Particle or Swarm of one\), "
+                                        r"got a Linear"):
+        alg.pso_step(swarm, torch.zeros(6), other)
+    wider = alg.pso_init(Swarm.stack([nn.Sequential(*[nn.Linear(5, 5)] * 3) for _ in range(6)]), torch.zeros(6))
+    with pytest.raises(nytorch.StructureError, match=r"^pso_step: parameter '0.weight'"):
+        alg.pso_step(swarm, torch.zeros(6), wider)
+
+
+def test_selections_of_an_empty_swarm_are_empty() -> None:
+    empty = population()[:0]
+    assert len(alg.pull_toward_best(empty, torch.zeros(0), subset=1, alpha=0.5)) == 0
+    assert len(alg.truncation_selection(empty, torch.zeros(0), survivors=1, sigma=0.1)) == 0
+    with pytest.raises(ValueError, match=r"^pull_toward_best: expected subset in \[1, 1\], got 0"):
+        alg.pull_toward_best(empty, torch.zeros(0), subset=0, alpha=0.5)
+
+
+def test_pso_velocity_takes_a_member_index_as_global_best() -> None:
+    swarm = population()
+    by_index = alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, 2, inertia=0.0, cognitive=0.0, social=1.0,
+                                generator=torch.Generator().manual_seed(0))
+    by_member = alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, swarm[2], inertia=0.0, cognitive=0.0, social=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    for name, value in by_member.params.items():
+        assert torch.equal(by_index.params[name], value), name
+    assert by_index.params["0.weight"][2].abs().sum() == 0  # member 2 is the global best: no pull on it
+    with pytest.raises(TypeError, match=r"^pso_velocity: expected a member index, a Particle or a model as "
+                                        r"global_best, got float"):
+        alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, 0.0, inertia=0.0, cognitive=0.0, social=1.0)
+    with pytest.raises(IndexError, match=r"^pso_velocity: global_best=6 is out of range for a swarm of 6 members"):
+        alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, 6, inertia=0.0, cognitive=0.0, social=1.0)
 
 
 # -- ES ------------------------------------------------------------------------------------------------

@@ -52,16 +52,16 @@ def count_arg(fn: str, value: object, name: str, low: int, high: int) -> int:
     return number
 
 
-def target_arg(fn: str, swarm: Swarm, best: Any) -> Union[Swarm, Particle, nn.Module]:
-    """A member index as a one-member view of ``swarm``, or a Particle/model as is."""
+def target_arg(fn: str, swarm: Swarm, best: Any, name: str = "best") -> Union[Swarm, Particle, nn.Module]:
+    """A member index as a one-member view of ``swarm``, or a Particle/model as is (``name``: the argument)."""
     if isinstance(best, (Particle, nn.Module)):
         return best
     if isinstance(best, Tensor) and best.dim() == 0 and not best.is_floating_point():
         best = int(best)
     if isinstance(best, bool) or not isinstance(best, int):
-        raise TypeError(f"{fn}: expected a member index, a Particle or a model as best, got {type(best).__name__}")
+        raise TypeError(f"{fn}: expected a member index, a Particle or a model as {name}, got {type(best).__name__}")
     size = len(swarm)
     if not -size <= best < size:
-        raise IndexError(f"{fn}: best={best} is out of range for a swarm of {size} members")
+        raise IndexError(f"{fn}: {name}={best} is out of range for a swarm of {size} members")
     best %= size
     return swarm[best:best + 1]

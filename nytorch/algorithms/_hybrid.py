@@ -36,6 +36,8 @@ def pull_toward_best(swarm: Swarm, losses: Tensor, *, subset: int, alpha: float,
     losses = losses_arg(fn, losses, size)
     subset = count_arg(fn, subset, "subset", 1, max(size, 1))
     alpha = number_arg(fn, alpha, "alpha")
+    if size == 0:  # an empty swarm (a rank's empty shard): nothing to select from
+        return swarm.clone()
     chosen = torch.randperm(size, generator=generator)[:subset]
     best = chosen[torch.nan_to_num(losses.cpu()[chosen], nan=float("inf")).argmin()]
     others = chosen[chosen != best]

@@ -6,9 +6,10 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from .. import _swarm_ops as swarm_ops
 from .._particle import Particle
 from .._swarm import Swarm
-from ._checks import losses_arg, number_arg, swarm_arg
+from ._checks import losses_arg, number_arg, swarm_arg, target_arg
 
 Tensor = torch.Tensor
 
@@ -49,10 +50,12 @@ def pso_init(swarm: Swarm, losses: Tensor) -> PSOState:
     return PSOState(Swarm.zeros(swarm), swarm.clone(), losses.clone())
 
 
-def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[Particle, nn.Module], *,
+def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[Particle, nn.Module, int], *,
                  inertia: float, cognitive: float, social: float,
                  generator: Optional[torch.Generator] = None) -> Swarm:
     """The PSO velocity ``w·v + c₁·r₁⊙(best − x) + c₂·r₂⊙(g − x)`` with ``r ~ U[0, 1)`` per value.
+
+    ``global_best`` (``g``) is a Particle or model, or the index of a member of ``swarm`` (as in ``apso``).
 
     >>> import torch
     >>> x = Swarm.randn(torch.nn.Linear(2, 1), 3)
@@ -66,15 +69,15 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
     inertia = number_arg(fn, inertia, "inertia")
     cognitive = number_arg(fn, cognitive, "cognitive")
     social = number_arg(fn, social, "social")
-    out = velocity * inertia
-    pull = Swarm.rand(swarm, generator=generator)
-    pull *= cognitive
-    pull *= best - swarm
-    out += pull
-    pull = Swarm.rand(swarm, generator=generator)
-    pull *= social
-    pull *= global_best - swarm
-    out += pull
+    global_best = target_arg(fn, swarm, global_best, "global_best")
+    # a zero coefficient drops its term (no draw either): 0 · (inf − inf) would be NaN, not 0
+    out = velocity * inertia if inertia != 0.0 else Swarm.zeros(velocity)
+    for coefficient, target in ((cognitive, best), (social, global_best)):
+        if coefficient != 0.0:
+            pull = Swarm.rand(swarm, generator=generator)
+            pull *= coefficient
+            pull *= target - swarm
+            out += pull
     return out
 
 
@@ -104,7 +107,10 @@ def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 
         raise TypeError(f"pso_step: expected a PSOState as state (from pso_init), got {type(state).__name__}")
     if len(state.best) != len(swarm):
         raise ValueError(f"pso_step: the state tracks {len(state.best)} members but the swarm has {len(swarm)}")
-    improved = losses < state.best_loss
+    for part in (state.best, state.velocity):  # a state of another model: say so before anything is written
+        swarm_ops.aligned(fn, swarm._spec, part)
+    # a NaN best (a diverged first evaluation) is beaten by any number, as if it were +inf
+    improved = losses < torch.nan_to_num(state.best_loss, nan=float("inf"))
     best = state.best.clone()
     if bool(improved.any()):
         best[improved] = swarm[improved]

@@ -34,6 +34,8 @@ def truncation_selection(swarm: Swarm, losses: torch.Tensor, *, survivors: int, 
     losses = losses_arg(fn, losses, size)
     survivors = count_arg(fn, survivors, "survivors", 1, max(size, 1))
     sigma = number_arg(fn, sigma, "sigma", minimum=0.0)
+    if size == 0:  # an empty swarm (a rank's empty shard): nothing to select from
+        return swarm.clone()
     order = torch.argsort(torch.nan_to_num(losses, nan=float("inf")), stable=True).cpu()
     elite = order[:survivors]
     parents = elite[torch.randint(survivors, (size - survivors,), generator=generator)]

@@ -69,10 +69,10 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
     inertia = number_arg(fn, inertia, "inertia")
     cognitive = number_arg(fn, cognitive, "cognitive")
     social = number_arg(fn, social, "social")
-    global_best = target_arg(fn, swarm, global_best, "global_best")
+    target_of_all = target_arg(fn, swarm, global_best, "global_best")
     # a zero coefficient drops its term (no draw either): 0 · (inf − inf) would be NaN, not 0
     out = velocity * inertia if inertia != 0.0 else Swarm.zeros(velocity)
-    for coefficient, target in ((cognitive, best), (social, global_best)):
+    for coefficient, target in ((cognitive, best), (social, target_of_all)):
         if coefficient != 0.0:
             pull = Swarm.rand(swarm, generator=generator)
             pull *= coefficient

@@ -183,6 +183,8 @@ def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
     True
     """
     buffers = []
+    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, leaves)):
+        return None  # no view of an inference tensor can be made here: the per-leaf path says what to do
     for index, total, likes, dtype in zip(plan.groups, plan.totals, plan.likes, plan.dtypes):
         first = leaves[index[0]]
         size = first.element_size()
@@ -271,6 +273,9 @@ def _packable(module: nn.Module, params: Sequence[Tensor]) -> Optional[str]:
             return f"a parameter has layout {param.layout} on device {param.device}"
         if not param.is_contiguous():
             return "a parameter is not contiguous (e.g. channels_last): packing would change its memory format"
+        if param.is_inference():
+            # an inference tensor has no version counter, and ``param.data = view`` would keep that
+            return "a parameter is an inference tensor (made under torch.inference_mode())"
         start = int(param.storage_offset())
         spans.setdefault(param.untyped_storage().data_ptr(), []).append((start, start + int(param.numel())))
     for ranges in spans.values():  # parameters in one storage are fine (packed), overlapping ones are tied

@@ -503,6 +503,29 @@ def test_inplace_failure_inside_torch_changes_nothing() -> None:
     assert_unchanged(before, model)
 
 
+@pytest.mark.parametrize("form", ["particle", "particle pack=False", "NytoModule"])
+def test_models_made_under_inference_mode(form: str) -> None:
+    # an inference tensor has no version counter: such a model is never packed, works out of place
+    # everywhere and in place inside inference mode, and outside it an in-place step is refused by name
+    with torch.inference_mode():
+        model = Nyto() if form == "NytoModule" else Plain()
+    target = model if form == "NytoModule" else nytorch.particle(model, pack=form == "particle")
+    before = _values(model)  # inference tensors have no version counter to snapshot
+    objects = [id(param) for param in model.parameters()]
+    expected = {name: value + 1 for name, value in before.items()}
+    assert all(torch.equal(_values(target + 1)[name], expected[name]) for name in expected)
+    assert all(torch.equal(_values(target.clone())[name], before[name]) for name in before)
+    for call in (lambda: target.__iadd__(1), lambda: target.lerp_(target, 0.5)):
+        with pytest.raises(RuntimeError, match=r"parameter 'fc1.weight' is an inference tensor and cannot be "
+                                               r"updated in place outside torch.inference_mode\(\)"):
+            call()
+        assert all(torch.equal(_values(model)[name], before[name]) for name in before)
+    assert [id(param) for param in model.parameters()] == objects
+    with torch.inference_mode():
+        target += 1
+    assert all(torch.equal(_values(model)[name], expected[name]) for name in expected)
+
+
 # -- Swarm ------------------------------------------------------------------------------------------
 @needs_swarm
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

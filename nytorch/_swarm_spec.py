@@ -157,7 +157,7 @@ def make_spec(source: Layout, with_buffers: bool) -> Spec:
     >>> spec.names, [tuple(g)[1:] for g in spec.groups]
     (['weight', 'bias'], [(torch.float32, True, 8)])
     """
-    params = [stand_in(leaf.shape, leaf.dtype, leaf.device) for leaf in source.params]
+    params = [stand_in(shape, dtype, device) for shape, dtype, device in source.signature]  # names a lazy one
     buffers = [leaf.detach().clone() for leaf in source.buffers]
     root = rebuild(source, params, buffers)
     return Spec(Layout(root), with_buffers)

@@ -117,7 +117,14 @@ class Layout:
         construction), so comparing two of them is usually an identity check.
         """
         if self._signature is None:
-            self._signature = _interned(tuple((p.shape, p.dtype, p.device) for p in self.params))
+            try:
+                self._signature = _interned(tuple((p.shape, p.dtype, p.device) for p in self.params))
+            except RuntimeError:
+                lazy = [name for name, p in zip(self.names, self.params) if nn.parameter.is_lazy(p)]
+                if not lazy:
+                    raise
+                raise ValueError(f"{type(self.modules[0]).__name__}: parameter {lazy[0]!r} is not initialised yet "
+                                 "(a lazy module); run one forward pass first") from None
         return self._signature
 
     def _visit(self, module: nn.Module, prefix: str, module_index: dict[int, int],

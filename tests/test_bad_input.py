@@ -526,6 +526,28 @@ def test_models_made_under_inference_mode(form: str) -> None:
     assert all(torch.equal(_values(model)[name], expected[name]) for name in expected)
 
 
+class _Lazy(NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.LazyLinear(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_lazy_modules_are_refused_by_name_until_their_first_forward() -> None:
+    message = r"parameter '{}' is not initialised yet \(a lazy module\); run one forward pass first"
+    for call, name in ((lambda: _Lazy() + 1, "fc.weight"), (lambda: _Lazy().clone(), "fc.weight"),
+                       (lambda: nf.params(nn.LazyLinear(2)), "weight"), (lambda: nf.state(nn.LazyLinear(2)), "weight"),
+                       (lambda: nytorch.Swarm.stack([nn.LazyLinear(2)]), "weight"),
+                       (lambda: nytorch.particle(nn.LazyLinear(2)), "weight")):
+        with pytest.raises(ValueError, match=message.format(name)):
+            call()
+    net = _Lazy()
+    net(torch.ones(1, 3))
+    assert torch.equal((net + 1).fc.weight, net.fc.weight + 1)
+
+
 # -- Swarm ------------------------------------------------------------------------------------------
 @needs_swarm
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -243,7 +243,10 @@ class NytoModule(Operators, nn.Module):
         """
         if not isinstance(product, Particle):
             raise TypeError(f"product_: expected a Particle as product, got {type(product).__name__}")
-        product.copy_to(self)
+        if product.model_class is not model_class(self):
+            raise TypeError(f"product_: expected a Particle of a {model_class(self).__name__}, "
+                            f"got a Particle of {product.model_class.__name__}")
+        product._write_into("product_", self)
         return self
 
     def set_param_config(self, operational: Optional[bool] = None, clone: Optional[bool] = None,
@@ -266,12 +269,15 @@ class NytoModule(Operators, nn.Module):
         >>> torch.equal(doubled.layer0.weight, net.layer0.weight)
         True
         """
-        def update(param_id: int, config: ParamConfig) -> None:
+        for flag, value in (("operational", operational), ("clone", clone)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"set_param_config: expected True, False or None as {flag}, "
+                                f"got {type(value).__name__}")
+        for _, config in self._configs_in_scope("set_param_config", name):
             if operational is not None:
                 config.operational = operational
             if clone is not None:
                 config.clone = clone
-        self.apply_param_config(update, name)
 
     def apply_param_config(self, fn: Callable[[int, ParamConfig], None], name: Optional[str] = None) -> None:
         """Call ``fn(param_id, config)`` for every parameter (or those under attribute ``name``).
@@ -290,17 +296,20 @@ class NytoModule(Operators, nn.Module):
         0 ParamConfig(operational=True, clone=True)
         1 ParamConfig(operational=True, clone=True)
         """
+        for param_id, config in self._configs_in_scope("apply_param_config", name):
+            fn(param_id, config)
+
+    def _configs_in_scope(self, fn: str, name: Optional[str]) -> list[tuple[int, ParamConfig]]:
+        """``(param_id, config)`` of every parameter under attribute ``name`` (all with ``None``), checked."""
         layout = layout_of(self)
         if name is not None:
             if not isinstance(name, str):
-                raise TypeError(f"apply_param_config: expected a str or None as name, got {type(name).__name__}")
+                raise TypeError(f"{fn}: expected a str or None as name, got {type(name).__name__}")
             known = name + "." in layout.prefixes or any(
                 own == name or own.startswith(name + ".") for own in layout.names)
             if not known:
-                raise ValueError(f"apply_param_config: {type(self).__name__} has no submodule or "
-                                 f"parameter named {name!r}")
-        for param_id, config in configs_in_scope(layout, name or ""):
-            fn(param_id, config)
+                raise ValueError(f"{fn}: {type(self).__name__} has no submodule or parameter named {name!r}")
+        return configs_in_scope(layout, name or "")
 
     def get_param_id(self, param: Tensor) -> int:
         """The index of ``param`` in ``self.named_parameters()`` (same across derived models).

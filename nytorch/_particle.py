@@ -360,9 +360,13 @@ class Particle(Operators):
         >>> _ = particle(net).randn().copy_to(net)
         """
         self._check_class("copy_to", module)
+        return self._write_into("copy_to", module)
+
+    def _write_into(self, fn: str, module: nn.Module) -> nn.Module:
+        """``copy_to`` after the class check, its errors naming ``fn`` (``copy_to`` or ``product_``)."""
         names, leaves = layout_state(layout_of(module), self._with_buffers)
-        algebra.check_state("copy_to", names, leaves, self._names, self._leaves)
-        algebra.check_writable("copy_to", names, leaves)
+        algebra.check_state(fn, names, leaves, self._names, self._leaves)
+        algebra.check_writable(fn, names, leaves)
         if leaves:
             torch._foreach_copy_(leaves, self._leaves)
         return module

@@ -474,12 +474,27 @@ def test_subtracting_a_boolean_is_a_type_error(form: str) -> None:
     assert torch.equal(_values(added)["fc1.weight"], before["fc1.weight"] + 1)
 
 
+def test_product_underscore_names_itself_and_the_right_classes() -> None:
+    net = Nyto()
+    before = snapshot(net)
+    with pytest.raises(TypeError, match=r"^product_: expected a Particle of a Nyto, got a Particle of Linear"):
+        net.product_(nytorch.particle(nn.Linear(2, 2)))
+    with pytest.raises(StructureError, match=r"^product_: parameter 'fc2.weight'"):
+        net.product_(Nyto("shape").product())
+    assert_unchanged(before, net)
+
+
 def test_set_param_config_and_get_param_id_reject_unknown() -> None:
     net = Nyto()
-    with pytest.raises(ValueError, match=r"^apply_param_config: Nyto has no submodule or parameter named 'fc9'"):
-        net.set_param_config(operational=False, name="fc9")
-    with pytest.raises(TypeError, match=r"^apply_param_config: expected a str or None as name, got int"):
-        net.set_param_config(operational=False, name=3)  # type: ignore[arg-type]
+    for fn, call in (("set_param_config", lambda name: net.set_param_config(operational=False, name=name)),
+                     ("apply_param_config", lambda name: net.apply_param_config(lambda *_: None, name=name))):
+        with pytest.raises(ValueError, match=rf"^{fn}: Nyto has no submodule or parameter named 'fc9'"):
+            call("fc9")
+        with pytest.raises(TypeError, match=rf"^{fn}: expected a str or None as name, got int"):
+            call(3)
+    with pytest.raises(TypeError, match=r"^set_param_config: expected True, False or None as clone, got str"):
+        net.set_param_config(clone="no")  # type: ignore[arg-type]
+    assert all(config.clone for _, config in net._configs_in_scope("test", None))
     with pytest.raises(ValueError, match=r"^get_param_id: the given parameter \(\(2,\)\) is not a parameter"):
         net.get_param_id(nn.Parameter(torch.ones(2)))
 

@@ -345,7 +345,6 @@ class Particle(Operators):
         """
         return self.module()
 
-    @torch.no_grad()
     def copy_to(self, module: nn.Module) -> nn.Module:
         """Write this Particle's values into ``module``'s existing Parameters, in place.
 
@@ -362,6 +361,7 @@ class Particle(Operators):
         self._check_class("copy_to", module)
         return self._write_into("copy_to", module)
 
+    @torch.no_grad()
     def _write_into(self, fn: str, module: nn.Module) -> nn.Module:
         """``copy_to`` after the class check, its errors naming ``fn`` (``copy_to`` or ``product_``)."""
         names, leaves = layout_state(layout_of(module), self._with_buffers)

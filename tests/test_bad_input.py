@@ -231,7 +231,7 @@ def test_nytomodule_methods_reject_mismatch(variant: str) -> None:
     a, b = Nyto(), Nyto(variant)
     raises_naming(exc, "clone_from", first, later, lambda: a.clone_from(b), a, b)
     product = b.product()
-    raises_naming(exc, "copy_to", first, later, lambda: a.product_(product), a, product)
+    raises_naming(exc, "product_", first, later, lambda: a.product_(product), a, product)
 
 
 FUNCTIONAL: dict[str, Callable[[Any, Any], Any]] = {

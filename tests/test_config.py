@@ -114,7 +114,7 @@ def test_set_param_config_deep_name_from_root_and_from_submodule_agree() -> None
 
 def test_unknown_names_raise() -> None:
     net = MLP()
-    with pytest.raises(ValueError, match=r"apply_param_config: MLP has no submodule or parameter named 'nope'"):
+    with pytest.raises(ValueError, match=r"set_param_config: MLP has no submodule or parameter named 'nope'"):
         net.set_param_config(operational=False, name="nope")
     with pytest.raises(ValueError, match=r"'layer0.w'"):
         net.set_param_config(operational=False, name="layer0.w")

@@ -221,6 +221,38 @@ def test_device_mismatch_raises():
         merge.ema_(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"), tau=0.5)
 
 
+class Ordered(nn.Module):
+    """Parameters ``x``, ``y``, ``z`` registered in the given order."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        for name in order:
+            self.register_parameter(name, nn.Parameter(torch.zeros(2)))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda a, b: merge.ema_(a, b, tau=0.5),
+     r"ema_: online lists the same parameters in another order: parameter 'y' is at position 1 in target "
+     r"but 2 in online"),
+    (lambda a, b: merge.average([a, b]),
+     r"average: models\[1\] lists the same parameters in another order: parameter 'y' is at position 1 in "
+     r"models\[0\] but 2 in models\[1\]"),
+    (lambda a, b: merge.EMA(a).update(b),
+     r"EMA\.update: model lists the same parameters in another order: parameter 'y' is at position 1 in the "
+     r"average but 2 in model"),
+    (lambda a, b: merge.slerp(a, b, 0.5),
+     r"slerp: second lists the same parameters in another order: parameter 'y' is at position 1 in first"),
+    (lambda a, b: merge.task_arithmetic(a, [a, b]),
+     r"task_arithmetic: finetuned\[1\] lists the same parameters in another order: parameter 'y' is at "
+     r"position 1 in base but 2 in finetuned\[1\]"),
+])
+def test_parameters_in_another_order_are_named(call, message):
+    first, second = Ordered("xyz"), Ordered("xzy")
+    assert sorted(dict(first.named_parameters())) == sorted(dict(second.named_parameters()))
+    with pytest.raises(StructureError, match=message):
+        call(first, second)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({}, TypeError, r"ema_: expected exactly one of decay= .* got neither"),
     ({"decay": 0.9, "tau": 0.1}, TypeError, r"ema_: expected exactly one of decay= .* got both"),
@@ -267,14 +299,25 @@ def timm_get_decay(step: int, decay: float, gamma: float, power: float, min_deca
     return max(min(value, decay), min_decay)
 
 
-@pytest.mark.parametrize("gamma, power, min_decay", [(1.0, 2 / 3, 0.0), (2.0, 3 / 4, 0.1)])
+@pytest.mark.parametrize("gamma, power, min_decay", [(1.0, 2 / 3, 0.0), (2.0, 3 / 4, 0.1), (1.0, 0.75, 0.5)])
 def test_power_decay_matches_timm(gamma, power, min_decay):
     schedule = merge.power_decay(0.999, gamma=gamma, power=power, min_decay=min_decay)
-    for step in range(0, 5000, 13):
+    for step in list(range(0, 5000, 13)) + [1, 2, 3]:
         expected = timm_get_decay(step + 1, 0.999, gamma, power, min_decay)
-        if step == 0:
-            expected = max(expected, min_decay)
         assert schedule(step) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_power_decay_copies_the_model_at_the_first_update_whatever_min_decay():
+    """timm returns 0.0 for the first update before it applies ``min_decay``."""
+    assert merge.power_decay(0.9999, power=0.75, min_decay=0.1)(0) == 0.0
+    schedule = merge.power_decay(0.9999, power=0.75, min_decay=0.5)
+    assert [schedule(0), schedule(1)] == [0.0, 0.5]  # 1 - 2**-0.75 = 0.405 < 0.5: min_decay binds from step 1
+    model = nn.Linear(2, 2)
+    ema = merge.EMA(model, decay=merge.power_decay(0.9, min_decay=0.5))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    assert torch.equal(ema.averaged.weight, model.weight)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -401,6 +444,76 @@ def test_new_storage_for_any_one_parameter_is_followed(pack):
         model[1].bias.add_(1.0)  # and the next update reads the model's values again, wherever they live
     ema.update()
     assert torch.equal(ema.averaged[1].bias, model[1].bias)
+
+
+@pytest.fixture
+def overwrite_on_conversion():
+    """``torch.__future__.set_overwrite_module_params_on_conversion(True)`` for one test, restored afterwards."""
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+
+
+def perturb_(model: nn.Module, amount: float) -> None:
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                tensor.add_(amount)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_model_moved_to_meta_raises(pack):
+    """``.to("meta")`` puts new Parameter objects in the model; the old ones keep their storage."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    ema = merge.EMA(model, decay=0.5, pack=pack)
+    weight = model[0].weight
+    model.to("meta")
+    assert model[0].weight is not weight and weight.device.type == "cpu"
+    for _ in range(2):  # and every update after
+        with pytest.raises(nytorch.DeviceMismatchError, match=r"EMA\.update: parameter '0\.weight' is on cpu but "
+                                                             r"on meta in model; move both to one device first"):
+            ema.update()
+    assert ema.step == 0
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_conversion_to_new_parameter_objects_is_checked_then_followed(pack, overwrite_on_conversion):
+    """Under ``overwrite_module_params_on_conversion`` a ``.double()`` makes new Parameter objects."""
+    torch.manual_seed(0)
+    model = bn_net()
+    ema = merge.EMA(model, decay=0.5, pack=pack)
+    weight = model[0].weight
+    model.double()
+    assert model[0].weight is not weight
+    with pytest.raises(StructureError, match=r"EMA\.update: parameter '0\.weight' differs: shape \(6, 4\) float32 "
+                                             r"vs shape \(6, 4\) float64 in model"):
+        ema.update()
+    model.float()  # new objects again, of the average's dtypes: the EMA follows them from now on
+    for amount in (1.0, -3.0):
+        perturb_(model, amount)
+        expected = reference_ema(ema.averaged, model, 0.5, "average")
+        ema.update()
+        assert_state(ema.averaged, expected)
+    assert (ema._flat is not None) == pack  # packed again
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_new_parameter_and_buffer_objects_are_followed(pack):
+    torch.manual_seed(0)
+    model = bn_net()
+    ema = merge.EMA(model, decay=0.5, pack=pack)
+    model[0].bias = nn.Parameter(torch.full((6,), 100.0))
+    model[1].running_mean = torch.full((6,), 10.0)
+    expected = reference_ema(ema.averaged, model, 0.5, "average")
+    ema.update()
+    assert_state(ema.averaged, expected)
+    model[3].bias = nn.Parameter(torch.zeros(3))
+    with pytest.raises(StructureError, match=r"EMA\.update: parameter '3\.bias' differs: shape \(2,\) float32 "
+                                             r"vs shape \(3,\) float32 in model"):
+        ema.update()
 
 
 @pytest.mark.parametrize("repack", [False, True])

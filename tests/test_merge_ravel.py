@@ -66,6 +66,25 @@ def test_numpy_round_trip_keeps_dtypes_and_values():
     assert torch.equal(merge.ravel(unravel(list(vector.tolist())))[0], vector)
 
 
+def test_bfloat16_model_round_trips_through_float32_numpy():
+    """numpy has no bfloat16: ``vector.float().numpy()`` out, ``unravel(float32 array)`` back, exactly."""
+    torch.manual_seed(0)
+    model = bn_net().bfloat16()
+    vector, unravel = merge.ravel(model)
+    assert vector.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="BFloat16"):  # torch's own message: why ravel's docstring says .float()
+        vector.numpy()
+    array = vector.float().numpy()
+    assert array.dtype == np.float32
+    copy = unravel(array)
+    for mine, theirs in zip(copy.parameters(), model.parameters()):
+        assert mine.dtype == torch.bfloat16
+        assert torch.equal(mine, theirs)
+    moved = unravel(array + np.float32(0.5))  # values of the optimiser's float arrays are rounded to bfloat16
+    for mine, theirs in zip(moved.parameters(), model.parameters()):
+        assert torch.equal(mine, (theirs.float() + 0.5).bfloat16())
+
+
 def test_unravel_result_owns_its_values():
     model = nn.Linear(2, 2)
     vector, unravel = merge.ravel(model)

@@ -91,3 +91,55 @@ def test_average_of_a_swarm_is_the_member_mean():
     for name, value in soup.params.items():
         expected = torch.stack([dict(m.named_parameters())[name].detach() for m in models]).mean(0)
         torch.testing.assert_close(value, expected)
+
+
+# -- merges of Swarms: member by member, exactly as a loop of per-member calls ------------------
+
+PER_MEMBER = {
+    "slerp": lambda base, first, second, gen: merge.slerp(first, second, 0.3),
+    "ties": lambda base, first, second, gen: merge.ties(base, [first, second], density=0.29, scale=0.8),
+    "dare": lambda base, first, second, gen: merge.dare(base, [first, second], drop=0.5, scale=[0.5, 2.0],
+                                                        generator=gen),
+    "task_arithmetic": lambda base, first, second, gen: merge.task_arithmetic(base, [first, second],
+                                                                              scale=[0.3, -0.7]),
+    "task_vector": lambda base, first, second, gen: merge.task_vector(first, base),
+    "average": lambda base, first, second, gen: merge.average([base, first, second], weights=[1.0, 2.0, 3.0]),
+}
+
+
+@pytest.mark.parametrize("name", list(PER_MEMBER))
+def test_merges_of_swarms_equal_a_loop_over_the_member_models(name):
+    merging = PER_MEMBER[name]
+    models = [members(3, seed) for seed in (0, 1, 2)]  # base, first, second: 3 members each
+    with torch.no_grad():  # one member pair parallel, for slerp's linear fallback in that member only
+        models[2][1][0].weight.copy_(2 * models[1][1][0].weight)
+    whole = merging(*(Swarm.stack(group) for group in models), torch.Generator().manual_seed(5))
+    assert isinstance(whole, Swarm) and len(whole) == 3
+    gen = torch.Generator().manual_seed(5)  # one generator through the loop, as a user's loop would pass it
+    for index in range(3):
+        one = merging(*(group[index] for group in models), gen)
+        for param_name, value in one.named_parameters():
+            assert torch.equal(whole[index].params[param_name], value.detach()), (index, param_name)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare"])
+def test_a_swarm_of_finetuned_models_counts_as_its_members(name):
+    base, finetuned = members(1, 3)[0], members(3, 4)
+    merging = PER_MEMBER[name]
+    whole = merging(base, *finetuned[:2], torch.Generator().manual_seed(1))
+    merged = {"task_arithmetic": lambda fts: merge.task_arithmetic(base, fts, scale=[0.3, -0.7]),
+              "ties": lambda fts: merge.ties(base, fts, density=0.29, scale=0.8),
+              "dare": lambda fts: merge.dare(base, fts, drop=0.5, scale=[0.5, 2.0],
+                                             generator=torch.Generator().manual_seed(1))}[name]
+    from_swarm = merged(Swarm.stack(finetuned[:2]))
+    for param_name, value in whole.named_parameters():
+        assert torch.equal(dict(from_swarm.named_parameters())[param_name], value), param_name
+
+
+def test_a_swarm_base_needs_a_list_of_swarms():
+    base, finetuned = Swarm.stack(members(2, 0)), Swarm.stack(members(2, 1))
+    with pytest.raises(TypeError, match=r"ties: expected a list of Swarms as finetuned when base is a Swarm .* "
+                                        r"got one Swarm; pass \[finetuned\]"):
+        merge.ties(base, finetuned)
+    merged = merge.ties(base, [finetuned])
+    assert isinstance(merged, Swarm) and len(merged) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 import nytorch
 from nytorch import StructureError, merge
+from nytorch.merge import _ties
 
 
 def net() -> nn.Module:
@@ -82,6 +84,19 @@ def test_task_arithmetic_on_particles_and_dicts():
         torch.testing.assert_close(value, expected[name])
 
 
+@pytest.mark.parametrize("merging", [
+    lambda base, models, scale: merge.task_arithmetic(base, models, scale=scale),
+    lambda base, models, scale: merge.ties(base, models, scale=scale),
+    lambda base, models, scale: merge.dare(base, models, scale=scale, drop=0.5,
+                                           generator=torch.Generator().manual_seed(3)),
+], ids=["task_arithmetic", "ties", "dare"])
+def test_zero_dim_tensor_scale_counts_as_a_number(merging):
+    base, models = finetunes(2)
+    expected = merging(base, models, 0.5)
+    for scale in (torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64)):
+        assert_params(merging(base, models, scale), params(expected), rtol=0, atol=0)
+
+
 def test_task_arithmetic_errors():
     base, models = finetunes(2)
     with pytest.raises(ValueError, match=r"task_arithmetic: expected one scale per fine-tuned model \(2\), got 3"):
@@ -104,7 +119,7 @@ def reference_ties(base: nn.Module, models: list[nn.Module], density: float, sca
     for model in models:
         vector = {n: params(model)[n] - params(base)[n] for n in names}
         magnitudes = torch.cat([vector[n].abs().flatten() for n in names])
-        kept = int(magnitudes.numel() * density)
+        kept = math.floor(magnitudes.numel() * Fraction(str(density)))  # exact, for the decimal density
         threshold = magnitudes.sort(descending=True).values[kept - 1] if kept else math.inf
         trimmed.append({n: torch.where(vector[n].abs() >= threshold, vector[n], 0.0) for n in names})
     expected = {}
@@ -134,6 +149,31 @@ def test_ties_trims_globally_and_resolves_signs_by_hand():
     # a0: 4 - 2 = 2 > 0, so only +4 agrees; a1: only -6; a2: nothing kept; b: only -3
     merged = merge.ties(base, [first, second], density=0.5)
     assert merged["a"].tolist() == [4.0, -6.0, 0.0] and merged["b"].tolist() == [-3.0]
+
+
+DENSITIES = ["0.01", "0.1", "0.2", "0.29", "0.3", "0.33", "0.57", "0.58", "0.7", "0.575", "0.99", "1"]
+
+
+@pytest.mark.parametrize("count", [1, 7, 10, 100, 1000, 12345])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_trim_keeps_floor_of_n_times_density_as_exact_rationals(count, density):
+    """``int(100 * 0.29)`` is 28: trim must keep the 29 entries 0.29 stands for."""
+    expected = math.floor(count * Fraction(density))
+    magnitudes = torch.randperm(count, generator=torch.Generator().manual_seed(count)).double() + 1  # no ties
+    signs = torch.where(torch.arange(count) % 3 == 0, -1.0, 1.0).double()
+    first, second = (magnitudes * signs)[: count // 2], (magnitudes * signs)[count // 2:]
+    trimmed = torch.cat(_ties.trim([first, second], float(density)))
+    chosen = trimmed != 0
+    assert int(chosen.sum()) == expected
+    everything = torch.cat([first, second])
+    assert torch.equal(everything.abs()[chosen].sort().values, magnitudes.sort().values[count - expected:])  # largest
+    assert torch.equal(trimmed[chosen], everything[chosen])  # kept entries unchanged, with their signs
+
+
+@pytest.mark.parametrize("density", [Fraction(1, 3), Fraction(2, 7), Fraction(5, 11)])
+def test_kept_count_matches_rationals_that_are_not_decimals(density):
+    for count in range(1, 3000):
+        assert _ties.kept(count, float(density)) == math.floor(count * density), count
 
 
 def test_ties_errors():

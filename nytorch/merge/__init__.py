@@ -1,8 +1,14 @@
 """Averaging and merging whole models in memory: EMA, SWA, model soups, task arithmetic, TIES, DARE, SLERP.
 
 Everything accepts ``nn.Module``s (``NytoModule``s included), ``Particle``s and dicts
-of tensors (``EMA``, ``ema_`` and ``ravel`` also ``Swarm``s) and is built on the
-particle core's leaf-wise engine.
+of tensors, and is built on the particle core's leaf-wise engine.  ``Swarm``s work
+member by member (each member as a loop of per-member calls would give it) in ``ema_``,
+``EMA``, ``ravel``, ``task_vector``, ``task_arithmetic``, ``ties``, ``dare`` and ``slerp``;
+``average`` and ``greedy_soup`` take one Swarm as the collection of its members.
+
+Decay schedules for ``EMA(decay=...)`` have the type ``Schedule``
+(``Callable[[int], float]``: the number of updates already applied -> the decay for the
+next one); ``warmup_decay`` and ``power_decay`` make them.
 
 >>> import torch
 >>> from nytorch import merge

@@ -31,7 +31,7 @@ def read_all(fn: str, models: Sequence[Any], *, buffers: bool, argument: str = "
     read = [first]
     for index, model in enumerate(models[1:], start=1):
         other = operand(fn, model, buffers=buffers, argument=f"{argument}[{index}]")
-        check_same(fn, first, other, f"{argument}[{index}]")
+        check_same(fn, first, other, f"{argument}[{index}]", reference=f"{argument}[0]")
         read.append(other)
     return read
 
@@ -157,7 +157,10 @@ def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
     than the soup without it (the paper keeps ties; here an ingredient must help).  To
     recompute BatchNorm statistics for each candidate, evaluate with
     ``lambda m: accuracy(update_bn(m, loader))``: the soup returned is the very object
-    that was evaluated, so the recomputed statistics stay in it.
+    that was evaluated, so the recomputed statistics stay in it.  One Swarm is the
+    collection of its members; a list of Swarms is souped as whole Swarms (``evaluate``
+    scores each Swarm, and every member gets the same ingredients), so for one soup per
+    member loop over the members instead.
 
     Args:
         models: models, Particles or dicts of tensors of one structure (or a ``Swarm``).

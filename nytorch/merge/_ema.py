@@ -163,7 +163,7 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
     with_buffers = buffers != "keep"
     ends = operand("ema_", target, buffers=with_buffers, argument="target")
     starts = operand("ema_", online, buffers=with_buffers, argument="online")
-    check_same("ema_", ends, starts, "online")
+    check_same("ema_", ends, starts, "online", reference="target")
     steps = plan(ends, buffers)
     _check_weight("ema_", tau_value, ends, steps)
     apply_plan_(steps, ends.leaves, starts.leaves, tau_value)

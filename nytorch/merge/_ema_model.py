@@ -3,13 +3,17 @@
 Like an optimizer, an ``EMA`` keeps the model's tensors it was built with, so
 ``update()`` neither walks the module tree nor re-validates it: it is one fused
 ``lerp_`` (a single ``lerp_`` over one buffer: the model is packed when the EMA is made).
-The addresses of the tensors in that buffer are compared on every update, so a move
-(``model.to(...)``) or a ``param.data = ...`` on any parameter is noticed, and the EMA
-re-validates then.  Passing another model object to ``update`` reads and checks it.
+Two cheap checks run on every update: that the model's parameter and buffer tables
+still hold those tensor objects (a ``model.to("meta")``, a conversion under
+``torch.__future__.set_overwrite_module_params_on_conversion(True)`` or ``module.weight =
+nn.Parameter(...)`` puts new ones there), and that the addresses of their storage are
+unchanged (``model.to(...)``, ``param.data = ...``).  Either change makes the EMA read the
+model again and re-validate it.  Passing another model object to ``update`` reads and checks it.
 """
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -28,6 +32,31 @@ Tensor = torch.Tensor
 __all__ = ["EMA"]
 
 
+def _entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tensor]]:
+    """``(tables, keys, tensors)``: each ``_parameters`` / ``_buffers`` entry holding a leaf of a module operand.
+
+    A tied weight is listed once per module holding it.  Empty for Particles, Swarms and dicts.
+    """
+    tables: list[dict[str, Any]] = []
+    keys: list[str] = []
+    tensors: list[Tensor] = []
+    layout = online.layout
+    if online.kind != "module" or layout is None:
+        return tables, keys, tensors
+    with_buffers = len(online.leaves) > online.params
+    for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
+        for table, slots, leaves in ((module._parameters, param_slots, layout.params),
+                                     (module._buffers, buffer_slots, layout.buffers if with_buffers else None)):
+            if leaves is None:
+                continue
+            for key, index in slots:
+                if index is not None:
+                    tables.append(table)
+                    keys.append(key)
+                    tensors.append(leaves[index])
+    return tables, keys, tensors
+
+
 class EMA:
     """An exponential moving average of a model for training loops (timm's ``ModelEmaV3``, fixed).
 
@@ -38,10 +67,13 @@ class EMA:
     and restores the trained values afterwards, even on error.
 
     Like an optimizer, it holds the model's tensors (the ``Parameter`` objects): moving or
-    converting the model (``model.to(...)``) or giving a parameter new storage
-    (``param.data = ...``) is noticed and re-checked, but if you replace
-    parameters or submodules by new objects, make a new ``EMA`` (or pass the new model
-    object to ``update``, which then reads and checks it).
+    converting the model (``model.to(...)``, including conversions that make new
+    ``Parameter`` objects such as ``model.to("meta")``), giving a parameter new storage
+    (``param.data = ...``) or putting a new parameter or buffer object in its place is
+    noticed, and the model is read and re-checked (so moving it to another device raises
+    ``DeviceMismatchError`` and converting it to another dtype ``StructureError``).  If you
+    replace submodules by new objects, make a new ``EMA`` (or pass the new model object to
+    ``update``, which then reads and checks it).
 
     Args:
         model: the model being trained: an ``nn.Module``, a ``Particle``, a ``Swarm`` or a dict of tensors.
@@ -88,6 +120,7 @@ class EMA:
         self.averaged = self._copy()
         self._target = operand("EMA", self.averaged, buffers=buffers != "keep")
         self.step = 0
+        self._tables, self._keys, self._held = _entries(self._online)
         self._prepare()
 
     # -- internals ----------------------------------------------------------------------
@@ -150,19 +183,30 @@ class EMA:
     def _fingerprint(self) -> tuple[int, ...]:
         return tuple(map(Tensor.data_ptr, self._watch))
 
+    def _holds(self) -> bool:
+        """True while the model's tables still hold the very tensor objects the EMA reads."""
+        return all(map(operator.is_, map(dict.get, self._tables, self._keys), self._held))
+
     def _cached(self, fn: str) -> Operand:
-        if self._fingerprint() != self._seen:  # moved or converted since: check again
-            check_same(fn, self._target, self._online, "model")
-            if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
-                pack_(self._model)
-            self._prepare()
+        if not self._holds():  # new tensor objects in the model (e.g. ``.to("meta")``): read it again
+            online = operand(fn, self._model, buffers=self._buffers != "keep")
+            check_same(fn, self._target, online, "model", reference="the average")
+            self._online = online
+            self._tables, self._keys, self._held = _entries(online)
+        elif self._fingerprint() != self._seen:  # moved or converted since: check again
+            check_same(fn, self._target, self._online, "model", reference="the average")
+        else:
+            return self._online
+        if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
+            pack_(self._model)
+        self._prepare()
         return self._online
 
     def _read(self, fn: str, model: Any) -> Operand:
         if model is None or model is self._model:
             return self._cached(fn)
         other = operand(fn, model, buffers=self._buffers != "keep")
-        check_same(fn, self._target, other, "model")
+        check_same(fn, self._target, other, "model", reference="the average")
         return other
 
     # -- public API ------------------------------------------------------------------------
@@ -287,7 +331,7 @@ class EMA:
         if names == self._target.names:  # like nn.Module.load_state_dict, accept another device
             leaves = [value.to(mine.device) for value, mine in zip(leaves, self._target.leaves)]
         saved = Operand("tree", averages, names, leaves, len(names), None)
-        check_same("EMA.load_state_dict", self._target, saved, "state")
+        check_same("EMA.load_state_dict", self._target, saved, "state", reference="the average")
         if self._target.leaves:
             torch._foreach_copy_(self._target.leaves, saved.leaves)
         self.step = int(state["step"])

@@ -61,6 +61,10 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
         (any P for a Swarm) and returns a new value of ``x``'s kind holding a copy of
         ``v`` (gradients flow to ``v`` for dict results).  ``vector.numpy()`` and
         ``unravel(array)`` are the numpy round trip for scipy, ``cma`` or nevergrad.
+        numpy has no bfloat16, so for a bfloat16 model ``vector.numpy()`` raises
+        ``TypeError``: use ``vector.float().numpy()`` (exact, as float32 holds every
+        bfloat16 value); ``unravel`` accepts float32 or float64 arrays and casts each piece
+        back to its parameter's dtype.
 
     Raises:
         TypeError: ``x`` is not an accepted kind.
@@ -74,6 +78,9 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
     >>> copy = unravel(vector.numpy() * 0)
     >>> type(copy).__name__, copy.weight.abs().sum().item()
     ('Linear', 0.0)
+    >>> half_vector, half_unravel = ravel(net.bfloat16())
+    >>> half_unravel(half_vector.float().numpy()).weight.dtype
+    torch.bfloat16
     """
     op = operand("ravel", x, buffers=isinstance(x, Particle), argument="x")
     picked = _selected(op)

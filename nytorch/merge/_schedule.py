@@ -62,17 +62,18 @@ def warmup_decay(decay: float) -> Schedule:
 
 
 def power_decay(decay: float, *, gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0) -> Schedule:
-    """``step ↦ clamp(1 − (1 + step/gamma)^(−power), min_decay, decay)``: timm's ``ModelEmaV3`` warm-up.
+    """``step ↦ clamp(1 − (1 + step/gamma)^(−power), min_decay, decay)``, 0 at step 0: timm's EMA warm-up.
 
-    The first update (step 0) has decay 0, i.e. copies the model; ``power=2/3`` suits
-    runs of about 1M steps and ``power=3/4`` shorter ones (timm's advice).  The sequence
-    equals timm's ``get_decay(step + 1)`` with ``use_warmup=True, update_after_step=0``.
+    The first update (step 0) has decay 0, i.e. copies the model, whatever ``min_decay``
+    is (timm returns 0 before it applies ``min_decay``); ``power=2/3`` suits runs of about
+    1M steps and ``power=3/4`` shorter ones (timm's advice).  The sequence equals timm's
+    ``get_decay(step + 1)`` with ``use_warmup=True, update_after_step=0``.
 
     Args:
         decay: the largest decay, in [0, 1].
         gamma: the warm-up time scale (timm's ``warmup_gamma``), > 0.
         power: the warm-up exponent (timm's ``warmup_power``), > 0.
-        min_decay: the smallest decay, in [0, decay].
+        min_decay: the smallest decay from step 1 on, in [0, decay].
 
     Returns:
         A schedule: ``schedule(step)`` is the decay for the update after ``step`` updates.
@@ -83,6 +84,8 @@ def power_decay(decay: float, *, gamma: float = 1.0, power: float = 2 / 3, min_d
     >>> schedule = power_decay(0.9999)
     >>> [round(schedule(step), 4) for step in (0, 1, 7, 10**9)]
     [0.0, 0.37, 0.75, 0.9999]
+    >>> [round(power_decay(0.9999, power=0.75, min_decay=0.5)(step), 4) for step in (0, 1, 2)]
+    [0.0, 0.5, 0.5613]
     """
     final = _fraction("power_decay", "decay", decay)
     gamma = _positive("power_decay", "gamma", gamma)
@@ -93,6 +96,8 @@ def power_decay(decay: float, *, gamma: float = 1.0, power: float = 2 / 3, min_d
 
     def schedule(step: int) -> float:
         step = _step("power_decay", step)
+        if step == 0:  # timm: ``if step <= 0: return 0.0``, before min_decay
+            return 0.0
         value = 1.0 - (1.0 + step / gamma) ** -power
         return max(min(value, final), floor)
 

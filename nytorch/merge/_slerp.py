@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
 
 from .. import _leafwise as lw
-from ._state import check_same, operand, rebuild
+from ._state import check_same, members, operand, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -44,7 +45,9 @@ def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M
     computed in float64.
 
     Args:
-        first: a model, Particle or dict of tensors.
+        first: a model, Particle or dict of tensors, or a ``Swarm``: then each member is
+            interpolated with the same member of ``second`` (a Swarm of as many members), with
+            its own angles, exactly as ``[slerp(first[i], second[i], t) for i in range(P)]``.
         second: the same structure.
         t: the interpolation position (0 gives ``first``, 1 gives ``second``).
         threshold: the ``|cos Ω|`` above which tensors count as parallel.
@@ -69,23 +72,41 @@ def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M
     position = float(t)
     start = operand("slerp", first, buffers=False, argument="first")
     end = operand("slerp", second, buffers=False, argument="second")
-    check_same("slerp", start, end, "second")
-    out = [leaf.detach().clone() for leaf in start.leaves]
-    linear = []
-    for index in range(len(out)):
-        if not start.active(index):
-            continue
-        a, b = start.leaves[index], end.leaves[index]
-        if a.is_complex():
+    check_same("slerp", start, end, "second", reference="first")
+    picked = [index for index in range(len(start.leaves)) if start.active(index)]
+    for index in picked:
+        if start.leaves[index].is_complex():
             raise TypeError(f"slerp: parameter {start.names[index]!r} is complex; SLERP needs real tensors")
-        pair = _coefficients(a, b, position, float(threshold))
-        if pair is None:
-            linear.append(index)
-        else:
-            out[index] = a.detach() * pair[0] + b.detach() * pair[1]
-    if linear:
-        mixed = lw.apply(lw.LERP, [start.leaves[i] for i in linear], [end.leaves[i] for i in linear], position,
-                         active=[True] * len(linear))
-        for index, value in zip(linear, mixed):
-            out[index] = value
+    firsts = [start.leaves[index] for index in picked]
+    seconds = [end.leaves[index] for index in picked]
+    size = members(start)
+    if size is None:
+        merged = _slerp_tensors(firsts, seconds, position, float(threshold))
+    else:  # a Swarm: each member's angles are its own, exactly as a loop of per-member calls
+        rows = [_slerp_tensors([a[k] for a in firsts], [b[k] for b in seconds], position, float(threshold))
+                for k in range(size)]
+        merged = [torch.stack(column) for column in zip(*rows)]
+    out = [leaf.detach().clone() for leaf in start.leaves]
+    for index, value in zip(picked, merged):
+        out[index] = value
     return rebuild(start, out)  # type: ignore[no-any-return]
+
+
+def _slerp_tensors(firsts: Sequence[Tensor], seconds: Sequence[Tensor], position: float,
+                   threshold: float) -> list[Tensor]:
+    """SLERP of aligned real tensors pair by pair, with ``lerp`` for nearly parallel or zero pairs."""
+    out: list[Tensor] = []
+    linear = []
+    for k, (a, b) in enumerate(zip(firsts, seconds)):
+        pair = _coefficients(a, b, position, threshold)
+        if pair is None:
+            linear.append(k)
+            out.append(a)  # replaced below
+        else:
+            out.append(a.detach() * pair[0] + b.detach() * pair[1])
+    if linear:
+        mixed = lw.apply(lw.LERP, [firsts[k] for k in linear], [seconds[k] for k in linear], position,
+                         active=[True] * len(linear))
+        for k, value in zip(linear, mixed):
+            out[k] = value
+    return out

@@ -28,7 +28,7 @@ Kind = Literal["module", "particle", "swarm", "tree"]
 BufferMode = Literal["average", "copy", "keep"]
 BUFFER_MODES = ("average", "copy", "keep")
 
-__all__ = ["Operand", "operand", "check_same", "rebuild", "is_swarm", "check_buffers", "BufferMode"]
+__all__ = ["Operand", "operand", "check_same", "rebuild", "is_swarm", "members", "check_buffers", "BufferMode"]
 
 
 class Operand(NamedTuple):
@@ -58,6 +58,11 @@ class Operand(NamedTuple):
 def is_swarm(value: object) -> bool:
     """True for a ``nytorch.Swarm`` (a broadcasting container with stacked ``params``)."""
     return getattr(type(value), "__nytorch_broadcasts__", False) is True and hasattr(value, "params")
+
+
+def members(value: Operand) -> Optional[int]:
+    """How many members a Swarm operand has (its leaves are stacked ``[P, ...]``); ``None`` for any other kind."""
+    return len(value.source) if value.kind == "swarm" else None
 
 
 def check_buffers(fn: str, buffers: object) -> None:
@@ -106,10 +111,11 @@ def operand(fn: str, value: object, *, buffers: bool, argument: str = "model") -
                     f"got {type(value).__name__}")
 
 
-def check_same(fn: str, first: Operand, other: Operand, label: str) -> None:
+def check_same(fn: str, first: Operand, other: Operand, label: str, *, reference: str = "the first operand") -> None:
     """Raise ``StructureError`` naming the first parameter whose name, shape, dtype or device differs.
 
-    ``label`` names ``other`` in messages (e.g. ``"online"``, ``"model 2"``).
+    ``label`` names ``other`` in messages (e.g. ``"online"``, ``"models[2]"``), ``reference``
+    names ``first`` (e.g. ``"target"``, ``"models[0]"``).
     """
     if first.names is not other.names and first.names != other.names:
         known, own = set(other.names), set(first.names)
@@ -119,7 +125,11 @@ def check_same(fn: str, first: Operand, other: Operand, label: str) -> None:
         for name in other.names:
             if name not in own:
                 raise StructureError(f"{fn}: {label} has an extra parameter {name!r}")
-        raise StructureError(f"{fn}: {label} lists the same parameters in another order")
+        position, name = next(((k, a) for k, (a, b) in enumerate(zip(first.names, other.names)) if a != b),
+                              (0, first.names[0]))  # (names are unique, so some position differs)
+        raise StructureError(f"{fn}: {label} lists the same parameters in another order: parameter {name!r} is "
+                             f"at position {position} in {reference} but {other.names.index(name)} in {label}; "
+                             "models must register their parameters in the same order")
     for name, a, b in zip(first.names, first.leaves, other.leaves):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise StructureError(f"{fn}: parameter {name!r} differs: {lw.describe(a)} vs "

@@ -7,17 +7,17 @@ leaf-wise engine's (``SUB``, ``MUL``, ``DIV``, ``ADD``; fused ``torch._foreach_*
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional, TypeVar, Union
 
 import torch
 
 from .. import _leafwise as lw
-from ._state import Operand, check_same, is_swarm, operand, rebuild
+from ._state import Operand, check_same, is_swarm, members, operand, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
-Scale = Union[float, Sequence[float]]
+Scale = Union[float, Tensor, Sequence[float]]
 
 __all__ = ["task_vector", "task_arithmetic", "dare", "read_tasks", "deltas", "scales", "add_scaled"]
 
@@ -25,6 +25,9 @@ __all__ = ["task_vector", "task_arithmetic", "dare", "read_tasks", "deltas", "sc
 def read_tasks(fn: str, base: Any, finetuned: Sequence[Any]) -> tuple[Operand, list[Operand], list[int]]:
     """Read ``base`` and every fine-tuned model; return them and the indices of the merged leaves."""
     if is_swarm(finetuned):
+        if is_swarm(base):
+            raise TypeError(f"{fn}: expected a list of Swarms as finetuned when base is a Swarm (member i is "
+                            "merged with member i of each), got one Swarm; pass [finetuned]")
         finetuned = finetuned.unstack()  # type: ignore[attr-defined]
     if isinstance(finetuned, (str, bytes)) or not isinstance(finetuned, Sequence) or not len(finetuned):
         raise TypeError(f"{fn}: expected a non-empty sequence of fine-tuned models as finetuned, "
@@ -33,13 +36,15 @@ def read_tasks(fn: str, base: Any, finetuned: Sequence[Any]) -> tuple[Operand, l
     read = []
     for index, model in enumerate(finetuned):
         other = operand(fn, model, buffers=False, argument=f"finetuned[{index}]")
-        check_same(fn, start, other, f"finetuned[{index}]")
+        check_same(fn, start, other, f"finetuned[{index}]", reference="base")
         read.append(other)
     return start, read, [index for index in range(len(start.leaves)) if start.active(index)]
 
 
 def scales(fn: str, scale: Any, count: int) -> list[float]:
-    """One float per task from a number or a sequence of ``count`` numbers."""
+    """One float per task from a number (a 0-dim tensor counts as one) or a sequence of ``count`` numbers."""
+    if isinstance(scale, Tensor) and scale.dim() == 0:
+        scale = scale.item()
     values = list(scale) if isinstance(scale, (Sequence, Tensor)) and not isinstance(scale, str) else [scale] * count
     if len(values) != count:
         raise ValueError(f"{fn}: expected one scale per fine-tuned model ({count}), got {len(values)}")
@@ -99,9 +104,10 @@ def task_arithmetic(base: M, finetuned: Sequence[Any], /, *, scale: Scale = 1.0)
     vectors ``τᵢ = θᵢ − θ_base`` scaled by ``λ`` merges skills (negative ``λ`` forgets).
 
     Args:
-        base: the pre-trained model (a model, Particle or dict of tensors).
+        base: the pre-trained model (a model, Particle or dict of tensors), or a ``Swarm``:
+            then ``finetuned`` are Swarms of as many members, merged member by member.
         finetuned: models fine-tuned from ``base`` (or a ``Swarm`` of them).
-        scale: ``λ``, one number for all or one per model.
+        scale: ``λ``, one number (or 0-dim tensor) for all or one per model.
 
     Returns:
         A new value of ``base``'s kind; buffers and integer leaves come from ``base``.
@@ -162,10 +168,12 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
     parameter order, so a seeded ``generator`` reproduces the masks.
 
     Args:
-        base: the pre-trained model.
-        finetuned: models fine-tuned from ``base`` (or a ``Swarm``).
+        base: the pre-trained model, or a ``Swarm``: then ``finetuned`` are Swarms of as many
+            members and each member is merged on its own; masks are drawn member by member, so
+            a seeded ``generator`` gives exactly what a loop of per-member calls gives.
+        finetuned: models fine-tuned from ``base`` (or a ``Swarm`` of them).
         drop: ``p``, the drop probability in [0, 1) (the paper uses up to 0.9 and beyond).
-        scale: ``λ``, one number or one per model.
+        scale: ``λ``, one number (or 0-dim tensor) or one per model.
         generator: a ``torch.Generator`` for reproducible masks (default: the global RNG).
 
     Returns:
@@ -185,13 +193,29 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
     start, read, picked = read_tasks("dare", base, finetuned)
     lambdas = scales("dare", scale, len(read))
     total: list[Tensor] = []
-    for model, weight in zip(read, lambdas):
-        vector = deltas(start, model, picked)
-        if not picked:
-            continue
-        masks = [(_uniform(leaf, generator) >= p).to(leaf.dtype) for leaf in vector]
-        every = [True] * len(picked)
+    if not picked:
+        return rebuild(start, add_scaled(start, picked, total))  # type: ignore[no-any-return]
+    size = members(start)
+    vectors: Iterable[list[Tensor]] = (deltas(start, model, picked) for model in read)
+    if size is not None:  # a Swarm: masks drawn member by member, as a loop of per-member calls draws them
+        vectors = list(vectors)
+        stacked = iter(_member_masks(vectors, p, generator, size))
+    every = [True] * len(picked)
+    for vector, weight in zip(vectors, lambdas):
+        masks = _masks(vector, p, generator) if size is None else next(stacked)
         lw.apply_(lw.MUL, vector, masks, active=every)
         lw.apply_(lw.DIV, vector, 1.0 - p, active=every)
         total = _accumulate(total, vector, weight)
     return rebuild(start, add_scaled(start, picked, total))  # type: ignore[no-any-return]
+
+
+def _masks(vector: Sequence[Tensor], p: float, generator: Optional[torch.Generator]) -> list[Tensor]:
+    """DARE's keep masks ``u >= p`` for one task vector, drawn tensor by tensor."""
+    return [(_uniform(leaf, generator) >= p).to(leaf.dtype) for leaf in vector]
+
+
+def _member_masks(vectors: Sequence[Sequence[Tensor]], p: float, generator: Optional[torch.Generator],
+                  size: int) -> list[list[Tensor]]:
+    """Stacked ``[P, ...]`` masks per task vector, drawn member by member, then model by model, then tensor."""
+    rows = [[_masks([leaf[k] for leaf in vector], p, generator) for vector in vectors] for k in range(size)]
+    return [[torch.stack(column) for column in zip(*(row[m] for row in rows))] for m in range(len(vectors))]

@@ -72,6 +72,8 @@ def make_inputs(rank: int) -> dict[str, Any]:
         "swarm_bn": Swarm.stack([_seeded(700 + 10 * rank + i, lambda: c.randomize_buffers(c.conv_net(), i))
                                  for i in range(2)]),
         "shard": Swarm.normal(mlp, SHARD_SIZES[rank], std=1.0, generator=generator),
+        "relu": nn.ReLU(),  # no parameters at all: still one member per rank
+        "relu_particle": nyto.particle(nn.ReLU()),
     }
 
 
@@ -101,6 +103,11 @@ def state_of(value: Any) -> dict[str, Tensor]:
 
 def objects(value: nn.Module) -> list[int]:
     return [id(t) for t in list(value.parameters()) + list(value.buffers())]
+
+
+def pointers(value: Any) -> list[int]:
+    """Where each tensor of a value lives (``data_ptr``), to notice that storage moved."""
+    return [t.data_ptr() for t in state_of_views(value)]
 
 
 def storages(value: Any) -> set[int]:
@@ -201,6 +208,7 @@ def mismatches(rank: int, world: int) -> dict[str, Any]:
 
     def attempt(label: str, run: Callable[[], Any], value: Any = None) -> None:
         before = state_of(value) if value is not None else None
+        where = pointers(value) if value is not None else None
         start = len(calls)
         try:
             run()
@@ -210,6 +218,7 @@ def mismatches(rank: int, world: int) -> dict[str, Any]:
         out[label + "/data_calls"] = calls[start:]
         if before is not None:
             out[label + "/unchanged"] = all(torch.equal(before[k], v) for k, v in state_of(value).items())
+            out[label + "/storage"] = pointers(value) == where  # not packed either
 
     import conftest as c
     torch.manual_seed(rank)
@@ -231,7 +240,53 @@ def mismatches(rank: int, world: int) -> dict[str, Any]:
     attempt("bad_src", lambda: nd.broadcast(p, world + 3, timeout=30))
     attempt("config", lambda: nd.all_reduce_mean(_configured(rank), timeout=30))
     attempt("healthy", lambda: nd.all_reduce_mean(c.MLP(), timeout=30))
+    out.update(bad_arguments(rank, world, attempt))
+    devices(rank, attempt)
     return out
+
+
+def _ranked(rank: int, offset: float = 0.0) -> nn.Module:
+    net = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(rank + offset)
+    return net
+
+
+def bad_arguments(rank: int, world: int, attempt: Callable[..., None]) -> dict[str, Any]:
+    """An invalid argument on one rank only: every rank raises the same error in that same call, and
+    the next collective pairs with the next one on every rank (a mis-paired call would average the
+    wrong models)."""
+    import conftest as c
+    out: dict[str, Any] = {}
+    p = nyto.particle(c.MLP())
+    swarm = Swarm.zeros(c.MLP(), 3)
+    bad_timeout = _ranked(rank)
+    attempt("timeout", lambda: nd.all_reduce_mean(bad_timeout, timeout=0 if rank == 0 else 30), bad_timeout)
+    attempt("src_type", lambda: nd.broadcast(p, "0" if rank == 1 else 0, timeout=30))  # type: ignore[arg-type]
+    attempt("shift_type", lambda: nd.exchange(p, 1.5 if rank == 2 else 1, timeout=30))  # type: ignore[arg-type]
+    attempt("loss_type", lambda: nd.best(swarm, "x" if rank == 3 else torch.zeros(3), timeout=30))
+    attempt("scalar_loss", lambda: nd.best(p, "abc" if rank == 1 else 0.5, timeout=30))
+    shards, batches = hybrid_inputs(world, [2, 0, 1, 1])
+    attempt("hybrid_subset", lambda: nd.hybrid(shards[rank], hybrid_loss, batches[rank], lr=0.1, every=2,
+                                               subset=-1 if rank == 1 else 1, timeout=30))
+    attempt("hybrid_step_alpha", lambda: nd.hybrid_step(shards[rank], hybrid_loss, *batches[rank][0], step=1, lr=0.1,
+                                                        every=2, alpha="x" if rank == 2 else 0.5, timeout=30))
+    paired = _ranked(rank, 100.0)
+    nd.all_reduce_mean(paired, timeout=30)
+    out["paired"] = float(paired.weight)
+    return out
+
+
+def devices(rank: int, attempt: Callable[..., None]) -> None:
+    """A meta-device model on one rank (or on all): every rank raises, and the others' models keep
+    their values and storage."""
+    torch.manual_seed(rank)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    if rank == 1:
+        net = net.to("meta")
+    attempt("meta_one", lambda: nd.all_reduce_mean(net, timeout=30), None if rank == 1 else net)
+    meta = nn.Linear(2, 3).to("meta")
+    attempt("meta_all", lambda: nd.broadcast(meta, 0, timeout=30))
 
 
 def _configured(rank: int) -> nn.Module:
@@ -242,19 +297,28 @@ def _configured(rank: int) -> nn.Module:
     return net
 
 
+#: Shard sizes of the hybrid runs: even, and uneven with an empty shard (``subset=2`` is more than
+#: some shards hold: those pull all of their members).
+HYBRID_SIZES = {"even": [3, 3, 3, 3], "uneven": [2, 0, 1, 3]}
+
+
 def hybrid(rank: int, world: int) -> dict[str, Any]:
     """Four steps of the distributed hybrid loop on shard ``rank`` (the tests replay it in one process)."""
-    shards, batches = hybrid_inputs(world)
-    shard, history = nd.hybrid(shards[rank], hybrid_loss, batches[rank], lr=0.1, every=2, subset=2, alpha=0.5,
-                               generator=torch.Generator().manual_seed(rank), timeout=30)
-    return {"shard": state_of(shard), "history": history}
+    out = {}
+    for label, sizes in HYBRID_SIZES.items():
+        shards, batches = hybrid_inputs(world, sizes)
+        shard, history = nd.hybrid(shards[rank], hybrid_loss, batches[rank], lr=0.1, every=2, subset=2, alpha=0.5,
+                                   generator=torch.Generator().manual_seed(rank), timeout=30)
+        out.update({f"{label}/shard": state_of(shard), f"{label}/history": history})
+    return out
 
 
-def hybrid_inputs(world: int) -> tuple[list[Swarm], list[list[tuple[Tensor, Tensor]]]]:
-    """Per rank: a shard of 3 MLPs and 4 batches of data."""
+def hybrid_inputs(world: int, sizes: list[int]) -> tuple[list[Swarm], list[list[tuple[Tensor, Tensor]]]]:
+    """Per rank: a shard of ``sizes[rank]`` MLPs and 4 batches of data."""
     import conftest as c
     model = _seeded(0, c.MLP)
-    shards = [Swarm.normal(model, 3, std=0.5, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    shards = [Swarm.normal(model, sizes[r], std=0.5, generator=torch.Generator().manual_seed(r))
+              for r in range(world)]
     generator = torch.Generator().manual_seed(99)
     batches = [[(torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator))
                 for _ in range(4)] for _ in range(world)]

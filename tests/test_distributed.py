@@ -231,30 +231,48 @@ def test_shard_then_all_gather_round_trips(ranks: list[dict[str, Any]]) -> None:
         assert_exact(ranks[rank]["shard/roundtrip"], w.state_of(whole))
 
 
-def test_hybrid_matches_a_single_process_replay(ranks: list[dict[str, Any]]) -> None:
-    shards, batches = w.hybrid_inputs(WORLD)
+def replay_hybrid(sizes: list[int]) -> tuple[list[Swarm], list[Tensor]]:
+    """The distributed hybrid loop (4 steps, every=2, subset=2, alpha=0.5) replayed in one process with
+    per-tensor arithmetic: an empty shard takes no step; a shard smaller than subset pulls all its members."""
+    shards, batches = w.hybrid_inputs(WORLD, sizes)
     generators = [torch.Generator().manual_seed(r) for r in range(WORLD)]
     histories: list[list[Tensor]] = [[] for _ in range(WORLD)]
     for step in range(4):
         losses = []
         for r in range(WORLD):
-            shards[r], loss = alg.sgd_step(shards[r], w.hybrid_loss, *batches[r][step], lr=0.1)
+            if sizes[r]:
+                shards[r], loss = alg.sgd_step(shards[r], w.hybrid_loss, *batches[r][step], lr=0.1)
+            else:
+                loss = torch.zeros(0)
             histories[r].append(loss)
             losses.append(loss)
         if (step + 1) % 2 == 0:
-            flat = torch.cat(losses)
-            winner = int(flat.argmin())
-            rank_, index = divmod(winner, 3)
+            winner = int(torch.cat(losses).argmin())
+            rank_ = next(r for r in range(WORLD) if winner < sum(sizes[:r + 1]))
+            index = winner - sum(sizes[:rank_])
             target = {name: leaf[index].clone() for name, leaf in shards[rank_].params.items()}
             for r in range(WORLD):
-                chosen = torch.randperm(3, generator=generators[r])[:2]
+                count = min(2, sizes[r])
+                if not count:
+                    continue
+                chosen = torch.randperm(sizes[r], generator=generators[r])[:count]
                 params = {name: leaf.clone() for name, leaf in shards[r].params.items()}
                 for name, leaf in params.items():
                     leaf[chosen] = 0.5 * leaf[chosen] + 0.5 * target[name]
                 shards[r] = Swarm.from_params(shards[r], params)
+    return shards, [torch.stack(history) for history in histories]
+
+
+@pytest.mark.parametrize("label", sorted(w.HYBRID_SIZES))
+def test_hybrid_matches_a_single_process_replay(ranks: list[dict[str, Any]], label: str) -> None:
+    sizes = w.HYBRID_SIZES[label]
+    shards, histories = replay_hybrid(sizes)
     for rank in range(WORLD):
-        assert_close(ranks[rank]["hybrid/shard"], w.state_of(shards[rank]))
-        assert torch.allclose(ranks[rank]["hybrid/history"], torch.stack(histories[rank]), atol=1e-6)
+        assert len(shards[rank]) == sizes[rank]
+        assert_close(ranks[rank][f"hybrid/{label}/shard"], w.state_of(shards[rank]))
+        history = ranks[rank][f"hybrid/{label}/history"]
+        assert history.shape == (4, sizes[rank])
+        assert torch.allclose(history, histories[rank], atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -271,6 +289,10 @@ MISMATCHES = {
     "sizes": ("StructureError", r"2 members on rank 0, 3 on rank 1"),
     "bad_src": ("ValueError", r"broadcast: expected a rank in \[0, 4\), got 7"),
     "config": ("StructureError", r"parameter 'layer1.weight' is averaged on rank 0 but carried unchanged on rank 1"),
+    "meta_one": ("DeviceMismatchError", r"^all_reduce_mean: the structures differ across ranks \(found before "
+                                        r"any data moved\): parameter '0.weight' is on cpu on rank 0 and on meta "
+                                        r"on rank 1"),
+    "meta_all": ("ValueError", r"^broadcast: parameter 'weight' is on the meta device, which holds no values to send"),
 }
 
 
@@ -284,21 +306,45 @@ def test_mismatch_raises_on_every_rank_before_data_moves(ranks: list[dict[str, A
         assert ranks[rank][f"mismatch/{label}/data_calls"] == []
         if f"mismatch/{label}/unchanged" in ranks[rank]:
             assert ranks[rank][f"mismatch/{label}/unchanged"]
+            assert ranks[rank][f"mismatch/{label}/storage"], "a model is packed only once the handshake passed"
+    if label == "meta_one":
+        assert all(f"mismatch/{label}/storage" in ranks[rank] for rank in (0, 2, 3))
 
 
-@pytest.mark.parametrize("label, culprit, own", [
-    ("loss", 2, ("ValueError", r"best: expected loss as a 1-D tensor of shape \(3,\)")),
-    ("type", 0, ("TypeError", r"all_gather: expected an nn.Module, a Particle or a Swarm, got list")),
-])
-def test_a_bad_argument_on_one_rank_stops_every_rank(ranks: list[dict[str, Any]], label: str, culprit: int,
-                                                     own: tuple[str, str]) -> None:
+BAD_ARGUMENTS = {
+    "loss": (2, "ValueError", r"best: expected loss as a 1-D tensor of shape \(3,\), one per member of the swarm, "
+                              r"got shape \(7,\)"),
+    "type": (0, "TypeError", r"all_gather: expected an nn.Module, a Particle or a Swarm, got list"),
+    "timeout": (0, "ValueError", r"all_reduce_mean: expected a positive, finite timeout, got 0"),
+    "src_type": (1, "TypeError", r"broadcast: expected an int global rank as src, got str"),
+    "shift_type": (2, "TypeError", r"exchange: expected an int as shift, got float"),
+    "loss_type": (3, "TypeError", r"best: expected loss as a 1-D tensor of shape \(3,\), one per member of the "
+                                  r"swarm, got str"),
+    "scalar_loss": (1, "TypeError", r"best: expected loss as a number or a one-element tensor, got str"),
+    "hybrid_subset": (1, "ValueError", r"hybrid: expected subset \(members pulled per shard\) >= 0, got -1"),
+    "hybrid_step_alpha": (2, "TypeError", r"hybrid_step: expected a real number as alpha, got str"),
+}
+
+
+@pytest.mark.parametrize("label", sorted(BAD_ARGUMENTS))
+def test_a_bad_argument_on_one_rank_raises_the_same_error_on_every_rank(ranks: list[dict[str, Any]],
+                                                                        label: str) -> None:
+    culprit, kind, pattern = BAD_ARGUMENTS[label]
+    where = rf" \(on rank {culprit}; every rank of the {WORLD} raises this error, and nothing was sent\)$"
+    errors = {ranks[rank][f"mismatch/{label}"] for rank in range(WORLD)}
+    assert len(errors) == 1, errors  # the same class and message everywhere
+    error, message = errors.pop()
+    assert error == kind and re.search("^" + pattern + where, message), message
     for rank in range(WORLD):
-        error, message = ranks[rank][f"mismatch/{label}"]
         assert ranks[rank][f"mismatch/{label}/data_calls"] == []
-        if rank == culprit:
-            assert error == own[0] and re.search(own[1], message), message
-        else:
-            assert error == "ValueError" and f"rank {culprit} was given invalid arguments" in message, message
+        if f"mismatch/{label}/unchanged" in ranks[rank]:
+            assert ranks[rank][f"mismatch/{label}/unchanged"] and ranks[rank][f"mismatch/{label}/storage"]
+
+
+def test_after_a_bad_argument_the_next_calls_pair_up(ranks: list[dict[str, Any]]) -> None:
+    """Every rank raised in the bad call, so the next all_reduce_mean averages the next models: 100 + rank."""
+    for rank in range(WORLD):
+        assert ranks[rank]["mismatch/paired"] == pytest.approx(100 + (WORLD - 1) / 2)
 
 
 def test_the_group_stays_usable_after_mismatches(ranks: list[dict[str, Any]]) -> None:
@@ -444,3 +490,78 @@ def test_in_place_collectives_are_seen_by_autograd() -> None:
             loss.backward()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def world_of_one() -> Any:
+    """A one-process gloo group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("make", ["float32", "float64", "int64", "float16"])
+def test_best_takes_numpy_scalars_as_numbers(world_of_one: Any, make: str) -> None:
+    import numpy as np
+    net = nn.Linear(2, 1)
+    member, loss, rank = nd.best(net, getattr(np, make)(1.5 if "float" in make else 3), timeout=30)
+    assert loss.dtype == torch.float64 and float(loss) == (1.5 if "float" in make else 3.0) and rank == 0
+    assert torch.equal(member.weight, net.weight)
+
+
+@pytest.mark.parametrize("x, loss, error, pattern", [
+    ("model", "abc", TypeError, r"^best: expected loss as a number or a one-element tensor, got str$"),
+    ("model", None, TypeError, r"^best: expected loss as a number or a one-element tensor, got NoneType$"),
+    ("model", True, TypeError, r"^best: expected loss as a number or a one-element tensor, got bool$"),
+    ("model", 1j, TypeError, r"^best: expected loss as a number or a one-element tensor, got complex$"),
+    ("model", "ones2", ValueError, r"^best: expected loss as a number or a one-element tensor, got a tensor of "
+                                   r"shape \(2,\)$"),
+    ("swarm", "x", TypeError, r"^best: expected loss as a 1-D tensor of shape \(3,\), one per member of the swarm, "
+                              r"got str$"),
+    ("swarm", 0.5, TypeError, r"got float$"),
+    ("swarm", "ones2", ValueError, r"^best: expected loss as a 1-D tensor of shape \(3,\), one per member of the "
+                                   r"swarm, got shape \(2,\)$"),
+])
+def test_best_rejects_a_wrong_type_with_type_error_and_a_wrong_shape_with_value_error(
+        world_of_one: Any, x: str, loss: Any, error: type, pattern: str) -> None:
+    value = nn.Linear(2, 1) if x == "model" else Swarm.zeros(nn.Linear(2, 1), 3)
+    with pytest.raises(error, match=pattern):
+        nd.best(value, torch.ones(2) if isinstance(loss, str) and loss == "ones2" else loss, timeout=30)
+
+
+@pytest.mark.parametrize("fn", ["broadcast", "all_reduce_mean", "all_gather", "exchange", "best"])
+def test_a_meta_model_raises_a_clear_error(world_of_one: Any, fn: str) -> None:
+    net = nn.Linear(2, 3).to("meta")
+    args = {"broadcast": (0,), "best": (1.0,)}.get(fn, ())
+    with pytest.raises(ValueError, match=rf"^{fn}: parameter 'weight' is on the meta device, which holds no values "
+                                         r"to send; materialise the model first"):
+        getattr(nd, fn)(net, *args, timeout=30)
+
+
+@pytest.mark.parametrize("fn", ["broadcast", "all_reduce_mean"])
+def test_a_call_that_raises_does_not_pack_the_model(world_of_one: Any, fn: str) -> None:
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    pointers = [p.data_ptr() for p in net.parameters()]
+    args = (0,) if fn == "broadcast" else ()
+    with pytest.raises(ValueError, match=rf"^{fn}: expected a positive, finite timeout, got -1$"):
+        getattr(nd, fn)(net, *args, timeout=-1)
+    assert [p.data_ptr() for p in net.parameters()] == pointers
+    getattr(nd, fn)(net, *args, timeout=30)  # packed once the handshake passed
+    weights = list(net.parameters())
+    assert all(b.data_ptr() == a.data_ptr() + a.numel() * 4 for a, b in zip(weights, weights[1:]))
+
+
+def test_first_difference_names_a_device_type_as_a_device_mismatch() -> None:
+    from nytorch import DeviceMismatchError, StructureError
+    from nytorch.distributed._fingerprint import first_difference
+    entry = ["fc.weight", [2, 3], "float32", True, 0, "cpu"]
+    error = first_difference("all_reduce_mean", [entry], [entry[:5] + ["meta"]], 0, 2)
+    assert type(error) is DeviceMismatchError and isinstance(error, StructureError)
+    assert str(error) == ("all_reduce_mean: the structures differ across ranks (found before any data moved): "
+                          "parameter 'fc.weight' is on cpu on rank 0 and on meta on rank 2; move the models to one "
+                          "kind of device first")
+    shape = first_difference("x", [entry], [["fc.weight", [2, 4], "float32", True, 0, "meta"]], 0, 1)
+    assert type(shape) is StructureError and "shape (2, 3) float32 on rank 0 but shape (2, 4)" in str(shape)

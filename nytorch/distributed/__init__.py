@@ -3,7 +3,8 @@
 Collectives on whole models, ``Particle``s and ``Swarm``s, each moving one coalesced flat
 buffer per dtype (never one message per tensor), each starting with a cheap structure
 handshake (mismatches raise ``nytorch.StructureError`` on every rank, naming the parameter,
-before any data moves) and each bounded by a ``timeout`` (a dead or hung peer raises
+before any data moves; an invalid argument on one rank raises that rank's error on every
+rank, in the same call) and each bounded by a ``timeout`` (a dead or hung peer raises
 ``PeerError`` instead of hanging):
 
 * ``broadcast(x, src)``: rank ``src``'s value everywhere (models in place);

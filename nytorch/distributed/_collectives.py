@@ -6,6 +6,16 @@ keywords, starts with the structure handshake (``_fingerprint``), and raises ``P
 when a peer dies or hangs.  Ranks given to or returned by these functions are global
 ranks, as in ``torch.distributed``.
 
+What raises where: an invalid argument on any rank (a timeout, ``src``, ``shift``, a loss,
+a value that is no model, Particle or Swarm) is sent in the handshake and raised on *every*
+rank, of the same class and with the same message (naming the rank given it), in that same
+call: no rank's next call can pair with another rank's current one.  A rank with an invalid
+timeout runs the handshake under the group's own.  Values whose device types differ across
+ranks (``cpu`` and ``meta``) raise ``DeviceMismatchError`` on every rank; values on the
+``meta`` device everywhere raise ``ValueError`` (they hold nothing to send).  All of these
+are raised before any data moves and before a model is packed: when a call raises, no
+operand has changed, storage included.
+
 A model's or Particle's buffer of more than 64 MiB travels in up to four leaf-aligned
 pieces of that one buffer, so that packing a piece overlaps the transfer of the previous
 one (``_flat.PIECE_BYTES``); everything else is one collective per buffer.
@@ -21,6 +31,8 @@ What each kind of value does:
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, TypeVar, Union, overload
 
@@ -31,7 +43,7 @@ from .._errors import StructureError
 from .._flat import pack_
 from .._particle import Particle
 from .._swarm import Swarm
-from ._comm import Comm, Timeout, resolve
+from ._comm import Comm, Timeout, connect, seconds_of
 from ._fingerprint import INDEX, SIZE, handshake, header_value
 from ._flat import Flat, Piece, flat_of, prescaled, restore_, unwire, whole, wire
 
@@ -43,35 +55,78 @@ T = TypeVar("T")
 __all__ = ["broadcast", "all_reduce_mean", "all_gather", "best", "exchange"]
 
 
-def _begin(fn: str, x: object, group: Any, timeout: Timeout, *, arg: int = 0,
-           check: Optional[Callable[[Comm, Flat], tuple[float, int]]] = None,
-           overlap: Optional[Callable[[Comm, Flat], T]] = None,
-           ) -> tuple[Comm, Flat, Tensor, Optional[T]]:
-    """Resolve the group, read ``x`` and run the handshake (local argument errors are raised on every rank).
+def _int_arg(fn: str, value: object, name: str, what: str) -> int:
+    """``value`` as an int (Python, NumPy or 0-dim integer tensor; not bool) that fits the handshake header."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{fn}: expected {what} as {name}, got {type(value).__name__}")
+    number = operator.index(value)  # type: ignore[arg-type]
+    if not -2**63 <= number < 2**63:
+        raise ValueError(f"{fn}: expected {name} to fit in 64 bits, got {number}")
+    return number
 
-    ``overlap(comm, flat)`` runs while the headers travel (packing); its result is returned.
+
+def _begin(fn: str, x: object, group: Any, timeout: Timeout, *, arg: Callable[[], int] = lambda: 0,
+           check: Optional[Callable[[Comm, Flat], tuple[float, int]]] = None,
+           overlap: Optional[Callable[[Comm, Flat], T]] = None, error: Optional[Exception] = None,
+           ) -> tuple[Comm, Flat, Tensor, Optional[T]]:
+    """Resolve the group, check the arguments, read ``x`` and run the handshake.
+
+    Argument errors (the timeout, ``arg()``, ``x``, ``check``; or ``error``, found by the caller) are not
+    raised here but sent in the handshake, so that every rank raises the same error in this call and
+    no rank's next collective pairs with another rank's current one.  A rank with a bad timeout uses
+    the group's own for the handshake.  ``overlap(comm, flat)`` runs while the headers travel
+    (packing into scratch buffers, never into the model); its result is returned.
     """
-    comm = resolve(fn, group, timeout)
-    flat: Optional[Flat] = None
-    value, index = 0.0, 0
-    error: Optional[BaseException] = None
     try:
-        flat = flat_of(fn, x)
-        if check is not None:
-            value, index = check(comm, flat)
+        seconds = seconds_of(fn, timeout)
     except (TypeError, ValueError) as caught:
-        error, flat = caught, None
-    local = None if flat is None or overlap is None else (lambda: overlap(comm, flat))  # type: ignore[arg-type]
+        seconds, error = None, error or caught
     try:
-        headers, prepared = handshake(comm, flat, fn, arg=arg, value=value, index=index, error=error,
+        comm = connect(fn, group, seconds)
+    except (RuntimeError, ValueError):
+        if error is not None:  # no group to tell: the argument error is the one to fix first
+            raise error from None
+        raise
+    flat: Optional[Flat] = None
+    number, value, index = 0, 0.0, 0
+    if error is None:
+        try:
+            number = arg()
+            flat = flat_of(fn, x)
+            if check is not None:
+                value, index = check(comm, flat)
+        except Exception as caught:  # noqa: BLE001 - raised on every rank by the handshake
+            error, flat = caught, None
+    local = None if flat is None or overlap is None or flat.meta() is not None else (
+        lambda: overlap(comm, flat))  # type: ignore[arg-type]
+    try:
+        headers, prepared = handshake(comm, flat, fn, arg=number, value=value, index=index, error=error,
                                       overlap=local)
+        if not (flat is not None):  # handshake raised otherwise
+            raise RuntimeError("nytorch internal error: expected flat is not None")
+        meta = flat.meta()
+        if meta is not None:  # the structures agree, so every rank raises this
+            raise ValueError(f"{fn}: parameter {meta!r} is on the meta device, which holds no values to send; "
+                             "materialise the model first (e.g. model.to_empty(device=...) then load its weights)")
     except BaseException:
         if flat is not None:
             flat.release()
         raise
-    if not (flat is not None):  # handshake raised otherwise
-        raise RuntimeError("nytorch internal error: expected flat is not None")
     return comm, flat, headers, prepared
+
+
+def _packed_(comm: Comm, flat: Flat, x: object, pack: bool,
+             prepare: Callable[[Comm, Flat], Optional[T]], prepared: Optional[T]) -> Optional[T]:
+    """After the handshake: pack a model (``pack_``) when asked; when that moved its storage, prepare again
+    (the scratch buffers prepared while the headers travelled were planned for the old storage)."""
+    if not pack or not isinstance(x, nn.Module):
+        return prepared
+    before = flat.pointers()
+    pack_(x, whole=True)
+    if flat.pointers() == before:
+        return prepared
+    flat.release()
+    return prepare(comm, flat)
 
 
 def _send_buffers(comm: Comm, flats: list[Tensor], *, reduce: bool = False) -> list[Tensor]:
@@ -160,8 +215,11 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
         one holding ``src``'s values (on ``src`` too: a copy).
 
     Raises:
-        StructureError: the structures differ across ranks (raised on every rank before any data moves).
+        StructureError: the structures differ across ranks (raised on every rank before any data moves);
+            ``DeviceMismatchError`` when their device types differ.
         ValueError: ``src`` is not a rank of the group, or the ranks disagree on ``src``.
+        TypeError / ValueError: an argument is invalid on some rank (every rank raises that rank's error),
+            or the value is on the meta device.
         PeerError: a peer died or hung.
 
     >>> import torch, torch.distributed as dist
@@ -172,25 +230,24 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
     >>> dist.destroy_process_group()
     """
     fn = "broadcast"
-    if isinstance(src, bool) or not isinstance(src, int):
-        raise TypeError(f"{fn}: expected an int global rank as src, got {type(src).__name__}")
-    if pack and isinstance(x, nn.Module):
-        pack_(x, whole=True)
     in_place = isinstance(x, nn.Module)
 
     def prepare(comm: Comm, flat: Flat) -> Optional[tuple[list[Optional[Tensor]], set[int]]]:
         """The sender packs its first piece while the headers travel (a bad ``src`` raises later)."""
         try:
-            if comm.rank != comm.group_rank(src):
+            if comm.rank != comm.group_rank(operator.index(src)):  # type: ignore[arg-type]
                 return None
-        except ValueError:
+        except (TypeError, ValueError):
             return None
         flats, owned = _model_buffers(flat, flat.size, range(len(flat.groups)), in_place=in_place)
         flat.pack(flats, [piece for piece in flat.pieces()[:1] if piece.group not in owned])
         return flats, owned
-    comm, flat, headers, packed = _begin(fn, x, group, timeout, arg=src, overlap=prepare)
+    comm, flat, headers, packed = _begin(fn, x, group, timeout, overlap=prepare,
+                                         arg=lambda: _int_arg(fn, src, "src", "an int global rank"))
     try:
-        root = comm.group_rank(src)  # every rank agrees on src by now, so every rank raises alike
+        # every rank agrees on src by now (an int: checked in the handshake), so every rank raises alike
+        root = comm.group_rank(operator.index(src))  # type: ignore[arg-type]
+        packed = _packed_(comm, flat, x, pack, prepare, packed)
         size = int(headers[root, SIZE])
         if packed is not None:
             flats, owned = packed
@@ -238,7 +295,9 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
 
     Raises:
         StructureError: the structures (or swarm sizes) differ across ranks; raised on every rank
-            before any data moves.
+            before any data moves (``DeviceMismatchError`` when their device types differ).
+        TypeError / ValueError: an argument is invalid on some rank (every rank raises that rank's error),
+            or the value is on the meta device.
         PeerError: a peer died or hung.
 
     >>> import torch, torch.distributed as dist
@@ -250,8 +309,6 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
     """
     fn = "all_reduce_mean"
     in_place = isinstance(x, nn.Module)
-    if pack and in_place:
-        pack_(x, whole=True)  # type: ignore[arg-type]
 
     def prepare(comm: Comm, flat: Flat) -> tuple[list[Optional[Tensor]], set[int], list[Piece]]:
         """Allocate and pack the first piece while the headers travel."""
@@ -270,6 +327,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
             other = next(r for r, size in enumerate(sizes) if size != sizes[0])
             raise StructureError(f"{fn}: the swarms differ in size across ranks: {sizes[0]} members on rank 0, "
                                  f"{sizes[other]} on rank {other}; averaging pairs member i with member i")
+        prepared = _packed_(comm, flat, x, pack, prepare, prepared)
         if not (prepared is not None):  # an internal invariant
             raise RuntimeError("nytorch internal error: expected prepared is not None")
         flats, owned, pieces = prepared
@@ -310,6 +368,8 @@ def all_gather(x: Union[nn.Module, Particle, Swarm], *, group: Any = None, timeo
 
     Raises:
         StructureError: the structures differ across ranks (raised on every rank before any data moves).
+        TypeError / ValueError: an argument is invalid on some rank (every rank raises that rank's error),
+            or the value is on the meta device.
         PeerError: a peer died or hung.
 
     >>> import torch, torch.distributed as dist
@@ -352,17 +412,21 @@ def _loss_check(loss: object) -> Callable[[Comm, Flat], tuple[float, int]]:
     def check(comm: Comm, flat: Flat) -> tuple[float, int]:
         fn = "best"
         if flat.kind == "swarm":
-            if not isinstance(loss, Tensor) or loss.dim() != 1 or loss.shape[0] != flat.size:
-                got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-                raise ValueError(f"{fn}: expected loss as a 1-D tensor of shape ({flat.size},), one per member "
-                                 f"of the swarm, got {got}")
+            want = f"a 1-D tensor of shape ({flat.size},), one per member of the swarm"
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"{fn}: expected loss as {want}, got {type(loss).__name__}")
+            if loss.dim() != 1 or loss.shape[0] != flat.size:
+                raise ValueError(f"{fn}: expected loss as {want}, got shape {tuple(loss.shape)}")
             values = loss.detach()
+        elif isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"{fn}: expected loss as a number or a one-element tensor, got a tensor of shape "
+                                 f"{tuple(loss.shape)}")
+            values = loss.detach().reshape(1)
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # NumPy scalars too
+            values = torch.tensor([float(loss)], dtype=torch.float64)
         else:
-            if isinstance(loss, bool) or not isinstance(loss, (int, float, Tensor)) or (
-                    isinstance(loss, Tensor) and loss.numel() != 1):
-                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-                raise ValueError(f"{fn}: expected loss as a number or a one-element tensor, got {got}")
-            values = torch.as_tensor(loss).detach().reshape(1)
+            raise TypeError(f"{fn}: expected loss as a number or a one-element tensor, got {type(loss).__name__}")
         if values.is_complex() or values.dtype == torch.bool:
             raise TypeError(f"{fn}: expected a real loss, got dtype {str(values.dtype).removeprefix('torch.')}")
         if values.numel() == 0:
@@ -409,7 +473,10 @@ def best(x: Union[nn.Module, Particle, Swarm], loss: Any, *, group: Any = None, 
         local loss's dtype and device) and the global rank that held it.
 
     Raises:
-        ValueError: a loss has the wrong shape (raised on every rank), or every shard is empty.
+        TypeError: a loss is not a number (Python or NumPy) or a tensor, or another argument is
+            invalid (on any rank: every rank raises that rank's error).
+        ValueError: a loss has the wrong shape (on any rank: every rank raises it), every shard is empty,
+            or the value is on the meta device.
         StructureError: the structures differ across ranks.
         PeerError: a peer died or hung.
 
@@ -421,8 +488,14 @@ def best(x: Union[nn.Module, Particle, Swarm], loss: Any, *, group: Any = None, 
     (tensor([1.]), tensor(0.2000), 0)
     >>> dist.destroy_process_group()
     """
+    return _best(x, loss, group=group, timeout=timeout)
+
+
+def _best(x: Union[nn.Module, Particle, Swarm], loss: Any, *, group: Any, timeout: Timeout,
+          error: Optional[Exception] = None) -> tuple[Union[nn.Module, Particle], Tensor, int]:
+    """``best``; ``error``: the caller's own argument error, raised on every rank by the handshake."""
     fn = "best"
-    comm, flat, headers, _ = _begin(fn, x, group, timeout, check=_loss_check(loss))
+    comm, flat, headers, _ = _begin(fn, x, group, timeout, check=_loss_check(loss), error=error)
     candidates = [(_rank_key(header_value(headers, r)), r) for r in range(comm.size) if int(headers[r, INDEX]) >= 0]
     if not candidates:
         raise ValueError(f"{fn}: every rank's swarm is empty; there is no member to choose")
@@ -455,6 +528,8 @@ def exchange(x: V, shift: int = 1, *, group: Any = None, timeout: Timeout = None
     Raises:
         StructureError: the structures differ across ranks (raised on every rank before any data moves).
         ValueError: the ranks disagree on ``shift``.
+        TypeError / ValueError: an argument is invalid on some rank (every rank raises that rank's error),
+            or the value is on the meta device.
         PeerError: a peer died or hung.
 
     >>> import torch, torch.distributed as dist
@@ -465,10 +540,8 @@ def exchange(x: V, shift: int = 1, *, group: Any = None, timeout: Timeout = None
     >>> dist.destroy_process_group()
     """
     fn = "exchange"
-    if isinstance(shift, bool) or not isinstance(shift, int):
-        raise TypeError(f"{fn}: expected an int as shift, got {type(shift).__name__}")
-    comm, flat, headers, _ = _begin(fn, x, group, timeout, arg=shift)
-    step = shift % comm.size
+    comm, flat, headers, _ = _begin(fn, x, group, timeout, arg=lambda: _int_arg(fn, shift, "shift", "an int"))
+    step = operator.index(shift) % comm.size  # type: ignore[arg-type]
     if step == 0:
         return flat.like(whole(flat.flats(fresh=True)), flat.size)  # type: ignore[return-value]
     dst, src = (comm.rank + step) % comm.size, (comm.rank - step) % comm.size

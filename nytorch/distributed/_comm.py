@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 #: Seconds (a number) or a ``timedelta``; ``None`` uses the process group's own timeout.
 Timeout = Union[float, int, datetime.timedelta, None]
 
-__all__ = ["PeerError", "Timeout", "Comm", "resolve"]
+__all__ = ["PeerError", "Timeout", "Comm", "seconds_of", "connect", "resolve"]
 
 #: Tensors handed to the backend whose references it may still hold, with their reference count
 #: (``Tensor._use_count``) from before.  gloo's worker thread drops its references to a work's
@@ -88,7 +88,19 @@ class PeerError(RuntimeError):
     """
 
 
-def _seconds(fn: str, timeout: Timeout) -> Optional[float]:
+def seconds_of(fn: str, timeout: Timeout) -> Optional[float]:
+    """``timeout`` in seconds (``None`` stays ``None``: the group's own timeout).
+
+    Raises:
+        TypeError: the timeout is neither a number, a ``timedelta`` nor ``None``.
+        ValueError: it is not positive and finite.
+
+    >>> seconds_of("demo", datetime.timedelta(minutes=1)), seconds_of("demo", None)
+    (60.0, None)
+    >>> seconds_of("demo", 0)
+    Traceback (most recent call last):
+    ValueError: demo: expected a positive, finite timeout, got 0
+    """
     if timeout is None:
         return None
     if isinstance(timeout, datetime.timedelta):
@@ -262,15 +274,13 @@ class Comm:
         self._run(what, issue, timed_ops=False)
 
 
-def resolve(fn: str, group: Any, timeout: Timeout) -> Comm:
-    """Check the process group and the timeout, then return a ``Comm`` for one call.
+def connect(fn: str, group: Any, seconds: Optional[float]) -> Comm:
+    """A ``Comm`` for one call on ``group`` (``None``: the world) with a checked timeout in seconds.
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
-        ValueError: this process is not a member of ``group``, or the timeout is not positive.
-        TypeError: the timeout is neither a number, a ``timedelta`` nor ``None``.
+        ValueError: this process is not a member of ``group``.
     """
-    seconds = _seconds(fn, timeout)
     _prune()
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{fn}: torch.distributed is not initialised; call "
@@ -280,3 +290,14 @@ def resolve(fn: str, group: Any, timeout: Timeout) -> Comm:
     if group is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(group) < 0:
         raise ValueError(f"{fn}: this process (global rank {dist.get_rank()}) is not a member of the given group")
     return Comm(fn, group, seconds)
+
+
+def resolve(fn: str, group: Any, timeout: Timeout) -> Comm:
+    """Check the timeout (``seconds_of``), then ``connect``: a bad timeout raises here, on this rank only.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+        ValueError: this process is not a member of ``group``, or the timeout is not positive.
+        TypeError: the timeout is neither a number, a ``timedelta`` nor ``None``.
+    """
+    return connect(fn, group, seconds_of(fn, timeout))

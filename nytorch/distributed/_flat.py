@@ -108,9 +108,20 @@ class Flat:
         self._borrowed: list[Tensor] = []
 
     def describe(self) -> list[list[Any]]:
-        """``[name, shape, dtype, averaged, group]`` per leaf (what the structure fingerprint hashes)."""
+        """``[name, shape, dtype, averaged, group, device type]`` per leaf (what the structure fingerprint
+        hashes).  The device's type only (``cpu``, ``cuda``, ``meta``...): with NCCL every rank has its own GPU."""
         return [[name, list(slot.shape), str(self.groups[slot.group].dtype).removeprefix("torch."),
-                 self.groups[slot.group].active, slot.group] for name, slot in zip(self.names, self.slots)]
+                 self.groups[slot.group].active, slot.group, self.groups[slot.group].device.type]
+                for name, slot in zip(self.names, self.slots)]
+
+    def meta(self) -> Optional[str]:
+        """The first leaf on the ``meta`` device (it has no values to send), or ``None``."""
+        return next((name for name, slot in zip(self.names, self.slots)
+                     if self.groups[slot.group].device.type == "meta"), None)
+
+    def pointers(self) -> list[int]:
+        """Where a model's or Particle's leaves are now (to notice that packing moved them)."""
+        return [] if self._leaves is None else [leaf.data_ptr() for leaf in self._leaves]
 
     def widths(self) -> list[int]:
         """Each buffer's width (values per member)."""
@@ -268,6 +279,8 @@ class Flat:
         """A Swarm of ``size`` members from stacked buffers (members shaped like the source)."""
         if isinstance(self.source, Swarm):
             return type(self.source)(self.source._spec, flats, size)
+        if not self.names:  # nothing travelled (e.g. nn.ReLU()): one member per rank all the same
+            return Swarm.zeros(self.source, size)
         params = dict(zip(self.names, self.views(flats)))
         return Swarm.from_params(self.source, params)
 

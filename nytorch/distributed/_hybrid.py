@@ -6,17 +6,18 @@ without noise for the pull) and ``best`` (one small all_gather plus one broadcas
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .. import algorithms as alg
 from .._particle import Particle
 from .._swarm import Swarm
-from ._collectives import best
+from ..algorithms._checks import number_arg, swarm_arg
+from ._collectives import _begin, _best
 from ._comm import Timeout, resolve
 
 Tensor = torch.Tensor
@@ -50,6 +51,38 @@ def shard(swarm: Swarm, *, group: Any = None) -> Swarm:
     return swarm[start:start + base + (comm.rank < extra)]  # type: ignore[no-any-return]
 
 
+class _Args(NamedTuple):
+    every: int
+    subset: Optional[int]
+    lr: float
+    alpha: float
+
+
+def _int(fn: str, value: object, name: str, minimum: Optional[int] = None) -> int:
+    """An int (Python, NumPy or 0-dim integer tensor; not bool), at least ``minimum``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{fn}: expected an int as {name}, got {type(value).__name__}")
+    number = operator.index(value)  # type: ignore[arg-type]
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{fn}: expected {name} >= {minimum}, got {number}")
+    return number
+
+
+def _args(fn: str, swarm: object, every: object, subset: object, lr: object, alpha: object) -> _Args:
+    """The loop's arguments, checked alike on every rank (nothing here depends on the shard's size)."""
+    swarm_arg(fn, swarm)
+    every = _int(fn, every, "every", 1)
+    subset = None if subset is None else _int(fn, subset, "subset (members pulled per shard)", 0)
+    return _Args(every, subset, number_arg(fn, lr, "lr"), number_arg(fn, alpha, "alpha"))
+
+
+def _no_losses(swarm: Swarm) -> Tensor:
+    """The losses of an empty shard: shape ``(0,)``, on its device, in its (floating) dtype."""
+    leaves = [leaf for leaf in swarm.params.values() if leaf.is_floating_point()]
+    return torch.zeros(0, dtype=leaves[0].dtype if leaves else torch.get_default_dtype(),
+                       device=leaves[0].device if leaves else None)
+
+
 def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, step: int, lr: float,
                 every: int = 5, subset: Optional[int] = None, alpha: float = 0.5,
                 generator: Optional[torch.Generator] = None, group: Any = None, timeout: Timeout = None,
@@ -58,20 +91,30 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     ``(step + 1) % every == 0``, the global ``best`` and ``W ← (1 − α)·W + α·W_best`` on ``subset``
     random members of the shard (``algorithms.apso`` without noise).
 
+    Shards may differ in size and may be empty (``shard`` of 2 members over 3 ranks): an empty
+    shard takes no local step (its losses have shape ``(0,)``) but still takes part in ``best``
+    (which raises ``ValueError`` on every rank when every shard is empty).
     Every rank must call it with the same ``step`` and ``every`` (the pull is a collective).
 
     Args:
         swarm: this rank's shard.
         loss_fn: ``loss_fn(member, *args)`` returns a 0-dim loss (as for ``algorithms.sgd_step``).
-        step / lr / every / subset / alpha / generator: as ``algorithms.hybrid_step`` (``subset``:
-            members pulled per shard, default all of them).
+        step / lr / every / alpha / generator: as ``algorithms.hybrid_step``.
+        subset: members pulled per shard, at most the shard's size (a smaller shard pulls all of
+            its members); default all of them.
         group / timeout: as for the collectives.
 
     Returns:
-        ``(new_shard, losses, found)``: the local losses before the step, and ``(member, loss, rank)``
-        from ``best`` on pulling steps (``None`` otherwise).
+        ``(new_shard, losses, found)``: the local losses before the step, and ``found``, the
+        ``(member, loss, rank)`` from ``best`` on pulling steps (``None`` otherwise).
 
     Raises:
+        TypeError / ValueError: an invalid argument.  On a pulling step an invalid ``swarm``, ``subset``,
+            ``lr`` or ``alpha`` on one rank, or a failing local step, is raised on every rank (the error
+            travels in ``best``'s handshake).  An invalid ``step`` or ``every`` (which decide whether
+            this is a pulling step), or anything on the other steps, where nothing is communicated, is
+            raised on this rank; none of the checks depends on the shard, so ranks given the same
+            arguments raise alike.  ``ValueError`` also when every rank's shard is empty.
         PeerError: a peer died or hung during the pull.
 
     >>> import torch, torch.distributed as dist, torch.nn.functional as F
@@ -84,24 +127,30 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     >>> dist.destroy_process_group()
     """
     fn = "hybrid_step"
-    if not isinstance(swarm, Swarm):
-        raise TypeError(f"{fn}: expected a Swarm as swarm, got {type(swarm).__name__}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"{fn}: expected a positive int as every, got {every!r}")
-    size = len(swarm)
-    count = size if subset is None else subset
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= size:
-        raise ValueError(f"{fn}: expected subset in [0, {size}] (members of this shard), got {subset!r}")
-    swarm, losses = alg.sgd_step(swarm, loss_fn, *args, lr=lr)
-    if (step + 1) % every:
-        return swarm, losses, None
-    found = best(swarm, losses, group=group, timeout=timeout)
+    every = _int(fn, every, "every", 1)
+    pulling = (_int(fn, step, "step") + 1) % every == 0
+    error: Optional[Exception] = None
+    losses: Optional[Tensor] = None
+    try:
+        checked = _args(fn, swarm, every, subset, lr, alpha)
+        count = len(swarm) if checked.subset is None else min(checked.subset, len(swarm))
+        if len(swarm):
+            swarm, losses = alg.sgd_step(swarm, loss_fn, *args, lr=checked.lr)
+        else:
+            losses = _no_losses(swarm)
+    except Exception as caught:
+        if not pulling:
+            raise
+        error = caught
+    if not pulling:
+        return swarm, losses, None  # type: ignore[return-value]
+    found = _best(swarm, losses, group=group, timeout=timeout, error=error)
     if count:
-        chosen = torch.randperm(size, generator=generator)[:count]
+        chosen = torch.randperm(len(swarm), generator=generator)[:count]
         pulled = swarm.clone()
-        pulled[chosen] = alg.apso(swarm[chosen], found[0], alpha=0.0, beta=alpha)
+        pulled[chosen] = alg.apso(swarm[chosen], found[0], alpha=0.0, beta=checked.alpha)
         swarm = pulled
-    return swarm, losses, found
+    return swarm, losses, found  # type: ignore[return-value]
 
 
 def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Sequence[Any]], *, lr: float,
@@ -110,15 +159,22 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
            group: Any = None, timeout: Timeout = None) -> tuple[Swarm, Tensor]:
     """Run the distributed ``hybrid_step`` over ``batches`` (``algorithms.hybrid`` with a global best).
 
-    Every rank passes its own shard and the same number of batches (its own data or the same).
+    Every rank passes its own shard (shards may differ in size, and may be empty) and the same
+    number of batches (its own data or the same).  The ranks first agree on the arguments and the
+    members' structure, in one small handshake: an invalid argument on one rank (e.g. no Swarm, or
+    ``every=0``) raises that rank's error on every rank, and shards of different structures raise
+    ``StructureError`` on every rank, before any step.
 
     Args:
         show_progress: a tqdm bar on the group's rank 0 (``None``: only when stderr is a terminal).
+        the others: as for ``hybrid_step``.
 
     Returns:
         ``(final_shard, history)`` with this shard's per-member losses of every step, ``(steps, P_local)``.
 
     Raises:
+        TypeError / ValueError: an invalid argument on any rank (every rank raises it).
+        StructureError: the shards' members differ in structure across ranks (every rank raises it).
         PeerError: a peer died or hung.
 
     >>> import torch, torch.distributed as dist, torch.nn.functional as F
@@ -130,9 +186,15 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     (6, 4)
     >>> dist.destroy_process_group()
     """
-    if not isinstance(swarm, Swarm):
-        raise TypeError(f"hybrid: expected a Swarm as swarm, got {type(swarm).__name__}")
-    leader = dist.get_rank(group) == 0 if dist.is_initialized() else True
+    fn = "hybrid"
+    error: Optional[Exception] = None
+    try:
+        _args(fn, swarm, every, subset, lr, alpha)
+    except (TypeError, ValueError) as caught:
+        error = caught
+    comm, flat, _, _ = _begin(fn, swarm, group, timeout, error=error)
+    flat.release()
+    leader = comm.rank == 0
     history = []
     bar = alg.progress(batches, desc="hybrid", enabled=show_progress if leader else False)
     for step, batch in enumerate(bar):

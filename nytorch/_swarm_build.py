@@ -5,6 +5,7 @@ class methods are thin shells over them.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
 
@@ -117,9 +118,12 @@ def _size(fn: str, like: object, size: Optional[int]) -> int:
         if ops.is_swarm(like):
             return len(like)  # type: ignore[arg-type]
         raise TypeError(f"{fn}: expected size (the number of members) unless like is a Swarm")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"{fn}: expected a non-negative int as size, got {size!r}")
-    return size
+    if isinstance(size, bool) or not hasattr(size, "__index__"):  # NumPy and 0-dim integer tensors are ints
+        raise TypeError(f"{fn}: expected a non-negative int as size, got {type(size).__name__}")
+    number = operator.index(size)
+    if number < 0:
+        raise ValueError(f"{fn}: expected a non-negative int as size, got {number}")
+    return number
 
 
 def filled(fn: str, like: object, size: Optional[int], buffers: Optional[bool],

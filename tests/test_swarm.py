@@ -238,6 +238,10 @@ def test_random_constructors() -> None:
         Swarm.randn(model)
     with pytest.raises(ValueError, match=r"zeros: expected a non-negative int as size, got -1"):
         Swarm.zeros(model, -1)
+    for bad in ("3", 2.0, True):
+        with pytest.raises(TypeError, match=rf"randn: expected a non-negative int as size, got {type(bad).__name__}"):
+            Swarm.randn(model, bad)  # type: ignore[arg-type]
+    assert len(Swarm.zeros(model, np.int64(2))) == len(Swarm.zeros(model, torch.tensor(2))) == 2
 
 
 # -- selection ------------------------------------------------------------------------------------

@@ -35,8 +35,16 @@ def without_grad(fn: F) -> F:
 
 
 def check_names(fn: str, names: Sequence[str], other_names: Sequence[str],
-                other: str = "the second operand") -> None:
-    """Raise ``StructureError`` naming the first parameter present in one operand only."""
+                other: str = "the second operand", reference: str = "the first operand") -> None:
+    """Raise ``StructureError`` naming the first parameter present in one operand only, or out of place.
+
+    ``other`` names the side of ``other_names`` in messages, ``reference`` the side of ``names``.
+
+    >>> check_names("add", ["a", "b"], ["b", "a"])
+    Traceback (most recent call last):
+    ...
+    nytorch._errors.StructureError: add: the second operand lists the same parameters in another order: parameter 'a' is at position 0 in the first operand but 1 in the second operand; models must register their parameters in the same order
+    """
     if list(names) == list(other_names):
         return
     other_set, own_set = set(other_names), set(names)
@@ -46,8 +54,10 @@ def check_names(fn: str, names: Sequence[str], other_names: Sequence[str],
     for name in other_names:
         if name not in own_set:
             raise StructureError(f"{fn}: {other} has an extra parameter {name!r}")
-    raise StructureError(f"{fn}: the operands list the same parameters in another order "
-                         f"({list(names)} vs {list(other_names)})")
+    position, name = next((k, a) for k, (a, b) in enumerate(zip(names, other_names)) if a != b)
+    raise StructureError(f"{fn}: {other} lists the same parameters in another order: parameter {name!r} is "
+                         f"at position {position} in {reference} but {list(other_names).index(name)} in {other}; "
+                         "models must register their parameters in the same order")
 
 
 def check_state(fn: str, names: Sequence[str], leaves: Sequence[Tensor],

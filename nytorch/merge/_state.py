@@ -15,6 +15,7 @@ import optree
 import torch
 from torch import nn
 
+from .. import _algebra as algebra
 from .. import _leafwise as lw
 from .._config import ParamConfig, configs_for
 from .._errors import DeviceMismatchError, StructureError
@@ -118,18 +119,7 @@ def check_same(fn: str, first: Operand, other: Operand, label: str, *, reference
     names ``first`` (e.g. ``"target"``, ``"models[0]"``).
     """
     if first.names is not other.names and first.names != other.names:
-        known, own = set(other.names), set(first.names)
-        for name in first.names:
-            if name not in known:
-                raise StructureError(f"{fn}: parameter {name!r} is missing from {label}")
-        for name in other.names:
-            if name not in own:
-                raise StructureError(f"{fn}: {label} has an extra parameter {name!r}")
-        position, name = next(((k, a) for k, (a, b) in enumerate(zip(first.names, other.names)) if a != b),
-                              (0, first.names[0]))  # (names are unique, so some position differs)
-        raise StructureError(f"{fn}: {label} lists the same parameters in another order: parameter {name!r} is "
-                             f"at position {position} in {reference} but {other.names.index(name)} in {label}; "
-                             "models must register their parameters in the same order")
+        algebra.check_names(fn, first.names, other.names, label, reference)
     for name, a, b in zip(first.names, first.leaves, other.leaves):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise StructureError(f"{fn}: parameter {name!r} differs: {lw.describe(a)} vs "

@@ -182,15 +182,16 @@ def _unaliased(flats: Sequence[Tensor], operands: Sequence[Operand]) -> list[Ope
     ``s = s + s[0]`` would.
     """
     written = {flat.untyped_storage().data_ptr() for flat in flats}
+    return [_copied(operand, written) for operand in operands]
 
-    def copied(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.untyped_storage().data_ptr() in written:
-            return value.clone()
-        if isinstance(value, list):
-            return [copied(item) for item in value]
-        return value
 
-    return [copied(operand) for operand in operands]
+def _copied(value: Any, written: set[int]) -> Any:
+    """``value`` (a tensor, a list of them, or a number) with tensors in ``written`` storage cloned."""
+    if isinstance(value, Tensor) and value.untyped_storage().data_ptr() in written:
+        return value.clone()
+    if isinstance(value, list):
+        return [_copied(item, written) for item in value]
+    return value
 
 
 @torch.no_grad()

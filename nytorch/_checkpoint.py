@@ -6,12 +6,16 @@ with ``torch.load(path, weights_only=True)`` anywhere.  ``load(path, like=...)``
 rebuilds Particles, modules and Swarms into the structure ``like`` gives
 (``_restore.py``).  Loading always uses torch's restricted unpickler: a file
 crafted to run code is refused with ``CheckpointError`` before anything in it
-runs.  Writes go through ``atomic_write`` (temporary file, fsync, rename, fsync folder).
+runs, and every record of the archive is checked against the CRC-32 that
+``torch.save`` stores for it (``torch.load`` does not), so a flipped bit is a
+``CheckpointError`` rather than a wrong value.  Writes go through ``atomic_write``
+(temporary file, fsync, rename, fsync folder).
 """
 from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from typing import IO, Any, Union
 
 import torch
@@ -21,6 +25,9 @@ from ._codec import FORMAT, VERSION, CheckpointError, encode
 from ._restore import restore
 
 __all__ = ["save", "load", "CheckpointError"]
+
+_CHUNK = 1 << 20
+_FOLDER = 0x10  # the MS-DOS folder bit of a zip record's external attributes
 
 
 def save(obj: Any, path: PathLike) -> None:
@@ -58,30 +65,62 @@ def save(obj: Any, path: PathLike) -> None:
     atomic_write(path, write)
 
 
-
 # -- loading ---------------------------------------------------------------------------------
+def _check_records(file: IO[bytes]) -> None:
+    """Raise ``zipfile.BadZipFile`` naming the first record whose bytes fail the CRC-32 stored for it.
+
+    ``torch.save`` writes a zip archive with a CRC-32 per record (pickle and tensor data) but
+    ``torch.load`` does not check them, so a flipped bit would load as a wrong value.  Records
+    stored with a CRC of 0 (``torch.serialization.set_crc32_options(False)``) are not checked.
+    A record marked as a folder is refused too: torch reads no bytes for it (uninitialised values).
+    Files that are not zip archives are left to ``torch.load`` (which refuses or fails on them).
+    """
+    if not zipfile.is_zipfile(file):
+        return
+    file.seek(0)
+    with zipfile.ZipFile(file) as archive:
+        for info in archive.infolist():
+            if info.external_attr & _FOLDER:  # torch would read no bytes: an uninitialised tensor
+                raise zipfile.BadZipFile(f"record {info.filename!r} is marked as a folder")
+            if info.CRC == 0:
+                continue
+            with archive.open(info) as record:  # reading to the end checks the CRC-32
+                while record.read(_CHUNK):
+                    pass
+
+
 def _read(path: PathLike, map_location: Any) -> Any:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load: expected a str or os.PathLike as path, got {type(path).__name__}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        detail = str(error).strip().splitlines()
-        hint = next((line for line in detail if "Unsupported global" in line or "GLOBAL" in line), "")
-        raise CheckpointError(
-            f"load: refused {os.fspath(path)!r}: it holds Python objects other than tensors and plain "
-            f"containers, which could run code when unpickled ({hint.strip() or 'unsafe pickle'})"
-        ) from None
-    except OSError:
-        raise
-    except Exception as error:
-        raise CheckpointError(f"load: {os.fspath(path)!r} is not a readable checkpoint (truncated or "
-                              f"corrupt?): {type(error).__name__}: {error}") from None
+    name = os.fspath(path)
+    with open(path, "rb") as file:  # cannot open (missing, no permission, a folder): OSError as is
+        try:
+            _check_records(file)
+            file.seek(0)
+            payload = torch.load(file, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+            hint = next((line for line in detail if "GLOBAL" in line), "")
+            if not hint:  # not a refused class: bytes the restricted unpickler cannot parse
+                reason = next((line for line in detail if "Unsupported operand" in line), "unparsable pickle")
+                raise CheckpointError(f"load: {name!r} is not a readable checkpoint (truncated or corrupt?): "
+                                      f"{reason}") from None
+            raise CheckpointError(
+                f"load: refused {name!r}: it holds Python objects other than tensors and plain "
+                f"containers, which could run code when unpickled ({hint})"
+            ) from None
+        except zipfile.BadZipFile as error:
+            raise CheckpointError(f"load: {name!r} is not a readable checkpoint (truncated or corrupt?): "
+                                  f"{error}") from None
+        except Exception as error:  # torch's reader raises RuntimeError, OSError, EOFError... on bad bytes
+            raise CheckpointError(f"load: {name!r} is not a readable checkpoint (truncated or "
+                                  f"corrupt?): {type(error).__name__}: {error}") from error
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT and "data" in payload):
-        raise CheckpointError(f"load: expected a file written by nytorch.save, got {os.fspath(path)!r} "
+        raise CheckpointError(f"load: expected a file written by nytorch.save, got {name!r} "
                               f"holding a {type(payload).__name__} without the {FORMAT!r} marker")
-    if not isinstance(payload.get("version"), int) or payload["version"] > VERSION:
-        raise CheckpointError(f"load: {os.fspath(path)!r} has format version {payload.get('version')!r}; "
+    version = payload.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise CheckpointError(f"load: {name!r} has format version {version!r}; "
                               f"this nytorch reads versions up to {VERSION}")
     return payload["data"]
 
@@ -90,14 +129,19 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
     """Read a checkpoint written by ``save``, rebuilding it into the structure of ``like``.
 
     ``like`` mirrors what was saved: a Particle, module or Swarm gives the structure
-    (class, parameter names, shapes, dtypes, devices) for the loaded values, a dict,
+    (class, parameter names, shapes, dtypes, devices) for the loaded values and must be
+    of the saved class (a class defined in ``__main__`` matches one of the same qualified
+    name in any module, so a script's checkpoints load where the class is imported), a dict,
     list or tuple gives the same structure of such things (an empty list or tuple
     accepts any length), a tensor or generator the same kind of thing, a namedtuple or
     dataclass the same fields; ``None`` anywhere (or no ``like``) returns the stored
     value as is, with Particles, modules and Swarms as ``dict[str, Tensor]`` and
     namedtuples and dataclasses as dicts of their fields.  Loaded
     tensors move to the device of the matching tensor in ``like``; ``like`` itself
-    is never modified.
+    is never modified.  Dict keys match by value and type (``1`` is not ``"1"``), in any order.
+
+    The file's bytes are checked against the CRC-32 stored for each record of the archive
+    before anything is unpickled (about 15 ms per 50 MB on one CPU core).
 
     Args:
         path: a file written by ``nytorch.save``.
@@ -109,10 +153,16 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
 
     Raises:
         CheckpointError: the file would run code when unpickled (refused before anything
-            in it runs), is truncated or corrupt, or was not written by ``nytorch.save``.
+            in it runs), is truncated or corrupt (its bytes fail their CRC-32), holds a
+            malformed entry, or was not written by ``nytorch.save``; the message names the file
+            or the entry.
         StructureError: the file and ``like`` differ in a name, shape, dtype or kind
-            (the message names the first differing parameter in ``named_parameters()`` order).
-        FileNotFoundError: ``path`` does not exist.
+            (the message names the first differing parameter in ``like``'s order, e.g.
+            ``named_parameters()`` order).
+        TypeError: a Particle, module or Swarm in the file was saved from another class than
+            ``like``'s (the message names both).
+        OSError: the file cannot be opened (``FileNotFoundError``, ``PermissionError``,
+            ``IsADirectoryError``); unreadable contents are ``CheckpointError``.
 
     >>> import os, tempfile, torch, nytorch
     >>> net = torch.nn.Linear(2, 1)

@@ -8,6 +8,7 @@ the result pickles without naming any class and loads with ``torch.load(weights_
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -16,12 +17,13 @@ import torch
 from torch import nn
 
 from ._particle import Particle
-from ._walk import Layout
+from ._walk import Layout, model_class
 
 Tensor = torch.Tensor
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "TAG", "encode", "plain", "tag_of", "named_tensors",
-           "fields_of", "is_namedtuple", "is_dataclass_instance", "swarm_class", "join", "where"]
+           "fields_of", "class_of", "same_class", "generator_device", "decode_generator", "decode_ndarray",
+           "is_namedtuple", "is_dataclass_instance", "swarm_class", "join", "where"]
 
 FORMAT = "nytorch.checkpoint"
 VERSION = 1
@@ -135,7 +137,7 @@ def encode(obj: Any, path: str) -> Any:
         return _encode_swarm(obj)
     if isinstance(obj, nn.Module):
         layout = Layout(obj)
-        return {TAG: "module", "class": _class_name(type(obj)),
+        return {TAG: "module", "class": _class_name(model_class(obj)),
                 "params": _tensors(layout.names, layout.params),
                 "buffers": _tensors(layout.buffer_names, layout.buffers)}
     if isinstance(obj, torch.Generator):
@@ -171,11 +173,49 @@ def encode(obj: Any, path: str) -> Any:
     )
 
 
-def tag_of(data: Any) -> Optional[str]:
-    """The entry kind of an encoded value (``"particle"``, ``"module"``...) or ``None`` for plain values."""
-    if isinstance(data, dict) and isinstance(data.get(TAG), str):
-        return str(data[TAG])
-    return None
+def tag_of(data: Any, path: str = "") -> Optional[str]:
+    """The entry kind of an encoded value (``"particle"``, ``"module"``...) or ``None`` for plain values.
+
+    Raises:
+        CheckpointError: a dict holds the reserved key ``"__nytorch__"`` with something other than a str.
+    """
+    if not (isinstance(data, dict) and TAG in data):
+        return None
+    tag = data[TAG]
+    if not isinstance(tag, str):
+        raise CheckpointError(f"load: malformed entry{where(path)}: expected an entry kind (a str) under "
+                              f"{TAG!r}, got {type(tag).__name__}")
+    return tag
+
+
+def _malformed(data: dict[str, Any], path: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"load: malformed {data.get(TAG)!r} entry{where(path)}: {problem}")
+
+
+def class_of(data: dict[str, Any], path: str) -> str:
+    """The class name (``module.qualname``) an encoded Particle, module or Swarm was saved from."""
+    name = data.get("class")
+    if not isinstance(name, str):
+        raise _malformed(data, path, f"expected the class name (a str) under 'class', got {type(name).__name__}")
+    return name
+
+
+def same_class(saved: str, cls: type) -> bool:
+    """True when the class name ``saved`` (from ``class_of``) names ``cls``.
+
+    A class defined in a script is ``__main__.Net`` there and ``script.Net`` when imported,
+    so a ``__main__`` class matches a class of the same qualified name in any module.
+    Files written before ``encode`` saw through ``parametrize`` name ``Parametrized<Class>``.
+
+    >>> same_class("torch.nn.modules.linear.Linear", torch.nn.Linear)
+    True
+    >>> same_class("__main__.Linear", torch.nn.Linear), same_class("torch.nn.modules.conv.Conv1d", torch.nn.Linear)
+    (True, False)
+    """
+    qualname = cls.__qualname__
+    if saved in (_class_name(cls), f"__main__.{qualname}", f"torch.nn.utils.parametrize.Parametrized{cls.__name__}"):
+        return True
+    return cls.__module__ == "__main__" and saved.endswith(f".{qualname}")
 
 
 def named_tensors(data: dict[str, Any], key: str, path: str) -> dict[str, Tensor]:
@@ -183,8 +223,7 @@ def named_tensors(data: dict[str, Any], key: str, path: str) -> dict[str, Tensor
     tensors = data.get(key)
     if not isinstance(tensors, dict) or not all(
             isinstance(name, str) and isinstance(value, Tensor) for name, value in tensors.items()):
-        raise CheckpointError(f"load: malformed {data.get(TAG)!r} entry{where(path)}: "
-                              f"expected a dict of named tensors under {key!r}")
+        raise _malformed(data, path, f"expected a dict of named tensors under {key!r}")
     return tensors
 
 
@@ -199,19 +238,17 @@ def plain(data: Any, path: str) -> Any:
     >>> plain(encode(torch.nn.Linear(1, 1, bias=False), ""), "")
     {'weight': tensor([[...]])}
     """
-    tag = tag_of(data)
+    tag = tag_of(data, path)
+    if tag in ("particle", "module", "swarm"):
+        class_of(data, path)
     if tag == "particle":
         return dict(named_tensors(data, "tensors", path))
     if tag in ("module", "swarm"):
         return {**named_tensors(data, "params", path), **named_tensors(data, "buffers", path)}
     if tag == "generator":
-        generator = torch.Generator(device=data["device"])
-        generator.set_state(data["state"])
-        return generator
+        return decode_generator(data, path)
     if tag == "ndarray":
-        raw = data["data"].numpy().tobytes()
-        array = np.frombuffer(raw, dtype=np.dtype(data["dtype"])).reshape(data["shape"]).copy()
-        return array[()] if data["scalar"] else array
+        return decode_ndarray(data, path)
     if tag in ("namedtuple", "dataclass"):
         return {field: plain(value, join(path, field)) for field, value in fields_of(data, path).items()}
     if tag is not None:
@@ -227,7 +264,81 @@ def fields_of(data: dict[str, Any], path: str) -> dict[str, Any]:
     """The fields of an encoded namedtuple (``CheckpointError`` when malformed)."""
     fields = data.get("fields")
     if not isinstance(fields, dict):
-        raise CheckpointError(f"load: malformed {data.get(TAG)!r} entry{where(path)}: expected a dict under 'fields'")
+        raise _malformed(data, path, f"expected a dict under 'fields', got {type(fields).__name__}")
     return fields
 
 
+
+
+def generator_device(data: dict[str, Any], path: str) -> torch.device:
+    """The device an encoded generator was saved on (``CheckpointError`` when the entry has none)."""
+    saved = data.get("device")
+    if isinstance(saved, str):
+        try:
+            return torch.device(saved)
+        except RuntimeError:
+            pass
+    raise _malformed(data, path, f"expected a device string under 'device', got {saved!r}")
+
+
+def decode_generator(data: dict[str, Any], path: str, device: Optional[torch.device] = None) -> torch.Generator:
+    """A new ``torch.Generator`` (on ``device``, default the saved one) in the saved state.
+
+    Raises:
+        CheckpointError: the entry lacks a device string or a state that fits such a generator.
+
+    >>> generator = decode_generator(encode(torch.Generator().manual_seed(1), ""), "")
+    >>> torch.equal(torch.rand(2, generator=generator), torch.rand(2, generator=torch.Generator().manual_seed(1)))
+    True
+    """
+    saved_device, state = generator_device(data, path), data.get("state")
+    if not (isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1
+            and state.device.type != "meta"):
+        got = _describe(state)
+        raise _malformed(data, path, f"expected the generator state (a 1-D uint8 tensor) under 'state', got {got}")
+    generator = torch.Generator(device=device if device is not None else saved_device)
+    try:
+        generator.set_state(state.cpu())
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise _malformed(data, path, f"the state does not fit a {generator.device} generator ({error})") from None
+    return generator
+
+
+def decode_ndarray(data: dict[str, Any], path: str) -> Any:
+    """The NumPy array (or NumPy scalar) ``encode`` stored as raw bytes, dtype string and shape.
+
+    Raises:
+        CheckpointError: the dtype is not a NumPy dtype string (or holds Python objects), the
+            shape is not a list of non-negative ints, or the byte count does not fit them.
+
+    >>> decode_ndarray(encode(np.arange(3.0), ""), "")
+    array([0., 1., 2.])
+    """
+    kind, shape, raw, scalar = data.get("dtype"), data.get("shape"), data.get("data"), data.get("scalar")
+    try:
+        dtype = np.dtype(kind) if isinstance(kind, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.hasobject or dtype.itemsize == 0:
+        raise _malformed(data, path, f"expected a NumPy dtype string without Python objects under 'dtype', "
+                                     f"got {kind!r}")
+    if not (isinstance(shape, (list, tuple)) and all(type(n) is int and n >= 0 for n in shape)):
+        raise _malformed(data, path, f"expected a list of non-negative ints under 'shape', got {shape!r}")
+    if type(scalar) is not bool or (scalar and len(shape) != 0):
+        raise _malformed(data, path, f"expected True or False under 'scalar' (True only with shape []), "
+                                     f"got {scalar!r} with shape {list(shape)}")
+    if not (isinstance(raw, Tensor) and raw.dtype == torch.uint8 and raw.dim() == 1 and raw.device.type != "meta"):
+        raise _malformed(data, path, f"expected the array's bytes (a 1-D uint8 tensor) under 'data', "
+                                     f"got {_describe(raw)}")
+    size = math.prod(shape) * dtype.itemsize
+    if raw.numel() != size:
+        raise _malformed(data, path, f"expected {size} bytes under 'data' for shape {list(shape)} {dtype}, "
+                                     f"got {raw.numel()}")
+    array = np.frombuffer(raw.cpu().numpy().tobytes(), dtype=dtype).reshape(shape).copy()
+    return array[()] if scalar else array
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} on {value.device}"
+    return f"a {type(value).__name__}"

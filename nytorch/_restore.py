@@ -12,11 +12,11 @@ from torch import nn
 
 from . import _algebra as algebra
 from ._bind import bind
-from ._codec import (TAG, CheckpointError, fields_of, is_dataclass_instance, is_namedtuple, join, named_tensors,
-                     plain, swarm_class, tag_of)
+from ._codec import (TAG, CheckpointError, class_of, decode_generator, fields_of, generator_device,
+                     is_dataclass_instance, is_namedtuple, join, named_tensors, plain, same_class, swarm_class, tag_of)
 from ._errors import StructureError
 from ._particle import Particle
-from ._walk import Layout
+from ._walk import Layout, model_class
 
 Tensor = torch.Tensor
 
@@ -31,25 +31,25 @@ def _aligned(path: str, names: list[str], leaves: list[Tensor], saved: Mapping[s
              *, optional: tuple[str, ...] = ()) -> list[Optional[Tensor]]:
     """Saved tensors in ``names`` order, checked against ``leaves`` and moved to their devices.
 
-    Names in ``optional`` may be absent from ``saved`` (``None`` is returned for them).
+    The first difference in ``names`` order is reported (a missing name or another shape,
+    dtype or meta-ness), then extra or reordered names.  Names in ``optional`` may be absent
+    from ``saved`` (``None`` is returned for them).
     """
     fn = _fn(path)
-    expected = [name for name in names if name in saved or name not in optional]
-    algebra.check_names(fn, expected, list(saved), "the checkpoint")
-    out: list[Optional[Tensor]] = []
     for name, leaf in zip(names, leaves):
         value = saved.get(name)
         if value is None:
-            out.append(None)
-            continue
+            if name in optional:
+                continue
+            raise StructureError(f"{fn}: parameter {name!r} is missing from the checkpoint")
         if value.shape != leaf.shape or value.dtype != leaf.dtype:
             raise StructureError(f"{fn}: parameter {name!r} differs: like has {_describe(leaf)}, "
                                  f"the checkpoint has {_describe(value)}")
         if value.device.type == "meta" and leaf.device.type != "meta":
             raise CheckpointError(f"{fn}: parameter {name!r} was saved on the meta device and has no "
                                   "values to load")
-        out.append(value.to(leaf.device))
-    return out
+    algebra.check_names(fn, [name for name in names if name in saved], list(saved), "the checkpoint")
+    return [None if name not in saved else saved[name].to(leaf.device) for name, leaf in zip(names, leaves)]
 
 
 def _describe(leaf: Tensor) -> str:
@@ -57,11 +57,22 @@ def _describe(leaf: Tensor) -> str:
 
 
 def _expect(path: str, data: Any, kinds: tuple[str, ...], like: Any) -> dict[str, Any]:
-    tag = tag_of(data)
+    tag = tag_of(data, path)
     if tag not in kinds:
         found = f"a {tag}" if tag else f"a {type(data).__name__}"
         raise StructureError(f"{_fn(path)}: like is a {type(like).__name__} but the checkpoint holds {found}")
     return data  # type: ignore[no-any-return]
+
+
+def _expect_model(path: str, data: Any, kinds: tuple[str, ...], like: Any, cls: type) -> dict[str, Any]:
+    """``_expect``, then the saved class must be ``cls`` (``TypeError`` naming both, as the operators do)."""
+    data = _expect(path, data, kinds, like)
+    saved = class_of(data, path)
+    if not same_class(saved, cls):
+        of = "" if isinstance(like, nn.Module) else f"{type(like).__name__} of "
+        raise TypeError(f"{_fn(path)}: expected a checkpoint of a {of}{cls.__module__}.{cls.__qualname__} "
+                        f"(like's class), got one of a {saved}")
+    return data
 
 
 def _saved_state(path: str, data: dict[str, Any]) -> dict[str, Tensor]:
@@ -71,7 +82,7 @@ def _saved_state(path: str, data: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def _into_particle(path: str, data: Any, like: Particle) -> Particle:
-    data = _expect(path, data, ("particle", "module"), like)
+    data = _expect_model(path, data, ("particle", "module"), like, like.model_class)
     saved = _saved_state(path, data)
     names = list(like._names)
     if data[TAG] == "module" and not like._with_buffers:
@@ -81,7 +92,7 @@ def _into_particle(path: str, data: Any, like: Particle) -> Particle:
 
 
 def _into_module(path: str, data: Any, like: nn.Module) -> nn.Module:
-    data = _expect(path, data, ("module", "particle"), like)
+    data = _expect_model(path, data, ("module", "particle"), like, model_class(like))
     layout = Layout(like)
     names = list(layout.names) + list(layout.buffer_names)
     values = _aligned(path, names, list(layout.params) + list(layout.buffers), _saved_state(path, data),
@@ -90,12 +101,34 @@ def _into_module(path: str, data: Any, like: nn.Module) -> nn.Module:
 
 
 def _into_swarm(path: str, data: Any, like: Any) -> Any:
-    data = _expect(path, data, ("swarm",), like)
+    data = _expect_model(path, data, ("swarm",), like, like.model_class)
     saved = {**named_tensors(data, "params", path), **named_tensors(data, "buffers", path)}
     expected = {**like.params, **like.buffers}  # params hold the buffers too when they take part in arithmetic
     names = list(expected)
     values = _aligned(path, names, list(expected.values()), saved)
     return type(like).from_params(like, dict(zip(names, values)))
+
+
+def _into_items(path: str, like: list[tuple[Any, Any]], data: Mapping[Any, Any]) -> list[Any]:
+    """Restore ``data[key]`` into each ``(key, template)`` of ``like``, in ``like``'s order.
+
+    Keys must match exactly (type included: ``1`` is not ``"1"``), in any order.  The first
+    difference in ``like``'s order is reported; keys only in ``data`` come after.
+    """
+    fn = _fn(path)
+    stored = {(type(key), key) for key in data}
+    out = []
+    for key, template in like:
+        if (type(key), key) not in stored:
+            near = next((other for other in data if str(other) == str(key)), None)
+            hint = "" if near is None else f" (it has the key {near!r} of type {type(near).__name__})"
+            raise StructureError(f"{fn}: parameter {key!r} is missing from the checkpoint{hint}")
+        out.append(restore(join(path, key), data[key], template))
+    wanted = {(type(key), key) for key, _ in like}
+    extra = [key for key in data if (type(key), key) not in wanted]
+    if extra:
+        raise StructureError(f"{fn}: the checkpoint has an extra parameter {extra[0]!r}")
+    return out
 
 
 def restore(path: str, data: Any, like: Any) -> Any:
@@ -108,6 +141,7 @@ def restore(path: str, data: Any, like: Any) -> Any:
 
     Raises:
         StructureError: names, shapes, dtypes or kinds differ (names the first differing parameter).
+        TypeError: a Particle, module or Swarm was saved from another class than ``like``'s.
         CheckpointError: an entry is malformed, or holds meta tensors where ``like`` has values.
 
     >>> from ._codec import encode
@@ -130,48 +164,45 @@ def restore(path: str, data: Any, like: Any) -> Any:
             _expect(path, data, (), like)
         return _aligned(path, ["<tensor>"] if not path else [path], [like], {path or "<tensor>": data})[0]
     if isinstance(like, torch.Generator):
-        _expect(path, data, ("generator",), like)
-        generator = torch.Generator(device=like.device)
-        generator.set_state(data["state"])
-        return generator
+        saved = generator_device(_expect(path, data, ("generator",), like), path)
+        if saved.type != like.device.type:
+            raise StructureError(f"{_fn(path)}: like is a generator on {like.device} but the checkpoint holds "
+                                 f"one on {saved}")
+        return decode_generator(data, path, like.device)
     if isinstance(like, (np.ndarray, np.generic)):
         _expect(path, data, ("ndarray",), like)
         return plain(data, path)
     if is_namedtuple(like):
         fields = fields_of(_expect(path, data, ("namedtuple",), like), path)
-        algebra.check_names(_fn(path), list(like._fields), list(fields), "the checkpoint")
-        return type(like)(*(restore(join(path, field), fields[field], getattr(like, field))
-                            for field in like._fields))
+        return type(like)(*_into_items(path, [(field, getattr(like, field)) for field in like._fields], fields))
     if is_dataclass_instance(like):
         fields = fields_of(_expect(path, data, ("dataclass",), like), path)
         declared = dataclasses.fields(like)
-        algebra.check_names(_fn(path), [field.name for field in declared], list(fields), "the checkpoint")
-        values = {field.name: restore(join(path, field.name), fields[field.name], getattr(like, field.name))
-                  for field in declared}
+        values = dict(zip([field.name for field in declared],
+                          _into_items(path, [(field.name, getattr(like, field.name)) for field in declared], fields)))
         result = dataclasses.replace(like, **{field.name: values[field.name] for field in declared if field.init})
         for field in declared:
             if not field.init:
                 object.__setattr__(result, field.name, values[field.name])
         return result
     if isinstance(like, Mapping):
-        if not isinstance(data, dict) or tag_of(data) is not None:
+        if not isinstance(data, dict) or tag_of(data, path) is not None:
             _expect(path, data, (), like)
-        algebra.check_names(_fn(path), [str(key) for key in like], [str(key) for key in data], "the checkpoint")
-        items = [(key, restore(join(path, key), data[key], value)) for key, value in like.items()]
+        items = list(zip(like, _into_items(path, list(like.items()), data)))
         return OrderedDict(items) if isinstance(like, OrderedDict) else dict(items)
     if isinstance(like, (list, tuple)) and not isinstance(like, torch.Size):
         if not like and type(data) is type(like):  # an empty list or tuple stands for one of any length
             return plain(data, path)
         if not isinstance(data, (list, tuple)) or len(data) != len(like):
             found = (f"{len(data)} items" if isinstance(data, (list, tuple))
-                     else f"a {tag_of(data) or type(data).__name__}")
+                     else f"a {tag_of(data, path) or type(data).__name__}")
             raise StructureError(f"{_fn(path)}: like is a {type(like).__name__} of {len(like)} items "
                                  f"but the checkpoint holds {found}")
         return type(like)(restore(join(path, i), item, value) for i, (item, value) in enumerate(zip(data, like)))
     value = plain(data, path)
     if not _same_kind(value, like):
         raise StructureError(f"{_fn(path)}: like is a {type(like).__name__} but the checkpoint holds "
-                             f"a {tag_of(data) or type(value).__name__}")
+                             f"a {tag_of(data, path) or type(value).__name__}")
     return value
 
 

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import time
@@ -233,9 +234,8 @@ def test_structure_mismatch_names_first_parameter(tmp_path: Path, kind: str, lik
 
 def test_extra_parameter_in_checkpoint_is_named(tmp_path: Path) -> None:
     save(nytorch.particle(Renamed()), tmp_path / "x.pt")
-    smaller = nn.Sequential()
-    smaller.fc1 = nn.Linear(3, 5)
-    smaller.mid = nn.Linear(5, 5)
+    smaller = Renamed()
+    del smaller.fc2  # same class, one layer fewer
     with pytest.raises(StructureError, match=r"load: the checkpoint has an extra parameter 'fc2.weight'"):
         load(tmp_path / "x.pt", like=nytorch.particle(smaller))
 
@@ -366,6 +366,297 @@ def test_corrupt_truncated_and_foreign_files(tmp_path: Path) -> None:
         load(tmp_path / "future.pt")
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.pt")
+
+
+def _small_state() -> dict[str, Any]:
+    """A module, numbers, a string and a NumPy array in a ~2.6 kB file (each byte of it gets tested)."""
+    torch.manual_seed(0)
+    return {"net": nn.Linear(3, 2), "step": 12345, "arr": np.arange(4.0), "name": "run"}
+
+
+def _same_small_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (all(torch.equal(x, y) for x, y in zip(a["net"].parameters(), b["net"].parameters()))
+            and a["step"] == b["step"] and a["name"] == b["name"] and np.array_equal(a["arr"], b["arr"]))
+
+
+def test_every_truncation_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
+    state = _small_state()
+    save(state, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    for size in range(len(data)):  # torch's reader alone raised OSError (EINVAL) for most of these
+        cut.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=r"load: '.*cut\.pt' is not a readable checkpoint "
+                                                  r"\(truncated or corrupt\?\): "):
+            load(cut, like=state)
+    cut.write_bytes(data)
+    assert _same_small_state(load(cut, like=state), state)
+
+
+def test_files_that_cannot_be_opened_stay_os_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.pt")
+    with pytest.raises(IsADirectoryError):
+        load(tmp_path)
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root reads any file
+        save(1, tmp_path / "locked.pt")
+        os.chmod(tmp_path / "locked.pt", 0)
+        with pytest.raises(PermissionError):
+            load(tmp_path / "locked.pt")
+
+
+def test_every_bit_flip_raises_or_loads_the_saved_values(tmp_path: Path) -> None:
+    """A flipped bit anywhere gives CheckpointError or the saved values, never other values."""
+    state = _small_state()
+    save(state, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    flipped = tmp_path / "flipped.pt"
+    refused = 0
+    for position in range(len(data)):
+        corrupt = bytearray(data)
+        corrupt[position] ^= 1 << (position * 5 % 8)  # each byte gets one bit, all eight bits get hit
+        flipped.write_bytes(bytes(corrupt))
+        try:
+            loaded = load(flipped, like=state)
+        except CheckpointError as error:
+            assert "flipped.pt" in str(error)
+            refused += 1
+        else:  # e.g. a timestamp or padding byte of the zip headers
+            assert _same_small_state(loaded, state), f"bit flip at byte {position} loaded other values"
+    assert refused > len(data) // 2
+
+
+def test_bit_flip_in_tensor_data_fails_the_crc(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    weights = torch.arange(1000, dtype=torch.float32)
+    save({"w": weights}, path)
+    data = bytearray(path.read_bytes())
+    offset = bytes(data).index(weights.numpy().tobytes())
+    data[offset + 2001] ^= 0x04
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["data"]["w"], weights)  # torch alone: silent
+    with pytest.raises(CheckpointError, match=r"load: '.*w\.pt' is not a readable checkpoint \(truncated or "
+                                              r"corrupt\?\): Bad CRC-32 for file 'archive/data/0'"):
+        load(path)
+
+
+def test_record_marked_as_folder_is_refused(tmp_path: Path) -> None:
+    """torch reads no bytes for a record whose zip attributes say "folder"; the CRC check alone misses it."""
+    path = tmp_path / "f.pt"
+    save({"w": torch.ones(4)}, path)
+    data = bytearray(path.read_bytes())
+    entry = bytes(data).rindex(b"PK\x01\x02", 0, bytes(data).rindex(b"archive/data/0"))
+    data[entry + 38] |= 0x10  # external attributes of the central directory entry: MS-DOS folder bit
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["data"]["w"], torch.ones(4))  # uninitialised
+    with pytest.raises(CheckpointError, match=r"record 'archive/data/0' is marked as a folder"):
+        load(path)
+
+
+def test_files_written_without_crc_still_load(tmp_path: Path) -> None:
+    torch.serialization.set_crc32_options(False)
+    try:
+        save({"w": torch.arange(3.0)}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(tmp_path / "nocrc.pt") as archive:
+        assert {info.CRC for info in archive.infolist()} == {0}
+    assert torch.equal(load(tmp_path / "nocrc.pt")["w"], torch.arange(3.0))
+
+
+def test_unparsable_bytes_are_unreadable_not_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match=r"load: '.*junk\.pt' is not a readable checkpoint \(truncated or "
+                                              r"corrupt\?\): Unsupported operand"):
+        load(tmp_path / "junk.pt")
+
+
+# -- malformed entries in a file that unpickles safely ---------------------------------------------------
+_U8 = torch.zeros(8, dtype=torch.uint8)
+_ND = r"malformed 'ndarray' entry at 'x': "
+
+
+def _ndarray(**fields: Any) -> dict[str, Any]:
+    return {"__nytorch__": "ndarray", **{"dtype": "<f8", "shape": [1], "scalar": False, "data": _U8, **fields}}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"__nytorch__": "generator"}, r"malformed 'generator' entry at 'x': expected a device string under "
+                                   r"'device', got None"),
+    ({"__nytorch__": "generator", "device": "nowhere", "state": _U8},
+     r"malformed 'generator' entry at 'x': expected a device string under 'device', got 'nowhere'"),
+    ({"__nytorch__": "generator", "device": "cpu", "state": torch.ones(3)},
+     r"malformed 'generator' entry at 'x': expected the generator state \(a 1-D uint8 tensor\) under 'state', "
+     r"got a tensor of shape \(3,\) float32 on cpu"),
+    ({"__nytorch__": "generator", "device": "cpu", "state": _U8},
+     r"malformed 'generator' entry at 'x': the state does not fit a cpu generator \(Expected .* size 5056"),
+    (_ndarray(dtype="O"), r"malformed 'ndarray' entry at 'x': expected a NumPy dtype string without Python "
+                          r"objects under 'dtype', got 'O'"),
+    (_ndarray(dtype="|O"), _ND + r"expected a NumPy dtype string without Python objects under 'dtype', got '\|O'"),
+    (_ndarray(dtype="no such dtype"), _ND + r".* under 'dtype', got 'no such dtype'"),
+    (_ndarray(dtype=8), _ND + r".* under 'dtype', got 8"),
+    (_ndarray(shape=[5]), r"malformed 'ndarray' entry at 'x': expected 40 bytes under 'data' for shape \[5\] "
+                          r"float64, got 8"),
+    (_ndarray(shape=[-1]), _ND + r"expected a list of non-negative ints under 'shape', got \[-1\]"),
+    (_ndarray(shape=[True]), _ND + r"expected a list of non-negative ints under 'shape', got \[True\]"),
+    (_ndarray(shape="1"), _ND + r"expected a list of non-negative ints under 'shape', got '1'"),
+    (_ndarray(scalar=1), _ND + r"expected True or False under 'scalar' \(True only with shape \[\]\), got 1"),
+    (_ndarray(scalar=True), _ND + r"expected True or False under 'scalar' \(True only with shape \[\]\), got True "
+                            r"with shape \[1\]"),
+    (_ndarray(data=torch.zeros(1, dtype=torch.float64)), _ND + r"expected the array's bytes \(a 1-D uint8 tensor\) "
+                                                         r"under 'data', got a tensor of shape \(1,\) float64"),
+    (_ndarray(data=None), _ND + r".* under 'data', got a NoneType"),
+    ({"__nytorch__": "module", "params": {}, "buffers": {}},
+     r"malformed 'module' entry at 'x': expected the class name \(a str\) under 'class', got NoneType"),
+    ({"__nytorch__": "particle", "class": 3, "tensors": {}}, r"malformed 'particle' entry at 'x': expected the "
+                                                             r"class name \(a str\) under 'class', got int"),
+    ({"__nytorch__": "module", "class": "torch.nn.modules.linear.Linear", "params": {"weight": 1}, "buffers": {}},
+     r"malformed 'module' entry at 'x': expected a dict of named tensors under 'params'"),
+    ({"__nytorch__": "namedtuple", "fields": 3}, r"malformed 'namedtuple' entry at 'x': expected a dict under "
+                                                 r"'fields', got int"),
+    ({"__nytorch__": 7}, r"malformed entry at 'x': expected an entry kind \(a str\) under '__nytorch__', got int"),
+])
+def test_malformed_entries_are_checkpoint_errors_naming_the_entry(tmp_path: Path, data: dict[str, Any],
+                                                                 message: str) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"format": "nytorch.checkpoint", "version": 1, "data": {"x": data}}, path)
+    tag = data["__nytorch__"]
+    like = {"generator": torch.Generator(), "ndarray": np.zeros(1), "module": nn.Linear(1, 1),
+            "particle": nytorch.particle(nn.Linear(1, 1)), "namedtuple": Pair(0, torch.zeros(1))}.get(tag, {})
+    with pytest.raises(CheckpointError, match=r"load: " + message):
+        load(path)
+    with pytest.raises(CheckpointError, match=r"load: " + message):
+        load(path, like={"x": like})
+
+
+@pytest.mark.parametrize("version", [True, 0, -1, "1", 1.0, None, 2])
+def test_version_must_be_a_known_int(tmp_path: Path, version: Any) -> None:
+    torch.save({"format": "nytorch.checkpoint", "version": version, "data": 1}, tmp_path / "v.pt")
+    with pytest.raises(CheckpointError, match=rf"load: '.*v\.pt' has format version {re.escape(repr(version))}; "
+                                              r"this nytorch reads versions up to 1"):
+        load(tmp_path / "v.pt")
+
+
+# -- keys, classes and the order of differences -----------------------------------------------------------
+def test_dict_keys_must_match_exactly_in_any_order(tmp_path: Path) -> None:
+    save({1: torch.ones(1), "b": 2, "a": 3}, tmp_path / "k.pt")
+    with pytest.raises(StructureError, match=r"load: parameter '1' is missing from the checkpoint "
+                                             r"\(it has the key 1 of type int\)"):
+        load(tmp_path / "k.pt", like={"1": torch.ones(1), "b": 0, "a": 0})
+    with pytest.raises(StructureError, match=r"load: the checkpoint has an extra parameter 1"):
+        load(tmp_path / "k.pt", like={"b": 0, "a": 0})
+    loaded = load(tmp_path / "k.pt", like={"a": 0, 1: torch.zeros(1), "b": 0})  # matched by key
+    assert list(loaded.items())[0] == ("a", 3) and loaded["b"] == 2 and torch.equal(loaded[1], torch.ones(1))
+
+
+class _Other(nn.Module):
+    """Same parameter names and shapes as ``nn.Linear(2, 2)``, another class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, 2))
+        self.bias = nn.Parameter(torch.zeros(2))
+
+
+class _NytoA(nytorch.NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+
+class _NytoB(_NytoA):
+    pass
+
+
+_LINEAR = r"torch\.nn\.modules\.linear\.Linear"
+
+
+@pytest.mark.parametrize(("saved", "like", "message"), [
+    (lambda: nn.Linear(2, 2), lambda: _Other(),
+     rf"load: expected a checkpoint of a test_checkpoint\._Other \(like's class\), got one of a {_LINEAR}"),
+    (lambda: _NytoA(), lambda: _NytoB(), r"load: expected a checkpoint of a test_checkpoint\._NytoB \(like's "
+                                         r"class\), got one of a test_checkpoint\._NytoA"),
+    (lambda: nytorch.particle(nn.Linear(2, 2)), lambda: nytorch.particle(_Other()),
+     rf"load: expected a checkpoint of a Particle of test_checkpoint\._Other \(like's class\), got one of a {_LINEAR}"),
+    (lambda: nn.Linear(2, 2), lambda: nytorch.particle(_Other()), r"Particle of test_checkpoint\._Other"),
+    (lambda: {"m": [nytorch.particle(_Other())]}, lambda: {"m": [nn.Linear(2, 2)]},
+     rf"load \(at 'm\.0'\): expected a checkpoint of a {_LINEAR} \(like's class\), got one of a "
+     r"test_checkpoint\._Other"),
+])
+def test_class_must_be_the_same(tmp_path: Path, saved: Any, like: Any, message: str) -> None:
+    save(saved(), tmp_path / "c.pt")
+    template = like()
+    with pytest.raises(TypeError, match=message):
+        load(tmp_path / "c.pt", like=template)
+
+
+@needs_swarm
+def test_swarm_class_must_be_the_same(tmp_path: Path) -> None:
+    assert Swarm is not None
+    save(Swarm.stack([nn.Linear(2, 2)] * 2), tmp_path / "s.pt")
+    with pytest.raises(TypeError, match=rf"load: expected a checkpoint of a Swarm of test_checkpoint\._Other "
+                                        rf"\(like's class\), got one of a {_LINEAR}"):
+        load(tmp_path / "s.pt", like=Swarm.stack([_Other()] * 2))
+
+
+def test_class_matches_through_parametrize_and_main(tmp_path: Path) -> None:
+    from torch.nn.utils import parametrize
+    def parametrized() -> nn.Linear:
+        layer = nn.Linear(2, 2)
+        parametrize.register_parametrization(layer, "weight", nn.Identity())
+        return layer
+
+    layer = parametrized()
+    save(layer, tmp_path / "p.pt")
+    loaded = load(tmp_path / "p.pt", like=nytorch.particle(parametrized()))
+    original = dict(layer.named_parameters())["parametrizations.weight.original"]
+    assert torch.equal(loaded.params["parametrizations.weight.original"], original)
+    raw = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert raw["data"]["class"] == "torch.nn.modules.linear.Linear"  # the class under the parametrization
+    for name in ("torch.nn.utils.parametrize.ParametrizedLinear", "__main__.Linear"):  # older files, scripts
+        raw["data"]["class"] = name
+        torch.save(raw, tmp_path / "q.pt")
+        assert torch.equal(load(tmp_path / "q.pt", like=parametrized()).bias, layer.bias)
+    raw["data"]["class"] = "__main__.Conv1d"
+    torch.save(raw, tmp_path / "q.pt")
+    with pytest.raises(TypeError, match=r"got one of a __main__\.Conv1d"):
+        load(tmp_path / "q.pt", like=parametrized())
+
+
+class _Two(nn.Module):
+    def __init__(self, size: int = 2, with_b: bool = True) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(size))
+        if with_b:
+            self.b = nn.Parameter(torch.zeros(2))
+
+
+@pytest.mark.parametrize("wrap", ["module", "particle", "dict"])
+def test_first_difference_in_named_parameters_order_is_named(tmp_path: Path, wrap: str) -> None:
+    """like has a (2,) and b; the file has a (3,) only: 'a' differs comes before 'b' is missing."""
+    saved: Any
+    like: Any
+    if wrap == "dict":
+        saved, like = {"a": torch.zeros(3)}, {"a": torch.zeros(2), "b": torch.zeros(2)}
+        message = (r"load \(at 'a'\): parameter 'a' differs: like has shape \(2,\) float32, "
+                   r"the checkpoint has shape \(3,\)")
+    else:
+        saved, like = _Two(3, with_b=False), _Two()
+        if wrap == "particle":
+            saved, like = nytorch.particle(saved), nytorch.particle(like)
+        message = r"load: parameter 'a' differs: like has shape \(2,\) float32, the checkpoint has shape \(3,\)"
+    save(saved, tmp_path / "d.pt")
+    with pytest.raises(StructureError, match=message):
+        load(tmp_path / "d.pt", like=like)
+
+
+@needs_swarm
+def test_swarm_first_difference_in_named_parameters_order_is_named(tmp_path: Path) -> None:
+    assert Swarm is not None
+    save(Swarm.stack([_Two(3, with_b=False)] * 2), tmp_path / "s.pt")
+    with pytest.raises(StructureError, match=r"load: parameter 'a' differs: like has shape \(2, 2\) float32, "
+                                             r"the checkpoint has shape \(2, 3\) float32"):
+        load(tmp_path / "s.pt", like=Swarm.stack([_Two()] * 2))
 
 
 # -- atomic writes ------------------------------------------------------------------------------------

@@ -102,3 +102,9 @@ def test_the_distributed_example_runs_on_two_processes(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.findall(r"step\s+(\d+)\s+global best loss", done.stdout) == ["5", "10"]
+
+
+def test_every_relative_link_of_the_readme_exists() -> None:
+    links = [link for link in re.findall(r"\]\(([^)#\s]+)", README) if "://" not in link]
+    assert len(links) >= 10
+    assert [link for link in links if not (ROOT / link).exists()] == []

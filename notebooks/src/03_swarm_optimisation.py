@@ -6,7 +6,9 @@
 # modules, every step pays P forwards, P backwards and P × (number of tensors) tiny kernels.
 #
 # A `nytorch.Swarm` stores the P members stacked: each parameter becomes one tensor with a
-# leading member dimension P. A forward of every member is one `torch.func.vmap` over
+# leading member dimension P. A forward of every member is one vectorised call: a chain of
+# Linear layers and elementwise activations (such as this notebook's MLP) runs as batched
+# matrix products (`torch.baddbmm`), any other model as one `torch.func.vmap` over
 # `torch.func.functional_call`; per-member gradients are one `vmap(grad)`; arithmetic on the
 # whole swarm is a handful of batched kernels. `nytorch.algorithms` holds the swarm algorithms
 # (PSO, accelerated PSO, evolution strategies, selection, the nytorch 1.1 hybrid loop) as small

@@ -12,6 +12,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
+from ._errors import StructureError
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
 from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable
 from ._pool import give
@@ -274,16 +275,19 @@ class Particle(Operators):
             configs = configs_for(layout, names)
         else:
             raise TypeError(f"from_params: expected an nn.Module or a Particle as like, got {_class_name(like)}")
-        given = list(params)
-        algebra.check_names("from_params", names, given if given == list(names) else
-                            [name for name in names if name in params] + [n for n in given if n not in names],
-                            "params")
-        values = [params[name] for name in names]
-        for name, value in zip(names, values):
+        # in named_parameters() order, the first difference of any kind is the one named
+        for name, leaf in zip(names, leaves):
+            if name not in params:
+                raise StructureError(f"from_params: parameter {name!r} is missing from params")
+            value = params[name]
             if not isinstance(value, Tensor):
                 raise TypeError(f"from_params: expected a tensor for {name!r}, got {_class_name(value)}")
-        algebra.check_state("from_params", names, leaves, names, values)
-        return cls(layout, names, values, configs, with_buffers)
+            lw.check_pairs("from_params", [name], [leaf], [value])
+        known = set(names)
+        extra = next((name for name in params if name not in known), None)
+        if extra is not None:
+            raise StructureError(f"from_params: params has an extra parameter {extra!r}")
+        return cls(layout, names, [params[name] for name in names], configs, with_buffers)
 
     @property
     def model_class(self) -> type:

@@ -66,21 +66,18 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
 def _checked(fn: str, spec: Spec, params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
     if not isinstance(params, Mapping):
         raise TypeError(f"{fn}: expected a mapping from names to stacked tensors, got {type(params).__name__}")
-    for key, value in params.items():
-        if key not in spec.names:
-            raise StructureError(f"{fn}: {spec.model_class.__name__} has no parameter or buffer named {key!r}")
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{fn}: expected a tensor for {key!r}, got {type(value).__name__}")
-    for name in spec.names[:spec.n_state]:
-        if name not in params:
-            raise StructureError(f"{fn}: parameter {name!r} is missing from params")
     size: Optional[int] = None
     first = ""
     given: dict[str, Tensor] = {}
-    for name, slot, stand_in in zip(spec.names, spec.slots, spec.layout.params + spec.layout.buffers):
+    # in named_parameters() order, the first difference of any kind is the one named
+    for index, (name, slot, stand_in) in enumerate(zip(spec.names, spec.slots, spec.layout.params + spec.layout.buffers)):
         if name not in params:
+            if index < spec.n_state:
+                raise StructureError(f"{fn}: parameter {name!r} is missing from params")
             continue
         value = params[name]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{fn}: expected a tensor for {name!r}, got {type(value).__name__}")
         if value.dim() == 0 or value.shape[1:] != slot.shape or value.dtype != stand_in.dtype:
             raise StructureError(
                 f"{fn}: expected {name!r} of shape (P, {', '.join(map(str, slot.shape))}) "
@@ -94,6 +91,9 @@ def _checked(fn: str, spec: Spec, params: Mapping[str, Tensor]) -> tuple[dict[st
             raise StructureError(f"{fn}: expected every tensor to have the same leading (member) size, "
                                  f"but {name!r} has {value.shape[0]} and {first!r} has {size}")
         given[name] = value
+    for key in params:
+        if key not in given:
+            raise StructureError(f"{fn}: {spec.model_class.__name__} has no parameter or buffer named {key!r}")
     return given, size if size is not None else 0
 
 

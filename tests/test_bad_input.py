@@ -225,6 +225,25 @@ def test_from_params_names_an_extra_parameter() -> None:
                   lambda: Particle.from_params(base, nf.params(other)), base, other)
 
 
+def test_from_params_names_the_first_difference_in_parameter_order() -> None:
+    # 'fc1.weight' has the wrong shape and 'fc3.bias' is missing: the first in named_parameters() order
+    # is the one named, as the operators do
+    base = Plain()
+    given = nf.params(base)
+    given["fc1.weight"] = torch.zeros(4, 4)
+    del given["fc3.bias"]
+    with pytest.raises(StructureError, match=r"^from_params: parameter 'fc1.weight' differs: shape \(4, 3\)"):
+        Particle.from_params(base, given)
+    stacked = {name: value.unsqueeze(0) for name, value in given.items()}
+    with pytest.raises(StructureError, match=r"^from_params: expected 'fc1.weight' of shape \(P, 4, 3\)"):
+        nytorch.Swarm.from_params(base, stacked)
+    with pytest.raises(TypeError, match=r"^from_params: expected a tensor for 'fc1.weight', got str"):
+        nytorch.Swarm.from_params(base, {**stacked, "fc1.weight": "x"})
+    complete = {name: value.unsqueeze(0) for name, value in nf.params(base).items()}
+    with pytest.raises(StructureError, match=r"^from_params: Plain has no parameter or buffer named 'nope'"):
+        nytorch.Swarm.from_params(base, {**complete, "nope": torch.zeros(1)})
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_nytomodule_methods_reject_mismatch(variant: str) -> None:
     exc, first, later = VARIANTS[variant]

@@ -31,7 +31,8 @@ class Swarm(SwarmArithmetic):
     """``P`` models of one structure stored stacked: select, combine, run and differentiate them all at once.
 
     Every member's tensors live in one contiguous ``[P, n]`` buffer per (device, dtype) group;
-    ``params`` are views into it, so arithmetic on the whole swarm costs one kernel per group.
+    ``params`` are views into it, so arithmetic on the whole swarm costs one kernel per group
+    (and members' parameters are contiguous, whatever memory format the stacked models had).
     Operands broadcast like tensors: numbers and 0-dim tensors, a 1-D tensor of ``P``
     per-member weights, a ``Particle`` or model of the member structure (applied to every
     member) and another ``Swarm`` of the same size.  In-place operators validate everything

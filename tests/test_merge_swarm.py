@@ -143,3 +143,44 @@ def test_a_swarm_base_needs_a_list_of_swarms():
         merge.ties(base, finetuned)
     merged = merge.ties(base, [finetuned])
     assert isinstance(merged, Swarm) and len(merged) == 2
+
+
+class _Frozen(nytorch.NytoModule):
+    """A NytoModule whose first layer is left out of particle operations (``ParamConfig``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.set_param_config(operational=False, name="body")
+
+
+def _frozen_members(seed: int) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [_Frozen() for _ in range(3)]
+
+
+PER_MEMBER_CONFIGS = {**PER_MEMBER,
+                      "ema_": lambda base, first, second, gen: merge.ema_(base.clone(), first, decay=0.25)}
+
+
+@pytest.mark.parametrize("name", sorted(PER_MEMBER_CONFIGS))
+def test_merges_of_swarms_keep_the_members_param_configs(name):
+    # a Swarm of NytoModules keeps their ParamConfigs: a non-operational layer stays out of every merge,
+    # exactly as in a loop of per-member calls
+    merging = PER_MEMBER_CONFIGS[name]
+    models = [_frozen_members(seed) for seed in (0, 1, 2)]
+    whole = merging(*(Swarm.stack(group) for group in models), torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    for index in range(3):
+        one = merging(*(group[index].clone() if name == "ema_" else group[index] for group in models), gen)
+        for param_name, value in one.named_parameters():
+            assert torch.equal(whole[index].params[param_name], value.detach()), (index, param_name)
+
+
+def test_ravel_of_a_swarm_keeps_the_members_param_configs():
+    models = _frozen_members(0)
+    vector, _ = merge.ravel(Swarm.stack(models))
+    single, _ = merge.ravel(models[0])
+    assert vector.shape == (3, single.numel()) == (3, 10)  # the head only: 4 * 2 + 2
+    torch.testing.assert_close(vector[0], single)

@@ -104,7 +104,9 @@ def operand(fn: str, value: object, *, buffers: bool, argument: str = "model") -
         if buffers:
             names += list(stacked)
             leaves += list(stacked.values())
-        return Operand("swarm", value, names, leaves, len(params), None)
+        # the members' ParamConfigs (a Swarm of NytoModules keeps them): parameters first, as here
+        configs = value._spec.configs  # type: ignore[attr-defined]
+        return Operand("swarm", value, names, leaves, len(params), None if configs is None else configs[:len(params)])
     if isinstance(value, (dict, list, tuple, Tensor)):
         leaves, spec = flatten(fn, value, argument)
         return Operand("tree", value, path_names(value), leaves, len(leaves), None, spec)

@@ -61,6 +61,10 @@ class _Family:
         self.check: Optional[Callable[..., bool]] = None  # ``_builder.compile_check``, from the second check
         self.checks = 0
 
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        # compiled code is not picklable and is made again when needed: a copy starts afresh
+        return (_Family, ())
+
 
 class Layout:
     """Where every parameter and buffer of a module tree lives.

@@ -835,3 +835,23 @@ def test_updates_allocate_no_more_than_their_outputs() -> None:
     assert allocated(lambda: swarm.lerp(other, 0.5)) <= output_bytes + 256
     assert allocated(lambda: swarm.add_(other, alpha=0.0)) <= 256
     assert allocated(lambda: swarm.__imul__(1.0)) <= 256
+
+
+def test_a_swarm_pickles_after_its_structure_compiled_code() -> None:
+    # repeated conversions and module() builds make a structure compile straight-line code,
+    # which is not picklable: a pickled swarm carries none of it and makes it again when needed
+    swarm = Swarm.normal(mlp(), 3)
+    for dtype in (torch.float64, torch.float16, torch.float32):
+        swarm = swarm.to(dtype)
+    for _ in range(3):
+        swarm[0].module()
+    for copy in (pickle.loads(pickle.dumps(swarm)), torch.load(_saved(swarm), weights_only=False)):
+        assert_swarm(copy, {**swarm.params, **swarm.buffers})
+        assert torch.equal(copy[1].module()[0].weight, swarm[1].module()[0].weight)
+
+
+def _saved(value: Any) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer

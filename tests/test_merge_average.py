@@ -235,6 +235,18 @@ def test_update_bn_matches_swa_utils(batch):
     assert not model.training and model[1].momentum == 0.3
 
 
+def test_update_bn_averages_instance_norm_statistics_over_the_batches():
+    # InstanceNorm reads momentum=None as 0 (it would keep its reset statistics): each batch is
+    # weighed 1/k instead, the cumulative average BatchNorm computes
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm1d(2, track_running_stats=True, momentum=0.2)
+    data = [torch.randn(4, 2, 50) * 3 + 5 for _ in range(3)]
+    merge.update_bn(norm, data)
+    torch.testing.assert_close(norm.running_mean, torch.stack([x.mean(2).mean(0) for x in data]).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack([x.var(2).mean(0) for x in data]).mean(0))
+    assert norm.momentum == 0.2 and not norm._forward_pre_hooks
+
+
 def test_update_bn_restores_state_on_error():
     model = bn_net()
 

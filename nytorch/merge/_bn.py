@@ -7,6 +7,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 __all__ = ["update_bn"]
 
@@ -61,9 +62,12 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
     if not norms:
         return model
     momenta = {module: module.momentum for module in norms}
+    hooks = []
     for module in norms:
         module.reset_running_stats()
         module.momentum = None
+        if isinstance(module, _InstanceNorm):  # reads momentum=None as 0: weigh the k-th batch 1/k instead
+            hooks.append(module.register_forward_pre_hook(_cumulative(module)))
     training = {layer: layer.training for layer in model.modules()}
     model.train()
     try:
@@ -73,8 +77,21 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
                 inputs = inputs.to(device)
             model(inputs)
     finally:
+        for hook in hooks:
+            hook.remove()
         for module, momentum in momenta.items():
             module.momentum = momentum
         for layer, mode in training.items():
             layer.training = mode
     return model
+
+
+def _cumulative(module: nn.Module) -> Any:
+    """A forward pre-hook giving the k-th batch through ``module`` momentum ``1/k``: a cumulative average,
+    what BatchNorm does with ``momentum=None`` (InstanceNorm reads ``None`` as 0 and would keep its reset)."""
+    seen = [0]
+
+    def hook(norm: nn.Module, args: Any) -> None:
+        seen[0] += 1
+        norm.momentum = 1.0 / seen[0]
+    return hook

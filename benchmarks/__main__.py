@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from . import _harness as harness
 from . import models
-from .results import CPU_ONLY, drawn, not_measured, write
+from .results import CPU_ONLY, drawn, not_measured, partial_note, write
 from .targets import verdicts
 
 # Each suite module exposes ``run(quick: bool) -> list[dict]``, and may expose ``parts(quick)``
@@ -91,13 +91,19 @@ def main() -> None:
     harness.add_measuring_options(parser, device_note=" for bench_core, bench_memory and bench_swarm; "
                                                      f"{', '.join(CPU_ONLY)} run on the CPU")
     args = parser.parse_args()
+    if args.results and args.quick:
+        parser.error("--results writes the full table of benchmarks/RESULTS.md: run it without --quick")
     harness.apply_measuring_options(parser, args)
     models.ONLY[:] = args.sizes
     print("harness overheads (µs): " + ", ".join(f"{key} {value:g}" for key, value in harness.overheads().items()),
           file=sys.stderr, flush=True)
     table, failures = collect(args.quick, args.only, keep_going=args.keep_going, json_path=args.json or "")
     harness.print_table(table)
-    for line in not_measured(table):
+    ran = {row.get("suite") for row in table} | {failure.split(":")[0] for failure in failures}
+    # a suite that measures none of the sizes asked for (``--sizes``) says so instead of vanishing
+    empty = [f"{name}: no rows at the sizes asked for ({', '.join(args.sizes)})"
+             for name in (args.only or SUITES) if name not in ran and args.sizes]
+    for line in not_measured(table) + empty:
         print(line)
     for verdict in verdicts(table):
         print(verdict.line())
@@ -108,7 +114,7 @@ def main() -> None:
     if args.plot:
         drawn(table, args.plot, harness.describe())
     if args.results:
-        write(table, harness.machine(), failures=failures)
+        write(table, harness.machine(), failures=failures, notes=partial_note(args.only, args.sizes) + empty)
     if failures:
         sys.exit(1)
 

@@ -142,12 +142,13 @@ def summary(table: list[Row]) -> list[str]:
     return lines
 
 
-def run(quick: bool, threads: Optional[int] = 1) -> list[Row]:
+def run(quick: bool, threads: Optional[int] = None) -> list[Row]:
     """All rows: ``workload``, ``size``, ``implementation``, ``median_us``, ``ratio_to_floor``.
 
-    Measured with ``threads`` torch threads (default 1, restored afterwards): on small shared
-    machines OpenMP's spinning worker threads make multi-threaded medians swing by 10x;
-    ``None`` keeps torch's setting.
+    Measured with ``threads`` torch threads (restored afterwards); ``None`` (the default, as
+    ``python -m benchmarks`` calls it) keeps the setting in force, which its ``--threads`` made.
+    On small shared machines OpenMP's spinning worker threads make multi-threaded medians
+    swing by 10x: this module's own command measures with one thread unless told otherwise.
     """
     previous = torch.get_num_threads()
     if threads:

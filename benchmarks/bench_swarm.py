@@ -39,6 +39,11 @@ Row = dict[str, Any]
 
 #: Implementation families a swarm workload has no row for, and why (printed under the table).
 NOT_MEASURED = {
+    ("swarm forward", "sizes"): "measured at P = 64 4-32-32-3 MLPs (the issue's swarm) and P = 8 many-small "
+                                "models only: P copies of deep-narrow, wide or ResNet-18 models are a "
+                                "memory benchmark, which bench_memory covers for one model",
+    ("APSO update", "sizes"): "measured at P = 64 4-32-32-3 MLPs and P = 8 many-small models only, "
+                              "as the swarm forward",
     ("swarm forward", "foreach"): "a forward pass is matrix products, and torch has no foreach matmul",
     ("swarm forward", "nytorch 1.1"): "1.1 has no vectorised forward: its members run one by one, "
                                       "as the Python loop of modules does",

@@ -127,6 +127,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10, help="functions listed per implementation")
     harness.add_measuring_options(parser, threads=1)
     args = parser.parse_args()
+    known = workloads(zoo["tiny (seed)"])  # the same workloads and implementations at every size
+    names = [workload.name for workload in known]
+    unknown = [name for name in args.workload if name not in names]
+    if unknown:
+        parser.error(f"--workload: unknown {unknown}; expected some of {names}")
+    implementations = {name for workload in known for name in workload.impls}
+    unmatched = [prefix for prefix in args.implementation if not any(name.startswith(prefix) for name in implementations)]
+    if unmatched:
+        parser.error(f"--implementation: no implementation starts with {unmatched}; they are {sorted(implementations)}")
     harness.apply_measuring_options(parser, args)
     for size in args.size:
         report(size, zoo[size], args.workload, args.implementation, args.calls, args.repeats, args.top)

@@ -56,8 +56,19 @@ def not_measured(table: Sequence[Row]) -> list[str]:
     workloads = {(row.get("suite", ""), row["workload"]) for row in table}
     for suite in dict.fromkeys(row.get("suite", "") for row in table):
         reasons = getattr(importlib.import_module(f"benchmarks.{suite}"), "NOT_MEASURED", {}) if suite else {}
-        lines += [f"{workload}: no {implementation} row: {reason}"
+        # ``(workload, "sizes")`` says which sizes a workload is measured at, and why only those
+        lines += [f"{workload}: {reason}" if implementation == "sizes" else f"{workload}: no {implementation} row: {reason}"
                   for (workload, implementation), reason in reasons.items() if (suite, workload) in workloads]
+    # the suites that compare with tensordict and nytorch 1.1 when they can: a run without them says so
+    if {row.get("suite") for row in table} & {"bench_core", "bench_memory", "bench_swarm"}:
+        implementations = [row["implementation"] for row in table]
+        if not any(name.startswith("tensordict") for name in implementations):
+            lines.append("every workload: no tensordict row: tensordict could not be imported in this run "
+                         "(`pip install --no-deps --target DIR tensordict pyvers`, then PYTHONPATH=DIR; "
+                         "see DEVELOPERS.md)")
+        if not any("1.1" in name for name in implementations):
+            lines.append("every workload: no nytorch 1.1 row: it could not be installed or run in this run "
+                         "(see the messages on stderr and DEVELOPERS.md)")
     return lines
 
 
@@ -141,6 +152,19 @@ def write(table: Sequence[Row], machine: dict[str, Any], path: str = "benchmarks
     with open(path, "w") as handle:
         handle.write("\n".join(_HEADER) + "\n" + "\n".join(sections[key] for key in ordered))
     return kind
+
+
+def partial_note(only: Sequence[str], sizes: Sequence[str]) -> list[str]:
+    """What a section written by a run of some suites or sizes says of itself (nothing for a full run).
+
+    >>> partial_note(["bench_swarm"], [])
+    ['A partial run (`--only bench_swarm`): this section holds only what it measured; the full table is `python -m benchmarks --threads 1 --results`.']
+    """
+    options = ([f"--only {' '.join(only)}"] if only else []) + ([f"--sizes {' '.join(sizes)}"] if sizes else [])
+    if not options:
+        return []
+    return [f"A partial run (`{' '.join(options)}`): this section holds only what it measured; the full table is "
+            "`python -m benchmarks --threads 1 --results`."]
 
 
 def merged(dumps: Sequence[dict[str, Any]]) -> tuple[list[Row], dict[str, Any], list[str]]:

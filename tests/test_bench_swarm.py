@@ -11,7 +11,7 @@ def test_swarm_benchmark_rows() -> None:
     names = {row["implementation"] for row in rows}
     assert {"Python loop of 64 modules", "vmap(functional_call)", "per-tensor loop over stacked parameters",
             "foreach by hand over stacked parameters"} <= names
-    assert {workload for workload, _ in bench_swarm.NOT_MEASURED} == {"swarm forward"}
+    assert {workload for workload, _ in bench_swarm.NOT_MEASURED} == {"swarm forward", "APSO update"}
     floors = [row for row in rows if row["implementation"].startswith("floor")]
     assert len(floors) == 2 and all(row["ratio_to_floor"] == 1.0 for row in floors)
     assert any("forward" in line for line in bench_swarm.verdicts(rows))

@@ -1,5 +1,10 @@
 """The benchmark suite runs (its numbers are judged by people reading ratios, not by tests)."""
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from benchmarks import _harness as harness
 from benchmarks import bench_core
@@ -80,9 +85,15 @@ def test_every_core_workload_has_every_implementation_or_says_why_not():
 def test_not_measured_lines_name_the_workloads_of_the_run():
     from benchmarks.results import not_measured
 
-    table = [{"suite": "bench_core", "workload": "randn", "size": "tiny", "implementation": "floor: torch.randn(n)",
-              "median_us": 1.0, "ratio_to_floor": 1.0}]
+    row = {"suite": "bench_core", "workload": "randn", "size": "tiny", "median_us": 1.0, "ratio_to_floor": 1.0}
+    table = [{**row, "implementation": name} for name in ("floor: torch.randn(n)", "tensordict x", "nytorch 1.1 y")]
     assert not_measured(table) == ["randn: no foreach row: torch has no foreach random kernel"]
+    # a run where tensordict and nytorch 1.1 were missing says so
+    lines = not_measured(table[:1])
+    assert lines[0] == "randn: no foreach row: torch has no foreach random kernel"
+    assert lines[1].startswith("every workload: no tensordict row: tensordict could not be imported")
+    assert lines[2].startswith("every workload: no nytorch 1.1 row")
+    assert not_measured([{**row, "suite": "bench_merge", "workload": "EMA update", "implementation": "floor"}]) == []
 
 
 def test_plot_draws_one_panel_per_workload_present(tmp_path):
@@ -323,3 +334,23 @@ def test_on_gpu_script_runs_its_steps_on_the_cpu_too(tmp_path):
     assert "torch" in (tmp_path / "versions.txt").read_text()
     saved = json.loads((tmp_path / "cpu.json").read_text())
     assert saved["failures"] == [] and {row["size"] for row in saved["rows"]} == {"many-small"}
+
+
+@pytest.mark.parametrize("command, message", [
+    (["benchmarks.profile", "--workload", "a+b"], "--workload: unknown ['a+b']; expected some of ['a + b'"),
+    (["benchmarks.profile", "--implementation", "zzz"], "--implementation: no implementation starts with ['zzz']"),
+    (["benchmarks", "--quick", "--results"], "--results writes the full table of benchmarks/RESULTS.md"),
+])
+def test_commands_refuse_what_they_would_silently_get_wrong(command, message):
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_partial_results_section_says_so():
+    from benchmarks.results import partial_note
+
+    assert partial_note([], []) == []
+    assert partial_note(["bench_swarm"], ["many-small", "wide"]) == [
+        "A partial run (`--only bench_swarm --sizes many-small wide`): this section holds only what it measured; "
+        "the full table is `python -m benchmarks --threads 1 --results`."]

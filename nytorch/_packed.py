@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -266,7 +267,9 @@ class Pending:
 
     def realize(self, root: nn.Module) -> None:
         """Build ``root``'s module tree (once; ``root.__dict__`` is replaced by the built state)."""
-        with _LOCK:  # two threads touching one result build it once
+        # built outside any torch.func transform that happens to be running (a first touch inside
+        # ``grad``): the model's Parameters are plain leaves, as if it had been built at once
+        with _LOCK, torch._C._DisableFuncTorch():  # two threads touching one result build it once
             if root.__dict__.get(PENDING) is not self:
                 return
             flat = self.flat
@@ -309,11 +312,28 @@ def _result(snapshot: Snapshot, configs: Optional[Sequence[ParamConfig]], out: F
     """A result of the model ``snapshot`` was taken of, holding the values ``out`` (built on first touch)."""
     layout, states, types, requires_grad, buffers = snapshot
     pending = Pending(layout, states, types, requires_grad, out, buffers, configs)
-    result: nn.Module = object.__new__(types[0])
-    result.__dict__[PENDING] = pending
-    if not getattr(types[0], "_nyto_builds_on_touch", False):  # no hook to build it later: now
+    kind = types[0]
+    result: nn.Module = object.__new__(kind)
+    own = result.__dict__
+    # an instance attribute that shadows one of the class (``self.scale = 5.0`` over ``scale = 1.0``,
+    # a patched ``forward``) is found without touching the result: it must be there from the start
+    for key in _class_names(kind).intersection(states[0]):
+        own[key] = states[0][key]
+    own[PENDING] = pending
+    if not getattr(kind, "_nyto_builds_on_touch", False):  # no hook to build it later: now
         pending.realize(result)
     return result
+
+
+_CLASS_NAMES: "weakref.WeakKeyDictionary[type, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
+def _class_names(kind: type) -> frozenset[str]:
+    """Every attribute name ``kind`` defines or inherits (what an instance's own attribute can shadow)."""
+    found = _CLASS_NAMES.get(kind)
+    if found is None:
+        found = _CLASS_NAMES[kind] = frozenset(dir(kind))
+    return found
 
 
 def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: bool = False) -> Optional[nn.Module]:

@@ -5,6 +5,7 @@ import copy
 import gc
 import pickle
 import threading
+import types
 import weakref
 from collections.abc import Callable
 
@@ -335,6 +336,10 @@ def test_a_result_is_an_instance_of_the_class_and_builds_its_tree_on_first_touch
     lambda m: copy.deepcopy(m),
     lambda m: pickle.loads(pickle.dumps(m)),
     lambda m: nytorch.particle(m),
+    # first touched inside torch.func transforms: the tree is built outside them, with plain Parameters
+    lambda m: torch.func.grad(lambda t: (m.layer2.weight * t).sum())(torch.tensor(1.0)),
+    lambda m: torch.func.jacrev(lambda t: m.layer1.weight * t)(torch.tensor(2.0)),
+    lambda m: torch.func.vmap(lambda t: m.layer1.bias * t)(torch.ones(3)),
 ])
 def test_every_way_of_touching_a_result_sees_the_same_model(touch: Callable[[nn.Module], object]) -> None:
     a, b = _warm_pair()
@@ -344,6 +349,30 @@ def test_every_way_of_touching_a_result_sees_the_same_model(touch: Callable[[nn.
     assert not _pending(result)
     for name, value in result.named_parameters():
         assert torch.equal(value, expected[name]), name
+        assert type(value) is nn.Parameter and value.is_leaf
+    assert torch.equal((result + 1).layer1.weight, expected["layer1.weight"] + 1)  # and it works on
+
+
+class _Scaled(nytorch.NytoModule):
+    """An instance attribute over a class attribute of the same name."""
+
+    scale = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+        self.scale = 5.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) * self.scale
+
+
+def test_instance_attributes_over_class_ones_are_seen_before_the_tree_is_built() -> None:
+    net = _Scaled()
+    assert (net + 1).scale == 5.0  # not the class's 1.0
+    net.forward = types.MethodType(lambda self, x: torch.zeros(1), net)  # a patched forward
+    result = net + 1
+    assert result(torch.ones(3, 2)).shape == (1,) and result(torch.ones(3, 2)).shape == (1,)
 
 
 def test_copies_and_pickles_of_a_result_are_whole_models() -> None:

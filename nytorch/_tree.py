@@ -124,6 +124,15 @@ def _is_scalar_operand(value: object, other: object) -> bool:
     return isinstance(value, numbers.Number)
 
 
+def _refuse_lone_tensor(fn: str, a: PyTree, b: PyTree, second: str = "the second operand") -> None:
+    """``TypeError`` for a tensor with dimensions against a tree of several leaves: it is neither a
+    matching tree nor a scalar (only 0-dim tensors broadcast), whatever the shapes inside."""
+    for tensor, tree, which in ((b, a, second), (a, b, "the first operand")):
+        if isinstance(tensor, Tensor) and not isinstance(tree, Tensor):
+            raise TypeError(f"{fn}: expected a pytree like the first operand or a scalar as {which}, "
+                            f"got a tensor of shape {tuple(tensor.shape)} (only 0-dim tensors broadcast)")
+
+
 def _plain(tree: PyTree) -> Optional[list[Tensor]]:
     """The leaves of a plain ``dict`` of tensors (what ``nf.params`` gives), in key order; else ``None``.
 
@@ -165,6 +174,7 @@ def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
         return _scalar_op(op, fn, b, a, "the second operand", reflected=True)
     if _is_scalar_operand(b, a):
         return _scalar_op(op, fn, a, b, "the first operand", reflected=False)
+    _refuse_lone_tensor(fn, a, b)
     left, right, spec = aligned(fn, a, b)
     results = lw.apply(op, left, right)
     return dict(zip(a, results)) if spec is None else optree.tree_unflatten(spec, results)
@@ -253,7 +263,9 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
     """
     if _is_scalar_operand(b, a):
         b = _filled("lerp", a, b)
+    _refuse_lone_tensor("lerp", a, b)
     if not _is_scalar_operand(weight, a):
+        _refuse_lone_tensor("lerp", a, weight, "the weight")
         left, right, spec = matched("lerp", a, b)
         _, weights, _ = matched("lerp", a, weight, "the weight")  # the same (flattened) leaf order as ``left``
         return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
@@ -323,6 +335,7 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, /, *rest: PyTree) -> PyTree:
         if _is_scalar_operand(other, tree):
             others.append([other] * len(leaves))
             continue
+        _refuse_lone_tensor("tree_map", tree, other, "a rest tree")
         other_leaves, other_spec = flatten("tree_map", other, "a rest tree")
         if other_spec != spec:
             raise _mismatch("tree_map", tree, other, leaves=False)
@@ -367,6 +380,7 @@ def dot(a: PyTree, b: PyTree, /) -> Tensor:
     """
     if _is_scalar_operand(b, a):
         b = _filled("dot", a, b)
+    _refuse_lone_tensor("dot", a, b)
     left, right, _ = matched("dot", a, b)
     pairs = [(x, y) for x, y in zip(left, right) if lw.is_arithmetic(x)]
     return _sum_scalars([torch.sum(x * y) for x, y in pairs], left)

@@ -1,7 +1,13 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
-# A bare `torch` requirement resolves to a multi-GB CUDA build; pin the CPU wheel unless torch is present.
+# A bare `torch` requirement resolves to a multi-GB CUDA build, so torch is installed first, pinned, when it
+# is missing: this team's package index serves its CPU build. Elsewhere ask for a CPU wheel, e.g.
+# `make test PIP_INDEX_URL=https://download.pytorch.org/whl/cpu` (pip reads PIP_* from the environment).
 TORCH_SPEC ?= torch==2.13.0
+# nytorch 1.1, the reference that tests/test_compat_11.py compares with (a separate library named
+# `nytorch`, so never installed over this one: it goes to its own folder, imported by a subprocess).
+NYTORCH11_PATH ?= /tmp/nyto11
+export NYTORCH11_PATH
 
 .PHONY: install demo test typecheck bench gpu-deps
 
@@ -13,6 +19,8 @@ demo: install
 	$(PYTHON) examples/demo.py
 
 test: install
+	@test -d "$(NYTORCH11_PATH)/nytorch" || $(PYTHON) -m pip install -q --no-deps --target "$(NYTORCH11_PATH)" nytorch==1.1.0 \
+		|| echo "nytorch 1.1 could not be installed: tests/test_compat_11.py skips its comparisons"
 	$(PYTHON) -m pytest -q
 	$(PYTHON) -m mypy
 

@@ -18,7 +18,6 @@ Tensor = torch.Tensor
 
 __all__ = ["check_structure", "same_structure"]
 
-_FN = "check_structure"
 
 
 class _Model(NamedTuple):
@@ -65,11 +64,16 @@ def check_structure(a: Any, b: Any, /) -> None:
     ...     print(error)
     check_structure: parameter 'weight' differs: shape (1, 2) float32 vs shape (1, 3) float32
     """
+    _check("check_structure", a, b)
+
+
+def _check(fn: str, a: Any, b: Any) -> None:
+    """``check_structure``, its messages starting with ``fn`` (the public function called)."""
     models = isinstance(a, (nn.Module, Particle)), isinstance(b, (nn.Module, Particle))
     if models == (True, True):
         first, second = _model(a), _model(b)
         if first.cls is not second.cls:
-            raise StructureError(f"{_FN}: the first operand is a {first.cls.__name__} and the second a "
+            raise StructureError(f"{fn}: the first operand is a {first.cls.__name__} and the second a "
                                  f"{second.cls.__name__}; arithmetic combines models of one class")
         if first.names is second.names and first.signature is second.signature:
             return  # models built from one another share both: the common case costs two identity checks
@@ -77,14 +81,14 @@ def check_structure(a: Any, b: Any, /) -> None:
             return
         # names, then the leaves as they are now (what was recorded may be older: a Particle made
         # before ``param.data = ...`` gave a parameter another shape), exactly as arithmetic does
-        algebra.check_state(_FN, first.names, first.leaves(), second.names, second.leaves())
+        algebra.check_state(fn, first.names, first.leaves(), second.names, second.leaves())
         return
     if any(models):
         model, other = ("first", "second") if models[0] else ("second", "first")
-        raise TypeError(f"{_FN}: the {model} operand is a model and the {other} is "
+        raise TypeError(f"{fn}: the {model} operand is a model and the {other} is "
                         f"{type(b if models[0] else a).__name__}; compare a model with a model or a Particle, "
                         "and a pytree with a pytree (nf.params(model) is a model's pytree)")
-    _tree.aligned(_FN, a, b)
+    _tree.aligned(fn, a, b)
 
 
 def same_structure(a: Any, b: Any, /) -> bool:
@@ -100,7 +104,7 @@ def same_structure(a: Any, b: Any, /) -> bool:
     False
     """
     try:
-        check_structure(a, b)
+        _check("same_structure", a, b)
     except StructureError:
         return False
     return True

@@ -9,8 +9,9 @@
 #
 # $$W_t = (W_{t-1} - \eta G_t) + \beta\,(W_{t-1} - W_{t-2}).$$
 #
-# With nytorch the second form is one line on whole models:
-# `net1, net0 = train_module(net1, LR) + BETA * (net1 - net0), net1`.
+# With nytorch the second form is one line on whole models, where `stepped` is `net1` after one
+# plain SGD step (`train_module` below returns it with its loss):
+# `net1, net0 = stepped + BETA * (net1 - net0), net1`.
 
 # %%
 import time

@@ -360,7 +360,9 @@ class Particle(Operators):
             StructureError: names, shapes or dtypes differ (names the parameter).
 
         >>> net = torch.nn.Linear(2, 1)
-        >>> _ = particle(net).randn().copy_to(net)
+        >>> noise, weight = particle(net).randn(), net.weight
+        >>> noise.copy_to(net) is net, net.weight is weight, torch.equal(net.weight, noise.params["weight"])
+        (True, True, True)
         """
         self._check_class("copy_to", module)
         return self._write_into("copy_to", module)

@@ -91,7 +91,7 @@ def _cumulative(module: nn.Module) -> Any:
     what BatchNorm does with ``momentum=None`` (InstanceNorm reads ``None`` as 0 and would keep its reset)."""
     seen = [0]
 
-    def hook(norm: nn.Module, args: Any) -> None:
+    def hook(norm: Any, args: Any) -> None:
         seen[0] += 1
         norm.momentum = 1.0 / seen[0]
     return hook

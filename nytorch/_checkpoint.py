@@ -8,14 +8,18 @@ rebuilds Particles, modules and Swarms into the structure ``like`` gives
 crafted to run code is refused with ``CheckpointError`` before anything in it
 runs, and every record of the archive is checked against the CRC-32 that
 ``torch.save`` stores for it (``torch.load`` does not), so a flipped bit is a
-``CheckpointError`` rather than a wrong value.  Writes go through ``atomic_write``
-(temporary file, fsync, rename, fsync folder).
+``CheckpointError`` rather than a wrong value.  ``save`` always writes the CRC-32s,
+even while a user has turned them off with ``torch.serialization.set_crc32_options(False)``.
+Writes go through ``atomic_write`` (temporary file, fsync, rename, fsync folder).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import threading
 import zipfile
+from collections.abc import Iterator
 from typing import IO, Any, Union
 
 import torch
@@ -28,6 +32,67 @@ __all__ = ["save", "load", "CheckpointError"]
 
 _CHUNK = 1 << 20
 _FOLDER = 0x10  # the MS-DOS folder bit of a zip record's external attributes
+
+
+class _Crc32On:
+    """Turns on ``torch.save``'s CRC-32s while any ``save`` runs, then puts back the caller's setting.
+
+    ``torch.serialization.set_crc32_options`` is process-wide: the first ``save`` to enter
+    records the setting and turns CRCs on, the last to leave restores it, so saves in
+    several threads never turn CRCs off under one another.  (A ``torch.save`` elsewhere that
+    runs meanwhile also gets CRCs: harmless.)  Torch versions without the option always
+    write CRCs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._caller = True
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        get = getattr(torch.serialization, "get_crc32_options", None)
+        set_ = getattr(torch.serialization, "set_crc32_options", None)
+        if get is None or set_ is None:  # pragma: no cover - torch < 2.4 always writes CRCs
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._caller = bool(get())
+                set_(True)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    set_(self._caller)
+
+
+_crc32_on = _Crc32On()
+
+
+class _Recorder:
+    """``file`` for ``torch.save``, keeping the ``OSError`` a write raised.
+
+    torch's zip writer turns a failed write (disk full) into ``RuntimeError: [enforce fail
+    at inline_container.cc] unexpected pos``; ``save`` re-raises the recorded ``OSError``.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.error: Union[OSError, None] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def save(obj: Any, path: PathLike) -> None:
@@ -45,9 +110,19 @@ def save(obj: Any, path: PathLike) -> None:
         obj: what to store.
         path: the file to create or replace (its folder must exist).
 
+    Every record of the file gets its CRC-32 (checked by ``load``), whatever
+    ``torch.serialization.set_crc32_options`` says; the caller's setting is restored.
+
     Raises:
-        TypeError: ``obj`` holds something else (the message gives its path inside ``obj``).
-        OSError: the file cannot be written (the previous file, if any, is untouched).
+        TypeError: ``obj`` holds something else, or a dict key that is not exactly a
+            ``str``, ``int``, ``float``, ``bool`` or ``None`` (subclasses such as ``IntEnum``
+            or ``np.float64`` would pickle their class); the message gives its path inside ``obj``.
+            Also when ``path`` is not a ``str`` or an ``os.PathLike`` giving one.
+        ValueError: a dict key is ``"__nytorch__"`` (reserved) or a NaN float (``nan != nan``:
+            ``load(like=...)`` could never match it).
+        OSError: the file cannot be written, e.g. the disk is full (``errno.ENOSPC``); the
+            message names ``path``, the error the write raised is chained, and the previous
+            file, if any, is untouched (no temporary file is left).
 
     >>> import os, tempfile, torch, nytorch
     >>> net = torch.nn.Linear(2, 1)
@@ -57,12 +132,27 @@ def save(obj: Any, path: PathLike) -> None:
     >>> raw["format"], raw["data"]["step"]
     ('nytorch.checkpoint', 7)
     """
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(name, str):
+        raise TypeError(f"save: expected a str or os.PathLike as path, got {type(path).__name__}"
+                        + ("" if name is None else f" of {type(name).__name__}"))
     payload = {"format": FORMAT, "version": VERSION, "data": encode(obj, "")}
 
     def write(file: IO[bytes]) -> None:
-        torch.save(payload, file)
+        recorder = _Recorder(file)
+        try:
+            with _crc32_on():
+                torch.save(payload, recorder)  # type: ignore[arg-type]
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None  # the OSError torch's writer swallowed (disk full...)
 
-    atomic_write(path, write)
+    try:
+        atomic_write(name, write)
+    except OSError as error:
+        message = f"save: cannot write {name!r}: {error.strerror or error}"
+        raise (OSError(message) if error.errno is None else OSError(error.errno, message)) from error
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -71,7 +161,8 @@ def _check_records(file: IO[bytes]) -> None:
 
     ``torch.save`` writes a zip archive with a CRC-32 per record (pickle and tensor data) but
     ``torch.load`` does not check them, so a flipped bit would load as a wrong value.  Records
-    stored with a CRC of 0 (``torch.serialization.set_crc32_options(False)``) are not checked.
+    stored with a CRC of 0 (``torch.serialization.set_crc32_options(False)`` in the writer; never
+    ``nytorch.save``, which always writes them) are not checked.
     A record marked as a folder is refused too: torch reads no bytes for it (uninitialised values).
     Files that are not zip archives are left to ``torch.load`` (which refuses or fails on them).
     """
@@ -141,7 +232,9 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
     is never modified.  Dict keys match by value and type (``1`` is not ``"1"``), in any order.
 
     The file's bytes are checked against the CRC-32 stored for each record of the archive
-    before anything is unpickled (about 15 ms per 50 MB on one CPU core).
+    before anything is unpickled (about 15 ms per 50 MB on one CPU core).  ``save`` always
+    stores them; records stored with a CRC of 0 (files written by other tools, or by older
+    nytorch, under ``torch.serialization.set_crc32_options(False)``) still load, unchecked.
 
     Args:
         path: a file written by ``nytorch.save``.

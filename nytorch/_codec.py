@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -29,6 +30,7 @@ FORMAT = "nytorch.checkpoint"
 VERSION = 1
 TAG = "__nytorch__"
 _ATOMS = (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_KEYS = (bool, int, float, str)  # with None: the dict keys torch's weights-only unpickler reads back
 
 
 class CheckpointError(ValueError):
@@ -117,13 +119,18 @@ def encode(obj: Any, path: str) -> Any:
         path: where ``obj`` sits inside the saved value (for error messages; ``""`` at the top).
 
     Raises:
-        TypeError: something that cannot be stored without pickling its class (names its path).
-        ValueError: a dict uses the reserved key ``"__nytorch__"``.
+        TypeError: something that cannot be stored without pickling its class, a dict key
+            included (names its path).
+        ValueError: a dict uses the reserved key ``"__nytorch__"`` or a NaN float key.
 
     >>> encode({"step": 3, "w": torch.ones(1)}, "")
     {'step': 3, 'w': tensor([1.])}
     >>> encode(torch.nn.Linear(1, 1, bias=False), "")["__nytorch__"]
     'module'
+    >>> encode({"opt": {np.int64(0): 1.0}}, "")  # doctest: +NORMALIZE_WHITESPACE
+    Traceback (most recent call last):
+    TypeError: save: expected dict keys that are exactly str, int, float, bool or None,
+    got the key ...0... of type int64 at 'opt'; ...
     """
     swarm = swarm_class()
     if obj is None or type(obj) in _ATOMS:  # exact types: subclasses would pickle their class
@@ -154,9 +161,14 @@ def encode(obj: Any, path: str) -> Any:
         for key, value in obj.items():
             if key == TAG:
                 raise ValueError(f"save: the key {TAG!r} is reserved by nytorch{where(path)}")
-            if not (key is None or isinstance(key, (bool, int, float, str))):
-                raise TypeError(f"save: expected dict keys that are str, int, float, bool or None, "
-                                f"got a {type(key).__name__} key{where(path)}")
+            if not (key is None or type(key) in _KEYS):  # exact types: subclasses would pickle their class
+                raise TypeError(f"save: expected dict keys that are exactly str, int, float, bool or None, "
+                                f"got the key {reprlib.repr(key)} of type {type(key).__name__}{where(path)}; "
+                                "convert it first (subclasses such as IntEnum or np.float64 would pickle their "
+                                "class)")
+            if type(key) is float and math.isnan(key):
+                raise ValueError(f"save: expected dict keys equal to themselves, got the float key nan"
+                                 f"{where(path)}; load(like=...) could never match it (nan != nan)")
             out[key] = encode(value, join(path, key))
         return out
     if type(obj) in (list, tuple):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import io
 import os
 import pickle
@@ -10,6 +11,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import zipfile
 from collections import OrderedDict
@@ -280,7 +282,8 @@ class _Mode(enum.IntEnum):
     ({"opt": torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)}, r"save: cannot store a SGD at 'opt'"),
     ({"s": {1, 2}}, r"save: cannot store a set at 's'"),
     ({"mode": _Mode.FAST}, r"save: cannot store a _Mode at 'mode'"),
-    ({(1, 2): 3}, r"save: expected dict keys that are str, int, float, bool or None, got a tuple key"),
+    ({(1, 2): 3}, r"^save: expected dict keys that are exactly str, int, float, bool or None, got the key "
+                  r"\(1, 2\) of type tuple; convert it first"),
     (np.array([object()]), r"save: cannot store a NumPy array of Python objects"),
 ])
 def test_save_refuses_what_it_cannot_store_and_keeps_old_file(tmp_path: Path, obj: Any, message: str) -> None:
@@ -292,14 +295,74 @@ def test_save_refuses_what_it_cannot_store_and_keeps_old_file(tmp_path: Path, ob
     assert os.listdir(tmp_path) == ["keep.pt"]
 
 
+class _Str(str):
+    pass
+
+
+class _StrMode(str, enum.Enum):
+    X = "x"
+
+
+_EXACT_KEYS = r"^save: expected dict keys that are exactly str, int, float, bool or None, got the key "
+
+
+@pytest.mark.parametrize(("key", "shown"), [
+    (_Mode.FAST, r"<_Mode\.FAST: 1> of type _Mode"),
+    (_Str("a"), r"'a' of type _Str"),
+    (_StrMode.X, r"<_StrMode\.X: 'x'> of type _StrMode"),
+    (np.float64(0.5), r"(np\.float64\()?0\.5\)? of type float64"),
+    (np.int64(2), r"(np\.int64\()?2\)? of type int64"),
+    (np.bool_(True), r"(np\.)?True_? of type bool_?"),
+])
+def test_dict_keys_of_subclasses_are_refused_at_save_naming_path_and_type(tmp_path: Path, key: Any,
+                                                                         shown: str) -> None:
+    """Subclass keys passed ``isinstance`` and pickled their class: files that neither loader reads."""
+    path = tmp_path / "keep.pt"
+    save({"old": torch.ones(2)}, path)
+    with pytest.raises(TypeError, match=_EXACT_KEYS + shown + r" at 'opt\.state'; convert it first \(subclasses "
+                                        r"such as IntEnum or np\.float64 would pickle their class\)$"):
+        save({"opt": {"state": {key: torch.ones(1)}}}, path)
+    assert torch.equal(load(path)["old"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["keep.pt"]
+
+
+def test_exact_builtin_keys_load_with_torch_weights_only_and_like(tmp_path: Path) -> None:
+    state = {None: 0, True: 1, 2: 2, 2.5: 3, "s": 4, float("inf"): 5, -0.0: 6}
+    save({"d": state}, tmp_path / "k.pt")
+    raw = torch.load(tmp_path / "k.pt", weights_only=True)["data"]["d"]
+    assert raw == state and [type(key) for key in raw] == [type(key) for key in state]
+    assert load(tmp_path / "k.pt", like={"d": dict.fromkeys(state, 0)}) == {"d": state}
+
+
+def test_nan_float_key_is_refused_at_save(tmp_path: Path) -> None:
+    """``nan != nan``: such a key would save but never match ``like`` on load."""
+    path = tmp_path / "keep.pt"
+    save({"old": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match=r"^save: expected dict keys equal to themselves, got the float key nan "
+                                         r"at 'a'; load\(like=\.\.\.\) could never match it \(nan != nan\)$"):
+        save({"a": {1.0: 1, float("nan"): 2}}, path)
+    assert torch.equal(load(path)["old"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["keep.pt"]
+
+
 def test_reserved_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"save: the key '__nytorch__' is reserved by nytorch at 'a'"):
         save({"a": {"__nytorch__": "particle"}}, tmp_path / "r.pt")
 
 
+class _BytesPath:
+    def __fspath__(self) -> bytes:
+        return b"x.pt"
+
+
 def test_save_rejects_non_path(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match=r"expected a str or os.PathLike as path, got BytesIO"):
+    with pytest.raises(TypeError, match=r"^save: expected a str or os\.PathLike as path, got BytesIO$"):
         save(torch.ones(1), io.BytesIO())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^save: expected a str or os\.PathLike as path, got bytes$"):
+        save(torch.ones(1), os.fsencode(tmp_path / "b.pt"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^save: expected a str or os\.PathLike as path, got _BytesPath of bytes$"):
+        save(torch.ones(1), _BytesPath())  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
     with pytest.raises(TypeError, match=r"load: expected a str or os.PathLike as path, got int"):
         load(3)  # type: ignore[arg-type]
 
@@ -453,15 +516,56 @@ def test_record_marked_as_folder_is_refused(tmp_path: Path) -> None:
         load(path)
 
 
-def test_files_written_without_crc_still_load(tmp_path: Path) -> None:
+def _crcs(path: Path) -> set[int]:
+    with zipfile.ZipFile(path) as archive:
+        return {info.CRC for info in archive.infolist()}
+
+
+def test_files_written_without_crc_by_other_tools_still_load(tmp_path: Path) -> None:
+    """Files with CRC 0 (e.g. ``torch.save`` under ``set_crc32_options(False)``) load, unchecked."""
     torch.serialization.set_crc32_options(False)
     try:
-        save({"w": torch.arange(3.0)}, tmp_path / "nocrc.pt")
+        torch.save({"format": "nytorch.checkpoint", "version": 1, "data": {"w": torch.arange(3.0)}},
+                   tmp_path / "nocrc.pt")
     finally:
         torch.serialization.set_crc32_options(True)
-    with zipfile.ZipFile(tmp_path / "nocrc.pt") as archive:
-        assert {info.CRC for info in archive.infolist()} == {0}
+    assert _crcs(tmp_path / "nocrc.pt") == {0}
     assert torch.equal(load(tmp_path / "nocrc.pt")["w"], torch.arange(3.0))
+
+
+def test_save_writes_crcs_even_when_the_user_turned_them_off(tmp_path: Path) -> None:
+    """A flipped bit must fail the CRC whatever ``set_crc32_options`` says; the user's setting is kept."""
+    weights = torch.arange(1000, dtype=torch.float32)
+    torch.serialization.set_crc32_options(False)
+    try:
+        save({"w": weights}, tmp_path / "w.pt")
+        assert torch.serialization.get_crc32_options() is False  # restored after the write
+        errors: list[BaseException] = []
+
+        def saver(index: int) -> None:
+            try:
+                for _ in range(5):
+                    save({"w": weights + index}, tmp_path / f"t{index}.pt")
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=saver, args=(index,)) for index in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and torch.serialization.get_crc32_options() is False
+    finally:
+        torch.serialization.set_crc32_options(True)
+    for name in ["w.pt", "t0.pt", "t1.pt", "t2.pt", "t3.pt"]:
+        assert 0 not in _crcs(tmp_path / name), name
+    save({"w": weights}, tmp_path / "on.pt")
+    assert torch.serialization.get_crc32_options() is True
+    data = bytearray((tmp_path / "w.pt").read_bytes())
+    data[bytes(data).index(weights.numpy().tobytes()) + 2001] ^= 0x04
+    (tmp_path / "w.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"Bad CRC-32 for file 'archive/data/0'"):
+        load(tmp_path / "w.pt")
 
 
 def test_unparsable_bytes_are_unreadable_not_refused(tmp_path: Path) -> None:
@@ -692,6 +796,69 @@ def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path: Path) 
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(path, half)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with ``room`` bytes left: a write past them fails with ENOSPC."""
+
+    room = 0
+
+    def write(self, data: Any) -> int:
+        if self.tell() + memoryview(data).nbytes > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+@pytest.mark.parametrize("room", [0, 100, 1000, 9000])
+def test_full_disk_is_an_os_error_naming_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  room: int) -> None:
+    """torch's zip writer turned ENOSPC into ``RuntimeError: [enforce fail ...] unexpected pos``."""
+    path = tmp_path / "run.pt"
+    save({"w": torch.zeros(10)}, path)
+    real_fdopen = os.fdopen
+
+    def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode != "wb":
+            return real_fdopen(fd, mode, *args, **kwargs)
+        raw = _FullDisk(fd, "wb")
+        raw.room = room
+        return io.BufferedWriter(raw)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(OSError, match=r"^\[Errno 28\] save: cannot write '.*run\.pt': No space left on "
+                                      r"device$") as caught:
+        save({"w": torch.ones(10_000)}, path)
+    assert caught.value.errno == errno.ENOSPC
+    assert isinstance(caught.value.__cause__, OSError) and caught.value.__cause__.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.equal(load(path, like={"w": torch.ones(10)})["w"], torch.zeros(10))
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
+def test_file_size_limit_is_an_os_error_naming_the_path(tmp_path: Path) -> None:
+    """A real kernel refusal (RLIMIT_FSIZE: EFBIG), not a simulated one."""
+    import resource
+
+    path = tmp_path / "run.pt"
+    save({"w": torch.zeros(10)}, path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limits[1]))
+        with pytest.raises(OSError, match=r"^\[Errno 27\] save: cannot write '.*run\.pt': File too large$"):
+            save({"w": torch.ones(1_000_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert torch.equal(load(path, like={"w": torch.ones(10)})["w"], torch.zeros(10))
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_missing_folder_stays_file_not_found_naming_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^\[Errno 2\] save: cannot write '.*nowhere/x\.pt': No such "
+                                                r"file or directory$"):
+        save(1, tmp_path / "nowhere" / "x.pt")
 
 
 def test_atomic_write_keeps_mode_and_writes_through_symlink(tmp_path: Path) -> None:

@@ -123,8 +123,8 @@ class Swarm(SwarmArithmetic):
 
     @classmethod
     def _fill(cls, fn: str, like: object, size: Optional[int], buffers: Optional[bool],
-              make: Callable[[int, Group, Tensor], Tensor]) -> "Swarm":
-        return cls(*build.filled(fn, like, size, buffers, make))
+              make: Callable[[int, Group, Tensor], Tensor], generator: Optional[torch.Generator] = None) -> "Swarm":
+        return cls(*build.filled(fn, like, size, buffers, make, generator))
 
     @classmethod
     def randn(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,  # type: ignore[override]
@@ -139,7 +139,7 @@ class Swarm(SwarmArithmetic):
         (8, 1, 2)
         """
         return cls._fill("randn", like, size, buffers, lambda n, g, _: torch.randn(
-            n, g.width, dtype=g.dtype, device=g.device, generator=generator))
+            n, g.width, dtype=g.dtype, device=g.device, generator=generator), generator)
 
     @classmethod
     def rand(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,  # type: ignore[override]
@@ -150,7 +150,7 @@ class Swarm(SwarmArithmetic):
         True
         """
         return cls._fill("rand", like, size, buffers, lambda n, g, _: torch.rand(
-            n, g.width, dtype=g.dtype, device=g.device, generator=generator))
+            n, g.width, dtype=g.dtype, device=g.device, generator=generator), generator)
 
     @classmethod
     def zeros(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None) -> "Swarm":
@@ -179,7 +179,7 @@ class Swarm(SwarmArithmetic):
         def make(n: int, g: Group, row: Tensor) -> Tensor:
             noise = torch.randn(n, g.width, dtype=g.dtype, device=g.device, generator=generator)
             return noise.mul_(std).add_(row)
-        return cls._fill("normal", center, size, buffers, make)
+        return cls._fill("normal", center, size, buffers, make, generator)
 
     @classmethod
     def cat(cls, swarms: Iterable["Swarm"]) -> "Swarm":
@@ -276,12 +276,32 @@ class Swarm(SwarmArithmetic):
         return self.train(False)
 
     def to(self, *args: Any, **kwargs: Any) -> Self:
-        """A copy on another device and/or with floating leaves cast to another dtype (like ``Module.to``).
+        """A copy on another device and/or with floating and complex leaves cast to a dtype (like ``Module.to``).
 
-        >>> Swarm.zeros(torch.nn.Linear(2, 1), 3).to(torch.float64).params["bias"].dtype
-        torch.float64
+        Takes ``Module.to``'s arguments (a device, a dtype, both, or a tensor to match) and casts
+        what it casts: floating and complex parameters and buffers; integer and bool leaves keep
+        their dtype.  Returns ``self`` when nothing changes.
+
+        Raises:
+            TypeError: an integer or bool dtype (as ``Module.to``).
+            ValueError: a ``memory_format`` other than ``torch.contiguous_format`` /
+                ``torch.preserve_format``: members' tensors are stored as contiguous rows.
+
+        >>> s = Swarm.zeros(torch.nn.Linear(2, 1), 3)
+        >>> s.to(torch.float64).params["bias"].dtype, s.to(torch.complex64).params["bias"].dtype
+        (torch.float64, torch.complex64)
+        >>> s.to(torch.int32)
+        Traceback (most recent call last):
+            ...
+        TypeError: Swarm.to: expected a floating point or complex dtype (as Module.to), got torch.int32
         """
-        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+            raise TypeError(f"Swarm.to: expected a floating point or complex dtype (as Module.to), got {dtype}")
+        if memory_format not in (None, torch.preserve_format, torch.contiguous_format):
+            raise ValueError(f"Swarm.to: expected no memory_format (a swarm stores its members' tensors as "
+                             f"contiguous rows), got {memory_format}; convert the inputs instead, or a "
+                             "member's module (swarm[i].module().to(memory_format=...))")
         spec = self._spec.converted(device, dtype)
         if spec.signature == self._spec.signature:
             return self

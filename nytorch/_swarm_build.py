@@ -22,7 +22,7 @@ from ._walk import Layout
 Tensor = torch.Tensor
 Built = tuple[Spec, list[Tensor], int]
 
-__all__ = ["spec_and_rows", "stacked", "from_stacked", "filled", "joined"]
+__all__ = ["spec_and_rows", "stacked", "from_stacked", "filled", "joined", "generator_for"]
 
 
 def spec_and_rows(fn: str, like: object, buffers: Optional[bool]) -> tuple[Spec, list[Tensor]]:
@@ -126,11 +126,42 @@ def _size(fn: str, like: object, size: Optional[int]) -> int:
     return number
 
 
+def generator_for(fn: str, generator: object, spec: Optional[Spec] = None) -> Optional[torch.Generator]:
+    """``generator`` (``None`` or a ``torch.Generator``); with ``spec``, one that can draw its members' values.
+
+    The rule for every random draw on a swarm: values are drawn on each arithmetic group's device,
+    so the generator must be on that device type (as ``torch.randn(device=..., generator=...)``
+    requires; checked for every device, meta included, so a mismatch is one clear error).  Member
+    indices are drawn on the generator's device and then moved (see ``algorithms``).
+
+    >>> generator_for("randn", torch.Generator(), make_spec(Layout(nn.Linear(2, 1, device="meta")), False))
+    Traceback (most recent call last):
+        ...
+    ValueError: randn: expected a generator on meta (where the swarm's 'weight' lives), got one on cpu; ...
+    """
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: expected a torch.Generator or None as generator, got {type(generator).__name__}")
+    if spec is None:
+        return generator
+    for index, group in enumerate(spec.groups):
+        if group.active and group.device.type != generator.device.type:
+            raise ValueError(f"{fn}: expected a generator on {group.device.type} (where the swarm's "
+                             f"{spec.leaf_name(index)!r} lives), got one on {generator.device}; "
+                             "create it there (torch.Generator(device=...)) or pass none")
+    return generator
+
+
 def filled(fn: str, like: object, size: Optional[int], buffers: Optional[bool],
-           make: Callable[[int, Group, Tensor], Tensor]) -> Built:
-    """Arithmetic groups from ``make(size, group, like_rows)``; the other leaves copied from ``like``."""
+           make: Callable[[int, Group, Tensor], Tensor], generator: Optional[torch.Generator] = None) -> Built:
+    """Arithmetic groups from ``make(size, group, like_rows)``; the other leaves copied from ``like``.
+
+    ``generator`` (the one ``make`` draws with) is checked against the groups' devices first.
+    """
     count = _size(fn, like, size)
     spec, rows = spec_and_rows(fn, like, buffers)
+    generator_for(fn, generator, spec)
     if ops.is_swarm(like) and len(like) not in (count, 1):  # type: ignore[arg-type]
         rows = [row[:1] for row in rows]  # another size: carry member 0's values
     flats = [

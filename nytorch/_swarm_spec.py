@@ -138,9 +138,10 @@ class Spec:
         return Spec(Layout(root), self.with_buffers)
 
     def converted(self, device: Optional[torch.device], dtype: Optional[torch.dtype]) -> "Spec":
-        """The same structure on ``device`` and/or with floating leaves cast to ``dtype`` (like ``Module.to``)."""
+        """The same structure on ``device`` and/or with floating and complex leaves cast to ``dtype``
+        (a floating or complex dtype, as ``Module.to`` casts them)."""
         def target(leaf: Tensor) -> tuple[torch.dtype, torch.device]:
-            cast = dtype is not None and leaf.is_floating_point() and dtype.is_floating_point
+            cast = dtype is not None and (leaf.is_floating_point() or leaf.is_complex())
             new_dtype = dtype if cast and dtype is not None else leaf.dtype
             return new_dtype, (leaf.device if device is None else device)
         params = [stand_in(leaf.shape, *target(leaf)) for leaf in self.layout.params]
@@ -185,7 +186,7 @@ def pack_stacked(spec: Spec, leaves: Sequence[Tensor], size: int) -> list[Tensor
     """Flat buffers from stacked leaves ``[size, *shape]`` aligned with ``spec.names`` (one ``cat`` per group)."""
     parts: list[list[Tensor]] = [[] for _ in spec.groups]
     for slot, leaf in zip(spec.slots, leaves):
-        parts[slot.group].append(leaf.detach().reshape(size, -1))
+        parts[slot.group].append(leaf.detach().reshape(size, slot.stop - slot.start))  # size may be 0
     return [torch.cat(part, dim=1) for part in parts]
 
 

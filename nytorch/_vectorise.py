@@ -362,7 +362,9 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
     """Per-member gradients (``None`` where not differentiated) and losses of ``loss_fn(member, *args)``.
 
     Gradients are taken with respect to every operational floating parameter whose template
-    parameter requires grad; buffers and frozen parameters are constants.
+    parameter requires grad; buffers and frozen parameters are constants.  An empty swarm (a
+    rank's empty shard) calls nothing: no gradients and losses of shape ``(0,)``, in the dtype
+    and on the device of the first differentiated parameter (else the default dtype, on the CPU).
     """
     fn = "Swarm.grad_and_value"
     if not callable(loss_fn):
@@ -375,6 +377,12 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
         if spec.groups[spec.slots[i].group].active and template[i].requires_grad
     ]
     others = [i for i in range(len(spec.names)) if i not in set(wanted)]
+    if size == 0:  # vmap over no members fails inside some backward formulas: there is nothing to run
+        if wanted:
+            losses = torch.zeros(0, dtype=template[wanted[0]].dtype.to_real(), device=template[wanted[0]].device)
+        else:
+            losses = torch.zeros(0, dtype=torch.get_default_dtype(), device="cpu")
+        return [None] * len(spec.names), losses
 
     assigned: list[int] = []
 

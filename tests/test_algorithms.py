@@ -179,6 +179,80 @@ def test_selections_of_an_empty_swarm_are_empty() -> None:
         alg.pull_toward_best(empty, torch.zeros(0), subset=0, alpha=0.5)
 
 
+def test_steps_on_an_empty_swarm_do_nothing() -> None:
+    # an empty shard on some rank of a distributed loop: empty results, the same argument checks
+    empty = population()[:0]
+    x, y = _regression()
+    none = torch.zeros(0)
+
+    def is_empty(swarm: Swarm) -> bool:
+        return {n: tuple(v.shape) for n, v in swarm.params.items()} == {
+            n: (0, *v.shape[1:]) for n, v in population().params.items()}
+
+    new, losses = alg.sgd_step(empty, _mse, x, y, lr=0.1)
+    assert is_empty(new) and losses.shape == (0,) and losses.dtype == torch.float32
+    for step in (0, 1):  # a plain step and a pulling one
+        new, losses = alg.hybrid_step(empty, _mse, x, y, step=step, lr=0.1, every=2)
+        assert is_empty(new) and losses.shape == (0,)
+    new, history = alg.hybrid(empty, _mse, [(x, y)] * 3, lr=0.1, every=2, show_progress=True)
+    assert is_empty(new) and history.shape == (3, 0)
+    state = alg.pso_init(empty, none)
+    new, state = alg.pso_step(empty, none, state, generator=torch.Generator().manual_seed(0))
+    assert is_empty(new) and is_empty(state.velocity) and is_empty(state.best) and state.best_loss.shape == (0,)
+    with pytest.raises(TypeError, match=r"^pso_step: expected a real number as inertia, got str"):
+        alg.pso_step(empty, none, state, inertia="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^sgd_step: expected a real number as lr, got str"):
+        alg.sgd_step(empty, _mse, x, y, lr="x")  # type: ignore[arg-type]
+
+
+def test_integer_and_bool_losses_are_taken_as_floats() -> None:
+    noise = alg.es_noise(net(), 4, generator=torch.Generator().manual_seed(0))
+    eps = per_member(noise)
+    ints = torch.tensor([1, 2, 3, 7])
+    grad = alg.es_gradient(noise, ints, sigma=0.1)
+    for name in eps[0]:  # the formula, in float arithmetic
+        expected = sum((float(ints[i]) - 3.25) * eps[i][name] for i in range(4)) / (4 * 0.1)
+        torch.testing.assert_close(grad.params[name], expected, rtol=RTOL, atol=ATOL)
+    center = nytorch.particle(net())
+    stepped = alg.es_step(center, noise, ints, sigma=0.1, lr=0.5)
+    for name, value in center.params.items():
+        torch.testing.assert_close(stepped.params[name], value - 0.5 * grad.params[name], rtol=RTOL, atol=ATOL)
+    flags = torch.tensor([True, False, False, True])
+    torch.testing.assert_close(alg.es_gradient(noise, flags, sigma=0.1).params["0.bias"],
+                               alg.es_gradient(noise, flags.float(), sigma=0.1).params["0.bias"])
+    ranks = alg.centered_ranks(torch.tensor([30, -2, 5]))
+    assert ranks.dtype == torch.get_default_dtype() and ranks.tolist() == [0.5, -0.5, 0.0]
+    assert alg.centered_ranks(torch.tensor([1.0, 0.0], dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(TypeError, match=r"^centered_ranks: expected real losses, got torch.complex64"):
+        alg.centered_ranks(torch.ones(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"^es_gradient: expected real losses, got torch.complex64"):
+        alg.es_gradient(noise, torch.ones(4, dtype=torch.complex64), sigma=0.1)
+
+
+def test_generators_draw_indices_anywhere_and_values_on_the_swarms_device() -> None:
+    # the rule: member indices are drawn on the generator's device (then used on the CPU); values
+    # (noise) on the swarm's device, which the generator must then share.  A meta swarm stands in for
+    # a CUDA one: torch itself would accept a CPU generator there, the check refuses it the same way.
+    meta = Swarm.zeros(nn.Linear(3, 2, device="meta"), 5)
+    losses, cpu = torch.arange(5.0), torch.Generator()
+    message = r"expected a generator on meta \(where the swarm's 'weight' lives\), got one on cpu"
+    with pytest.raises(ValueError, match=rf"^truncation_selection: {message}"):
+        alg.truncation_selection(meta, losses, survivors=2, sigma=0.1, generator=cpu)
+    with pytest.raises(ValueError, match=rf"^truncation_selection: {message}"):
+        alg.truncation_selection(meta[:0], losses[:0], survivors=1, sigma=0.1, generator=cpu)  # empty: checked alike
+    with pytest.raises(ValueError, match=rf"^apso: {message}"):
+        alg.apso(meta, 0, alpha=0.1, beta=0.5, generator=cpu)
+    with pytest.raises(ValueError, match=rf"^pso_velocity: {message}"):
+        alg.pso_velocity(meta, meta, meta, 0, inertia=0.5, cognitive=1.0, social=0.0, generator=cpu)
+    with pytest.raises(TypeError, match=r"^pull_toward_best: expected a torch.Generator or None as generator, "
+                                        r"got int"):
+        alg.pull_toward_best(meta, losses, subset=2, alpha=0.5, generator=1)  # type: ignore[arg-type]
+    # drawing only indices (or nothing), any generator will do
+    assert len(alg.truncation_selection(meta, losses, survivors=2, sigma=0.0, generator=cpu)) == 5
+    assert len(alg.pull_toward_best(meta, losses, subset=3, alpha=0.5, generator=cpu)) == 5
+    assert len(alg.apso(meta, 0, alpha=0.0, beta=0.5, generator=cpu)) == 5
+
+
 def test_pso_velocity_takes_a_member_index_as_global_best() -> None:
     swarm = population()
     by_index = alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, 2, inertia=0.0, cognitive=0.0, social=1.0,

@@ -596,6 +596,40 @@ def test_to_train_eval_template_repr_and_pickle() -> None:
     assert_swarm(pickle.loads(pickle.dumps(swarm)), {**swarm.params, **swarm.buffers})
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.complex64, torch.complex128])
+@pytest.mark.filterwarnings("ignore:Complex modules:UserWarning", "ignore:Casting complex:UserWarning")
+def test_to_casts_like_module_to(dtype: torch.dtype) -> None:
+    import copy
+    modules = members("mixed")  # float32, float64, complex, frozen, integer parameter; float, int, bool buffers
+    swarm = Swarm.stack(modules).to(dtype)
+    assert_swarm(swarm, stacked([copy.deepcopy(module).to(dtype) for module in modules]))
+    doubled = swarm * 2  # cast values take part in arithmetic, integer ones stay out
+    assert torch.equal(doubled.params["w32"], 2 * swarm.params["w32"])
+    assert torch.equal(doubled.params["counts"], swarm.params["counts"])
+    assert Swarm.stack(modules)[:0].to(dtype).params["w32"].shape == (0, 2, 3)  # an empty swarm converts too
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules:UserWarning")
+def test_to_complex_runs_like_a_complex_module_and_refuses_what_module_to_refuses() -> None:
+    linears = [nn.Linear(3, 2) for _ in range(P)]
+    swarm = Swarm.stack(linears).to(torch.complex64)
+    x = torch.randn(5, 3, dtype=torch.complex64)
+    expected = torch.stack([linear.to(torch.complex64)(x) for linear in linears]).detach()
+    torch.testing.assert_close(swarm(x), expected, rtol=RTOL, atol=ATOL)
+    for dtype in (torch.int32, torch.bool):
+        with pytest.raises(TypeError, match=r"nn.Module.to only accepts floating point or complex"):
+            nn.Linear(3, 2).to(dtype)  # the behaviour followed
+        with pytest.raises(TypeError, match=rf"^Swarm.to: expected a floating point or complex dtype "
+                                            rf"\(as Module.to\), got {dtype}$"):
+            swarm.to(dtype)
+    with pytest.raises(TypeError, match=r"^Swarm.to: expected a floating point or complex dtype .* got torch.int64"):
+        swarm.to(torch.zeros(1, dtype=torch.long))  # a tensor to match
+    with pytest.raises(ValueError, match=r"^Swarm.to: expected no memory_format \(a swarm stores its members' "
+                                         r"tensors as contiguous rows\), got torch.channels_last"):
+        swarm.to(memory_format=torch.channels_last)
+    assert swarm.to(memory_format=torch.contiguous_format) is swarm
+
+
 # -- vectorised forward ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_forward_matches_loop(name: str) -> None:
@@ -855,3 +889,37 @@ def _saved(value: Any) -> io.BytesIO:
     torch.save(value, buffer)
     buffer.seek(0)
     return buffer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_and_value_of_an_empty_swarm_is_empty(dtype: torch.dtype) -> None:
+    calls = []
+
+    def loss(net: Any, x: Tensor, y: Tensor) -> Tensor:
+        calls.append(1)
+        return F.mse_loss(net(x), y)  # its backward fails under vmap over no members: it is not run
+
+    model = mlp().to(dtype)
+    model[2].weight.requires_grad_(False)
+    empty = Swarm.zeros(model, 0)
+    grads, losses = empty.grad_and_value(loss, torch.randn(5, 4, dtype=dtype), torch.randn(5, 3, dtype=dtype))
+    assert calls == [] and losses.shape == (0,) and losses.dtype == dtype
+    assert {name: (tuple(value.shape), value.dtype) for name, value in grads.params.items()} == {
+        name: ((0, *param.shape), dtype) for name, param in model.named_parameters()}
+    _, losses = Swarm.stack([nn.ReLU()])[:0].grad_and_value(lambda net, x: net(x).sum(), torch.randn(2))
+    assert losses.shape == (0,) and losses.dtype == torch.get_default_dtype()
+
+
+def test_random_fills_refuse_a_generator_on_another_device() -> None:
+    meta = Swarm.zeros(nn.Linear(2, 1, device="meta"), 3)
+    for fill in (Swarm.randn, Swarm.rand):
+        with pytest.raises(ValueError, match=rf"^{fill.__name__}: expected a generator on meta \(where the "
+                                             r"swarm's 'weight' lives\), got one on cpu; create it there"):
+            fill(meta, generator=torch.Generator())
+        assert fill(meta).params["weight"].is_meta  # without a generator: the default one
+    with pytest.raises(ValueError, match=r"^normal: expected a generator on meta"):
+        Swarm.normal(meta, std=0.1, generator=torch.Generator())
+    with pytest.raises(TypeError, match=r"^randn: expected a torch.Generator or None as generator, got int"):
+        Swarm.randn(nn.Linear(2, 1), 3, generator=0)  # type: ignore[arg-type]
+    seeded = Swarm.randn(nn.Linear(2, 1), 2, generator=torch.Generator().manual_seed(0))  # one [2, 3] draw
+    assert torch.equal(seeded.params["bias"], torch.randn(2, 3, generator=torch.Generator().manual_seed(0))[:, 2:])

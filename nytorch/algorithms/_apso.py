@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 
 from .._swarm import Swarm
-from ._checks import number_arg, swarm_arg, target_arg
+from ._checks import generator_arg, number_arg, swarm_arg, target_arg
 
 __all__ = ["apso"]
 
@@ -23,7 +23,7 @@ def apso(swarm: Swarm, best: Any, *, alpha: float, beta: float,
         best: the index of the best member, or a Particle/model (e.g. the best ever seen).
         alpha: noise scale ``α >= 0`` (exploration).
         beta: attraction ``β`` toward the best (``0``: none, ``1``: jump onto it).
-        generator: for reproducible noise.
+        generator: for reproducible noise (on the swarm's device).
 
     Returns:
         A new swarm (``swarm`` is unchanged).
@@ -42,6 +42,7 @@ def apso(swarm: Swarm, best: Any, *, alpha: float, beta: float,
     alpha = number_arg(fn, alpha, "alpha", minimum=0.0)
     beta = number_arg(fn, beta, "beta")
     target = target_arg(fn, swarm, best)
+    generator = generator_arg(fn, generator, swarm if alpha != 0.0 else None)
     if alpha == 0.0:
         out = swarm * (1.0 - beta)
     else:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from .._particle import Particle
 from .._swarm import Swarm
+from .._swarm_build import generator_for
 
 Tensor = torch.Tensor
 
@@ -20,15 +21,26 @@ def swarm_arg(fn: str, swarm: object, name: str = "swarm") -> Swarm:
     return swarm
 
 
-def losses_arg(fn: str, losses: object, size: int, name: str = "losses") -> Tensor:
-    """``losses`` as a detached real ``(P,)`` tensor, or a specific error."""
+def losses_arg(fn: str, losses: object, size: int, name: str = "losses", *, floating: bool = False) -> Tensor:
+    """``losses`` as a detached real ``(P,)`` tensor (any real dtype, bool included), or a specific error.
+
+    With ``floating``, integer and bool losses come back in the default float dtype (for arithmetic
+    such as a mean); floating losses keep theirs.
+    """
     if not isinstance(losses, Tensor):
         raise TypeError(f"{fn}: expected a tensor of {size} losses as {name}, got {type(losses).__name__}")
     if losses.shape != (size,):
         raise ValueError(f"{fn}: expected {name} of shape ({size},) (one per member), got {tuple(losses.shape)}")
     if losses.is_complex():
         raise TypeError(f"{fn}: expected real {name}, got {losses.dtype}")
+    if floating and not losses.is_floating_point():
+        losses = losses.to(torch.get_default_dtype())
     return losses.detach()
+
+
+def generator_arg(fn: str, generator: object, swarm: Optional[Swarm] = None) -> Optional[torch.Generator]:
+    """``None`` or a ``torch.Generator``; with ``swarm`` (whose values it will draw), one on its device type."""
+    return generator_for(fn, generator, None if swarm is None else swarm._spec)
 
 
 def number_arg(fn: str, value: object, name: str, *, minimum: float = float("-inf")) -> float:

@@ -38,8 +38,9 @@ def es_noise(center: Any, size: int, *, generator: Optional[torch.Generator] = N
 def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
     """The OpenAI-ES estimate of the gradient of the expected loss: ``Σ (L_i − mean L)·ε_i / (P·σ)``.
 
-    ``losses[i]`` is the loss of ``center + sigma * noise[i]``.  Pass ``centered_ranks(losses)``
-    instead of raw losses for rank-based fitness shaping.
+    ``losses[i]`` is the loss of ``center + sigma * noise[i]`` (any real dtype: integer and bool
+    losses are taken in the default float dtype).  Pass ``centered_ranks(losses)`` instead of raw
+    losses for rank-based fitness shaping.
 
     >>> import torch
     >>> eps = es_noise(torch.nn.Linear(1, 1, bias=False), 2000, generator=torch.Generator().manual_seed(0))
@@ -50,7 +51,7 @@ def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
     """
     fn = "es_gradient"
     noise = swarm_arg(fn, noise, "noise")
-    losses = losses_arg(fn, losses, len(noise))
+    losses = losses_arg(fn, losses, len(noise), floating=True)
     sigma = number_arg(fn, sigma, "sigma", minimum=0.0)
     if sigma == 0.0:
         raise ValueError(f"{fn}: expected sigma > 0, got 0")
@@ -80,14 +81,20 @@ def es_step(center: Any, noise: Swarm, losses: Tensor, *, sigma: float, lr: floa
 def centered_ranks(losses: Tensor) -> Tensor:
     """Fitness shaping: the ranks of ``losses`` scaled to ``[-0.5, 0.5]`` (lowest loss → -0.5).
 
+    Floating losses give ranks in their dtype; integer and bool losses, in the default float dtype.
+
     >>> centered_ranks(torch.tensor([10., -3., 7.]))
+    tensor([ 0.5000, -0.5000,  0.0000])
+    >>> centered_ranks(torch.tensor([10, -3, 7]))
     tensor([ 0.5000, -0.5000,  0.0000])
     """
     if not isinstance(losses, Tensor) or losses.dim() != 1:
         raise TypeError(f"centered_ranks: expected a 1-D tensor of losses, got "
                         f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
+    if losses.is_complex():
+        raise TypeError(f"centered_ranks: expected real losses, got {losses.dtype}")
     size = losses.shape[0]
-    ranks = torch.empty(size, dtype=torch.float32 if not losses.is_floating_point() else losses.dtype,
+    ranks = torch.empty(size, dtype=losses.dtype if losses.is_floating_point() else torch.get_default_dtype(),
                         device=losses.device)
     ranks[losses.argsort()] = torch.arange(size, dtype=ranks.dtype, device=losses.device)
     return ranks / max(size - 1, 1) - 0.5

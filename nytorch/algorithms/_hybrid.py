@@ -8,8 +8,9 @@ from typing import Any, Optional
 import torch
 
 from .._swarm import Swarm
-from ._checks import count_arg, losses_arg, number_arg, swarm_arg
+from ._checks import count_arg, generator_arg, losses_arg, number_arg, swarm_arg
 from ._gradient import sgd_step
+from ._indices import randperm
 from ._progress import progress, set_postfix
 
 Tensor = torch.Tensor
@@ -22,7 +23,9 @@ def pull_toward_best(swarm: Swarm, losses: Tensor, *, subset: int, alpha: float,
     """Draw ``subset`` random members and move each toward the best of them: ``W ← (1 − α)·W + α·W_best``.
 
     The evolutionary step of the nytorch 1.1 example (an accelerated-PSO pull without noise,
-    applied to a random subset to keep it cheap).  Members outside the subset are unchanged.
+    applied to a random subset to keep it cheap).  Members outside the subset are unchanged, and an
+    empty swarm (a rank's empty shard) gives an empty swarm.  The subset is drawn with ``generator``
+    on its own device (any device: nothing else is drawn).
 
     >>> import torch
     >>> s = Swarm.randn(torch.nn.Linear(2, 1), 4)
@@ -36,9 +39,10 @@ def pull_toward_best(swarm: Swarm, losses: Tensor, *, subset: int, alpha: float,
     losses = losses_arg(fn, losses, size)
     subset = count_arg(fn, subset, "subset", 1, max(size, 1))
     alpha = number_arg(fn, alpha, "alpha")
+    generator = generator_arg(fn, generator)
     if size == 0:  # an empty swarm (a rank's empty shard): nothing to select from
         return swarm.clone()
-    chosen = torch.randperm(size, generator=generator)[:subset]
+    chosen = randperm(size, generator)[:subset]
     best = chosen[torch.nan_to_num(losses.cpu()[chosen], nan=float("inf")).argmin()]
     others = chosen[chosen != best]
     out = swarm.clone()
@@ -51,6 +55,9 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
                 every: int = 5, subset: Optional[int] = None, alpha: float = 0.5,
                 generator: Optional[torch.Generator] = None) -> tuple[Swarm, Tensor]:
     """One step of the hybrid loop: ``sgd_step``, then ``pull_toward_best`` when ``(step + 1) % every == 0``.
+
+    ``subset`` defaults to every member.  An empty swarm (a rank's empty shard) stays empty, with
+    losses of shape ``(0,)``.
 
     Returns:
         ``(new_swarm, losses)`` with the losses before the step.
@@ -65,8 +72,8 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     every = count_arg("hybrid_step", every, "every", 1, 2**62)
     swarm, losses = sgd_step(swarm, loss_fn, *args, lr=lr)
     if (step + 1) % every == 0:
-        swarm = pull_toward_best(swarm, losses, subset=len(swarm) if subset is None else subset, alpha=alpha,
-                                 generator=generator)
+        swarm = pull_toward_best(swarm, losses, subset=max(len(swarm), 1) if subset is None else subset,
+                                 alpha=alpha, generator=generator)
     return swarm, losses
 
 
@@ -80,7 +87,8 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         show_progress: a tqdm bar (``None``: only when stderr is a terminal and tqdm is installed).
 
     Returns:
-        ``(final_swarm, history)`` with the per-member losses of every step, shape ``(steps, P)``.
+        ``(final_swarm, history)`` with the per-member losses of every step, shape ``(steps, P)``
+        (``(steps, 0)`` for an empty swarm).
 
     >>> import torch, torch.nn.functional as F
     >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])
@@ -96,5 +104,6 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         swarm, losses = hybrid_step(swarm, loss_fn, *batch, step=step, lr=lr, every=every, subset=subset,
                                     alpha=alpha, generator=generator)
         history.append(losses)
-        set_postfix(bar, best=float(losses.min()), mean=float(losses.mean()))
+        if losses.numel():
+            set_postfix(bar, best=float(losses.min()), mean=float(losses.mean()))
     return swarm, torch.stack(history) if history else torch.zeros(0, len(swarm))

@@ -9,7 +9,7 @@ from torch import nn
 from .. import _swarm_ops as swarm_ops
 from .._particle import Particle
 from .._swarm import Swarm
-from ._checks import losses_arg, number_arg, swarm_arg, target_arg
+from ._checks import generator_arg, losses_arg, number_arg, swarm_arg, target_arg
 
 Tensor = torch.Tensor
 
@@ -70,6 +70,7 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
     cognitive = number_arg(fn, cognitive, "cognitive")
     social = number_arg(fn, social, "social")
     target_of_all = target_arg(fn, swarm, global_best, "global_best")
+    generator = generator_arg(fn, generator, swarm if cognitive != 0.0 or social != 0.0 else None)
     # a zero coefficient drops its term (no draw either): 0 · (inf − inf) would be NaN, not 0
     out = velocity * inertia if inertia != 0.0 else Swarm.zeros(velocity)
     for coefficient, target in ((cognitive, best), (social, target_of_all)):
@@ -87,7 +88,8 @@ def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 
     """One PSO iteration: record bests from ``losses`` (the losses of ``swarm``), then move every member.
 
     Defaults are Clerc's constriction coefficients.  With all three coefficients zero the
-    swarm does not move.
+    swarm does not move.  An empty swarm (a rank's empty shard) gives an empty swarm and a state
+    of 0 members.
 
     Returns:
         ``(new_swarm, new_state)``; the inputs are unchanged.
@@ -109,12 +111,17 @@ def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 
         raise ValueError(f"pso_step: the state tracks {len(state.best)} members but the swarm has {len(swarm)}")
     for part in (state.best, state.velocity):  # a state of another model: say so before anything is written
         swarm_ops.aligned(fn, swarm._spec, part)
+    for name, value in (("inertia", inertia), ("cognitive", cognitive), ("social", social)):
+        number_arg(fn, value, name)  # checked here too: an empty swarm returns before pso_velocity
+    generator_arg(fn, generator, swarm if cognitive != 0.0 or social != 0.0 else None)
     # a NaN best (a diverged first evaluation) is beaten by any number, as if it were +inf
     improved = losses < torch.nan_to_num(state.best_loss, nan=float("inf"))
     best = state.best.clone()
     if bool(improved.any()):
         best[improved] = swarm[improved]
     best_loss = torch.where(improved, losses, state.best_loss)
+    if len(swarm) == 0:  # no member, no global best: nothing moves
+        return swarm.clone(), PSOState(state.velocity.clone(), best, best_loss)
     global_best = best[int(torch.nan_to_num(best_loss, nan=float("inf")).argmin())]
     velocity = pso_velocity(swarm, state.velocity, best, global_best, inertia=inertia, cognitive=cognitive,
                             social=social, generator=generator)

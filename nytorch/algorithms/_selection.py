@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 
 from .._swarm import Swarm
-from ._checks import count_arg, losses_arg, number_arg, swarm_arg
+from ._checks import count_arg, generator_arg, losses_arg, number_arg, swarm_arg
+from ._indices import randint
 
 __all__ = ["truncation_selection"]
 
@@ -18,8 +19,13 @@ def truncation_selection(swarm: Swarm, losses: torch.Tensor, *, survivors: int, 
     The result has the same size: first the survivors unchanged, best first, then
     ``parent + sigma * N(0, 1)`` for parents drawn uniformly from the survivors.
 
+    An empty swarm (a rank's empty shard) gives an empty swarm.  Parents are drawn with
+    ``generator`` on its own device; with ``sigma > 0`` it also draws the mutations on the
+    swarm's device, so it must be on that device.
+
     Raises:
-        ValueError: ``survivors`` outside ``[1, P]``, ``sigma < 0`` or losses of the wrong shape.
+        ValueError: ``survivors`` outside ``[1, P]``, ``sigma < 0``, losses of the wrong shape, or
+            (``sigma > 0``) a generator on another device type than the swarm.
 
     >>> import torch
     >>> s = Swarm.randn(torch.nn.Linear(2, 1), 5)
@@ -34,11 +40,12 @@ def truncation_selection(swarm: Swarm, losses: torch.Tensor, *, survivors: int, 
     losses = losses_arg(fn, losses, size)
     survivors = count_arg(fn, survivors, "survivors", 1, max(size, 1))
     sigma = number_arg(fn, sigma, "sigma", minimum=0.0)
+    generator = generator_arg(fn, generator, swarm if sigma > 0.0 else None)
     if size == 0:  # an empty swarm (a rank's empty shard): nothing to select from
         return swarm.clone()
     order = torch.argsort(torch.nan_to_num(losses, nan=float("inf")), stable=True).cpu()
     elite = order[:survivors]
-    parents = elite[torch.randint(survivors, (size - survivors,), generator=generator)]
+    parents = elite[randint(survivors, size - survivors, generator)]
     population = swarm[torch.cat([elite, parents])]
     if sigma > 0.0 and size > survivors:
         children = population[survivors:]  # a view: mutating it mutates the population

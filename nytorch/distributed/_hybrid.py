@@ -17,6 +17,7 @@ from .. import algorithms as alg
 from .._particle import Particle
 from .._swarm import Swarm
 from ..algorithms._checks import number_arg, swarm_arg
+from ..algorithms._indices import randperm
 from ._collectives import _begin, _best
 from ._comm import Timeout, resolve
 
@@ -146,7 +147,7 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
         return swarm, losses, None  # type: ignore[return-value]
     found = _best(swarm, losses, group=group, timeout=timeout, error=error)
     if count:
-        chosen = torch.randperm(len(swarm), generator=generator)[:count]
+        chosen = randperm(len(swarm), generator)[:count]  # on the generator's device, as the algorithms draw
         pulled = swarm.clone()
         pulled[chosen] = alg.apso(swarm[chosen], found[0], alpha=0.0, beta=checked.alpha)
         swarm = pulled

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -121,10 +122,36 @@ def test_average_of_particles_and_dicts():
     ([1.0, -1.0, 1.0], ValueError, r"average: expected weights >= 0, got weights\[1\] = -1\.0"),
     ([0.0, 0.0, 0.0], ValueError, r"average: expected the weights to have a positive sum"),
     (torch.ones(3, 1), ValueError, r"average: expected weights to be 1-D, got shape \(3, 1\)"),
+    (np.ones((3, 1)), ValueError, r"average: expected weights to be 1-D, got shape \(3, 1\)"),
+    (np.ones(2), ValueError, r"average: expected 3 weights \(one per model\), got 2"),
+    ([torch.tensor(1.0), torch.tensor(-0.5), 1.0], ValueError,
+     r"average: expected weights >= 0, got weights\[1\] = -0\.5"),
+    ([1.0, 1.0, float("inf")], ValueError, r"average: expected weights >= 0, got weights\[2\] = inf"),
+    ([1.0, torch.ones(1), 1.0], TypeError,
+     r"average: expected weights\[1\] to be a number or a 0-dim real tensor, got a float32 tensor of shape \(1,\)"),
+    ([1.0, 1.0, "2"], TypeError, r"average: expected weights\[2\] to be a number, got str"),
+    (np.array([True, False, True]), TypeError, r"average: expected weights\[0\] to be a number, got bool"),
+    ("abc", ValueError, r"average: expected 3 weights \(one per model\), got str"),
 ])
 def test_bad_weights(weights, error, message):
     with pytest.raises(error, match=message):
         merge.average(family(bn_net, 3), weights=weights)
+
+
+@pytest.mark.parametrize("convert", [
+    lambda w: [torch.tensor(x) for x in w],                       # list(torch.softmax(scores, 0))
+    lambda w: list(torch.tensor(w, dtype=torch.float64)),
+    lambda w: np.array(w),
+    lambda w: np.array(w, dtype=np.float32),
+    lambda w: [np.float32(x) for x in w],
+    lambda w: torch.tensor(w),
+    lambda w: tuple(w),
+])
+def test_weights_of_common_types_equal_a_list_of_floats(convert):
+    models = family(bn_net, 3)
+    weights = torch.softmax(torch.tensor([0.3, -1.0, 2.0]), 0).tolist()
+    soup = merge.average(models, weights=convert(weights))
+    assert_state(soup, reference_average(models, weights, "average"))
 
 
 def test_mismatched_model_is_named():

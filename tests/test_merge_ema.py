@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -260,11 +261,32 @@ def test_parameters_in_another_order_are_named(call, message):
     ({"tau": -0.1}, ValueError, r"ema_: expected tau to be in \[0, 1\], got -0\.1"),
     ({"tau": True}, TypeError, r"ema_: expected tau to be a number in \[0, 1\], got bool"),
     ({"tau": torch.ones(2)}, TypeError, r"ema_: expected tau to be a number or a 0-dim floating tensor"),
+    ({"tau": torch.tensor(-3.0)}, ValueError, r"ema_: expected tau to be in \[0, 1\], got tensor\(-3\.\)"),
+    ({"decay": torch.tensor(1.5, dtype=torch.float64)}, ValueError,
+     r"ema_: expected decay to be in \[0, 1\], got tensor\(1\.5000, dtype=torch\.float64\)"),
+    ({"tau": torch.tensor(float("nan"))}, ValueError, r"ema_: expected tau to be in \[0, 1\], got tensor\(nan\)"),
     ({"tau": 0.1, "buffers": "mean"}, ValueError, r"ema_: expected buffers to be one of"),
 ])
 def test_bad_weights_and_options(kwargs, error, message):
     with pytest.raises(error, match=message):
         merge.ema_(nn.Linear(2, 2), nn.Linear(2, 2), **kwargs)
+
+
+def test_bad_weights_change_nothing():
+    target, online = nn.Linear(2, 2), nn.Linear(2, 2)
+    before = [p.detach().clone() for p in target.parameters()]
+    with pytest.raises(ValueError, match=r"ema_: expected tau to be in \[0, 1\]"):
+        merge.ema_(target, online, tau=torch.tensor(1.01))
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), before))
+
+
+@pytest.mark.parametrize("value", [1.5, torch.tensor(1.5), torch.tensor(-0.5, dtype=torch.float64)])
+def test_ema_schedule_out_of_range_raises_for_numbers_and_tensors(value):
+    ema = merge.EMA(nn.Linear(2, 2), decay=lambda step: value)
+    before = ema.averaged.weight.clone()
+    with pytest.raises(ValueError, match=r"EMA\.update: expected decay to be in \[0, 1\], got "):
+        ema.update()
+    assert ema.step == 0 and torch.equal(ema.averaged.weight, before)
 
 
 def test_unsupported_operand():
@@ -413,6 +435,139 @@ def test_copy_to_and_state_dict_round_trip():
     assert torch.equal(fresh[0].weight, ema.averaged[0].weight)
     with pytest.raises(StructureError, match=r"EMA.load_state_dict: parameter '0\.bias' is missing from state"):
         other.load_state_dict({"step": 0, "averaged": {"0.weight": torch.zeros(6, 4)}})
+
+
+def _trained_ema(model: nn.Module, **kwargs) -> merge.EMA:
+    ema = merge.EMA(model, decay=0.5, **kwargs)
+    for seed in (1, 2):
+        with torch.no_grad():
+            for target, source in zip(model.parameters(), perturbed(model, seed).parameters()):
+                target.copy_(source)
+        ema.update()
+    return ema
+
+
+@pytest.mark.parametrize("make", [bn_net, Tied])
+@pytest.mark.parametrize("saved", ["reversed", "sorted", "averaged module", "float64"])
+def test_load_state_dict_matches_by_name_and_casts_like_torch(make, saved):
+    torch.manual_seed(0)
+    ema = _trained_ema(make())
+    averaged = ema.state_dict()["averaged"]
+    if saved == "reversed":
+        values = dict(reversed(list(averaged.items())))
+    elif saved == "sorted":
+        values = dict(sorted(averaged.items()))
+    elif saved == "averaged module":  # every name of a tied weight, like nn.Module.state_dict()
+        values = ema.averaged.state_dict()
+        assert len(values) > len(averaged) or make is bn_net
+    else:
+        values = {k: v.double() + 1e-9 if v.is_floating_point() else v for k, v in averaged.items()}
+    values = {k: v.clone() for k, v in values.items()}
+    other = merge.EMA(make())
+    other.load_state_dict({"step": torch.tensor(2), "averaged": values})
+    reference = make()  # the torch answer: nn.Module.load_state_dict of the same values
+    reference.load_state_dict(values, strict=make is not Tied)  # Tied: one name may stand for both
+    assert other.step == 2
+    for name, value in reference.state_dict().items():
+        assert other.averaged.state_dict()[name].dtype == value.dtype, name
+        assert torch.equal(other.averaged.state_dict()[name], value), name
+
+
+def test_load_state_dict_from_an_averaged_model():
+    torch.manual_seed(0)
+    model = bn_net()
+    swa = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    swa.update_parameters(perturbed(model, 1))
+    ema = merge.EMA(bn_net(), buffers="copy")
+    ema.load_state_dict({"step": int(swa.n_averaged), "averaged": swa.module.state_dict()})
+    for name, value in swa.module.state_dict().items():
+        assert torch.equal(ema.averaged.state_dict()[name], value), name
+    assert ema.step == 1
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda s: {**s, "extra": torch.zeros(1)}, StructureError,
+     r"EMA\.load_state_dict: state has an extra parameter 'extra', which the average does not have"),
+    (lambda s: {k: v for k, v in s.items() if k != "3.bias"}, StructureError,
+     r"EMA\.load_state_dict: parameter '3\.bias' is missing from state"),
+    (lambda s: {**s, "0.weight": torch.zeros(4, 6)}, StructureError,
+     r"EMA\.load_state_dict: parameter '0\.weight' differs: shape \(6, 4\) float32 vs shape \(4, 6\) float32 "
+     r"in state"),
+    (lambda s: {**s, "3.bias": torch.zeros(2, dtype=torch.complex64)}, TypeError,
+     r"EMA\.load_state_dict: expected a real tensor for parameter '3\.bias' \(shape \(2,\) float32\), got "
+     r"shape \(2,\) complex64 in state"),
+])
+def test_load_state_dict_errors_change_nothing(change, error, message):
+    torch.manual_seed(0)
+    ema = _trained_ema(bn_net())
+    before = {k: v.clone() for k, v in ema.averaged.state_dict().items()}
+    saved = {k: v + 1 if v.is_floating_point() else v for k, v in ema.state_dict()["averaged"].items()}
+    with pytest.raises(error, match=message):
+        ema.load_state_dict({"step": 7, "averaged": change(dict(reversed(list(saved.items()))))})
+    assert ema.step == 2
+    assert all(torch.equal(value, before[name]) for name, value in ema.averaged.state_dict().items())
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("kind", ["module", "particle", "other model"])
+def test_ema_follows_param_configs_changed_after_it_was_made(pack, kind):
+    torch.manual_seed(0)
+    model = NytoNet()
+    ema = merge.EMA(nytorch.particle(model) if kind == "particle" else model, decay=0.5, pack=pack)
+
+    def step() -> dict[str, torch.Tensor]:
+        """Move the model, update, and return the averages before the update."""
+        before = {k: v.detach().clone() for k, v in ema.state_dict()["averaged"].items()}
+        with torch.no_grad():
+            for tensor in model.parameters():
+                tensor.add_(1.0)
+        ema.update(copy.deepcopy(model) if kind == "other model" else None)
+        return before
+
+    def check(before: dict[str, torch.Tensor], frozen: bool) -> None:
+        live = dict(model.named_parameters())
+        for name, value in ema.state_dict()["averaged"].items():
+            expected = before[name] if frozen and name.startswith("frozen.") else 0.5 * (before[name] + live[name])
+            torch.testing.assert_close(value, expected.detach(), msg=name)
+
+    check(step(), frozen=False)
+    model.set_param_config(operational=False, name="frozen")   # adds configs to the model's table
+    check(step(), frozen=True)
+    model.apply_param_config(lambda pid, config: setattr(config, "operational", True))  # flips them back
+    check(step(), frozen=False)
+    model.set_param_config(operational=False, name="frozen")
+    check(step(), frozen=True)
+    assert ema.step == 4
+    if kind != "particle":  # swap and copy_to leave a non-operational parameter alone, as at construction
+        trained = model.frozen.weight.detach().clone()
+        with ema.swap():
+            assert torch.equal(model.frozen.weight, trained)
+            assert torch.equal(model.head.weight, ema.averaged.head.weight)
+        ema.copy_to()
+        assert torch.equal(model.frozen.weight, trained)
+
+
+def test_saving_part_of_a_packed_model_writes_the_whole_buffer_unless_cloned():
+    """What the ``pack`` docs (and the README's "Packing") say about ``torch.save`` after packing."""
+    def saved_bytes(value: object) -> int:
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.tell()
+
+    model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 100))
+    one_layer = 100 * 101 * 4
+    assert saved_bytes(model[0].state_dict()) < 1.1 * one_layer   # not packed yet: that layer only
+    ema = merge.EMA(model)
+    for part in (model[0].weight, model[0].state_dict(), ema.averaged[0].state_dict()):
+        assert saved_bytes(part) > 2 * one_layer                   # views: the whole packed buffer
+    cloned = {k: v.clone() for k, v in model[0].state_dict().items()}
+    assert saved_bytes(cloned) < 1.1 * one_layer
+    assert saved_bytes(model.state_dict()) < 2.1 * one_layer      # the whole model: the buffer once
+    buffer = io.BytesIO()
+    torch.save(cloned, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    assert all(torch.equal(loaded[k], v) for k, v in model[0].state_dict().items())
 
 
 def test_update_with_another_model_is_checked():

@@ -143,6 +143,35 @@ def test_gradients_flow_through_unravel_of_a_dict():
     assert vector.grad is not None and vector.grad.tolist() == [2.0, 2.0, 2.0, 2.0]
 
 
+def test_unravel_copies_arrays_torch_cannot_view_without_warning(recwarn):
+    model = nn.Linear(3, 2)
+    vector, unravel = merge.ravel(model)
+    expected = vector.numpy().copy()
+    reversed_ = unravel(expected[::-1].copy()[::-1])  # negative strides: copied, values in order
+    read_only = expected.copy()
+    read_only.flags.writeable = False
+    stacked = [expected[:3], expected[3:]]
+    strided = np.zeros(2 * expected.size, dtype=np.float64)
+    strided[::2] = expected
+    for result in (reversed_, unravel(read_only), unravel(strided[::2])):
+        assert torch.equal(merge.ravel(result)[0], vector)
+    backwards = unravel(expected[::-1])
+    assert torch.equal(merge.ravel(backwards)[0], torch.from_numpy(expected[::-1].copy()))
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
+    with pytest.raises(TypeError, match=r"unravel: expected a tensor or an array of shape \(8,\), got list "
+                                        r"\(.*inhomogeneous"):
+        unravel(stacked)
+
+
+def test_unravel_of_a_swarm_takes_a_list_of_arrays_without_warning(recwarn):
+    swarm = nytorch.Swarm.stack([nn.Linear(3, 2) for _ in range(4)])
+    vector, unravel = merge.ravel(swarm)
+    rows = [row.numpy().astype(np.float64) for row in vector * 3]  # e.g. cma's ask()
+    result = unravel(rows)
+    assert len(result) == 4 and torch.equal(merge.ravel(result)[0], vector * 3)
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
+
+
 @pytest.mark.parametrize("value, error, message", [
     (torch.zeros(5), StructureError, r"unravel: expected a vector of shape \(4,\), got shape \(5,\)"),
     (torch.zeros(2, 2), StructureError, r"unravel: expected a vector of shape \(4,\), got shape \(2, 2\)"),

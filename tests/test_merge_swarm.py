@@ -154,6 +154,9 @@ class _Frozen(nytorch.NytoModule):
         self.head = nn.Linear(4, 2)
         self.set_param_config(operational=False, name="body")
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
 
 def _frozen_members(seed: int) -> list[nn.Module]:
     torch.manual_seed(seed)
@@ -184,3 +187,22 @@ def test_ravel_of_a_swarm_keeps_the_members_param_configs():
     single, _ = merge.ravel(models[0])
     assert vector.shape == (3, single.numel()) == (3, 10)  # the head only: 4 * 2 + 2
     torch.testing.assert_close(vector[0], single)
+
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_unravel_of_a_swarm_carries_non_operational_parameters_to_any_member_count(count):
+    # the frozen layer is not in the vector; for another member count it is member 0's, as Swarm.zeros carries it
+    models = _frozen_members(0)
+    swarm = Swarm.stack(models)
+    vector, unravel = merge.ravel(swarm)
+    values = torch.arange(count * vector.shape[1], dtype=torch.float32).reshape(count, -1)
+    result = unravel(values.numpy())
+    assert isinstance(result, Swarm) and len(result) == count
+    for index in range(count):
+        frozen = models[index if count == 3 else 0].body
+        assert torch.equal(result.params["body.weight"][index], frozen.weight.detach())
+        assert torch.equal(result.params["body.bias"][index], frozen.bias.detach())
+        assert torch.equal(result.params["head.weight"][index].reshape(-1), values[index, :8])
+        assert torch.equal(result.params["head.bias"][index], values[index, 8:])
+    assert torch.equal(result.params["body.weight"], Swarm.zeros(swarm, count).params["body.weight"])
+    assert tuple(result(torch.ones(7, 3)).shape) == (count, 7, 2)

@@ -9,6 +9,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, TypeVar, Union
 
+import numpy as np
 import torch
 
 from .. import _leafwise as lw
@@ -16,6 +17,8 @@ from ._state import BufferMode, Operand, check_buffers, check_same, is_swarm, op
 
 Tensor = torch.Tensor
 M = TypeVar("M")
+#: What ``average(weights=...)`` takes: numbers or 0-dim tensors, a 1-D tensor or a 1-D numpy array.
+Weights = Union[Sequence[Union[float, Tensor]], Tensor, np.ndarray]
 
 __all__ = ["average", "greedy_soup", "Soup", "read_all"]
 
@@ -36,22 +39,33 @@ def read_all(fn: str, models: Sequence[Any], *, buffers: bool, argument: str = "
     return read
 
 
+def _weight(fn: str, index: int, weight: object) -> float:
+    if isinstance(weight, Tensor):
+        if weight.dim() != 0 or weight.is_complex() or weight.dtype == torch.bool:
+            raise TypeError(f"{fn}: expected weights[{index}] to be a number or a 0-dim real tensor, got a "
+                             f"{str(weight.dtype).removeprefix('torch.')} tensor of shape {tuple(weight.shape)}")
+        weight = weight.item()
+    if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"{fn}: expected weights[{index}] to be a number, got {type(weight).__name__}")
+    value = float(weight)
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"{fn}: expected weights >= 0, got weights[{index}] = {weight!r}")
+    return value
+
+
 def _weights(fn: str, weights: Any, count: int) -> list[float]:
+    """One float per model from a sequence of numbers or 0-dim tensors, a 1-D tensor or a 1-D numpy array."""
     if weights is None:
         return [1.0] * count
-    if isinstance(weights, Tensor):
-        if weights.dim() != 1:
+    if isinstance(weights, (Tensor, np.ndarray)):
+        if weights.ndim != 1:
             raise ValueError(f"{fn}: expected weights to be 1-D, got shape {tuple(weights.shape)}")
-        weights = weights.tolist()
-    if not isinstance(weights, Sequence) or len(weights) != count:
-        size = len(weights) if isinstance(weights, Sequence) else type(weights).__name__
+        weights = weights.tolist()  # one device sync for a tensor, not one per weight
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != count:
+        size = len(weights) if isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)) \
+            else type(weights).__name__
         raise ValueError(f"{fn}: expected {count} weights (one per model), got {size}")
-    values = []
-    for index, weight in enumerate(weights):
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not float(weight) >= 0.0 \
-                or float(weight) == float("inf"):
-            raise ValueError(f"{fn}: expected weights >= 0, got weights[{index}] = {weight!r}")
-        values.append(float(weight))
+    values = [_weight(fn, index, weight) for index, weight in enumerate(weights)]
     if not sum(values) > 0.0:
         raise ValueError(f"{fn}: expected the weights to have a positive sum, got {values}")
     return values
@@ -87,8 +101,7 @@ def mean_leaves(read: Sequence[Operand], weights: Sequence[float], buffers: Buff
     return out
 
 
-def average(models: Sequence[M], /, *, weights: Optional[Union[Sequence[float], Tensor]] = None,
-            buffers: BufferMode = "average") -> M:
+def average(models: Sequence[M], /, *, weights: Optional[Weights] = None, buffers: BufferMode = "average") -> M:
     """``Σ wᵢ·modelᵢ / Σ wᵢ``: uniform average (SWA, uniform model soup) or weighted average.
 
     Uniform soups are Wortsman et al. 2022, "Model soups: averaging weights of multiple
@@ -100,7 +113,8 @@ def average(models: Sequence[M], /, *, weights: Optional[Union[Sequence[float], 
     Args:
         models: models (``nn.Module``/``NytoModule``), Particles or dicts of tensors of one
             structure, or a ``Swarm`` (its members).
-        weights: one non-negative weight per model (normalised to sum to one); default uniform.
+        weights: one non-negative weight per model (normalised to sum to one): a sequence of
+            numbers or 0-dim tensors, a 1-D tensor or a 1-D numpy array; default uniform.
         buffers: ``"average"`` floating buffers (integer ones such as ``num_batches_tracked``
             come from the first model), or ``"copy"``/``"keep"`` all buffers from the first model.
 
@@ -109,8 +123,8 @@ def average(models: Sequence[M], /, *, weights: Optional[Union[Sequence[float], 
 
     Raises:
         StructureError: a model differs from the first (names the model and the parameter).
-        ValueError: bad weights or ``buffers``.
-        TypeError: ``models`` is empty or not a sequence.
+        ValueError: bad weights (count, shape, a negative or infinite one, a zero sum) or ``buffers``.
+        TypeError: ``models`` is empty or not a sequence, or a weight is not a number.
 
     >>> import torch
     >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)

@@ -39,6 +39,9 @@ def _unit(fn: str, name: str, value: object) -> Weight:
         if value.dim() != 0 or not (value.is_floating_point() or value.is_complex()):
             raise TypeError(f"{fn}: expected {name} to be a number or a 0-dim floating tensor, "
                             f"got a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}")
+        # checked like a float where reading it is free; an accelerator's would cost a device sync
+        if value.device.type == "cpu" and not value.is_complex() and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{fn}: expected {name} to be in [0, 1], got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: expected {name} to be a number in [0, 1], got {type(value).__name__}")
@@ -52,10 +55,15 @@ def weight_of(fn: str, decay: object, tau: object) -> Weight:
 
     Raises:
         TypeError: neither or both are given, or one is not a number / 0-dim tensor.
-        ValueError: a number outside [0, 1].
+        ValueError: a number, or a 0-dim CPU tensor, outside [0, 1] (a tensor on an accelerator
+            is not read: that would wait for the device).
 
     >>> weight_of("demo", 0.75, None)
     0.25
+    >>> weight_of("demo", None, torch.tensor(1.5))
+    Traceback (most recent call last):
+    ...
+    ValueError: demo: expected tau to be in [0, 1], got tensor(1.5000)
     """
     if (decay is None) == (tau is None):
         given = "both" if decay is not None else "neither"
@@ -136,7 +144,9 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
             (every member at once) or a dict of tensors.
         online: the model being trained, of the same structure (same kinds as ``target``).
         decay: the fraction of ``target`` kept (``tau = 1 − decay``), e.g. 0.999.
-        tau: the fraction of ``online`` taken, e.g. 0.005 (give exactly one of the two).
+        tau: the fraction of ``online`` taken, e.g. 0.005 (give exactly one of the two).  Either
+            may be a 0-dim floating tensor; on the CPU its value is checked like a float's, on an
+            accelerator it is not read (that would wait for the device).
         buffers: floating buffers (BatchNorm statistics) are ``"average"``-d like
             parameters, ``"copy"``-ed from ``online``, or left alone with ``"keep"``.
             Integer buffers are copied unless ``"keep"``.  (In a dict every floating tensor

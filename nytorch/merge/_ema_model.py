@@ -3,12 +3,18 @@
 Like an optimizer, an ``EMA`` keeps the model's tensors it was built with, so
 ``update()`` neither walks the module tree nor re-validates it: it is one fused
 ``lerp_`` (a single ``lerp_`` over one buffer: the model is packed when the EMA is made).
-Two cheap checks run on every update: that the model's parameter and buffer tables
+Three cheap checks run on every update: that the model's parameter and buffer tables
 still hold those tensor objects (a ``model.to("meta")``, a conversion under
 ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` or ``module.weight =
-nn.Parameter(...)`` puts new ones there), and that the addresses of their storage are
-unchanged (``model.to(...)``, ``param.data = ...``).  Either change makes the EMA read the
-model again and re-validate it.  Passing another model object to ``update`` reads and checks it.
+nn.Parameter(...)`` puts new ones there), that the addresses of their storage are
+unchanged (``model.to(...)``, ``param.data = ...``), and that the model's ``ParamConfig``s
+are as they were (``set_param_config`` after the EMA was made).  Any change makes the EMA
+read the model again and re-validate it.  Passing another model object to ``update`` reads
+and checks it.
+
+Packing makes each of the model's parameters (and the average's) a view into one buffer, so
+``torch.save`` of one parameter or of a submodule's ``state_dict()`` writes the whole buffer
+(torch saves a view's entire storage); ``.clone()`` it first to save it alone.
 """
 from __future__ import annotations
 
@@ -22,39 +28,16 @@ import torch
 from torch import nn
 
 from .. import _leafwise as lw
+from .._errors import StructureError
 from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
 from ._ema import apply_plan_, lerp_, plan, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, check_same, operand, rebuild
+from ._watch import Configs, entries
 
 Tensor = torch.Tensor
 
 __all__ = ["EMA"]
-
-
-def _entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tensor]]:
-    """``(tables, keys, tensors)``: each ``_parameters`` / ``_buffers`` entry holding a leaf of a module operand.
-
-    A tied weight is listed once per module holding it.  Empty for Particles, Swarms and dicts.
-    """
-    tables: list[dict[str, Any]] = []
-    keys: list[str] = []
-    tensors: list[Tensor] = []
-    layout = online.layout
-    if online.kind != "module" or layout is None:
-        return tables, keys, tensors
-    with_buffers = len(online.leaves) > online.params
-    for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
-        for table, slots, leaves in ((module._parameters, param_slots, layout.params),
-                                     (module._buffers, buffer_slots, layout.buffers if with_buffers else None)):
-            if leaves is None:
-                continue
-            for key, index in slots:
-                if index is not None:
-                    tables.append(table)
-                    keys.append(key)
-                    tensors.append(leaves[index])
-    return tables, keys, tensors
 
 
 class EMA:
@@ -73,7 +56,9 @@ class EMA:
     noticed, and the model is read and re-checked (so moving it to another device raises
     ``DeviceMismatchError`` and converting it to another dtype ``StructureError``).  If you
     replace submodules by new objects, make a new ``EMA`` (or pass the new model object to
-    ``update``, which then reads and checks it).
+    ``update``, which then reads and checks it).  Parameters a ``ParamConfig`` marks
+    non-operational are left alone by ``update``, ``swap`` and ``copy_to``, as by ``ema_``;
+    configs changed after the EMA was made (``model.set_param_config(...)``) are followed.
 
     Args:
         model: the model being trained: an ``nn.Module``, a ``Particle``, a ``Swarm`` or a dict of tensors.
@@ -85,6 +70,11 @@ class EMA:
             dtype first (as ``nytorch.particle`` does; Parameter objects are kept, so the
             optimizer keeps working), which makes ``update()`` one ``lerp_`` per buffer.
             ``False`` leaves the model's storage alone (one fused ``lerp_`` over its tensors).
+            After packing, every parameter is a view into that buffer (so is every tensor of
+            ``averaged``): ``torch.save(model.fc.weight, f)`` or
+            ``torch.save(model.fc.state_dict(), f)`` writes the whole packed buffer, because
+            views share storage; save ``{k: v.clone() for k, v in model.fc.state_dict().items()}``
+            to write that part alone.  A whole ``model.state_dict()`` writes the buffer once.
 
     Attributes:
         averaged: the average, of ``model``'s kind (a module in eval mode without gradients).
@@ -120,7 +110,7 @@ class EMA:
         self.averaged = self._copy()
         self._target = operand("EMA", self.averaged, buffers=buffers != "keep")
         self.step = 0
-        self._tables, self._keys, self._held = _entries(self._online)
+        self._tables, self._keys, self._held = entries(self._online)
         self._prepare()
 
     # -- internals ----------------------------------------------------------------------
@@ -179,6 +169,7 @@ class EMA:
                 for leaf in leaves[:1] + leaves[-1:]]
         self._watch = ends + (flat_online if group else [])
         self._seen = self._fingerprint()
+        self._configs = Configs(self._online)
 
     def _fingerprint(self) -> tuple[int, ...]:
         return tuple(map(Tensor.data_ptr, self._watch))
@@ -188,15 +179,15 @@ class EMA:
         return all(map(operator.is_, map(dict.get, self._tables, self._keys), self._held))
 
     def _cached(self, fn: str) -> Operand:
-        if not self._holds():  # new tensor objects in the model (e.g. ``.to("meta")``): read it again
-            online = operand(fn, self._model, buffers=self._buffers != "keep")
-            check_same(fn, self._target, online, "model", reference="the average")
-            self._online = online
-            self._tables, self._keys, self._held = _entries(online)
-        elif self._fingerprint() != self._seen:  # moved or converted since: check again
-            check_same(fn, self._target, self._online, "model", reference="the average")
-        else:
+        if self._holds() and self._fingerprint() == self._seen and not self._configs.changed():
             return self._online
+        # new tensor objects in the model (e.g. ``.to("meta")``), moved or converted tensors, or
+        # other ``ParamConfig``s: read the model again and check it before anything is written
+        online = operand(fn, self._model, buffers=self._buffers != "keep")
+        check_same(fn, self._target, online, "model", reference="the average")
+        self._online = online
+        self._tables, self._keys, self._held = entries(online)
+        self._plan = plan(online, self._buffers)
         if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
             pack_(self._model)
         self._prepare()
@@ -205,6 +196,8 @@ class EMA:
     def _read(self, fn: str, model: Any) -> Operand:
         if model is None or model is self._model:
             return self._cached(fn)
+        if self._configs.changed():  # the plan follows the model's ParamConfigs
+            self._cached(fn)
         other = operand(fn, model, buffers=self._buffers != "keep")
         check_same(fn, self._target, other, "model", reference="the average")
         return other
@@ -312,28 +305,62 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``step`` and the averages from ``state_dict()`` output.
+        """Restore ``step`` and the averages from ``state_dict()`` output (matched by name, like ``nn.Module``).
+
+        ``state["averaged"]`` is matched by name, in any order, so it may also be a module's
+        ``state_dict()`` (e.g. ``ema.averaged.state_dict()`` or an ``AveragedModel``'s
+        ``module.state_dict()``, tied weights under every name).  As in
+        ``nn.Module.load_state_dict``, values are copied into the average's tensors, so they
+        take its dtypes and devices (a float64 checkpoint loads into a float32 average).
+        Nothing is written unless every name and shape matches.
 
         Raises:
-            StructureError: the saved averages have other names or shapes.
+            TypeError: ``state`` is not a mapping with ``"step"`` and ``"averaged"``, or holds
+                complex values for real averages.
+            StructureError: a name is missing or unknown, or a shape differs.
 
-        >>> ema = EMA(torch.nn.Linear(1, 1))
-        >>> ema.load_state_dict(ema.state_dict())
+        >>> net = torch.nn.Linear(1, 1)
+        >>> ema = EMA(net, decay=0.5)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(3.0)
+        >>> ema.update()
+        >>> saved = {"step": ema.step, "averaged": {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}}
+        >>> restored = EMA(torch.nn.Linear(1, 1))
+        >>> restored.load_state_dict(saved)
+        >>> restored.step, torch.equal(restored.averaged.weight, ema.averaged.weight)
+        (1, True)
         """
+        fn = "EMA.load_state_dict"
         if not isinstance(state, Mapping) or "step" not in state or "averaged" not in state:
-            raise TypeError("EMA.load_state_dict: expected a mapping with 'step' and 'averaged', "
-                            f"got {type(state).__name__}")
+            raise TypeError(f"{fn}: expected a mapping with 'step' and 'averaged', got {type(state).__name__}")
         averages = state["averaged"]
         if not isinstance(averages, Mapping) or not all(isinstance(v, Tensor) for v in averages.values()):
-            raise TypeError("EMA.load_state_dict: expected state['averaged'] to map names to tensors")
-        names = list(averages)
-        leaves = [averages[name] for name in names]
-        if names == self._target.names:  # like nn.Module.load_state_dict, accept another device
-            leaves = [value.to(mine.device) for value, mine in zip(leaves, self._target.leaves)]
-        saved = Operand("tree", averages, names, leaves, len(names), None)
-        check_same("EMA.load_state_dict", self._target, saved, "state", reference="the average")
-        if self._target.leaves:
-            torch._foreach_copy_(self._target.leaves, saved.leaves)
+            raise TypeError(f"{fn}: expected state['averaged'] to map names to tensors")
+        mine = dict(zip(self._target.names, self._target.leaves))
+        known = dict(mine)
+        if isinstance(self.averaged, nn.Module):  # a module's other names: tied weights, untracked buffers
+            for name, value in self.averaged.state_dict(keep_vars=True).items():
+                if isinstance(value, Tensor):
+                    known.setdefault(name, value)
+        targets, values = [], []
+        for name, value in averages.items():
+            target = known.get(name)
+            if target is None:
+                raise StructureError(f"{fn}: state has an extra parameter {name!r}, which the average does not have")
+            if value.shape != target.shape:
+                raise StructureError(f"{fn}: parameter {name!r} differs: {lw.describe(target)} vs "
+                                     f"{lw.describe(value)} in state")
+            if value.is_complex() and not target.is_complex():
+                raise TypeError(f"{fn}: expected a real tensor for parameter {name!r} "
+                                f"({lw.describe(target)}), got {lw.describe(value)} in state")
+            targets.append(target)
+            values.append(value)
+        given = set(map(id, targets))
+        for name, leaf in mine.items():
+            if id(leaf) not in given:
+                raise StructureError(f"{fn}: parameter {name!r} is missing from state")
+        if targets:
+            torch._foreach_copy_(targets, values)
         self.step = int(state["step"])
 
     def __repr__(self) -> str:

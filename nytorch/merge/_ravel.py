@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._errors import DeviceMismatchError, StructureError
@@ -57,8 +58,10 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
 
     Returns:
         ``(vector, unravel)``: ``vector`` is a fresh 1-D tensor (``[P, n]`` for a Swarm of
-        P members); ``unravel(v)`` takes a tensor, numpy array or list of that shape
-        (any P for a Swarm) and returns a new value of ``x``'s kind holding a copy of
+        P members); ``unravel(v)`` takes a tensor, numpy array (any strides, read-only
+        too) or list (of numbers, or of 1-D arrays for a Swarm) of that shape (any P for a
+        Swarm: what the vector leaves out is carried from member 0 when P differs, as
+        ``Swarm.zeros`` does) and returns a new value of ``x``'s kind holding a copy of
         ``v`` (gradients flow to ``v`` for dict results).  ``vector.numpy()`` and
         ``unravel(array)`` are the numpy round trip for scipy, ``cma`` or nevergrad.
         numpy has no bfloat16, so for a bfloat16 model ``vector.numpy()`` raises
@@ -101,29 +104,46 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
                                      members is not None)
 
 
+def _as_tensor(vector: Any) -> tuple[Tensor, bool]:
+    """``vector`` as a tensor, and whether it is a fresh copy nobody else holds.
+
+    numpy arrays torch cannot view (negative strides, e.g. ``a[::-1]``) or must not view
+    (read-only ones, which torch would warn about) are copied; a list of arrays is stacked
+    first (building a tensor from it element by element is slow and warns).
+    """
+    if isinstance(vector, (list, tuple)) and any(isinstance(item, np.ndarray) for item in vector):
+        vector = np.asarray(vector)
+    if isinstance(vector, np.ndarray) and (not vector.flags.writeable or any(s < 0 for s in vector.strides)):
+        return torch.from_numpy(np.array(vector)), True
+    return torch.as_tensor(vector), False
+
+
 def _unravel(op: Operand, picked: list[int], shapes: list[tuple[int, ...]], sizes: list[int],
              dtype: torch.dtype, device: torch.device, carried: dict[int, Tensor], stacked: bool,
              vector: Any, /) -> Any:
     total = sum(sizes)
     expected = f"[P, {total}]" if stacked else f"({total},)"
     try:
-        flat = torch.as_tensor(vector)
+        flat, fresh = _as_tensor(vector)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"unravel: expected a tensor or an array of shape {expected}, "
-                        f"got {type(vector).__name__}") from error
+                        f"got {type(vector).__name__} ({error})") from error
     good = flat.dim() == 2 and flat.shape[1] == total if stacked else flat.dim() == 1 and flat.shape[0] == total
     if not good:
         raise StructureError(f"unravel: expected a vector of shape {expected}, got shape {tuple(flat.shape)}")
     if flat.is_complex() and not dtype.is_complex:
         raise TypeError(f"unravel: expected a real vector for {str(dtype).removeprefix('torch.')} "
                         "parameters, got a complex one")
-    flat = flat.to(device=device, dtype=dtype, copy=True)
+    flat = flat.to(device=device, dtype=dtype, copy=not fresh)
     pieces = flat.split(sizes, dim=-1)
+    count = flat.shape[0] if stacked else None
     leaves: list[Tensor] = [torch.empty(0)] * len(op.leaves)
     for index, piece, shape in zip(picked, pieces, shapes):
         full = (flat.shape[0], *shape) if stacked else shape
         leaves[index] = piece.reshape(full).to(op.leaves[index].dtype)
     with torch.no_grad():
         for index, leaf in carried.items():
+            if count is not None and leaf.shape[0] != count:  # another member count: member 0's values,
+                leaf = leaf[:1].expand(count, *leaf.shape[1:])  # as Swarm constructors carry them
             leaves[index] = leaf.detach().clone()
     return rebuild(op, leaves)

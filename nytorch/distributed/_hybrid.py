@@ -77,13 +77,6 @@ def _args(fn: str, swarm: object, every: object, subset: object, lr: object, alp
     return _Args(every, subset, number_arg(fn, lr, "lr"), number_arg(fn, alpha, "alpha"))
 
 
-def _no_losses(swarm: Swarm) -> Tensor:
-    """The losses of an empty shard: shape ``(0,)``, on its device, in its (floating) dtype."""
-    leaves = [leaf for leaf in swarm.params.values() if leaf.is_floating_point()]
-    return torch.zeros(0, dtype=leaves[0].dtype if leaves else torch.get_default_dtype(),
-                       device=leaves[0].device if leaves else None)
-
-
 def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, step: int, lr: float,
                 every: int = 5, subset: Optional[int] = None, alpha: float = 0.5,
                 generator: Optional[torch.Generator] = None, group: Any = None, timeout: Timeout = None,
@@ -135,10 +128,7 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     try:
         checked = _args(fn, swarm, every, subset, lr, alpha)
         count = len(swarm) if checked.subset is None else min(checked.subset, len(swarm))
-        if len(swarm):
-            swarm, losses = alg.sgd_step(swarm, loss_fn, *args, lr=checked.lr)
-        else:
-            losses = _no_losses(swarm)
+        swarm, losses = alg.sgd_step(swarm, loss_fn, *args, lr=checked.lr)  # an empty shard: empty losses
     except Exception as caught:
         if not pulling:
             raise

@@ -54,6 +54,8 @@ NEG = Op("neg", torch.neg, torch._foreach_neg, torch._foreach_neg_, Tensor.neg_)
 LERP = Op("lerp", torch.lerp, torch._foreach_lerp, torch._foreach_lerp_, Tensor.lerp_)
 
 REFLECTED = {"sub": RSUB, "div": RDIV, "pow": RPOW, "add": ADD, "mul": MUL}
+#: The operations (by the name callers pass as ``fn``) that torch refuses for boolean operands.
+_SUBTRACTIONS = frozenset({SUB.name, RSUB.name})
 
 
 def is_scalar(value: object) -> bool:
@@ -141,7 +143,7 @@ def check_scalar(fn: str, scalar: object, names: Union[Sequence[str], Callable[[
     ``names`` may be a callable, called only when a leaf has to be checked; ``active`` marks the
     leaves that take part in the operation, all of them floating or complex.
     """
-    if "sub" in fn and (isinstance(scalar, bool) or (isinstance(scalar, Tensor) and scalar.dtype == torch.bool)):
+    if fn in _SUBTRACTIONS and (isinstance(scalar, bool) or (isinstance(scalar, Tensor) and scalar.dtype == torch.bool)):
         raise TypeError(f"{fn}: expected a number to subtract, got the boolean {scalar!r} "
                         "(torch does not subtract booleans); use an int or a float")
     if isinstance(scalar, (bool, int, float)) and not any(dtype.is_complex for dtype in set(map(_DTYPE, leaves))):

@@ -181,6 +181,8 @@ def _unaliased(flats: Sequence[Tensor], operands: Sequence[Operand]) -> list[Ope
     groups.  Copied first, every member reads the values from before the step, as
     ``s = s + s[0]`` would.
     """
+    if not any(isinstance(operand, (Tensor, list)) for operand in operands):
+        return list(operands)  # numbers cannot alias
     written = {flat.untyped_storage().data_ptr() for flat in flats}
     return [_copied(operand, written) for operand in operands]
 

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 
 from .. import _leafwise as lw
-from ._state import check_same, members, operand, rebuild
+from ._state import check_same, members, operand, per_member, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -83,9 +83,7 @@ def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M
     if size is None:
         merged = _slerp_tensors(firsts, seconds, position, float(threshold))
     else:  # a Swarm: each member's angles are its own, exactly as a loop of per-member calls
-        rows = [_slerp_tensors([a[k] for a in firsts], [b[k] for b in seconds], position, float(threshold))
-                for k in range(size)]
-        merged = [torch.stack(column) for column in zip(*rows)]
+        merged = per_member(lambda a, b: _slerp_tensors(a, b, position, float(threshold)), size, firsts, seconds)
     out = [leaf.detach().clone() for leaf in start.leaves]
     for index, value in zip(picked, merged):
         out[index] = value

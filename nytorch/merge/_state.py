@@ -8,7 +8,7 @@ gives a fresh model of the same class, a Particle a Particle, a dict a dict).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Optional
 
 import optree
@@ -29,7 +29,8 @@ Kind = Literal["module", "particle", "swarm", "tree"]
 BufferMode = Literal["average", "copy", "keep"]
 BUFFER_MODES = ("average", "copy", "keep")
 
-__all__ = ["Operand", "operand", "check_same", "rebuild", "is_swarm", "members", "check_buffers", "BufferMode"]
+__all__ = ["Operand", "operand", "check_same", "rebuild", "is_swarm", "members", "per_member", "check_buffers",
+           "BufferMode"]
 
 
 class Operand(NamedTuple):
@@ -64,6 +65,19 @@ def is_swarm(value: object) -> bool:
 def members(value: Operand) -> Optional[int]:
     """How many members a Swarm operand has (its leaves are stacked ``[P, ...]``); ``None`` for any other kind."""
     return len(value.source) if value.kind == "swarm" else None
+
+
+def per_member(fn: Callable[..., Sequence[Tensor]], size: int, *stacked: Sequence[Tensor]) -> list[Tensor]:
+    """``fn`` on each member's rows of ``stacked`` leaf lists (``[P, ...]`` each), results stacked back.
+
+    Exactly a loop of per-member calls: member ``k`` gets ``[leaf[k] for leaf in leaves]`` of each list,
+    and members run in order (so random draws inside ``fn`` come in a loop's order).
+
+    >>> per_member(lambda xs: [x * 2 for x in xs], 2, [torch.tensor([1., 2.])])
+    [tensor([2., 4.])]
+    """
+    rows = [fn(*([leaf[k] for leaf in leaves] for leaves in stacked)) for k in range(size)]
+    return [torch.stack(column) for column in zip(*rows)]
 
 
 def check_buffers(fn: str, buffers: object) -> None:

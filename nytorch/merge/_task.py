@@ -13,7 +13,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 
 from .. import _leafwise as lw
-from ._state import Operand, check_same, is_swarm, members, operand, rebuild
+from ._state import Operand, check_same, is_swarm, members, operand, per_member, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -217,5 +217,9 @@ def _masks(vector: Sequence[Tensor], p: float, generator: Optional[torch.Generat
 def _member_masks(vectors: Sequence[Sequence[Tensor]], p: float, generator: Optional[torch.Generator],
                   size: int) -> list[list[Tensor]]:
     """Stacked ``[P, ...]`` masks per task vector, drawn member by member, then model by model, then tensor."""
-    rows = [[_masks([leaf[k] for leaf in vector], p, generator) for vector in vectors] for k in range(size)]
-    return [[torch.stack(column) for column in zip(*(row[m] for row in rows))] for m in range(len(vectors))]
+    flat = per_member(lambda *member: [mask for leaves in member for mask in _masks(leaves, p, generator)],
+                      size, *vectors)
+    starts = [0]
+    for vector in vectors:
+        starts.append(starts[-1] + len(vector))
+    return [flat[start:stop] for start, stop in zip(starts, starts[1:])]

@@ -9,7 +9,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 
 from .. import _leafwise as lw
-from ._state import members, rebuild
+from ._state import members, per_member, rebuild
 from ._task import add_scaled, deltas, read_tasks
 
 Tensor = torch.Tensor
@@ -76,8 +76,7 @@ def _trim_each(vector: Sequence[Tensor], density: float, size: Optional[int]) ->
     """``trim``, or for a Swarm's stacked ``[P, ...]`` leaves ``trim`` of each member's entries on their own."""
     if size is None:
         return trim(vector, density)
-    rows = [trim([leaf[k] for leaf in vector], density) for k in range(size)]
-    return [torch.stack(column) for column in zip(*rows)]
+    return per_member(lambda leaves: trim(leaves, density), size, vector)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _leafwise as lw
 from ._particle import Particle
 from ._walk import Layout, model_class
 
@@ -351,6 +352,4 @@ def decode_ndarray(data: dict[str, Any], path: str) -> Any:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} on {value.device}"
-    return f"a {type(value).__name__}"
+    return f"a tensor of {lw.describe(value)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"

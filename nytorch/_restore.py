@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import _algebra as algebra
+from . import _leafwise as lw
 from ._bind import bind
 from ._codec import (TAG, CheckpointError, class_of, decode_generator, fields_of, generator_device,
                      is_dataclass_instance, is_namedtuple, join, named_tensors, plain, same_class, swarm_class, tag_of)
@@ -43,17 +44,13 @@ def _aligned(path: str, names: list[str], leaves: list[Tensor], saved: Mapping[s
                 continue
             raise StructureError(f"{fn}: parameter {name!r} is missing from the checkpoint")
         if value.shape != leaf.shape or value.dtype != leaf.dtype:
-            raise StructureError(f"{fn}: parameter {name!r} differs: like has {_describe(leaf)}, "
-                                 f"the checkpoint has {_describe(value)}")
+            raise StructureError(f"{fn}: parameter {name!r} differs: like has {lw.describe(leaf)}, "
+                                 f"the checkpoint has {lw.describe(value)}")
         if value.device.type == "meta" and leaf.device.type != "meta":
             raise CheckpointError(f"{fn}: parameter {name!r} was saved on the meta device and has no "
                                   "values to load")
     algebra.check_names(fn, [name for name in names if name in saved], list(saved), "the checkpoint")
     return [None if name not in saved else saved[name].to(leaf.device) for name, leaf in zip(names, leaves)]
-
-
-def _describe(leaf: Tensor) -> str:
-    return f"shape {tuple(leaf.shape)} {str(leaf.dtype).removeprefix('torch.')}"
 
 
 def _expect(path: str, data: Any, kinds: tuple[str, ...], like: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ single-process reference.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -184,7 +185,20 @@ def subgroup(rank: int) -> dict[str, Any]:
         except ValueError as error:
             return {"sub/outsider": str(error)}
     member, loss, where = nd.best(x, make_losses(rank)["particle"], group=group, timeout=30)
+    errors = {}  # messages name global ranks (1 and 3), never group ranks (0 and 1)
+    for label, run in [
+            ("shape", lambda: nd.all_reduce_mean(nn.Linear(2, 3 if rank == 3 else 2), group=group, timeout=30)),
+            ("shift", lambda: nd.exchange(x, 1.5 if rank == 3 else 1, group=group, timeout=30)),
+            ("src", lambda: nd.broadcast(x, rank, group=group, timeout=30)),
+            ("kind", lambda: nd.all_gather(Swarm.stack([x]) if rank == 3 else x, group=group, timeout=30)),
+            ("sizes", lambda: nd.all_reduce_mean(Swarm.stack([x] * (rank // 2 + 1)), group=group, timeout=30))]:
+        try:
+            run()
+            errors[f"sub/error/{label}"] = "no error"
+        except Exception as error:  # noqa: BLE001 - recorded for the test to check
+            errors[f"sub/error/{label}"] = f"{type(error).__name__}: {error}"
     return {
+        **errors,
         "sub/broadcast": state_of(nd.broadcast(x, 3, group=group, timeout=30)),
         "sub/mean": state_of(nd.all_reduce_mean(x, group=group, timeout=30)),
         "sub/gather": state_of(nd.all_gather(x, group=group, timeout=30)),
@@ -271,6 +285,21 @@ def bad_arguments(rank: int, world: int, attempt: Callable[..., None]) -> dict[s
                                                subset=-1 if rank == 1 else 1, timeout=30))
     attempt("hybrid_step_alpha", lambda: nd.hybrid_step(shards[rank], hybrid_loss, *batches[rank][0], step=1, lr=0.1,
                                                         every=2, alpha="x" if rank == 2 else 0.5, timeout=30))
+    attempt("hybrid_every", lambda: nd.hybrid(shards[rank], hybrid_loss, batches[rank], lr=0.1,
+                                              every=3 if rank == 1 else 2, timeout=30))
+    inference = _ranked(rank)
+    if rank == 1:
+        with torch.inference_mode():
+            inference = _ranked(rank)
+    attempt("inference", lambda: nd.all_reduce_mean(inference, timeout=30), inference)
+    attempt("inference_broadcast", lambda: nd.broadcast(inference, 0, timeout=30, pack=False), inference)
+    sparse = nn.Linear(2, 1)
+    if rank == 3:
+        sparse.weight = nn.Parameter(sparse.weight.detach().to_sparse())
+    attempt("sparse", lambda: nd.all_reduce_mean(sparse, timeout=30), sparse if rank != 3 else None)
+    huge = _ranked(rank, 50.0)  # capped, not refused: the call averages
+    nd.all_reduce_mean(huge, timeout={0: 1e15, 1: datetime.timedelta.max}.get(rank, 30))
+    out["huge_timeout"] = float(huge.weight)
     paired = _ranked(rank, 100.0)
     nd.all_reduce_mean(paired, timeout=30)
     out["paired"] = float(paired.weight)

@@ -9,6 +9,7 @@ and check that the other two raise ``PeerError`` within the timeout and exit.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -224,6 +225,26 @@ def test_every_function_works_on_a_subgroup(ranks: list[dict[str, Any]]) -> None
         assert_exact(state, states[3])
 
 
+SUBGROUP_ERRORS = {  # over new_group([1, 3]): every message names global ranks 1 and 3, never group ranks 0 and 1
+    "shape": r"^StructureError: all_reduce_mean: the structures differ across ranks \(found before any data "
+             r"moved\): parameter 'weight' is shape \(2, 2\) float32 on rank 1 but shape \(3, 2\) float32 on rank 3$",
+    "shift": r"^TypeError: exchange: expected an int as shift, got float \(on rank 3; every rank of the 2 raises "
+             r"this error, and nothing was sent\)$",
+    "src": r"^ValueError: broadcast: the ranks are not in the same collective call: rank 1 called broadcast\(src=1\), "
+           r"rank 3 called broadcast\(src=3\)$",
+    "kind": r"^StructureError: all_gather: rank 1 passed a model or Particle but rank 3 passed a Swarm; ",
+    "sizes": r"^StructureError: all_reduce_mean: the swarms differ in size across ranks: 1 members on rank 1, 2 on "
+             r"rank 3; ",
+}
+
+
+@pytest.mark.parametrize("label", sorted(SUBGROUP_ERRORS))
+def test_errors_in_a_subgroup_name_global_ranks(ranks: list[dict[str, Any]], label: str) -> None:
+    for rank in (1, 3):
+        message = ranks[rank][f"sub/error/{label}"]
+        assert re.search(SUBGROUP_ERRORS[label], message), message
+
+
 def test_shard_then_all_gather_round_trips(ranks: list[dict[str, Any]]) -> None:
     whole = Swarm.normal(w._seeded(0, __import__("conftest").MLP), 7, generator=torch.Generator().manual_seed(1))
     assert [ranks[r]["shard/len"] for r in range(WORLD)] == [2, 2, 2, 1]
@@ -293,6 +314,9 @@ MISMATCHES = {
                                         r"any data moved\): parameter '0.weight' is on cpu on rank 0 and on meta "
                                         r"on rank 1"),
     "meta_all": ("ValueError", r"^broadcast: parameter 'weight' is on the meta device, which holds no values to send"),
+    "hybrid_every": ("ValueError", r"^hybrid: the ranks are not in the same collective call: rank 0 called "
+                                   r"hybrid\(every=2\), rank 1 called hybrid\(every=3\), rank 2 called "
+                                   r"hybrid\(every=2\), rank 3 called hybrid\(every=2\)$"),
 }
 
 
@@ -323,6 +347,14 @@ BAD_ARGUMENTS = {
     "scalar_loss": (1, "TypeError", r"best: expected loss as a number or a one-element tensor, got str"),
     "hybrid_subset": (1, "ValueError", r"hybrid: expected subset \(members pulled per shard\) >= 0, got -1"),
     "hybrid_step_alpha": (2, "TypeError", r"hybrid_step: expected a real number as alpha, got str"),
+    "inference": (1, "RuntimeError", r"all_reduce_mean: expected tensors that can be updated in place, got parameter "
+                                     r"'weight', an inference tensor \(made under torch.inference_mode\(\)\); build "
+                                     r"the model outside inference mode, or pass copy.deepcopy\(model\) \(its copies "
+                                     r"are normal tensors\)"),
+    "inference_broadcast": (1, "RuntimeError", r"broadcast: expected tensors that can be updated in place, got "
+                                               r"parameter 'weight', an inference tensor .*"),
+    "sparse": (3, "TypeError", r"all_reduce_mean: expected dense \(strided\) tensors, got parameter 'weight' with "
+                               r"layout torch.sparse_coo; make it dense first \(e.g. tensor.to_dense\(\)\)"),
 }
 
 
@@ -345,6 +377,12 @@ def test_after_a_bad_argument_the_next_calls_pair_up(ranks: list[dict[str, Any]]
     """Every rank raised in the bad call, so the next all_reduce_mean averages the next models: 100 + rank."""
     for rank in range(WORLD):
         assert ranks[rank]["mismatch/paired"] == pytest.approx(100 + (WORLD - 1) / 2)
+
+
+def test_a_huge_timeout_on_some_ranks_is_capped_and_the_call_averages(ranks: list[dict[str, Any]]) -> None:
+    """timeout=1e15 on rank 0 and timedelta.max on rank 1 (others 30): no error, the mean of 50 + rank."""
+    for rank in range(WORLD):
+        assert ranks[rank]["mismatch/huge_timeout"] == pytest.approx(50 + (WORLD - 1) / 2)
 
 
 def test_the_group_stays_usable_after_mismatches(ranks: list[dict[str, Any]]) -> None:
@@ -552,6 +590,45 @@ def test_a_call_that_raises_does_not_pack_the_model(world_of_one: Any, fn: str) 
     getattr(nd, fn)(net, *args, timeout=30)  # packed once the handshake passed
     weights = list(net.parameters())
     assert all(b.data_ptr() == a.data_ptr() + a.numel() * 4 for a, b in zip(weights, weights[1:]))
+
+
+@pytest.mark.parametrize("timeout", [1e15, 1e300, datetime.timedelta.max, datetime.timedelta(days=40000)])
+def test_huge_timeouts_are_capped_to_the_longest_representable_wait(world_of_one: Any, timeout: Any) -> None:
+    from nytorch.distributed._comm import MAX_SECONDS, seconds_of
+    assert MAX_SECONDS == 1e9 and seconds_of("f", timeout) == MAX_SECONDS
+    assert seconds_of("f", datetime.timedelta(days=1)) == 86400.0  # shorter ones are kept
+    net = nn.Linear(2, 1)
+    weight = net.weight.detach().clone()
+    assert nd.all_reduce_mean(net, timeout=timeout) is net and torch.equal(net.weight, weight)
+    assert nd.broadcast(net, 0, timeout=timeout) is net
+
+
+@pytest.mark.parametrize("fn", ["broadcast", "all_reduce_mean"])
+def test_an_inference_model_raises_before_it_is_packed(world_of_one: Any, fn: str) -> None:
+    with torch.inference_mode():
+        net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    pointers = [p.data_ptr() for p in net.parameters()]
+    args = (0,) if fn == "broadcast" else ()
+    with pytest.raises(RuntimeError, match=rf"^{fn}: expected tensors that can be updated in place, got parameter "
+                                           r"'0.weight', an inference tensor \(made under torch.inference_mode"):
+        getattr(nd, fn)(net, *args, timeout=30)
+    assert [p.data_ptr() for p in net.parameters()] == pointers
+    with torch.inference_mode():  # inside inference mode it may be written
+        assert getattr(nd, fn)(net, *args, timeout=30) is net
+    copy = __import__("copy").deepcopy(net)  # the hint: its copies are normal tensors
+    assert getattr(nd, fn)(copy, *args, timeout=30) is copy
+    particle = nd.all_reduce_mean(nyto.particle(net, pack=False), timeout=30)  # values, not in place: fine
+    assert torch.equal(particle.params["1.bias"], net[1].bias)
+
+
+@pytest.mark.parametrize("fn", ["broadcast", "all_reduce_mean", "all_gather", "exchange", "best"])
+def test_a_sparse_parameter_raises_type_error(world_of_one: Any, fn: str) -> None:
+    net = nn.Linear(2, 3)
+    net.weight = nn.Parameter(net.weight.detach().to_sparse())
+    args = {"broadcast": (0,), "best": (1.0,)}.get(fn, ())
+    with pytest.raises(TypeError, match=rf"^{fn}: expected dense \(strided\) tensors, got parameter 'weight' with "
+                                        r"layout torch.sparse_coo; make it dense first"):
+        getattr(nd, fn)(net, *args, timeout=30)
 
 
 def test_first_difference_names_a_device_type_as_a_device_mismatch() -> None:

@@ -7,10 +7,12 @@ when a peer dies or hangs.  Ranks given to or returned by these functions are gl
 ranks, as in ``torch.distributed``.
 
 What raises where: an invalid argument on any rank (a timeout, ``src``, ``shift``, a loss,
-a value that is no model, Particle or Swarm) is sent in the handshake and raised on *every*
-rank, of the same class and with the same message (naming the rank given it), in that same
-call: no rank's next call can pair with another rank's current one.  A rank with an invalid
-timeout runs the handshake under the group's own.  Values whose device types differ across
+a value that is no model, Particle or Swarm, a sparse or other non-dense tensor, or, for the
+in-place ``broadcast`` and ``all_reduce_mean``, a model holding inference tensors outside
+``torch.inference_mode()``) is sent in the handshake and raised on *every* rank, of the same
+class and with the same message (naming the global rank given it), in that same call: no rank's next call can pair with another rank's current one.  A rank with an invalid
+timeout runs the handshake under the group's own; a finite timeout longer than
+``_comm.MAX_SECONDS`` (about 31.7 years; ``1e15``, ``timedelta.max``) is capped to it.  Values whose device types differ across
 ranks (``cpu`` and ``meta``) raise ``DeviceMismatchError`` on every rank; values on the
 ``meta`` device everywhere raise ``ValueError`` (they hold nothing to send).  All of these
 are raised before any data moves and before a model is packed: when a call raises, no
@@ -68,10 +70,11 @@ def _int_arg(fn: str, value: object, name: str, what: str) -> int:
 def _begin(fn: str, x: object, group: Any, timeout: Timeout, *, arg: Callable[[], int] = lambda: 0,
            check: Optional[Callable[[Comm, Flat], tuple[float, int]]] = None,
            overlap: Optional[Callable[[Comm, Flat], T]] = None, error: Optional[Exception] = None,
-           ) -> tuple[Comm, Flat, Tensor, Optional[T]]:
+           in_place: bool = False) -> tuple[Comm, Flat, Tensor, Optional[T]]:
     """Resolve the group, check the arguments, read ``x`` and run the handshake.
 
-    Argument errors (the timeout, ``arg()``, ``x``, ``check``; or ``error``, found by the caller) are not
+    Argument errors (the timeout, ``arg()``, ``x``, ``check``, and for ``in_place`` calls a model holding
+    inference tensors; or ``error``, found by the caller) are not
     raised here but sent in the handshake, so that every rank raises the same error in this call and
     no rank's next collective pairs with another rank's current one.  A rank with a bad timeout uses
     the group's own for the handshake.  ``overlap(comm, flat)`` runs while the headers travel
@@ -93,6 +96,12 @@ def _begin(fn: str, x: object, group: Any, timeout: Timeout, *, arg: Callable[[]
         try:
             number = arg()
             flat = flat_of(fn, x)
+            inference = flat.inference() if in_place and not torch.is_inference_mode_enabled() else None
+            if inference is not None:
+                raise RuntimeError(
+                    f"{fn}: expected tensors that can be updated in place, got parameter {inference!r}, an inference "
+                    "tensor (made under torch.inference_mode()); build the model outside inference mode, or pass "
+                    "copy.deepcopy(model) (its copies are normal tensors)")
             if check is not None:
                 value, index = check(comm, flat)
         except Exception as caught:  # noqa: BLE001 - raised on every rank by the handshake
@@ -220,6 +229,8 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
         ValueError: ``src`` is not a rank of the group, or the ranks disagree on ``src``.
         TypeError / ValueError: an argument is invalid on some rank (every rank raises that rank's error),
             or the value is on the meta device.
+        RuntimeError: a model holds inference tensors (made under ``torch.inference_mode()``) on some rank
+            and this call is outside inference mode (every rank raises it; the model is not packed).
         PeerError: a peer died or hung.
 
     >>> import torch, torch.distributed as dist
@@ -242,7 +253,7 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
         flats, owned = _model_buffers(flat, flat.size, range(len(flat.groups)), in_place=in_place)
         flat.pack(flats, [piece for piece in flat.pieces()[:1] if piece.group not in owned])
         return flats, owned
-    comm, flat, headers, packed = _begin(fn, x, group, timeout, overlap=prepare,
+    comm, flat, headers, packed = _begin(fn, x, group, timeout, overlap=prepare, in_place=in_place,
                                          arg=lambda: _int_arg(fn, src, "src", "an int global rank"))
     try:
         # every rank agrees on src by now (an int: checked in the handshake), so every rank raises alike
@@ -298,6 +309,8 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
             before any data moves (``DeviceMismatchError`` when their device types differ).
         TypeError / ValueError: an argument is invalid on some rank (every rank raises that rank's error),
             or the value is on the meta device.
+        RuntimeError: a model holds inference tensors (made under ``torch.inference_mode()``) on some rank
+            and this call is outside inference mode (every rank raises it; the model is not packed).
         PeerError: a peer died or hung.
 
     >>> import torch, torch.distributed as dist
@@ -320,13 +333,14 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
         pieces = flat.pieces([g for g in active if g in owned]) + flat.pieces([g for g in active if g not in owned])
         flat.pack(flats, pieces[:1] if pieces and pieces[0].group not in owned else [], divide=comm.size)
         return flats, owned, pieces
-    comm, flat, headers, prepared = _begin(fn, x, group, timeout, overlap=prepare)
+    comm, flat, headers, prepared = _begin(fn, x, group, timeout, overlap=prepare, in_place=in_place)
     try:
         sizes = headers[:, SIZE].tolist()
         if len(set(sizes)) > 1:
             other = next(r for r, size in enumerate(sizes) if size != sizes[0])
-            raise StructureError(f"{fn}: the swarms differ in size across ranks: {sizes[0]} members on rank 0, "
-                                 f"{sizes[other]} on rank {other}; averaging pairs member i with member i")
+            raise StructureError(f"{fn}: the swarms differ in size across ranks: {sizes[0]} members on rank "
+                                 f"{comm.global_rank(0)}, {sizes[other]} on rank {comm.global_rank(other)}; "
+                                 "averaging pairs member i with member i")
         prepared = _packed_(comm, flat, x, pack, prepare, prepared)
         if not (prepared is not None):  # an internal invariant
             raise RuntimeError("nytorch internal error: expected prepared is not None")

@@ -30,7 +30,13 @@ Tensor = torch.Tensor
 #: Seconds (a number) or a ``timedelta``; ``None`` uses the process group's own timeout.
 Timeout = Union[float, int, datetime.timedelta, None]
 
-__all__ = ["PeerError", "Timeout", "Comm", "seconds_of", "connect", "resolve"]
+__all__ = ["PeerError", "Timeout", "MAX_SECONDS", "Comm", "seconds_of", "connect", "resolve"]
+
+#: The longest wait a call uses (about 31.7 years): longer finite timeouts (``1e15``,
+#: ``timedelta.max``) are capped to it.  The backends count a deadline in int64 nanoseconds of a
+#: clock that may start at the epoch, and ``timedelta`` tops out at 999999999 days, so a longer
+#: wait is not representable everywhere; no call waits that long in practice.
+MAX_SECONDS = 1e9
 
 #: Tensors handed to the backend whose references it may still hold, with their reference count
 #: (``Tensor._use_count``) from before.  gloo's worker thread drops its references to a work's
@@ -89,7 +95,8 @@ class PeerError(RuntimeError):
 
 
 def seconds_of(fn: str, timeout: Timeout) -> Optional[float]:
-    """``timeout`` in seconds (``None`` stays ``None``: the group's own timeout).
+    """``timeout`` in seconds (``None`` stays ``None``: the group's own timeout), at most ``MAX_SECONDS``
+    (a longer finite timeout is capped to it: it means "wait as long as can be said").
 
     Raises:
         TypeError: the timeout is neither a number, a ``timedelta`` nor ``None``.
@@ -100,6 +107,8 @@ def seconds_of(fn: str, timeout: Timeout) -> Optional[float]:
     >>> seconds_of("demo", 0)
     Traceback (most recent call last):
     ValueError: demo: expected a positive, finite timeout, got 0
+    >>> seconds_of("demo", 1e15) == seconds_of("demo", datetime.timedelta.max) == MAX_SECONDS
+    True
     """
     if timeout is None:
         return None
@@ -112,7 +121,7 @@ def seconds_of(fn: str, timeout: Timeout) -> Optional[float]:
                         f"got {type(timeout).__name__}")
     if not seconds > 0 or seconds == float("inf"):
         raise ValueError(f"{fn}: expected a positive, finite timeout, got {timeout!r}")
-    return seconds
+    return min(seconds, MAX_SECONDS)
 
 
 class Comm:
@@ -137,7 +146,7 @@ class Comm:
 
     # -- ranks and devices -----------------------------------------------------------------
     def global_rank(self, group_rank: int) -> int:
-        """The global rank of ``group_rank`` in this group."""
+        """The global rank of ``group_rank`` in this group (what messages name: the API speaks global ranks)."""
         if self.group is dist.group.WORLD:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
@@ -174,8 +183,10 @@ class Comm:
 
     def _failed(self, what: str, error: RuntimeError) -> PeerError:
         limit = "the process group's timeout" if self.seconds is None else f"timeout={self.seconds:g}s"
+        where = f"rank {self.global_rank(self.rank)} of {self.size}" if self.group is dist.group.WORLD else (
+            f"rank {self.global_rank(self.rank)} (one of the group's {self.size})")
         return PeerError(
-            f"{self.fn}: {what} failed on rank {self.rank} of {self.size} ({limit}): a peer process "
+            f"{self.fn}: {what} failed on {where} ({limit}): a peer process "
             f"died, hung or closed its connection; the process group is unusable now (exit, or "
             f"destroy it and start again); check the other ranks' logs. Cause: {error}"
         )

@@ -32,7 +32,7 @@ __all__ = ["HASH", "OP", "ARG", "KIND", "SIZE", "VALUE", "INDEX", "ERROR", "fing
 # Header fields.
 HASH, OP, ARG, KIND, SIZE, VALUE, INDEX, ERROR = range(8)
 _OPS = ["broadcast", "all_reduce_mean", "all_gather", "best", "exchange", "hybrid"]
-_ARGS = {"broadcast": "src", "exchange": "shift"}
+_ARGS = {"broadcast": "src", "exchange": "shift", "hybrid": "every"}
 _KINDS = {0: "a model or Particle", 1: "a Swarm"}
 #: What a local argument error is raised as on every rank: its code in the header is its index + 1
 #: here (the first class it is an instance of; anything else becomes a ``RuntimeError``).
@@ -135,9 +135,9 @@ def _message(error: BaseException) -> str:
 
 
 def shared_error(fn: str, failed: Sequence[int], code: int, message: str, size: int) -> Exception:
-    """The error every rank raises when ranks ``failed`` were given invalid arguments (or failed otherwise
-    before the handshake): that of the first of them, with its class (from ``code``) and message, saying
-    where it came from.
+    """The error every rank raises when ranks ``failed`` (global ranks) were given invalid arguments (or
+    failed otherwise before the handshake): that of the first of them, with its class (from ``code``) and
+    message, saying where it came from.
 
     >>> error = shared_error("exchange", [1], 3, "exchange: expected an int as shift, got str", 4)
     >>> type(error).__name__, str(error).split(" (")[1]
@@ -159,7 +159,7 @@ def handshake(comm: Comm, flat: Optional[Flat], op: str, *, arg: int = 0, value:
     Args:
         comm: the call's process group view.
         flat: this rank's argument (``None`` when it was invalid: then ``error`` is set).
-        op: the collective's name; ``arg``: its argument (``src``, ``shift``).
+        op: the collective's name; ``arg``: its argument that must agree (``src``, ``shift``, ``every``).
         value / index: call-specific numbers (``best``: the local best loss and its member).
         error: a local argument error; every rank raises it once every rank knows to stop.
         overlap: local work (e.g. packing the buffers) run while the headers travel.
@@ -170,6 +170,8 @@ def handshake(comm: Comm, flat: Optional[Flat], op: str, *, arg: int = 0, value:
         StructureError: the structures differ (every rank raises, naming the first parameter);
             ``DeviceMismatchError`` when they differ in a device type (e.g. ``cpu`` and ``meta``).
         ValueError: ranks called different collectives or arguments.
+
+    Every rank named in a message is a global rank (``torch.distributed.get_global_rank``), as in the API.
         PeerError: a peer died or hung during the handshake.
     """
     description = flat.describe() if flat is not None else []
@@ -190,29 +192,31 @@ def handshake(comm: Comm, flat: Optional[Flat], op: str, *, arg: int = 0, value:
         wait()
     headers = gathered[0].cpu()
     fn = comm.fn
+    ranks = [comm.global_rank(r) for r in range(comm.size)]  # messages name global ranks
     failed = [r for r in range(comm.size) if headers[r, ERROR]]
     if failed:
         if comm.size == 1 and error is not None:
             raise error
         messages = _texts(comm, "" if error is None else _message(error), device)
-        shared = shared_error(fn, failed, int(headers[failed[0], ERROR]), messages[failed[0]], comm.size)
+        shared = shared_error(fn, [ranks[r] for r in failed], int(headers[failed[0], ERROR]), messages[failed[0]],
+                              comm.size)
         if error is not None:
             raise shared from error
         raise shared
     calls = [_call(int(h[OP]), int(h[ARG])) for h in headers]
     if len(set(calls)) > 1:
-        listing = ", ".join(f"rank {r} called {call}" for r, call in enumerate(calls))
+        listing = ", ".join(f"rank {ranks[r]} called {call}" for r, call in enumerate(calls))
         raise ValueError(f"{fn}: the ranks are not in the same collective call: {listing}")
     kinds = headers[:, KIND].tolist()
     if len(set(kinds)) > 1:
         other = next(r for r, kind in enumerate(kinds) if kind != kinds[0])
-        raise StructureError(f"{fn}: rank 0 passed {_KINDS[kinds[0]]} but rank {other} passed "
+        raise StructureError(f"{fn}: rank {ranks[0]} passed {_KINDS[kinds[0]]} but rank {ranks[other]} passed "
                              f"{_KINDS[kinds[other]]}; pass the same kind of value on every rank")
     hashes = headers[:, HASH].tolist()
     if len(set(hashes)) > 1:
         descriptions = [json.loads(text) for text in _texts(comm, json.dumps(description), device)]
         other = next(r for r, value in enumerate(hashes) if value != hashes[0])
-        raise first_difference(fn, descriptions[0], descriptions[other], 0, other)
+        raise first_difference(fn, descriptions[0], descriptions[other], ranks[0], ranks[other])
     return headers, result
 
 

@@ -119,6 +119,12 @@ class Flat:
         return next((name for name, slot in zip(self.names, self.slots)
                      if self.groups[slot.group].device.type == "meta"), None)
 
+    def inference(self) -> Optional[str]:
+        """The first leaf of a model or Particle that is an inference tensor (made under
+        ``torch.inference_mode()``: it cannot be written in place outside that mode), or ``None``."""
+        leaves = self._leaves or []
+        return next((name for name, leaf in zip(self.names, leaves) if leaf.is_inference()), None)
+
     def pointers(self) -> list[int]:
         """Where a model's or Particle's leaves are now (to notice that packing moved them)."""
         return [] if self._leaves is None else [leaf.data_ptr() for leaf in self._leaves]
@@ -318,11 +324,17 @@ def flat_of(fn: str, x: object) -> Flat:
     """``x`` (a model, a Particle or a Swarm) as a ``Flat``.
 
     Raises:
-        TypeError: ``x`` is none of those.
+        TypeError: ``x`` is none of those, or one of its tensors is not dense (a sparse or other
+            non-strided layout: only dense tensors pack into flat buffers).
 
     >>> flat = flat_of("demo", torch.nn.Linear(2, 1))
     >>> flat.kind, flat.names, [tuple(f.shape) for f in flat.flats()]
     ('single', ['weight', 'bias'], [(1, 3)])
+    >>> net = torch.nn.Linear(2, 1)
+    >>> net.weight = torch.nn.Parameter(net.weight.detach().to_sparse())
+    >>> flat_of("demo", net)
+    Traceback (most recent call last):
+    TypeError: demo: expected dense (strided) tensors, got parameter 'weight' with layout torch.sparse_coo; ...
     """
     if isinstance(x, Swarm):
         spec = x._spec
@@ -338,6 +350,10 @@ def flat_of(fn: str, x: object) -> Flat:
         active = algebra.active_mask(leaves, configs_for(layout, names))
     else:
         raise TypeError(f"{fn}: expected an nn.Module, a Particle or a Swarm, got {type(x).__name__}")
+    for name, leaf in zip(names, leaves):
+        if leaf.layout != torch.strided:
+            raise TypeError(f"{fn}: expected dense (strided) tensors, got parameter {name!r} with layout "
+                            f"{leaf.layout}; make it dense first (e.g. tensor.to_dense())")
     groups, slots = _plan(leaves, active)
     return Flat(x, "single", names, slots, groups, 1, leaves)
 

@@ -18,7 +18,7 @@ from .._particle import Particle
 from .._swarm import Swarm
 from ..algorithms._checks import number_arg, swarm_arg
 from ..algorithms._indices import randperm
-from ._collectives import _begin, _best
+from ._collectives import _begin, _best, _int_arg
 from ._comm import Timeout, resolve
 
 Tensor = torch.Tensor
@@ -151,10 +151,12 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     """Run the distributed ``hybrid_step`` over ``batches`` (``algorithms.hybrid`` with a global best).
 
     Every rank passes its own shard (shards may differ in size, and may be empty) and the same
-    number of batches (its own data or the same).  The ranks first agree on the arguments and the
-    members' structure, in one small handshake: an invalid argument on one rank (e.g. no Swarm, or
-    ``every=0``) raises that rank's error on every rank, and shards of different structures raise
-    ``StructureError`` on every rank, before any step.
+    number of batches (its own data or the same) and the same ``every`` (which decides the steps
+    that communicate).  The ranks first agree on the arguments and the members' structure, in one
+    small handshake: an invalid argument on one rank (e.g. no Swarm, or ``every=0``) raises that
+    rank's error on every rank, ranks given different ``every`` raise ``ValueError`` on every rank,
+    and shards of different structures raise ``StructureError`` on every rank, before any step.
+    ``lr``, ``subset`` and ``alpha`` act on each rank's own shard only, so they may differ.
 
     Args:
         show_progress: a tqdm bar on the group's rank 0 (``None``: only when stderr is a terminal).
@@ -165,6 +167,7 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
 
     Raises:
         TypeError / ValueError: an invalid argument on any rank (every rank raises it).
+        ValueError: the ranks were given different ``every`` (every rank raises it).
         StructureError: the shards' members differ in structure across ranks (every rank raises it).
         PeerError: a peer died or hung.
 
@@ -183,7 +186,8 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         _args(fn, swarm, every, subset, lr, alpha)
     except (TypeError, ValueError) as caught:
         error = caught
-    comm, flat, _, _ = _begin(fn, swarm, group, timeout, error=error)
+    comm, flat, _, _ = _begin(fn, swarm, group, timeout, error=error,
+                              arg=lambda: _int_arg(fn, every, "every", "an int"))
     flat.release()
     leader = comm.rank == 0
     history = []

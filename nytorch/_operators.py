@@ -161,6 +161,7 @@ class Operators:
         >>> torch.allclose(mid.params["bias"], 0.75 * a.params["bias"] + 0.25 * b.params["bias"])
         True
         """
+        _model_end("lerp", end)
         result = self._binary(lw.LERP, end, weight)
         if result is NotImplemented:
             raise TypeError(f"lerp: {type(end).__name__} broadcasts over particles; call its own lerp instead")
@@ -177,6 +178,7 @@ class Operators:
         >>> torch.allclose(target.weight, expected)
         True
         """
+        _model_end("lerp_", end)
         return self._binary_(lw.LERP, end, weight)
 
     def randn(self) -> Self:
@@ -202,3 +204,10 @@ class Operators:
         """
         state = self._state()
         return self._new(state, algebra.map_unary(torch.rand_like, state.leaves, state.configs))
+
+
+def _model_end(fn: str, end: object) -> None:
+    """``TypeError`` for a number as ``end``: ``lerp`` moves toward another model (``nf.lerp`` takes numbers)."""
+    if lw.is_scalar(end):
+        raise TypeError(f"{fn}: expected a model or a Particle as end, got the number {end!r}; move toward a number "
+                        f"with nytorch.functional.lerp(params, {end!r}, weight) or with self + weight * ({end!r} - self)")

@@ -55,7 +55,7 @@ def stand_in(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> 
     >>> tuple(t.shape), t.stride()
     ((1000, 1000), (0, 0))
     """
-    return torch.zeros((), dtype=dtype, device=device).expand(*shape)
+    return torch.zeros((), dtype=dtype, device=device).expand(tuple(shape))  # a tuple: () for 0-dim leaves
 
 
 class Spec:

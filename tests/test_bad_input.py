@@ -501,6 +501,19 @@ def test_product_underscore_names_itself_and_the_right_classes() -> None:
     assert_unchanged(before, net)
 
 
+@pytest.mark.parametrize("form", ["particle", "particle pack=False", "NytoModule"])
+@pytest.mark.parametrize("end", [1.5, torch.tensor(1.0)], ids=["number", "tensor"])
+def test_lerp_toward_a_number_names_the_functional_form(form: str, end: object) -> None:
+    model = _FORMS[form]()
+    before = _values(model)
+    for fn, call in (("lerp", lambda: model.lerp(end, 0.25)), ("lerp_", lambda: model.lerp_(end, 0.25))):
+        with pytest.raises(TypeError, match=rf"^{fn}: expected a model or a Particle as end, got the number .*"
+                                            r"nytorch.functional.lerp"):
+            call()
+    after = _values(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_set_param_config_and_get_param_id_reject_unknown() -> None:
     net = Nyto()
     for fn, call in (("set_param_config", lambda name: net.set_param_config(operational=False, name=name)),

@@ -923,3 +923,25 @@ def test_random_fills_refuse_a_generator_on_another_device() -> None:
         Swarm.randn(nn.Linear(2, 1), 3, generator=0)  # type: ignore[arg-type]
     seeded = Swarm.randn(nn.Linear(2, 1), 2, generator=torch.Generator().manual_seed(0))  # one [2, 3] draw
     assert torch.equal(seeded.params["bias"], torch.randn(2, 3, generator=torch.Generator().manual_seed(0))[:, 2:])
+
+
+class _WithScalar(nn.Module):
+    """A 0-dim parameter beside a vector one."""
+
+    def __init__(self, value: float = 0.5) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value))
+        self.shift = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * x + self.shift
+
+
+def test_models_with_0_dim_parameters_stack_and_run() -> None:
+    modules = [_WithScalar(0.5), _WithScalar(2.0)]
+    swarm = Swarm.stack(modules)
+    assert swarm.params["scale"].tolist() == [0.5, 2.0] and swarm[1].params["scale"].shape == ()
+    assert (swarm + 1).params["scale"].tolist() == [1.5, 3.0]
+    assert Swarm.zeros(_WithScalar(), 3).params["scale"].tolist() == [0.0, 0.0, 0.0]
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(swarm(x), torch.stack([module(x) for module in modules]))

@@ -538,10 +538,25 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     if prepared is None:
         return False
     layout, flat, _, operands = prepared
-    algebra.check_writable(op.name, [layout.names[index[0]] for index in flat.plan.groups], flat.buffers)
-    kernel_(op, flat.buffers, readable(operands))
+    kernel_(op, writable(op.name, layout.names, flat), readable(operands))
     written(layout.params, flat.plan)  # (a result not built yet has no Parameters to tell)
     return True
+
+
+def writable(fn: str, names: Sequence[str], flat: Flat) -> list[Tensor]:
+    """``flat``'s own buffers, to be written in place, once ``algebra.check_writable`` would let them.
+
+    A flat buffer is 1-D and contiguous, so none has elements sharing memory: only inference
+    tensors can refuse the write, and the full check (which names the parameter) runs for them.
+
+    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
+    >>> writable("add", ["w"], Flat(plan, [torch.ones(2)], {}))
+    [tensor([1., 1.])]
+    """
+    buffers = flat.buffers
+    if any(map(Tensor.is_inference, buffers)):
+        algebra.check_writable(fn, [names[index[0]] for index in flat.plan.groups], buffers)
+    return buffers
 
 
 def readable(operands: Sequence[object]) -> list[object]:

@@ -14,7 +14,7 @@ from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._errors import StructureError
 from ._flat import Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
-from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable
+from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable, writable
 from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
 
@@ -163,9 +163,7 @@ class Particle(Operators):
         operands = self._flat_operands(op.name, tuple(others), flat, False)
         if operands is None:
             return False
-        names = [self._names[index[0]] for index in flat.plan.groups]
-        algebra.check_writable(op.name, names, flat.buffers)
-        kernel_(op, flat.buffers, readable(operands))
+        kernel_(op, writable(op.name, self._names, flat), readable(operands))
         if flat.pointers is not None:  # leaves of someone else's storage (a model's Parameters)
             written(self._leaves, flat.plan)
         return True

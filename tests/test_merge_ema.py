@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -669,6 +670,54 @@ def test_new_parameter_and_buffer_objects_are_followed(pack):
     with pytest.raises(StructureError, match=r"EMA\.update: parameter '3\.bias' differs: shape \(2,\) float32 "
                                              r"vs shape \(3,\) float32 in model"):
         ema.update()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_new_parameter_object_over_the_same_memory_keeps_averaging_its_values(pack):
+    """A Parameter re-wrapped over the same storage holds the same values: the EMA goes on reading them."""
+    torch.manual_seed(0)
+    model = bn_net()
+    ema = merge.EMA(model, decay=0.5, pack=pack)
+    model[0].weight = nn.Parameter(model[0].weight.detach())  # a new object, the same memory
+    for amount in (1.0, -2.0):
+        perturb_(model, amount)
+        expected = reference_ema(ema.averaged, model, 0.5, "average")
+        ema.update()
+        assert_state(ema.averaged, expected)
+    assert ema.step == 2
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("table", ["_parameters", "_buffers"])
+def test_parameter_or_buffer_removed_from_its_table_is_refused_by_name(pack, table):
+    """An entry deleted from a module's table (or set to None) makes the EMA read the model again: it names it."""
+    model = bn_net()
+    ema = merge.EMA(model, decay=0.5, pack=pack)
+    before = {k: v.clone() for k, v in ema.averaged.state_dict().items()}
+    module, key = (model[0], "bias") if table == "_parameters" else (model[1], "running_mean")
+    getattr(module, table)[key] = None
+    name = "0.bias" if table == "_parameters" else "1.running_mean"
+    with pytest.raises(StructureError, match=rf"EMA\.update: parameter '{re.escape(name)}' is missing from model"):
+        ema.update()
+    assert ema.step == 0
+    assert all(torch.equal(before[k], v) for k, v in ema.averaged.state_dict().items())
+
+
+def test_constant_decay_is_read_once_and_schedules_every_update():
+    model = nn.Linear(2, 2)
+    constant = merge.EMA(model, decay=0.25)
+    scheduled = merge.EMA(model, decay=lambda step: 0.25 * step)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    constant.update()
+    scheduled.update()  # decay 0 at step 0: the average becomes the model
+    assert torch.allclose(constant.averaged.weight, start + 3.0)
+    assert torch.equal(scheduled.averaged.weight, model.weight)
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    scheduled.update()  # decay 0.25 now
+    assert torch.allclose(scheduled.averaged.weight, start + 7.0)
 
 
 @pytest.mark.parametrize("repack", [False, True])

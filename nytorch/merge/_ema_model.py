@@ -3,13 +3,15 @@
 Like an optimizer, an ``EMA`` keeps the model's tensors it was built with, so
 ``update()`` neither walks the module tree nor re-validates it: it is one fused
 ``lerp_`` (a single ``lerp_`` over one buffer: the model is packed when the EMA is made).
-Three cheap checks run on every update: that the model's parameter and buffer tables
-still hold those tensor objects (a ``model.to("meta")``, a conversion under
+Two cheap checks run on every update: that the tensors in the model's parameter and
+buffer tables still sit where they were (``model.to(...)``, ``param.data = ...``, and the
+new objects that ``model.to("meta")``, a conversion under
 ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` or ``module.weight =
-nn.Parameter(...)`` puts new ones there), that the addresses of their storage are
-unchanged (``model.to(...)``, ``param.data = ...``), and that the model's ``ParamConfig``s
-are as they were (``set_param_config`` after the EMA was made).  Any change makes the EMA
-read the model again and re-validate it.  Passing another model object to ``update`` reads
+nn.Parameter(...)`` put there all have other addresses), and that the model's
+``ParamConfig``s are as they were (``set_param_config`` after the EMA was made).  Any
+change makes the EMA read the model again and re-validate it.  A new tensor object over
+the very memory of the old one (``module.weight = nn.Parameter(module.weight.detach())``)
+holds the same values, and the EMA goes on reading them through the object it holds.  Passing another model object to ``update`` reads
 and checks it.
 
 Packing makes each of the model's parameters (and the average's) a view into one buffer, so
@@ -19,7 +21,6 @@ Packing makes each of the model's parameters (and the average's) a view into one
 from __future__ import annotations
 
 import numbers
-import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import _leafwise as lw
+from .._algebra import without_grad
 from .._errors import StructureError
 from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
 from ._ema import apply_plan_, lerp_, plan, weight_of
@@ -110,7 +112,9 @@ class EMA:
         self.averaged = self._copy()
         self._target = operand("EMA", self.averaged, buffers=buffers != "keep")
         self.step = 0
-        self._tables, self._keys, self._held = entries(self._online)
+        self._tables, self._keys = entries(self._online)
+        # a constant decay gives the same weight every update: checked once, here
+        self._tau = weight_of("EMA", decay, None) if isinstance(decay, (int, float)) else None
         self._prepare()
 
     # -- internals ----------------------------------------------------------------------
@@ -146,6 +150,7 @@ class EMA:
         return [self._target.leaves[i] for i in steps], [self._online.leaves[i] for i in steps]
 
     def _prepare(self) -> None:
+        self._places = self._addresses()
         group, online = self._flat_group(self._online.leaves)
         flat_target, flat_online = self._pairs(group)
         target = None if online is None else find_flat(online.plan, flat_target)
@@ -165,28 +170,34 @@ class EMA:
         # move (``.to()``), and so they do for the averaged copy, which is the EMA's own.  The model's
         # flat buffer stands for every tensor of the group, so a ``param.data = ...`` on any one of
         # them must be seen: every address there is compared.
+        # A module's tensors are watched through its tables (``_addresses``), which covers all of them.
         ends = [leaf for leaves in (self._lerp_target, self._lerp_online, flat_target if group else [])
                 for leaf in leaves[:1] + leaves[-1:]]
-        self._watch = ends + (flat_online if group else [])
+        self._watch = ends + (flat_online if group and not self._tables else [])
         self._seen = self._fingerprint()
         self._configs = Configs(self._online)
 
     def _fingerprint(self) -> tuple[int, ...]:
         return tuple(map(Tensor.data_ptr, self._watch))
 
-    def _holds(self) -> bool:
-        """True while the model's tables still hold the very tensor objects the EMA reads."""
-        return all(map(operator.is_, map(dict.get, self._tables, self._keys), self._held))
+    def _addresses(self) -> Optional[tuple[int, ...]]:
+        """Where the tensors in the model's tables are now; ``None`` when an entry is gone or not a tensor."""
+        try:
+            return tuple(map(Tensor.data_ptr, map(dict.get, self._tables, self._keys)))
+        except TypeError:  # ``Tensor.data_ptr(None)``: a parameter deleted or parametrized away
+            return None
 
     def _cached(self, fn: str) -> Operand:
-        if self._holds() and self._fingerprint() == self._seen and not self._configs.changed():
+        places = self._addresses()
+        if places is not None and places == self._places and self._fingerprint() == self._seen \
+                and not self._configs.changed():
             return self._online
         # new tensor objects in the model (e.g. ``.to("meta")``), moved or converted tensors, or
         # other ``ParamConfig``s: read the model again and check it before anything is written
         online = operand(fn, self._model, buffers=self._buffers != "keep")
         check_same(fn, self._target, online, "model", reference="the average")
         self._online = online
-        self._tables, self._keys, self._held = entries(online)
+        self._tables, self._keys = entries(online)
         self._plan = plan(online, self._buffers)
         if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
             pack_(self._model)
@@ -219,7 +230,7 @@ class EMA:
             raise TypeError(f"EMA: expected the decay schedule to return a number, got {type(value).__name__}")
         return value  # type: ignore[return-value]
 
-    @torch.no_grad()
+    @without_grad
     def update(self, model: Any = None) -> None:
         """Fold ``model`` (default: the model given at construction) into the average; ``step += 1``.
 
@@ -232,7 +243,9 @@ class EMA:
         >>> ema.update(); ema.step
         1
         """
-        tau = weight_of("EMA.update", self.decay, None)
+        tau = self._tau
+        if tau is None:
+            tau = weight_of("EMA.update", self.decay, None)
         if model is None or model is self._model:
             self._cached("EMA.update")
             if self._flat is not None:

@@ -11,8 +11,8 @@ nn.Parameter(...)`` put there all have other addresses), and that the model's
 ``ParamConfig``s are as they were (``set_param_config`` after the EMA was made).  Any
 change makes the EMA read the model again and re-validate it.  A new tensor object over
 the very memory of the old one (``module.weight = nn.Parameter(module.weight.detach())``)
-holds the same values, and the EMA goes on reading them through the object it holds.  Passing another model object to ``update`` reads
-and checks it.
+holds the same values, and the EMA goes on reading them through the object it holds.
+Passing another model object to ``update`` reads and checks it.
 
 Packing makes each of the model's parameters (and the average's) a view into one buffer, so
 ``torch.save`` of one parameter or of a submodule's ``state_dict()`` writes the whole buffer
@@ -55,8 +55,10 @@ class EMA:
     converting the model (``model.to(...)``, including conversions that make new
     ``Parameter`` objects such as ``model.to("meta")``), giving a parameter new storage
     (``param.data = ...``) or putting a new parameter or buffer object in its place is
-    noticed, and the model is read and re-checked (so moving it to another device raises
-    ``DeviceMismatchError`` and converting it to another dtype ``StructureError``).  If you
+    noticed from the tensors' addresses, and the model is read and re-checked (so moving it
+    to another device raises ``DeviceMismatchError`` and converting it to another dtype
+    ``StructureError``).  A new object over the very memory of the old one holds the same
+    values, and the EMA goes on reading them.  If you
     replace submodules by new objects, make a new ``EMA`` (or pass the new model object to
     ``update``, which then reads and checks it).  Parameters a ``ParamConfig`` marks
     non-operational are left alone by ``update``, ``swap`` and ``copy_to``, as by ``ema_``;

@@ -688,6 +688,32 @@ def test_new_parameter_object_over_the_same_memory_keeps_averaging_its_values(pa
 
 
 @pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("view", ["transposed", "sliced", "reused address"])
+def test_new_parameter_object_at_the_old_address_is_noticed(pack, view):
+    """A new object is read again even where its data starts at the old address (a view, a reused block)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3))
+    ema = merge.EMA(net, decay=0.0, pack=pack)  # decay 0: the average becomes the model
+    weight = net[1].weight
+    if view == "transposed":
+        net[1].weight = nn.Parameter(weight.detach().t())
+    elif view == "sliced":
+        net[1].weight = nn.Parameter(weight.detach()[:2])
+    else:
+        net[1].weight = nn.Parameter(torch.full((4, 4), 7.0))
+        with torch.no_grad():  # the same address, as an allocator reusing a freed block would give
+            net[1].weight.data = torch.empty(0).set_(weight.untyped_storage(), weight.storage_offset(), (4, 4))
+            net[1].weight.fill_(7.0)
+    assert net[1].weight is not weight and net[1].weight.data_ptr() == weight.data_ptr()
+    if view == "sliced":
+        with pytest.raises(StructureError, match=r"EMA\.update: parameter '1\.weight' differs: shape \(4, 4\) "
+                                                 r"float32 vs shape \(2, 4\) float32 in model"):
+            ema.update()
+        return
+    ema.update()
+    assert torch.equal(ema.averaged[1].weight, net[1].weight)
+
+
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("table", ["_parameters", "_buffers"])
 def test_parameter_or_buffer_removed_from_its_table_is_refused_by_name(pack, table):
     """An entry deleted from a module's table (or set to None) makes the EMA read the model again: it names it."""

@@ -3,16 +3,14 @@
 Like an optimizer, an ``EMA`` keeps the model's tensors it was built with, so
 ``update()`` neither walks the module tree nor re-validates it: it is one fused
 ``lerp_`` (a single ``lerp_`` over one buffer: the model is packed when the EMA is made).
-Two cheap checks run on every update: that the tensors in the model's parameter and
-buffer tables still sit where they were (``model.to(...)``, ``param.data = ...``, and the
-new objects that ``model.to("meta")``, a conversion under
+Three cheap checks run on every update: that the model's parameter and buffer tables
+still hold those tensor objects (a ``model.to("meta")``, a conversion under
 ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` or ``module.weight =
-nn.Parameter(...)`` put there all have other addresses), and that the model's
-``ParamConfig``s are as they were (``set_param_config`` after the EMA was made).  Any
-change makes the EMA read the model again and re-validate it.  A new tensor object over
-the very memory of the old one (``module.weight = nn.Parameter(module.weight.detach())``)
-holds the same values, and the EMA goes on reading them through the object it holds.
-Passing another model object to ``update`` reads and checks it.
+nn.Parameter(...)`` puts new ones there), that the addresses of their storage are
+unchanged (``model.to(...)``, ``param.data = ...``), and that the model's ``ParamConfig``s
+are as they were (``set_param_config`` after the EMA was made).  Any change makes the EMA
+read the model again and re-validate it.  Passing another model object to ``update`` reads
+and checks it.
 
 Packing makes each of the model's parameters (and the average's) a view into one buffer, so
 ``torch.save`` of one parameter or of a submodule's ``state_dict()`` writes the whole buffer
@@ -21,6 +19,7 @@ Packing makes each of the model's parameters (and the average's) a view into one
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -55,10 +54,8 @@ class EMA:
     converting the model (``model.to(...)``, including conversions that make new
     ``Parameter`` objects such as ``model.to("meta")``), giving a parameter new storage
     (``param.data = ...``) or putting a new parameter or buffer object in its place is
-    noticed from the tensors' addresses, and the model is read and re-checked (so moving it
-    to another device raises ``DeviceMismatchError`` and converting it to another dtype
-    ``StructureError``).  A new object over the very memory of the old one holds the same
-    values, and the EMA goes on reading them.  If you
+    noticed, and the model is read and re-checked (so moving it to another device raises
+    ``DeviceMismatchError`` and converting it to another dtype ``StructureError``).  If you
     replace submodules by new objects, make a new ``EMA`` (or pass the new model object to
     ``update``, which then reads and checks it).  Parameters a ``ParamConfig`` marks
     non-operational are left alone by ``update``, ``swap`` and ``copy_to``, as by ``ema_``;
@@ -114,7 +111,7 @@ class EMA:
         self.averaged = self._copy()
         self._target = operand("EMA", self.averaged, buffers=buffers != "keep")
         self.step = 0
-        self._tables, self._keys = entries(self._online)
+        self._tables, self._keys, self._held = entries(self._online)
         # a constant decay gives the same weight every update: checked once, here
         self._tau = weight_of("EMA", decay, None) if isinstance(decay, (int, float)) else None
         self._prepare()
@@ -152,7 +149,6 @@ class EMA:
         return [self._target.leaves[i] for i in steps], [self._online.leaves[i] for i in steps]
 
     def _prepare(self) -> None:
-        self._places = self._addresses()
         group, online = self._flat_group(self._online.leaves)
         flat_target, flat_online = self._pairs(group)
         target = None if online is None else find_flat(online.plan, flat_target)
@@ -172,34 +168,28 @@ class EMA:
         # move (``.to()``), and so they do for the averaged copy, which is the EMA's own.  The model's
         # flat buffer stands for every tensor of the group, so a ``param.data = ...`` on any one of
         # them must be seen: every address there is compared.
-        # A module's tensors are watched through its tables (``_addresses``), which covers all of them.
         ends = [leaf for leaves in (self._lerp_target, self._lerp_online, flat_target if group else [])
                 for leaf in leaves[:1] + leaves[-1:]]
-        self._watch = ends + (flat_online if group and not self._tables else [])
+        self._watch = ends + (flat_online if group else [])
         self._seen = self._fingerprint()
         self._configs = Configs(self._online)
 
     def _fingerprint(self) -> tuple[int, ...]:
         return tuple(map(Tensor.data_ptr, self._watch))
 
-    def _addresses(self) -> Optional[tuple[int, ...]]:
-        """Where the tensors in the model's tables are now; ``None`` when an entry is gone or not a tensor."""
-        try:
-            return tuple(map(Tensor.data_ptr, map(dict.get, self._tables, self._keys)))
-        except TypeError:  # ``Tensor.data_ptr(None)``: a parameter deleted or parametrized away
-            return None
+    def _holds(self) -> bool:
+        """True while the model's tables still hold the very tensor objects the EMA reads."""
+        return all(map(operator.is_, map(dict.get, self._tables, self._keys), self._held))
 
     def _cached(self, fn: str) -> Operand:
-        places = self._addresses()
-        if places is not None and places == self._places and self._fingerprint() == self._seen \
-                and not self._configs.changed():
+        if self._holds() and self._fingerprint() == self._seen and not self._configs.changed():
             return self._online
         # new tensor objects in the model (e.g. ``.to("meta")``), moved or converted tensors, or
         # other ``ParamConfig``s: read the model again and check it before anything is written
         online = operand(fn, self._model, buffers=self._buffers != "keep")
         check_same(fn, self._target, online, "model", reference="the average")
         self._online = online
-        self._tables, self._keys = entries(online)
+        self._tables, self._keys, self._held = entries(online)
         self._plan = plan(online, self._buffers)
         if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
             pack_(self._model)

@@ -4,25 +4,29 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
+import torch
+
 from .._config import ParamConfig
 from .._walk import CONFIG_ATTR
 from ._state import Operand
 
+Tensor = torch.Tensor
 _OPERATIONAL = operator.itemgetter("operational")  # read from a ParamConfig's ``__dict__``: the fastest way
 
 __all__ = ["entries", "Configs"]
 
 
-def entries(online: Operand) -> tuple[list[dict[str, Any]], list[str]]:
-    """``(tables, keys)``: each ``_parameters`` / ``_buffers`` entry holding a leaf of a module operand.
+def entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tensor]]:
+    """``(tables, keys, tensors)``: each ``_parameters`` / ``_buffers`` entry holding a leaf of a module operand.
 
-    Every leaf is listed (a tied weight once per module holding it); empty for Particles, Swarms and dicts.
+    A tied weight is listed once per module holding it.  Empty for Particles, Swarms and dicts.
     """
     tables: list[dict[str, Any]] = []
     keys: list[str] = []
+    tensors: list[Tensor] = []
     layout = online.layout
     if online.kind != "module" or layout is None:
-        return tables, keys
+        return tables, keys, tensors
     with_buffers = len(online.leaves) > online.params
     for module, param_slots, buffer_slots in zip(layout.modules, layout.param_slots, layout.buffer_slots):
         for table, slots, leaves in ((module._parameters, param_slots, layout.params),
@@ -33,7 +37,8 @@ def entries(online: Operand) -> tuple[list[dict[str, Any]], list[str]]:
                 if index is not None:
                     tables.append(table)
                     keys.append(key)
-    return tables, keys
+                    tensors.append(leaves[index])
+    return tables, keys, tensors
 
 
 class Configs:

@@ -284,3 +284,22 @@ def test_update_bn_restores_state_on_error():
     with pytest.raises(RuntimeError, match="loader failed"):
         merge.update_bn(model.eval(), broken())
     assert not model.training and model[1].momentum == 0.1
+
+
+def test_dicts_listing_the_same_names_in_another_order_are_matched_by_name():
+    """A plain dict flattens sorted, an OrderedDict (a ``state_dict()``) in insertion order: matched by name."""
+    from collections import OrderedDict
+    net = nn.Linear(2, 3)
+    ordered = net.state_dict()
+    shifted = {name: value + 1 for name, value in ordered.items()}
+    soup = merge.average([ordered, shifted])
+    assert list(soup) == ["weight", "bias"]
+    for name in ordered:
+        assert torch.allclose(soup[name], ordered[name] + 0.5)
+    start = OrderedDict(b=torch.zeros(2), a=torch.zeros(3))
+    merge.ema_(start, {"a": torch.ones(3), "b": torch.full((2,), 2.0)}, decay=0.5)
+    assert torch.equal(start["a"], torch.full((3,), 0.5)) and torch.equal(start["b"], torch.ones(2))
+    task = merge.task_arithmetic(start, [{"b": torch.ones(2), "a": torch.ones(3)}], scale=1.0)
+    assert torch.equal(task["a"], torch.ones(3)) and torch.equal(task["b"], torch.ones(2))
+    with pytest.raises(StructureError, match=r"^average: parameter 'bias' is missing from models\[1\]$"):
+        merge.average([ordered, {"weight": shifted["weight"], "other": shifted["bias"]}])

@@ -5,6 +5,7 @@ import copy
 import io
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -846,3 +847,79 @@ def test_flattened_model_moved_afterwards_is_packed_again_or_falls_back(pack):
     else:
         assert ema._flat is None
     assert_state(ema.averaged, expected)
+
+
+def test_dict_with_tied_entries_is_averaged_once_under_both_names():
+    """A ``state_dict(keep_vars=True)`` of tied weights names one tensor twice: the average shares it too."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(4, 3)
+            self.out = nn.Linear(3, 4, bias=False)
+            self.out.weight = self.emb.weight
+
+    model = Tied()
+    ema = merge.EMA(dict(model.state_dict(keep_vars=True)), decay=0.5)
+    start = model.emb.weight.detach().clone()
+    with torch.no_grad():
+        model.emb.weight.add_(2.0)
+    ema.update()
+    assert ema.averaged["emb.weight"] is ema.averaged["out.weight"]
+    assert torch.allclose(ema.averaged["out.weight"], start + 1.0)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_parameters_tied_through_their_storage_are_updated_once(pack):
+    """Two Parameter objects over one storage (``b.weight.data = a.weight.data``) are one weight, as in ``ema_``."""
+    def tied() -> nn.Module:
+        model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False))
+        model[1].weight.data = model[0].weight.data
+        return model
+
+    target, online = tied(), tied()
+    with torch.no_grad():
+        target[0].weight.zero_()
+        online[0].weight.fill_(1.0)
+    merge.ema_(target, online, decay=0.5)
+    assert torch.equal(target[1].weight, torch.full((3, 3), 0.5))
+    ema = merge.EMA(online, decay=0.5, pack=pack)
+    with torch.no_grad():
+        online[0].weight.fill_(3.0)
+    ema.update()
+    assert torch.equal(ema.averaged[0].weight, torch.full((3, 3), 2.0))
+    assert torch.equal(ema.averaged[1].weight, torch.full((3, 3), 2.0))
+
+
+def test_dict_entries_replaced_by_new_tensors_are_followed():
+    """Functional-style training puts new tensors in the dict: the EMA reads them, as it does a module's."""
+    params = {"w": torch.zeros(3), "inner": {"b": torch.zeros(2)}}
+    ema = merge.EMA(params, decay=0.5)
+    params["w"] = params["w"] + 1.0
+    params["inner"]["b"] = params["inner"]["b"] + 2.0
+    ema.update()
+    assert torch.equal(ema.averaged["w"], torch.full((3,), 0.5))
+    assert torch.equal(ema.averaged["inner"]["b"], torch.ones(2))
+    params["w"] = torch.zeros(4)
+    with pytest.raises(StructureError, match=r"^EMA\.update: parameter 'w' differs: shape \(3,\) float32 vs "
+                                             r"shape \(4,\) float32 in model$"):
+        ema.update()
+
+
+@pytest.mark.parametrize("step", [None, 2.9, -1, True, "3", torch.tensor(1.5)])
+def test_load_state_dict_checks_the_step_before_writing(step):
+    net = nn.Linear(2, 2)
+    ema = merge.EMA(net, decay=0.5)
+    before = {k: v.clone() for k, v in ema.state_dict()["averaged"].items()}
+    state = {"step": step, "averaged": {k: torch.full_like(v, 9.0) for k, v in before.items()}}
+    with pytest.raises(TypeError, match=r"^EMA\.load_state_dict: expected state\['step'\] to be a non-negative "
+                                        r"int, got "):
+        ema.load_state_dict(state)
+    assert ema.step == 0
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict()["averaged"].items())
+
+
+@pytest.mark.parametrize("step", [3, np.int64(3), torch.tensor(3)])
+def test_load_state_dict_takes_integer_steps(step):
+    ema = merge.EMA(nn.Linear(2, 2), decay=0.5)
+    ema.load_state_dict({"step": step, "averaged": ema.state_dict()["averaged"]})
+    assert ema.step == 3 and type(ema.step) is int

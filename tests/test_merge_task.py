@@ -259,6 +259,13 @@ def test_slerp_keeps_the_norm_between_orthogonal_unit_tensors():
         assert w[0].item() == pytest.approx(math.cos(t * math.pi / 2), abs=1e-6)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_slerp_with_threshold_one_lerps_exactly_parallel_tensors(sign):
+    """``threshold=1.0`` is allowed: exactly (anti-)parallel tensors, whose sine is 0, are lerped."""
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([2.0, 4.0]) * sign}
+    assert torch.equal(merge.slerp(a, b, 0.25, threshold=1.0)["w"], torch.lerp(a["w"], b["w"], 0.25))
+
+
 def test_slerp_errors():
     with pytest.raises(StructureError, match=r"slerp: parameter 'w' differs: shape \(2,\) float32 vs shape \(3,\)"):
         merge.slerp({"w": torch.ones(2)}, {"w": torch.ones(3)}, 0.5)

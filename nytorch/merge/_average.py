@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import _leafwise as lw
-from ._state import BufferMode, Operand, check_buffers, check_same, is_swarm, operand, rebuild
+from ._state import BufferMode, Operand, check_buffers, is_swarm, matched, operand, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -34,7 +34,7 @@ def read_all(fn: str, models: Sequence[Any], *, buffers: bool, argument: str = "
     read = [first]
     for index, model in enumerate(models[1:], start=1):
         other = operand(fn, model, buffers=buffers, argument=f"{argument}[{index}]")
-        check_same(fn, first, other, f"{argument}[{index}]", reference=f"{argument}[0]")
+        other = matched(fn, first, other, f"{argument}[{index}]", reference=f"{argument}[0]")
         read.append(other)
     return read
 

@@ -18,13 +18,13 @@ from typing import Any, NamedTuple, Optional, TypeVar, Union
 import torch
 
 from .. import _leafwise as lw
-from ._state import BufferMode, Operand, check_buffers, check_same, operand
+from ._state import BufferMode, Operand, check_buffers, matched, operand
 
 Tensor = torch.Tensor
 T = TypeVar("T")
 Weight = Union[float, Tensor]
 
-__all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "lerp_"]
+__all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "lerp_", "tie_key"]
 
 
 class Plan(NamedTuple):
@@ -82,7 +82,8 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
     tensor) are planned once.
     """
     leaves, count = target.leaves, target.params
-    if target.configs is None and target.kind != "tree":  # the common case, without per-leaf calls
+    # the common case, without per-leaf calls: no configs, and no two parameters over one storage
+    if target.configs is None and target.kind != "tree" and len(set(map(Tensor.data_ptr, leaves[:count]))) == count:
         lerp = [i for i in range(count) if leaves[i].is_floating_point() or leaves[i].is_complex()]
         copy = [i for i in range(count) if not (leaves[i].is_floating_point() or leaves[i].is_complex())]
     else:
@@ -90,9 +91,9 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
         seen: set[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
         for index in range(count):
             leaf = leaves[index]
-            if target.kind == "tree":
-                key = (leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype)
-                if leaf.numel() and key in seen:
+            key = tie_key(leaf)
+            if key is not None:  # tied weights (one tensor under two names, or two over one storage)
+                if key in seen:
                     continue
                 seen.add(key)
             if target.operational(index):
@@ -102,6 +103,18 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
             averaged = buffers == "average" and lw.is_arithmetic(leaves[index])
             (lerp if averaged else copy).append(index)
     return Plan(lerp, copy)
+
+
+def tie_key(leaf: Tensor) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]]:
+    """What two tied leaves share (their memory and its layout); ``None`` for an empty leaf, tied to nothing.
+
+    >>> weight = torch.ones(2, 2)
+    >>> tie_key(weight) == tie_key(weight.detach()), tie_key(weight) == tie_key(weight[0])
+    (True, False)
+    """
+    if not leaf.numel():
+        return None
+    return leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
 
 
 def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
@@ -173,7 +186,7 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
     with_buffers = buffers != "keep"
     ends = operand("ema_", target, buffers=with_buffers, argument="target")
     starts = operand("ema_", online, buffers=with_buffers, argument="online")
-    check_same("ema_", ends, starts, "online", reference="target")
+    starts = matched("ema_", ends, starts, "online", reference="target")
     steps = plan(ends, buffers)
     _check_weight("ema_", tau_value, ends, steps)
     apply_plan_(steps, ends.leaves, starts.leaves, tau_value)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,9 +32,9 @@ from .. import _leafwise as lw
 from .._algebra import without_grad
 from .._errors import StructureError
 from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
-from ._ema import apply_plan_, lerp_, plan, weight_of
+from ._ema import apply_plan_, lerp_, plan, tie_key, weight_of
 from ._schedule import Schedule
-from ._state import BufferMode, Operand, check_buffers, check_same, operand, rebuild
+from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
 from ._watch import Configs, entries
 
 Tensor = torch.Tensor
@@ -139,6 +140,12 @@ class EMA:
             views = Flat(found.plan, [buffer.clone() for buffer in found.buffers], {}).leaves()
             for i, view in zip(group, views):
                 leaves[i] = view
+        # tied leaves (which ``plan`` updates once, through the first) share one copy too
+        first: dict[Any, int] = {}
+        for i, leaf in enumerate(online.leaves):
+            key = tie_key(leaf)
+            if key is not None:
+                leaves[i] = leaves[first.setdefault(key, i)]
         result = rebuild(online, leaves)
         if isinstance(result, nn.Module):
             result.requires_grad_(False)
@@ -187,7 +194,7 @@ class EMA:
         # new tensor objects in the model (e.g. ``.to("meta")``), moved or converted tensors, or
         # other ``ParamConfig``s: read the model again and check it before anything is written
         online = operand(fn, self._model, buffers=self._buffers != "keep")
-        check_same(fn, self._target, online, "model", reference="the average")
+        online = matched(fn, self._target, online, "model", reference="the average")
         self._online = online
         self._tables, self._keys, self._held = entries(online)
         self._plan = plan(online, self._buffers)
@@ -202,7 +209,7 @@ class EMA:
         if self._configs.changed():  # the plan follows the model's ParamConfigs
             self._cached(fn)
         other = operand(fn, model, buffers=self._buffers != "keep")
-        check_same(fn, self._target, other, "model", reference="the average")
+        other = matched(fn, self._target, other, "model", reference="the average")
         return other
 
     # -- public API ------------------------------------------------------------------------
@@ -320,8 +327,8 @@ class EMA:
         Nothing is written unless every name and shape matches.
 
         Raises:
-            TypeError: ``state`` is not a mapping with ``"step"`` and ``"averaged"``, or holds
-                complex values for real averages.
+            TypeError: ``state`` is not a mapping with ``"step"`` (a non-negative int) and
+                ``"averaged"``, or holds complex values for real averages.
             StructureError: a name is missing or unknown, or a shape differs.
 
         >>> net = torch.nn.Linear(1, 1)
@@ -338,6 +345,12 @@ class EMA:
         fn = "EMA.load_state_dict"
         if not isinstance(state, Mapping) or "step" not in state or "averaged" not in state:
             raise TypeError(f"{fn}: expected a mapping with 'step' and 'averaged', got {type(state).__name__}")
+        step = state["step"]
+        if isinstance(step, Tensor) and step.dim() == 0 and not step.is_floating_point() and not step.is_complex() \
+                and step.dtype != torch.bool:
+            step = step.item()
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) or step < 0:
+            raise TypeError(f"{fn}: expected state['step'] to be a non-negative int, got {step!r}")
         averages = state["averaged"]
         if not isinstance(averages, Mapping) or not all(isinstance(v, Tensor) for v in averages.values()):
             raise TypeError(f"{fn}: expected state['averaged'] to map names to tensors")
@@ -366,7 +379,7 @@ class EMA:
                 raise StructureError(f"{fn}: parameter {name!r} is missing from state")
         if targets:
             torch._foreach_copy_(targets, values)
-        self.step = int(state["step"])
+        self.step = int(step)
 
     def __repr__(self) -> str:
         kind = type(self._model).__name__

@@ -9,12 +9,17 @@ from typing import Any, TypeVar
 import torch
 
 from .. import _leafwise as lw
-from ._state import check_same, members, operand, per_member, rebuild
+from ._state import matched, members, operand, per_member, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
 
 __all__ = ["slerp"]
+
+
+#: Below this sine the angle is lost in rounding (the cosine's last bit moves Ω by ~1e-8 near 0
+#: and π) and the SLERP coefficients blow up: such tensors are lerped whatever the threshold.
+_PARALLEL = 1e-6
 
 
 def _coefficients(first: Tensor, second: Tensor, t: float, threshold: float) -> tuple[float, float] | None:
@@ -29,6 +34,8 @@ def _coefficients(first: Tensor, second: Tensor, t: float, threshold: float) -> 
         return None
     omega = math.acos(cosine)
     sine = math.sin(omega)
+    if sine < _PARALLEL:  # (anti-)parallel to float64 precision, which ``threshold=1.0`` lets through
+        return None
     return math.sin((1.0 - t) * omega) / sine, math.sin(t * omega) / sine
 
 
@@ -40,7 +47,8 @@ def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M
     each parameter tensor as one vector (as mergekit does): with
     ``Ω = arccos(⟨a, b⟩ / (‖a‖·‖b‖))``,
     ``slerp(a, b; t) = sin((1 − t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b``.  When
-    ``|cos Ω| > threshold`` (nearly parallel or anti-parallel, where ``sin Ω ≈ 0``) or a
+    ``|cos Ω| > threshold`` (nearly parallel or anti-parallel, where ``sin Ω ≈ 0``), when
+    ``sin Ω < 1e-6`` (parallel to float64 precision, even with ``threshold=1``) or when a
     tensor is zero, it falls back to ``lerp(a, b, t) = a + t·(b − a)``.  The angle is
     computed in float64.
 
@@ -72,7 +80,7 @@ def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M
     position = float(t)
     start = operand("slerp", first, buffers=False, argument="first")
     end = operand("slerp", second, buffers=False, argument="second")
-    check_same("slerp", start, end, "second", reference="first")
+    end = matched("slerp", start, end, "second", reference="first")
     picked = [index for index in range(len(start.leaves)) if start.active(index)]
     for index in picked:
         if start.leaves[index].is_complex():

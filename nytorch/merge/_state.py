@@ -2,7 +2,8 @@
 
 ``operand(fn, x)`` reads any accepted value once into an ``Operand`` (names,
 leaves, how many of them are parameters, configs).  ``check_same`` compares two
-operands and raises ``StructureError`` naming the first differing parameter.
+operands and raises ``StructureError`` naming the first differing parameter; ``matched``
+does so after putting a pytree's leaves in the other operand's order.
 ``rebuild`` turns new leaves back into a value of the operand's kind (a model
 gives a fresh model of the same class, a Particle a Particle, a dict a dict).
 """
@@ -29,7 +30,7 @@ Kind = Literal["module", "particle", "swarm", "tree"]
 BufferMode = Literal["average", "copy", "keep"]
 BUFFER_MODES = ("average", "copy", "keep")
 
-__all__ = ["Operand", "operand", "check_same", "rebuild", "is_swarm", "members", "per_member", "check_buffers",
+__all__ = ["Operand", "operand", "check_same", "matched", "rebuild", "is_swarm", "members", "per_member", "check_buffers",
            "BufferMode"]
 
 
@@ -126,6 +127,26 @@ def operand(fn: str, value: object, *, buffers: bool, argument: str = "model") -
         return Operand("tree", value, path_names(value), leaves, len(leaves), None, spec)
     raise TypeError(f"{fn}: expected an nn.Module, a Particle, a Swarm or a dict of tensors as {argument}, "
                     f"got {type(value).__name__}")
+
+
+def matched(fn: str, first: Operand, other: Operand, label: str, *, reference: str = "the first operand") -> Operand:
+    """``other``, checked against ``first`` by ``check_same``; a pytree's leaves first put in ``first``'s order.
+
+    A plain dict flattens with its keys sorted, an ``OrderedDict`` (a ``state_dict()``) in insertion
+    order: a pytree naming the same leaves as ``first`` in another order is matched by name.
+
+    >>> a = operand("demo", {"w": torch.zeros(1), "b": torch.ones(2)}, buffers=False)
+    >>> from collections import OrderedDict
+    >>> b = operand("demo", OrderedDict(w=torch.zeros(1), b=torch.ones(2)), buffers=False)
+    >>> a.names, b.names, matched("demo", a, b, "b").names
+    (['b', 'w'], ['w', 'b'], ['b', 'w'])
+    """
+    if other.kind == "tree" and first.names != other.names and len(first.names) == len(other.names):
+        where = dict(zip(other.names, other.leaves))
+        if len(where) == len(other.names) and where.keys() == set(first.names):
+            other = other._replace(names=list(first.names), leaves=[where[name] for name in first.names])
+    check_same(fn, first, other, label, reference=reference)
+    return other
 
 
 def check_same(fn: str, first: Operand, other: Operand, label: str, *, reference: str = "the first operand") -> None:

@@ -13,7 +13,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 
 from .. import _leafwise as lw
-from ._state import Operand, check_same, is_swarm, members, operand, per_member, rebuild
+from ._state import Operand, is_swarm, matched, members, operand, per_member, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -36,7 +36,7 @@ def read_tasks(fn: str, base: Any, finetuned: Sequence[Any]) -> tuple[Operand, l
     read = []
     for index, model in enumerate(finetuned):
         other = operand(fn, model, buffers=False, argument=f"finetuned[{index}]")
-        check_same(fn, start, other, f"finetuned[{index}]", reference="base")
+        other = matched(fn, start, other, f"finetuned[{index}]", reference="base")
         read.append(other)
     return start, read, [index for index in range(len(start.leaves)) if start.active(index)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
+import optree
 import torch
 
 from .._config import ParamConfig
@@ -19,12 +20,16 @@ __all__ = ["entries", "Configs"]
 def entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tensor]]:
     """``(tables, keys, tensors)``: each ``_parameters`` / ``_buffers`` entry holding a leaf of a module operand.
 
-    A tied weight is listed once per module holding it.  Empty for Particles, Swarms and dicts.
+    A tied weight is listed once per module holding it.  For a pytree of dicts (``{"w": w}``, a
+    ``state_dict()``), each leaf's entry in the dict holding it.  Empty for Particles, Swarms
+    and pytrees with other containers.
     """
     tables: list[dict[str, Any]] = []
     keys: list[str] = []
     tensors: list[Tensor] = []
     layout = online.layout
+    if online.kind == "tree":
+        return _dict_entries(online)
     if online.kind != "module" or layout is None:
         return tables, keys, tensors
     with_buffers = len(online.leaves) > online.params
@@ -39,6 +44,21 @@ def entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tens
                     keys.append(key)
                     tensors.append(leaves[index])
     return tables, keys, tensors
+
+
+def _dict_entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tensor]]:
+    """``entries`` of a pytree operand whose containers are all dicts (empty otherwise)."""
+    tables: list[dict[str, Any]] = []
+    keys: list[str] = []
+    for path in optree.tree_paths(online.source):
+        table = online.source
+        for key in path[:-1]:
+            table = table[key] if isinstance(table, dict) else None
+        if not path or not isinstance(table, dict):
+            return [], [], []
+        tables.append(table)
+        keys.append(path[-1])
+    return tables, keys, list(online.leaves)
 
 
 class Configs:

@@ -305,8 +305,14 @@ def _consecutive(members: Sequence[Tensor]) -> bool:
     return True
 
 
+#: How many times ``pack_`` has moved parameters.  Packing one model can move a Parameter it
+#: shares with another (a common submodule): code holding the other's buffers looks again then.
+PACKED = [0]
+
+
 @torch.no_grad()
 def _pack_groups(groups: Sequence[Sequence[Tensor]]) -> None:
+    PACKED[0] += 1
     for members in groups:
         buffer = torch.cat([param.detach().reshape(-1) for param in members])
         views = torch._C._nn.unflatten_dense_tensors(buffer, [param.detach() for param in members])

@@ -26,7 +26,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from . import _pool as pool
-from ._flat import Flat, FlatPlan, find_flat, own_counters, pack_, plan_for, written
+from ._flat import PACKED, Flat, FlatPlan, find_flat, own_counters, pack_, plan_for, written
 from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, model_class, wrap_parameters
 
 Tensor = torch.Tensor
@@ -534,10 +534,13 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     >>> binary_(net, lw.MUL, [3.0]), torch.equal(net.weight, expected)
     (True, True)
     """
+    packs = PACKED[0]
     prepared = _prepared(model, op.name, others, False)
     if prepared is None:
         return False
     layout, flat, _, operands = prepared
+    if PACKED[0] != packs and model.__dict__.get(PENDING) is None and layout_of(model) is not layout:
+        return False  # packing an operand moved a Parameter ``model`` shares with it: per leaf then
     kernel_(op, writable(op.name, layout.names, flat), readable(operands))
     written(layout.params, flat.plan)  # (a result not built yet has no Parameters to tell)
     return True

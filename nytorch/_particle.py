@@ -13,7 +13,7 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._errors import StructureError
-from ._flat import Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
+from ._flat import PACKED, Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
 from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable, writable
 from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
@@ -160,9 +160,12 @@ class Particle(Operators):
         flat = self._flat_form()
         if flat is None:
             return False
+        packs = PACKED[0]
         operands = self._flat_operands(op.name, tuple(others), flat, False)
         if operands is None:
             return False
+        if PACKED[0] != packs and not flat.still_views(self._leaves):
+            return False  # packing an operand moved a Parameter this Particle shares with it: per leaf then
         kernel_(op, writable(op.name, self._names, flat), readable(operands))
         if flat.pointers is not None:  # leaves of someone else's storage (a model's Parameters)
             written(self._leaves, flat.plan)

@@ -691,3 +691,38 @@ def test_version_counters_move_exactly_when_values_are_written(steps):
             changed = not torch.equal(param.detach(), values)
             assert changed == (i in touched), (step, i)
             assert (param._version != version) == changed, (step, i)
+
+
+@pytest.mark.parametrize("op", ["+=", "*=", "lerp_"])
+@pytest.mark.parametrize("style", ["Particle", "NytoModule"])
+def test_in_place_op_with_an_operand_sharing_a_layer_updates_the_shared_parameters(op, style):
+    """Packing the operand on first use moves a Parameter both models hold: the write still reaches it."""
+    torch.manual_seed(0)
+    shared = nn.Linear(2, 2)
+
+    class Net(nytorch.NytoModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = shared
+            self.own = nn.Linear(2, 2)
+
+    first, second = Net(), Net()
+    before = {name: value.detach().clone() for name, value in first.named_parameters()}
+    other = {name: value.detach().clone() for name, value in second.named_parameters()}
+    target = nytorch.particle(first) if style == "Particle" else first
+    if op == "+=":
+        target += second
+        expected = {name: before[name] + other[name] for name in before}
+    elif op == "*=":
+        target *= second
+        expected = {name: before[name] * other[name] for name in before}
+    else:
+        target.lerp_(second, 0.25)
+        expected = {name: torch.lerp(before[name], other[name], 0.25) for name in before}
+    expected["shared.weight"] = {"+=": 2 * before["shared.weight"], "*=": before["shared.weight"] ** 2,
+                                 "lerp_": before["shared.weight"]}[op]
+    expected["shared.bias"] = {"+=": 2 * before["shared.bias"], "*=": before["shared.bias"] ** 2,
+                               "lerp_": before["shared.bias"]}[op]
+    for name, value in first.named_parameters():
+        assert torch.allclose(value, expected[name]), name
+    assert torch.equal(second.shared.weight, first.shared.weight)

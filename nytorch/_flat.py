@@ -335,6 +335,8 @@ def _pack_or_reason(module: nn.Module, whole: bool) -> Optional[str]:
 
     if lazy_name(module) is not None:
         return "a parameter is not initialised yet (lazy module)"  # shapes unknown until the first forward
+    if torch._C._are_functorch_transforms_active():
+        return "it is inside a torch.func transform (vmap, grad), whose tensors cannot be moved"
     layout = layout_of(module)
     groups = _arithmetic_groups(layout.params + layout.buffers)
     loose = [members for members in groups if not _runs_consecutive(members, whole)]

@@ -120,7 +120,12 @@ def carried(flat: Flat, configs: Optional[Sequence[ParamConfig]]) -> dict[int, T
 
 def _current(model: nn.Module, pack: bool = False, layout: Optional[Layout] = None
              ) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
-    """``packed(model, pack, layout)`` plus its configs, or ``None`` when they no longer match the packing."""
+    """``packed(model, pack, layout)`` plus its configs, or ``None`` when they no longer match the packing.
+
+    ``None`` too under ``torch.func`` transforms, whose tensors have no address to find buffers by.
+    """
+    if lw.transforms_active():
+        return None
     pending = model.__dict__.get(PENDING)
     if pending is not None:
         layout, flat = pending.layout, pending.flat
@@ -153,6 +158,8 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     and the same structure are packed on first use; Particles must be flat already.  Anything else, or a structure
     that differs, answers ``None``: the per-leaf path then raises the informative error.
     """
+    if lw.transforms_active():  # under vmap / grad a scalar may be batched: per leaf, where torch batches it
+        return None
     Particle = _particle_class()
     operands: list[object] = []
     for other in others:

@@ -111,7 +111,7 @@ class Particle(Operators):
     def _flat_form(self) -> Optional[Flat]:
         """This Particle's flat buffers, when its arithmetic leaves are (or sit in) one buffer per dtype."""
         flat = self._flat
-        if flat is False:
+        if flat is False or lw.transforms_active():  # a transform's tensors have no address: per leaf there
             return None
         configs = self._configs
         active = None if configs is None else self._active_for(configs)
@@ -382,14 +382,16 @@ class Particle(Operators):
         """A new Particle with ``fn(param, config)`` applied to every parameter (nytorch 1.1 API).
 
         ``fn`` runs under ``torch.no_grad()`` and decides itself what to do with
-        non-operational parameters (``config.operational``).
+        non-operational parameters (``config.operational``).  It must return a tensor of the
+        parameter's shape, dtype and device (``TypeError`` / ``StructureError`` otherwise).
 
         >>> p = particle(torch.nn.Linear(1, 1, bias=False))
         >>> q = p.unary_operator(lambda param, config: param + 10 if config.operational else param)
         >>> torch.equal(q.params["weight"], p.params["weight"] + 10)
         True
         """
-        return self._new(self._state(), algebra.custom(fn, self._leaves, [], self._configs))
+        return self._new(self._state(), self._checked("unary_operator", algebra.custom(fn, self._leaves, [],
+                                                                                        self._configs)))
 
     def binary_operator(self, other: Any, fn: Callable[[Tensor, Tensor, ParamConfig], Tensor]) -> Self:
         """A new Particle with ``fn(param, other_param, config)`` for every parameter pair (1.1 API).
@@ -404,7 +406,20 @@ class Particle(Operators):
         if not isinstance(leaves, list):
             raise TypeError(f"binary_operator: expected a Particle or a {self.model_class.__name__}, "
                             f"got {_class_name(other)}")
-        return self._new(state, algebra.custom(fn, self._leaves, [leaves], self._configs))
+        return self._new(state, self._checked("binary_operator", algebra.custom(fn, self._leaves, [leaves],
+                                                                                 self._configs)))
+
+    def _checked(self, fn: str, results: list[Any]) -> list[Tensor]:
+        """``results`` of a user function, one per leaf, once each is a tensor of its leaf's shape, dtype and device."""
+        for name, leaf, value in zip(self._names, self._leaves, results):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{fn}: expected the function to return a tensor for parameter {name!r}, "
+                                f"got {_class_name(value)}")
+            if value.shape != leaf.shape or value.dtype != leaf.dtype or value.device != leaf.device:
+                raise StructureError(f"{fn}: the function returned {lw.describe(value)} on {value.device} for "
+                                     f"parameter {name!r} ({lw.describe(leaf)} on {leaf.device}); results keep "
+                                     "each parameter's shape, dtype and device")
+        return results
 
 
 def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> Particle:

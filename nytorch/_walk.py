@@ -265,6 +265,8 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictiona
 
 
 def _remember(root: nn.Module, layout: Layout) -> None:
+    if torch._C._are_functorch_transforms_active():
+        return  # tensors batched by vmap (or wrapped by grad) have no address: nothing to remember them by
     stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
     stored.packing = layout.packing
     stored._pointers = tuple(map(Tensor.data_ptr, layout.params))

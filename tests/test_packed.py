@@ -726,3 +726,33 @@ def test_in_place_op_with_an_operand_sharing_a_layer_updates_the_shared_paramete
     for name, value in first.named_parameters():
         assert torch.allclose(value, expected[name]), name
     assert torch.equal(second.shared.weight, first.shared.weight)
+
+
+@pytest.mark.parametrize("style", ["Particle", "NytoModule"])
+def test_operators_take_a_scalar_batched_by_vmap(style):
+    """Under ``torch.func.vmap`` the packed path steps aside: the per-leaf one batches a scalar operand."""
+    class Net(nytorch.NytoModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+
+    net = Net()
+    model = nytorch.particle(net) if style == "Particle" else net
+
+    def weight_sum(scale: torch.Tensor) -> torch.Tensor:
+        result = model * scale + model
+        return (result.params["layer.weight"] if style == "Particle" else result.layer.weight).sum()
+
+    scales = torch.tensor([1.0, 2.0, -0.5])
+    expected = net.layer.weight.detach().sum() * (scales + 1)
+    assert torch.allclose(torch.func.vmap(weight_sum)(scales), expected)
+
+
+def test_particle_made_inside_a_transform_is_left_unpacked():
+    """Packing moves storage, which a torch.func transform's tensors do not allow: the model stays as it is."""
+    layer = nn.Linear(2, 2)
+    weight = layer.weight.detach().clone()
+    values = torch.func.vmap(lambda s: (nytorch.particle(layer) * s).params["weight"].sum())(torch.tensor([1.0, 3.0]))
+    assert torch.allclose(values, weight.sum() * torch.tensor([1.0, 3.0]))
+    assert torch.equal(layer.weight, weight)
+    torch.func.grad(lambda s: (nytorch.particle(layer) * s).params["weight"].sum())(torch.tensor(2.0))  # no crash

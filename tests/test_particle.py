@@ -489,3 +489,23 @@ def test_clone_randn_and_len_make_no_leaf_views():
         assert result._leaf_list is None  # one buffer, no views yet
         assert len(result) == 10
     assert torch.equal(p.clone().params["3.weight"], model[3].weight.detach())
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda leaf, config: leaf.sum(), r"returned shape \(\) float32 on cpu for parameter 'weight' \(shape \(2, 3\) "
+                                      r"float32 on cpu\)"),
+    (lambda leaf, config: leaf.double(), r"returned shape \(2, 3\) float64 on cpu for parameter 'weight'"),
+])
+def test_unary_operator_refuses_results_of_another_shape_or_dtype(fn, message):
+    p = nytorch.particle(nn.Linear(3, 2))
+    with pytest.raises(nytorch.StructureError, match=r"^unary_operator: the function " + message):
+        p.unary_operator(fn)
+    with pytest.raises(nytorch.StructureError, match=r"^binary_operator: the function " + message):
+        p.binary_operator(p, lambda a, b, config: fn(a, config))
+
+
+def test_unary_operator_refuses_results_that_are_not_tensors():
+    p = nytorch.particle(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"^unary_operator: expected the function to return a tensor for parameter "
+                                        r"'weight', got float$"):
+        p.unary_operator(lambda leaf, config: 3.0)

@@ -59,10 +59,33 @@ _SUBTRACTIONS = frozenset({SUB.name, RSUB.name})
 
 
 def is_scalar(value: object) -> bool:
-    """True for what broadcasts to every leaf: a Python number or a 0-dim tensor."""
+    """True for what broadcasts to every leaf: a Python or NumPy number (booleans too) or a 0-dim tensor."""
     if isinstance(value, Tensor):
         return value.dim() == 0
-    return isinstance(value, numbers.Number)
+    return isinstance(value, (numbers.Number, np.bool_))
+
+
+#: The Python ints torch takes as scalars (int64 and uint64 values).
+INT_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def in_int_range(value: int) -> bool:
+    """True when torch can take the Python int ``value`` as a scalar (it is at most 64 bits)."""
+    return INT_RANGE[0] <= value <= INT_RANGE[1]
+
+
+def _check_kind(fn: str, scalar: object) -> None:
+    """Raise for numbers torch cannot take: other ``numbers.Number`` types, and ints beyond 64 bits."""
+    if isinstance(scalar, int) and not isinstance(scalar, bool) and not in_int_range(int(scalar)):
+        shown = str(scalar) if len(str(scalar)) <= 40 else f"{str(scalar)[:12]}... ({len(str(abs(scalar)))} digits)"
+        raise OverflowError(f"{fn}: the integer {shown} does not fit in 64 bits, which is what torch takes "
+                            f"for a scalar; use a float")
+    if isinstance(scalar, np.unsignedinteger) and int(scalar) >= 1 << 63:
+        raise TypeError(f"{fn}: torch cannot take the NumPy {type(scalar).__name__} {scalar} as a scalar; "
+                        f"pass int(...) of it")
+    if not isinstance(scalar, (Tensor, int, float, complex, np.generic)):
+        raise TypeError(f"{fn}: expected a Python or NumPy number or a 0-dim tensor as the scalar, got "
+                        f"{type(scalar).__name__} {scalar!r}; convert it with float(...) first")
 
 
 def is_arithmetic(leaf: Tensor) -> bool:
@@ -143,7 +166,10 @@ def check_scalar(fn: str, scalar: object, names: Union[Sequence[str], Callable[[
     ``names`` may be a callable, called only when a leaf has to be checked; ``active`` marks the
     leaves that take part in the operation, all of them floating or complex.
     """
-    if fn in _SUBTRACTIONS and (isinstance(scalar, bool) or (isinstance(scalar, Tensor) and scalar.dtype == torch.bool)):
+    if type(scalar) is not float:
+        _check_kind(fn, scalar)
+    if fn in _SUBTRACTIONS and (isinstance(scalar, (bool, np.bool_))
+                                or (isinstance(scalar, Tensor) and scalar.dtype == torch.bool)):
         raise TypeError(f"{fn}: expected a number to subtract, got the boolean {scalar!r} "
                         "(torch does not subtract booleans); use an int or a float")
     if isinstance(scalar, (bool, int, float)) and not any(dtype.is_complex for dtype in set(map(_DTYPE, leaves))):

@@ -164,7 +164,8 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     operands: list[object] = []
     for other in others:
         kind = type(other)
-        if (kind is float or kind is int) and flat.plan.floating:  # never changes a floating dtype
+        if (kind is float or (kind is int and lw.in_int_range(other))) and flat.plan.floating:  # type: ignore[arg-type]
+            # a real number never changes a floating dtype
             operands.append(other)
             continue
         if lw.is_scalar(other):
@@ -374,7 +375,7 @@ def _common(model: nn.Module, other: object
         return None
     layout, flat, configs = found
     kind = type(other)
-    if kind is float or kind is int:
+    if kind is float or (kind is int and lw.in_int_range(other)):  # type: ignore[arg-type]
         return (layout, flat, configs, [other]) if flat.plan.floating else None
     if kind is not type(model):
         return None

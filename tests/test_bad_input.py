@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -1096,3 +1098,44 @@ def test_swarm_unusual_members() -> None:
             for name, value in nf.params(member).items():
                 expected = value * 2 if value.is_floating_point() else value
                 assert same_values(doubled[i].params[name], expected), name
+
+
+def _scalar_styles() -> list[tuple[str, Callable[[object], object]]]:
+    class Net(nytorch.NytoModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+
+    particle, module = nytorch.particle(nn.Linear(2, 2)), Net()
+    tree = nf.params(nn.Linear(2, 2))
+    swarm = nytorch.Swarm.stack([nn.Linear(2, 2) for _ in range(2)])
+    return [("Particle", lambda s: particle * s), ("NytoModule", lambda s: module * s),
+            ("functional", lambda s: nf.mul(tree, s)), ("Swarm", lambda s: swarm * s),
+            ("reflected", lambda s: s * particle)]
+
+
+@pytest.mark.parametrize("scalar, error, message", [
+    (Fraction(1, 2), TypeError, r"mul: expected a Python or NumPy number or a 0-dim tensor as the scalar, got "
+                                r"Fraction Fraction\(1, 2\); convert it with float\(\.\.\.\) first"),
+    (Decimal("1.5"), TypeError, r"mul: expected a Python or NumPy number or a 0-dim tensor as the scalar, got "
+                                r"Decimal Decimal\('1\.5'\)"),
+    (10 ** 400, OverflowError, r"mul: the integer 100000000000\.\.\. \(401 digits\) does not fit in 64 bits, which "
+                               r"is what torch takes for a scalar; use a float"),
+    (-(2 ** 63) - 1, OverflowError, r"mul: the integer -9223372036854775809 does not fit in 64 bits"),
+    (np.uint64(2 ** 63), TypeError, r"mul: torch cannot take the NumPy uint64 9223372036854775808 as a scalar; "
+                                    r"pass int\(\.\.\.\) of it"),
+])
+def test_numbers_torch_cannot_take_are_refused_by_name_everywhere(scalar, error, message):
+    for style, multiply in _scalar_styles():
+        with pytest.raises(error, match="^" + message):
+            multiply(scalar)
+
+
+@pytest.mark.parametrize("scalar", [np.bool_(True), 2 ** 63, -(2 ** 63), np.int64(-3), np.float32(0.5)])
+def test_numpy_booleans_and_64_bit_ints_are_numbers_like_any_other(scalar):
+    layer = nn.Linear(2, 2)
+    expected = layer.weight.detach() * float(scalar)
+    assert torch.allclose(nytorch.particle(layer).__mul__(scalar).params["weight"], expected)
+    assert torch.allclose(nf.mul(nf.params(layer), scalar)["weight"], expected)
+    for _, multiply in _scalar_styles():
+        multiply(scalar)

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ._errors import DeviceMismatchError, StructureError
 
@@ -217,8 +218,12 @@ def transforms_active() -> bool:
 
 
 def needs_per_leaf(*groups: object) -> bool:
-    """Decide whether autograd or a ``torch.func`` transform must see per-leaf ops."""
-    if transforms_active():
+    """Decide whether autograd or a ``torch.func`` transform must see per-leaf ops.
+
+    Inside ``torch.autograd.forward_ad.dual_level()`` they always do: foreach kernels drop the
+    tangent of a dual scalar operand.
+    """
+    if transforms_active() or _forward_ad._current_level >= 0:
         return True
     if not torch.is_grad_enabled():
         return False

@@ -224,3 +224,23 @@ def test_state_includes_buffers_for_soups() -> None:
         expected_buffers[name] = (x + y) / 2 if is_arith(x) else x
     assert_dicts(named_buffers(bound), expected_buffers)
     assert storages(bound).isdisjoint(storages(a) | storages(b))
+
+
+def test_forward_mode_autodiff_sees_dual_scalars_and_dual_trees():
+    """``torch.autograd.forward_ad``: tangents flow through a dual weight, a dual scalar and a dual tree."""
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(0)
+    p = nf.params(nn.Linear(3, 2))
+    q = nf.randn_like(p)
+    with forward_ad.dual_level():
+        weight = forward_ad.make_dual(torch.tensor(0.3), torch.tensor(1.0))
+        tangent = forward_ad.unpack_dual(nf.lerp(p, q, weight)["weight"]).tangent
+        assert torch.allclose(tangent, q["weight"] - p["weight"])
+        tangent = forward_ad.unpack_dual(nf.add(p, weight)["bias"]).tangent
+        assert torch.equal(tangent, torch.ones(2))
+        dual = {name: forward_ad.make_dual(value.detach(), torch.ones_like(value)) for name, value in p.items()}
+        flat = torch.cat([value.detach().reshape(-1) for value in p.values()])
+        expected = forward_ad.unpack_dual(torch.linalg.vector_norm(
+            forward_ad.make_dual(flat, torch.ones_like(flat)))).tangent
+        assert torch.allclose(forward_ad.unpack_dual(nf.norm(dual)).tangent, expected)

@@ -923,3 +923,18 @@ def test_load_state_dict_takes_integer_steps(step):
     ema = merge.EMA(nn.Linear(2, 2), decay=0.5)
     ema.load_state_dict({"step": step, "averaged": ema.state_dict()["averaged"]})
     assert ema.step == 3 and type(ema.step) is int
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_average_given_new_tensors_is_read_again(pack):
+    """``ema.averaged.load_state_dict(..., assign=True)`` puts new tensors in the average: updates write them."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    ema = merge.EMA(net, decay=0.5, pack=pack)
+    ema.averaged.load_state_dict({k: torch.zeros_like(v) for k, v in ema.averaged.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.fill_(2.0)
+    ema.update()
+    assert all(torch.equal(value, torch.ones_like(value)) for value in ema.averaged.parameters())
+    with ema.swap():
+        assert all(torch.equal(value, torch.ones_like(value)) for value in net.parameters())

@@ -180,6 +180,10 @@ class EMA:
         self._watch = ends + (flat_online if group else [])
         self._seen = self._fingerprint()
         self._configs = Configs(self._online)
+        # the average's first and last table entries: new objects there (``averaged.load_state_dict(...,
+        # assign=True)``, ``averaged.to(...)``) make the EMA read its average again
+        held = list(zip(*entries(self._target)))
+        self._target_ends = held[:1] + held[1:][-1:]
 
     def _fingerprint(self) -> tuple[int, ...]:
         return tuple(map(Tensor.data_ptr, self._watch))
@@ -188,9 +192,16 @@ class EMA:
         """True while the model's tables still hold the very tensor objects the EMA reads."""
         return all(map(operator.is_, map(dict.get, self._tables, self._keys), self._held))
 
+    def _keeps(self) -> bool:
+        """True while the average's tables still hold, at both ends, the tensors the EMA writes."""
+        return all(table.get(key) is tensor for table, key, tensor in self._target_ends)
+
     def _cached(self, fn: str) -> Operand:
-        if self._holds() and self._fingerprint() == self._seen and not self._configs.changed():
+        if self._holds() and self._keeps() and self._fingerprint() == self._seen and not self._configs.changed():
             return self._online
+        if not self._keeps():
+            average = operand(fn, self.averaged, buffers=self._buffers != "keep")
+            self._target = matched(fn, self._target, average, "the average", reference="the average as made")
         # new tensor objects in the model (e.g. ``.to("meta")``), moved or converted tensors, or
         # other ``ParamConfig``s: read the model again and check it before anything is written
         online = operand(fn, self._model, buffers=self._buffers != "keep")

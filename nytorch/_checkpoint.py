@@ -114,7 +114,9 @@ def save(obj: Any, path: PathLike) -> None:
     ``torch.serialization.set_crc32_options`` says; the caller's setting is restored.
 
     Raises:
-        TypeError: ``obj`` holds something else, or a dict key that is not exactly a
+        TypeError: ``obj`` holds something else (sparse, MKL-DNN or nested tensors, a lazy module's
+            uninitialised parameters, NumPy masked arrays or arrays of Python objects included),
+            or a dict key that is not exactly a
             ``str``, ``int``, ``float``, ``bool`` or ``None`` (subclasses such as ``IntEnum``
             or ``np.float64`` would pickle their class); the message gives its path inside ``obj``.
             Also when ``path`` is not a ``str`` or an ``os.PathLike`` giving one.
@@ -224,12 +226,16 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
     of the saved class (a class defined in ``__main__`` matches one of the same qualified
     name in any module, so a script's checkpoints load where the class is imported), a dict,
     list or tuple gives the same structure of such things (an empty list or tuple
-    accepts any length), a tensor or generator the same kind of thing, a namedtuple or
+    accepts any length), a tensor, NumPy array or generator the same kind of thing (a
+    tensor or array of the same shape and dtype), a namedtuple or
     dataclass the same fields; ``None`` anywhere (or no ``like``) returns the stored
     value as is, with Particles, modules and Swarms as ``dict[str, Tensor]`` and
     namedtuples and dataclasses as dicts of their fields.  Loaded
     tensors move to the device of the matching tensor in ``like``; ``like`` itself
-    is never modified.  Dict keys match by value and type (``1`` is not ``"1"``), in any order.
+    is never modified.  Dict keys match by value and type (``1`` is not ``"1"``), in any order,
+    and so do the parameters of a Particle, module or Swarm (by name).  Generators are
+    restored on ``like``'s device, or without ``like`` on the device they were saved on
+    (``map_location`` does not apply to them).
 
     The file's bytes are checked against the CRC-32 stored for each record of the archive
     before anything is unpickled (about 15 ms per 50 MB on one CPU core).  ``save`` always
@@ -242,13 +248,16 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
         map_location: where tensors are loaded before being moved to ``like``'s devices.
 
     Returns:
-        New objects of ``like``'s types (a module of ``like``'s class with fresh Parameters).
+        New objects of ``like``'s types (a module of ``like``'s class with fresh Parameters; an
+        ``nn.Parameter`` for an ``nn.Parameter``; tensors take ``like``'s ``requires_grad``; a NumPy
+        scalar or array as ``like`` is one).
 
     Raises:
         CheckpointError: the file would run code when unpickled (refused before anything
             in it runs), is truncated or corrupt (its bytes fail their CRC-32), holds a
             malformed entry, or was not written by ``nytorch.save``; the message names the file
-            or the entry.
+            or the entry.  Also a generator saved on a device this machine lacks (a CUDA
+            generator where CUDA is not available).
         StructureError: the file and ``like`` differ in a name, shape, dtype or kind
             (the message names the first differing parameter in ``like``'s order, e.g.
             ``named_parameters()`` order).

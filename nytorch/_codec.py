@@ -61,6 +61,29 @@ def join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _check_storable(tensor: Tensor, what: str) -> None:
+    """Raise ``TypeError`` (``save: cannot store <what>: ...``) for tensors ``torch.save`` or ``load`` cannot handle.
+
+    Lazy modules' uninitialised parameters and buffers hold no values; sparse, MKL-DNN and
+    other non-strided layouts have no single storage (``_compact`` needs one); nested tensors
+    have no shape for ``load(like=...)`` to check.
+    """
+    if isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
+        raise TypeError(f"save: cannot store {what}: it is not initialised yet (a lazy module); "
+                        "run one forward pass first")
+    if tensor.is_nested:
+        raise TypeError(f"save: cannot store {what}: it is a nested tensor (load could not check its shape); "
+                        "store its components (tensor.unbind()) instead")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"save: cannot store {what}: expected a dense (strided) tensor, got layout "
+                        f"{tensor.layout}; convert it with .to_dense() first")
+    if tensor.device.type != "meta":
+        try:
+            tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError) as error:
+            raise TypeError(f"save: cannot store {what}: it has no storage to write ({error})") from None
+
+
 def _plain_tensor(tensor: Tensor) -> Tensor:
     tensor = tensor.detach()
     return tensor if type(tensor) is Tensor else tensor.as_subclass(Tensor)
@@ -84,7 +107,10 @@ def _compact(tensors: list[Tensor]) -> list[Tensor]:
             for tensor in tensors]
 
 
-def _tensors(names: list[str], leaves: list[Tensor]) -> dict[str, Tensor]:
+def _tensors(names: list[str], leaves: list[Tensor], path: str) -> dict[str, Tensor]:
+    """``names`` to compacted ``leaves``, each checked by ``_check_storable`` (named in messages)."""
+    for name, leaf in zip(names, leaves):
+        _check_storable(leaf, f"parameter {name!r}{where(path)}")
     return dict(zip(names, _compact(list(leaves))))
 
 
@@ -92,11 +118,13 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _encode_swarm(obj: Any) -> dict[str, Any]:
+def _encode_swarm(obj: Any, path: str) -> dict[str, Any]:
     template = obj.template
     cls = template.model_class if isinstance(template, Particle) else type(template)
     params = dict(obj.params)
     buffers = {name: leaf for name, leaf in obj.buffers.items() if name not in params}
+    for name, leaf in {**params, **buffers}.items():
+        _check_storable(leaf, f"parameter {name!r}{where(path)}")
     leaves = _compact(list(params.values()) + list(buffers.values()))
     params, buffers = dict(zip(params, leaves)), dict(zip(buffers, leaves[len(params):]))
     return {TAG: "swarm", "class": _class_name(cls), "params": params, "buffers": buffers}
@@ -137,26 +165,22 @@ def encode(obj: Any, path: str) -> Any:
     if obj is None or type(obj) in _ATOMS:  # exact types: subclasses would pickle their class
         return obj
     if isinstance(obj, Tensor):
+        _check_storable(obj, f"the tensor{where(path)}")
         return _compact([obj])[0]
     if isinstance(obj, Particle):
         return {TAG: "particle", "class": _class_name(obj.model_class),
-                "tensors": _tensors(list(obj._names), list(obj._leaves)), "buffers": bool(obj._with_buffers)}
+                "tensors": _tensors(list(obj._names), list(obj._leaves), path), "buffers": bool(obj._with_buffers)}
     if swarm is not None and isinstance(obj, swarm):
-        return _encode_swarm(obj)
+        return _encode_swarm(obj, path)
     if isinstance(obj, nn.Module):
         layout = Layout(obj)
         return {TAG: "module", "class": _class_name(model_class(obj)),
-                "params": _tensors(layout.names, layout.params),
-                "buffers": _tensors(layout.buffer_names, layout.buffers)}
+                "params": _tensors(layout.names, layout.params, path),
+                "buffers": _tensors(layout.buffer_names, layout.buffers, path)}
     if isinstance(obj, torch.Generator):
         return {TAG: "generator", "device": str(obj.device), "state": obj.get_state()}
     if isinstance(obj, (np.ndarray, np.generic)):
-        array = np.asarray(obj)
-        if array.dtype.hasobject:
-            raise TypeError(f"save: cannot store a NumPy array of Python objects{where(path)}")
-        raw = torch.from_numpy(np.ascontiguousarray(array).reshape(-1).view(np.uint8).copy())
-        return {TAG: "ndarray", "dtype": array.dtype.str, "shape": list(array.shape),
-                "scalar": isinstance(obj, np.generic), "data": raw}
+        return _encode_ndarray(obj, path)
     if type(obj) in (dict, OrderedDict):
         out = type(obj)()
         for key, value in obj.items():
@@ -184,6 +208,29 @@ def encode(obj: Any, path: str) -> Any:
         "Swarms, generators, NumPy arrays, numbers, strings, None and dicts/lists/tuples/namedtuples/"
         "dataclasses of them"
     )
+
+
+def _encode_ndarray(obj: Any, path: str) -> dict[str, Any]:
+    """A NumPy array or scalar as raw bytes, shape and dtype description (``np.lib.format.dtype_to_descr``).
+
+    The description is ``dtype.str`` (``'<f4'``) for plain dtypes and a list of
+    ``(name, format[, shape])`` tuples for structured ones, so field names, nested fields and
+    padding come back; it holds only strings, ints, lists and tuples (nothing to unpickle).
+    """
+    if isinstance(obj, np.ma.MaskedArray):
+        raise TypeError(f"save: cannot store a NumPy masked array{where(path)} (its mask would be lost); "
+                        "store its .data and .mask separately")
+    array = np.asarray(obj)
+    if array.dtype.hasobject:
+        raise TypeError(f"save: cannot store a NumPy array of Python objects{where(path)}")
+    try:
+        descr = np.lib.format.dtype_to_descr(array.dtype)
+    except ValueError as error:  # overlapping or out-of-order fields have no descr
+        raise TypeError(f"save: cannot store a NumPy array of dtype {array.dtype}{where(path)}: {error}; "
+                        "repack it first (numpy.lib.recfunctions.repack_fields)") from None
+    raw = torch.from_numpy(np.ascontiguousarray(array).reshape(-1).view(np.uint8).copy())
+    return {TAG: "ndarray", "dtype": descr, "shape": list(array.shape),
+            "scalar": isinstance(obj, np.generic), "data": raw}
 
 
 def tag_of(data: Any, path: str = "") -> Optional[str]:
@@ -309,7 +356,14 @@ def decode_generator(data: dict[str, Any], path: str, device: Optional[torch.dev
             and state.device.type != "meta"):
         got = _describe(state)
         raise _malformed(data, path, f"expected the generator state (a 1-D uint8 tensor) under 'state', got {got}")
-    generator = torch.Generator(device=device if device is not None else saved_device)
+    target = device if device is not None else saved_device
+    try:
+        generator = torch.Generator(device=target)
+    except RuntimeError as error:  # e.g. a CUDA generator on a machine without CUDA
+        reason = ("CUDA is not available on this machine" if target.type == "cuda" and not torch.cuda.is_available()
+                  else str(error).split(". ")[0])
+        raise CheckpointError(f"load: cannot restore the generator{where(path)} on {target}: {reason}; load this "
+                              "checkpoint where that device exists") from None
     try:
         generator.set_state(state.cpu())
     except (RuntimeError, TypeError, ValueError) as error:
@@ -317,24 +371,35 @@ def decode_generator(data: dict[str, Any], path: str, device: Optional[torch.dev
     return generator
 
 
+def _dtype(kind: Any) -> Optional[np.dtype[Any]]:
+    """The dtype ``_encode_ndarray`` described (a ``dtype.str``, or a descr list for structured dtypes), or None."""
+    try:
+        if isinstance(kind, str):
+            return np.dtype(kind)
+        if isinstance(kind, list):  # only str/int/list/tuple inside: the unpickler built nothing else
+            return np.lib.format.descr_to_dtype(kind)
+    except (TypeError, ValueError, KeyError, IndexError, RecursionError):
+        pass
+    return None
+
+
 def decode_ndarray(data: dict[str, Any], path: str) -> Any:
-    """The NumPy array (or NumPy scalar) ``encode`` stored as raw bytes, dtype string and shape.
+    """The NumPy array (or NumPy scalar) ``encode`` stored as raw bytes, dtype description and shape.
 
     Raises:
-        CheckpointError: the dtype is not a NumPy dtype string (or holds Python objects), the
-            shape is not a list of non-negative ints, or the byte count does not fit them.
+        CheckpointError: the dtype is not a NumPy dtype description (or holds Python objects),
+            the shape is not a list of non-negative ints, or the byte count does not fit them.
 
     >>> decode_ndarray(encode(np.arange(3.0), ""), "")
     array([0., 1., 2.])
+    >>> decode_ndarray(encode(np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")]), ""), "")["b"]
+    array([2.5])
     """
     kind, shape, raw, scalar = data.get("dtype"), data.get("shape"), data.get("data"), data.get("scalar")
-    try:
-        dtype = np.dtype(kind) if isinstance(kind, str) else None
-    except (TypeError, ValueError):
-        dtype = None
-    if dtype is None or dtype.hasobject or dtype.itemsize == 0:
-        raise _malformed(data, path, f"expected a NumPy dtype string without Python objects under 'dtype', "
-                                     f"got {kind!r}")
+    dtype = _dtype(kind)
+    if dtype is None or dtype.hasobject:
+        raise _malformed(data, path, f"expected a NumPy dtype description (a str, or a list for structured "
+                                     f"dtypes) without Python objects under 'dtype', got {reprlib.repr(kind)}")
     if not (isinstance(shape, (list, tuple)) and all(type(n) is int and n >= 0 for n in shape)):
         raise _malformed(data, path, f"expected a list of non-negative ints under 'shape', got {shape!r}")
     if type(scalar) is not bool or (scalar and len(shape) != 0):
@@ -347,7 +412,12 @@ def decode_ndarray(data: dict[str, Any], path: str) -> Any:
     if raw.numel() != size:
         raise _malformed(data, path, f"expected {size} bytes under 'data' for shape {list(shape)} {dtype}, "
                                      f"got {raw.numel()}")
-    array = np.frombuffer(raw.cpu().numpy().tobytes(), dtype=dtype).reshape(shape).copy()
+    try:
+        # a writable buffer of its own, read as is: a copy would not keep padding bytes between fields
+        array = (np.frombuffer(bytearray(raw.cpu().contiguous().numpy()), dtype=dtype).reshape(shape)
+                 if dtype.itemsize else np.empty(shape, dtype))  # np.frombuffer refuses 0-byte items
+    except (ValueError, MemoryError) as error:
+        raise _malformed(data, path, f"cannot build an array of shape {list(shape)} {dtype} ({error})") from None
     return array[()] if scalar else array
 
 

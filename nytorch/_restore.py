@@ -4,13 +4,12 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import _algebra as algebra
 from . import _leafwise as lw
 from ._bind import bind
 from ._codec import (TAG, CheckpointError, class_of, decode_generator, fields_of, generator_device,
@@ -32,8 +31,9 @@ def _aligned(path: str, names: list[str], leaves: list[Tensor], saved: Mapping[s
              *, optional: tuple[str, ...] = ()) -> list[Optional[Tensor]]:
     """Saved tensors in ``names`` order, checked against ``leaves`` and moved to their devices.
 
-    The first difference in ``names`` order is reported (a missing name or another shape,
-    dtype or meta-ness), then extra or reordered names.  Names in ``optional`` may be absent
+    Saved tensors are matched by name, in any order (the result follows ``names``).  The first
+    difference in ``names`` order is reported (a missing name or another shape, dtype or
+    meta-ness), then names only the checkpoint has.  Names in ``optional`` may be absent
     from ``saved`` (``None`` is returned for them).
     """
     fn = _fn(path)
@@ -49,16 +49,51 @@ def _aligned(path: str, names: list[str], leaves: list[Tensor], saved: Mapping[s
         if value.device.type == "meta" and leaf.device.type != "meta":
             raise CheckpointError(f"{fn}: parameter {name!r} was saved on the meta device and has no "
                                   "values to load")
-    algebra.check_names(fn, [name for name in names if name in saved], list(saved), "the checkpoint")
+    wanted = set(names)
+    extra = next((name for name in saved if name not in wanted), None)
+    if extra is not None:
+        raise StructureError(f"{fn}: the checkpoint has an extra parameter {extra!r}")
     return [None if name not in saved else saved[name].to(leaf.device) for name, leaf in zip(names, leaves)]
 
 
-def _expect(path: str, data: Any, kinds: tuple[str, ...], like: Any) -> dict[str, Any]:
+def _found(data: Any, path: str) -> str:
+    """What the checkpoint holds, for messages: ``a particle``, ``a NumPy scalar``, ``a dict``..."""
     tag = tag_of(data, path)
-    if tag not in kinds:
-        found = f"a {tag}" if tag else f"a {type(data).__name__}"
-        raise StructureError(f"{_fn(path)}: like is a {type(like).__name__} but the checkpoint holds {found}")
+    if tag == "ndarray":
+        return "a NumPy scalar" if data.get("scalar") is True else "a NumPy array"
+    return f"a {tag}" if tag else f"a {type(data).__name__}"
+
+
+def _expect(path: str, data: Any, kinds: tuple[str, ...], like: Any) -> dict[str, Any]:
+    if tag_of(data, path) not in kinds:
+        raise StructureError(f"{_fn(path)}: like is a {type(like).__name__} but the checkpoint holds "
+                             f"{_found(data, path)}")
     return data  # type: ignore[no-any-return]
+
+
+def _describe_array(array: np.ndarray[Any, Any]) -> str:
+    return f"shape {tuple(array.shape)} {array.dtype}"
+
+
+def _into_tensor(path: str, data: Any, like: Tensor) -> Tensor:
+    """A tensor of ``like``'s shape and dtype on its device; an ``nn.Parameter`` for one, with its ``requires_grad``."""
+    if not isinstance(data, Tensor):
+        _expect(path, data, (), like)
+    name = path or "<tensor>"
+    value = cast(Tensor, _aligned(path, [name], [like], {name: data})[0])  # not optional: never None
+    if isinstance(like, nn.Parameter):
+        return nn.Parameter(value, requires_grad=like.requires_grad)
+    return value.requires_grad_() if like.requires_grad else value
+
+
+def _into_ndarray(path: str, data: Any, like: Any) -> Any:
+    """A NumPy array (or scalar, as ``like`` is) of ``like``'s shape and dtype, structured dtypes included."""
+    _expect(path, data, ("ndarray",), like)
+    value, expected = np.asarray(plain(data, path)), np.asarray(like)
+    if value.shape != expected.shape or value.dtype != expected.dtype:
+        raise StructureError(f"{_fn(path)}: parameter {path or '<array>'!r} differs: like has "
+                             f"{_describe_array(expected)}, the checkpoint has {_describe_array(value)}")
+    return value[()] if isinstance(like, np.generic) else value
 
 
 def _expect_model(path: str, data: Any, kinds: tuple[str, ...], like: Any, cls: type) -> dict[str, Any]:
@@ -157,9 +192,7 @@ def restore(path: str, data: Any, like: Any) -> Any:
     if isinstance(like, nn.Module):
         return _into_module(path, data, like)
     if isinstance(like, Tensor):
-        if not isinstance(data, Tensor):
-            _expect(path, data, (), like)
-        return _aligned(path, ["<tensor>"] if not path else [path], [like], {path or "<tensor>": data})[0]
+        return _into_tensor(path, data, like)
     if isinstance(like, torch.Generator):
         saved = generator_device(_expect(path, data, ("generator",), like), path)
         if saved.type != like.device.type:
@@ -167,8 +200,7 @@ def restore(path: str, data: Any, like: Any) -> Any:
                                  f"one on {saved}")
         return decode_generator(data, path, like.device)
     if isinstance(like, (np.ndarray, np.generic)):
-        _expect(path, data, ("ndarray",), like)
-        return plain(data, path)
+        return _into_ndarray(path, data, like)
     if is_namedtuple(like):
         fields = fields_of(_expect(path, data, ("namedtuple",), like), path)
         return type(like)(*_into_items(path, [(field, getattr(like, field)) for field in like._fields], fields))
@@ -188,18 +220,18 @@ def restore(path: str, data: Any, like: Any) -> Any:
         items = list(zip(like, _into_items(path, list(like.items()), data)))
         return OrderedDict(items) if isinstance(like, OrderedDict) else dict(items)
     if isinstance(like, (list, tuple)) and not isinstance(like, torch.Size):
-        if not like and type(data) is type(like):  # an empty list or tuple stands for one of any length
-            return plain(data, path)
+        if not like and isinstance(data, (list, tuple)) and not isinstance(data, torch.Size):
+            # an empty list or tuple stands for one of any length (like a non-empty one, either kind)
+            return type(like)(plain(item, join(path, i)) for i, item in enumerate(data))
         if not isinstance(data, (list, tuple)) or len(data) != len(like):
-            found = (f"{len(data)} items" if isinstance(data, (list, tuple))
-                     else f"a {tag_of(data, path) or type(data).__name__}")
+            found = f"{len(data)} items" if isinstance(data, (list, tuple)) else _found(data, path)
             raise StructureError(f"{_fn(path)}: like is a {type(like).__name__} of {len(like)} items "
                                  f"but the checkpoint holds {found}")
         return type(like)(restore(join(path, i), item, value) for i, (item, value) in enumerate(zip(data, like)))
     value = plain(data, path)
     if not _same_kind(value, like):
         raise StructureError(f"{_fn(path)}: like is a {type(like).__name__} but the checkpoint holds "
-                             f"a {tag_of(data, path) or type(value).__name__}")
+                             f"{_found(data, path)}")
     return value
 
 

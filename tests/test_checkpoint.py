@@ -594,9 +594,10 @@ def _ndarray(**fields: Any) -> dict[str, Any]:
      r"got a tensor of shape \(3,\) float32$"),
     ({"__nytorch__": "generator", "device": "cpu", "state": _U8},
      r"malformed 'generator' entry at 'x': the state does not fit a cpu generator \(Expected .* size 5056"),
-    (_ndarray(dtype="O"), r"malformed 'ndarray' entry at 'x': expected a NumPy dtype string without Python "
-                          r"objects under 'dtype', got 'O'"),
-    (_ndarray(dtype="|O"), _ND + r"expected a NumPy dtype string without Python objects under 'dtype', got '\|O'"),
+    (_ndarray(dtype="O"), r"malformed 'ndarray' entry at 'x': expected a NumPy dtype description \(a str, or a "
+                          r"list for structured dtypes\) without Python objects under 'dtype', got 'O'"),
+    (_ndarray(dtype="|O"), _ND + r"expected a NumPy dtype description .* without Python objects under 'dtype', "
+                                 r"got '\|O'"),
     (_ndarray(dtype="no such dtype"), _ND + r".* under 'dtype', got 'no such dtype'"),
     (_ndarray(dtype=8), _ND + r".* under 'dtype', got 8"),
     (_ndarray(shape=[5]), r"malformed 'ndarray' entry at 'x': expected 40 bytes under 'data' for shape \[5\] "

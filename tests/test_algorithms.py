@@ -5,6 +5,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,79 @@ def test_apso_allocates_only_its_output() -> None:
                     if event.cpu_memory_usage > 0 and event.cpu_parent is None)
     output = sum(value.numel() * value.element_size() for value in out.params.values())
     assert output <= allocated <= output + 256
+
+
+def bits(value: Tensor) -> Tensor:
+    """The raw bits of a float32 tensor: equal bits mean the same value, NaN payloads and -0.0 included."""
+    assert value.dtype == torch.float32
+    return value.contiguous().view(torch.int32)
+
+
+def assert_bits(swarm: Swarm, expected: list[dict[str, Tensor]]) -> None:
+    """``swarm``'s members hold exactly ``expected``'s values, bit for bit."""
+    assert len(swarm) == len(expected)
+    for name, value in swarm.params.items():
+        assert torch.equal(bits(value), bits(torch.stack([member[name] for member in expected]))), name
+
+
+def diverged(size: int = 6) -> Swarm:
+    """A population where member 2 diverged to +inf, member 4 holds a NaN and member 0 a -0.0."""
+    swarm = population(size)
+    swarm[2] = float("inf")
+    swarm.params["2.bias"][4, 1] = float("nan")
+    swarm.params["0.weight"][0, 1, 2] = -0.0
+    return swarm
+
+
+def test_apso_zero_coefficients_drop_their_terms_whatever_the_best_holds() -> None:
+    swarm = diverged()
+    members = per_member(swarm)
+    for best in (2, 4, 0, nytorch.particle(net()) * float("inf")):  # inf, NaN, finite member; an inf model
+        assert_bits(alg.apso(swarm, best, alpha=0.0, beta=0.0), members)  # not 0 · inf = NaN
+    assert_bits(swarm, members)  # pure
+    # alpha > 0, beta = 0: the noise is added to each member, the best (+inf) plays no part
+    out = alg.apso(swarm, 2, alpha=0.5, beta=0.0, generator=torch.Generator().manual_seed(3))
+    noise = per_member(Swarm.randn(swarm, generator=torch.Generator().manual_seed(3)))
+    assert_bits(out, [{n: 0.5 * noise[i][n] + m[n] for n in m} for i, m in enumerate(members)])
+    assert not out.params["0.weight"][[0, 1, 3, 5]].isnan().any()
+
+
+def test_apso_beta_one_copies_the_best_exactly() -> None:
+    swarm = diverged()
+    members = per_member(swarm)
+    # the diverged members (2: inf, 4: NaN) become the best too, and its -0.0 stays -0.0
+    copied = alg.apso(swarm, 0, alpha=0.0, beta=1.0)
+    assert_bits(copied, [members[0]] * 6)
+    assert torch.signbit(copied.params["0.weight"][:, 1, 2]).all()
+    assert_bits(alg.apso(swarm, 2, alpha=0.0, beta=1.0), [members[2]] * 6)  # an inf best: inf everywhere
+    assert_bits(alg.apso(swarm, 4, alpha=0.0, beta=1.0), [members[4]] * 6)  # its NaN copied, not made
+    target = nytorch.particle(net())
+    assert_bits(alg.apso(swarm, target, alpha=0.0, beta=1.0), [dict(target.params)] * 6)
+    # with noise: best + alpha · noise, no (1 - 1) · inf = NaN from the diverged members
+    out = alg.apso(swarm, 0, alpha=0.25, beta=1.0, generator=torch.Generator().manual_seed(4))
+    noise = per_member(Swarm.randn(swarm, generator=torch.Generator().manual_seed(4)))
+    assert_bits(out, [{n: 0.25 * noise[i][n] + members[0][n] for n in members[0]} for i in range(6)])
+    assert not any(value.isnan().any() for value in out.params.values())
+    assert_bits(swarm, members)  # pure
+
+
+def test_apso_keeps_other_leaves_and_checks_the_best_even_when_unused() -> None:
+    from conftest import MLP
+    model = MLP()
+    model.set_param_config(operational=False, name="layer0.bias")  # frozen: carried, never mixed
+    swarm = Swarm.randn(model, 4, generator=torch.Generator().manual_seed(0))
+    swarm.params["layer0.bias"].copy_(torch.randn(swarm.params["layer0.bias"].shape))  # members differ
+    for beta in (0.0, 1.0, 0.5):
+        out = alg.apso(swarm, 1, alpha=0.0, beta=beta)
+        assert torch.equal(out.params["layer0.bias"], swarm.params["layer0.bias"]), beta
+        expected = torch.lerp(swarm.params["layer1.weight"], swarm.params["layer1.weight"][1:2], beta)
+        torch.testing.assert_close(out.params["layer1.weight"], expected, rtol=RTOL, atol=ATOL)
+    for beta in (0.0, 1.0, 0.5):  # a wrong best is refused by name, even where beta = 0 ignores it
+        with pytest.raises(nytorch.StructureError, match=r"^apso: best: parameter 'layer0.weight' differs"):
+            alg.apso(swarm, MLP(in_feat=5), alpha=0.0, beta=beta)
+        with pytest.raises(TypeError, match=r"^apso: best: expected a MLP \(or a Particle or Swarm of one\), "
+                                            r"got a Tanh"):
+            alg.apso(swarm, nn.Tanh(), alpha=0.1, beta=beta)
 
 
 def test_apso_argument_errors() -> None:
@@ -264,7 +338,8 @@ def test_pso_velocity_takes_a_member_index_as_global_best() -> None:
     assert by_index.params["0.weight"][2].abs().sum() == 0  # member 2 is the global best: no pull on it
     with pytest.raises(TypeError, match=r"^pso_velocity: expected a member index, a Particle or a model as "
                                         r"global_best, got float"):
-        alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, 0.0, inertia=0.0, cognitive=0.0, social=1.0)
+        alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, 0.0,  # type: ignore[arg-type]
+                         inertia=0.0, cognitive=0.0, social=1.0)
     with pytest.raises(IndexError, match=r"^pso_velocity: global_best=6 is out of range for a swarm of 6 members"):
         alg.pso_velocity(swarm, Swarm.zeros(swarm), swarm, 6, inertia=0.0, cognitive=0.0, social=1.0)
 
@@ -399,6 +474,219 @@ def test_hybrid_step_pulls_only_every_k_steps() -> None:
     pulled, losses = alg.hybrid_step(swarm, _mse, x, y, step=1, lr=0.1, every=2, alpha=1.0)
     best = int(losses.argmin())
     assert_members(pulled, [per_member(plain)[best]] * 4, exact=True)
+
+
+def test_pull_toward_best_zero_and_one_are_exact() -> None:
+    swarm = diverged(8)
+    members = per_member(swarm)
+    losses = torch.arange(8.0)  # member 0 is the best, and holds a -0.0
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state()
+    assert_bits(alg.pull_toward_best(swarm, losses, subset=8, alpha=0.0, generator=generator), members)
+    assert torch.equal(generator.get_state(), state)  # no pull, no draw (as PSO's zero coefficients)
+    losses[2] = -1.0  # the +inf member is the best: a zero pull still leaves every member as it was
+    assert_bits(alg.pull_toward_best(swarm, losses, subset=8, alpha=0.0), members)
+    losses[2] = 2.0
+    pulled = alg.pull_toward_best(swarm, losses, subset=8, alpha=1.0)
+    assert_bits(pulled, [members[0]] * 8)  # the diverged members 2 and 4 included: not lerp's NaN
+    # a subset: only the chosen members move, onto the best of them, bit for bit
+    out = alg.pull_toward_best(swarm, losses, subset=3, alpha=1.0, generator=torch.Generator().manual_seed(5))
+    chosen = torch.randperm(8, generator=torch.Generator().manual_seed(5))[:3].tolist()
+    best = min(chosen, key=lambda i: float(losses[i]))
+    assert_bits(out, [members[best] if i in chosen else m for i, m in enumerate(members)])
+
+
+def test_zero_learning_rates_move_nothing() -> None:
+    swarm = population(4)
+    swarm[1] = 1e30  # its squared error overflows: inf loss, NaN gradients
+    x, y = _regression()
+    grads, losses = swarm.grad_and_value(_mse, x, y)
+    assert not grads.params["0.weight"][1].isfinite().all() and not losses[1].isfinite()
+    members = per_member(swarm)
+    new, before = alg.sgd_step(swarm, _mse, x, y, lr=0.0)
+    assert_bits(new, members)  # not 0 · NaN
+    assert torch.equal(before[[0, 2, 3]], losses[[0, 2, 3]]) and before[1] == losses[1]
+    assert new.params["0.weight"].data_ptr() != swarm.params["0.weight"].data_ptr()  # a new swarm
+    center = nytorch.particle(net())
+    noise = alg.es_noise(center, 4, generator=torch.Generator().manual_seed(0))
+    infinite = torch.tensor([1.0, float("inf"), 2.0, 3.0])  # a NaN estimate
+    assert alg.es_gradient(noise, infinite, sigma=0.1).params["0.weight"].isnan().all()
+    stepped = alg.es_step(center, noise, infinite, sigma=0.1, lr=0.0)
+    for name, value in center.params.items():
+        assert torch.equal(bits(stepped.params[name]), bits(value)), name
+    module = net()
+    stepped = alg.es_step(module, noise, infinite, sigma=0.1, lr=0.0)
+    for name, value in module.named_parameters():
+        assert torch.equal(stepped.params[name], value.detach()), name
+
+
+def _counting() -> tuple[list[int], Callable[..., Tensor]]:
+    calls = [0]
+
+    def loss(member: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+        calls[0] += 1
+        return _mse(member, x, y)
+    return calls, loss
+
+
+HYBRID_ERRORS: list[tuple[dict[str, Any], type, str]] = [
+    ({"subset": 10}, ValueError, r"expected subset in \[1, 4\], got 10"),
+    ({"subset": -3, "every": 50}, ValueError, r"expected subset in \[1, 4\], got -3"),  # never used: still checked
+    ({"subset": 2.0}, TypeError, r"expected an int as subset, got float"),
+    ({"generator": "g", "every": 50}, TypeError, r"expected a torch.Generator or None as generator, got str"),
+    ({"alpha": "x"}, TypeError, r"expected a real number as alpha, got str"),
+    ({"alpha": float("nan")}, ValueError, r"expected a number as alpha, got nan"),
+    ({"lr": None}, TypeError, r"expected a real number as lr, got NoneType"),
+    ({"lr": np.bool_(True)}, TypeError, r"expected a real number as lr, got bool"),
+    ({"every": 0}, ValueError, r"expected every in \[1, \d+\], got 0"),
+    ({"every": True}, TypeError, r"expected an int as every, got bool"),
+    ({"every": torch.tensor([2])}, TypeError,
+     r"expected an int as every, got a tensor of dtype int64 and shape \(1,\)"),
+    ({"swarm": nn.Linear(3, 2)}, TypeError, r"expected a Swarm as swarm, got Linear"),
+    ({"loss_fn": 3}, TypeError, r"expected a callable as loss_fn, got int"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", HYBRID_ERRORS)
+def test_hybrid_checks_every_argument_before_any_step(change: dict[str, Any], error: type, message: str) -> None:
+    calls, loss = _counting()
+    x, y = _regression()
+    kwargs: dict[str, Any] = {"swarm": population(4), "loss_fn": loss, "lr": 0.1, "every": 2} | change
+    swarm, loss_fn = kwargs.pop("swarm"), kwargs.pop("loss_fn")
+    with pytest.raises(error, match=rf"^hybrid: {message}$"):
+        alg.hybrid(swarm, loss_fn, [(x, y)] * 3, **kwargs)
+    with pytest.raises(error, match=rf"^hybrid_step: {message}$"):
+        alg.hybrid_step(swarm, loss_fn, x, y, step=0, **kwargs)
+    assert calls[0] == 0  # refused before the first gradient step
+
+
+def test_hybrid_checks_step_batches_and_show_progress() -> None:
+    calls, loss = _counting()
+    swarm, (x, y) = population(4), _regression()
+    for step, error, message in ((None, TypeError, "expected an int as step, got NoneType"),
+                                 (1.5, TypeError, "expected an int as step, got float"),
+                                 (True, TypeError, "expected an int as step, got bool"),
+                                 (-1, ValueError, r"expected step in \[0, \d+\], got -1")):
+        with pytest.raises(error, match=rf"^hybrid_step: {message}$"):
+            alg.hybrid_step(swarm, loss, x, y, step=step, lr=0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^hybrid: expected an iterable of batches \(tuples of loss_fn arguments\), "
+                                        r"got int$"):
+        alg.hybrid(swarm, loss, 5, lr=0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^hybrid: expected True, False or None as show_progress, got str$"):
+        alg.hybrid(swarm, loss, [(x, y)], lr=0.1, show_progress="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^hybrid: expected each batch to be a tuple or list of loss_fn arguments, "
+                                        r"got Tensor at step 0$"):
+        alg.hybrid(swarm, loss, [x], lr=0.1)  # type: ignore[list-item]
+    assert calls[0] == 0
+    _, history = alg.hybrid(swarm, loss, [[x, y], (x, y)], lr=0.1)  # lists and tuples alike
+    assert history.shape == (2, 4)
+
+
+# -- NumPy scalars are numbers like any other ----------------------------------------------------------------
+def _same(a: Any, b: Any) -> None:
+    """Two results of one step (a Swarm, Particle, PSOState, tensor, or a tuple of them) hold equal values."""
+    if isinstance(a, tuple):
+        assert type(a) is type(b) and len(a) == len(b)
+        for left, right in zip(a, b):
+            _same(left, right)
+    elif isinstance(a, Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a.params.keys() == b.params.keys()
+        for name, value in a.params.items():
+            assert torch.equal(value, b.params[name]), name
+
+
+def _numpy_cases() -> list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]]]:
+    """``(name, step, python_kwargs, other_kwargs)``: the step run with Python numbers, then with NumPy
+    scalars or 0-dim tensors in their place, from the same seed."""
+    losses = np.array([0.5, 0.25, 3.0, 1.0, 2.0, 4.0], dtype=np.float32)
+    x, y = _regression()
+
+    def seeded(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
+        return lambda **kw: fn(*args, generator=torch.Generator().manual_seed(0), **kw)
+
+    def state() -> Any:
+        return alg.pso_init(population(), quadratic(population()))
+
+    noise = alg.es_noise(net(), 6, generator=torch.Generator().manual_seed(0))
+    center = nytorch.particle(net())
+    pairs = [  # (Python, NumPy, tensor)
+        {"alpha": (0.25, np.float32(0.25), torch.tensor(0.25)), "beta": (0.5, np.float64(0.5), torch.tensor(0.5)),
+         "best": (1, np.argmin(losses), torch.tensor(losses).argmin())},
+    ]
+    cases: list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]]] = []
+
+    def add(name: str, step: Callable[..., Any], values: dict[str, tuple[Any, Any, Any]]) -> None:
+        python = {k: v[0] for k, v in values.items()}
+        cases.append((f"{name}-numpy", step, python, {k: v[1] for k, v in values.items()}))
+        cases.append((f"{name}-tensor", step, python, {k: v[2] for k, v in values.items()}))
+
+    add("apso", lambda best, **kw: alg.apso(population(), best, generator=torch.Generator().manual_seed(0), **kw),
+        pairs[0])
+    add("apso-jump", lambda best, **kw: alg.apso(population(), best, alpha=0.0, **kw),
+        {"best": (3, np.int64(3), torch.tensor(3, dtype=torch.int32)), "beta": (1, np.int8(1), torch.tensor(1))})
+    add("pso_step", lambda **kw: alg.pso_step(population(), quadratic(population()), state(),
+                                              generator=torch.Generator().manual_seed(0), **kw),
+        {"inertia": (0.5, np.float16(0.5), torch.tensor(0.5, dtype=torch.float64)),
+         "cognitive": (1.5, np.float32(1.5), torch.tensor(1.5)), "social": (2, np.int32(2), torch.tensor(2))})
+    add("pso_velocity", lambda global_best, **kw: alg.pso_velocity(
+        population(), Swarm.zeros(population()), population(), global_best,
+        generator=torch.Generator().manual_seed(0), **kw),
+        {"global_best": (-1, np.int16(-1), torch.tensor(-1)), "inertia": (0.0, np.float64(0.0), torch.tensor(0.0)),
+         "cognitive": (0.0, np.float32(0.0), torch.tensor(0.0)), "social": (1.0, np.float32(1), torch.tensor(1.0))})
+    add("sgd_step", lambda **kw: alg.sgd_step(population(), _mse, x, y, **kw),
+        {"lr": (0.125, np.float32(0.125), torch.tensor(0.125))})
+    add("es_noise", lambda size: seeded(alg.es_noise, net())(size=size),
+        {"size": (4, np.int64(4), torch.tensor(4))})
+    add("es_gradient", lambda **kw: alg.es_gradient(noise, torch.arange(6.0), **kw),
+        {"sigma": (0.5, np.float32(0.5), torch.tensor(0.5))})
+    add("es_step", lambda **kw: alg.es_step(center, noise, torch.arange(6.0), **kw),
+        {"sigma": (0.5, np.float64(0.5), torch.tensor(0.5)), "lr": (0.25, np.float32(0.25), torch.tensor(0.25))})
+    add("truncation_selection", lambda **kw: seeded(alg.truncation_selection, population(), torch.tensor(losses))(**kw),
+        {"survivors": (2, np.int64(2), torch.tensor(2)), "sigma": (0.5, np.float32(0.5), torch.tensor(0.5))})
+    add("pull_toward_best", lambda **kw: seeded(alg.pull_toward_best, population(), torch.tensor(losses))(**kw),
+        {"subset": (3, np.uint8(3), torch.tensor(3)), "alpha": (0.75, np.float32(0.75), torch.tensor(0.75))})
+    add("hybrid_step", lambda **kw: seeded(alg.hybrid_step, population(), _mse, x, y)(**kw),
+        {"step": (1, np.int64(1), torch.tensor(1)), "every": (2, np.int32(2), torch.tensor(2)),
+         "subset": (4, np.int64(4), torch.tensor(4)), "lr": (0.125, np.float32(0.125), torch.tensor(0.125)),
+         "alpha": (0.5, np.float64(0.5), torch.tensor(0.5))})
+    add("hybrid", lambda **kw: seeded(alg.hybrid, population(), _mse, [(x, y)] * 3)(**kw),
+        {"every": (2, np.int64(2), torch.tensor(2)), "subset": (3, np.int64(3), torch.tensor(3)),
+         "lr": (0.125, np.float32(0.125), torch.tensor(0.125)), "alpha": (0.5, np.float32(0.5), torch.tensor(0.5))})
+    return cases
+
+
+_NUMPY_CASES = _numpy_cases()
+
+
+@pytest.mark.parametrize("name, step, python, other", _NUMPY_CASES, ids=[case[0] for case in _NUMPY_CASES])
+def test_numpy_scalars_and_0_dim_tensors_are_numbers(name: str, step: Callable[..., Any], python: dict[str, Any],
+                                                      other: dict[str, Any]) -> None:
+    _same(step(**other), step(**python))
+
+
+def test_booleans_are_still_refused() -> None:
+    swarm, losses = population(), torch.arange(6.0)
+    for value in (True, np.bool_(True), torch.tensor(True)):
+        kind = "a tensor of dtype bool and shape \\(\\)" if isinstance(value, Tensor) else "bool"
+        with pytest.raises(TypeError, match=rf"^apso: expected a member index, a Particle or a model as best, "
+                                            rf"got {kind}$"):
+            alg.apso(swarm, value, alpha=0.0, beta=0.5)
+        with pytest.raises(TypeError, match=rf"^apso: expected a real number as beta, got {kind}$"):
+            alg.apso(swarm, 0, alpha=0.0, beta=value)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=rf"^truncation_selection: expected an int as survivors, got {kind}$"):
+            alg.truncation_selection(swarm, losses, survivors=value, sigma=0.0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=rf"^sgd_step: expected a real number as lr, got {kind}$"):
+            alg.sgd_step(swarm, _mse, *_regression(), lr=value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^apso: expected a member index, a Particle or a model as best, "
+                                        r"got float64$"):
+        alg.apso(swarm, np.float64(1.0), alpha=0.0, beta=0.5)  # a float index, NumPy or not
+    with pytest.raises(TypeError, match=r"^es_noise: expected an int as size, "
+                                        r"got a tensor of dtype float32 and shape \(\)$"):
+        alg.es_noise(net(), torch.tensor(4.0))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^apso: expected a real number as alpha, got complex128$"):
+        alg.apso(swarm, 0, alpha=np.complex128(1), beta=0.5)
 
 
 def test_progress_is_optional(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

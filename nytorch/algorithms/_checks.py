@@ -1,12 +1,14 @@
 """Argument checks shared by the algorithms (messages name the function and the argument)."""
 from __future__ import annotations
 
-import operator
+import numbers
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
+from .. import _swarm_ops as swarm_ops
 from .._particle import Particle
 from .._swarm import Swarm
 from .._swarm_build import generator_for
@@ -43,37 +45,97 @@ def generator_arg(fn: str, generator: object, swarm: Optional[Swarm] = None) -> 
     return generator_for(fn, generator, None if swarm is None else swarm._spec)
 
 
-def number_arg(fn: str, value: object, name: str, *, minimum: float = float("-inf")) -> float:
-    """A real number ``>= minimum`` (Python number or 0-dim tensor) as a float."""
-    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: expected a real number as {name}, got {type(value).__name__}")
-    if not value >= minimum:
-        raise ValueError(f"{fn}: expected {name} >= {minimum:g}, got {value!r}")
+def _real(value: object) -> Optional[float]:
+    """``value`` as a float when it is a real number: a Python or NumPy int/float (any real
+    ``numbers.Real``) or a 0-dim real tensor; ``None`` otherwise, booleans included."""
+    if type(value) is float or type(value) is int:  # the common case, first
+        return float(value)  # type: ignore[arg-type]
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return float(value.item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
     return float(value)
 
 
+def _index(value: object) -> Optional[int]:
+    """``value`` as an int when it is an integer: a Python or NumPy int (e.g. from ``np.argmin``) or
+    a 0-dim integer tensor; ``None`` otherwise, booleans and floats included."""
+    if type(value) is int:  # the common case, first
+        return value  # type: ignore[return-value]
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return int(value.item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
+def number_arg(fn: str, value: object, name: str, *, minimum: float = float("-inf")) -> float:
+    """A real number ``>= minimum`` (Python or NumPy number, or 0-dim real tensor; not a bool) as a float.
+
+    >>> number_arg("apso", np.float32(0.5), "beta")
+    0.5
+    >>> number_arg("apso", True, "beta")
+    Traceback (most recent call last):
+        ...
+    TypeError: apso: expected a real number as beta, got bool
+    """
+    number = _real(value)
+    if number is None:
+        raise TypeError(f"{fn}: expected a real number as {name}, got {_kind(value)}")
+    if number != number:
+        raise ValueError(f"{fn}: expected a number as {name}, got nan")
+    if not number >= minimum:
+        shown = value if type(value) in (int, float) else number
+        raise ValueError(f"{fn}: expected {name} >= {minimum:g}, got {shown!r}")
+    return number
+
+
+def _kind(value: object) -> str:
+    """How messages name a refused value: its type, or a tensor's dtype and shape."""
+    if isinstance(value, Tensor):
+        return f"a tensor of dtype {str(value.dtype).removeprefix('torch.')} and shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def count_arg(fn: str, value: object, name: str, low: int, high: int) -> int:
-    """An int in ``[low, high]``."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{fn}: expected an int as {name}, got {type(value).__name__}")
-    number = operator.index(value)  # type: ignore[arg-type]
+    """An int in ``[low, high]`` (Python or NumPy int, or 0-dim integer tensor; not a bool)."""
+    number = _index(value)
+    if number is None:
+        raise TypeError(f"{fn}: expected an int as {name}, got {_kind(value)}")
     if not low <= number <= high:
         raise ValueError(f"{fn}: expected {name} in [{low}, {high}], got {number}")
     return number
+
+
+def callable_arg(fn: str, value: object, name: str = "loss_fn") -> None:
+    """Raise ``TypeError`` unless ``value`` can be called."""
+    if not callable(value):
+        raise TypeError(f"{fn}: expected a callable as {name}, got {type(value).__name__}")
 
 
 def target_arg(fn: str, swarm: Swarm, best: Any, name: str = "best") -> Union[Swarm, Particle, nn.Module]:
     """A member index as a one-member view of ``swarm``, or a Particle/model as is (``name``: the argument)."""
     if isinstance(best, (Particle, nn.Module)):
         return best
-    if isinstance(best, Tensor) and best.dim() == 0 and not best.is_floating_point():
-        best = int(best)
-    if isinstance(best, bool) or not isinstance(best, int):
-        raise TypeError(f"{fn}: expected a member index, a Particle or a model as {name}, got {type(best).__name__}")
+    index = _index(best)
+    if index is None:
+        raise TypeError(f"{fn}: expected a member index, a Particle or a model as {name}, got {_kind(best)}")
     size = len(swarm)
-    if not -size <= best < size:
-        raise IndexError(f"{fn}: {name}={best} is out of range for a swarm of {size} members")
-    best %= size
-    return swarm[best:best + 1]
+    if not -size <= index < size:
+        raise IndexError(f"{fn}: {name}={index} is out of range for a swarm of {size} members")
+    index %= size
+    return swarm[index:index + 1]
+
+
+def checked_target(fn: str, swarm: Swarm, target: Union[Swarm, Particle, nn.Module], name: str = "best") -> None:
+    """Raise (naming ``fn``) unless ``target`` (from ``target_arg``) has the members' structure.
+
+    A member view of ``swarm`` needs no check; a Particle or model of another class or shape is refused
+    here, before any work, even where a zero coefficient will not read it.
+    """
+    if not isinstance(target, Swarm):
+        swarm_ops.operand(f"{fn}: {name}", swarm._spec, len(swarm), target)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from .._particle import Particle
 from .._swarm import Swarm
-from ._checks import count_arg, losses_arg, number_arg, swarm_arg
+from ._checks import checked_target, count_arg, generator_arg, losses_arg, number_arg, swarm_arg
 
 Tensor = torch.Tensor
 
@@ -21,16 +22,21 @@ def es_noise(center: Any, size: int, *, generator: Optional[torch.Generator] = N
 
     Args:
         center: a model, Particle or Swarm giving the structure.
-        size: an even population size.
+        size: an even population size (a Python or NumPy int).
+        generator: for reproducible noise (on the device of ``center``'s values).
 
     >>> import torch
     >>> eps = es_noise(torch.nn.Linear(2, 1), 4)
     >>> torch.equal(eps.params["bias"][0], -eps.params["bias"][2])
     True
     """
-    size = count_arg("es_noise", size, "size", 2, 2**62)
+    fn = "es_noise"
+    _center_arg(fn, center)
+    size = count_arg(fn, size, "size", 2, 2**62)
     if size % 2:
-        raise ValueError(f"es_noise: expected an even size (antithetic pairs), got {size}")
+        raise ValueError(f"{fn}: expected an even size (antithetic pairs), got {size}")
+    if generator is not None:  # checked here, so that a mismatch names es_noise
+        generator = generator_arg(fn, generator, Swarm.zeros(center, 0))
     half = Swarm.randn(center, size // 2, generator=generator)
     return Swarm.cat([half, -half])
 
@@ -49,7 +55,16 @@ def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
     >>> abs(float(g.params["weight"]) - 3.0) < 0.3
     True
     """
-    fn = "es_gradient"
+    return _gradient("es_gradient", noise, losses, sigma)
+
+
+def _center_arg(fn: str, center: object) -> None:
+    if not isinstance(center, (nn.Module, Particle, Swarm)):
+        raise TypeError(f"{fn}: expected a model, a Particle or a Swarm as center, got {type(center).__name__}")
+
+
+def _gradient(fn: str, noise: object, losses: object, sigma: object) -> Particle:
+    """``es_gradient`` with its errors naming ``fn``."""
     noise = swarm_arg(fn, noise, "noise")
     losses = losses_arg(fn, losses, len(noise), floating=True)
     sigma = number_arg(fn, sigma, "sigma", minimum=0.0)
@@ -61,6 +76,9 @@ def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
 
 def es_step(center: Any, noise: Swarm, losses: Tensor, *, sigma: float, lr: float) -> Any:
     """One OpenAI-ES step: ``center − lr · es_gradient(noise, losses, sigma=sigma)`` (descends the loss).
+
+    Every argument is checked first, errors naming ``es_step``; ``lr=0`` returns ``center``'s values
+    exactly (even where the estimate is inf or NaN, e.g. from an infinite loss).
 
     Returns:
         A new Particle (or a new model of ``center``'s class for a NytoModule centre).
@@ -74,8 +92,15 @@ def es_step(center: Any, noise: Swarm, losses: Tensor, *, sigma: float, lr: floa
     >>> float((new.params["weight"] ** 2).sum()) < float((center.params["weight"] ** 2).sum())
     True
     """
-    lr = number_arg("es_step", lr, "lr")
-    return center - lr * es_gradient(noise, losses, sigma=sigma)
+    fn = "es_step"
+    _center_arg(fn, center)
+    noise = swarm_arg(fn, noise, "noise")
+    checked_target(fn, noise, center, "center")  # a Swarm centre broadcasts member by member, unchecked here
+    lr = number_arg(fn, lr, "lr")
+    gradient = _gradient(fn, noise, losses, sigma)
+    if lr == 0.0:  # a zero step moves nothing: 0 · inf would be NaN, not 0
+        return center - Swarm.zeros(noise, 1)[0]
+    return center - lr * gradient
 
 
 def centered_ranks(losses: Tensor) -> Tensor:

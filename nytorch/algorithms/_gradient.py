@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .._swarm import Swarm
-from ._checks import number_arg, swarm_arg
+from ._checks import callable_arg, number_arg, swarm_arg
 
 __all__ = ["sgd_step"]
 
@@ -17,7 +17,9 @@ def sgd_step(swarm: Swarm, loss_fn: Callable[..., torch.Tensor], /, *args: Any, 
     """One SGD step on every member: ``swarm − lr · ∇loss`` from one vectorised gradient call.
 
     ``loss_fn(member, *args)`` returns a 0-dim loss; ``member(x)`` runs that member's forward.
-    Keyword arguments (e.g. ``in_dims``) go to ``Swarm.grad_and_value``.
+    Keyword arguments (e.g. ``in_dims``) go to ``Swarm.grad_and_value``.  ``lr`` is a Python or NumPy
+    number or a 0-dim tensor; ``lr=0`` returns an exact copy of ``swarm`` (even where a gradient is
+    inf or NaN), with the losses.
 
     Returns:
         ``(new_swarm, losses)`` with the losses *before* the step, shape ``(P,)``.
@@ -32,6 +34,9 @@ def sgd_step(swarm: Swarm, loss_fn: Callable[..., torch.Tensor], /, *args: Any, 
     """
     fn = "sgd_step"
     swarm = swarm_arg(fn, swarm)
+    callable_arg(fn, loss_fn)
     lr = number_arg(fn, lr, "lr")
     grads, losses = swarm.grad_and_value(loss_fn, *args, **kwargs)
+    if lr == 0.0:  # a zero step moves nothing: 0 · inf would be NaN, not 0
+        return swarm.clone(), losses
     return swarm.add(grads, alpha=-lr), losses

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from .._swarm import Swarm
-from ._checks import count_arg, generator_arg, losses_arg, number_arg, swarm_arg
+from ._checks import callable_arg, count_arg, generator_arg, losses_arg, number_arg, swarm_arg
+from ._copy import copy_onto
 from ._gradient import sgd_step
 from ._indices import randperm
 from ._progress import progress, set_postfix
@@ -25,7 +26,8 @@ def pull_toward_best(swarm: Swarm, losses: Tensor, *, subset: int, alpha: float,
     The evolutionary step of the nytorch 1.1 example (an accelerated-PSO pull without noise,
     applied to a random subset to keep it cheap).  Members outside the subset are unchanged, and an
     empty swarm (a rank's empty shard) gives an empty swarm.  The subset is drawn with ``generator``
-    on its own device (any device: nothing else is drawn).
+    on its own device (any device: nothing else is drawn).  ``alpha=0`` moves nothing (and draws
+    nothing); ``alpha=1`` copies the best exactly, onto diverged (inf or NaN) members too.
 
     >>> import torch
     >>> s = Swarm.randn(torch.nn.Linear(2, 1), 4)
@@ -40,15 +42,49 @@ def pull_toward_best(swarm: Swarm, losses: Tensor, *, subset: int, alpha: float,
     subset = count_arg(fn, subset, "subset", 1, max(size, 1))
     alpha = number_arg(fn, alpha, "alpha")
     generator = generator_arg(fn, generator)
-    if size == 0:  # an empty swarm (a rank's empty shard): nothing to select from
+    if size == 0 or alpha == 0.0:  # an empty swarm (a rank's empty shard), or no pull: nothing moves
         return swarm.clone()
     chosen = randperm(size, generator)[:subset]
-    best = chosen[torch.nan_to_num(losses.cpu()[chosen], nan=float("inf")).argmin()]
+    best = int(chosen[torch.nan_to_num(losses.cpu()[chosen], nan=float("inf")).argmin()])
     others = chosen[chosen != best]
     out = swarm.clone()
     if others.numel():
-        out[others] = swarm[others].lerp(swarm[int(best)], alpha)
+        # alpha == 1: a copy, not lerp's W_best − (W_best − W)·0, which is NaN where W diverged
+        out[others] = (copy_onto(fn, swarm[others], swarm[best:best + 1]) if alpha == 1.0
+                       else swarm[others].lerp(swarm[best], alpha))
     return out
+
+
+class _Args(NamedTuple):
+    """The checked arguments of the hybrid loop."""
+
+    lr: float
+    every: int
+    subset: Optional[int]
+    alpha: float
+    generator: Optional[torch.Generator]
+
+
+def _checked(fn: str, swarm: object, loss_fn: object, lr: object, every: object, subset: object, alpha: object,
+             generator: object) -> tuple[Swarm, _Args]:
+    """Every argument of ``hybrid_step``/``hybrid`` checked up front, errors naming ``fn``."""
+    swarm = swarm_arg(fn, swarm)
+    callable_arg(fn, loss_fn)
+    lr = number_arg(fn, lr, "lr")
+    every = count_arg(fn, every, "every", 1, 2**62)
+    size = max(len(swarm), 1)
+    subset = None if subset is None else count_arg(fn, subset, "subset", 1, size)
+    alpha = number_arg(fn, alpha, "alpha")
+    return swarm, _Args(lr, every, subset, alpha, generator_arg(fn, generator))  # indices only: any device
+
+
+def _step(swarm: Swarm, loss_fn: Callable[..., Tensor], args: Sequence[Any], step: int,
+          checked: _Args) -> tuple[Swarm, Tensor]:
+    swarm, losses = sgd_step(swarm, loss_fn, *args, lr=checked.lr)
+    if (step + 1) % checked.every == 0:
+        swarm = pull_toward_best(swarm, losses, subset=max(len(swarm), 1) if checked.subset is None else checked.subset,
+                                 alpha=checked.alpha, generator=checked.generator)
+    return swarm, losses
 
 
 def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, step: int, lr: float,
@@ -57,10 +93,16 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     """One step of the hybrid loop: ``sgd_step``, then ``pull_toward_best`` when ``(step + 1) % every == 0``.
 
     ``subset`` defaults to every member.  An empty swarm (a rank's empty shard) stays empty, with
-    losses of shape ``(0,)``.
+    losses of shape ``(0,)``.  Every argument is checked before the gradient step runs (numbers may
+    be Python or NumPy numbers or 0-dim tensors).
 
     Returns:
         ``(new_swarm, losses)`` with the losses before the step.
+
+    Raises:
+        TypeError / ValueError: an invalid argument (``step`` an int >= 0, ``every`` >= 1, ``subset``
+            in ``[1, P]`` or ``None``, ``lr``/``alpha`` real numbers, ``generator`` a torch.Generator
+            or ``None``), naming it.
 
     >>> import torch, torch.nn.functional as F
     >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])
@@ -69,19 +111,20 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     >>> tuple(losses.shape)
     (4,)
     """
-    every = count_arg("hybrid_step", every, "every", 1, 2**62)
-    swarm, losses = sgd_step(swarm, loss_fn, *args, lr=lr)
-    if (step + 1) % every == 0:
-        swarm = pull_toward_best(swarm, losses, subset=max(len(swarm), 1) if subset is None else subset,
-                                 alpha=alpha, generator=generator)
-    return swarm, losses
+    fn = "hybrid_step"
+    step = count_arg(fn, step, "step", 0, 2**62)
+    swarm, checked = _checked(fn, swarm, loss_fn, lr, every, subset, alpha, generator)
+    return _step(swarm, loss_fn, args, step, checked)
 
 
 def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Sequence[Any]], *, lr: float,
            every: int = 5, subset: Optional[int] = None, alpha: float = 0.5,
            generator: Optional[torch.Generator] = None, show_progress: Optional[bool] = None
            ) -> tuple[Swarm, Tensor]:
-    """Run ``hybrid_step`` over ``batches`` (each a tuple of ``loss_fn`` arguments after the member).
+    """Run ``hybrid_step`` over ``batches`` (each a tuple or list of ``loss_fn`` arguments after the member).
+
+    Every argument is checked before the first step (as for ``hybrid_step``), so a bad ``subset`` or
+    ``generator`` is refused even when no pull would happen; each batch is checked as it comes.
 
     Args:
         show_progress: a tqdm bar (``None``: only when stderr is a terminal and tqdm is installed).
@@ -90,6 +133,10 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         ``(final_swarm, history)`` with the per-member losses of every step, shape ``(steps, P)``
         (``(steps, 0)`` for an empty swarm).
 
+    Raises:
+        TypeError / ValueError: an invalid argument, naming it; ``TypeError`` for a batch that is not
+            a tuple or list.
+
     >>> import torch, torch.nn.functional as F
     >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])
     >>> data = [(torch.randn(8, 2), torch.randn(8, 1))] * 10
@@ -97,12 +144,22 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     >>> tuple(history.shape)
     (10, 4)
     """
-    swarm = swarm_arg("hybrid", swarm)
+    fn = "hybrid"
+    swarm, checked = _checked(fn, swarm, loss_fn, lr, every, subset, alpha, generator)
+    try:
+        iter(batches)
+    except TypeError:
+        raise TypeError(f"{fn}: expected an iterable of batches (tuples of loss_fn arguments), "
+                        f"got {type(batches).__name__}") from None
+    if show_progress is not None and not isinstance(show_progress, bool):
+        raise TypeError(f"{fn}: expected True, False or None as show_progress, got {type(show_progress).__name__}")
     history = []
-    bar = progress(batches, desc="hybrid", enabled=show_progress)
+    bar = progress(batches, desc=fn, enabled=show_progress)
     for step, batch in enumerate(bar):
-        swarm, losses = hybrid_step(swarm, loss_fn, *batch, step=step, lr=lr, every=every, subset=subset,
-                                    alpha=alpha, generator=generator)
+        if not isinstance(batch, (tuple, list)):
+            raise TypeError(f"{fn}: expected each batch to be a tuple or list of loss_fn arguments, "
+                            f"got {type(batch).__name__} at step {step}")
+        swarm, losses = _step(swarm, loss_fn, batch, step, checked)
         history.append(losses)
         if losses.numel():
             set_postfix(bar, best=float(losses.min()), mean=float(losses.mean()))

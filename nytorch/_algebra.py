@@ -35,10 +35,12 @@ def without_grad(fn: F) -> F:
 
 
 def check_names(fn: str, names: Sequence[str], other_names: Sequence[str],
-                other: str = "the second operand", reference: str = "the first operand") -> None:
+                other: str = "the second operand", reference: str = "the first operand", *,
+                kind: str = "parameter") -> None:
     """Raise ``StructureError`` naming the first parameter present in one operand only, or out of place.
 
-    ``other`` names the side of ``other_names`` in messages, ``reference`` the side of ``names``.
+    ``other`` names the side of ``other_names`` in messages, ``reference`` the side of ``names``,
+    ``kind`` what the names are (``"buffer"``).
 
     >>> check_names("add", ["a", "b"], ["b", "a"])
     Traceback (most recent call last):
@@ -50,14 +52,14 @@ def check_names(fn: str, names: Sequence[str], other_names: Sequence[str],
     other_set, own_set = set(other_names), set(names)
     for name in names:
         if name not in other_set:
-            raise StructureError(f"{fn}: parameter {name!r} is missing from {other}")
+            raise StructureError(f"{fn}: {kind} {name!r} is missing from {other}")
     for name in other_names:
         if name not in own_set:
-            raise StructureError(f"{fn}: {other} has an extra parameter {name!r}")
+            raise StructureError(f"{fn}: {other} has an extra {kind} {name!r}")
     position, name = next((k, a) for k, (a, b) in enumerate(zip(names, other_names)) if a != b)
-    raise StructureError(f"{fn}: {other} lists the same parameters in another order: parameter {name!r} is "
+    raise StructureError(f"{fn}: {other} lists the same {kind}s in another order: {kind} {name!r} is "
                          f"at position {position} in {reference} but {list(other_names).index(name)} in {other}; "
-                         "models must register their parameters in the same order")
+                         f"models must register their {kind}s in the same order")
 
 
 def check_state(fn: str, names: Sequence[str], leaves: Sequence[Tensor],

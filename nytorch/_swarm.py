@@ -83,10 +83,15 @@ class Swarm(SwarmArithmetic):
             buffers: take floating buffers into arithmetic (default: as the first Particle, else no).
                 Buffers are always stacked, so each member keeps its own (e.g. BatchNorm statistics).
 
+        Every member runs with item 0's modules, so the items must agree in what a forward reads
+        besides their tensors: submodule classes, train/eval mode and simple settings (numbers,
+        strings, ``None`` and tuples of them, e.g. ``Dropout.p``, ``BatchNorm1d.eps``).
+
         Raises:
             ValueError: ``items`` is empty.
             TypeError: an item is not a module or Particle, or is of another class.
-            StructureError: an item's structure differs (the message names the item and parameter).
+            StructureError: an item's structure differs: a parameter or buffer, a submodule's class,
+                its train/eval mode or a setting (the message names the item and the path).
 
         >>> members = [torch.nn.Linear(2, 1) for _ in range(3)]
         >>> swarm = Swarm.stack(members)
@@ -123,15 +128,17 @@ class Swarm(SwarmArithmetic):
 
     @classmethod
     def _fill(cls, fn: str, like: object, size: Optional[int], buffers: Optional[bool],
-              make: Callable[[int, Group, Tensor], Tensor], generator: Optional[torch.Generator] = None) -> "Swarm":
-        return cls(*build.filled(fn, like, size, buffers, make, generator))
+              make: Callable[[int, Group, Tensor], Tensor], generator: Optional[torch.Generator] = None,
+              per_member: bool = False) -> "Swarm":
+        return cls(*build.filled(fn, like, size, buffers, make, generator, per_member=per_member))
 
     @classmethod
     def randn(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None,  # type: ignore[override]
               generator: Optional[torch.Generator] = None) -> "Swarm":
         """A swarm of ``size`` members shaped like ``like`` with N(0, 1) values (``Particle.randn`` for a swarm).
 
-        Non-arithmetic leaves (integer buffers, frozen parameters) are copied from ``like``.
+        Non-arithmetic leaves (integer buffers, frozen parameters) are copied from ``like`` (member by
+        member from a Swarm of ``size`` members, else from its member 0).
         ``size`` defaults to ``len(like)`` for a Swarm.  Reproducible with ``generator``.
 
         >>> noise = Swarm.randn(torch.nn.Linear(2, 1), 8, generator=torch.Generator().manual_seed(0))
@@ -166,11 +173,22 @@ class Swarm(SwarmArithmetic):
     @classmethod
     def normal(cls, center: Like, size: Optional[int] = None, *, std: float = 1.0, buffers: Optional[bool] = None,
                generator: Optional[torch.Generator] = None) -> "Swarm":
-        """Members drawn around ``center``: ``center + std * N(0, 1)`` (each member of a Swarm centre).
+        """Members drawn around ``center``: ``center + std * N(0, 1)``.
+
+        A model or Particle centre is shared by every member; a Swarm centre gives member ``i``
+        its own centre ``center[i]`` (``size`` defaults to ``len(center)``; a one-member swarm
+        is shared like a model).
+
+        Raises:
+            TypeError: ``std`` is not a real number.
+            ValueError: ``center`` is a Swarm whose size is neither ``size`` nor 1.
 
         >>> net = torch.nn.Linear(2, 1)
         >>> cloud = Swarm.normal(net, 1000, std=0.01)
         >>> torch.allclose(cloud.mean().params["bias"], net.bias.detach(), atol=0.01)
+        True
+        >>> centres = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])
+        >>> torch.equal(Swarm.normal(centres, std=0.0).params["bias"], centres.params["bias"])
         True
         """
         if not lw.is_scalar(std) or isinstance(std, complex):
@@ -179,7 +197,7 @@ class Swarm(SwarmArithmetic):
         def make(n: int, g: Group, row: Tensor) -> Tensor:
             noise = torch.randn(n, g.width, dtype=g.dtype, device=g.device, generator=generator)
             return noise.mul_(std).add_(row)
-        return cls._fill("normal", center, size, buffers, make, generator)
+        return cls._fill("normal", center, size, buffers, make, generator, per_member=True)
 
     @classmethod
     def cat(cls, swarms: Iterable["Swarm"]) -> "Swarm":
@@ -326,7 +344,8 @@ class Swarm(SwarmArithmetic):
         """Overwrite selected members with a Particle or model (every member), a Swarm, or a number.
 
         Particles, models and swarms replace every stored leaf (buffers included); numbers set the
-        arithmetic leaves only.  Everything is validated before anything is written.
+        arithmetic leaves only.  Everything is validated before anything is written (a swarm made
+        under ``torch.inference_mode()`` is written only inside it).
         """
         index_ops.assign(self._spec, self._flats, self._size, index_ops.normalise(key, self._size), value)
 
@@ -353,10 +372,16 @@ class Swarm(SwarmArithmetic):
                 input has a leading ``P`` dimension, one slice per member; or one entry per input.
             randomness: ``torch.func.vmap``'s randomness for dropout and the like: ``"different"``
                 (independent per member, as in a loop), ``"same"`` or ``"error"``.
-            chunk_size: evaluate this many members at a time to save memory.
+            chunk_size: evaluate this many members at a time to save memory (a positive int).
+
+        Buffers a forward updates (BatchNorm statistics) are kept per member; other attributes a
+        forward sets on its modules (``self.last = out``, counters) are not kept on a swarm: every
+        call starts from, and leaves, the members' modules as they were.
 
         Raises:
-            RuntimeError: the model cannot run under ``torch.func.vmap`` (the message says what to change).
+            RuntimeError: the model cannot run under ``torch.func.vmap`` (the message says what to change),
+                or the forward updates buffers made under ``torch.inference_mode()``.
+            TypeError / ValueError: ``chunk_size`` or ``randomness`` is not one of the values above.
 
         >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])
         >>> x = torch.randn(5, 2)
@@ -374,9 +399,15 @@ class Swarm(SwarmArithmetic):
         ``member(*inputs)`` runs that member's forward; ``member.params`` / ``member.buffers`` give its
         tensors (for regularisers).  ``loss_fn`` returns a 0-dim tensor.  Gradients are taken with respect
         to every operational floating parameter that requires grad in the model; the rest get zeros.
+        ``in_dims``, ``randomness`` and ``chunk_size`` are as for ``swarm(...)``; as there,
+        attributes a forward sets on its modules (other than buffers) are not kept.
 
         Returns:
             ``(grads, losses)``: a Swarm of gradients (same structure) and a ``(P,)`` tensor of losses.
+
+        Raises:
+            TypeError: ``loss_fn`` is not callable or returns an integer or boolean loss.
+            ValueError: ``loss_fn`` returns something other than a 0-dim tensor.
 
         >>> import torch.nn.functional as F
         >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])

@@ -69,6 +69,7 @@ class SwarmArithmetic(Operators):
         tensor([3., 6.])
         """
         self._check_alpha("add_", alpha)
+        ops.check_writable("add_", self._spec, self._flats, True)
         return self._binary_(ops.AXPY, other, alpha)
 
     def _check_alpha(self, fn: str, alpha: object) -> None:
@@ -98,6 +99,7 @@ class SwarmArithmetic(Operators):
         tensor([0.2500, 0.2500])
         """
         operands = ops.lerp_operands("lerp_", self._spec, self._size, end, weight, True)
+        ops.check_writable("lerp_", self._spec, self._flats, True)
         ops.combine_(lw.LERP, self._spec, self._flats, *operands)
         return self
 

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from . import _algebra as algebra
 from . import _leafwise as lw
 from . import _swarm_ops as ops
 from ._errors import DeviceMismatchError, StructureError
 from ._particle import Particle
 from ._swarm_spec import Group, Spec, make_spec, pack_members, pack_stacked, rows_of, views_of
-from ._walk import Layout
+from ._walk import Layout, model_class
 
 Tensor = torch.Tensor
 Built = tuple[Spec, list[Tensor], int]
@@ -42,8 +43,123 @@ def spec_and_rows(fn: str, like: object, buffers: Optional[bool]) -> tuple[Spec,
     return spec, [row for row in rows_of(spec, ops.full_leaves(fn, spec, like)) if row is not None]
 
 
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+_MISSING = object()
+_IGNORED = frozenset({"_is_full_backward_hook"})  # set by hook registration, not a setting of the module
+
+
+def _simple(value: object) -> bool:
+    """A hyper-parameter-like value: a number, bool, string, ``None``, or a tuple of them."""
+    return type(value) in _SCALARS or (type(value) is tuple and all(map(_simple, value)))  # type: ignore[arg-type]
+
+
+def _settings(module: nn.Module) -> dict[str, object]:
+    """The simple attributes of a module (``training``, ``p``, ``eps``, ``negative_slope``, ...)."""
+    scalars = _SCALARS
+    found = {key: value for key, value in module.__dict__.items()
+             if type(value) in scalars or (type(value) is tuple and _simple(value))}
+    for key in _IGNORED.intersection(found):
+        del found[key]
+    return found
+
+
+class _Reference(NamedTuple):
+    """Item 0's settings of one module, and a C-level way to read the same keys from another module."""
+
+    keys: frozenset
+    read: Callable[[dict], object]
+    values: object
+    settings: dict[str, object]
+
+
+def _reference(module: nn.Module) -> _Reference:
+    settings = _settings(module)
+    read = operator.itemgetter(*settings) if settings else (lambda state: ())
+    return _Reference(frozenset(module.__dict__), read, read(module.__dict__), settings)
+
+
+def _matches(state: dict, known: _Reference) -> bool:
+    """Whether a module ``__dict__`` has item 0's attributes and settings (``False``: look closer)."""
+    try:
+        return state.keys() == known.keys and bool(known.read(state) == known.values)
+    except Exception:  # noqa: BLE001 - e.g. a tensor where item 0 has a number: the slow path names it
+        return False
+
+
+def _same(a: object, b: object) -> bool:
+    """``a == b`` for settings, with NaN equal to NaN (element-wise for tuples)."""
+    if type(a) is tuple and type(b) is tuple:
+        return len(a) == len(b) and all(map(_same, a, b))  # type: ignore[arg-type]
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+def _where(prefix: str, module: nn.Module) -> str:
+    path = prefix.rstrip(".")
+    kind = model_class(module).__name__
+    return f"submodule {path!r} ({kind})" if path else f"the root module ({kind})"
+
+
+def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference]) -> None:
+    """Raise unless item ``i`` (its ``layout``) has the member structure of item 0 (``spec``, whose modules'
+    settings are ``reference``): the same tensors, submodule classes, train/eval modes and settings.
+
+    A swarm runs every member with item 0's modules (one skeleton), so anything else a member's
+    forward reads must agree; it is compared cheaply as a whole, and only walked to name a difference.
+    """
+    fn = f"stack: item {i}"
+    ours = spec.layout
+    for kind, names, leaves, other_names, other_leaves in (
+            ("parameter", ours.names, ours.params, layout.names, layout.params),
+            ("buffer", ours.buffer_names, ours.buffers, layout.buffer_names, layout.buffers)):
+        if names is not other_names and list(names) != list(other_names):
+            algebra.check_names(fn, names, other_names, "this item", "item 0", kind=kind)
+        for name, a, b in zip(names, leaves, other_leaves):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise StructureError(f"{fn}: {kind} {name!r} differs: {lw.describe(a)} vs {lw.describe(b)} "
+                                     "(item 0 vs this item)")
+            if a.device != b.device:
+                raise DeviceMismatchError(f"{fn}: {kind} {name!r} is on {a.device} in item 0 and on {b.device} "
+                                          "in this item; move every item to one device first (e.g. model.to(device))")
+    modules = layout.modules
+    if len(modules) != len(ours.modules) or layout.prefixes != ours.prefixes:
+        for prefix, other_prefix, module in zip(ours.prefixes, layout.prefixes, ours.modules):
+            if prefix != other_prefix:
+                raise StructureError(f"{fn}: expected {_where(prefix, module)} (as in item 0), got submodule "
+                                     f"{other_prefix.rstrip('.')!r}; stack models built alike")
+        longer = ours if len(ours.modules) > len(modules) else layout
+        extra = len(min(ours.modules, modules, key=len))
+        raise StructureError(f"{fn}: {_where(longer.prefixes[extra], longer.modules[extra])} is only in "
+                             f"{'item 0' if longer is ours else 'this item'}; stack models built alike")
+    for prefix, own, module, known in zip(ours.prefixes, ours.modules, modules, reference):
+        if type(module) is type(own) and _matches(module.__dict__, known):
+            continue  # the common case: the same attributes, equal settings
+        if type(module) is not type(own) and model_class(module) is not model_class(own):
+            where = f"submodule {prefix.rstrip('.')!r}" if prefix else "the root module"
+            raise StructureError(f"{fn}: expected {where} to be a {model_class(own).__name__} (as in item 0), got a "
+                                 f"{model_class(module).__name__}; a swarm runs every member with item 0's "
+                                 "modules, so stack models built alike")
+        if module.training != own.training:
+            mode = ("train", "eval") if own.training else ("eval", "train")
+            raise StructureError(f"{fn}: expected {_where(prefix, own)} in {mode[0]} mode (as in item 0), got "
+                                 f"{mode[1]} mode; put every item in one mode first (a swarm has one: "
+                                 "swarm.train() / swarm.eval() switch every member)")
+        other, settings = _settings(module), known.settings
+        for key in list(settings) + [key for key in other if key not in settings]:
+            mine, theirs = settings.get(key, _MISSING), other.get(key, _MISSING)
+            if mine is _MISSING or theirs is _MISSING or not _same(mine, theirs):
+                shown = ["not set" if value is _MISSING else repr(value) for value in (mine, theirs)]
+                raise StructureError(f"{fn}: expected {_where(prefix, own)} attribute {key!r} = {shown[0]} "
+                                     f"(as in item 0), got {shown[1]}; a swarm runs every member with item 0's "
+                                     "settings, so build the items with the same settings")
+
+
 def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
-    """``Swarm.stack``: one copy of the values of modules/Particles of one structure."""
+    """``Swarm.stack``: one copy of the values of modules/Particles of one structure.
+
+    Items after the first must match it in everything their forward reads besides their own
+    tensors: submodule classes, train/eval modes and simple settings (numbers, strings, ``None``
+    and tuples of them in a module's ``__dict__``); see ``_check_item``.
+    """
     if isinstance(items, (nn.Module, Particle)) or ops.is_swarm(items) or not isinstance(items, Iterable):
         raise TypeError(f"stack: expected a list of modules or Particles, got {type(items).__name__}")
     items = list(items)
@@ -55,9 +171,16 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
         if not isinstance(item, (nn.Module, Particle)):
             raise TypeError(f"stack: expected modules or Particles, but item {i} is a {type(item).__name__}"
                             + (" (use Swarm.cat to join swarms)" if ops.is_swarm(item) else ""))
+        fn = f"stack: item {i}"
         if spec is None:
             spec = spec_and_rows("stack", item, buffers)[0]
-        members.append(ops.full_leaves(f"stack: item {i}", spec, item))
+            reference = [_reference(module) for module in spec.layout.modules]
+            members.append(ops.full_leaves(fn, spec, item))
+            continue
+        ops.check_class(fn, spec, item.model_class if isinstance(item, Particle) else type(item))
+        layout = item._layout if isinstance(item, Particle) else Layout(item)
+        _check_item(i, spec, layout, reference)
+        members.append(ops.full_leaves(fn, spec, item, layout))
     if not (spec is not None):  # items is non-empty
         raise RuntimeError("nytorch internal error: expected spec is not None")
     return spec, pack_members(spec, members), len(members)
@@ -154,15 +277,23 @@ def generator_for(fn: str, generator: object, spec: Optional[Spec] = None) -> Op
 
 
 def filled(fn: str, like: object, size: Optional[int], buffers: Optional[bool],
-           make: Callable[[int, Group, Tensor], Tensor], generator: Optional[torch.Generator] = None) -> Built:
+           make: Callable[[int, Group, Tensor], Tensor], generator: Optional[torch.Generator] = None, *,
+           per_member: bool = False) -> Built:
     """Arithmetic groups from ``make(size, group, like_rows)``; the other leaves copied from ``like``.
 
     ``generator`` (the one ``make`` draws with) is checked against the groups' devices first.
+    A Swarm ``like`` of another size than ``size`` (and not of one member) gives its member 0's
+    rows, or raises ``ValueError`` with ``per_member`` (``like`` is a centre, one row per member).
     """
     count = _size(fn, like, size)
     spec, rows = spec_and_rows(fn, like, buffers)
     generator_for(fn, generator, spec)
-    if ops.is_swarm(like) and len(like) not in (count, 1):  # type: ignore[arg-type]
+    centres = len(like) if ops.is_swarm(like) else 1  # type: ignore[arg-type]
+    if centres not in (count, 1):
+        if per_member:
+            raise ValueError(f"{fn}: expected size {centres} (the centre swarm's size: each member is drawn "
+                             f"around its own centre) or a centre of one member, got size {count}; pick the "
+                             "centres first (e.g. center[indices]) or draw around center.mean()")
         rows = [row[:1] for row in rows]  # another size: carry member 0's values
     flats = [
         make(count, group, row) if group.active

@@ -24,9 +24,12 @@ __all__ = ["normalise", "count", "member", "assign"]
 def normalise(key: object, size: int) -> Index:
     """A member index as an int in range, a slice, or a 1-D long tensor of in-range indices.
 
+    NumPy arrays index like tensors (``swarm[np.argsort(losses)]``).
+
     Raises:
         IndexError: out of range, a mask of the wrong length, or a non-integer tensor.
-        TypeError: not an int, slice, list or tensor.
+        TypeError: not an int, slice, list, tensor or array.
+        ValueError: a slice whose step is not positive (slices are views).
 
     >>> normalise(-1, 4), normalise([0, -1], 4), normalise(torch.tensor([True, False, True]), 3)
     (3, tensor([0, 3]), tensor([0, 2]))
@@ -34,9 +37,19 @@ def normalise(key: object, size: int) -> Index:
     tensor([1, 2])
     """
     if isinstance(key, slice):
+        if key.step is not None and (not hasattr(key.step, "__index__") or operator.index(key.step) < 1):
+            raise ValueError(f"Swarm: expected a slice with a positive step (a slice is a view), got step {key.step}; "
+                             "select with a list or tensor of indices instead (a copy), "
+                             "e.g. swarm[torch.arange(len(swarm) - 1, -1, -1)]")
         return key
     if isinstance(key, (list, range)):
         key = _list_index(list(key))
+    elif type(key).__module__ == "numpy" and getattr(key, "ndim", 0) > 0:  # an array: as a tensor
+        try:
+            key = torch.as_tensor(key)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"Swarm: expected an integer or boolean array as index, got one of dtype "
+                            f"{key.dtype}") from error  # type: ignore[attr-defined]
     if isinstance(key, Tensor):
         if key.dtype == torch.bool:
             if key.dim() != 1 or key.shape[0] != size:
@@ -110,6 +123,7 @@ def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: 
     else:
         raise TypeError(f"{fn}: expected a {spec.model_class.__name__}, a Particle or a Swarm of one, "
                         f"or a number, got {type(value).__name__}")
+    ops.check_writable(fn, spec, flats, lw.is_scalar(value))
     with torch.no_grad():
         for flat, row in zip(flats, rows):
             if row is None:

@@ -29,8 +29,8 @@ Tensor = torch.Tensor
 #: A converted operand: a scalar, or one tensor per group (``None`` for groups it does not touch).
 Operand = Union[object, list[Optional[Tensor]]]
 
-__all__ = ["is_swarm", "operand", "combine", "combine_", "check_class", "full_leaves", "particle_leaves", "aligned",
-           "AXPY", "lerp_operands", "mixed", "mean_rows", "norms"]
+__all__ = ["is_swarm", "operand", "combine", "combine_", "check_writable", "check_class", "full_leaves",
+           "particle_leaves", "aligned", "AXPY", "lerp_operands", "mixed", "mean_rows", "norms"]
 
 
 def is_swarm(value: object) -> bool:
@@ -45,25 +45,29 @@ def check_class(fn: str, spec: Spec, model_class: type) -> None:
                         f"got a {model_class.__name__}")
 
 
-def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[Tensor]:
-    """The arithmetic leaves of a Particle or model, checked against the member structure."""
+def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module],
+                    layout: Optional[Layout] = None) -> list[Tensor]:
+    """The arithmetic leaves of a Particle or model (``layout``: the model's, if the caller has it),
+    checked against the member structure."""
     template = spec.template
     if isinstance(other, Particle):
         check_class(fn, spec, other.model_class)
         names, leaves = other._names, other._leaves
     else:
         check_class(fn, spec, type(other))
-        names, leaves = layout_state(Layout(other), spec.with_buffers)
+        names, leaves = layout_state(Layout(other) if layout is None else layout, spec.with_buffers)
     algebra.check_state(fn, template._names, template._leaves, names, leaves)
     return list(leaves)
 
 
-def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[Tensor]:
+def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module],
+                layout: Optional[Layout] = None) -> list[Tensor]:
     """Every stored leaf (parameters, then buffers) of a Particle or model, checked against the structure."""
-    leaves = particle_leaves(fn, spec, other)
+    leaves = particle_leaves(fn, spec, other, layout)
     if spec.with_buffers:
         return leaves
-    layout = other._layout if isinstance(other, Particle) else Layout(other)
+    if layout is None:
+        layout = other._layout if isinstance(other, Particle) else Layout(other)
     buffers = layout.buffers
     algebra.check_state(fn, spec.layout.buffer_names, spec.layout.buffers, layout.buffer_names, buffers)
     return leaves + buffers
@@ -71,7 +75,9 @@ def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[
 
 def _check_scalar(fn: str, spec: Spec, scalar: object, reflected: bool) -> None:
     groups = spec.groups
-    if type(scalar) in (int, float) and all(g.dtype.is_floating_point for g in groups if g.active):
+    kind = type(scalar)
+    if (kind is float or (kind is int and lw.in_int_range(scalar))) and all(  # type: ignore[arg-type]
+            g.dtype.is_floating_point for g in groups if g.active):
         return
     stand_ins = spec.layout.params + spec.layout.buffers
     firsts = [spec.names.index(spec.leaf_name(g)) for g in range(len(groups))]
@@ -196,6 +202,20 @@ def _copied(value: Any, written: set[int]) -> Any:
     return value
 
 
+def check_writable(fn: str, spec: Spec, flats: Sequence[Tensor], active_only: bool) -> None:
+    """Raise before writing when a group to be written (only arithmetic ones with ``active_only``) holds
+    inference tensors outside ``torch.inference_mode()``: torch would refuse half-way through."""
+    if torch.is_inference_mode_enabled():
+        return
+    for g, (flat, group) in enumerate(zip(flats, spec.groups)):
+        if flat.is_inference() and (group.active or not active_only):
+            name = spec.leaf_name(g)
+            kind = "parameter" if spec.names.index(name) < spec.n_params else "buffer"
+            raise RuntimeError(f"{fn}: {kind} {name!r} is an inference tensor and cannot be updated in place "
+                               "outside torch.inference_mode(); clone the swarm outside inference mode first "
+                               "(swarm.clone())")
+
+
 @torch.no_grad()
 def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand) -> None:
     """In place: ``op`` on every arithmetic group (callers validated every operand first).
@@ -206,6 +226,7 @@ def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand)
     >>> s.params["bias"].flatten()
     tensor([2., 3.])
     """
+    check_writable(op.name, spec, flats, True)
     operands = tuple(_unaliased(flats, operands))
     for g, (flat, group) in enumerate(zip(flats, spec.groups)):
         if not group.active:

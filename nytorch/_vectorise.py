@@ -7,9 +7,14 @@ are one chain of ``nn.Linear`` layers and elementwise activations (an
 ``nn.Sequential`` of them, or any forward that ``torch.fx`` traces to such a
 chain) take a fused path instead: one ``torch.baddbmm`` per layer over the
 stacked weights, which is the compute floor and gives the same values.
+
+Attributes a forward sets on the skeleton's modules (``self.last = out``, a counter,
+``weight_norm``'s recomputed weight) are not kept: every call starts from the skeleton as
+it was and leaves it so, as they would otherwise hold one call's batched tensors.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -33,6 +38,7 @@ _ELEMENTWISE = (
     nn.LogSigmoid, nn.Identity, nn.Dropout,
 )
 _NO_PLAN = ("none",)
+_RANDOMNESS = ("different", "same", "error")
 
 
 @contextmanager
@@ -40,11 +46,15 @@ def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any
     """The skeleton module holding ``leaves`` (aligned with ``spec.names``) for the duration of the block.
 
     With ``replaced``, the buffers that the block assigned anew (``self.stat = 0.9 * self.stat + ...``
-    in a forward) are recorded there by index, before the skeleton gets its own back.
+    in a forward) are recorded there by index, before the skeleton gets its own back.  Every
+    module's other attributes are put back as they were too (a forward's ``self.last = out``
+    would leave a batched tensor or an fx Proxy in the skeleton every derived swarm shares).
     """
     entries = spec.entries
+    modules = spec.layout.modules
     with spec.lock:
         saved = [table[key] for table, key, _ in entries]
+        states = [module.__dict__.copy() for module in modules]  # shallow: the tables stay the same objects
         try:
             for table, key, index in entries:
                 table[key] = leaves[index]
@@ -54,6 +64,10 @@ def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any
                     if index >= spec.n_params and table[key] is not leaves[index]:
                         replaced[index] = table[key]
         finally:
+            for module, state in zip(modules, states):
+                now = module.__dict__  # put back in place (C-level; cheaper than finding what changed)
+                now.clear()
+                now.update(state)
             for (table, key, _), old in zip(entries, saved):
                 table[key] = old
 
@@ -78,6 +92,8 @@ def _write_assigned(fn: str, spec: Spec, views: Sequence[Tensor], indices: Seque
             raise ValueError(f"{fn}: the forward assigned buffer {spec.names[index]!r} a tensor of shape "
                              f"{tuple(value.shape[1:])} {value.dtype} per member, but it holds shape "
                              f"{tuple(view.shape[1:])} {view.dtype}; update it in place or keep its shape and dtype")
+        if view.is_inference() and not torch.is_inference_mode_enabled():
+            raise _not_writable(fn, spec, index)
     with torch.no_grad():
         for index, value in zip(indices, values):
             views[index].copy_(value)
@@ -122,6 +138,20 @@ def _in_dims(fn: str, in_dims: InDims, args: Sequence[Any]) -> tuple[Any, ...]:
                              "arguments were given; give one entry per argument (None: shared, 0: per member)")
         return tuple(in_dims)
     raise TypeError(f"{fn}: expected None, an int or a tuple as in_dims, got {type(in_dims).__name__}")
+
+
+def _options(fn: str, randomness: object, chunk_size: object) -> Optional[int]:
+    """``chunk_size`` as an int (or ``None``); raises unless it is positive and ``randomness`` is one of vmap's."""
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"{fn}: expected randomness 'different', 'same' or 'error', got {randomness!r}")
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):  # NumPy ints are ints
+        raise TypeError(f"{fn}: expected None or a positive int as chunk_size, got {type(chunk_size).__name__}")
+    number = operator.index(chunk_size)  # type: ignore[arg-type]
+    if number < 1:
+        raise ValueError(f"{fn}: expected None or a positive int as chunk_size, got {number}")
+    return number
 
 
 def _hint(spec: Spec, message: str) -> str:
@@ -192,12 +222,19 @@ def _module_step(layout: Any, index: dict[int, int], module: nn.Module) -> Optio
     return None
 
 
+def _changed(now: dict[str, Any], before: dict[str, Any]) -> bool:
+    """Whether a module ``__dict__`` no longer holds the same objects as its copy ``before``."""
+    return len(now) != len(before) or any(now.get(key, now) is not value for key, value in before.items())
+
+
 def _traced_steps(spec: Spec, index: dict[int, int]) -> Optional[list[tuple[Any, ...]]]:
     """Steps of a forward that torch.fx traces to one chain of Linear and elementwise ops (else ``None``).
 
     Tracing runs the forward, and what it does to the module's own tensors is not in the graph
     (``self.count += 1`` on a buffer): it traces with copies bound, and a forward that writes to
-    or reassigns any of them has effects the fused path would drop, so it is not fused.
+    or reassigns any of them has effects the fused path would drop, so it is not fused.  Nor is
+    one that sets any other attribute (``self.last = out``, ``self.calls += 1``): its body would
+    never run again, so it takes the vmap path, which runs it on every call.
     """
     layout = spec.layout
     if any(_has_hooks(module) for module in layout.modules):
@@ -209,8 +246,10 @@ def _traced_steps(spec: Spec, index: dict[int, int]) -> Optional[list[tuple[Any,
     versions = [probe._version for probe in probes]
     try:
         with bound(spec, probes) as root:
+            states = [module.__dict__.copy() for module in layout.modules]
             graph = torch.fx.Tracer().trace(root)
             kept = all(table[key] is probes[i] for table, key, i in spec.entries)
+            kept = kept and not any(_changed(module.__dict__, state) for module, state in zip(layout.modules, states))
     except Exception:  # noqa: BLE001 - anything untraceable just takes the vmap path
         return None
     if not kept or [probe._version for probe in probes] != versions:
@@ -314,6 +353,8 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
     """Every member's forward on ``args`` (shared, or per member where ``in_dims`` says 0), stacked ``[P, ...]``."""
     fn = "Swarm.__call__"
     dims = _in_dims(fn, in_dims, args)
+    if randomness != "different" or chunk_size is not None:
+        chunk_size = _options(fn, randomness, chunk_size)
     if chunk_size is None:
         fused = _fused(spec, views, size, args, kwargs, dims, randomness)
         if fused is not None:
@@ -328,7 +369,7 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
         assigned[:], values = _assigned(fn, spec, replaced)
         return out, values
 
-    leaves, write_back = _writable(spec, views)
+    leaves, write_back = _writable(fn, spec, views)
     carrier = leaves or [torch.zeros(size, 0)]  # a model without tensors: still map over the members
     out, values = _vmap(fn, spec, member, (0, *dims), randomness, chunk_size, carrier, *args)
     write_back()
@@ -336,24 +377,41 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
     return out
 
 
-def _writable(spec: Spec, views: Sequence[Tensor]) -> tuple[list[Tensor], Callable[[], None]]:
+def _writable(fn: str, spec: Spec, views: Sequence[Tensor]) -> tuple[list[Tensor], Callable[[], None]]:
     """Leaves for a vmapped call whose buffers are contiguous, and a function writing buffer updates back.
 
     Some batching rules (e.g. BatchNorm's running statistics) silently drop in-place updates
-    of strided batched tensors, and buffers are strided views into the flat storage.
+    of strided batched tensors, and buffers are strided views into the flat storage.  Buffers
+    made under ``torch.inference_mode()`` are run as copies outside it: a forward that only reads
+    them (eval mode) works, one that changes them raises before anything is written.
     """
     leaves = list(views)
     copies: list[tuple[int, Tensor]] = []
+    frozen: list[tuple[int, Tensor]] = []  # copies of inference buffers: written back only if changed
+    inference = torch.is_inference_mode_enabled()
     for i in range(spec.n_params, len(leaves)):
-        if not leaves[i].is_contiguous():
+        if not inference and leaves[i].is_inference():
+            leaves[i] = leaves[i].clone()
+            frozen.append((i, leaves[i]))
+        elif not leaves[i].is_contiguous():
             leaves[i] = leaves[i].contiguous()
             copies.append((i, leaves[i]))
 
     def write_back() -> None:  # kernels such as batch_norm update in place without a version bump: copy all
+        for i, copy in frozen:
+            if not torch.equal(views[i], copy):
+                raise _not_writable(fn, spec, i)
         with torch.no_grad():
             for i, copy in copies:
                 views[i].copy_(copy)
     return leaves, write_back
+
+
+def _not_writable(fn: str, spec: Spec, index: int) -> RuntimeError:
+    """The error for a forward that changes buffer ``index`` of a swarm made under inference mode."""
+    return RuntimeError(f"{fn}: buffer {spec.names[index]!r} is an inference tensor and cannot be updated in place "
+                        "outside torch.inference_mode(); run the forward in eval mode (swarm.eval()) or under "
+                        "torch.inference_mode(), or clone the swarm outside inference mode first (swarm.clone())")
 
 
 def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Callable[..., Tensor],
@@ -371,6 +429,7 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
         raise TypeError(f"{fn}: expected a callable loss_fn(member, *args) -> 0-dim tensor, "
                         f"got {type(loss_fn).__name__}")
     dims = _in_dims(fn, in_dims, args)
+    chunk_size = _options(fn, randomness, chunk_size)
     template = spec.layout.params
     wanted = [
         i for i in range(spec.n_params)
@@ -398,10 +457,14 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"{fn}: expected loss_fn to return a 0-dim tensor per member, got {shape}; "
                              "reduce it (e.g. .mean()) inside loss_fn")
+        if not (loss.is_floating_point() or loss.is_complex()):  # complex: torch's own error, as in a loop
+            raise TypeError(f"{fn}: expected loss_fn to return a floating point loss, got "
+                            f"{str(loss.dtype).removeprefix('torch.')}; an integer or boolean loss has no "
+                            "gradient (loss.backward() refuses it too): return the loss before rounding or comparing")
         assigned[:], values = _assigned(fn, spec, replaced)
         return loss, [value.detach() for value in values]
 
-    leaves, write_back = _writable(spec, views)
+    leaves, write_back = _writable(fn, spec, views)
     rest = [leaves[i] for i in others] or [torch.zeros(size, 0)]
     grads, (losses, values) = _vmap(fn, spec, torch.func.grad_and_value(member_loss, has_aux=True), (0, 0, *dims),
                                     randomness, chunk_size, [leaves[i] for i in wanted], rest, *args)

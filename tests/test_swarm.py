@@ -945,3 +945,222 @@ def test_models_with_0_dim_parameters_stack_and_run() -> None:
     assert Swarm.zeros(_WithScalar(), 3).params["scale"].tolist() == [0.0, 0.0, 0.0]
     x = torch.randn(4, 2)
     torch.testing.assert_close(swarm(x), torch.stack([module(x) for module in modules]))
+
+
+# -- audit 16: forwards that set attributes, stack settings, normal centres, loss dtypes, inference, options --
+class Caching(nn.Module):
+    """A forward that keeps its last output and counts its calls (attributes, not buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.last: Any = None
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        out = torch.relu(self.fc(x))  # a Linear chain: fx traces it, but it must not be fused
+        self.last = out.detach()
+        return out
+
+
+def weight_normed() -> nn.Sequential:
+    with pytest.warns(FutureWarning):
+        first = torch.nn.utils.weight_norm(nn.Linear(3, 4))
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(4, 2))
+
+
+def skeleton_state(swarm: Swarm) -> list[dict[str, int]]:
+    return [{key: id(value) for key, value in module.__dict__.items()} for module in swarm._spec.layout.modules]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch has no batching rule for weight_norm
+@pytest.mark.parametrize("make", [Caching, weight_normed], ids=["caching", "weight_norm"])
+def test_attributes_set_by_a_forward_are_not_kept(make: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(0)
+    modules = [make() for _ in range(3)]
+    swarm = Swarm.stack(modules)
+    before = skeleton_state(swarm)
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    torch.testing.assert_close(swarm(x), torch.stack([m(x) for m in modules]), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(swarm(x, chunk_size=2), torch.stack([m(x) for m in modules]), atol=ATOL, rtol=RTOL)
+    grads, losses = swarm.grad_and_value(lambda net, x, y: F.mse_loss(net(x), y), x, y)
+    expected = []
+    for module in modules:
+        module.zero_grad()
+        loss = F.mse_loss(module(x), y)
+        loss.backward()
+        expected.append(loss.detach())
+    torch.testing.assert_close(losses, torch.stack(expected), atol=ATOL, rtol=RTOL)
+    name = "fc.bias" if make is Caching else "2.bias"
+    reference = [m.get_parameter(name).grad for m in modules]
+    torch.testing.assert_close(grads.params[name], torch.stack(reference),  # type: ignore[arg-type]
+                               atol=ATOL, rtol=RTOL)
+    assert skeleton_state(swarm) == before  # the same objects: nothing batched or traced was left behind
+    for value in (swarm, swarm + 1, swarm[0], swarm[0].module(), swarm[1:]):
+        assert pickle.loads(pickle.dumps(value)) is not None
+    torch.save(swarm, io.BytesIO())
+    again = pickle.loads(pickle.dumps(swarm))
+    torch.testing.assert_close(again(x), swarm(x))
+    if make is Caching:
+        member = swarm[0].module()
+        assert member.last is None and member.calls == 0  # as stacked
+        assert swarm._spec.plan is vec._NO_PLAN  # its body runs on every call (the vmap path)
+
+
+def test_traced_forward_without_attributes_is_still_fused() -> None:
+    swarm = Swarm.stack(members("class_mlp"))
+    swarm(torch.randn(2, 4))
+    plan: Any = swarm._spec.plan
+    assert plan is not vec._NO_PLAN and plan[0][0] == "linear"
+
+
+def _bn_eval() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+
+
+@pytest.mark.parametrize(("first", "second", "message"), [
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), _bn_eval,
+     r"^stack: item 1: expected the root module \(Sequential\) in train mode \(as in item 0\), got eval mode; "),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+     lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).eval()),
+     r"^stack: item 1: expected submodule '1' \(BatchNorm1d\) in train mode \(as in item 0\), got eval mode"),
+    (lambda: nn.Sequential(nn.Linear(2, 2), nn.ReLU()), lambda: nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
+     r"^stack: item 1: expected submodule '1' to be a ReLU \(as in item 0\), got a Tanh; "),
+    (lambda: nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), lambda: nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.2)),
+     r"^stack: item 1: expected submodule '1' \(Dropout\) attribute 'p' = 0\.5 \(as in item 0\), got 0\.2; "),
+    (lambda: nn.LeakyReLU(0.1), lambda: nn.LeakyReLU(0.2),
+     r"^stack: item 1: expected the root module \(LeakyReLU\) attribute 'negative_slope' = 0\.1 .*got 0\.2"),
+    (lambda: nn.BatchNorm1d(2), lambda: nn.BatchNorm1d(2, eps=1e-3),
+     r"^stack: item 1: expected the root module \(BatchNorm1d\) attribute 'eps' = 1e-05 .*got 0\.001"),
+    (lambda: nn.BatchNorm1d(2), lambda: nn.BatchNorm1d(2, momentum=None),
+     r"attribute 'momentum' = 0\.1 \(as in item 0\), got None"),
+    (lambda: nn.Conv1d(1, 1, 3), lambda: nn.Conv1d(1, 1, 3, padding=1),
+     r"^stack: item 1: expected the root module \(Conv1d\) attribute 'padding' = \(0,\) .*got \(1,\)"),
+    (lambda: nn.Sequential(nn.Linear(2, 2)), lambda: nn.Sequential(nn.Linear(2, 2), nn.ReLU()),
+     r"^stack: item 1: submodule '1' \(ReLU\) is only in this item"),
+    (lambda: nn.BatchNorm1d(2), lambda: nn.BatchNorm1d(2, track_running_stats=False),
+     r"^stack: item 1: buffer 'running_mean' is missing from this item$"),
+], ids=["mode", "submodule-mode", "class", "dropout-p", "slope", "eps", "momentum", "padding", "extra-module",
+        "buffers"])
+def test_stack_refuses_members_that_would_run_differently(first: Callable[[], nn.Module],
+                                                          second: Callable[[], nn.Module], message: str) -> None:
+    with pytest.raises(StructureError, match=message):
+        Swarm.stack([first(), first(), second()][1:])  # item 1 is the odd one
+    with pytest.raises(StructureError, match=message.replace("item 1", "item 2")):
+        Swarm.stack([first(), nytorch.particle(first()), nytorch.particle(second())])
+
+
+def test_stack_accepts_equal_settings_and_names_buffers() -> None:
+    nan = float("nan")
+    swarm = Swarm.stack([nn.LeakyReLU(nan), nn.LeakyReLU(float("nan"))])  # NaN settings are equal
+    assert len(swarm) == 2
+    modules = [_bn_eval() for _ in range(3)]
+    for i, module in enumerate(modules):
+        module[1].get_buffer("running_mean").fill_(i)
+    swarm = Swarm.stack(modules)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(swarm(x), torch.stack([m(x) for m in modules]), atol=ATOL, rtol=RTOL)
+    with pytest.raises(StructureError, match=r"^stack: item 1: buffer 'running_var' differs: shape \(2,\) float32 "
+                                             r"vs shape \(2,\) float64 \(item 0 vs this item\)"):
+        bn = nn.BatchNorm1d(2)
+        bn.running_var = bn.get_buffer("running_var").double()
+        Swarm.stack([nn.BatchNorm1d(2), bn])
+
+
+def test_normal_around_a_swarm_centres_each_member_on_its_own() -> None:
+    centre = Swarm.stack([nn.Linear(2, 1) for _ in range(4)])
+    same = Swarm.normal(centre, 4, std=0.0)
+    assert torch.equal(same.params["weight"], centre.params["weight"])
+    assert torch.equal(Swarm.normal(centre, std=0.0).params["bias"], centre.params["bias"])
+    noisy = Swarm.normal(centre, std=1e-3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(noisy.params["bias"], centre.params["bias"], atol=1e-2)
+    assert not torch.equal(noisy.params["bias"], centre.params["bias"])
+    one = Swarm.normal(centre[:1], 3, std=0.0)  # one member: shared like a model
+    assert torch.equal(one.params["bias"], centre.params["bias"][:1].expand(3, 1))
+    with pytest.raises(ValueError, match=r"^normal: expected size 4 \(the centre swarm's size: .*got size 8"):
+        Swarm.normal(centre, 8, std=0.0)
+
+
+@pytest.mark.parametrize(("loss_fn", "dtype"), [
+    (lambda net, x: (net(x).sum() * 100).long(), "int64"), (lambda net, x: net(x).sum() > 0, "bool"),
+])
+def test_integer_or_bool_losses_are_refused(loss_fn: Callable[..., Tensor], dtype: str) -> None:
+    swarm = Swarm.normal(nn.Linear(4, 3), 3)
+    x = torch.randn(6, 4)
+    with pytest.raises(RuntimeError):  # the per-member loop refuses it too
+        loss_fn(swarm[0].module(), x).backward()
+    message = rf"^Swarm.grad_and_value: expected loss_fn to return a floating point loss, got {dtype}; "
+    with pytest.raises(TypeError, match=message):
+        swarm.grad_and_value(loss_fn, x)
+    with pytest.raises(TypeError, match=message):
+        nytorch.algorithms.sgd_step(swarm, loss_fn, x, lr=0.1)
+
+
+def test_swarms_made_under_inference_mode() -> None:
+    with torch.inference_mode():
+        modules = [_bn_eval() for _ in range(3)]
+        for i, module in enumerate(modules):
+            module[1].get_buffer("running_var").fill_(i + 1.0)
+        swarm = Swarm.stack(modules)
+    x = torch.randn(5, 3)
+    with torch.no_grad():  # the modules' inference tensors cannot be saved for backward
+        expected = torch.stack([m(x) for m in modules])
+    torch.testing.assert_close(swarm(x), expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(swarm(x, chunk_size=2), expected, atol=ATOL, rtol=RTOL)
+    before = {name: value.clone() for name, value in {**swarm.params, **swarm.buffers}.items()}
+    with pytest.raises(RuntimeError, match=r"^Swarm.__call__: buffer '1.running_mean' is an inference tensor and "
+                                           r"cannot be updated in place outside torch.inference_mode\(\); "):
+        swarm.train()(x)
+    writes: list[Callable[[], Any]] = [
+        lambda: operator.iadd(swarm, 1), lambda: swarm.lerp_(0.0, 0.5), lambda: swarm.add_(swarm, alpha=2),
+        lambda: swarm.__setitem__(0, _bn_eval()), lambda: swarm.__setitem__(slice(1, None), 1.0),
+    ]
+    for write, fn in zip(writes, ["add", "lerp_", "add_", "Swarm.__setitem__", "Swarm.__setitem__"]):
+        with pytest.raises(RuntimeError, match=rf"^{fn}: parameter '0.weight' is an inference tensor and cannot be "
+                                               r"updated in place outside torch.inference_mode\(\)"):
+            write()
+    for name, value in {**swarm.params, **swarm.buffers}.items():
+        assert torch.equal(value, before[name]), name
+    with torch.inference_mode():
+        swarm += 1
+        swarm.train()(x)
+    assert torch.equal(swarm.params["0.bias"], before["0.bias"] + 1)
+    clone = swarm.clone()
+    clone += 1
+    clone.train()(x)
+
+
+def test_call_options_and_indices_are_checked() -> None:
+    net = mlp()
+    swarm = Swarm.normal(net, 5)
+    general = Swarm.normal(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)), 5)
+    x = torch.randn(6, 4)
+    for s in (swarm, general):  # the fused path and the vmap path
+        with pytest.raises(TypeError, match=r"^Swarm.__call__: expected None or a positive int as chunk_size, got str"):
+            s(x, chunk_size="2")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"^Swarm.__call__: expected None or a positive int as chunk_size, got 0"):
+            s(x, chunk_size=0)
+        with pytest.raises(ValueError, match=r"^Swarm.__call__: expected randomness 'different', 'same' or 'error', "
+                                             r"got 'foo'"):
+            s(x, randomness="foo")
+        with pytest.raises(ValueError, match=r"^Swarm.grad_and_value: expected randomness .*got 'foo'"):
+            s.grad_and_value(lambda m, x: m(x).sum(), x, randomness="foo")
+        with pytest.raises(TypeError, match=r"^Swarm.grad_and_value: expected None or a positive int as chunk_size, "
+                                            r"got float"):
+            s.grad_and_value(lambda m, x: m(x).sum(), x, chunk_size=2.0)  # type: ignore[arg-type]
+        torch.testing.assert_close(s(x, chunk_size=np.int64(2)), s(x), atol=ATOL, rtol=RTOL)
+    for key in (slice(None, None, -1), slice(None, None, 0)):
+        with pytest.raises(ValueError, match=r"^Swarm: expected a slice with a positive step \(a slice is a view\)"):
+            swarm[key]
+        with pytest.raises(ValueError, match=r"^Swarm: expected a slice with a positive step"):
+            swarm[key] = 0.0
+    order = np.argsort(np.array([3.0, 1.0, 2.0, 0.0, 4.0]))
+    assert torch.equal(swarm[order].params["0.weight"], swarm[order.tolist()].params["0.weight"])
+    mask = np.array([True, False, True, False, False])
+    assert torch.equal(swarm[mask].params["0.bias"], swarm.params["0.bias"][[0, 2]])
+    with pytest.raises(TypeError, match=r"^Swarm: expected an integer or boolean array as index, got one of dtype"):
+        swarm[np.array(["a"])]
+    copy = swarm.clone()
+    copy[np.array([1, 3])] = 0.0
+    assert copy.params["0.bias"][[1, 3]].abs().sum() == 0 and copy.params["0.bias"][0].abs().sum() > 0

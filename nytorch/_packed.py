@@ -245,8 +245,15 @@ def _prepared(model: nn.Module, fn: str, others: Sequence[object], reflected: bo
     if found is None:
         return None
     layout, flat, configs = found
+    packs = PACKED[0]
     operands = flat_operands(fn, model_class(model), layout.names, layout.signature, flat, others, reflected)
-    return None if operands is None else (layout, flat, configs, operands)
+    if operands is None:
+        return None
+    if PACKED[0] != packs and model.__dict__.get(PENDING) is None:
+        again = _current(model)
+        if again is None or again[1] is not flat:
+            return None  # packing an operand moved a Parameter ``model`` shares with it: per leaf then
+    return layout, flat, configs, operands
 
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
@@ -541,13 +548,10 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     >>> binary_(net, lw.MUL, [3.0]), torch.equal(net.weight, expected)
     (True, True)
     """
-    packs = PACKED[0]
     prepared = _prepared(model, op.name, others, False)
     if prepared is None:
         return False
     layout, flat, _, operands = prepared
-    if PACKED[0] != packs and model.__dict__.get(PENDING) is None and layout_of(model) is not layout:
-        return False  # packing an operand moved a Parameter ``model`` shares with it: per leaf then
     kernel_(op, writable(op.name, layout.names, flat), readable(operands))
     written(layout.params, flat.plan)  # (a result not built yet has no Parameters to tell)
     return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+import numpy as np
 import torch
 from typing_extensions import Self
 
@@ -57,8 +58,7 @@ class SwarmArithmetic(Operators):
         >>> s.add(s + 1, alpha=-0.5).params["bias"].flatten()
         tensor([-0.5000, -0.5000])
         """
-        self._check_alpha("add", alpha)
-        return self._binary(ops.AXPY, other, alpha)
+        return self._binary(ops.AXPY, other, self._check_alpha("add", alpha))
 
     def add_(self, other: Any, *, alpha: Union[int, float] = 1) -> Self:
         """In place ``self += alpha * other`` (the SGD step ``swarm.add_(grads, alpha=-lr)``).
@@ -68,13 +68,15 @@ class SwarmArithmetic(Operators):
         >>> s.add_(torch.tensor([1.0, 2.0]), alpha=3).params["bias"].flatten()
         tensor([3., 6.])
         """
-        self._check_alpha("add_", alpha)
+        alpha = self._check_alpha("add_", alpha)
         ops.check_writable("add_", self._spec, self._flats, True)
         return self._binary_(ops.AXPY, other, alpha)
 
-    def _check_alpha(self, fn: str, alpha: object) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    def _check_alpha(self, fn: str, alpha: object) -> Union[int, float]:
+        """``alpha`` as a Python number (NumPy ones are numbers like any other); booleans are refused."""
+        if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)):
             raise TypeError(f"{fn}: expected a real number as alpha, got {type(alpha).__name__}")
+        return alpha.item() if isinstance(alpha, np.generic) else alpha
 
     def lerp(self, end: Any, weight: Any) -> Self:
         """``self + weight * (end - self)`` for every member; ``weight`` a number or ``P`` per-member weights.

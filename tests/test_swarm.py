@@ -1164,3 +1164,13 @@ def test_call_options_and_indices_are_checked() -> None:
     copy = swarm.clone()
     copy[np.array([1, 3])] = 0.0
     assert copy.params["0.bias"][[1, 3]].abs().sum() == 0 and copy.params["0.bias"][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("alpha", [np.float32(-0.5), np.int64(3), -0.5, 3])
+def test_add_takes_numpy_numbers_as_alpha(alpha):
+    s = Swarm.zeros(nn.Linear(1, 1), 2)
+    assert torch.equal(s.add(s + 1, alpha=alpha).params["bias"], torch.full((2, 1), float(alpha)))
+    s.add_(s + 1, alpha=alpha)
+    assert torch.equal(s.params["bias"], torch.full((2, 1), float(alpha)))
+    with pytest.raises(TypeError, match=r"^add: expected a real number as alpha, got bool$"):
+        s.add(s, alpha=np.bool_(True))

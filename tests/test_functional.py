@@ -226,6 +226,7 @@ def test_state_includes_buffers_for_soups() -> None:
     assert storages(bound).isdisjoint(storages(a) | storages(b))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's own, in forward AD
 def test_forward_mode_autodiff_sees_dual_scalars_and_dual_trees():
     """``torch.autograd.forward_ad``: tangents flow through a dual weight, a dual scalar and a dual tree."""
     import torch.autograd.forward_ad as forward_ad

@@ -9,8 +9,10 @@ still hold those tensor objects (a ``model.to("meta")``, a conversion under
 nn.Parameter(...)`` puts new ones there), that the addresses of their storage are
 unchanged (``model.to(...)``, ``param.data = ...``), and that the model's ``ParamConfig``s
 are as they were (``set_param_config`` after the EMA was made).  Any change makes the EMA
-read the model again and re-validate it.  Passing another model object to ``update`` reads
-and checks it.
+read the model again and re-validate it.  A dict of tensors is watched through its entries
+the same way (new tensors put under its keys are followed), and the average's own tables at
+both ends (``ema.averaged.load_state_dict(..., assign=True)`` makes the EMA read its average
+again).  Passing another model object to ``update`` reads and checks it.
 
 Packing makes each of the model's parameters (and the average's) a view into one buffer, so
 ``torch.save`` of one parameter or of a submodule's ``state_dict()`` writes the whole buffer

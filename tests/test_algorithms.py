@@ -540,8 +540,8 @@ HYBRID_ERRORS: list[tuple[dict[str, Any], type, str]] = [
     ({"lr": np.bool_(True)}, TypeError, r"expected a real number as lr, got bool"),
     ({"every": 0}, ValueError, r"expected every in \[1, \d+\], got 0"),
     ({"every": True}, TypeError, r"expected an int as every, got bool"),
-    ({"every": torch.tensor([2])}, TypeError,
-     r"expected an int as every, got a tensor of dtype int64 and shape \(1,\)"),
+    ({"every": torch.tensor([2, 3])}, TypeError,
+     r"expected an int as every, got a tensor of dtype int64 and shape \(2,\)"),
     ({"swarm": nn.Linear(3, 2)}, TypeError, r"expected a Swarm as swarm, got Linear"),
     ({"loss_fn": 3}, TypeError, r"expected a callable as loss_fn, got int"),
 ]
@@ -710,3 +710,33 @@ def test_public_surface() -> None:
 def test_swarm_is_exported() -> None:
     assert nytorch.Swarm is Swarm
     assert "Swarm" in nytorch.__all__ and "algorithms" in nytorch.__all__
+
+
+def test_hybrid_iterates_its_batches_once():
+    """A DataLoader shuffles (and starts its workers) on each ``iter``: ``hybrid`` must start one pass only."""
+    swarm = Swarm.stack([nn.Linear(2, 1) for _ in range(3)])
+    data = [(torch.randn(8, 2), torch.randn(8, 1))] * 3
+
+    class Counted:
+        started = 0
+
+        def __iter__(self):
+            Counted.started += 1
+            return iter(data)
+
+    _, history = alg.hybrid(swarm, lambda m, x, y: F.mse_loss(m(x), y), Counted(), lr=0.1)
+    assert Counted.started == 1 and history.shape == (3, 3)
+
+
+@pytest.mark.parametrize("options", [dict(every=np.array(2)), dict(subset=torch.tensor([2])),
+                                     dict(subset=np.int64(2)), dict(show_progress=0), dict(show_progress=1)])
+def test_hybrid_takes_integer_arrays_tensors_and_flags(options):
+    torch.manual_seed(0)
+    swarm = Swarm.stack([nn.Linear(2, 1) for _ in range(3)])
+    data = [(torch.randn(8, 2), torch.randn(8, 1))] * 2
+    plain = {key: int(value) if key != "show_progress" else bool(value) for key, value in options.items()}
+    loss = lambda m, x, y: F.mse_loss(m(x), y)  # noqa: E731
+    torch.manual_seed(1)
+    expected = alg.hybrid(swarm, loss, data, lr=0.1, **plain)[1]
+    torch.manual_seed(1)
+    assert torch.equal(alg.hybrid(swarm, loss, data, lr=0.1, **options)[1], expected)

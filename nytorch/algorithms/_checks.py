@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -60,17 +61,20 @@ def _real(value: object) -> Optional[float]:
 
 
 def _index(value: object) -> Optional[int]:
-    """``value`` as an int when it is an integer: a Python or NumPy int (e.g. from ``np.argmin``) or
-    a 0-dim integer tensor; ``None`` otherwise, booleans and floats included."""
+    """``value`` as an int when it is an integer: a Python or NumPy int (e.g. from ``np.argmin``), a
+    0-dim integer array or a one-element integer tensor; ``None`` otherwise, booleans and floats included."""
     if type(value) is int:  # the common case, first
         return value  # type: ignore[return-value]
     if isinstance(value, Tensor):
-        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             return None
         return int(value.item())
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, np.ndarray) and value.dtype == np.bool_):
         return None
-    return int(value)
+    try:  # ints of any kind: NumPy ints and 0-dim integer arrays too
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def number_arg(fn: str, value: object, name: str, *, minimum: float = float("-inf")) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from .._swarm import Swarm
@@ -146,13 +147,13 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     """
     fn = "hybrid"
     swarm, checked = _checked(fn, swarm, loss_fn, lr, every, subset, alpha, generator)
-    try:
-        iter(batches)
-    except TypeError:
+    if not isinstance(batches, Iterable):  # not iter(batches): a DataLoader would start (and shuffle) twice
         raise TypeError(f"{fn}: expected an iterable of batches (tuples of loss_fn arguments), "
-                        f"got {type(batches).__name__}") from None
-    if show_progress is not None and not isinstance(show_progress, bool):
+                        f"got {type(batches).__name__}")
+    if show_progress is not None and not isinstance(show_progress, (bool, int, np.integer)):  # 0 / 1 flags too
         raise TypeError(f"{fn}: expected True, False or None as show_progress, got {type(show_progress).__name__}")
+    if show_progress is not None:
+        show_progress = bool(show_progress)
     history = []
     bar = progress(batches, desc=fn, enabled=show_progress)
     for step, batch in enumerate(bar):

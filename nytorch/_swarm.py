@@ -84,8 +84,10 @@ class Swarm(SwarmArithmetic):
                 Buffers are always stacked, so each member keeps its own (e.g. BatchNorm statistics).
 
         Every member runs with item 0's modules, so the items must agree in what a forward reads
-        besides their tensors: submodule classes, train/eval mode and simple settings (numbers,
-        strings, ``None`` and tuples of them, e.g. ``Dropout.p``, ``BatchNorm1d.eps``).
+        besides their tensors: submodule classes, the train/eval mode of modules (a Particle has
+        none of its own) and the settings of torch's layers (numbers, strings, ``None`` and tuples
+        of them, e.g. ``Dropout.p``, ``BatchNorm1d.eps``).  Other attributes of your own classes
+        (names, counters, a ``self.scale``) are item 0's.
 
         Raises:
             ValueError: ``items`` is empty.

@@ -45,7 +45,8 @@ def spec_and_rows(fn: str, like: object, buffers: Optional[bool]) -> tuple[Spec,
 
 _SCALARS = frozenset({int, float, bool, str, type(None)})
 _MISSING = object()
-_IGNORED = frozenset({"_is_full_backward_hook"})  # set by hook registration, not a setting of the module
+#: Not settings: set by hook registration, or the train/eval mode (compared on its own, for modules only).
+_IGNORED = frozenset({"_is_full_backward_hook", "training"})
 
 
 def _simple(value: object) -> bool:
@@ -64,24 +65,34 @@ def _settings(module: nn.Module) -> dict[str, object]:
 
 
 class _Reference(NamedTuple):
-    """Item 0's settings of one module, and a C-level way to read the same keys from another module."""
+    """Item 0's settings of one module, and a C-level way to read the same keys from another module.
 
-    keys: frozenset
+    ``keys`` is ``None`` for a module of a class written outside torch: its attributes are the
+    user's (names, histories, counters), not settings, and are not compared.
+    """
+
+    keys: Optional[frozenset]
     read: Callable[[dict], object]
     values: object
     settings: dict[str, object]
 
 
+def _torch_layer(module: nn.Module) -> bool:
+    """A layer that torch ships (``nn.Dropout``, ``nn.BatchNorm1d``...): its simple attributes are settings."""
+    return type(module).__module__.startswith("torch.")
+
+
 def _reference(module: nn.Module) -> _Reference:
-    settings = _settings(module)
+    settings = _settings(module) if _torch_layer(module) else {}
     read = operator.itemgetter(*settings) if settings else (lambda state: ())
-    return _Reference(frozenset(module.__dict__), read, read(module.__dict__), settings)
+    keys = frozenset(module.__dict__) if _torch_layer(module) else None
+    return _Reference(keys, read, read(module.__dict__), settings)
 
 
 def _matches(state: dict, known: _Reference) -> bool:
     """Whether a module ``__dict__`` has item 0's attributes and settings (``False``: look closer)."""
     try:
-        return state.keys() == known.keys and bool(known.read(state) == known.values)
+        return (known.keys is None or state.keys() == known.keys) and bool(known.read(state) == known.values)
     except Exception:  # noqa: BLE001 - e.g. a tensor where item 0 has a number: the slow path names it
         return False
 
@@ -99,9 +110,10 @@ def _where(prefix: str, module: nn.Module) -> str:
     return f"submodule {path!r} ({kind})" if path else f"the root module ({kind})"
 
 
-def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference]) -> None:
+def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference], modes: bool) -> None:
     """Raise unless item ``i`` (its ``layout``) has the member structure of item 0 (``spec``, whose modules'
-    settings are ``reference``): the same tensors, submodule classes, train/eval modes and settings.
+    settings are ``reference``): the same tensors, submodule classes, torch layers' settings and, when
+    ``modes`` (both items are modules: a Particle has no mode of its own), train/eval modes.
 
     A swarm runs every member with item 0's modules (one skeleton), so anything else a member's
     forward reads must agree; it is compared cheaply as a whole, and only walked to name a difference.
@@ -131,19 +143,20 @@ def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference])
         raise StructureError(f"{fn}: {_where(longer.prefixes[extra], longer.modules[extra])} is only in "
                              f"{'item 0' if longer is ours else 'this item'}; stack models built alike")
     for prefix, own, module, known in zip(ours.prefixes, ours.modules, modules, reference):
-        if type(module) is type(own) and _matches(module.__dict__, known):
+        same_type = type(module) is type(own)
+        if same_type and (not modes or module.training == own.training) and _matches(module.__dict__, known):
             continue  # the common case: the same attributes, equal settings
-        if type(module) is not type(own) and model_class(module) is not model_class(own):
+        if not same_type and model_class(module) is not model_class(own):
             where = f"submodule {prefix.rstrip('.')!r}" if prefix else "the root module"
             raise StructureError(f"{fn}: expected {where} to be a {model_class(own).__name__} (as in item 0), got a "
                                  f"{model_class(module).__name__}; a swarm runs every member with item 0's "
                                  "modules, so stack models built alike")
-        if module.training != own.training:
+        if modes and module.training != own.training:
             mode = ("train", "eval") if own.training else ("eval", "train")
             raise StructureError(f"{fn}: expected {_where(prefix, own)} in {mode[0]} mode (as in item 0), got "
                                  f"{mode[1]} mode; put every item in one mode first (a swarm has one: "
                                  "swarm.train() / swarm.eval() switch every member)")
-        other, settings = _settings(module), known.settings
+        other, settings = (_settings(module) if known.keys is not None else {}), known.settings
         for key in list(settings) + [key for key in other if key not in settings]:
             mine, theirs = settings.get(key, _MISSING), other.get(key, _MISSING)
             if mine is _MISSING or theirs is _MISSING or not _same(mine, theirs):
@@ -157,8 +170,10 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
     """``Swarm.stack``: one copy of the values of modules/Particles of one structure.
 
     Items after the first must match it in everything their forward reads besides their own
-    tensors: submodule classes, train/eval modes and simple settings (numbers, strings, ``None``
-    and tuples of them in a module's ``__dict__``); see ``_check_item``.
+    tensors: submodule classes, train/eval modes (of modules) and the simple settings of torch's
+    own layers (numbers, strings, ``None`` and tuples of them in their ``__dict__``: Dropout's
+    ``p``, BatchNorm's ``eps``); see ``_check_item``.  Attributes of classes written outside
+    torch are item 0's, as the swarm runs item 0's modules.
     """
     if isinstance(items, (nn.Module, Particle)) or ops.is_swarm(items) or not isinstance(items, Iterable):
         raise TypeError(f"stack: expected a list of modules or Particles, got {type(items).__name__}")
@@ -179,7 +194,7 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
             continue
         ops.check_class(fn, spec, item.model_class if isinstance(item, Particle) else type(item))
         layout = item._layout if isinstance(item, Particle) else Layout(item)
-        _check_item(i, spec, layout, reference)
+        _check_item(i, spec, layout, reference, not isinstance(item, Particle) and not isinstance(items[0], Particle))
         members.append(ops.full_leaves(fn, spec, item, layout))
     if not (spec is not None):  # items is non-empty
         raise RuntimeError("nytorch internal error: expected spec is not None")

@@ -399,12 +399,19 @@ def _writable(fn: str, spec: Spec, views: Sequence[Tensor]) -> tuple[list[Tensor
 
     def write_back() -> None:  # kernels such as batch_norm update in place without a version bump: copy all
         for i, copy in frozen:
-            if not torch.equal(views[i], copy):
+            if not _same(views[i], copy):
                 raise _not_writable(fn, spec, i)
         with torch.no_grad():
             for i, copy in copies:
                 views[i].copy_(copy)
     return leaves, write_back
+
+
+def _same(before: Tensor, after: Tensor) -> bool:
+    """Whether a buffer holds the same values (a NaN where it was NaN counts as unchanged)."""
+    if before.is_floating_point() or before.is_complex():
+        return bool(torch.isclose(before, after, rtol=0.0, atol=0.0, equal_nan=True).all())
+    return torch.equal(before, after)
 
 
 def _not_writable(fn: str, spec: Spec, index: int) -> RuntimeError:

@@ -938,3 +938,36 @@ def test_average_given_new_tensors_is_read_again(pack):
     assert all(torch.equal(value, torch.ones_like(value)) for value in ema.averaged.parameters())
     with ema.swap():
         assert all(torch.equal(value, torch.ones_like(value)) for value in net.parameters())
+
+
+def test_meta_tensors_are_not_taken_for_tied_ones():
+    """Every meta tensor sits at address 0: distinct meta leaves stay distinct (and all are averaged)."""
+    from nytorch.merge._ema import plan
+    from nytorch.merge._state import operand
+
+    ema = merge.EMA({"a": torch.empty(3, device="meta"), "b": torch.empty(3, device="meta")})
+    assert ema.averaged["a"] is not ema.averaged["b"]
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).to("meta")
+    assert plan(operand("demo", model, buffers=False), "average").lerp == [0, 1, 2, 3]
+
+
+def test_dict_whose_keys_change_order_is_read_once():
+    """A functional update that re-inserts a key changes the dict's order: read again once, then cached."""
+    from collections import OrderedDict
+
+    from nytorch.merge import _ema_model
+
+    params = OrderedDict(w=torch.zeros(3), b=torch.zeros(2))
+    ema = merge.EMA(params, decay=0.5)
+    weight = params.pop("w")
+    params["w"] = weight + 2.0
+    reads = []
+    original = _ema_model.operand
+    _ema_model.operand = lambda *args, **kwargs: (reads.append(1), original(*args, **kwargs))[1]
+    try:
+        for _ in range(3):
+            ema.update()
+    finally:
+        _ema_model.operand = original
+    assert len(reads) == 1
+    assert torch.equal(ema.averaged["w"], torch.full((3,), 1.75))

@@ -1047,8 +1047,31 @@ def test_stack_refuses_members_that_would_run_differently(first: Callable[[], nn
                                                           second: Callable[[], nn.Module], message: str) -> None:
     with pytest.raises(StructureError, match=message):
         Swarm.stack([first(), first(), second()][1:])  # item 1 is the odd one
+    particles = [first(), nytorch.particle(first()), nytorch.particle(second())]
+    if " mode" in message:  # a Particle has no train/eval mode of its own: the swarm's is item 0's
+        assert len(Swarm.stack(particles)) == 3
+        return
     with pytest.raises(StructureError, match=message.replace("item 1", "item 2")):
-        Swarm.stack([first(), nytorch.particle(first()), nytorch.particle(second())])
+        Swarm.stack(particles)
+
+
+def test_stack_leaves_the_attributes_of_user_classes_to_item_0() -> None:
+    """Attributes of classes written outside torch (names, counters, histories) are the user's: not compared."""
+    class Member(nn.Module):
+        def __init__(self, name: str, best: object) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+            self.name, self.best = name, best
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x)
+
+    members = [Member("member0", None), Member("member1", 0.31), Member("member2", 0.5)]
+    swarm = Swarm.stack(members)
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(swarm(x), torch.stack([m(x) for m in members]), atol=ATOL, rtol=RTOL)
+    with pytest.raises(StructureError, match=r"^stack: item 1: expected the root module \(Member\) in train mode"):
+        Swarm.stack([members[0], Member("other", None).eval()])
 
 
 def test_stack_accepts_equal_settings_and_names_buffers() -> None:
@@ -1174,3 +1197,16 @@ def test_add_takes_numpy_numbers_as_alpha(alpha):
     assert torch.equal(s.params["bias"], torch.full((2, 1), float(alpha)))
     with pytest.raises(TypeError, match=r"^add: expected a real number as alpha, got bool$"):
         s.add(s, alpha=np.bool_(True))
+
+
+def test_eval_forward_of_an_inference_swarm_whose_buffers_hold_nan():
+    """A NaN statistic is unchanged by an eval forward: NaN counts as equal to itself there."""
+    with torch.inference_mode():
+        members = [nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).eval() for _ in range(2)]
+        members[0][1].running_mean.fill_(float("nan"))
+        swarm = Swarm.stack(members)
+    x = torch.randn(4, 2)
+    out = swarm(x)
+    with torch.inference_mode():
+        expected = torch.stack([member(x) for member in members])
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL, equal_nan=True)

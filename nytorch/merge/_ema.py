@@ -106,13 +106,13 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
 
 
 def tie_key(leaf: Tensor) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]]:
-    """What two tied leaves share (their memory and its layout); ``None`` for an empty leaf, tied to nothing.
+    """What two tied leaves share (their memory and its layout); ``None`` for an empty or meta leaf, tied to nothing.
 
     >>> weight = torch.ones(2, 2)
     >>> tie_key(weight) == tie_key(weight.detach()), tie_key(weight) == tie_key(weight[0])
     (True, False)
     """
-    if not leaf.numel():
+    if not leaf.numel() or leaf.device.type == "meta":  # every meta tensor sits at address 0
         return None
     return leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
 

@@ -58,7 +58,8 @@ def _dict_entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], lis
             return [], [], []
         tables.append(table)
         keys.append(path[-1])
-    return tables, keys, list(online.leaves)
+    # the tensors now under those keys: the operand's leaves may be in another operand's order (``matched``)
+    return tables, keys, [table[key] for table, key in zip(tables, keys)]
 
 
 class Configs:

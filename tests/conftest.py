@@ -400,3 +400,15 @@ def build(spec: tuple[Any, ...], seed: int, *, nyto_module: bool = True) -> nn.M
 #: Scalars that keep every float32 value finite and well-conditioned.
 scalars = st.floats(min_value=-4.0, max_value=4.0, allow_nan=False, allow_infinity=False).filter(
     lambda x: abs(x) > 1e-2)
+
+
+def keeps_old_file(tmp_path: Any, obj: Any, error: type, message: str) -> None:
+    """``nytorch.save(obj)`` raises ``error`` matching ``message``; the previous file stays, no temporary left."""
+    import os
+
+    path = tmp_path / "keep.pt"
+    nyto.save({"old": torch.ones(2)}, path)
+    with pytest.raises(error, match=message):
+        nyto.save(obj, path)
+    assert torch.equal(nyto.load(path)["old"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["keep.pt"]

@@ -6,7 +6,6 @@ and a grid of uncommon values (0-dim arrays, NumPy scalars, bfloat16/complex, em
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections import OrderedDict
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import keeps_old_file
 from torch import nn
 
 import nytorch
@@ -26,17 +26,7 @@ from nytorch._rng import get_rng_state, set_rng_state
 _STRUCT = np.dtype([("a", "<i4"), ("b", "<f8")])
 
 
-def _keeps_old_file(tmp_path: Path, obj: Any, error: type[Exception], message: str) -> None:
-    """``save(obj)`` raises ``error`` matching ``message`` and the previous file stays, with no temporary left."""
-    path = tmp_path / "keep.pt"
-    save({"old": torch.ones(2)}, path)
-    with pytest.raises(error, match=message):
-        save(obj, path)
-    assert torch.equal(load(path)["old"], torch.ones(2))
-    assert os.listdir(tmp_path) == ["keep.pt"]
-
-
-# -- finding 1: NumPy arrays in like are checked like tensors ---------------------------------------------
+# -- NumPy arrays in like are checked like tensors ---------------------------------------------
 @pytest.mark.parametrize(("saved", "like", "message"), [
     (np.zeros(3, dtype=np.float32), np.zeros(2),
      r"like has shape \(2,\) float64, the checkpoint has shape \(3,\) float32$"),
@@ -87,7 +77,7 @@ def test_numpy_kind_mismatch_says_what_the_checkpoint_holds(tmp_path: Path, save
         load(tmp_path / "k.pt", like={"x": like})
 
 
-# -- finding 2: structured dtypes round-trip exactly -----------------------------------------------------------
+# -- structured dtypes round-trip exactly -----------------------------------------------------------
 @pytest.mark.parametrize("dtype", [
     _STRUCT,
     np.dtype([("a", "<i4"), ("b", "<f8")], align=True),  # padding between the fields
@@ -135,7 +125,7 @@ def test_zero_byte_items_round_trip(tmp_path: Path) -> None:
                                                             r"at 'o'$"),
 ])
 def test_numpy_arrays_save_cannot_store_exactly_are_refused(tmp_path: Path, obj: Any, message: str) -> None:
-    _keeps_old_file(tmp_path, obj, TypeError, message)
+    keeps_old_file(tmp_path, obj, TypeError, message)
 
 
 @pytest.mark.parametrize(("descr", "shown"), [
@@ -155,7 +145,7 @@ def test_malformed_dtype_descr_is_a_checkpoint_error(tmp_path: Path, descr: Any,
         load(tmp_path / "m.pt")
 
 
-# -- finding 3: tensors save cannot write ----------------------------------------------------------------------
+# -- tensors save cannot write ----------------------------------------------------------------------
 def _sparse_linear() -> nn.Module:
     module = nn.Linear(2, 2)
     module.weight = nn.Parameter(torch.eye(2).to_sparse())
@@ -184,12 +174,12 @@ _DENSE = r"expected a dense \(strided\) tensor, got layout torch\.{}; convert it
 ])
 @pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors and lazy modules are prototypes in torch
 def test_tensors_save_cannot_write_are_type_errors_naming_the_path(tmp_path: Path, make: Any, message: str) -> None:
-    _keeps_old_file(tmp_path, make(), TypeError, message)
+    keeps_old_file(tmp_path, make(), TypeError, message)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no MKL-DNN in this torch")
 def test_mkldnn_tensor_is_refused(tmp_path: Path) -> None:
-    _keeps_old_file(tmp_path, {"x": torch.ones(2).to_mkldnn()}, TypeError,
+    keeps_old_file(tmp_path, {"x": torch.ones(2).to_mkldnn()}, TypeError,
                     r"^save: cannot store the tensor at 'x': " + _DENSE.format("_mkldnn"))
 
 
@@ -202,7 +192,7 @@ def test_initialised_lazy_module_saves(tmp_path: Path) -> None:
     assert torch.equal(loaded["weight"], lazy.weight.detach()) and loaded["weight"].shape == (3, 2)
 
 
-# -- finding 4: set_rng_state checks everything before changing anything ------------------------------------------
+# -- set_rng_state checks everything before changing anything ------------------------------------------
 def _rng_snapshot() -> tuple[Any, ...]:
     numpy_state: Any = np.random.get_state()
     return random.getstate(), (numpy_state[0], numpy_state[1].tobytes(), *numpy_state[2:]), torch.get_rng_state()
@@ -282,7 +272,7 @@ def test_rng_state_through_a_file_then_partly_bad_changes_nothing(tmp_path: Path
     assert _same_snapshot(_rng_snapshot(), before)
 
 
-# -- finding 6: a generator for a device this machine lacks ------------------------------------------------------
+# -- a generator for a device this machine lacks ------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_cuda_generator_without_cuda_is_a_checkpoint_error_naming_the_entry(tmp_path: Path) -> None:
     entry = {"__nytorch__": "generator", "device": "cuda:0", "state": torch.zeros(16, dtype=torch.uint8)}
@@ -296,7 +286,7 @@ def test_cuda_generator_without_cuda_is_a_checkpoint_error_naming_the_entry(tmp_
         load(tmp_path / "g.pt", like={"opt": [torch.Generator()]})
 
 
-# -- finding 7: Parameters come back as Parameters; tensors keep like's requires_grad -----------------------------
+# -- Parameters come back as Parameters; tensors keep like's requires_grad -----------------------------
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_parameter_like_gives_a_parameter_with_its_requires_grad(tmp_path: Path, requires_grad: bool) -> None:
     saved = nn.Parameter(torch.arange(3.0))
@@ -313,7 +303,7 @@ def test_parameter_like_gives_a_parameter_with_its_requires_grad(tmp_path: Path,
     assert type(load(tmp_path / "p.pt")["p"]) is torch.Tensor  # without like: plain tensors
 
 
-# -- finding 8: load matches a model's parameters by name ---------------------------------------------------------
+# -- load matches a model's parameters by name ---------------------------------------------------------
 class _Ordered(nn.Module):
     """The same class registering ``a`` and ``b`` in either order."""
 

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _leafwise as lw
+
 Tensor = torch.Tensor
 
 __all__ = ["FlatPlan", "Flat", "plan_for", "find_flat", "written", "own_counters", "unshared", "lazy_name",
@@ -335,7 +337,7 @@ def _pack_or_reason(module: nn.Module, whole: bool) -> Optional[str]:
 
     if lazy_name(module) is not None:
         return "a parameter is not initialised yet (lazy module)"  # shapes unknown until the first forward
-    if torch._C._are_functorch_transforms_active():
+    if lw.transforms_active():
         return "it is inside a torch.func transform (vmap, grad), whose tensors cannot be moved"
     layout = layout_of(module)
     groups = _arithmetic_groups(layout.params + layout.buffers)

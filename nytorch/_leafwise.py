@@ -212,9 +212,9 @@ def _stand_in(dtype: torch.dtype) -> Tensor:
     return found
 
 
-def transforms_active() -> bool:
-    """True inside ``torch.func.vmap`` / ``grad`` / ``jacrev`` (foreach kernels cannot batch there)."""
-    return bool(torch._C._are_functorch_transforms_active())
+#: True inside ``torch.func.vmap`` / ``grad`` / ``jacrev`` (foreach kernels cannot batch there, and
+#: their tensors have no address to find packed buffers by): torch's own C call, without a Python frame.
+transforms_active: Callable[[], bool] = torch._C._are_functorch_transforms_active
 
 
 def needs_per_leaf(*groups: object) -> bool:

@@ -30,7 +30,6 @@ from ._flat import PACKED, Flat, FlatPlan, find_flat, own_counters, pack_, plan_
 from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, model_class, wrap_parameters
 
 Tensor = torch.Tensor
-_transforms_active = torch._C._are_functorch_transforms_active  # ``lw.transforms_active`` without a Python call
 
 __all__ = ["packed", "known", "kernel", "compute", "readable", "exact_fusion", "remember", "binary", "binary_",
            "unary", "carried", "active_for", "flat_operands", "fill", "Pending"]
@@ -125,7 +124,7 @@ def _current(model: nn.Module, pack: bool = False, layout: Optional[Layout] = No
 
     ``None`` too under ``torch.func`` transforms, whose tensors have no address to find buffers by.
     """
-    if _transforms_active():  # under vmap / grad a scalar may be batched: per leaf, where torch batches it
+    if lw.transforms_active():  # under vmap / grad a scalar may be batched: per leaf, where torch batches it
         return None
     pending = model.__dict__.get(PENDING)
     if pending is not None:

@@ -19,7 +19,6 @@ from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
 
 Tensor = torch.Tensor
-_transforms_active = torch._C._are_functorch_transforms_active  # ``lw.transforms_active`` without a Python call
 
 __all__ = ["Particle", "particle", "layout_state"]
 
@@ -112,7 +111,7 @@ class Particle(Operators):
     def _flat_form(self) -> Optional[Flat]:
         """This Particle's flat buffers, when its arithmetic leaves are (or sit in) one buffer per dtype."""
         flat = self._flat
-        if flat is False or _transforms_active():  # a transform's tensors have no address: per leaf there
+        if flat is False or lw.transforms_active():  # a transform's tensors have no address: per leaf there
             return None
         configs = self._configs
         active = None if configs is None else self._active_for(configs)

@@ -44,6 +44,7 @@ class SwarmArithmetic(Operators):
     def _binary_(self, op: lw.Op, *others: object) -> Self:
         spec = self._spec
         values = [ops.operand(op.name, spec, self._size, other, inplace=True) for other in others]
+        ops.check_writable(op.name, spec, self._flats, True)
         ops.combine_(op, spec, self._flats, *values)
         return self
 
@@ -69,8 +70,11 @@ class SwarmArithmetic(Operators):
         tensor([3., 6.])
         """
         alpha = self._check_alpha("add_", alpha)
-        ops.check_writable("add_", self._spec, self._flats, True)
-        return self._binary_(ops.AXPY, other, alpha)
+        spec = self._spec
+        ops.check_writable("add_", spec, self._flats, True)
+        values = [ops.operand(ops.AXPY.name, spec, self._size, value, inplace=True) for value in (other, alpha)]
+        ops.combine_(ops.AXPY, spec, self._flats, *values)
+        return self
 
     def _check_alpha(self, fn: str, alpha: object) -> Union[int, float]:
         """``alpha`` as a Python number (NumPy ones are numbers like any other); booleans are refused."""

@@ -195,7 +195,9 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
         ops.check_class(fn, spec, item.model_class if isinstance(item, Particle) else type(item))
         layout = item._layout if isinstance(item, Particle) else Layout(item)
         _check_item(i, spec, layout, reference, not isinstance(item, Particle) and not isinstance(items[0], Particle))
-        members.append(ops.full_leaves(fn, spec, item, layout))
+        # a module's tensors are what ``_check_item`` just compared; a Particle's own may be others
+        members.append(ops.full_leaves(fn, spec, item) if isinstance(item, Particle)
+                       else layout.params + layout.buffers)
     if not (spec is not None):  # items is non-empty
         raise RuntimeError("nytorch internal error: expected spec is not None")
     return spec, pack_members(spec, members), len(members)

@@ -45,29 +45,25 @@ def check_class(fn: str, spec: Spec, model_class: type) -> None:
                         f"got a {model_class.__name__}")
 
 
-def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module],
-                    layout: Optional[Layout] = None) -> list[Tensor]:
-    """The arithmetic leaves of a Particle or model (``layout``: the model's, if the caller has it),
-    checked against the member structure."""
+def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[Tensor]:
+    """The arithmetic leaves of a Particle or model, checked against the member structure."""
     template = spec.template
     if isinstance(other, Particle):
         check_class(fn, spec, other.model_class)
         names, leaves = other._names, other._leaves
     else:
         check_class(fn, spec, type(other))
-        names, leaves = layout_state(Layout(other) if layout is None else layout, spec.with_buffers)
+        names, leaves = layout_state(Layout(other), spec.with_buffers)
     algebra.check_state(fn, template._names, template._leaves, names, leaves)
     return list(leaves)
 
 
-def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module],
-                layout: Optional[Layout] = None) -> list[Tensor]:
+def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[Tensor]:
     """Every stored leaf (parameters, then buffers) of a Particle or model, checked against the structure."""
-    leaves = particle_leaves(fn, spec, other, layout)
+    leaves = particle_leaves(fn, spec, other)
     if spec.with_buffers:
         return leaves
-    if layout is None:
-        layout = other._layout if isinstance(other, Particle) else Layout(other)
+    layout = other._layout if isinstance(other, Particle) else Layout(other)
     buffers = layout.buffers
     algebra.check_state(fn, spec.layout.buffer_names, spec.layout.buffers, layout.buffer_names, buffers)
     return leaves + buffers
@@ -226,7 +222,6 @@ def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand)
     >>> s.params["bias"].flatten()
     tensor([2., 3.])
     """
-    check_writable(op.name, spec, flats, True)
     operands = tuple(_unaliased(flats, operands))
     for g, (flat, group) in enumerate(zip(flats, spec.groups)):
         if not group.active:

@@ -7,12 +7,10 @@ tensor).  Integer and bool leaves are carried through unchanged (cloned).
 """
 from __future__ import annotations
 
-import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-import numpy as np
 import optree
 import torch
 
@@ -122,7 +120,7 @@ def _is_scalar_operand(value: object, other: object) -> bool:
     if isinstance(value, Tensor):
         # a 0-dim tensor broadcasts, unless the other side is a 0-dim tensor too (then both are trees)
         return value.dim() == 0 and not (isinstance(other, Tensor) and other.dim() == 0)
-    return isinstance(value, (numbers.Number, np.bool_))
+    return lw.is_scalar(value)
 
 
 def _refuse_lone_tensor(fn: str, a: PyTree, b: PyTree, second: str = "the second operand") -> None:

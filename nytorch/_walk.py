@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import _leafwise as lw
 from ._builder import Stale, compile_builder, compile_capture, compile_check, empty_like
 
 Tensor = torch.Tensor
@@ -265,7 +266,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictiona
 
 
 def _remember(root: nn.Module, layout: Layout) -> None:
-    if torch._C._are_functorch_transforms_active():
+    if lw.transforms_active():
         return  # tensors batched by vmap (or wrapped by grad) have no address: nothing to remember them by
     stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
     stored.packing = layout.packing

@@ -21,7 +21,6 @@ Packing makes each of the model's parameters (and the average's) a view into one
 from __future__ import annotations
 
 import numbers
-import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -37,7 +36,7 @@ from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
 from ._ema import apply_plan_, lerp_, plan, tie_key, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
-from ._watch import Configs, entries
+from ._watch import Configs, entries, holds
 
 Tensor = torch.Tensor
 
@@ -101,8 +100,7 @@ class EMA:
     def __init__(self, model: Any, /, *, decay: Union[float, Schedule] = 0.9999,
                  buffers: BufferMode = "average", pack: bool = True) -> None:
         check_buffers("EMA", buffers)
-        if not callable(decay):
-            weight_of("EMA", decay, None)
+        tau = None if callable(decay) else weight_of("EMA", decay, None)
         self._pack = pack and isinstance(model, nn.Module)
         if self._pack:
             pack_(model)
@@ -115,8 +113,8 @@ class EMA:
         self._target = operand("EMA", self.averaged, buffers=buffers != "keep")
         self.step = 0
         self._tables, self._keys, self._held = entries(self._online)
-        # a constant decay gives the same weight every update: checked once, here
-        self._tau = weight_of("EMA", decay, None) if isinstance(decay, (int, float)) else None
+        # a constant decay gives the same weight every update (a tensor's values may change: read each time)
+        self._tau = tau if isinstance(decay, (int, float)) else None
         self._prepare()
 
     # -- internals ----------------------------------------------------------------------
@@ -184,19 +182,19 @@ class EMA:
         self._configs = Configs(self._online)
         # the average's first and last table entries: new objects there (``averaged.load_state_dict(...,
         # assign=True)``, ``averaged.to(...)``) make the EMA read its average again
-        held = list(zip(*entries(self._target)))
-        self._target_ends = held[:1] + held[1:][-1:]
+        tables, keys, tensors = entries(self._target)
+        self._target_ends = (tables[:1] + tables[1:][-1:], keys[:1] + keys[1:][-1:], tensors[:1] + tensors[1:][-1:])
 
     def _fingerprint(self) -> tuple[int, ...]:
         return tuple(map(Tensor.data_ptr, self._watch))
 
     def _holds(self) -> bool:
         """True while the model's tables still hold the very tensor objects the EMA reads."""
-        return all(map(operator.is_, map(dict.get, self._tables, self._keys), self._held))
+        return holds(self._tables, self._keys, self._held)
 
     def _keeps(self) -> bool:
         """True while the average's tables still hold, at both ends, the tensors the EMA writes."""
-        return all(table.get(key) is tensor for table, key, tensor in self._target_ends)
+        return holds(*self._target_ends)
 
     def _cached(self, fn: str) -> Operand:
         if self._holds() and self._keeps() and self._fingerprint() == self._seen and not self._configs.changed():

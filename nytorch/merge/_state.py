@@ -1,9 +1,9 @@
 """What the merge functions accept, as aligned leaf lists: models, Particles, Swarms, dicts of tensors.
 
 ``operand(fn, x)`` reads any accepted value once into an ``Operand`` (names,
-leaves, how many of them are parameters, configs).  ``check_same`` compares two
-operands and raises ``StructureError`` naming the first differing parameter; ``matched``
-does so after putting a pytree's leaves in the other operand's order.
+leaves, how many of them are parameters, configs).  ``matched`` checks one operand against
+another (``StructureError`` naming the first differing parameter), after putting a pytree's
+leaves in the other's order.
 ``rebuild`` turns new leaves back into a value of the operand's kind (a model
 gives a fresh model of the same class, a Particle a Particle, a dict a dict).
 """
@@ -30,7 +30,7 @@ Kind = Literal["module", "particle", "swarm", "tree"]
 BufferMode = Literal["average", "copy", "keep"]
 BUFFER_MODES = ("average", "copy", "keep")
 
-__all__ = ["Operand", "operand", "check_same", "matched", "rebuild", "is_swarm", "members", "per_member", "check_buffers",
+__all__ = ["Operand", "operand", "matched", "rebuild", "is_swarm", "members", "per_member", "check_buffers",
            "BufferMode"]
 
 

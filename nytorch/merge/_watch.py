@@ -14,7 +14,7 @@ from ._state import Operand
 Tensor = torch.Tensor
 _OPERATIONAL = operator.itemgetter("operational")  # read from a ParamConfig's ``__dict__``: the fastest way
 
-__all__ = ["entries", "Configs"]
+__all__ = ["entries", "holds", "Configs"]
 
 
 def entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tensor]]:
@@ -44,6 +44,11 @@ def entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tens
                     keys.append(key)
                     tensors.append(leaves[index])
     return tables, keys, tensors
+
+
+def holds(tables: list[dict[str, Any]], keys: list[str], tensors: list[Tensor]) -> bool:
+    """True while each table still holds, under its key, the very tensor object given for it (``entries``)."""
+    return all(map(operator.is_, map(dict.get, tables, keys), tensors))
 
 
 def _dict_entries(online: Operand) -> tuple[list[dict[str, Any]], list[str], list[Tensor]]:

@@ -5,6 +5,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,6 +114,8 @@ def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: 
     rows: list[Any]
     if lw.is_scalar(value):
         ops.operand(fn, spec, size, value)
+        if isinstance(value, np.generic):  # torch's item assignment takes Python numbers, not NumPy scalars
+            value = value.item()
         rows = [value if g.active else None for g in spec.groups]
     elif ops.is_swarm(value):
         if len(value) not in (selected, 1):

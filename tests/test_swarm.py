@@ -1210,3 +1210,11 @@ def test_eval_forward_of_an_inference_swarm_whose_buffers_hold_nan():
     with torch.inference_mode():
         expected = torch.stack([member(x) for member in members])
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [np.True_, np.float32(2.5), np.float16(1.5), np.int64(3)])
+def test_numpy_scalars_assign_like_python_numbers(value):
+    swarm = Swarm.zeros(nn.Linear(2, 1), 3)
+    swarm[1] = value
+    assert torch.equal(swarm.params["weight"][1], torch.full((1, 2), float(value)))
+    assert torch.equal(swarm.params["weight"][0], torch.zeros(1, 2))

@@ -2,7 +2,8 @@
 PYTHON ?= python3
 # A bare `torch` requirement resolves to a multi-GB CUDA build, so torch is installed first, pinned, when it
 # is missing: this team's package index serves its CPU build. Elsewhere ask for a CPU wheel, e.g.
-# `make test PIP_INDEX_URL=https://download.pytorch.org/whl/cpu` (pip reads PIP_* from the environment).
+# `make test PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu` (pip reads PIP_* from the environment;
+# an extra index, so the other requirements still come from PyPI).
 TORCH_SPEC ?= torch==2.13.0
 # nytorch 1.1, the reference that tests/test_compat_11.py compares with (a separate library named
 # `nytorch`, so never installed over this one: it goes to its own folder, imported by a subprocess).

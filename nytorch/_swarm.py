@@ -80,12 +80,13 @@ class Swarm(SwarmArithmetic):
 
         Args:
             items: modules and/or Particles with the same class, names, shapes, dtypes and devices.
-            buffers: take floating buffers into arithmetic (default: as the first Particle, else no).
+            buffers: take floating buffers into arithmetic (default: as item 0 when it is a Particle,
+                else no); a Particle item must agree.
                 Buffers are always stacked, so each member keeps its own (e.g. BatchNorm statistics).
 
         Every member runs with item 0's modules, so the items must agree in what a forward reads
-        besides their tensors: submodule classes, the train/eval mode of modules (a Particle has
-        none of its own) and the settings of torch's layers (numbers, strings, ``None`` and tuples
+        besides their tensors: submodule classes, the train/eval mode of module items (a Particle
+        has none of its own and runs in item 0's) and the settings of torch's layers (numbers, strings, ``None`` and tuples
         of them, e.g. ``Dropout.p``, ``BatchNorm1d.eps``).  Other attributes of your own classes
         (names, counters, a ``self.scale``) are item 0's.
 

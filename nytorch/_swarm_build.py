@@ -113,7 +113,8 @@ def _where(prefix: str, module: nn.Module) -> str:
 def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference], modes: bool) -> None:
     """Raise unless item ``i`` (its ``layout``) has the member structure of item 0 (``spec``, whose modules'
     settings are ``reference``): the same tensors, submodule classes, torch layers' settings and, when
-    ``modes`` (both items are modules: a Particle has no mode of its own), train/eval modes.
+    ``modes`` (the item is a module: a Particle has no mode of its own), the train/eval modes of item 0's
+    modules, which the swarm runs with.
 
     A swarm runs every member with item 0's modules (one skeleton), so anything else a member's
     forward reads must agree; it is compared cheaply as a whole, and only walked to name a difference.
@@ -194,7 +195,7 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
             continue
         ops.check_class(fn, spec, item.model_class if isinstance(item, Particle) else type(item))
         layout = item._layout if isinstance(item, Particle) else Layout(item)
-        _check_item(i, spec, layout, reference, not isinstance(item, Particle) and not isinstance(items[0], Particle))
+        _check_item(i, spec, layout, reference, not isinstance(item, Particle))
         # a module's tensors are what ``_check_item`` just compared; a Particle's own may be others
         members.append(ops.full_leaves(fn, spec, item) if isinstance(item, Particle)
                        else layout.params + layout.buffers)

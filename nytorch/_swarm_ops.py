@@ -51,6 +51,12 @@ def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> l
     if isinstance(other, Particle):
         check_class(fn, spec, other.model_class)
         names, leaves = other._names, other._leaves
+        if other._with_buffers != spec.with_buffers and len(names) != len(template._names):
+            mine, theirs = ("takes its buffers into", "does not") if other._with_buffers else (
+                "leaves its buffers out of", "takes them")
+            raise StructureError(f"{fn}: the Particle {mine} arithmetic (particle(..., buffers="
+                                 f"{other._with_buffers})) but the swarm {theirs} (buffers={spec.with_buffers}); "
+                                 "make them alike")
     else:
         check_class(fn, spec, type(other))
         names, leaves = layout_state(Layout(other), spec.with_buffers)

@@ -260,6 +260,9 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
     >>> lerp({"w": torch.tensor([0., 10.])}, 20.0, 0.5)  # ``b`` a scalar: every leaf moves toward it
     {'w': tensor([10., 15.])}
     """
+    if lw.is_scalar(a) and not isinstance(a, Tensor):
+        raise TypeError(f"lerp: expected a pytree of tensors as the first operand (the start), got the number "
+                        f"{a!r}; only the end and the weight may be numbers")
     if _is_scalar_operand(b, a):
         b = _filled("lerp", a, b)
     _refuse_lone_tensor("lerp", a, b)

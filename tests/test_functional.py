@@ -245,3 +245,9 @@ def test_forward_mode_autodiff_sees_dual_scalars_and_dual_trees():
         expected = forward_ad.unpack_dual(torch.linalg.vector_norm(
             forward_ad.make_dual(flat, torch.ones_like(flat)))).tangent
         assert torch.allclose(forward_ad.unpack_dual(nf.norm(dual)).tangent, expected)
+
+
+def test_lerp_refuses_a_number_as_its_start_by_name():
+    with pytest.raises(TypeError, match=r"^lerp: expected a pytree of tensors as the first operand \(the start\), "
+                                        r"got the number 1\.0; only the end and the weight may be numbers$"):
+        nf.lerp(1.0, {"w": torch.ones(1)}, 0.5)

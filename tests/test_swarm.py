@@ -1218,3 +1218,18 @@ def test_numpy_scalars_assign_like_python_numbers(value):
     swarm[1] = value
     assert torch.equal(swarm.params["weight"][1], torch.full((1, 2), float(value)))
     assert torch.equal(swarm.params["weight"][0], torch.zeros(1, 2))
+
+
+def test_stack_names_particles_whose_buffers_differ_and_checks_modes_after_a_particle():
+    with_buffers = lambda take: nytorch.particle(nn.BatchNorm1d(2), buffers=take)  # noqa: E731
+    with pytest.raises(StructureError, match=r"^stack: item 1: the Particle takes its buffers into arithmetic "
+                                             r"\(particle\(\.\.\., buffers=True\)\) but the swarm does not "
+                                             r"\(buffers=False\); make them alike$"):
+        Swarm.stack([nn.BatchNorm1d(2), with_buffers(True)])
+    with pytest.raises(StructureError, match=r"^stack: item 1: the Particle leaves its buffers out of arithmetic "
+                                             r"\(particle\(\.\.\., buffers=False\)\) but the swarm takes them "
+                                             r"\(buffers=True\); make them alike$"):
+        Swarm.stack([with_buffers(True), with_buffers(False)])
+    first = nytorch.particle(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+    with pytest.raises(StructureError, match=r"^stack: item 1: expected the root module \(Sequential\) in train mode"):
+        Swarm.stack([first, nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).eval()])

@@ -358,11 +358,72 @@ def hybrid_loss(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(net(x), y)
 
 
+def mixed_packing(rank: int) -> dict[str, Any]:
+    """Means of a model packed on some ranks only, or with ``pack`` differing by rank.
+
+    A float64 group of one leaf lies back to back whatever ``pack`` says, and rank 0's model is
+    packed beforehand: every rank must still send its groups in the same order.
+    """
+    def model() -> nn.Module:
+        made = nn.Sequential(nn.Linear(3, 2), nn.Linear(1, 4, bias=False).double())
+        with torch.no_grad():
+            for param in made.parameters():
+                param.fill_(10.0 * rank)
+        return made
+
+    out: dict[str, Any] = {}
+    net = model()
+    if rank == 0:
+        nyto.particle(net)  # packs this rank's model only
+    nd.all_reduce_mean(net, timeout=30, pack=False)
+    out["packed on one rank"] = state_of(net)
+    net = model()
+    nd.all_reduce_mean(net, timeout=30, pack=rank == 0)
+    out["pack on one rank"] = state_of(net)
+    return out
+
+
+def dies_after_handshake(rank: int, world: int, fn: str, outdir: str) -> dict[str, Any]:
+    """Rank ``world - 1`` passes the handshake of ``fn`` then dies: after the first transfer (broadcast, of
+    which it is the root) or before any (``all_reduce_mean``).  The others record whether a model called
+    with ``pack=False`` kept its values: each dtype group here is one leaf, lying back to back."""
+    from nytorch.distributed import _comm
+
+    net = nn.ModuleDict({"a": nn.Linear(4, 1, bias=False), "b": nn.Linear(2, 1, bias=False).double()})
+    with torch.no_grad():
+        for param in net.parameters():
+            param.fill_(rank + 1.0)
+    if rank == world - 1:
+        method = "broadcast_" if fn == "broadcast" else "all_reduce_sum_"
+        original, calls = getattr(_comm.Comm, method), []
+
+        def dies(self: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if fn == "all_reduce_mean" or len(calls) == 2:
+                time.sleep(0.5)
+                os._exit(1)
+            return original(self, *args, **kwargs)
+        setattr(_comm.Comm, method, dies)
+    before = state_of(net)
+    try:
+        if fn == "broadcast":
+            nd.broadcast(net, world - 1, timeout=10, pack=False)
+        else:
+            nd.all_reduce_mean(net, timeout=10, pack=False)
+    except nd.PeerError:
+        unchanged = all(torch.equal(before[k], v) for k, v in state_of(net).items())
+        with open(os.path.join(outdir, f"handshake{rank}.json"), "w") as handle:
+            json.dump({"unchanged": unchanged}, handle)
+        return {}
+    raise SystemExit("expected a PeerError")
+
+
 def faults(rank: int, world: int, mode: str, timeout: float, outdir: str) -> dict[str, Any]:
     """Loop over collectives until a peer fails: the test kills rank ``world - 1`` (``kill``), or it
     stops answering after three rounds (``hang``)."""
     import conftest as c
-    net, packed = c.MLP(), c.MLP()
+    # with a float64 group of one leaf, which lies back to back even unpacked
+    net, packed = nn.ModuleDict({"mlp": c.MLP(), "scale": nn.Linear(3, 1, bias=False).double()}), c.MLP()
     swarm = Swarm.normal(net, 2, generator=torch.Generator().manual_seed(rank))
     step = 0
     while True:
@@ -400,9 +461,12 @@ def main() -> None:
         from nytorch.distributed import _flat
         _flat.PIECE_BYTES = 96  # every buffer over 192 bytes travels in pieces: both paths run
         result = {**functions(rank, world), **{f"mismatch/{k}": v for k, v in mismatches(rank, world).items()},
-                  **{f"hybrid/{k}": v for k, v in hybrid(rank, world).items()}}
+                  **{f"hybrid/{k}": v for k, v in hybrid(rank, world).items()},
+                  **{f"mixed packing/{k}": v for k, v in mixed_packing(rank).items()}}
     elif scenario in ("kill", "hang"):
         result = faults(rank, world, scenario, float(sys.argv[3]), outdir)
+    elif scenario == "handshake":
+        result = dies_after_handshake(rank, world, sys.argv[3], outdir)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))

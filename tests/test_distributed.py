@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -158,6 +159,15 @@ def test_all_reduce_mean_matches_mean_over_ranks(ranks: list[dict[str, Any]], ke
             assert ranks[rank][f"mean/{key}/same"]
         else:
             assert_exact(ranks[rank][f"mean/{key}/input"], w.state_of(INPUTS[rank][key]))
+
+
+@pytest.mark.parametrize("case", ["packed on one rank", "pack on one rank"])
+def test_all_reduce_mean_pairs_groups_alike_whatever_each_rank_packed(ranks: list[dict[str, Any]],
+                                                                     case: str) -> None:
+    expected = 10.0 * (WORLD - 1) / 2
+    for rank in range(WORLD):
+        for name, value in ranks[rank][f"mixed packing/{case}"].items():
+            assert torch.equal(value, torch.full_like(value, expected)), (rank, name, value)
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -427,6 +437,18 @@ def test_survivors_raise_peer_error_in_bounded_time(tmp_path: Path, mode: str, t
             assert record["elapsed"] < timeout / 2, "a dead peer is noticed at once, not at the timeout"
 
 
+@pytest.mark.parametrize("fn", ["all_reduce_mean", "broadcast"])
+def test_an_unpacked_model_keeps_its_values_when_a_peer_dies_mid_call(tmp_path: Path, fn: str) -> None:
+    """``pack=False``: the model is written only once every transfer succeeded, one-leaf groups included."""
+    procs = start("handshake", 2, tmp_path, fn)
+    try:
+        finish(procs, time.monotonic() + 60)
+    finally:
+        kill(procs)
+    record = json.loads((tmp_path / "handshake0.json").read_text())
+    assert record["unchanged"], "a model called with pack=False is written only after every transfer"
+
+
 # --------------------------------------------------------------------------------------
 # In-process checks (no group needed)
 # --------------------------------------------------------------------------------------
@@ -642,3 +664,15 @@ def test_first_difference_names_a_device_type_as_a_device_mismatch() -> None:
                           "kind of device first")
     shape = first_difference("x", [entry], [["fc.weight", [2, 4], "float32", True, 0, "meta"]], 0, 1)
     assert type(shape) is StructureError and "shape (2, 3) float32 on rank 0 but shape (2, 4)" in str(shape)
+
+
+@pytest.mark.parametrize("timeout", [np.int64(30), np.float32(30.5), torch.tensor(30.0)])
+def test_numpy_and_tensor_timeouts_are_numbers(world_of_one: Any, timeout: Any) -> None:
+    net = nn.Linear(2, 1)
+    assert nd.all_reduce_mean(net, timeout=timeout) is net
+
+
+def test_a_group_that_is_not_a_process_group_is_named(world_of_one: Any) -> None:
+    with pytest.raises(TypeError, match=r"^all_reduce_mean: expected a process group \(from "
+                                        r"torch\.distributed\.new_group\) or None as group, got list$"):
+        nd.all_reduce_mean(nn.Linear(2, 1), group=[0, 1])

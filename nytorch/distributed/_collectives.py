@@ -182,15 +182,16 @@ def _moved(comm: Comm, flat: Flat, flats: list[Optional[Tensor]], root: int, wha
 
 
 def _model_buffers(flat: Flat, size: int, groups: Sequence[int], *,
-                   in_place: bool) -> tuple[list[Optional[Tensor]], set[int]]:
+                   in_place: bool, own: bool) -> tuple[list[Optional[Tensor]], set[int]]:
     """Buffers for ``groups`` and which of them are a model's own memory.
 
-    For an in-place call on a model whose leaves already lie back to back (packed: ``_flat.pack_``),
-    a buffer is the model's memory itself: nothing is copied, and the collective writes the model
-    directly.  The others are new (reused scratch for in-place calls).
+    For an in-place call with ``own`` (``pack=True``) on a model whose leaves already lie back to
+    back (packed: ``_flat.pack_``), a buffer is the model's memory itself: nothing is copied, and
+    the collective writes the model directly.  The others are new (reused scratch for in-place
+    calls), and with ``pack=False`` every one is: the model is written only once all went well.
     """
     owned: dict[int, Tensor] = {}
-    if in_place:
+    if in_place and own:
         for g in groups:
             view = flat.own(g)
             if view is not None:
@@ -250,7 +251,7 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
                 return None
         except (TypeError, ValueError):
             return None
-        flats, owned = _model_buffers(flat, flat.size, range(len(flat.groups)), in_place=in_place)
+        flats, owned = _model_buffers(flat, flat.size, range(len(flat.groups)), in_place=in_place, own=pack)
         flat.pack(flats, [piece for piece in flat.pieces()[:1] if piece.group not in owned])
         return flats, owned
     comm, flat, headers, packed = _begin(fn, x, group, timeout, overlap=prepare, in_place=in_place,
@@ -265,7 +266,7 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
             _moved(comm, flat, flats, root, "broadcasting the parameters",
                    pack=lambda i, piece: flat.pack(flats, [piece]) if i and piece.group not in owned else None)
         else:
-            flats, owned = _model_buffers(flat, size, range(len(flat.groups)), in_place=in_place)
+            flats, owned = _model_buffers(flat, size, range(len(flat.groups)), in_place=in_place, own=pack)
             _moved(comm, flat, flats, root, "broadcasting the parameters")
         if in_place:
             if comm.rank != root:
@@ -327,10 +328,11 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
         """Allocate and pack the first piece while the headers travel."""
         active = [g for g, kind in enumerate(flat.groups) if kind.active]
         flats, owned = _model_buffers(flat, flat.size, active if in_place else range(len(flat.groups)),
-                                      in_place=in_place)
-        # The model's own buffers go first and in pieces: each is divided by the group size just
-        # before it is sent, while the previous ones travel (never here: the handshake may still fail).
-        pieces = flat.pieces([g for g in active if g in owned]) + flat.pieces([g for g in active if g not in owned])
+                                      in_place=in_place, own=pack)
+        # Pieces go in group order, which every rank shares (which groups a rank owns may differ: one
+        # rank's model may be packed and another's not).  The model's own buffers are divided by the
+        # group size just before they are sent (never here: the handshake may still fail).
+        pieces = flat.pieces(active)
         flat.pack(flats, pieces[:1] if pieces and pieces[0].group not in owned else [], divide=comm.size)
         return flats, owned, pieces
     comm, flat, headers, prepared = _begin(fn, x, group, timeout, overlap=prepare, in_place=in_place)

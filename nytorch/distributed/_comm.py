@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -99,7 +100,8 @@ def seconds_of(fn: str, timeout: Timeout) -> Optional[float]:
     (a longer finite timeout is capped to it: it means "wait as long as can be said").
 
     Raises:
-        TypeError: the timeout is neither a number, a ``timedelta`` nor ``None``.
+        TypeError: the timeout is neither a number (Python, NumPy or a 0-dim real tensor), a ``timedelta``
+            nor ``None``.
         ValueError: it is not positive and finite.
 
     >>> seconds_of("demo", datetime.timedelta(minutes=1)), seconds_of("demo", None)
@@ -114,7 +116,10 @@ def seconds_of(fn: str, timeout: Timeout) -> Optional[float]:
         return None
     if isinstance(timeout, datetime.timedelta):
         seconds = timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+    elif isinstance(timeout, (int, float, np.integer, np.floating)) and not isinstance(timeout, (bool, np.bool_)):
+        seconds = float(timeout)  # NumPy numbers are numbers like any other
+    elif isinstance(timeout, torch.Tensor) and timeout.dim() == 0 and not timeout.is_complex() \
+            and timeout.dtype != torch.bool:
         seconds = float(timeout)
     else:
         raise TypeError(f"{fn}: expected timeout as seconds (a number), a datetime.timedelta or None, "
@@ -290,6 +295,7 @@ def connect(fn: str, group: Any, seconds: Optional[float]) -> Comm:
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
+        TypeError: ``group`` is not a process group.
         ValueError: this process is not a member of ``group``.
     """
     _prune()
@@ -298,6 +304,10 @@ def connect(fn: str, group: Any, seconds: Optional[float]) -> Comm:
                            "torch.distributed.init_process_group(...) first (torchrun sets the environment)")
     if group is None:
         group = dist.group.WORLD
+    elif group is not dist.GroupMember.NON_GROUP_MEMBER and not isinstance(group, dist.ProcessGroup):
+        # raised on this rank only: without a valid group there is no one to tell
+        raise TypeError(f"{fn}: expected a process group (from torch.distributed.new_group) or None as group, "
+                        f"got {type(group).__name__}")
     if group is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(group) < 0:
         raise ValueError(f"{fn}: this process (global rank {dist.get_rank()}) is not a member of the given group")
     return Comm(fn, group, seconds)
@@ -309,6 +319,7 @@ def resolve(fn: str, group: Any, timeout: Timeout) -> Comm:
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
         ValueError: this process is not a member of ``group``, or the timeout is not positive.
-        TypeError: the timeout is neither a number, a ``timedelta`` nor ``None``.
+        TypeError: the timeout is neither a number (Python, NumPy or a 0-dim real tensor), a ``timedelta``
+            nor ``None``.
     """
     return connect(fn, group, seconds_of(fn, timeout))

@@ -86,9 +86,9 @@ class Swarm(SwarmArithmetic):
 
         Every member runs with item 0's modules, so the items must agree in what a forward reads
         besides their tensors: submodule classes, the train/eval mode of module items (a Particle
-        has none of its own and runs in item 0's) and the settings of torch's layers (numbers, strings, ``None`` and tuples
-        of them, e.g. ``Dropout.p``, ``BatchNorm1d.eps``).  Other attributes of your own classes
-        (names, counters, a ``self.scale``) are item 0's.
+        has none of its own and runs in item 0's) and the settings of torch's layers (numbers,
+        strings, ``None`` and tuples of them, e.g. ``Dropout.p``, ``BatchNorm1d.eps``).  Other
+        attributes of your own classes (names, counters, a ``self.scale``) are item 0's.
 
         Raises:
             ValueError: ``items`` is empty.

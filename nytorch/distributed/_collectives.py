@@ -10,11 +10,14 @@ What raises where: an invalid argument on any rank (a timeout, ``src``, ``shift`
 a value that is no model, Particle or Swarm, a sparse or other non-dense tensor, or, for the
 in-place ``broadcast`` and ``all_reduce_mean``, a model holding inference tensors outside
 ``torch.inference_mode()``) is sent in the handshake and raised on *every* rank, of the same
-class and with the same message (naming the global rank given it), in that same call: no rank's next call can pair with another rank's current one.  A rank with an invalid
-timeout runs the handshake under the group's own; a finite timeout longer than
-``_comm.MAX_SECONDS`` (about 31.7 years; ``1e15``, ``timedelta.max``) is capped to it.  Values whose device types differ across
-ranks (``cpu`` and ``meta``) raise ``DeviceMismatchError`` on every rank; values on the
-``meta`` device everywhere raise ``ValueError`` (they hold nothing to send).  All of these
+class and with the same message (naming the global rank given it), in that same call: no
+rank's next call can pair with another rank's current one.  A rank with an invalid timeout
+runs the handshake under the group's own; a finite timeout longer than ``_comm.MAX_SECONDS``
+(about 31.7 years; ``1e15``, ``timedelta.max``) is capped to it.  Only a ``group`` that is no
+process group raises on its own rank alone: without a group there is no one to tell.  Values
+whose device types differ across ranks (``cpu`` and ``meta``) raise ``DeviceMismatchError``
+on every rank; values on the ``meta`` device everywhere raise ``ValueError`` (they hold
+nothing to send).  All of these
 are raised before any data moves and before a model is packed: when a call raises, no
 operand has changed, storage included.
 

@@ -8,6 +8,7 @@ particle operations share that dict, so a config set on one applies to all
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -18,6 +19,7 @@ from ._walk import CONFIG_ATTR, Layout, realized
 __all__ = ["ParamConfig", "CONFIG_ATTR", "configs_for", "configs_in_scope", "copy_tables"]
 
 
+@dataclasses.dataclass(init=False, repr=False, eq=False)
 class ParamConfig:
     """How one parameter behaves in particle operations (nytorch 1.1 compatible).
 
@@ -27,12 +29,19 @@ class ParamConfig:
             ``False`` gives results the very same ``Parameter`` object.
 
     Any other attribute may be set and read by custom operators (e.g. ``is_weight``).
+    As in 1.1 it is a dataclass whose fields are ``operational`` and ``clone``
+    (``dataclasses.asdict`` / ``replace`` work; custom attributes are not fields).
 
     >>> config = ParamConfig()
     >>> config.is_weight = True
     >>> config
     ParamConfig(operational=True, clone=True, is_weight=True)
+    >>> dataclasses.replace(config, clone=False)
+    ParamConfig(operational=True, clone=False)
     """
+
+    operational: bool
+    clone: bool
 
     def __init__(self, operational: bool = True, clone: bool = True, **extra: Any) -> None:
         self.operational = operational

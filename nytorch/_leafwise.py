@@ -43,18 +43,39 @@ def _reflected(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return leaf
 
 
+def _rtruediv(leaf: Tensor, scalar: object) -> Tensor:
+    """``scalar / leaf`` as the ``/`` operator rounds it: for a number, torch's ``Tensor.__rtruediv__``
+    is ``leaf.reciprocal() * scalar`` (two roundings, unlike ``torch.div(scalar, leaf)``); a 0-dim
+    tensor on the left divides (``Tensor.__truediv__``)."""
+    if isinstance(scalar, Tensor):
+        return torch.div(scalar, leaf)
+    return torch.reciprocal(leaf) * scalar  # type: ignore[operator]  # a number, checked by callers
+
+
 ADD = Op("add", torch.add, torch._foreach_add, torch._foreach_add_, Tensor.add_)
 SUB = Op("sub", torch.sub, torch._foreach_sub, torch._foreach_sub_, Tensor.sub_)
 MUL = Op("mul", torch.mul, torch._foreach_mul, torch._foreach_mul_, Tensor.mul_)
 DIV = Op("div", torch.div, torch._foreach_div, torch._foreach_div_, Tensor.div_)
 POW = Op("pow", torch.pow, torch._foreach_pow, torch._foreach_pow_, Tensor.pow_)
 RSUB = Op("rsub", _reflected(torch.sub))
-RDIV = Op("rdiv", _reflected(torch.div))
+RDIV = Op("rdiv", _reflected(torch.div))  # ``torch.div(scalar, leaf)``: ``nf.div(2, tree)``
+RTRUEDIV = Op("rdiv", _rtruediv)  # ``2 / model``, rounded as ``2 / tensor`` is
 RPOW = Op("rpow", _reflected(torch.pow), lambda leaves, base: torch._foreach_pow(base, leaves))
 NEG = Op("neg", torch.neg, torch._foreach_neg, torch._foreach_neg_, Tensor.neg_)
 LERP = Op("lerp", torch.lerp, torch._foreach_lerp, torch._foreach_lerp_, Tensor.lerp_)
 
 REFLECTED = {"sub": RSUB, "div": RDIV, "pow": RPOW, "add": ADD, "mul": MUL}
+#: Ops whose fused kernels round a 0-dim tensor operand as their per-tensor kernels do.  The others
+#: (pow, rpow, lerp) have no ``Tensor`` overload: they read it as a Python number, which rounds unlike
+#: ``torch.pow(x, torch.tensor(3))`` or ``torch.lerp(half, half, torch.tensor(0.7))``, so they run per leaf.
+_FUSED_TENSOR_SCALARS = frozenset({ADD.name, SUB.name, MUL.name, DIV.name})
+
+
+def _fusable(op: Op, operands: Sequence[object]) -> bool:
+    """False when ``op``'s fused kernel would round a 0-dim tensor operand unlike ``op.leaf``."""
+    return op.name in _FUSED_TENSOR_SCALARS or not any(isinstance(o, Tensor) for o in operands)
+
+
 #: The operations (by the name callers pass as ``fn``) that torch refuses for boolean operands.
 _SUBTRACTIONS = frozenset({SUB.name, RSUB.name})
 
@@ -296,7 +317,7 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     if all(active):  # the common case: no selection, no carrying
         picked = [list(o) if isinstance(o, tuple) else o for o in operands]
         # one tensor (a packed buffer): a plain kernel call skips foreach's list handling
-        if len(left) > 1 and op.foreach is not None and not needs_per_leaf(left, *picked):
+        if len(left) > 1 and op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(left, *picked):
             results = list(_fused(op.foreach, list(left), _detached(picked)))
         else:
             results = [op.leaf(leaf, *(o[k] if isinstance(o, list) else o for o in picked))
@@ -309,7 +330,7 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     out: list[Tensor] = [leaf if on else carry(leaf) for leaf, on in zip(left, active)]
     if not index:
         return out
-    if op.foreach is not None and not needs_per_leaf(picked_left, *picked):
+    if op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(picked_left, *picked):
         results = _fused(op.foreach, picked_left, _detached(picked))
     else:
         results = [
@@ -342,7 +363,7 @@ def apply_(op: Op, left: Sequence[Tensor], *operands: object,
     index, picked_left, picked = _pick(left, operands, active)
     if not index:
         return
-    if len(picked_left) > 1 and op.foreach_ is not None and not transforms_active():
+    if len(picked_left) > 1 and op.foreach_ is not None and _fusable(op, picked) and not transforms_active():
         _fused(op.foreach_, picked_left, _detached(picked))
         return
     leaf_ = op.leaf_

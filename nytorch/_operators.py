@@ -118,7 +118,7 @@ class Operators:
         return self._binary(lw.DIV, other)
 
     def __rtruediv__(self, other: Any) -> Self:
-        return self._reflected(lw.RDIV, other)
+        return self._reflected(lw.RTRUEDIV, other)
 
     def __itruediv__(self, other: Any) -> Self:
         return self._binary_(lw.DIV, other)

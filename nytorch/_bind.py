@@ -55,7 +55,9 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     ``module`` is left untouched; the result's Parameters wrap the given tensors
     without copying (pass ``nf.clone(params)`` for independent storage).  Keys are
     parameter names as in ``named_parameters()``; buffer names may be given too,
-    otherwise buffers are cloned from ``module``.
+    otherwise buffers are cloned from ``module``.  Parameters are leaves, so no gradient
+    flows back to ``params`` through the result (under ``torch.func.grad`` it comes out
+    zero): to differentiate with respect to ``params``, run the model with ``call``.
 
     Raises:
         TypeError: ``module`` is not a module or ``params`` not a mapping of tensors.
@@ -97,10 +99,17 @@ def call(module: nn.Module, params: Mapping[str, Tensor], *args: Any, **kwargs: 
 
     Works inside ``torch.func.vmap`` / ``grad``; tied weights need only one name.
 
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or is a TorchScript module.
+
     >>> import torch
     >>> net = torch.nn.Linear(1, 1)
     >>> call(net, {"weight": torch.ones(1, 1), "bias": torch.zeros(1)}, torch.tensor([[3.]]))
     tensor([[3.]])
     """
     _require_module("call", module)
+    if isinstance(module, torch.jit.ScriptModule):  # torch's own refusal would not name ``call``
+        raise TypeError(f"call: expected a Python nn.Module, got a TorchScript {type(module).__name__} "
+                        "(torch.jit.script / torch.jit.trace), which torch.func.functional_call cannot run; "
+                        "call the module before scripting it")
     return torch.func.functional_call(module, dict(params), args, kwargs)

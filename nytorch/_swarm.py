@@ -115,7 +115,10 @@ class Swarm(SwarmArithmetic):
                 arithmetic); other buffer names are optional, missing buffers are copied from ``like``.
 
         Returns:
-            A swarm holding a copy of the values (in its own flat storage).
+            A swarm holding a copy of the values (in its own flat storage).  The copy is not
+            differentiable: no gradient flows back to ``params`` through it (under
+            ``torch.func.grad`` it comes out zero).  For gradients use ``grad_and_value``, or
+            ``torch.func.vmap`` of ``nf.call(model, member_params, x)`` over ``swarm.params``.
 
         Raises:
             TypeError: ``like`` or a value has the wrong type.

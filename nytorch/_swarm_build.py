@@ -45,8 +45,9 @@ def spec_and_rows(fn: str, like: object, buffers: Optional[bool]) -> tuple[Spec,
 
 _SCALARS = frozenset({int, float, bool, str, type(None)})
 _MISSING = object()
-#: Not settings: set by hook registration, or the train/eval mode (compared on its own, for modules only).
-_IGNORED = frozenset({"_is_full_backward_hook", "training"})
+#: Not settings: set by hook registration, the train/eval mode (compared on its own, for modules only), or
+#: the id of a ``torch.compile`` wrapper (one per ``OptimizedModule``).
+_IGNORED = frozenset({"_is_full_backward_hook", "training", "_torchdynamo_wrapper_id"})
 
 
 def _simple(value: object) -> bool:
@@ -193,7 +194,7 @@ def stacked(items: Iterable[Any], buffers: Optional[bool]) -> Built:
             reference = [_reference(module) for module in spec.layout.modules]
             members.append(ops.full_leaves(fn, spec, item))
             continue
-        ops.check_class(fn, spec, item.model_class if isinstance(item, Particle) else type(item))
+        ops.check_class(fn, spec, item.model_class if isinstance(item, Particle) else model_class(item))
         layout = item._layout if isinstance(item, Particle) else Layout(item)
         _check_item(i, spec, layout, reference, not isinstance(item, Particle))
         # a module's tensors are what ``_check_item`` just compared; a Particle's own may be others

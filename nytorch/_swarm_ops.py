@@ -23,7 +23,7 @@ from . import _leafwise as lw
 from ._errors import DeviceMismatchError, StructureError
 from ._particle import Particle, layout_state
 from ._swarm_spec import Spec, pack_stacked, rows_of, views_of
-from ._walk import Layout
+from ._walk import Layout, model_class
 
 Tensor = torch.Tensor
 #: A converted operand: a scalar, or one tensor per group (``None`` for groups it does not touch).
@@ -58,7 +58,7 @@ def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> l
                                  f"{other._with_buffers})) but the swarm {theirs} (buffers={spec.with_buffers}); "
                                  "make them alike")
     else:
-        check_class(fn, spec, type(other))
+        check_class(fn, spec, model_class(other))
         names, leaves = layout_state(Layout(other), spec.with_buffers)
     algebra.check_state(fn, template._names, template._leaves, names, leaves)
     return list(leaves)

@@ -22,7 +22,7 @@ from torch import nn
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._particle import Particle
-from ._walk import Layout, rebuild
+from ._walk import Layout, model_class, rebuild
 
 Tensor = torch.Tensor
 
@@ -124,8 +124,8 @@ class Spec:
 
     @property
     def model_class(self) -> type:
-        """The class of the member model."""
-        return type(self.layout.modules[0])
+        """The class of the member model (seen through ``parametrize``'s per-instance class, as a Particle's)."""
+        return model_class(self.layout.modules[0])
 
     def leaf_name(self, group: int) -> str:
         """The first leaf stored in ``group`` (for error messages)."""

@@ -8,6 +8,7 @@ copied, parameters are the tensors it is given, buffers are cloned unless given.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -20,13 +21,16 @@ from ._builder import Stale, compile_builder, compile_capture, compile_check, em
 
 Tensor = torch.Tensor
 
-# nn.Module's own containers: copied per instance so hooks added to a result never reach its source.
+# Containers torch's modules mutate in place: copied per instance so hooks added to a result never reach its source.
 _CONTAINERS = (
     "_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks", "_non_persistent_buffers_set",
     "_keys",  # nn.ParameterDict's own key table
+    # RNN modules' lists of their weights, written in place by ``rnn.weight_ih_l0 = ...``: shared, an
+    # assignment on a result would make its source run the result's weight
+    "_flat_weights", "_flat_weight_refs",
 )
 
 
@@ -135,6 +139,12 @@ class Layout:
     def _visit(self, module: nn.Module, prefix: str, module_index: dict[int, int],
                param_index: dict[int, int], buffer_index: dict[int, int]) -> int:
         # Recursive preorder, exactly nn.Module.named_modules(remove_duplicate=True).
+        if isinstance(module, torch.jit.ScriptModule):  # its tables are C++ wrappers: nothing to rebuild from
+            root = type(self.modules[0] if self.modules else module).__name__
+            where = f"submodule {prefix.rstrip('.')!r}" if prefix else "the module"
+            raise TypeError(f"{root}: expected Python nn.Modules, but {where} is a TorchScript "
+                            f"{type(module).__name__} (torch.jit.script / torch.jit.trace), which nytorch cannot "
+                            "read or rebuild; use the module before scripting it (and script the result)")
         index = module_index[id(module)] = len(self.modules)
         self.modules.append(module)
         self.prefixes.append(prefix)
@@ -402,18 +412,43 @@ def wrap_parameters(params: Sequence[Tensor], requires_grad: Sequence[bool]) -> 
     ['Parameter', 'Parameter']
     """
     make_parameter, plain = Tensor._make_subclass, Tensor
-    return [
-        # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
-        make_parameter(nn.Parameter, value, flag) if type(value) is plain
-        else value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=flag)
-        for value, flag in zip(params, requires_grad)
-    ]
+    try:
+        return [
+            # nn.Parameter.__new__ does exactly this for plain tensors, minus a Python frame
+            make_parameter(nn.Parameter, value, flag) if type(value) is plain
+            else value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=flag)
+            for value, flag in zip(params, requires_grad)
+        ]
+    except RuntimeError:
+        # Values made under torch.inference_mode() get their Parameters in it, as they would have
+        # there: outside it torch refuses requires_grad=True on an inference tensor.
+        if torch.is_inference_mode_enabled() or not any(value.is_inference() for value in params):
+            raise
+    with torch.inference_mode():
+        return wrap_parameters(params, requires_grad)
+
+
+def _rebind_compiled(copies: Sequence[nn.Module], types: Sequence[type]) -> None:
+    """Point every ``torch.compile`` wrapper among ``copies`` at its own ``_orig_mod``.
+
+    An ``OptimizedModule`` keeps its compiled ``forward`` in its ``__dict__``, bound to the module
+    it wrapped: a shallow copy would run the source's parameters.  Rebuilt as unpickling does
+    (``OptimizedModule.__setstate__``), it wraps the copy's own.
+    """
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    optimized = getattr(frame, "OptimizedModule", None)
+    if optimized is None or optimized not in types:  # one C-level scan: this runs on every build
+        return
+    for module, kind in zip(copies, types):
+        if kind is optimized:
+            module.__setstate__(module.__dict__)
 
 
 def build_into(layout: Layout, states: Sequence[dict], types: Sequence[type], wrapped: Sequence[Tensor],
                buffers: Sequence[Tensor], root: Optional[nn.Module] = None) -> nn.Module:
     """The tree of ``layout`` built from ``states`` holding ``wrapped`` and ``buffers``, remembered; its root."""
     copies = _build(layout, states, types, wrapped, buffers, root)
+    _rebind_compiled(copies, types)
     result = copies[0]
     _remember(result, layout._sibling(copies, list(wrapped), list(buffers)))  # type: ignore[arg-type]
     return result

@@ -422,6 +422,36 @@ def test_particle_of_another_class_is_a_type_error_naming_both() -> None:
     assert_unchanged(before, a, b)
 
 
+MERGES: dict[str, Callable[[Any, Any], Any]] = {
+    "average": lambda a, b: nytorch.merge.average([a, b]),
+    "ema_": lambda a, b: nytorch.merge.ema_(a, b, decay=0.5),
+    "slerp": lambda a, b: nytorch.merge.slerp(a, b, 0.5),
+    "task_arithmetic": lambda a, b: nytorch.merge.task_arithmetic(a, [b]),
+    "ties": lambda a, b: nytorch.merge.ties(a, [b]),
+}
+_MERGE_LABELS = {"average": ("models[0]", "models[1]"), "ema_": ("target", "online"), "slerp": ("first", "second"),
+                 "task_arithmetic": ("base", "finetuned[0]"), "ties": ("base", "finetuned[0]")}
+
+
+@pytest.mark.parametrize("name", sorted(MERGES))
+def test_merges_refuse_models_of_two_classes_and_a_swarm_with_a_model(name: str) -> None:
+    """Merges compared names, shapes and dtypes only: an Embedding merged with an EmbeddingBag."""
+    torch.manual_seed(0)
+    a, b = nn.Embedding(4, 3), nn.EmbeddingBag(4, 3)
+    swarm = nytorch.Swarm.stack([a, a])
+    first, second = _MERGE_LABELS[name]
+    before = snapshot(a, b)
+    with pytest.raises(TypeError, match=rf"^{name}: {re.escape(first)} is of class Embedding and "
+                                        rf"{re.escape(second)} of class EmbeddingBag; merges combine models of one class"):
+        MERGES[name](a, nytorch.particle(b))
+    with pytest.raises(TypeError, match=rf"^{name}: {re.escape(first)} is a Swarm and {re.escape(second)} of class "
+                                        r"Particle; a Swarm merges with Swarms"):
+        MERGES[name](swarm, nytorch.particle(a))
+    assert_unchanged(before, a, b)
+    # pytrees are matched by names alone: the documented way to merge two classes
+    assert isinstance(MERGES[name](a, nf.params(b)), nn.Embedding)
+
+
 @pytest.mark.parametrize("operator", sorted(OPERATORS))
 def test_scalars_that_would_change_dtype_or_device_raise_naming_first_parameter(operator: str) -> None:
     fn, action = OPERATORS[operator]

@@ -22,7 +22,7 @@ from .._config import ParamConfig, configs_for
 from .._errors import DeviceMismatchError, StructureError
 from .._particle import Particle, layout_state
 from .._tree import flatten, path_names
-from .._walk import Layout, layout_of, rebuild as rebuild_module
+from .._walk import Layout, layout_of, model_class, rebuild as rebuild_module
 
 Tensor = torch.Tensor
 Kind = Literal["module", "particle", "swarm", "tree"]
@@ -141,12 +141,39 @@ def matched(fn: str, first: Operand, other: Operand, label: str, *, reference: s
     >>> a.names, b.names, matched("demo", a, b, "b").names
     (['b', 'w'], ['w', 'b'], ['b', 'w'])
     """
+    _check_kinds(fn, first, other, label, reference)
     if other.kind == "tree" and first.names != other.names and len(first.names) == len(other.names):
         where = dict(zip(other.names, other.leaves))
         if len(where) == len(other.names) and where.keys() == set(first.names):
             other = other._replace(names=list(first.names), leaves=[where[name] for name in first.names])
     check_same(fn, first, other, label, reference=reference)
     return other
+
+
+def _model_class(value: Operand) -> Optional[type]:
+    """The class of the model ``value`` stands for (a Swarm's members'); ``None`` for a pytree."""
+    if value.kind == "module":
+        return model_class(value.source)
+    return None if value.kind == "tree" else value.source.model_class  # type: ignore[no-any-return]
+
+
+def _check_kinds(fn: str, first: Operand, other: Operand, label: str, reference: str) -> None:
+    """Raise ``TypeError`` when a Swarm meets a model or Particle, or two models are of two classes.
+
+    Merges combine models of one class, as arithmetic does (pytrees are matched by names alone).
+    """
+    if first.kind == "tree" or other.kind == "tree":
+        return
+    if (first.kind == "swarm") != (other.kind == "swarm"):
+        swarm, single = (reference, label) if first.kind == "swarm" else (label, reference)
+        kind = type((other if first.kind == "swarm" else first).source).__name__
+        raise TypeError(f"{fn}: {swarm} is a Swarm and {single} of class {kind}; "
+                        "a Swarm merges with Swarms of as many members (member i with member i)")
+    first_class, other_class = _model_class(first), _model_class(other)
+    if first_class is not other_class:
+        raise TypeError(f"{fn}: {reference} is of class {first_class.__name__} and {label} of class "  # type: ignore[union-attr]
+                        f"{other_class.__name__}; "  # type: ignore[union-attr]
+                        "merges combine models of one class (pass nf.params(...) of each to match by names alone)")
 
 
 def check_same(fn: str, first: Operand, other: Operand, label: str, *, reference: str = "the first operand") -> None:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import pickle
 import threading
+import traceback
 import zipfile
 from collections.abc import Iterator
 from typing import IO, Any, Union
@@ -74,20 +75,21 @@ _crc32_on = _Crc32On()
 
 
 class _Recorder:
-    """``file`` for ``torch.save``, keeping the ``OSError`` a write raised.
+    """``file`` for ``torch.save``, keeping the exception a write raised.
 
-    torch's zip writer turns a failed write (disk full) into ``RuntimeError: [enforce fail
-    at inline_container.cc] unexpected pos``; ``save`` re-raises the recorded ``OSError``.
+    torch's zip writer turns any exception of a write (an ``OSError`` when the disk is full, a
+    ``KeyboardInterrupt`` when Ctrl-C lands inside it) into ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``; ``save`` re-raises the recorded exception instead.
     """
 
     def __init__(self, file: IO[bytes]) -> None:
         self.file = file
-        self.error: Union[OSError, None] = None
+        self.error: Union[BaseException, None] = None
 
     def write(self, data: Any) -> int:
         try:
             return self.file.write(data)
-        except OSError as error:
+        except BaseException as error:
             self.error = self.error or error
             raise
 
@@ -124,7 +126,8 @@ def save(obj: Any, path: PathLike) -> None:
             ``load(like=...)`` could never match it).
         OSError: the file cannot be written, e.g. the disk is full (``errno.ENOSPC``); the
             message names ``path``, the error the write raised is chained, and the previous
-            file, if any, is untouched (no temporary file is left).
+            file, if any, is untouched (no temporary file is left).  Any other exception the
+            write raised (``KeyboardInterrupt`` from Ctrl-C) comes out as itself, the same way.
 
     >>> import os, tempfile, torch, nytorch
     >>> net = torch.nn.Linear(2, 1)
@@ -145,10 +148,16 @@ def save(obj: Any, path: PathLike) -> None:
         try:
             with _crc32_on():
                 torch.save(payload, recorder)  # type: ignore[arg-type]
-        except RuntimeError:
-            if recorder.error is None:
+        except RuntimeError as failure:
+            error, recorder.error = recorder.error, None  # the recorder must not keep the traceback: a cycle
+            if error is None:
                 raise
-            raise recorder.error from None  # the OSError torch's writer swallowed (disk full...)
+            # torch's writer frames hold the exception in flight (a cycle keeping ``obj`` alive): clear them
+            traceback.clear_frames(failure.__traceback__)
+            try:
+                raise error from None  # what torch's writer swallowed: disk full, Ctrl-C
+            finally:
+                del error
 
     try:
         atomic_write(name, write)
@@ -245,7 +254,8 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
     Args:
         path: a file written by ``nytorch.save``.
         like: the structure to rebuild into (keyword only).
-        map_location: where tensors are loaded before being moved to ``like``'s devices.
+        map_location: where tensors are loaded before being moved to ``like``'s devices (a device
+            this machine has; torch's dict and callable forms are passed through).
 
     Returns:
         New objects of ``like``'s types (a module of ``like``'s class with fresh Parameters; an
@@ -265,6 +275,8 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
             ``like``'s (the message names both).
         OSError: the file cannot be opened (``FileNotFoundError``, ``PermissionError``,
             ``IsADirectoryError``); unreadable contents are ``CheckpointError``.
+        ValueError: ``map_location`` names no device of this machine (``"cuda"`` without CUDA),
+            checked before the file is read, so the file is never blamed for it.
 
     >>> import os, tempfile, torch, nytorch
     >>> net = torch.nn.Linear(2, 1)
@@ -274,4 +286,24 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
     >>> torch.equal(state["net"].weight, net.weight), state["step"]
     (True, 3)
     """
-    return restore("", _read(path, map_location), like)
+    return restore("", _read(path, _location(map_location)), like)
+
+
+def _location(map_location: Any) -> Any:
+    """``map_location`` checked: a device this machine has (``ValueError`` otherwise), or torch's other forms.
+
+    Without this check torch's reader fails inside the file ("Attempting to deserialize object on a
+    CUDA device"), which ``load`` would report as an unreadable checkpoint.
+    """
+    if map_location is None or callable(map_location) or isinstance(map_location, dict):
+        return map_location
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f"load: expected a device (a str or torch.device) as map_location, "
+                        f"got {type(map_location).__name__}")
+    try:
+        device = torch.device(map_location)
+        torch.empty(0, device=device)  # raises where this machine lacks the device
+    except Exception as error:  # RuntimeError, AssertionError ("Torch not compiled with CUDA"), ...
+        raise ValueError(f"load: expected a device of this machine as map_location, got {map_location!r} "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    return "cpu" if device.type == "cpu" else device  # torch's reader refuses an index on "cpu"

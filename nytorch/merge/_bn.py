@@ -34,7 +34,8 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
     InstanceNorm with ``track_running_stats``) gets the exact mean and variance of
     its inputs over the data (``momentum=None``, a cumulative average), then its
     momentum and the model's train/eval mode are restored.  Use it after averaging,
-    since averaged weights make the averaged statistics stale.
+    since averaged weights make the averaged statistics stale.  If ``loader`` or the
+    model raises, the statistics are put back as they were before the call too.
 
     Args:
         model: the module to update in place.
@@ -62,6 +63,9 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
     if not norms:
         return model
     momenta = {module: module.momentum for module in norms}
+    # put back if the loader or the model raises half-way: the reset must not lose the statistics
+    saved = [(module, {name: buffer.clone() for name, buffer in module._buffers.items() if buffer is not None})
+             for module in norms]
     hooks = []
     for module in norms:
         module.reset_running_stats()
@@ -76,6 +80,11 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
             if device is not None and isinstance(inputs, torch.Tensor):
                 inputs = inputs.to(device)
             model(inputs)
+    except BaseException:
+        for module, buffers in saved:
+            for name, value in buffers.items():
+                getattr(module, name).copy_(value)
+        raise
     finally:
         for hook in hooks:
             hook.remove()

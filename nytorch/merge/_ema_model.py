@@ -171,13 +171,15 @@ class EMA:
         grouped = set(group)
         self._lerp_target, self._lerp_online = self._pairs([i for i in self._plan.lerp if i not in grouped])
         self._copy_target, self._copy_online = self._pairs(self._plan.copy)
-        # Per-tensor kernels follow each tensor wherever it moves: the first and last address tell a
-        # move (``.to()``), and so they do for the averaged copy, which is the EMA's own.  The model's
-        # flat buffer stands for every tensor of the group, so a ``param.data = ...`` on any one of
-        # them must be seen: every address there is compared.
-        ends = [leaf for leaves in (self._lerp_target, self._lerp_online, flat_target if group else [])
+        # The averaged copy is the EMA's own: its first and last addresses tell a move (``.to()``).
+        # Every tensor of the model is compared: a ``param.data = ...`` of another shape on any one of
+        # them would fail part-way through the kernel (per tensor, with ``pack=False``), and the
+        # model's flat buffer stands for every tensor of its group.  So is every copied tensor of
+        # the model (integer buffers, few): one given new storage of another shape would fail after
+        # the lerp.
+        ends = [leaf for leaves in (self._lerp_target, flat_target if group else [])
                 for leaf in leaves[:1] + leaves[-1:]]
-        self._watch = ends + (flat_online if group else [])
+        self._watch = ends + self._lerp_online + (flat_online if group else []) + self._copy_online
         self._seen = self._fingerprint()
         self._configs = Configs(self._online)
         # the average's first and last table entries: new objects there (``averaged.load_state_dict(...,
@@ -341,6 +343,7 @@ class EMA:
             TypeError: ``state`` is not a mapping with ``"step"`` (a non-negative int) and
                 ``"averaged"``, or holds complex values for real averages.
             StructureError: a name is missing or unknown, or a shape differs.
+            ValueError: a value is a meta tensor (no values to copy) for a real average, or sparse.
 
         >>> net = torch.nn.Linear(1, 1)
         >>> ema = EMA(net, decay=0.5)
@@ -382,6 +385,10 @@ class EMA:
             if value.is_complex() and not target.is_complex():
                 raise TypeError(f"{fn}: expected a real tensor for parameter {name!r} "
                                 f"({lw.describe(target)}), got {lw.describe(value)} in state")
+            if (value.is_meta and not target.is_meta) or value.layout != torch.strided:  # copy_ would fail
+                what = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
+                raise ValueError(f"{fn}: expected a dense tensor with values for parameter {name!r} "
+                                 f"({lw.describe(target)} on {target.device}), got {what} in state")
             targets.append(target)
             values.append(value)
         given = set(map(id, targets))

@@ -5,6 +5,9 @@ of tensors, and is built on the particle core's leaf-wise engine.  ``Swarm``s wo
 member by member (each member as a loop of per-member calls would give it) in ``ema_``,
 ``EMA``, ``ravel``, ``task_vector``, ``task_arithmetic``, ``ties``, ``dare`` and ``slerp``;
 ``average`` and ``greedy_soup`` take one Swarm as the collection of its members.
+Parameters a ``ParamConfig`` marks non-operational are left out of every merge: a result
+holds a clone of the first model's (or ``base``'s), or with ``clone=False`` that very
+``Parameter``, as particle arithmetic gives (``EMA``'s average always holds its own copy).
 
 Decay schedules for ``EMA(decay=...)`` have the type ``Schedule``
 (``Callable[[int], float]``: the number of updates already applied -> the decay for the

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import _leafwise as lw
-from ._state import BufferMode, Operand, check_buffers, is_swarm, matched, operand, rebuild
+from ._state import BufferMode, Operand, carry, check_buffers, is_swarm, matched, operand, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -80,7 +80,7 @@ def mean_leaves(read: Sequence[Operand], weights: Sequence[float], buffers: Buff
         if first.active(index) and (index < first.params or buffers == "average")
     ]
     chosen = set(averaged)
-    out = [leaf if index in chosen else leaf.detach().clone() for index, leaf in enumerate(first.leaves)]
+    out = [leaf if index in chosen else carry(first, index) for index, leaf in enumerate(first.leaves)]
     if not averaged:
         return out
     order = [k for k, weight in enumerate(weights) if weight > 0.0]

@@ -17,7 +17,8 @@ import torch
 
 from .._errors import DeviceMismatchError, StructureError
 from .._particle import Particle
-from ._state import Operand, operand, rebuild
+from ._ema import tie_key
+from ._state import Operand, operand, rebuild, shares
 
 Tensor = torch.Tensor
 
@@ -26,6 +27,18 @@ __all__ = ["ravel"]
 
 def _selected(op: Operand) -> list[int]:
     return [index for index in range(len(op.leaves)) if op.active(index)]
+
+
+def _untied(op: Operand, picked: list[int]) -> tuple[list[int], dict[int, int]]:
+    """``picked`` with each tied leaf once (a dict naming one tensor twice, e.g. a tied ``state_dict()``),
+    and ``{later index: first index}`` for the others, which ``unravel`` ties again."""
+    first: dict[Any, int] = {}
+    aliases: dict[int, int] = {}
+    for index in picked:
+        key = tie_key(op.leaves[index])
+        if key is not None and first.setdefault(key, index) != index:
+            aliases[index] = first[key]
+    return [index for index in picked if index not in aliases], aliases
 
 
 def _common(fn: str, op: Operand, picked: list[int]) -> tuple[torch.dtype, torch.device]:
@@ -47,11 +60,14 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
     """Copy ``x``'s floating parameters into one vector; return it and its inverse ``unravel``.
 
     Like ``jax.flatten_util.ravel_pytree`` (or ``torch.nn.utils.parameters_to_vector``
-    plus its inverse).  Parameters are taken in ``named_parameters()`` order, tied
-    ones once; integer leaves and parameters a ``ParamConfig`` marks non-operational
-    are left out and carried into ``unravel``'s results unchanged.  A Particle made
-    with ``buffers=True`` contributes its floating buffers too.  Mixed floating dtypes
-    are promoted in the vector and cast back by ``unravel``.
+    plus its inverse).  Parameters are taken in ``named_parameters()`` order (a dict's
+    leaves in optree's order: sorted keys for a plain dict, insertion order for an
+    ``OrderedDict`` such as a ``state_dict()``), tied ones once (also one tensor under two
+    keys of a dict, which ``unravel`` gives back as one tensor under both); integer leaves
+    and parameters a ``ParamConfig`` marks non-operational are left out and carried into
+    ``unravel``'s results unchanged.  A Particle made with ``buffers=True`` contributes its
+    floating buffers too.  Mixed floating dtypes are promoted in the vector and cast back
+    by ``unravel``.
 
     Args:
         x: an ``nn.Module`` (e.g. a ``NytoModule``), a ``Particle``, a ``Swarm`` or a dict of tensors.
@@ -86,7 +102,7 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
     torch.bfloat16
     """
     op = operand("ravel", x, buffers=isinstance(x, Particle), argument="x")
-    picked = _selected(op)
+    picked, aliases = _untied(op, _selected(op))
     dtype, device = _common("ravel", op, picked)
     chosen = [op.leaves[index] for index in picked]
     members = chosen[0].shape[0] if op.kind == "swarm" and chosen else None
@@ -99,20 +115,22 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
             vector = torch.cat(parts, dim=1)
     shapes = [tuple(leaf.shape[1:]) if members is not None else tuple(leaf.shape) for leaf in chosen]
     sizes = [int(torch.Size(shape).numel()) for shape in shapes]
-    carried = {index: leaf for index, leaf in enumerate(op.leaves) if index not in set(picked)}
+    chosen_set = set(picked)
+    carried = {index: leaf for index, leaf in enumerate(op.leaves) if index not in chosen_set and index not in aliases}
     return vector, functools.partial(_unravel, op, picked, shapes, sizes, dtype, device, carried,
-                                     members is not None)
+                                     members is not None, aliases)
 
 
 def _as_tensor(vector: Any) -> tuple[Tensor, bool]:
     """``vector`` as a tensor, and whether it is a fresh copy nobody else holds.
 
     numpy arrays torch cannot view (negative strides, e.g. ``a[::-1]``) or must not view
-    (read-only ones, which torch would warn about) are copied; a list of arrays is stacked
-    first (building a tensor from it element by element is slow and warns).
+    (read-only ones, which torch would warn about) are copied; a list (of numbers, or of arrays) is
+    read by numpy, so Python floats keep their double precision (``torch.as_tensor`` would read
+    them as the default dtype, float32) and a list of arrays is stacked at once.
     """
-    if isinstance(vector, (list, tuple)) and any(isinstance(item, np.ndarray) for item in vector):
-        vector = np.asarray(vector)
+    if isinstance(vector, (list, tuple)) and not any(isinstance(item, Tensor) for item in vector):
+        return torch.from_numpy(np.asarray(vector)), True
     if isinstance(vector, np.ndarray) and (not vector.flags.writeable or any(s < 0 for s in vector.strides)):
         return torch.from_numpy(np.array(vector)), True
     return torch.as_tensor(vector), False
@@ -120,7 +138,7 @@ def _as_tensor(vector: Any) -> tuple[Tensor, bool]:
 
 def _unravel(op: Operand, picked: list[int], shapes: list[tuple[int, ...]], sizes: list[int],
              dtype: torch.dtype, device: torch.device, carried: dict[int, Tensor], stacked: bool,
-             vector: Any, /) -> Any:
+             aliases: dict[int, int], vector: Any, /) -> Any:
     total = sum(sizes)
     expected = f"[P, {total}]" if stacked else f"({total},)"
     try:
@@ -145,5 +163,7 @@ def _unravel(op: Operand, picked: list[int], shapes: list[tuple[int, ...]], size
         for index, leaf in carried.items():
             if count is not None and leaf.shape[0] != count:  # another member count: member 0's values,
                 leaf = leaf[:1].expand(count, *leaf.shape[1:])  # as Swarm constructors carry them
-            leaves[index] = leaf.detach().clone()
+            leaves[index] = leaf if shares(op, index) else leaf.detach().clone()
+    for index, origin in aliases.items():  # tied again, as they came
+        leaves[index] = leaves[origin]
     return rebuild(op, leaves)

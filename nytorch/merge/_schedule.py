@@ -34,7 +34,9 @@ def _step(fn: str, step: object) -> int:
 
 
 def warmup_decay(decay: float) -> Schedule:
-    """``step ↦ min(decay, (1 + step) / (10 + step))``: the TensorFlow / timm EMA decay warm-up.
+    """``step ↦ min(decay, (1 + step) / (10 + step))``: TensorFlow's EMA decay warm-up.
+
+    It is ``tf.train.ExponentialMovingAverage``'s decay when given ``num_updates``.
 
     Early updates use a small decay (0.1, 0.18, 0.25, ...) so the average forgets its
     random start quickly; from step ``(10·decay − 1) / (1 − decay)`` on the decay is ``decay``.

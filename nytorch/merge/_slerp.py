@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 
 from .. import _leafwise as lw
-from ._state import matched, members, operand, per_member, rebuild
+from ._state import carry, matched, members, operand, per_member, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -92,7 +92,7 @@ def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M
         merged = _slerp_tensors(firsts, seconds, position, float(threshold))
     else:  # a Swarm: each member's angles are its own, exactly as a loop of per-member calls
         merged = per_member(lambda a, b: _slerp_tensors(a, b, position, float(threshold)), size, firsts, seconds)
-    out = [leaf.detach().clone() for leaf in start.leaves]
+    out = [carry(start, index) for index in range(len(start.leaves))]
     for index, value in zip(picked, merged):
         out[index] = value
     return rebuild(start, out)  # type: ignore[no-any-return]

@@ -31,7 +31,7 @@ BufferMode = Literal["average", "copy", "keep"]
 BUFFER_MODES = ("average", "copy", "keep")
 
 __all__ = ["Operand", "operand", "matched", "rebuild", "is_swarm", "members", "per_member", "check_buffers",
-           "BufferMode"]
+           "BufferMode", "shares", "carry"]
 
 
 class Operand(NamedTuple):
@@ -79,6 +79,25 @@ def per_member(fn: Callable[..., Sequence[Tensor]], size: int, *stacked: Sequenc
     """
     rows = [fn(*([leaf[k] for leaf in leaves] for leaves in stacked)) for k in range(size)]
     return [torch.stack(column) for column in zip(*rows)]
+
+
+def shares(value: Operand, index: int) -> bool:
+    """True when results hold leaf ``index`` as is: a model's or Particle's parameter that a
+    ``ParamConfig(operational=False, clone=False)`` leaves out of arithmetic (as particle arithmetic does)."""
+    configs = value.configs
+    if configs is None or index >= len(configs) or value.kind not in ("module", "particle"):
+        return False
+    return not configs[index].operational and not configs[index].clone
+
+
+def carry(value: Operand, index: int) -> Tensor:
+    """Leaf ``index`` of ``value`` for a result that leaves it out of arithmetic: a clone, or itself (``shares``).
+
+    >>> carry(operand("demo", {"w": torch.ones(1)}, buffers=False), 0)
+    tensor([1.])
+    """
+    leaf = value.leaves[index]
+    return leaf if shares(value, index) else leaf.detach().clone()
 
 
 def check_buffers(fn: str, buffers: object) -> None:

@@ -10,10 +10,11 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, TypeVar, Union
 
+import numpy as np
 import torch
 
 from .. import _leafwise as lw
-from ._state import Operand, is_swarm, matched, members, operand, per_member, rebuild
+from ._state import Operand, carry, is_swarm, matched, members, operand, per_member, rebuild
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -42,10 +43,12 @@ def read_tasks(fn: str, base: Any, finetuned: Sequence[Any]) -> tuple[Operand, l
 
 
 def scales(fn: str, scale: Any, count: int) -> list[float]:
-    """One float per task from a number (a 0-dim tensor counts as one) or a sequence of ``count`` numbers."""
-    if isinstance(scale, Tensor) and scale.dim() == 0:
+    """One float per task from a number (a 0-dim tensor or array counts as one) or ``count`` numbers
+    (a sequence, a 1-D tensor or a 1-D numpy array)."""
+    if isinstance(scale, (Tensor, np.ndarray)) and scale.ndim == 0:
         scale = scale.item()
-    values = list(scale) if isinstance(scale, (Sequence, Tensor)) and not isinstance(scale, str) else [scale] * count
+    many = isinstance(scale, (Sequence, Tensor, np.ndarray)) and not isinstance(scale, str)
+    values = list(scale) if many else [scale] * count
     if len(values) != count:
         raise ValueError(f"{fn}: expected one scale per fine-tuned model ({count}), got {len(values)}")
     for index, value in enumerate(values):
@@ -65,7 +68,7 @@ def deltas(start: Operand, model: Operand, picked: Sequence[int]) -> list[Tensor
 
 def add_scaled(start: Operand, picked: Sequence[int], vectors: Sequence[Tensor], scale: float = 1.0) -> list[Tensor]:
     """Leaves of ``start`` with ``scale · vectors`` added on the picked leaves (all others cloned)."""
-    out = [leaf.detach().clone() for leaf in start.leaves]
+    out = [carry(start, index) for index in range(len(start.leaves))]
     if picked:
         every = [True] * len(picked)
         if scale != 1.0:
@@ -90,7 +93,7 @@ def task_vector(finetuned: M, base: Any, /) -> M:
     True
     """
     start, (end,), picked = read_tasks("task_vector", base, [finetuned])
-    out = [leaf.detach().clone() for leaf in end.leaves]
+    out = [carry(end, index) for index in range(len(end.leaves))]
     for index, value in zip(picked, deltas(start, end, picked)):
         out[index] = value
     return rebuild(end, out)  # type: ignore[no-any-return]
@@ -107,7 +110,8 @@ def task_arithmetic(base: M, finetuned: Sequence[Any], /, *, scale: Scale = 1.0)
         base: the pre-trained model (a model, Particle or dict of tensors), or a ``Swarm``:
             then ``finetuned`` are Swarms of as many members, merged member by member.
         finetuned: models fine-tuned from ``base`` (or a ``Swarm`` of them).
-        scale: ``λ``, one number (or 0-dim tensor) for all or one per model.
+        scale: ``λ``, one number (or 0-dim tensor) for all, or one per model (a sequence,
+            a 1-D tensor or a 1-D numpy array).
 
     Returns:
         A new value of ``base``'s kind; buffers and integer leaves come from ``base``.
@@ -173,7 +177,7 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
             a seeded ``generator`` gives exactly what a loop of per-member calls gives.
         finetuned: models fine-tuned from ``base`` (or a ``Swarm`` of them).
         drop: ``p``, the drop probability in [0, 1) (the paper uses up to 0.9 and beyond).
-        scale: ``λ``, one number (or 0-dim tensor) or one per model.
+        scale: ``λ``, one number (or 0-dim tensor) or one per model (as in ``task_arithmetic``).
         generator: a ``torch.Generator`` for reproducible masks (default: the global RNG).
 
     Returns:

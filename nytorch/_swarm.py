@@ -6,6 +6,7 @@ vectorised forward and gradients in ``_vectorise``.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
@@ -186,8 +187,9 @@ class Swarm(SwarmArithmetic):
         is shared like a model).
 
         Raises:
-            TypeError: ``std`` is not a real number.
-            ValueError: ``center`` is a Swarm whose size is neither ``size`` nor 1.
+            TypeError: ``std`` is not a real number (booleans included).
+            ValueError: ``std`` is negative or NaN (as for ``torch.normal``), or ``center`` is a Swarm
+                whose size is neither ``size`` nor 1.
 
         >>> net = torch.nn.Linear(2, 1)
         >>> cloud = Swarm.normal(net, 1000, std=0.01)
@@ -197,8 +199,14 @@ class Swarm(SwarmArithmetic):
         >>> torch.equal(Swarm.normal(centres, std=0.0).params["bias"], centres.params["bias"])
         True
         """
-        if not lw.is_scalar(std) or isinstance(std, complex):
-            raise TypeError(f"normal: expected a real number as std, got {type(std).__name__}")
+        if (not lw.is_scalar(std) or isinstance(std, bool)
+                or (isinstance(std, Tensor) and (std.is_complex() or std.dtype == torch.bool))
+                or (not isinstance(std, Tensor) and not isinstance(std, numbers.Real))):
+            kind = (f"a tensor of dtype {str(std.dtype).removeprefix('torch.')} and shape {tuple(std.shape)}"
+                    if isinstance(std, Tensor) else type(std).__name__)
+            raise TypeError(f"normal: expected a real number as std, got {kind}")
+        if not (isinstance(std, Tensor) and std.is_meta) and not float(std) >= 0.0:  # NaN too, as torch.normal
+            raise ValueError(f"normal: expected std >= 0 (as torch.normal), got {float(std)}")
 
         def make(n: int, g: Group, row: Tensor) -> Tensor:
             noise = torch.randn(n, g.width, dtype=g.dtype, device=g.device, generator=generator)

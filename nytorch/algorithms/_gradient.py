@@ -18,8 +18,10 @@ def sgd_step(swarm: Swarm, loss_fn: Callable[..., torch.Tensor], /, *args: Any, 
 
     ``loss_fn(member, *args)`` returns a 0-dim loss; ``member(x)`` runs that member's forward.
     Keyword arguments (e.g. ``in_dims``) go to ``Swarm.grad_and_value``.  ``lr`` is a Python or NumPy
-    number or a 0-dim tensor; ``lr=0`` returns an exact copy of ``swarm`` (even where a gradient is
-    inf or NaN), with the losses.
+    number or a 0-dim tensor; ``lr=0`` returns the parameters exactly as they were (even where a
+    gradient is inf or NaN), with the losses.  Buffers the forward updates (BatchNorm statistics in
+    train mode) are updated in the result, as in a loop of ``loss.backward(); optimizer.step()``;
+    ``swarm`` itself is unchanged.
 
     Returns:
         ``(new_swarm, losses)`` with the losses *before* the step, shape ``(P,)``.
@@ -36,7 +38,8 @@ def sgd_step(swarm: Swarm, loss_fn: Callable[..., torch.Tensor], /, *args: Any, 
     swarm = swarm_arg(fn, swarm)
     callable_arg(fn, loss_fn)
     lr = number_arg(fn, lr, "lr")
-    grads, losses = swarm.grad_and_value(loss_fn, *args, **kwargs)
+    out = swarm.clone()  # the forward updates buffers (BatchNorm statistics) in place: in the result only
+    grads, losses = out.grad_and_value(loss_fn, *args, **kwargs)
     if lr == 0.0:  # a zero step moves nothing: 0 · inf would be NaN, not 0
-        return swarm.clone(), losses
-    return swarm.add(grads, alpha=-lr), losses
+        return out, losses
+    return out.add_(grads, alpha=-lr), losses

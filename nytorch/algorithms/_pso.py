@@ -9,7 +9,7 @@ from torch import nn
 from .. import _swarm_ops as swarm_ops
 from .._particle import Particle
 from .._swarm import Swarm
-from ._checks import generator_arg, losses_arg, number_arg, swarm_arg, target_arg
+from ._checks import checked_target, generator_arg, losses_arg, number_arg, swarm_arg, target_arg
 
 Tensor = torch.Tensor
 
@@ -66,10 +66,13 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
     fn = "pso_velocity"
     for name, value in (("swarm", swarm), ("velocity", velocity), ("best", best)):
         swarm_arg(fn, value, name)
+    for name, value in (("velocity", velocity), ("best", best)):  # checked even where a zero coefficient skips it
+        _per_member(fn, swarm, value, name)
     inertia = number_arg(fn, inertia, "inertia")
     cognitive = number_arg(fn, cognitive, "cognitive")
     social = number_arg(fn, social, "social")
     target_of_all = target_arg(fn, swarm, global_best, "global_best")
+    checked_target(fn, swarm, target_of_all, "global_best")
     generator = generator_arg(fn, generator, swarm if cognitive != 0.0 or social != 0.0 else None)
     # a zero coefficient drops its term (no draw either): 0 · (inf − inf) would be NaN, not 0
     out = velocity * inertia if inertia != 0.0 else Swarm.zeros(velocity)
@@ -80,6 +83,13 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
             pull *= target - swarm
             out += pull
     return out
+
+
+def _per_member(fn: str, swarm: Swarm, value: Swarm, name: str) -> None:
+    """Raise (naming ``fn`` and ``name``) unless ``value`` has one member per member of ``swarm``, of their structure."""
+    if len(value) != len(swarm):
+        raise ValueError(f"{fn}: expected {name} of {len(swarm)} members (one per member of swarm), got {len(value)}")
+    swarm_ops.aligned(f"{fn}: {name}", swarm._spec, value)
 
 
 def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 0.7298,
@@ -107,15 +117,22 @@ def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 
     losses = losses_arg(fn, losses, len(swarm))
     if not isinstance(state, PSOState):
         raise TypeError(f"pso_step: expected a PSOState as state (from pso_init), got {type(state).__name__}")
+    for name, part in (("state.best", state.best), ("state.velocity", state.velocity)):
+        swarm_arg(fn, part, name)
     if len(state.best) != len(swarm):
         raise ValueError(f"pso_step: the state tracks {len(state.best)} members but the swarm has {len(swarm)}")
-    for part in (state.best, state.velocity):  # a state of another model: say so before anything is written
-        swarm_ops.aligned(fn, swarm._spec, part)
+    for name, part in (("state.best", state.best), ("state.velocity", state.velocity)):
+        if len(part) != len(swarm):
+            raise ValueError(f"{fn}: expected {name} of {len(swarm)} members (one per member), got {len(part)}")
+        swarm_ops.aligned(fn, swarm._spec, part)  # a state of another model: say so before anything is written
+    losses_arg(fn, state.best_loss, len(swarm), "state.best_loss")
     for name, value in (("inertia", inertia), ("cognitive", cognitive), ("social", social)):
         number_arg(fn, value, name)  # checked here too: an empty swarm returns before pso_velocity
     generator_arg(fn, generator, swarm if cognitive != 0.0 or social != 0.0 else None)
-    # a NaN best (a diverged first evaluation) is beaten by any number, as if it were +inf
-    improved = losses < torch.nan_to_num(state.best_loss, nan=float("inf"))
+    # a NaN best (a diverged first evaluation) is beaten by any number, as if it were +inf; infinite bests
+    # stay infinite (nan_to_num would make them finite, and a tie at -inf an improvement)
+    inf = float("inf")
+    improved = losses < torch.nan_to_num(state.best_loss, nan=inf, posinf=inf, neginf=-inf)
     best = state.best.clone()
     if bool(improved.any()):
         best[improved] = swarm[improved]

@@ -10,13 +10,14 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import algorithms as alg
 from .._particle import Particle
 from .._swarm import Swarm
-from ..algorithms._checks import number_arg, swarm_arg
+from ..algorithms._checks import callable_arg, generator_arg, number_arg, swarm_arg
 from ..algorithms._indices import randperm
 from ._collectives import _begin, _best, _int_arg
 from ._comm import Timeout, resolve
@@ -69,9 +70,12 @@ def _int(fn: str, value: object, name: str, minimum: Optional[int] = None) -> in
     return number
 
 
-def _args(fn: str, swarm: object, every: object, subset: object, lr: object, alpha: object) -> _Args:
+def _args(fn: str, swarm: object, loss_fn: object, every: object, subset: object, lr: object, alpha: object,
+          generator: object) -> _Args:
     """The loop's arguments, checked alike on every rank (nothing here depends on the shard's size)."""
     swarm_arg(fn, swarm)
+    callable_arg(fn, loss_fn)
+    generator_arg(fn, generator)  # indices only: a generator on any device
     every = _int(fn, every, "every", 1)
     subset = None if subset is None else _int(fn, subset, "subset (members pulled per shard)", 0)
     return _Args(every, subset, number_arg(fn, lr, "lr"), number_arg(fn, alpha, "alpha"))
@@ -103,11 +107,11 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
         ``(member, loss, rank)`` from ``best`` on pulling steps (``None`` otherwise).
 
     Raises:
-        TypeError / ValueError: an invalid argument.  On a pulling step an invalid ``swarm``, ``subset``,
-            ``lr`` or ``alpha`` on one rank, or a failing local step, is raised on every rank (the error
-            travels in ``best``'s handshake).  An invalid ``step`` or ``every`` (which decide whether
-            this is a pulling step), or anything on the other steps, where nothing is communicated, is
-            raised on this rank; none of the checks depends on the shard, so ranks given the same
+        TypeError / ValueError: an invalid argument.  On a pulling step an invalid ``swarm``, ``loss_fn``,
+            ``subset``, ``lr``, ``alpha`` or ``generator`` on one rank, or a failing local step, is raised on
+            every rank (the error travels in ``best``'s handshake).  An invalid ``step`` or ``every``
+            (which decide whether this is a pulling step), or anything on the other steps, where nothing is
+            communicated, is raised on this rank; none of the checks depends on the shard, so ranks given the same
             arguments raise alike.  ``ValueError`` also when every rank's shard is empty.
         PeerError: a peer died or hung during the pull.
 
@@ -122,11 +126,11 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     """
     fn = "hybrid_step"
     every = _int(fn, every, "every", 1)
-    pulling = (_int(fn, step, "step") + 1) % every == 0
+    pulling = (_int(fn, step, "step", 0) + 1) % every == 0
     error: Optional[Exception] = None
     losses: Optional[Tensor] = None
     try:
-        checked = _args(fn, swarm, every, subset, lr, alpha)
+        checked = _args(fn, swarm, loss_fn, every, subset, lr, alpha, generator)
         count = len(swarm) if checked.subset is None else min(checked.subset, len(swarm))
         swarm, losses = alg.sgd_step(swarm, loss_fn, *args, lr=checked.lr)  # an empty shard: empty losses
     except Exception as caught:
@@ -166,7 +170,9 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         ``(final_shard, history)`` with this shard's per-member losses of every step, ``(steps, P_local)``.
 
     Raises:
-        TypeError / ValueError: an invalid argument on any rank (every rank raises it).
+        TypeError / ValueError: an invalid argument on any rank (every rank raises it).  A batch that is
+            not a tuple or list raises ``TypeError`` when it comes (on every rank when it falls on a
+            pulling step; on a step that communicates nothing, on its own rank).
         ValueError: the ranks were given different ``every`` (every rank raises it).
         StructureError: the shards' members differ in structure across ranks (every rank raises it).
         PeerError: a peer died or hung.
@@ -183,7 +189,12 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     fn = "hybrid"
     error: Optional[Exception] = None
     try:
-        _args(fn, swarm, every, subset, lr, alpha)
+        checked = _args(fn, swarm, loss_fn, every, subset, lr, alpha, generator)
+        if not isinstance(batches, Iterable):  # not iter(batches): a DataLoader would start (and shuffle) twice
+            raise TypeError(f"{fn}: expected an iterable of batches (tuples of loss_fn arguments), "
+                            f"got {type(batches).__name__}")
+        if show_progress is not None and not isinstance(show_progress, (bool, int, np.integer)):
+            raise TypeError(f"{fn}: expected True, False or None as show_progress, got {type(show_progress).__name__}")
     except (TypeError, ValueError) as caught:
         error = caught
     comm, flat, _, _ = _begin(fn, swarm, group, timeout, error=error,
@@ -191,8 +202,15 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     flat.release()
     leader = comm.rank == 0
     history = []
-    bar = alg.progress(batches, desc="hybrid", enabled=show_progress if leader else False)
+    bar = alg.progress(batches, desc="hybrid", enabled=(None if show_progress is None else bool(show_progress))
+                       if leader else False)
     for step, batch in enumerate(bar):
+        if not isinstance(batch, (tuple, list)):  # as algorithms.hybrid; a tensor would be unpacked row by row
+            wrong = TypeError(f"{fn}: expected each batch to be a tuple or list of loss_fn arguments, "
+                              f"got {type(batch).__name__} at step {step}")
+            if (step + 1) % checked.every == 0:  # a pulling step: the peers are in best, so every rank raises it
+                _best(swarm, None, group=group, timeout=timeout, error=wrong)
+            raise wrong
         swarm, losses, found = hybrid_step(swarm, loss_fn, *batch, step=step, lr=lr, every=every, subset=subset,
                                            alpha=alpha, generator=generator, group=group, timeout=timeout)
         history.append(losses)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 from . import _harness as harness
 from . import models
@@ -34,12 +35,13 @@ class Run(NamedTuple):
     failures: list[str]
 
 
-def collect(quick: bool, only: list[str], *, keep_going: bool = False, json_path: str = "") -> Run:
+def collect(quick: bool, only: list[str], *, keep_going: bool = False, json_path: str = "",
+            options: Optional[dict[str, Any]] = None) -> Run:
     """Run the suites (``only`` those, when given) in order; each suite's rows get its name.
 
     ``keep_going`` reports a suite that raises (traceback on stderr, a line in ``failures``) and runs
     the next; ``json_path`` is rewritten after every suite (every part, for a suite with ``parts``), so
-    a run cut short keeps what it measured.
+    a run cut short keeps what it measured, with the run's ``options`` (``_harness.dump_json``).
     """
     table: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -60,7 +62,7 @@ def collect(quick: bool, only: list[str], *, keep_going: bool = False, json_path
                     row.setdefault("suite", name)
                 table += rows
                 if json_path:
-                    harness.dump_json(table, json_path, failures)
+                    harness.dump_json(table, json_path, failures, options)
                 print(f"{name}: {len(table)} rows so far, {time.perf_counter() - started:.0f} s", file=sys.stderr,
                       flush=True)
         except Exception as error:
@@ -69,7 +71,7 @@ def collect(quick: bool, only: list[str], *, keep_going: bool = False, json_path
             traceback.print_exc()
             failures.append(f"{name}: {type(error).__name__}: {error}")
             if json_path:
-                harness.dump_json(table, json_path, failures)
+                harness.dump_json(table, json_path, failures, options)
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return Run(table, failures)
 
@@ -81,7 +83,7 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PATH", help="also draw the core ratios to an image (needs matplotlib)")
     parser.add_argument("--results", action="store_true",
                         help="rewrite this device's section of benchmarks/RESULTS.md, and its picture")
-    parser.add_argument("--only", nargs="*", default=[], choices=SUITES, metavar="SUITE",
+    parser.add_argument("--only", nargs="+", default=[], choices=SUITES, metavar="SUITE",
                         help=f"suites to run, among {SUITES}")
     every_size = list(models.sizes(quick=False))
     parser.add_argument("--sizes", nargs="+", default=[], choices=every_size, metavar="SIZE",
@@ -93,11 +95,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.results and args.quick:
         parser.error("--results writes the full table of benchmarks/RESULTS.md: run it without --quick")
+    left_out = [size for size in args.sizes if size not in models.sizes(quick=True)]
+    if args.quick and left_out:
+        parser.error(f"--sizes: --quick leaves out {left_out}: run them without --quick")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        # checked before measuring: a run is minutes long, and --json is written after its first part
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{option}: expected a file in a folder that exists, got {path!r}")
     harness.apply_measuring_options(parser, args)
     models.ONLY[:] = args.sizes
     print("harness overheads (µs): " + ", ".join(f"{key} {value:g}" for key, value in harness.overheads().items()),
           file=sys.stderr, flush=True)
-    table, failures = collect(args.quick, args.only, keep_going=args.keep_going, json_path=args.json or "")
+    options = {"quick": args.quick, "only": args.only, "sizes": args.sizes}
+    table, failures = collect(args.quick, args.only, keep_going=args.keep_going, json_path=args.json or "",
+                              options=options)
     harness.print_table(table)
     ran = {row.get("suite") for row in table} | {failure.split(":")[0] for failure in failures}
     # a suite that measures none of the sizes asked for (``--sizes``) says so instead of vanishing
@@ -110,7 +121,7 @@ def main() -> None:
     for failure in failures:
         print("FAILED", failure)
     if args.json:
-        harness.dump_json(table, args.json, failures)
+        harness.dump_json(table, args.json, failures, options)
     if args.plot:
         drawn(table, args.plot, harness.describe())
     if args.results:

@@ -99,13 +99,33 @@ def synchronize() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a whole number of at least 1 (threads, calls, repeats).
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not such a number (argparse prints it as a usage error).
+
+    >>> positive_int("4")
+    4
+    """
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_measuring_options(parser: Any, threads: Optional[int] = None, device_note: str = "") -> None:
     """``--allocator``, ``--device`` and ``--threads`` on a command line that measures (see ``apply_measuring_options``)."""
     parser.add_argument("--allocator", choices=ALLOCATORS, default="warm",
                         help="warm (default): glibc keeps freed memory, so no time includes page faults; "
                              "system: glibc's defaults, where fresh pages fault in depending on the heap's history")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N" + device_note)
-    parser.add_argument("--threads", type=int, default=threads,
+    parser.add_argument("--threads", type=positive_int, default=threads,
                         help="torch threads (default: " + (str(threads) if threads else "torch's own")
                              + "; 1 gives steadier ratios on a shared machine)")
 
@@ -242,13 +262,28 @@ def rows(workload: str, size: str, medians: dict[str, float], floor: str) -> lis
     ]
 
 
+def cpu_name() -> str:
+    """The CPU's model and architecture (``"AMD EPYC (x86_64)"``), where the system says the model.
+
+    ``platform.processor()`` is empty on Linux, where the model is in ``/proc/cpuinfo``.
+    """
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        pass
+    model = model or platform.processor()
+    return f"{model} ({platform.machine()})" if model and model != platform.machine() else platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": f"{DEVICE}: {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else str(DEVICE),
@@ -288,10 +323,13 @@ def print_table(table: list[dict[str, Any]]) -> None:
               f"{shown(row):>12} {row['ratio_to_floor']:>8.2f}")
 
 
-def dump_json(table: list[dict[str, Any]], path: str, failures: Optional[list[str]] = None) -> None:
-    """Write the rows, the machine and the suites that failed (``python -m benchmarks --keep-going``) to ``path``."""
+def dump_json(table: list[dict[str, Any]], path: str, failures: Optional[list[str]] = None,
+              options: Optional[dict[str, Any]] = None) -> None:
+    """Write the rows, the machine, the suites that failed (``python -m benchmarks --keep-going``) and the
+    run's options (``quick``, ``only``, ``sizes``: ``python -m benchmarks.results`` reads them) to ``path``."""
     with open(path, "w") as handle:
-        json.dump({"machine": machine(), "rows": table, "failures": failures or []}, handle, indent=1)
+        json.dump({"machine": machine(), "rows": table, "failures": failures or [], "options": options or {}},
+                  handle, indent=1)
 
 
 def tensordict() -> Any:

@@ -28,6 +28,13 @@ Row = dict[str, Any]
 #: The model sizes measured (``models.sizes``); ``--quick`` keeps the first.
 SIZES = ("many-small", "deep-narrow", "wide", "resnet18")
 
+#: What bench_memory leaves out, and why (printed under the table and in RESULTS.md).
+NOT_MEASURED = {
+    ("memory of a + b", "sizes"): "measured at many-small, deep-narrow, wide and resnet18 (many-small only with "
+                                  "--quick); at the tiny and iris sizes each style's a + b allocates its 8 or 396 "
+                                  "bytes of output, 1.00x the parameter bytes (tests/test_benchmarks.py checks it)",
+}
+
 
 def _row(workload: str, size: str, implementation: str, used: int, floor: int) -> Row:
     return {"workload": workload, "size": size, "implementation": implementation, "median_us": 0.0,

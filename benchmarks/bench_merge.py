@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller wide model and fewer repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while measuring (0: torch's default)")
     args = parser.parse_args()
+    if args.threads < 0:
+        parser.error(f"argument --threads: expected a whole number of at least 0, got {args.threads}")
     harness.use_allocator("warm")  # as ``python -m benchmarks`` does by default
     machine = harness.machine()
     machine["threads"] = args.threads or machine["threads"]

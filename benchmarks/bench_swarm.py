@@ -47,6 +47,16 @@ NOT_MEASURED = {
     ("swarm forward", "foreach"): "a forward pass is matrix products, and torch has no foreach matmul",
     ("swarm forward", "nytorch 1.1"): "1.1 has no vectorised forward: its members run one by one, "
                                       "as the Python loop of modules does",
+    ("swarm forward", "per-tensor"): "a forward has no per-tensor form: the loop over members is the "
+                                     "\"Python loop of P modules\" row",
+    **{("swarm forward", family): "ours is the Swarm (its rows start \"Swarm\"): functional, Particle and "
+                                  "NytoModule hold one model each, and a forward of P of them is the "
+                                  "\"Python loop of P modules\" row"
+       for family in ("functional", "Particle", "NytoModule")},
+    **{("APSO update", family): "ours is the Swarm (nytorch algorithms.apso, and its operators spelled out): "
+                                "functional, Particle and NytoModule hold one model each, and P of them "
+                                "updated one by one is how nytorch 1.1's rows do it"
+       for family in ("functional", "Particle", "NytoModule")},
 }
 P, BATCH = 64, 64
 ALPHA, BETA, BEST = 0.1, 0.5, 7
@@ -247,7 +257,8 @@ def verdicts(table: list[Row]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--threads", type=harness.positive_int, default=None,
+                        help="torch.set_num_threads (default: leave as is)")
     args = parser.parse_args()
     harness.use_allocator("warm")  # as ``python -m benchmarks`` does by default
     if args.threads:

@@ -7,7 +7,6 @@ matplotlib (in the ``dev`` extra).
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -123,9 +122,13 @@ def main() -> None:
     parser.add_argument("json", help="a file written by python -m benchmarks --json")
     parser.add_argument("out", help="the image to write (.png, .svg, .pdf)")
     args = parser.parse_args()
-    with open(args.json) as handle:
-        dump = json.load(handle)
-    plot(dump["rows"], args.out, title=describe(dump.get("machine", {})))
+    from .results import read_dump
+
+    try:
+        dump = read_dump(args.json)
+        plot(dump["rows"], args.out, title=describe(dump["machine"]))
+    except (ValueError, OSError) as error:  # no core rows, an image format or folder matplotlib cannot write
+        parser.error(str(error))
     print(f"wrote {args.out}")
 
 

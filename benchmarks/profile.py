@@ -118,13 +118,13 @@ def main() -> None:
     zoo = sizes(quick=False)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", nargs="*", default=["many-small"], choices=list(zoo), help="default: many-small")
+    parser.add_argument("--size", nargs="+", default=["many-small"], choices=list(zoo), help="default: many-small")
     parser.add_argument("--workload", nargs="*", default=["a + b"], help='core workloads by name (default: "a + b")')
     parser.add_argument("--implementation", nargs="*", default=["Particle", "NytoModule", "functional"],
                         help="implementations by prefix (default: Particle NytoModule functional)")
-    parser.add_argument("--calls", type=int, default=200, help="profiled calls per implementation")
-    parser.add_argument("--repeats", type=int, default=11, help="timed samples per implementation")
-    parser.add_argument("--top", type=int, default=10, help="functions listed per implementation")
+    parser.add_argument("--calls", type=harness.positive_int, default=200, help="profiled calls per implementation")
+    parser.add_argument("--repeats", type=harness.positive_int, default=11, help="timed samples per implementation")
+    parser.add_argument("--top", type=harness.positive_int, default=10, help="functions listed per implementation")
     harness.add_measuring_options(parser, threads=1)
     args = parser.parse_args()
     known = workloads(zoo["tiny (seed)"])  # the same workloads and implementations at every size

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,9 @@ Row = dict[str, Any]
 
 #: Suites that measure on the CPU whatever ``--device`` says (gloo collectives, CPU-side merging).
 CPU_ONLY = ("bench_merge", "bench_distributed")
+
+#: The results file beside this one, wherever the command is run from.
+RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 _SECTION = re.compile(r"<!-- run: (?P<key>[\w-]+) -->\n.*?<!-- end run: (?P=key) -->\n", re.S)
 
@@ -123,7 +127,7 @@ def section(table: Sequence[Row], machine: dict[str, Any], *, image: str = "", f
     return "\n".join(lines + ["", f"<!-- end run: {kind} -->", ""])
 
 
-def write(table: Sequence[Row], machine: dict[str, Any], path: str = "benchmarks/RESULTS.md",
+def write(table: Sequence[Row], machine: dict[str, Any], path: str = RESULTS_MD,
           failures: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
     """Put one run's section into ``path`` (and its picture beside it), keeping other devices' sections.
 
@@ -160,11 +164,29 @@ def partial_note(only: Sequence[str], sizes: Sequence[str]) -> list[str]:
     >>> partial_note(["bench_swarm"], [])
     ['A partial run (`--only bench_swarm`): this section holds only what it measured; the full table is `python -m benchmarks --threads 1 --results`.']
     """
-    options = ([f"--only {' '.join(only)}"] if only else []) + ([f"--sizes {' '.join(sizes)}"] if sizes else [])
+    options = ([f"--only {' '.join(only)}"] if only else []) + ([f"--sizes {shlex.join(sizes)}"] if sizes else [])
     if not options:
         return []
     return [f"A partial run (`{' '.join(options)}`): this section holds only what it measured; the full table is "
             "`python -m benchmarks --threads 1 --results`."]
+
+
+def read_dump(path: str) -> dict[str, Any]:
+    """A file written by ``python -m benchmarks --json``: its ``machine``, ``rows``, ``failures`` and ``options``.
+
+    Raises:
+        ValueError: the file cannot be read, is not JSON, or lacks ``machine`` or ``rows``.
+    """
+    try:
+        with open(path) as handle:
+            dump = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"read_dump: cannot read {path!r} as a dump of python -m benchmarks --json ({error})") from None
+    if not isinstance(dump, dict) or not isinstance(dump.get("machine"), dict) or not isinstance(dump.get("rows"), list):
+        raise ValueError(f"read_dump: expected a dump of python -m benchmarks --json (keys 'machine' and 'rows') "
+                         f"in {path!r}, got {type(dump).__name__}"
+                         + (f" with keys {sorted(dump)}" if isinstance(dump, dict) else ""))
+    return dump
 
 
 def merged(dumps: Sequence[dict[str, Any]]) -> tuple[list[Row], dict[str, Any], list[str]]:
@@ -189,18 +211,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.results", description=__doc__)
     parser.add_argument("runs", nargs="+", help="files written by python -m benchmarks --json; several runs on "
                                                 "one kind of device (e.g. suites run in separate calls) are merged")
-    parser.add_argument("--out", default="benchmarks/RESULTS.md", help="the file to update (default: %(default)s)")
+    parser.add_argument("--out", default=RESULTS_MD, help="the file to update (default: benchmarks/RESULTS.md)")
     parser.add_argument("--note", action="append", default=[],
                         help="a line to add under the machine of the sections written (repeatable)")
     args = parser.parse_args()
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for run in args.runs:
-        with open(run) as handle:
-            dump = json.load(handle)
+        try:
+            dump = read_dump(run)
+        except ValueError as error:
+            parser.error(str(error))
+        options = dump.get("options", {})
+        if options.get("quick"):  # as ``python -m benchmarks --quick --results`` is refused
+            parser.error(f"{run}: a --quick run (small sizes, few repeats); RESULTS.md holds full runs: "
+                         "render a run made without --quick")
         by_kind.setdefault(device_kind(dump["machine"]), []).append(dump)
     for kind, dumps in by_kind.items():
         rows, machine, failures = merged(dumps)
-        write(rows, machine, args.out, failures, notes=args.note)
+        partial = [note for dump in dumps
+                   for note in partial_note(dump.get("options", {}).get("only", []), dump.get("options", {}).get("sizes", []))]
+        write(rows, machine, args.out, failures, notes=list(dict.fromkeys(partial)) + args.note)
         print(f"{args.out}: section {kind} from {len(dumps)} run(s)")
 
 

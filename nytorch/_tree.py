@@ -292,7 +292,10 @@ def clone(a: PyTree, /) -> PyTree:
     >>> clone(tree)["w"] is tree["w"]
     False
     """
-    return _unary("clone", a, torch.Tensor.clone, arithmetic_only=False)
+    leaves, spec = flatten("clone", a)
+    if len(leaves) > 1 and not lw.needs_per_leaf(leaves):  # one C++ call (autograd and transforms see per leaf)
+        return optree.tree_unflatten(spec, torch._foreach_clone(leaves))
+    return optree.tree_unflatten(spec, [leaf.clone() for leaf in leaves])
 
 
 def randn_like(a: PyTree, /) -> PyTree:

@@ -354,3 +354,180 @@ def test_a_partial_results_section_says_so():
     assert partial_note(["bench_swarm"], ["many-small", "wide"]) == [
         "A partial run (`--only bench_swarm --sizes many-small wide`): this section holds only what it measured; "
         "the full table is `python -m benchmarks --threads 1 --results`."]
+
+
+# Every command refuses a bad value before measuring anything, in argparse's words (exit status 2, no traceback).
+@pytest.mark.parametrize("module, argv, message", [
+    ("benchmarks.__main__", ["--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
+    ("benchmarks.__main__", ["--threads", "-1"], "argument --threads: expected a whole number of at least 1, got '-1'"),
+    ("benchmarks.__main__", ["--only"], "argument --only: expected at least one argument"),
+    ("benchmarks.__main__", ["--quick", "--sizes", "resnet18"], "--sizes: --quick leaves out ['resnet18']"),
+    ("benchmarks.__main__", ["--json", "/nonexistent-a17/run.json"],
+     "--json: expected a file in a folder that exists, got '/nonexistent-a17/run.json'"),
+    ("benchmarks.__main__", ["--plot", "/nonexistent-a17/run.png"],
+     "--plot: expected a file in a folder that exists, got '/nonexistent-a17/run.png'"),
+    ("benchmarks.profile", ["--calls", "0"], "argument --calls: expected a whole number of at least 1, got '0'"),
+    ("benchmarks.profile", ["--repeats", "-2"], "argument --repeats: expected a whole number of at least 1, got '-2'"),
+    ("benchmarks.profile", ["--threads", "0"], "argument --threads: expected a whole number of at least 1, got '0'"),
+    ("benchmarks.profile", ["--size"], "argument --size: expected at least one argument"),
+])
+def test_bad_option_values_are_usage_errors_before_anything_runs(module, argv, message, monkeypatch, capsys):
+    import importlib
+
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert torch.get_num_threads() == threads and harness.DEVICE == torch.device("cpu")
+
+
+def _dump(path, *, quick=False, only=(), sizes=(), rows=None):
+    import json
+
+    rows = _rows("Particle p + q", 3.0) if rows is None else rows
+    path.write_text(json.dumps({"machine": {"device": "cpu", "date": "d"}, "rows": rows, "failures": [],
+                                "options": {"quick": quick, "only": list(only), "sizes": list(sizes)}}))
+    return str(path)
+
+
+def test_dump_json_records_the_options_of_the_run(tmp_path):
+    import json
+
+    path = str(tmp_path / "run.json")
+    harness.dump_json(_rows("Particle p + q", 3.0), path, [], {"quick": True, "only": ["bench_core"], "sizes": []})
+    saved = json.load(open(path))
+    assert saved["options"] == {"quick": True, "only": ["bench_core"], "sizes": []}
+    assert saved["rows"] == _rows("Particle p + q", 3.0) and set(saved["machine"]) >= {"date", "cpu", "device"}
+
+
+def test_results_command_refuses_quick_runs_and_notes_partial_ones(tmp_path, monkeypatch, capsys):
+    from benchmarks import results
+
+    out = str(tmp_path / "RESULTS.md")
+    monkeypatch.setattr(sys, "argv", ["results", _dump(tmp_path / "quick.json", quick=True), "--out", out])
+    with pytest.raises(SystemExit) as exit_info:
+        results.main()
+    assert exit_info.value.code == 2 and "a --quick run (small sizes, few repeats)" in capsys.readouterr().err
+    assert not (tmp_path / "RESULTS.md").exists()
+    monkeypatch.setattr(sys, "argv", ["results", _dump(tmp_path / "some.json", only=["bench_core"],
+                                                       sizes=["tiny (seed)", "wide"]), "--out", out])
+    results.main()
+    text = open(out).read()
+    assert "A partial run (`--only bench_core --sizes 'tiny (seed)' wide`)" in text
+    assert "| bench_core | a + b | wide | Particle p + q | 3.0 µs | 1.50 |" in text
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "read_dump: cannot read"),
+    ("not json", "read_dump: cannot read"),
+    ("{}", "read_dump: expected a dump of python -m benchmarks --json (keys 'machine' and 'rows')"),
+    ("[1, 2]", "got list"),
+])
+def test_results_and_plot_commands_name_a_bad_dump(content, message, tmp_path, monkeypatch, capsys):
+    from benchmarks import plot, results
+
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    for main, argv in ((results.main, [str(path), "--out", str(tmp_path / "R.md")]),
+                       (plot.main, [str(path), str(tmp_path / "out.png")])):
+        monkeypatch.setattr(sys, "argv", ["command", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists() and not (tmp_path / "out.png").exists()
+
+
+def test_plot_command_names_a_dump_without_core_rows(tmp_path, monkeypatch, capsys):
+    from benchmarks import plot
+
+    rows = [{"suite": "bench_swarm", "workload": "swarm forward", "size": "P=64", "implementation": "a",
+             "median_us": 1.0, "ratio_to_floor": 1.0}]
+    monkeypatch.setattr(sys, "argv", ["plot", _dump(tmp_path / "run.json", rows=rows), str(tmp_path / "out.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main()
+    assert exit_info.value.code == 2 and "plot: expected rows of at least one of" in capsys.readouterr().err
+
+
+def test_results_file_is_found_beside_the_suite_wherever_it_runs_from():
+    import inspect
+
+    from benchmarks import results
+
+    here = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
+    assert Path(results.RESULTS_MD) == here
+    assert inspect.signature(results.write).parameters["path"].default == results.RESULTS_MD
+
+
+def test_verdict_lines_never_show_a_miss_as_the_target_itself():
+    from benchmarks.targets import Target, Verdict, verdicts
+
+    ratio, speedup = Target("r", "s", "w", "z", "i", at_most=1.5), Target("x", "s", "w", "z", "i", at_least=5.0, than="o")
+    assert Verdict(ratio, 1.503, False).line() == "MISS  r: 1.503 (target <= 1.5)"
+    assert Verdict(ratio, 1.497, True).line() == "met   r: 1.497 (target <= 1.5)"
+    assert Verdict(ratio, 1.5, True).line() == "met   r: 1.50 (target <= 1.5)"
+    assert Verdict(ratio, 1.31, False).line() == "MISS  r: 1.31 (target <= 1.5)"
+    assert Verdict(speedup, 4.9996, False).line() == "MISS  x: 4.9996x faster (target >= 5x faster)"
+    # issue 4's 3-op target holds for every API of ours, the functional one too
+    table = [{"suite": "bench_core", "workload": "0.9 * (a - b) + a", "size": "deep-narrow", "implementation": name,
+              "median_us": 1.0, "ratio_to_floor": ratio} for name, ratio in
+             (("Particle", 1.9), ("NytoModule", 2.0), ("functional", 4.18))]
+    assert [verdict.line() for verdict in verdicts(table)] == [
+        "met   Particle 0.9 * (a - b) + a, deep-narrow: 1.90 (target <= 2)",
+        "met   NytoModule 0.9 * (a - b) + a, deep-narrow: 2.00 (target <= 2)",
+        "MISS  functional 0.9 * (a - b) + a, deep-narrow: 4.18 (target <= 2)"]
+
+
+def test_memory_at_the_tiny_sizes_is_what_the_no_row_line_says():
+    from benchmarks import bench_memory
+    from benchmarks.models import IrisMLP
+    from benchmarks.results import not_measured
+
+    for size, factory, output in (("tiny", SeedLinear, 8), ("iris", IrisMLP, 396)):
+        model = factory()
+        assert sum(p.numel() * p.element_size() for p in model.parameters()) == output  # independent count
+        rows = {row["implementation"]: row for row in bench_memory._ours(size, factory)}
+        for name in ("NytoModule a + b", "Particle p + q", "functional nf.add", "per-tensor loop"):
+            assert rows[name]["bytes"] == output and rows[name]["ratio_to_floor"] == 1.0, (size, name)
+    lines = not_measured([{"suite": "bench_memory", "workload": "memory of a + b", "size": "many-small",
+                           "implementation": name, "median_us": 0.0, "ratio_to_floor": 1.0}
+                          for name in ("tensordict td + td", "nytorch 1.1 NytoModule")])
+    assert lines == ["memory of a + b: " + bench_memory.NOT_MEASURED[("memory of a + b", "sizes")]]
+    assert "8 or 396 bytes" in lines[0]
+
+
+def test_machine_names_the_cpu_model_where_the_system_says_it():
+    import platform
+
+    cpu = harness.machine()["cpu"]
+    assert cpu == platform.machine() or cpu.endswith(f"({platform.machine()})")
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "") if Path("/proc/cpuinfo").exists() else ""
+    if model and model != platform.machine():
+        assert cpu == f"{model} ({platform.machine()})"
+
+
+def test_every_swarm_workload_has_every_implementation_or_says_why_not(monkeypatch):
+    """Issue 4's implementations (ours, per-tensor, foreach, tensordict, 1.1) at both swarm sizes; nothing timed."""
+    from benchmarks import bench_swarm
+    from benchmarks.plot import family
+
+    monkeypatch.setattr(harness, "compare", lambda impls, **options: dict.fromkeys(impls, 1.0))
+    # the P = 64 size (P = 8 many-small makes the same rows, from the same code, more slowly)
+    rows = bench_swarm.forward_rows(1) + bench_swarm.apso_rows(1)
+    # nytorch 1.1's APSO rows come from a subprocess (bench_swarm.nytorch_11); its forward has none, and says why
+    assert ("swarm forward", "nytorch 1.1") in bench_swarm.NOT_MEASURED
+    families = ["functional", "Particle", "NytoModule", "per-tensor", "foreach", "tensordict"]
+    if importlib.util.find_spec("tensordict") is None:
+        families.remove("tensordict")
+    for workload in ("swarm forward", "APSO update"):
+        present = {family(row["implementation"])[0] for row in rows if row["workload"] == workload}
+        absent = {implementation for (named, implementation) in bench_swarm.NOT_MEASURED if named == workload}
+        assert [name for name in families if name not in present and name not in absent] == [], workload
+        assert not present & absent, workload
+        assert any(row["implementation"].startswith(("Swarm", "nytorch algorithms")) for row in rows
+                   if row["workload"] == workload), workload  # ours

@@ -293,8 +293,9 @@ def clone(a: PyTree, /) -> PyTree:
     False
     """
     leaves, spec = flatten("clone", a)
-    if len(leaves) > 1 and not lw.needs_per_leaf(leaves):  # one C++ call (autograd and transforms see per leaf)
-        return optree.tree_unflatten(spec, torch._foreach_clone(leaves))
+    # one C++ call (autograd and transforms see per leaf); torch 2.11 has no _foreach_clone (pyproject: torch>=2.1)
+    if len(leaves) > 1 and _FOREACH_CLONE is not None and not lw.needs_per_leaf(leaves):
+        return optree.tree_unflatten(spec, _FOREACH_CLONE(leaves))
     return optree.tree_unflatten(spec, [leaf.clone() for leaf in leaves])
 
 

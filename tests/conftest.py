@@ -412,3 +412,16 @@ def keeps_old_file(tmp_path: Any, obj: Any, error: type, message: str) -> None:
         nyto.save(obj, path)
     assert torch.equal(nyto.load(path)["old"], torch.ones(2))
     assert os.listdir(tmp_path) == ["keep.pt"]
+
+
+@pytest.fixture
+def world_of_one() -> Any:
+    """A one-process gloo group (argument checks run before any communication)."""
+    dist = torch.distributed
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

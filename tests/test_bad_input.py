@@ -706,19 +706,6 @@ def _collective(fn: str, x: Any, rank: int = 0) -> Callable[[], Any]:
             "exchange": lambda: ndist.exchange(x, timeout=30)}[fn]
 
 
-@pytest.fixture
-def world_of_one() -> Any:
-    """A one-process gloo group (argument checks run before any communication)."""
-    dist = torch.distributed
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @needs_distributed
 @pytest.mark.parametrize("bad", ["str", "none", "list", "dict", "object", "tensor_1d", "ndarray"])
 def test_distributed_helpers_reject_non_models(world_of_one: Any, bad: str) -> None:

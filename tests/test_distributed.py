@@ -552,17 +552,6 @@ def test_in_place_collectives_are_seen_by_autograd() -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture
-def world_of_one() -> Any:
-    """A one-process gloo group."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("make", ["float32", "float64", "int64", "float16"])
 def test_best_takes_numpy_scalars_as_numbers(world_of_one: Any, make: str) -> None:
     import numpy as np
@@ -641,6 +630,22 @@ def test_an_inference_model_raises_before_it_is_packed(world_of_one: Any, fn: st
     assert getattr(nd, fn)(copy, *args, timeout=30) is copy
     particle = nd.all_reduce_mean(nyto.particle(net, pack=False), timeout=30)  # values, not in place: fine
     assert torch.equal(particle.params["1.bias"], net[1].bias)
+
+
+@pytest.mark.parametrize("fn", ["broadcast", "all_reduce_mean"])
+def test_a_call_inside_inference_mode_leaves_no_scratch_that_later_calls_cannot_write(world_of_one: Any,
+                                                                                     fn: str) -> None:
+    """The reused scratch buffer was made under inference mode and kept: the next call outside failed."""
+    from nytorch.distributed import _flat as dflat
+    dflat._SCRATCH.clear()
+    args = (0,) if fn == "broadcast" else ()
+    with torch.inference_mode():
+        inside = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+        getattr(nd, fn)(inside, *args, timeout=30, pack=False)
+    outside = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    values = [p.detach().clone() for p in outside.parameters()]
+    assert getattr(nd, fn)(outside, *args, timeout=30, pack=False) is outside
+    assert all(torch.equal(p, v) for p, v in zip(outside.parameters(), values))  # a world of one: unchanged
 
 
 @pytest.mark.parametrize("fn", ["broadcast", "all_reduce_mean", "all_gather", "exchange", "best"])

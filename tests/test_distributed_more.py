@@ -308,16 +308,6 @@ def test_a_rank_raising_mid_call_makes_the_others_raise_within_the_groups_own_ti
 # --------------------------------------------------------------------------------------
 # In this process (a group of one)
 # --------------------------------------------------------------------------------------
-@pytest.fixture
-def world_of_one() -> Any:
-    import torch.distributed as dist
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_hybrid_step_refuses_a_negative_step_as_algorithms_hybrid_step_does(world_of_one: Any) -> None:
     swarm = Swarm.zeros(nn.Linear(2, 1), 2)
     x, y = torch.randn(4, 2), torch.randn(4, 1)

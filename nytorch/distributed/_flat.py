@@ -249,7 +249,8 @@ class Flat:
     def release(self) -> None:
         """Give the scratch buffers back for the next call (after the last use of their views)."""
         for buffer in self._borrowed:
-            _SCRATCH[(buffer.device, buffer.dtype)] = buffer
+            if not buffer.is_inference():  # one made under inference mode could not be written outside it
+                _SCRATCH[(buffer.device, buffer.dtype)] = buffer
         self._borrowed.clear()
 
     def views(self, flats: Sequence[Tensor]) -> list[Tensor]:

@@ -79,7 +79,7 @@ def collect(quick: bool, only: list[str], *, keep_going: bool = False, json_path
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI)")
-    parser.add_argument("--json", metavar="PATH", help="also write rows and the machine as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write rows, the machine and the run's options as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also draw the core ratios to an image (needs matplotlib)")
     parser.add_argument("--results", action="store_true",
                         help="rewrite this device's section of benchmarks/RESULTS.md, and its picture")

@@ -349,7 +349,7 @@ def tensordict() -> Any:
 def run_nytorch_11(script: str, *args: str) -> Any:
     """Run ``script`` under nytorch 1.1 (a separate library also named ``nytorch``) and parse its JSON output.
 
-    1.1 is installed with ``pip install --no-deps --target $NYTORCH11_DIR nytorch==1.1.0`` when missing
+    1.1 is installed with ``pip install --no-deps --target $NYTORCH11_PATH nytorch==1.1.0`` when missing
     and imported from a subprocess with ``PYTHONPATH`` pointing there.  Returns ``None`` when unavailable.
     The script starts under this process's allocator regime and device, and finds three names
     defined: ``device``, ``compare`` (this module's) and ``suite_file(name)``, which runs one of the
@@ -358,7 +358,7 @@ def run_nytorch_11(script: str, *args: str) -> Any:
     import subprocess
     import sys
 
-    target = os.environ.get("NYTORCH11_DIR", "/tmp/nyto11")
+    target = os.environ.get("NYTORCH11_PATH", "/tmp/nyto11")
     if not os.path.isdir(os.path.join(target, "nytorch")):
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
                                "nytorch==1.1.0"], capture_output=True)

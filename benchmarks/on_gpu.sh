@@ -24,7 +24,7 @@ if compgen -G "$deps/whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$deps/td" ] && export PYTHONPATH="$PYTHONPATH:$deps/td"
-[ -d "$deps/nyto11/nytorch" ] && export NYTORCH11_DIR="$deps/nyto11"
+[ -d "$deps/nyto11/nytorch" ] && export NYTORCH11_PATH="$deps/nyto11"
 
 python3 - <<'EOF' 2>&1 | tee "$out/versions.txt"
 import importlib, platform, torch

@@ -27,6 +27,9 @@ def params(module: nn.Module) -> dict[str, Tensor]:
 
     The tensors are detached views sharing storage with the module (no copy).
 
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
+
     >>> import torch
     >>> list(params(torch.nn.Linear(2, 1)))
     ['weight', 'bias']
@@ -40,6 +43,9 @@ def state(module: nn.Module) -> dict[str, Tensor]:
 
     Arithmetic on this tree includes floating buffers (e.g. to average BatchNorm statistics);
     integer buffers such as ``num_batches_tracked`` are carried unchanged.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
 
     >>> list(state(torch.nn.BatchNorm1d(2)))
     ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
@@ -60,7 +66,7 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     zero): to differentiate with respect to ``params``, run the model with ``call``.
 
     Raises:
-        TypeError: ``module`` is not a module or ``params`` not a mapping of tensors.
+        TypeError: ``module`` is not a module (or is (or holds) a TorchScript module) or ``params`` not a mapping of tensors.
         StructureError: a parameter is missing, unknown, or has another shape/dtype/device.
 
     >>> import torch

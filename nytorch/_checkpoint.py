@@ -272,7 +272,8 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
             (the message names the first differing parameter in ``like``'s order, e.g.
             ``named_parameters()`` order).
         TypeError: a Particle, module or Swarm in the file was saved from another class than
-            ``like``'s (the message names both).
+            ``like``'s (the message names both); or ``map_location`` is not a ``str``, ``torch.device``,
+            dict or callable.
         OSError: the file cannot be opened (``FileNotFoundError``, ``PermissionError``,
             ``IsADirectoryError``); unreadable contents are ``CheckpointError``.
         ValueError: ``map_location`` names no device of this machine (``"cuda"`` without CUDA),

@@ -32,6 +32,7 @@ class ParamConfig:
     As in 1.1 it is a dataclass whose fields are ``operational`` and ``clone``
     (``dataclasses.asdict`` / ``replace`` work; custom attributes are not fields).
 
+    >>> import dataclasses
     >>> config = ParamConfig()
     >>> config.is_weight = True
     >>> config

@@ -442,7 +442,7 @@ def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> P
         A Particle viewing ``model``'s parameters (in-place operators write into ``model``).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
         ValueError: ``model`` is a lazy module not run yet (its shapes are unknown).
 
     >>> import torch

@@ -19,6 +19,8 @@ from ._errors import StructureError
 from ._types import PyTree, Scalar
 
 Tensor = torch.Tensor
+#: ``torch._foreach_clone``, or ``None`` where this torch lacks it (2.11 does): then ``clone`` runs per leaf.
+_FOREACH_CLONE: Optional[Callable[[list[Tensor]], list[Tensor]]] = getattr(torch, "_foreach_clone", None)
 
 __all__ = ["add", "sub", "mul", "div", "pow", "neg", "lerp", "clone", "randn_like", "zeros_like",
            "tree_map", "dot", "norm", "flatten", "path_names"]
@@ -38,8 +40,9 @@ def path_names(tree: PyTree) -> list[str]:
     return [_path_name(path) for path in optree.tree_paths(tree)]
 
 
-def flatten(fn: str, tree: PyTree, argument: str = "tree") -> tuple[list[Tensor], optree.PyTreeSpec]:
-    """Flatten ``tree`` and check every leaf is a tensor.
+def flatten(fn: str, tree: PyTree, argument: str = "tree", *,
+            scalar: bool = True) -> tuple[list[Tensor], optree.PyTreeSpec]:
+    """Flatten ``tree`` and check every leaf is a tensor (``scalar``: messages say a scalar is accepted too).
 
     Raises:
         TypeError: naming the path of the first leaf that is not a tensor.
@@ -48,14 +51,15 @@ def flatten(fn: str, tree: PyTree, argument: str = "tree") -> tuple[list[Tensor]
     >>> [tuple(leaf.shape) for leaf in leaves]
     [(2,)]
     """
+    expected = "a pytree of tensors or a scalar" if scalar else "a pytree of tensors"
     if tree is None:
-        raise TypeError(f"{fn}: expected a pytree of tensors or a scalar as {argument}, got None")
+        raise TypeError(f"{fn}: expected {expected} as {argument}, got None")
     leaves, spec = optree.tree_flatten(tree)
     if not all(issubclass(kind, Tensor) for kind in set(map(type, leaves))):
         bad = next(i for i, value in enumerate(leaves) if not isinstance(value, Tensor))
         name = path_names(tree)[bad]
         raise TypeError(
-            f"{fn}: expected a pytree of tensors or a scalar as {argument}, "
+            f"{fn}: expected {expected} as {argument}, "
             f"but the leaf at {name!r} is a {type(leaves[bad]).__name__}"
         )
     return leaves, spec
@@ -223,8 +227,14 @@ def mul(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
 def div(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     """Leaf-wise ``a / b`` (true division, IEEE semantics for zeros); either side may be a scalar.
 
+    Each leaf is ``torch.div(a, b)``.  With a number on the left that rounds once, so it can
+    differ in the last bit from the ``/`` operator, which torch computes as
+    ``b.reciprocal() * a`` (and so do ``number / particle`` and ``number / model``).
+
     >>> div({"w": torch.tensor([1., 2.])}, 2)
     {'w': tensor([0.5000, 1.0000])}
+    >>> div(2, {"w": torch.tensor([4.])})
+    {'w': tensor([0.5000])}
     """
     return _binary(lw.DIV, a, b)
 
@@ -246,7 +256,7 @@ def neg(a: PyTree, /) -> PyTree:
     >>> neg({"w": torch.tensor([1., -2.])})
     {'w': tensor([-1.,  2.])}
     """
-    leaves, spec = flatten("neg", a)
+    leaves, spec = flatten("neg", a, scalar=False)
     return optree.tree_unflatten(spec, lw.apply(lw.NEG, leaves))
 
 
@@ -279,7 +289,7 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
 
 
 def _unary(fn: str, a: PyTree, per_leaf: Callable[[Tensor], Tensor], *, arithmetic_only: bool) -> PyTree:
-    leaves, spec = flatten(fn, a)
+    leaves, spec = flatten(fn, a, scalar=False)
     out = [per_leaf(leaf) if (not arithmetic_only or lw.is_arithmetic(leaf)) else leaf.clone()
            for leaf in leaves]
     return optree.tree_unflatten(spec, out)
@@ -292,7 +302,7 @@ def clone(a: PyTree, /) -> PyTree:
     >>> clone(tree)["w"] is tree["w"]
     False
     """
-    leaves, spec = flatten("clone", a)
+    leaves, spec = flatten("clone", a, scalar=False)
     # one C++ call (autograd and transforms see per leaf); torch 2.11 has no _foreach_clone (pyproject: torch>=2.1)
     if len(leaves) > 1 and _FOREACH_CLONE is not None and not lw.needs_per_leaf(leaves):
         return optree.tree_unflatten(spec, _FOREACH_CLONE(leaves))
@@ -335,7 +345,7 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, /, *rest: PyTree) -> PyTree:
     >>> tree_map(torch.add, {"w": torch.tensor([2.])}, 1.5)  # a scalar reaches every call as it is
     {'w': tensor([3.5000])}
     """
-    leaves, spec = flatten("tree_map", tree)
+    leaves, spec = flatten("tree_map", tree, scalar=False)
     others: list[Any] = []
     for other in rest:
         if _is_scalar_operand(other, tree):
@@ -400,7 +410,7 @@ def norm(a: PyTree, /) -> Tensor:
     >>> norm({"w": torch.tensor([3.]), "b": torch.tensor([4.])})
     tensor(5.)
     """
-    leaves = [leaf for leaf in flatten("norm", a)[0] if lw.is_arithmetic(leaf)]
+    leaves = [leaf for leaf in flatten("norm", a, scalar=False)[0] if lw.is_arithmetic(leaf)]
     if not leaves:
         return torch.zeros(())
     if lw.needs_per_leaf(leaves):

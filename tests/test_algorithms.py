@@ -237,11 +237,11 @@ def test_pso_errors() -> None:
     with pytest.raises(TypeError, match=r"pso_step: expected a PSOState as state"):
         alg.pso_step(swarm, torch.zeros(6), (1, 2, 3))  # type: ignore[arg-type]
     other = alg.pso_init(Swarm.stack([nn.Linear(4, 2) for _ in range(6)]), torch.zeros(6))
-    with pytest.raises(TypeError, match=r"^pso_step: expected a Sequential \(or a Particle or Swarm of one\), "
+    with pytest.raises(TypeError, match=r"^pso_step: state.best: expected a Sequential \(or a Particle or Swarm of one\), "
                                         r"got a Linear"):
         alg.pso_step(swarm, torch.zeros(6), other)
     wider = alg.pso_init(Swarm.stack([nn.Sequential(*[nn.Linear(5, 5)] * 3) for _ in range(6)]), torch.zeros(6))
-    with pytest.raises(nytorch.StructureError, match=r"^pso_step: parameter '0.weight'"):
+    with pytest.raises(nytorch.StructureError, match=r"^pso_step: state.best: parameter '0.weight'"):
         alg.pso_step(swarm, torch.zeros(6), wider)
 
 

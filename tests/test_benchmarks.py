@@ -141,7 +141,7 @@ def test_nytorch_11_rows_cover_every_workload_it_can_spell():
 
     import pytest
 
-    if not os.path.isdir(os.path.join(os.environ.get("NYTORCH11_DIR", "/tmp/nyto11"), "nytorch")):
+    if not os.path.isdir(os.path.join(os.environ.get("NYTORCH11_PATH", "/tmp/nyto11"), "nytorch")):
         pytest.skip("nytorch 1.1 is not installed (see DEVELOPERS.md)")
     rows = bench_core.nytorch_11(["tiny (seed)"], True, 1)
     workloads = {row["workload"] for row in bench_core.bench_size("tiny (seed)", SeedLinear, repeats=1)}

@@ -108,3 +108,213 @@ def test_every_relative_link_of_the_readme_exists() -> None:
     links = [link for link in re.findall(r"\]\(([^)#\s]+)", README) if "://" not in link]
     assert len(links) >= 10
     assert [link for link in links if not (ROOT / link).exists()] == []
+
+
+# -- The error table of "Inputs that raise": each example message is what nytorch raises -------------------
+# Every row's input is built here and its message compared with the README's character for character,
+# up to its "..." / "(...)" elisions; the exception's class must be one the row names.
+TABLE = re.search(r"### Inputs that raise.*?\n(\|.*?)\n\n", README, re.S)
+ROWS = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in TABLE.group(1).splitlines()[2:]] \
+    if TABLE else []
+
+
+class Plain(nn.Module):
+    def __init__(self, out: int = 5, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, out, bias=bias)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.s = nn.Linear(2, 2), torch.jit.script(nn.Linear(2, 2))
+
+
+class _Fc1(nn.Module):
+    def __init__(self, inputs: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, inputs)
+
+
+def _with(model: nn.Module, **replaced: nn.Parameter) -> nn.Module:
+    for path, value in replaced.items():
+        owner, name = path.rsplit(".", 1)
+        setattr(model.get_submodule(owner), name, value)
+    return model
+
+
+def _corrupt(path: Path) -> None:
+    """Flip one byte inside the first data record of a ``nytorch.save`` archive."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = next(item for item in archive.infolist() if item.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    start = info.header_offset  # the local header's own name and extra lengths (its padding is not the directory's)
+    name_length, extra_length = (int.from_bytes(data[start + k:start + k + 2], "little") for k in (26, 28))
+    data[start + 30 + name_length + extra_length + 50] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+class _Runs:
+    """``__reduce__`` runs ``print``: a file holding it must be refused unread."""
+
+    def __reduce__(self) -> Any:
+        return (print, ("this must never run",))
+
+
+def _table_cases() -> dict[str, Any]:
+    """README message -> a call raising it (run in a temporary folder)."""
+    import nytorch.functional as nf
+    from nytorch import merge
+    from nytorch.distributed._fingerprint import first_difference
+    p = nytorch.particle(Plain())
+    other_class = type("Other", (nn.Linear,), {"__module__": "__main__"})
+
+    def corrupt() -> None:
+        nytorch.save({"w": torch.randn(1000)}, "run.pt")
+        _corrupt(Path("run.pt"))
+        nytorch.load("run.pt")
+
+    def malformed() -> None:
+        nytorch.save({"g": torch.Generator()}, "g.pt")
+        raw = torch.load("g.pt", weights_only=True)
+        raw["data"]["g"]["device"] = None
+        torch.save(raw, "g.pt")
+        nytorch.load("g.pt")
+
+    def swarm_shape() -> None:
+        nytorch.save({"swarm": nytorch.Swarm.randn(_Fc1(5), 3)}, "s.pt")
+        nytorch.load("s.pt", like={"swarm": nytorch.Swarm.randn(_Fc1(6), 3)})
+
+    def evil() -> None:
+        torch.save({"x": _Runs()}, "evil.pt")
+        nytorch.load("evil.pt")
+
+    def another_class() -> None:
+        nytorch.save({"net": nn.Linear(2, 3)}, "c.pt")
+        nytorch.load("c.pt", like={"net": other_class(2, 3)})
+
+    entries = [["fc2.weight", [5, 4], "float32", True, 0, "cpu"], ["fc2.bias", [5], "float32", True, 0, "cpu"]]
+    return {
+        "add: parameter 'fc2.bias' is missing from the second operand":
+            lambda: p + nytorch.particle(Plain(bias=False)),
+        "add: the second operand has an extra parameter 'fc2.extra'":
+            lambda: p + nytorch.particle(_with(Plain(), **{"fc2.extra": nn.Parameter(torch.ones(1))})),
+        "add: parameter 'fc2.weight' differs: shape (5, 4) float32 vs shape (6, 4) float32":
+            lambda: p + nytorch.particle(Plain(6)),
+        "add: parameter 'fc2.bias' is on cpu in the first operand and on meta in the second; move both to one "
+        "device first (e.g. model.to(device))":
+            lambda: p + nytorch.particle(_with(Plain(), **{"fc2.bias": nn.Parameter(torch.empty(5, device="meta"))})),
+        "mul: the scalar 1j would turn parameter 'fc1.weight' (shape (4, 3) float32) into complex64; ...":
+            lambda: p * 1j,
+        "add: the scalar operand is on meta but parameter 'fc1.weight' is on cpu":
+            lambda: p + torch.tensor(1.0, device="meta"),
+        "add: expected a number, a 0-dim tensor, a Particle or a Linear, got str":
+            lambda: nytorch.particle(nn.Linear(2, 2)) + "str",
+        "add: expected a Plain (or a Particle of one), got a Sequential":
+            lambda: p + nn.Sequential(),
+        "Net: expected Python nn.Modules, but submodule 's' is a TorchScript RecursiveScriptModule "
+        "(torch.jit.script / torch.jit.trace), which nytorch cannot read or rebuild; ...":
+            lambda: nytorch.particle(Net()),
+        "average: models[0] is of class Embedding and models[1] of class EmbeddingBag; merges combine models "
+        "of one class (...)":
+            lambda: merge.average([nn.Embedding(3, 2), nn.EmbeddingBag(3, 2)]),
+        "add: expected a pytree of tensors or a scalar as the second operand, but the leaf at 'x' is a float":
+            lambda: nf.add({"x": torch.ones(1)}, {"x": 1.0}),
+        "mul: expected one weight per member (a 1-D tensor of length 3), got length 2":
+            lambda: nytorch.Swarm.randn(nn.Linear(2, 2), 3) * torch.ones(2),
+        "stack: expected at least one module or Particle, got an empty sequence":
+            lambda: nytorch.Swarm.stack([]),
+        # the collectives raise what ``first_difference`` builds from two ranks' fingerprints
+        "all_reduce_mean: the structures differ across ranks (found before any data moved): parameter "
+        "'fc2.bias' is missing on rank 1 ...":
+            lambda: (_ for _ in ()).throw(first_difference("all_reduce_mean", entries, entries[:1], 0, 1)),
+        "load: refused 'evil.pt': it holds Python objects other than tensors and plain containers, which could "
+        "run code when unpickled (...)": evil,
+        "load: 'run.pt' is not a readable checkpoint (truncated or corrupt?): Bad CRC-32 for file "
+        "'archive/data/0'": corrupt,
+        "load (at 'net'): expected a checkpoint of a __main__.Other (like's class), got one of a "
+        "torch.nn.modules.linear.Linear": another_class,
+        "load: malformed 'generator' entry at 'g': expected a device string under 'device', got None": malformed,
+        "load (at 'swarm'): parameter 'fc1.weight' differs: like has shape (3, 6, 5) float32, the checkpoint has "
+        "shape (3, 5, 5) float32": swarm_shape,
+    }
+
+
+def _agrees(readme: str, actual: str) -> bool:
+    """``actual`` is ``readme`` with each "(...)" / "..." elision standing for any text."""
+    pieces = readme.split("...")  # "(...)" keeps its parentheses: "(" and ")" must be there
+    if not actual.startswith(pieces[0]) or not actual.endswith(pieces[-1]):
+        return False
+    at = len(pieces[0])
+    for piece in pieces[1:]:
+        found = actual.find(piece, at)
+        if found < 0:
+            return False
+        at = found + len(piece)
+    return True
+
+
+def test_every_row_of_the_error_table_has_a_case() -> None:
+    messages = [row[2].strip("`") for row in ROWS]
+    assert len(messages) >= 19 and sorted(messages) == sorted(_table_cases())
+
+
+@pytest.mark.parametrize("row", range(len(ROWS)))
+def test_each_error_table_row_is_what_nytorch_raises(row: int, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, exceptions, message = ROWS[row]
+    message = message.strip("`")
+    with pytest.raises(Exception) as caught:  # noqa: B017 - the row says which class
+        _table_cases()[message]()
+    named = re.findall(r"`(\w+)`", exceptions)
+    assert type(caught.value).__name__ in named, (type(caught.value).__name__, exceptions)
+    assert _agrees(message, str(caught.value)), str(caught.value)
+
+
+# -- Fixes found by the README audit: each with an independent reference -----------------------------------
+def test_functional_clone_without_a_foreach_clone_kernel_matches_tensor_clone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch 2.11 has no torch._foreach_clone (benchmarks/RESULTS.md); pyproject allows torch>=2.1
+    import nytorch._tree as tree
+    import nytorch.functional as nf
+    leaves = {"a": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), "b": torch.randn(3, 4).t(),
+              "i": torch.arange(3), "h": torch.randn(4, dtype=torch.float16)}
+    for kernel in (tree._FOREACH_CLONE, None):
+        monkeypatch.setattr(tree, "_FOREACH_CLONE", kernel)
+        out = nf.clone(leaves)
+        for name, leaf in leaves.items():
+            reference = leaf.clone()  # plain torch
+            assert torch.equal(out[name], reference) and out[name].stride() == reference.stride()
+            assert out[name].dtype == leaf.dtype and out[name].data_ptr() != leaf.data_ptr()
+
+
+def test_task_vector_names_its_one_finetuned_argument() -> None:
+    from nytorch import StructureError, merge
+    with pytest.raises(StructureError, match=r"^task_vector: parameter 'weight' differs: .* in finetuned$"):
+        merge.task_vector(nn.Linear(3, 2), nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"^task_vector: base is of class EmbeddingBag and finetuned of class "
+                                        r"Embedding; merges combine models of one class"):
+        merge.task_vector(nn.Embedding(3, 2), nn.EmbeddingBag(3, 2))
+    with pytest.raises(TypeError, match=r"as finetuned, got str$"):
+        merge.task_vector("x", nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["neg", "clone", "randn_like", "zeros_like", "norm", "tree_map"])
+def test_one_tree_functions_do_not_offer_a_scalar_they_refuse(name: str) -> None:
+    import nytorch.functional as nf
+    call = (lambda tree: nf.tree_map(torch.neg, tree)) if name == "tree_map" else getattr(nf, name)
+    with pytest.raises(TypeError, match=rf"^{name}: expected a pytree of tensors as tree, but the leaf at 'a' is a float$"):
+        call({"a": 1.0, "b": torch.ones(1)})
+    with pytest.raises(TypeError, match=rf"^{name}: expected a pytree of tensors as tree, got None$"):
+        call(None)
+    # two-operand functions do take a scalar, and say so
+    with pytest.raises(TypeError, match=r"^add: expected a pytree of tensors or a scalar as the second operand, "):
+        nf.add({"x": torch.ones(1)}, {"x": 1.0})
+
+
+def test_merges_do_not_offer_a_scalar_either() -> None:
+    from nytorch import merge
+    with pytest.raises(TypeError, match=r"^average: expected a pytree of tensors as models\[1\], but the leaf at 'a' "
+                                        r"is a float$"):
+        merge.average([{"a": torch.ones(1)}, {"a": 1.0}])

@@ -103,6 +103,12 @@ print(net.product().binary_operator(other.product(), keep_larger).params)
 # | `ParticleModule(net)` to break reference cycles | use `net`: there are no cycles |
 # | models must be "of the same species" | any two models of one class with matching parameters combine |
 # | `AssertionError` on misuse | `TypeError` / `StructureError` naming the parameter |
+#
+# Runs unchanged, but does not always compute the same: param ids, buffers (cloned into results, not
+# shared), integer parameters (carried, not computed on), tied weights (kept tied), the order in which
+# `randn()` and custom operators visit parameters, `product().params` (keyed by name, not by id), custom
+# operators' results (fresh Parameters) and the configs of replaced submodules differ from 1.1. The
+# README's "Migration from nytorch 1.1" section explains each.
 
 # %%
 net_a, net_b = DNN(), DNN()                 # built independently: 1.1 refused this, nytorch 2 accepts it

@@ -26,6 +26,9 @@ def sgd_step(swarm: Swarm, loss_fn: Callable[..., torch.Tensor], /, *args: Any, 
     Returns:
         ``(new_swarm, losses)`` with the losses *before* the step, shape ``(P,)``.
 
+    Raises:
+        TypeError: ``swarm`` is not a Swarm, ``loss_fn`` is not callable, or ``lr`` is not a real number.
+
     >>> import torch, torch.nn.functional as F
     >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])
     >>> x, y = torch.randn(16, 2), torch.randn(16, 1)

@@ -57,6 +57,14 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
 
     ``global_best`` (``g``) is a Particle or model, or the index of a member of ``swarm`` (as in ``apso``).
 
+    Raises:
+        TypeError: ``swarm``, ``velocity`` or ``best`` is not a Swarm, a coefficient is not a real number,
+            ``global_best`` is no index, Particle or model, or a model of another class is given.
+        ValueError: ``velocity`` or ``best`` has another number of members than ``swarm``.
+        IndexError: ``global_best`` is an index out of range.
+        StructureError: ``velocity``, ``best`` or ``global_best`` differs from the members in structure
+            (the message names the argument and the parameter).
+
     >>> import torch
     >>> x = Swarm.randn(torch.nn.Linear(2, 1), 3)
     >>> v = pso_velocity(x, Swarm.zeros(x), x, x[0], inertia=0.7, cognitive=1.5, social=0.0)
@@ -104,6 +112,13 @@ def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 
     Returns:
         ``(new_swarm, new_state)``; the inputs are unchanged.
 
+    Raises:
+        TypeError: ``swarm`` (or ``state.best`` / ``state.velocity``) is not a Swarm, ``state`` is not a
+            ``PSOState``, losses are not a real tensor, or a coefficient is not a real number.
+        ValueError: ``losses``, ``state.best_loss``, ``state.best`` or ``state.velocity`` does not hold
+            one entry per member of ``swarm``.
+        StructureError: ``state`` holds members of another structure (the message names the part).
+
     >>> import torch
     >>> x = Swarm.randn(torch.nn.Linear(2, 1), 4)
     >>> losses = x.norm()
@@ -124,7 +139,7 @@ def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 
     for name, part in (("state.best", state.best), ("state.velocity", state.velocity)):
         if len(part) != len(swarm):
             raise ValueError(f"{fn}: expected {name} of {len(swarm)} members (one per member), got {len(part)}")
-        swarm_ops.aligned(fn, swarm._spec, part)  # a state of another model: say so before anything is written
+        swarm_ops.aligned(f"{fn}: {name}", swarm._spec, part)  # a state of another model: say so before writing
     losses_arg(fn, state.best_loss, len(swarm), "state.best_loss")
     for name, value in (("inertia", inertia), ("cognitive", cognitive), ("social", social)):
         number_arg(fn, value, name)  # checked here too: an empty swarm returns before pso_velocity

@@ -124,7 +124,8 @@ def average(models: Sequence[M], /, *, weights: Optional[Weights] = None, buffer
     Raises:
         StructureError: a model differs from the first (names the model and the parameter).
         ValueError: bad weights (count, shape, a negative or infinite one, a zero sum) or ``buffers``.
-        TypeError: ``models`` is empty or not a sequence, or a weight is not a number.
+        TypeError: ``models`` is empty or not a sequence, a weight is not a number, or the models
+            are of two classes or mix a Swarm and a model (merges combine models of one class).
 
     >>> import torch
     >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
@@ -187,7 +188,8 @@ def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
 
     Raises:
         StructureError: a model differs from the first (names the model and the parameter).
-        TypeError: ``evaluate`` does not return a number.
+        TypeError: ``evaluate`` does not return a number, or the models are of two classes or mix a
+            Swarm and a model.
 
     >>> import torch
     >>> models = [torch.nn.Linear(1, 1) for _ in range(3)]

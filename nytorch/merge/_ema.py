@@ -172,6 +172,7 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
         StructureError: names, shapes or dtypes differ (the message names the parameter).
         DeviceMismatchError: a parameter lives on different devices.
         TypeError / ValueError: bad ``decay`` / ``tau`` / ``buffers`` or an unsupported operand.
+        TypeError: ``target`` and ``online`` are models of two classes, or one is a Swarm and the other not.
 
     >>> import torch
     >>> online = torch.nn.Linear(2, 1)

@@ -249,6 +249,7 @@ class EMA:
         Raises:
             StructureError: ``model`` differs in names, shapes or dtypes (names the parameter).
             DeviceMismatchError: ``model`` was moved to another device than the average.
+            TypeError: ``model`` is of another class than the average, or a Swarm meets a model.
 
         >>> net = torch.nn.Linear(1, 1)
         >>> ema = EMA(net, decay=0.5)

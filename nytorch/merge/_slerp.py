@@ -65,7 +65,8 @@ def slerp(first: M, second: Any, t: float, /, *, threshold: float = 0.9995) -> M
 
     Raises:
         StructureError: the structures differ (names the parameter).
-        TypeError: ``t`` is not a real number, or a parameter is complex.
+        TypeError: ``t`` is not a real number, a parameter is complex, or the models are of two
+            classes (or one is a Swarm and the other not).
         ValueError: ``threshold`` outside [0, 1].
 
     >>> import torch

@@ -142,7 +142,7 @@ def operand(fn: str, value: object, *, buffers: bool, argument: str = "model") -
         configs = value._spec.configs  # type: ignore[attr-defined]
         return Operand("swarm", value, names, leaves, len(params), None if configs is None else configs[:len(params)])
     if isinstance(value, (dict, list, tuple, Tensor)):
-        leaves, spec = flatten(fn, value, argument)
+        leaves, spec = flatten(fn, value, argument, scalar=False)  # a merge takes no scalar
         return Operand("tree", value, path_names(value), leaves, len(leaves), None, spec)
     raise TypeError(f"{fn}: expected an nn.Module, a Particle, a Swarm or a dict of tensors as {argument}, "
                     f"got {type(value).__name__}")

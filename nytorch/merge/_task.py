@@ -23,8 +23,11 @@ Scale = Union[float, Tensor, Sequence[float]]
 __all__ = ["task_vector", "task_arithmetic", "dare", "read_tasks", "deltas", "scales", "add_scaled"]
 
 
-def read_tasks(fn: str, base: Any, finetuned: Sequence[Any]) -> tuple[Operand, list[Operand], list[int]]:
-    """Read ``base`` and every fine-tuned model; return them and the indices of the merged leaves."""
+def read_tasks(fn: str, base: Any, finetuned: Sequence[Any], *, one: bool = False) -> tuple[Operand, list[Operand], list[int]]:
+    """Read ``base`` and every fine-tuned model; return them and the indices of the merged leaves.
+
+    ``one``: ``finetuned`` wraps a single model given as ``finetuned`` (messages name it so, not ``finetuned[0]``).
+    """
     if is_swarm(finetuned):
         if is_swarm(base):
             raise TypeError(f"{fn}: expected a list of Swarms as finetuned when base is a Swarm (member i is "
@@ -36,8 +39,9 @@ def read_tasks(fn: str, base: Any, finetuned: Sequence[Any]) -> tuple[Operand, l
     start = operand(fn, base, buffers=False, argument="base")
     read = []
     for index, model in enumerate(finetuned):
-        other = operand(fn, model, buffers=False, argument=f"finetuned[{index}]")
-        other = matched(fn, start, other, f"finetuned[{index}]", reference="base")
+        label = "finetuned" if one else f"finetuned[{index}]"
+        other = operand(fn, model, buffers=False, argument=label)
+        other = matched(fn, start, other, label, reference="base")
         read.append(other)
     return start, read, [index for index in range(len(start.leaves)) if start.active(index)]
 
@@ -86,13 +90,15 @@ def task_vector(finetuned: M, base: Any, /) -> M:
 
     Raises:
         StructureError: the models differ (names the parameter).
+        TypeError: an operand is not a model, Particle, Swarm or dict of tensors, the models are of
+            two classes, or one is a Swarm and the other not.
 
     >>> import torch
     >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     >>> torch.allclose(task_vector(a, b).weight, a.weight - b.weight)
     True
     """
-    start, (end,), picked = read_tasks("task_vector", base, [finetuned])
+    start, (end,), picked = read_tasks("task_vector", base, [finetuned], one=True)
     out = [carry(end, index) for index in range(len(end.leaves))]
     for index, value in zip(picked, deltas(start, end, picked)):
         out[index] = value
@@ -119,6 +125,7 @@ def task_arithmetic(base: M, finetuned: Sequence[Any], /, *, scale: Scale = 1.0)
     Raises:
         StructureError: a model differs from ``base`` (names the model and parameter).
         ValueError / TypeError: bad ``scale`` or ``finetuned``.
+        TypeError: a model is of another class than ``base``, or a Swarm meets a model.
 
     >>> import torch
     >>> base, a, b = (torch.nn.Linear(2, 1) for _ in range(3))
@@ -186,6 +193,7 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
     Raises:
         StructureError: a model differs from ``base``.
         ValueError: ``drop`` outside [0, 1).
+        TypeError: a model is of another class than ``base``, or a Swarm meets a model.
 
     >>> import torch
     >>> base, a = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)

@@ -109,7 +109,8 @@ def ties(base: M, finetuned: Sequence[Any], /, *, density: float = 0.2, scale: U
     Raises:
         StructureError: a model differs from ``base``.
         ValueError: ``density`` outside (0, 1].
-        TypeError: a complex parameter (signs are undefined), or ``scale`` is not a number.
+        TypeError: a complex parameter (signs are undefined), ``scale`` is not a number, or a model
+            is of another class than ``base`` (or a Swarm meets a model).
 
     >>> import torch
     >>> base = {"w": torch.zeros(3)}

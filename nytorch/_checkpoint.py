@@ -15,8 +15,10 @@ Writes go through ``atomic_write`` (temporary file, fsync, rename, fsync folder)
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
+import sys
 import threading
 import traceback
 import zipfile
@@ -24,6 +26,7 @@ from collections.abc import Iterator
 from typing import IO, Any, Union
 
 import torch
+import torch._weights_only_unpickler as _weights_only
 
 from ._atomic import PathLike, atomic_write
 from ._codec import FORMAT, VERSION, CheckpointError, encode
@@ -123,7 +126,8 @@ def save(obj: Any, path: PathLike) -> None:
             or ``np.float64`` would pickle their class); the message gives its path inside ``obj``.
             Also when ``path`` is not a ``str`` or an ``os.PathLike`` giving one.
         ValueError: a dict key is ``"__nytorch__"`` (reserved) or a NaN float (``nan != nan``:
-            ``load(like=...)`` could never match it).
+            ``load(like=...)`` could never match it); or a container holds itself (a cycle) or
+            containers nest deeper than Python's recursion limit.
         OSError: the file cannot be written, e.g. the disk is full (``errno.ENOSPC``); the
             message names ``path``, the error the write raised is chained, and the previous
             file, if any, is untouched (no temporary file is left).  Any other exception the
@@ -141,7 +145,11 @@ def save(obj: Any, path: PathLike) -> None:
     if not isinstance(name, str):
         raise TypeError(f"save: expected a str or os.PathLike as path, got {type(path).__name__}"
                         + ("" if name is None else f" of {type(name).__name__}"))
-    payload = {"format": FORMAT, "version": VERSION, "data": encode(obj, "")}
+    try:
+        payload = {"format": FORMAT, "version": VERSION, "data": encode(obj, "")}
+    except RecursionError:
+        raise ValueError(f"save: expected a tree of values, got containers that hold themselves or nest deeper "
+                         f"than Python's recursion limit ({sys.getrecursionlimit()})") from None
 
     def write(file: IO[bytes]) -> None:
         recorder = _Recorder(file)
@@ -174,16 +182,26 @@ def _check_records(file: IO[bytes]) -> None:
     ``torch.load`` does not check them, so a flipped bit would load as a wrong value.  Records
     stored with a CRC of 0 (``torch.serialization.set_crc32_options(False)`` in the writer; never
     ``nytorch.save``, which always writes them) are not checked.
-    A record marked as a folder is refused too: torch reads no bytes for it (uninitialised values).
+    A record marked as a folder is refused too: torch reads no bytes for it (uninitialised values);
+    so is a compressed record (``torch.save`` stores them as they are; a crafted one can unpack to
+    a thousand times the file's size) and an archive that does not start at the first byte (bytes
+    prepended, or archives concatenated: ``zipfile`` would check other bytes than torch reads).
     Files that are not zip archives are left to ``torch.load`` (which refuses or fails on them).
     """
     if not zipfile.is_zipfile(file):
         return
     file.seek(0)
     with zipfile.ZipFile(file) as archive:
-        for info in archive.infolist():
+        records = archive.infolist()
+        if records and min(info.header_offset for info in records) != 0:
+            raise zipfile.BadZipFile("the archive does not start at the first byte of the file (bytes prepended, "
+                                     "or archives concatenated)")
+        for info in records:
             if info.external_attr & _FOLDER:  # torch would read no bytes: an uninitialised tensor
                 raise zipfile.BadZipFile(f"record {info.filename!r} is marked as a folder")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise zipfile.BadZipFile(f"record {info.filename!r} is compressed (torch.save stores records as "
+                                         "they are)")
             if info.CRC == 0:
                 continue
             with archive.open(info) as record:  # reading to the end checks the CRC-32
@@ -191,13 +209,54 @@ def _check_records(file: IO[bytes]) -> None:
                     pass
 
 
+_LEGACY_PICKLES = 5  # a file in torch's legacy format: magic number, protocol, system info, the value, storage keys
+
+
+def _check_globals(file: IO[bytes]) -> None:
+    """Raise ``pickle.UnpicklingError`` naming a global in the file's pickles that torch does not allow by default.
+
+    ``torch.load(weights_only=True)`` also builds the classes this process allowlisted with
+    ``torch.serialization.add_safe_globals`` (running their ``__setstate__``); nytorch files never
+    hold one, so they are refused whatever the process allowlisted.  The pickles are scanned
+    (nothing is built) as ``torch.load`` reads them: ``data.pkl`` through torch's own zip reader,
+    or a legacy file's pickles one after another; a pickle the scan cannot parse raises what the
+    restricted unpickler raises for it (``Unsupported operand``).  Skipped on a torch without
+    these helpers.
+    """
+    scan = getattr(_weights_only, "get_globals_in_pkl", None)
+    allowed_globals = getattr(_weights_only, "_get_allowed_globals", None)
+    if scan is None or allowed_globals is None:  # pragma: no cover - depends on the torch version
+        return
+    start = file.read(4)
+    file.seek(0)
+    found: set[str] = set()
+    if start == b"PK\x03\x04":  # torch.load's own test for its zip format
+        try:
+            record = torch._C.PyTorchFileReader(file).get_record("data.pkl")
+        except Exception:  # torch.load fails on this archive the same way  # noqa: BLE001
+            return
+        found = scan(io.BytesIO(record))
+    else:
+        for index in range(_LEGACY_PICKLES):
+            if index and not file.read(1):  # no more pickles
+                break
+            file.seek(-1 if index else 0, os.SEEK_CUR)
+            found |= scan(file)
+    refused = sorted(name for name in found if name not in allowed_globals())
+    if refused:
+        raise pickle.UnpicklingError(f"GLOBAL {refused[0]}: not one of the globals torch allows by default")
+
+
 def _read(path: PathLike, map_location: Any) -> Any:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load: expected a str or os.PathLike as path, got {type(path).__name__}")
-    name = os.fspath(path)
-    with open(path, "rb") as file:  # cannot open (missing, no permission, a folder): OSError as is
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(name, str):
+        raise TypeError(f"load: expected a str or os.PathLike as path, got {type(path).__name__}"
+                        + ("" if name is None else f" of {type(name).__name__}"))
+    with open(name, "rb") as file:  # cannot open (missing, no permission, a folder): OSError as is
         try:
             _check_records(file)
+            file.seek(0)
+            _check_globals(file)
             file.seek(0)
             payload = torch.load(file, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
@@ -244,9 +303,13 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
     is never modified.  Dict keys match by value and type (``1`` is not ``"1"``), in any order,
     and so do the parameters of a Particle, module or Swarm (by name).  Generators are
     restored on ``like``'s device, or without ``like`` on the device they were saved on
-    (``map_location`` does not apply to them).
+    (``map_location`` does not apply to them).  ``ParamConfig``s are not stored: a NytoModule
+    or Particle loaded into ``like`` gets ``like``'s configs (shared with it, as arithmetic
+    results share their operand's).
 
-    The file's bytes are checked against the CRC-32 stored for each record of the archive
+    The file's pickle may name only the globals torch's restricted unpickler allows by default
+    (tensors, storages, dtypes, plain containers): those a process added with
+    ``torch.serialization.add_safe_globals`` are refused here too.  The file's bytes are checked against the CRC-32 stored for each record of the archive
     before anything is unpickled (about 15 ms per 50 MB on one CPU core).  ``save`` always
     stores them; records stored with a CRC of 0 (files written by other tools, or by older
     nytorch, under ``torch.serialization.set_crc32_options(False)``) still load, unchecked.
@@ -273,7 +336,7 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
             ``named_parameters()`` order).
         TypeError: a Particle, module or Swarm in the file was saved from another class than
             ``like``'s (the message names both); or ``map_location`` is not a ``str``, ``torch.device``,
-            dict or callable.
+            dict or callable; or ``path`` is not a ``str`` or an ``os.PathLike`` giving one (as for ``save``).
         OSError: the file cannot be opened (``FileNotFoundError``, ``PermissionError``,
             ``IsADirectoryError``); unreadable contents are ``CheckpointError``.
         ValueError: ``map_location`` names no device of this machine (``"cuda"`` without CUDA),
@@ -287,7 +350,12 @@ def load(path: PathLike, *, like: Any = None, map_location: Union[str, torch.dev
     >>> torch.equal(state["net"].weight, net.weight), state["step"]
     (True, 3)
     """
-    return restore("", _read(path, _location(map_location)), like)
+    data = _read(path, _location(map_location))
+    try:
+        return restore("", data, like)
+    except RecursionError:  # only a crafted file: save refuses such nesting
+        raise CheckpointError(f"load: {os.fspath(path)!r} nests containers deeper than Python's recursion limit "
+                              f"({sys.getrecursionlimit()}); nytorch.save never writes such files") from None
 
 
 def _location(map_location: Any) -> Any:

@@ -291,33 +291,65 @@ def plain(data: Any, path: str) -> Any:
     """Decode ``encode``'s output without a template: Particles, modules and Swarms become ``dict[str, Tensor]``.
 
     Generators and NumPy arrays come back as themselves, namedtuples as dicts of their fields.
+    A container the file holds at several places is decoded once (shared, as ``pickle`` does).
 
     Raises:
-        CheckpointError: an entry is malformed or of a kind this version does not know.
+        CheckpointError: an entry is malformed (a container that holds itself included) or of a
+            kind this version does not know.
 
     >>> plain(encode(torch.nn.Linear(1, 1, bias=False), ""), "")
     {'weight': tensor([[...]])}
     """
+    return _plain(data, path, {})
+
+
+_BUSY = object()  # in ``_plain``'s memo while a container is being decoded
+
+
+def _plain(data: Any, path: str, memo: dict[int, Any]) -> Any:
+    """``plain`` with a memo: a container the file holds twice is decoded once (``nytorch.save`` writes
+    trees, but a crafted pickle can share one list 100 levels deep, 2**100 paths), and a container
+    that holds itself is a ``CheckpointError``.  One frame per level (loops, no generators), so
+    whatever ``encode`` (two frames per level) could write loads."""
+    container = isinstance(data, (dict, list, tuple)) and not isinstance(data, torch.Size)
+    if not container:
+        return data
+    done = memo.get(id(data), memo)
+    if done is _BUSY:
+        raise CheckpointError(f"load: malformed checkpoint{where(path)}: expected a tree of containers, got a "
+                              f"{type(data).__name__} that holds itself (nytorch.save never writes cycles)")
+    if done is not memo:
+        return done
+    memo[id(data)] = _BUSY
     tag = tag_of(data, path)
+    value: Any
     if tag in ("particle", "module", "swarm"):
         class_of(data, path)
     if tag == "particle":
-        return dict(named_tensors(data, "tensors", path))
-    if tag in ("module", "swarm"):
-        return {**named_tensors(data, "params", path), **named_tensors(data, "buffers", path)}
-    if tag == "generator":
-        return decode_generator(data, path)
-    if tag == "ndarray":
-        return decode_ndarray(data, path)
-    if tag in ("namedtuple", "dataclass"):
-        return {field: plain(value, join(path, field)) for field, value in fields_of(data, path).items()}
-    if tag is not None:
+        value = dict(named_tensors(data, "tensors", path))
+    elif tag in ("module", "swarm"):
+        value = {**named_tensors(data, "params", path), **named_tensors(data, "buffers", path)}
+    elif tag == "generator":
+        value = decode_generator(data, path)
+    elif tag == "ndarray":
+        value = decode_ndarray(data, path)
+    elif tag in ("namedtuple", "dataclass"):
+        value = {}
+        for field, item in fields_of(data, path).items():
+            value[field] = _plain(item, join(path, field), memo)
+    elif tag is not None:
         raise CheckpointError(f"load: unknown entry kind {tag!r}{where(path)}; written by a newer nytorch?")
-    if isinstance(data, dict):
-        return type(data)((key, plain(value, join(path, key))) for key, value in data.items())
-    if isinstance(data, (list, tuple)) and not isinstance(data, torch.Size):
-        return type(data)(plain(value, join(path, i)) for i, value in enumerate(data))
-    return data
+    elif isinstance(data, dict):  # an OrderedDict stays one; any other dict (a crafted Counter) becomes a dict
+        value = OrderedDict() if isinstance(data, OrderedDict) else {}
+        for key, item in data.items():
+            value[key] = _plain(item, join(path, key), memo)
+    else:
+        items = []
+        for index, item in enumerate(data):
+            items.append(_plain(item, join(path, index), memo))
+        value = items if isinstance(data, list) else tuple(items)
+    memo[id(data)] = value
+    return value
 
 
 def fields_of(data: dict[str, Any], path: str) -> dict[str, Any]:

@@ -89,7 +89,9 @@ class Swarm(SwarmArithmetic):
         besides their tensors: submodule classes, the train/eval mode of module items (a Particle
         has none of its own and runs in item 0's) and the settings of torch's layers (numbers,
         strings, ``None`` and tuples of them, e.g. ``Dropout.p``, ``BatchNorm1d.eps``).  Other
-        attributes of your own classes (names, counters, a ``self.scale``) are item 0's.
+        attributes of your own classes (names, counters, a ``self.scale``) are item 0's, and so are
+        the parameters' ``ParamConfig``s (what takes part in arithmetic) and ``requires_grad`` flags
+        (what ``grad_and_value`` differentiates).
 
         Raises:
             ValueError: ``items`` is empty.
@@ -392,10 +394,19 @@ class Swarm(SwarmArithmetic):
         forward sets on its modules (``self.last = out``, counters) are not kept on a swarm: every
         call starts from, and leaves, the members' modules as they were.
 
+        Outputs may be any pytree (tuples, dicts) of tensors: each tensor comes back stacked; other
+        leaves (``None``, as ``MultiheadAttention(..., need_weights=False)`` returns, or numbers) come
+        back once, as they are.  An empty swarm returns outputs with 0 members (computed on one
+        stand-in member, so their shapes are right).  Forward hooks and pre-hooks (item 0's, as
+        stacked) run inside the vectorised call, once per call (per chunk) rather than once per
+        member, and see one member's tensors: a hook may change outputs, but tensors it stores
+        cannot be used afterwards.
+
         Raises:
             RuntimeError: the model cannot run under ``torch.func.vmap`` (the message says what to change),
                 or the forward updates buffers made under ``torch.inference_mode()``.
-            TypeError / ValueError: ``chunk_size`` or ``randomness`` is not one of the values above.
+            TypeError / ValueError: ``chunk_size`` or ``randomness`` is not one of the values above,
+                or an input that ``in_dims`` maps has not ``P`` slices along that dimension.
 
         >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])
         >>> x = torch.randn(5, 2)

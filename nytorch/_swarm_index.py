@@ -132,8 +132,9 @@ def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: 
             if row is None:
                 continue
             if isinstance(row, Tensor):
-                row = row.to(flat.device)
+                row = row.to(device=flat.device, dtype=flat.dtype)  # a 0-dim scalar may be of another dtype
                 if row.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
                     row = row.clone()  # overlapping views of this swarm: copy first
-                row = row.reshape(-1) if isinstance(index, int) else row.expand(selected, -1)
+                if row.dim():  # a 0-dim tensor is a number: it broadcasts as it is
+                    row = row.reshape(-1) if isinstance(index, int) else row.expand(selected, -1)
             flat[index] = row

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ._swarm_spec import Spec
 
@@ -353,6 +354,8 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
     """Every member's forward on ``args`` (shared, or per member where ``in_dims`` says 0), stacked ``[P, ...]``."""
     fn = "Swarm.__call__"
     dims = _in_dims(fn, in_dims, args)
+    if in_dims is not None:
+        _check_members(fn, args, dims, size)
     if randomness != "different" or chunk_size is not None:
         chunk_size = _options(fn, randomness, chunk_size)
     if chunk_size is None:
@@ -361,20 +364,73 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
             return fused
 
     assigned: list[int] = []
+    structure: list[Any] = []  # the output's pytree structure and its non-tensor leaves (None, numbers)
 
     def member(leaves: list[Tensor], *inputs: Any) -> Any:
         replaced: dict[int, Any] = {}
         with bound(spec, leaves, replaced) as module:
             out = module(*inputs, **kwargs)
         assigned[:], values = _assigned(fn, spec, replaced)
-        return out, values
+        flat, tree = pytree.tree_flatten(out)  # vmap returns tensors only: keep the rest aside
+        structure[:] = [tree, [_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in flat]]
+        return [leaf for leaf in flat if isinstance(leaf, Tensor)], values
 
+    if size == 0:  # vmap over no members fails in some batching rules: run one stand-in member, keep none
+        stand_in = _stand_in_call(fn, spec, views, member, args, dims, randomness)
+        return _rebuilt(structure, [tensor[:0] for tensor in stand_in])
     leaves, write_back = _writable(fn, spec, views)
     carrier = leaves or [torch.zeros(size, 0)]  # a model without tensors: still map over the members
-    out, values = _vmap(fn, spec, member, (0, *dims), randomness, chunk_size, carrier, *args)
+    tensors, values = _vmap(fn, spec, member, (0, *dims), randomness, chunk_size, carrier, *args)
     write_back()
     _write_assigned(fn, spec, views, assigned, values)
-    return out
+    return _rebuilt(structure, tensors)
+
+
+_TENSOR = object()  # marks where a tensor output goes back
+
+
+def _rebuilt(structure: list[Any], tensors: Sequence[Tensor]) -> Any:
+    """The output of a vectorised call: its stacked tensors put back among its non-tensor leaves."""
+    tree, leaves = structure
+    stacked = iter(tensors)
+    return pytree.tree_unflatten([next(stacked) if leaf is _TENSOR else leaf for leaf in leaves], tree)
+
+
+def _check_members(fn: str, args: Sequence[Any], dims: Sequence[Any], size: int) -> None:
+    """Raise ``ValueError`` unless each tensor that ``in_dims`` maps has ``size`` slices (one per member) there."""
+    for position, (arg, dim) in enumerate(zip(args, dims)):
+        if type(dim) is not int:
+            continue
+        for leaf in pytree.tree_leaves(arg):
+            if not isinstance(leaf, Tensor):
+                continue
+            if not -leaf.dim() <= dim < leaf.dim():
+                raise ValueError(f"{fn}: in_dims maps dimension {dim} of input {position}, but it is a tensor of "
+                                 f"shape {tuple(leaf.shape)}; give its member dimension, or None to share it")
+            if leaf.shape[dim] != size:
+                raise ValueError(f"{fn}: expected input {position} to have {size} slices (one per member) along "
+                                 f"dimension {dim} (in_dims), got shape {tuple(leaf.shape)}; give None in in_dims "
+                                 "to share it with every member")
+
+
+def _stand_in_call(fn: str, spec: Spec, views: Sequence[Tensor], member: Callable[..., Any], args: Sequence[Any],
+                   dims: Sequence[Any], randomness: str) -> list[Tensor]:
+    """The stacked tensor outputs of one stand-in member (zero parameters, the template's buffers), for an
+    empty swarm's output shapes; per-member inputs get one slice of zeros.  Nothing is written back."""
+    buffers = spec.layout.buffers
+    leaves = [torch.zeros(1, *view.shape[1:], dtype=view.dtype, device=view.device) if i < spec.n_params
+              else buffers[i - spec.n_params].detach().clone().unsqueeze(0) for i, view in enumerate(views)]
+
+    def one(tensor: Any, dim: int) -> Any:
+        if not isinstance(tensor, Tensor):
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = 1
+        return tensor.new_zeros(shape)
+    inputs = [arg if type(dim) is not int else pytree.tree_map(lambda t, d=dim: one(t, d), arg)
+              for arg, dim in zip(args, dims)]
+    tensors, _ = _vmap(fn, spec, member, (0, *dims), randomness, None, leaves or [torch.zeros(1, 0)], *inputs)
+    return tensors  # type: ignore[no-any-return]
 
 
 def _writable(fn: str, spec: Spec, views: Sequence[Tensor]) -> tuple[list[Tensor], Callable[[], None]]:
@@ -436,6 +492,8 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
         raise TypeError(f"{fn}: expected a callable loss_fn(member, *args) -> 0-dim tensor, "
                         f"got {type(loss_fn).__name__}")
     dims = _in_dims(fn, in_dims, args)
+    if in_dims is not None:
+        _check_members(fn, args, dims, size)
     chunk_size = _options(fn, randomness, chunk_size)
     template = spec.layout.params
     wanted = [

@@ -124,6 +124,8 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
     for operand in operands:
         if not isinstance(operand, (list, tuple)):
             lw.check_scalar(op.name, operand, names, leaves, active)
+            lw.check_converted(op.name, operand, lambda: [
+                (name, leaf.dtype) for name, leaf, on in zip(names, leaves, active) if on])
     check_writable(op.name, names, leaves, active)
     lw.apply_(op, leaves, *operands, active=active)
 

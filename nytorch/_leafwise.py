@@ -11,9 +11,10 @@ leaves (``num_batches_tracked``, masks) are carried through unchanged.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
@@ -65,6 +66,25 @@ NEG = Op("neg", torch.neg, torch._foreach_neg, torch._foreach_neg_, Tensor.neg_)
 LERP = Op("lerp", torch.lerp, torch._foreach_lerp, torch._foreach_lerp_, Tensor.lerp_)
 
 REFLECTED = {"sub": RSUB, "div": RDIV, "pow": RPOW, "add": ADD, "mul": MUL}
+#: ``c * model`` for a 0-dim tensor ``c``: ``torch.mul(c, leaf)``, as ``c * tensor`` is.  torch rounds
+#: ``c`` to a float16 / bfloat16 leaf's dtype first when it comes first, not when it comes second.
+_TENSOR_REFLECTED = {"add": Op("add", _reflected(torch.add)), "mul": Op("mul", _reflected(torch.mul))}
+
+
+def reflected_op(op: Op, scalar: object) -> Op:
+    """The op that computes ``scalar <op> leaf`` as torch's operator does, for a reflected ``op``.
+
+    ``ADD`` and ``MUL`` serve ``2 + model`` and ``2 * model`` (torch computes ``2 * t`` as ``t * 2``);
+    a 0-dim tensor on the left runs ``torch.mul(scalar, leaf)``, per leaf.
+
+    >>> reflected_op(MUL, 2.0) is MUL, reflected_op(MUL, torch.tensor(2.0)) is MUL
+    (True, False)
+    """
+    if isinstance(scalar, Tensor) and (op is ADD or op is MUL):
+        return _TENSOR_REFLECTED[op.name]
+    return op
+
+
 #: Ops whose fused kernels round a 0-dim tensor operand as their per-tensor kernels do.  The others
 #: (pow, rpow, lerp) have no ``Tensor`` overload: they read it as a Python number, which rounds unlike
 #: ``torch.pow(x, torch.tensor(3))`` or ``torch.lerp(half, half, torch.tensor(0.7))``, so they run per leaf.
@@ -108,6 +128,21 @@ def _check_kind(fn: str, scalar: object) -> None:
     if not isinstance(scalar, (Tensor, int, float, complex, np.generic)):
         raise TypeError(f"{fn}: expected a Python or NumPy number or a 0-dim tensor as the scalar, got "
                         f"{type(scalar).__name__} {scalar!r}; convert it with float(...) first")
+
+
+def as_numbers(operands: tuple[object, ...]) -> tuple[object, ...]:
+    """``operands`` with NumPy scalars as the Python numbers they hold, which is how nytorch judges them.
+
+    torch reads ``np.complex64(1 + 1j)`` as the real number 1, dropping the imaginary part with only
+    a warning; ``check_scalar`` judges it as ``1 + 1j``, and so must the arithmetic.
+
+    >>> as_numbers((np.complex64(1 + 1j), 2.0))
+    ((1+1j), 2.0)
+    """
+    for operand in operands:
+        if isinstance(operand, np.generic):
+            return tuple(o.item() if isinstance(o, np.generic) else o for o in operands)
+    return operands
 
 
 def is_arithmetic(leaf: Tensor) -> bool:
@@ -223,6 +258,48 @@ def check_scalar(fn: str, scalar: object, names: Union[Sequence[str], Callable[[
             )
 
 
+#: Per operation, the largest magnitude torch converts a number to for a leaf of each dtype without
+#: raising "value cannot be converted to type ... without overflow": ``pow``'s exponent to the leaf's
+#: dtype (float16, bfloat16), ``lerp``'s weight to its compute type (float32 for these dtypes).
+_CONVERTIBLE: dict[str, dict[torch.dtype, float]] = {
+    "pow": {torch.float16: torch.finfo(torch.float16).max, torch.bfloat16: torch.finfo(torch.bfloat16).max},
+    "lerp": dict.fromkeys((torch.float16, torch.bfloat16, torch.float32, torch.complex64),
+                          torch.finfo(torch.float32).max),
+}
+_SMALLEST_LIMIT = torch.finfo(torch.float16).max
+
+
+def check_converted(fn: str, scalar: object, named_dtypes: Callable[[], Iterable[tuple[str, torch.dtype]]]) -> None:
+    """Raise ``RuntimeError`` before an in-place ``pow`` / ``lerp`` that torch would refuse half-way through.
+
+    torch refuses a number it cannot convert for a leaf (``t.pow_(70000.0)`` on float16, a ``lerp_``
+    weight of ``1e300`` on float32), but only when it reaches that leaf: leaves of other dtypes,
+    written before, would keep their new values.  ``named_dtypes`` gives ``(name, dtype)`` of every
+    leaf to be written; it is called only for numbers that large.
+
+    >>> check_converted("pow", 70000.0, lambda: [("w", torch.float32)])
+    >>> check_converted("pow", 70000.0, lambda: [("w", torch.float16)])
+    Traceback (most recent call last):
+    ...
+    RuntimeError: pow: the exponent 70000.0 does not fit in float16, so torch cannot apply it to parameter 'w' (float16); nothing was changed
+    """
+    limits = _CONVERTIBLE.get(fn)
+    if limits is None or isinstance(scalar, Tensor) or not isinstance(scalar, (numbers.Number, np.generic)):
+        return
+    value: complex = scalar.item() if isinstance(scalar, np.generic) else scalar  # type: ignore[assignment]
+    parts = (value.real, value.imag)  # a real number's imaginary part is 0
+    big = max((abs(part) for part in parts if math.isfinite(part)), default=0.0)  # torch converts inf and nan
+    if big <= _SMALLEST_LIMIT:
+        return
+    for name, dtype in named_dtypes():
+        limit = limits.get(dtype)
+        if limit is not None and big > limit:
+            into = str(dtype if fn == "pow" else torch.float32).removeprefix("torch.")
+            raise RuntimeError(f"{fn}: the {'exponent' if fn == 'pow' else 'weight'} {scalar!r} does not fit in {into}, "
+                               f"so torch cannot apply it to parameter {name!r} ({str(dtype).removeprefix('torch.')}); "
+                               "nothing was changed")
+
+
 _STAND_INS: dict[torch.dtype, Tensor] = {}
 
 
@@ -314,10 +391,12 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
         active = arithmetic_mask(left)
     if not left:
         return []
+    operands = as_numbers(operands)
     if all(active):  # the common case: no selection, no carrying
         picked = [list(o) if isinstance(o, tuple) else o for o in operands]
         # one tensor (a packed buffer): a plain kernel call skips foreach's list handling
-        if len(left) > 1 and op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(left, *picked):
+        if len(left) > 1 and op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(left, *picked) \
+                and not _foreach_rounds(op, left, picked, False):
             results = list(_fused(op.foreach, list(left), _detached(picked)))
         else:
             results = [op.leaf(leaf, *(o[k] if isinstance(o, list) else o for o in picked))
@@ -330,7 +409,8 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     out: list[Tensor] = [leaf if on else carry(leaf) for leaf, on in zip(left, active)]
     if not index:
         return out
-    if op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(picked_left, *picked):
+    if op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(picked_left, *picked) \
+            and not _foreach_rounds(op, picked_left, picked, False):
         results = _fused(op.foreach, picked_left, _detached(picked))
     else:
         results = [
@@ -342,6 +422,36 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
         # 0-dim leaves promote with 0-dim tensor scalars; check_scalar allowed only same-kind ones
         out[i] = result.to(left[i].dtype) if tensor_scalar and result.dtype != left[i].dtype else result
     return out
+
+
+#: Dtypes for which ``torch._foreach_mul_`` rounds a Python number to the leaf's dtype before multiplying
+#: (``t.mul_(0.1)`` and the out-of-place ``_foreach_mul`` multiply by it in float32): per leaf there.
+_ROUNDS_NUMBER = frozenset({torch.float16, torch.bfloat16, torch.complex32})
+
+
+def _foreach_rounds(op: Op, leaves: Sequence[Tensor], operands: Sequence[object], inplace: bool) -> bool:
+    """True when the fused kernel (``op.foreach_`` if ``inplace``, else ``op.foreach``) would round unlike
+    ``op``'s per-tensor kernel on some leaf; then every leaf runs per leaf.
+
+    Two cases: a 0-dim tensor operand with a 0-dim leaf whose dtype it promotes (``leaf - scalar`` and
+    ``leaf.sub_(scalar)`` compute in the promoted dtype, the fused kernels in the leaf's when every leaf
+    is 0-dim, or in place), and ``_foreach_mul_`` with a Python number on float16 / bfloat16 leaves.
+
+    >>> _foreach_rounds(MUL, [torch.ones(2, dtype=torch.float16)], [0.1], True)
+    True
+    >>> _foreach_rounds(MUL, [torch.ones(2, dtype=torch.float16)], [0.1], False), _foreach_rounds(MUL, [torch.ones(2)], [0.1], True)
+    (False, False)
+    >>> _foreach_rounds(ADD, [torch.ones((), dtype=torch.float16)], [torch.tensor(0.7)], False)
+    True
+    """
+    for operand in operands:
+        if isinstance(operand, Tensor):
+            if operand.dim() == 0 and any(leaf.dim() == 0 and torch.promote_types(leaf.dtype, operand.dtype) != leaf.dtype
+                                          for leaf in leaves):
+                return True
+        elif inplace and op is MUL and not isinstance(operand, list) and not _ROUNDS_NUMBER.isdisjoint(map(_DTYPE, leaves)):
+            return True
+    return False
 
 
 def _detached(operands: list[object]) -> list[object]:
@@ -360,10 +470,11 @@ def apply_(op: Op, left: Sequence[Tensor], *operands: object,
     """
     if active is None:
         active = arithmetic_mask(left)
-    index, picked_left, picked = _pick(left, operands, active)
+    index, picked_left, picked = _pick(left, as_numbers(operands), active)
     if not index:
         return
-    if len(picked_left) > 1 and op.foreach_ is not None and _fusable(op, picked) and not transforms_active():
+    if len(picked_left) > 1 and op.foreach_ is not None and _fusable(op, picked) and not transforms_active() \
+            and not _foreach_rounds(op, picked_left, picked, True):
         _fused(op.foreach_, picked_left, _detached(picked))
         return
     leaf_ = op.leaf_

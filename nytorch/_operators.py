@@ -84,7 +84,7 @@ class Operators:
         if not lw.is_scalar(other):
             state = self._state()
             self._operand(op.name, other, state)  # raises the informative TypeError
-        return self._binary(op, other, reflected=True)
+        return self._binary(lw.reflected_op(op, other), other, reflected=True)
 
     # -- operators ---------------------------------------------------------------------
     def __add__(self, other: Any) -> Self:

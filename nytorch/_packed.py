@@ -32,7 +32,7 @@ from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, mode
 Tensor = torch.Tensor
 
 __all__ = ["packed", "known", "kernel", "compute", "readable", "exact_fusion", "remember", "binary", "binary_",
-           "unary", "carried", "active_for", "flat_operands", "fill", "Pending"]
+           "unary", "carried", "active_for", "flat_operands", "fill", "Pending", "check_converted"]
 
 _LOOKED = "looked"  # ``Layout.packing``: looked without packing (``pack=False``), not packed
 
@@ -167,6 +167,8 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
             operands.append(other)
             continue
         if lw.is_scalar(other):
+            if isinstance(other, Tensor) and _promotes_zero_dim(flat.plan, other):
+                return None  # per tensor, a 0-dim leaf computes with it in the promoted dtype; a buffer would not
             firsts = [names[index[0]] for index in flat.plan.groups]
             # each group's first leaf as a view: an error names its shape, not the buffer's
             leaves = [buffer[:likes[0].numel()].view(likes[0].shape) for buffer, likes in zip(flat.raw, flat.plan.likes)]
@@ -200,6 +202,29 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     return operands
 
 
+_ZERO_DIM: dict[FlatPlan, frozenset[torch.dtype]] = {}
+
+
+def _promotes_zero_dim(plan: FlatPlan, scalar: Tensor) -> bool:
+    """True when ``plan`` packs a 0-dim leaf whose dtype the 0-dim tensor ``scalar`` would promote.
+
+    ``torch.mul(leaf, scalar)`` for two 0-dim tensors computes in their promoted dtype (nytorch
+    then casts back), where the buffer holding the leaf, 1-D, would compute in its own: the two
+    round differently, so such operations run per leaf.
+
+    >>> plan = plan_for([(torch.Size([]), torch.float16, torch.device("cpu"))], [True])
+    >>> _promotes_zero_dim(plan, torch.tensor(0.7)), _promotes_zero_dim(plan, torch.tensor(0.7).half())
+    (True, False)
+    """
+    found = _ZERO_DIM.get(plan)
+    if found is None:
+        if len(_ZERO_DIM) >= 256:  # plans are interned and bounded alike (``_flat.plan_for``)
+            _ZERO_DIM.clear()
+        found = _ZERO_DIM[plan] = frozenset(
+            dtype for dtype, likes in zip(plan.dtypes, plan.likes) if any(like.dim() == 0 for like in likes))
+    return any(torch.promote_types(dtype, scalar.dtype) != dtype for dtype in found)
+
+
 def _structure(model: nn.Module) -> Layout:
     """``layout_of(model)``, or a pending result's layout (without building its tree)."""
     pending = model.__dict__.get(PENDING)
@@ -226,7 +251,9 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object],
     layout, cls = layout_of(model), model_class(model)
     for other in others:
         if lw.is_scalar(other):
-            lw.check_scalar(fn, other, layout.names, layout.params, lw.arithmetic_mask(layout.params), reflected)
+            # the leaves that take part: a non-operational one keeps its dtype whatever the scalar
+            active = active_for(layout.signature, configs_for(layout))
+            lw.check_scalar(fn, other, layout.names, layout.params, active, reflected)
         elif isinstance(other, nn.Module):
             if model_class(other) is not cls or not _same_structure(_structure(other), layout.names, layout.signature):
                 return None
@@ -417,7 +444,8 @@ def compute(op: lw.Op, flat: Flat, operands: list[object], rest: dict[int, Tenso
         if op is lw.MUL and (kind is float or kind is int) and flat.owned and flat.scale == 1.0 \
                 and exact_fusion(flat.plan):
             return flat.scaled(other, rest)  # type: ignore[arg-type]
-        if isinstance(other, Flat) and (flat.scale == 1.0) != (other.scale == 1.0) and exact_fusion(flat.plan):
+        if isinstance(other, Flat) and (flat.scale == 1.0) != (other.scale == 1.0) and exact_fusion(flat.plan) \
+                and _fits(flat.scale * other.scale, flat.plan):
             plan = flat.plan
             if flat.scale == 1.0 and (op is lw.ADD or op is lw.SUB):  # x ± s·y
                 factor = other.scale if op is lw.ADD else -other.scale
@@ -448,6 +476,23 @@ def _one(like: Tensor) -> Tensor:
     if one is None:
         one = _ONES[key] = torch.ones((), dtype=like.dtype, device=like.device)
     return one
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _fits(factor: float, plan: FlatPlan) -> bool:
+    """Whether ``addcmul`` takes ``factor`` as its ``value`` for every buffer of ``plan``: it converts it to the
+    compute type (float32 below float64) and refuses a finite number beyond its range, where ``x + s * y``
+    gives ``inf``.
+
+    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
+    >>> _fits(0.9, plan), _fits(1e300, plan), _fits(float("inf"), plan)
+    (True, False, True)
+    """
+    if not abs(factor) > _FLOAT32_MAX or abs(factor) == float("inf"):  # (nan compares False)
+        return True
+    return all(dtype == torch.float64 for dtype in plan.dtypes)
 
 
 _EXACT: dict[tuple[torch.dtype, torch.device], bool] = {}
@@ -551,9 +596,26 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     if prepared is None:
         return False
     layout, flat, _, operands = prepared
+    check_converted(op.name, layout.names, flat, operands)
     kernel_(op, writable(op.name, layout.names, flat), readable(operands))
     written(layout.params, flat.plan)  # (a result not built yet has no Parameters to tell)
     return True
+
+
+def check_converted(fn: str, names: Sequence[str], flat: Flat, operands: Sequence[object]) -> None:
+    """``_leafwise.check_converted`` for every number among ``operands``, against ``flat``'s buffers.
+
+    >>> plan = plan_for([(torch.Size([2]), torch.float16, torch.device("cpu"))], [True])
+    >>> check_converted("pow", ["w"], Flat(plan, [torch.ones(2, dtype=torch.float16)], {}), [1e5])
+    Traceback (most recent call last):
+    ...
+    RuntimeError: pow: the exponent 100000.0 does not fit in float16, so torch cannot apply it to parameter 'w' (float16); nothing was changed
+    """
+    plan = flat.plan
+    for operand in operands:
+        if type(operand) is not Flat:
+            lw.check_converted(fn, operand, lambda: [(names[index[0]], dtype)
+                                                     for index, dtype in zip(plan.groups, plan.dtypes)])
 
 
 def writable(fn: str, names: Sequence[str], flat: Flat) -> list[Tensor]:

@@ -14,7 +14,7 @@ from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._errors import StructureError
 from ._flat import PACKED, Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
-from ._packed import active_for, carried, compute, fill, flat_operands, kernel_, readable, writable
+from ._packed import active_for, carried, check_converted, compute, fill, flat_operands, kernel_, readable, writable
 from ._pool import give
 from ._walk import Layout, _interned, layout_of, model_class, rebuild
 
@@ -80,7 +80,11 @@ class Particle(Operators):
     def _leaves(self) -> list[Tensor]:
         """The leaves, aligned with ``_names`` (views into the flat buffers, made on first use)."""
         if self._leaf_list is None:
-            self._leaf_list = self._flat.leaves()  # type: ignore[union-attr]
+            flat = self._flat
+            self._leaf_list = flat.leaves()  # type: ignore[union-attr]
+            # views of its buffers are out now (``params``, ``module()``): a later ``0.9 * p`` must not
+            # share them (``Flat.scaled``), or writes through either would reach the other
+            flat.owned = False  # type: ignore[union-attr]
         return self._leaf_list
 
     def __del__(self) -> None:
@@ -166,6 +170,7 @@ class Particle(Operators):
             return False
         if PACKED[0] != packs and not flat.still_views(self._leaves):
             return False  # packing an operand moved a Parameter this Particle shares with it: per leaf then
+        check_converted(op.name, self._names, flat, operands)
         kernel_(op, writable(op.name, self._names, flat), readable(operands))
         if flat.pointers is not None:  # leaves of someone else's storage (a model's Parameters)
             written(self._leaves, flat.plan)

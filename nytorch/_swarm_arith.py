@@ -45,11 +45,20 @@ class SwarmArithmetic(Operators):
         spec = self._spec
         values = [ops.operand(op.name, spec, self._size, other, inplace=True) for other in others]
         ops.check_writable(op.name, spec, self._flats, True)
+        self._check_converted(op.name, values)
         ops.combine_(op, spec, self._flats, *values)
         return self
 
+    def _check_converted(self, fn: str, values: list[Any]) -> None:
+        """Refuse, before writing, a number torch would refuse for some group half-way (``lw.check_converted``)."""
+        spec = self._spec
+        for value in values:
+            if not isinstance(value, list):
+                lw.check_converted(fn, value, lambda: [(spec.leaf_name(g), group.dtype)
+                                                       for g, group in enumerate(spec.groups) if group.active])
+
     def _reflected(self, op: lw.Op, other: object) -> Self:
-        return self._binary(op, other, reflected=True)
+        return self._binary(lw.reflected_op(op, other), other, reflected=True)
 
     def add(self, other: Any, *, alpha: Union[int, float] = 1) -> Self:
         """``self + alpha * other`` in one kernel per group (``torch.add`` with ``alpha``).
@@ -106,6 +115,7 @@ class SwarmArithmetic(Operators):
         """
         operands = ops.lerp_operands("lerp_", self._spec, self._size, end, weight, True)
         ops.check_writable("lerp_", self._spec, self._flats, True)
+        self._check_converted("lerp", operands)
         ops.combine_(lw.LERP, self._spec, self._flats, *operands)
         return self
 

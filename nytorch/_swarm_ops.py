@@ -149,7 +149,7 @@ def operand(fn: str, spec: Spec, size: int, other: object, *, reflected: bool = 
     """
     if lw.is_scalar(other):
         _check_scalar(fn, spec, other, reflected)
-        return other
+        return lw.as_numbers((other,))[0]  # torch would drop a NumPy complex's imaginary part
     if isinstance(other, Tensor):
         return _weights(fn, spec, size, other)
     if is_swarm(other):

@@ -165,7 +165,7 @@ def _scalar_op(op: lw.Op, fn: str, tree: PyTree, scalar: object, argument: str, 
     active = lw.arithmetic_mask(leaves)
     names = _leaf_names(tree, plain is not None)
     lw.check_scalar(fn, scalar, names, leaves, active, reflected=reflected)
-    results = lw.apply(lw.REFLECTED[fn] if reflected else op, leaves, scalar, active=active)
+    results = lw.apply(lw.reflected_op(lw.REFLECTED[fn], scalar) if reflected else op, leaves, scalar, active=active)
     return dict(zip(tree, results)) if spec is None else optree.tree_unflatten(spec, results)
 
 

@@ -914,7 +914,7 @@ class Big(nn.Module):
     def __init__(self, seed: int) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(300, 300, generator=g))
+        self.w = nn.Parameter(torch.randn(260, 260, generator=g))
         self.b = nn.Parameter(torch.randn(7, generator=g, dtype=torch.float64))
         self.register_buffer("n", torch.tensor(seed))
 
@@ -923,7 +923,7 @@ class NytoBig(nyto.NytoModule):
     def __init__(self, seed: int) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(300, 300, generator=g))
+        self.w = nn.Parameter(torch.randn(260, 260, generator=g))
         self.b = nn.Parameter(torch.randn(7, generator=g, dtype=torch.float64))
         self.register_buffer("n", torch.tensor(seed))
 
@@ -935,10 +935,10 @@ def _values_of(value: Any) -> dict[str, Tensor]:
     return value.params if isinstance(value, nyto.Particle) else {k: v.detach() for k, v in value.named_parameters()}
 
 
-@FUZZ
+@settings(FUZZ, max_examples=max(FUZZ.max_examples // 5, 10))  # each example runs up to 12 steps on 270 KB models
 @given(form=st.sampled_from(["particle", "nyto"]),
        steps=st.lists(st.tuples(st.sampled_from(STEPS), st.integers(0, 5), st.integers(0, 5),
-                                st.sampled_from([0.9, -0.5, 2, 1 / 3])), min_size=1, max_size=14))
+                                st.sampled_from([0.9, -0.5, 2, 1 / 3])), min_size=1, max_size=12))
 def test_programs_match_per_tensor_torch(form: str, steps: list[tuple[str, int, int, float]]) -> None:
     """Random programs over live values (results built or not, factors pending, buffers of dropped
     results reused by the next result, in-place writes, modules made from Particles) keep every live

@@ -91,11 +91,6 @@ def reflected_op(op: Op, scalar: object) -> Op:
 _FUSED_TENSOR_SCALARS = frozenset({ADD.name, SUB.name, MUL.name, DIV.name})
 
 
-def _fusable(op: Op, operands: Sequence[object]) -> bool:
-    """False when ``op``'s fused kernel would round a 0-dim tensor operand unlike ``op.leaf``."""
-    return op.name in _FUSED_TENSOR_SCALARS or not any(isinstance(o, Tensor) for o in operands)
-
-
 #: The operations (by the name callers pass as ``fn``) that torch refuses for boolean operands.
 _SUBTRACTIONS = frozenset({SUB.name, RSUB.name})
 
@@ -395,7 +390,7 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     if all(active):  # the common case: no selection, no carrying
         picked = [list(o) if isinstance(o, tuple) else o for o in operands]
         # one tensor (a packed buffer): a plain kernel call skips foreach's list handling
-        if len(left) > 1 and op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(left, *picked) \
+        if len(left) > 1 and op.foreach is not None and not needs_per_leaf(left, *picked) \
                 and not _foreach_rounds(op, left, picked, False):
             results = list(_fused(op.foreach, list(left), _detached(picked)))
         else:
@@ -409,7 +404,7 @@ def apply(op: Op, left: Sequence[Tensor], *operands: object,
     out: list[Tensor] = [leaf if on else carry(leaf) for leaf, on in zip(left, active)]
     if not index:
         return out
-    if op.foreach is not None and _fusable(op, picked) and not needs_per_leaf(picked_left, *picked) \
+    if op.foreach is not None and not needs_per_leaf(picked_left, *picked) \
             and not _foreach_rounds(op, picked_left, picked, False):
         results = _fused(op.foreach, picked_left, _detached(picked))
     else:
@@ -433,7 +428,8 @@ def _foreach_rounds(op: Op, leaves: Sequence[Tensor], operands: Sequence[object]
     """True when the fused kernel (``op.foreach_`` if ``inplace``, else ``op.foreach``) would round unlike
     ``op``'s per-tensor kernel on some leaf; then every leaf runs per leaf.
 
-    Two cases: a 0-dim tensor operand with a 0-dim leaf whose dtype it promotes (``leaf - scalar`` and
+    Three cases: any tensor operand of an op outside ``_FUSED_TENSOR_SCALARS`` (its fused kernel reads
+    it as a Python number), a 0-dim tensor operand with a 0-dim leaf whose dtype it promotes (``leaf - scalar`` and
     ``leaf.sub_(scalar)`` compute in the promoted dtype, the fused kernels in the leaf's when every leaf
     is 0-dim, or in place), and ``_foreach_mul_`` with a Python number on float16 / bfloat16 leaves.
 
@@ -443,9 +439,13 @@ def _foreach_rounds(op: Op, leaves: Sequence[Tensor], operands: Sequence[object]
     (False, False)
     >>> _foreach_rounds(ADD, [torch.ones((), dtype=torch.float16)], [torch.tensor(0.7)], False)
     True
+    >>> _foreach_rounds(POW, [torch.ones(2)], [torch.tensor(3.0)], False)
+    True
     """
     for operand in operands:
         if isinstance(operand, Tensor):
+            if op.name not in _FUSED_TENSOR_SCALARS:
+                return True
             if operand.dim() == 0 and any(leaf.dim() == 0 and torch.promote_types(leaf.dtype, operand.dtype) != leaf.dtype
                                           for leaf in leaves):
                 return True
@@ -473,7 +473,7 @@ def apply_(op: Op, left: Sequence[Tensor], *operands: object,
     index, picked_left, picked = _pick(left, as_numbers(operands), active)
     if not index:
         return
-    if len(picked_left) > 1 and op.foreach_ is not None and _fusable(op, picked) and not transforms_active() \
+    if len(picked_left) > 1 and op.foreach_ is not None and not transforms_active() \
             and not _foreach_rounds(op, picked_left, picked, True):
         _fused(op.foreach_, picked_left, _detached(picked))
         return

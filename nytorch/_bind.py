@@ -25,7 +25,12 @@ def _require_module(fn: str, module: object) -> nn.Module:
 def params(module: nn.Module) -> dict[str, Tensor]:
     """The module's parameters as ``dict[str, Tensor]``, keyed and ordered like ``named_parameters()``.
 
-    The tensors are detached views sharing storage with the module (no copy).
+    Args:
+        module: any ``nn.Module``.
+
+    Returns:
+        A new dict of detached views sharing storage with ``module``'s parameters (no copy);
+        tied parameters appear once, as in ``named_parameters()``.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
@@ -44,6 +49,13 @@ def state(module: nn.Module) -> dict[str, Tensor]:
     Arithmetic on this tree includes floating buffers (e.g. to average BatchNorm statistics);
     integer buffers such as ``num_batches_tracked`` are carried unchanged.
 
+    Args:
+        module: any ``nn.Module``.
+
+    Returns:
+        A new dict of detached views sharing storage with ``module``: its parameters in
+        ``named_parameters()`` order, then its buffers in ``named_buffers()`` order.
+
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
 
@@ -58,12 +70,19 @@ def state(module: nn.Module) -> dict[str, Tensor]:
 def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     """A fresh module of ``module``'s class holding ``params`` as its Parameters.
 
-    ``module`` is left untouched; the result's Parameters wrap the given tensors
-    without copying (pass ``nf.clone(params)`` for independent storage).  Keys are
-    parameter names as in ``named_parameters()``; buffer names may be given too,
-    otherwise buffers are cloned from ``module``.  Parameters are leaves, so no gradient
-    flows back to ``params`` through the result (under ``torch.func.grad`` it comes out
-    zero): to differentiate with respect to ``params``, run the model with ``call``.
+    Parameters are leaves, so no gradient flows back to ``params`` through the result
+    (under ``torch.func.grad`` it comes out zero): to differentiate with respect to
+    ``params``, run the model with ``call``.
+
+    Args:
+        module: the model giving the class and structure; left untouched.
+        params: every parameter name as in ``named_parameters()`` mapped to a tensor of that
+            parameter's shape, dtype and device; buffer names may be given too, otherwise
+            buffers are cloned from ``module``.
+
+    Returns:
+        A fresh module of ``module``'s class whose Parameters wrap the given tensors without
+        copying (pass ``nf.clone(params)`` for independent storage).
 
     Raises:
         TypeError: ``module`` is not a module (or is (or holds) a TorchScript module) or ``params`` not a mapping of tensors.
@@ -105,8 +124,19 @@ def call(module: nn.Module, params: Mapping[str, Tensor], *args: Any, **kwargs: 
 
     Works inside ``torch.func.vmap`` / ``grad``; tied weights need only one name.
 
+    Args:
+        module: the model to run (a Python ``nn.Module``).
+        params: names mapped to tensors to use in place of the module's own parameters
+            (and buffers); names left out use the module's own.
+        *args: positional arguments of ``module``'s forward.
+        **kwargs: keyword arguments of ``module``'s forward.
+
+    Returns:
+        Whatever ``module``'s forward returns.
+
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``, or is a TorchScript module.
+        TypeError: ``module`` is not an ``nn.Module``, or is a TorchScript module, or ``params`` is
+            not a mapping (a Particle or Swarm: pass its ``.params``).
 
     >>> import torch
     >>> net = torch.nn.Linear(1, 1)
@@ -118,4 +148,10 @@ def call(module: nn.Module, params: Mapping[str, Tensor], *args: Any, **kwargs: 
         raise TypeError(f"call: expected a Python nn.Module, got a TorchScript {type(module).__name__} "
                         "(torch.jit.script / torch.jit.trace), which torch.func.functional_call cannot run; "
                         "call the module before scripting it")
-    return torch.func.functional_call(module, dict(params), args, kwargs)
+    try:
+        named = dict(params)
+    except (TypeError, ValueError) as error:  # what dict() takes, as before; a Particle or Swarm has .params
+        raise TypeError(f"call: expected a mapping from names to tensors as params, got {type(params).__name__}"
+                        + (" (pass its .params)" if isinstance(getattr(type(params), "params", None), property)
+                           else "")) from error
+    return torch.func.functional_call(module, named, args, kwargs)

@@ -37,8 +37,10 @@ def _frozen(tables: Sequence[Sequence[tuple[str, Optional[int]]]]) -> tuple:
 
 
 def _shape(states: Sequence[dict], containers: frozenset[str]) -> tuple:
-    """What generated code depends on in each state: its size and the containers it holds."""
-    return tuple((len(state), tuple(sorted(key for key in containers.intersection(state) if state[key] is not None)))
+    """What generated code depends on in each state: its size and the containers it holds, with their types
+    (``capture`` stands a shared empty one of that type in: a user's ``self._keys = []`` is not a dict)."""
+    return tuple((len(state), tuple((key, type(state[key])) for key in sorted(containers.intersection(state))
+                                    if state[key] is not None))
                  for state in states)
 
 

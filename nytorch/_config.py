@@ -30,7 +30,7 @@ class ParamConfig:
 
     Any other attribute may be set and read by custom operators (e.g. ``is_weight``).
     As in 1.1 it is a dataclass whose fields are ``operational`` and ``clone``
-    (``dataclasses.asdict`` / ``replace`` work; custom attributes are not fields).
+    (``dataclasses.asdict`` / ``replace`` and ``==`` use them; custom attributes are not fields).
 
     >>> import dataclasses
     >>> config = ParamConfig()
@@ -59,12 +59,18 @@ class ParamConfig:
         return f"ParamConfig({fields})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ParamConfig) and self.__dict__ == other.__dict__
+        # as the 1.1 dataclass: the fields decide, custom attributes (``is_weight``) do not
+        if not isinstance(other, ParamConfig):
+            return NotImplemented
+        return (self.operational, self.clone) == (other.operational, other.clone)
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
 
     def copy(self) -> "ParamConfig":
         """An independent copy with every attribute (custom ones too).
+
+        Returns:
+            A new ``ParamConfig`` (attribute values themselves are not copied).
 
         >>> ParamConfig(operational=False).copy()
         ParamConfig(operational=False, clone=True)

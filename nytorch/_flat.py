@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
+from ._walk import Placement, placement
 
 Tensor = torch.Tensor
 
@@ -95,7 +96,9 @@ def plan_for(signature: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 256:  # a bound, not an LRU: structures are few in practice
+            from . import _pool  # local: the pool depends on this module
             _PLANS.clear()
+            _pool.clear()  # its buffers are filed under the plans dropped here, which no new result asks for
         plan = _PLANS[key] = FlatPlan(signature, active)
     return plan
 
@@ -111,14 +114,14 @@ class Flat:
     [tensor([0., 1.])]
     """
 
-    __slots__ = ("plan", "raw", "rest", "pointers", "scale", "shared", "owned")
+    __slots__ = ("plan", "raw", "rest", "placement", "scale", "shared", "owned")
 
     def __init__(self, plan: FlatPlan, buffers: list[Tensor], rest: dict[int, Tensor],
-                 pointers: Optional[tuple[int, ...]] = None, scale: float = 1.0, owned: bool = False) -> None:
+                 placement: Optional[Placement] = None, scale: float = 1.0, owned: bool = False) -> None:
         self.plan = plan
         self.raw = buffers  # the values are ``scale * raw`` (see ``buffers``)
         self.rest = rest  # inactive leaves by index
-        self.pointers = pointers  # for views of someone else's storage: data_ptr of every leaf when found
+        self.placement = placement  # for views of someone else's storage: where every leaf was when found
         self.scale = scale  # a factor not applied yet (see ``scaled``)
         self.shared = False  # ``raw`` is shared with another Flat (``scaled``): copied before it is handed out
         self.owned = owned  # a result's own buffers, which no model or user holds: only those are scaled
@@ -171,7 +174,21 @@ class Flat:
 
     def still_views(self, leaves: Sequence[Tensor]) -> bool:
         """True while ``leaves`` still sit where they were found (no ``.data`` swap, no ``.to()``)."""
-        return self.pointers is None or tuple(map(Tensor.data_ptr, leaves)) == self.pointers
+        return self.placement is None or placement(leaves) == self.placement
+
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _subclass(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``__torch_dispatch__`` subclass (its data lives in tensors it wraps).
+
+    Parameters and their plain subclasses are not (their data is their own storage).
+
+    >>> _subclass(torch.ones(1)), _subclass(torch.nn.Parameter(torch.ones(1)))
+    (False, False)
+    """
+    return type(tensor) not in _PLAIN and torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python)
 
 
 def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
@@ -188,20 +205,28 @@ def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
     if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, leaves)):
         return None  # no view of an inference tensor can be made here: the per-leaf path says what to do
     for index, total, likes, dtype in zip(plan.groups, plan.totals, plan.likes, plan.dtypes):
-        first = leaves[index[0]]
+        # a zero-size leaf holds no memory (its views are fresh tensors, wherever they point): the first
+        # leaf with values says where the buffer is
+        first = next((leaves[i] for i in index if leaves[i].numel()), leaves[index[0]])
         size = first.element_size()
         base = first.data_ptr() - first.storage_offset() * size
         offset = start = first.storage_offset()
         for i, like in zip(index, likes):
             leaf = leaves[i]
-            # the shape and dtype too: leaves given other ones since the plan was made must not pass
+            # the shape and dtype too: leaves given other ones since the plan was made must not pass; and
+            # no conjugate or negative view: one buffer has one such bit, which its other leaves would take
+            if leaf.shape != like.shape or leaf.dtype != dtype or leaf.is_conj() or leaf.is_neg() \
+                    or leaf.layout is not torch.strided or _subclass(leaf):
+                return None
+            if not leaf.numel():
+                continue
             if (not leaf.is_contiguous() or leaf.storage_offset() != offset
-                    or leaf.data_ptr() - offset * size != base or leaf.shape != like.shape or leaf.dtype != dtype):
+                    or leaf.data_ptr() - offset * size != base):
                 return None
             offset += leaf.numel()
         buffers.append(first.detach().as_strided((total,), (1,), start))
     rest = {i: leaf for i, (leaf, on) in enumerate(zip(leaves, plan.active)) if not on}
-    return Flat(plan, buffers, rest, tuple(map(Tensor.data_ptr, leaves)))
+    return Flat(plan, buffers, rest, placement(leaves))
 
 
 def written(leaves: Sequence[Tensor], plan: Optional[FlatPlan] = None) -> None:
@@ -265,26 +290,62 @@ def lazy_name(module: nn.Module) -> Optional[str]:
     return next((name for name, tensor in named if nn.parameter.is_lazy(tensor)), None)
 
 
-def _packable(module: nn.Module, params: Sequence[Tensor]) -> Optional[str]:
-    """Why ``module``'s parameters must keep their own storage, or ``None`` when they can be packed."""
+def _packable(module: nn.Module, params: Sequence[Tensor], labels: Sequence[str]) -> Optional[str]:
+    """Why ``module``'s parameters must keep their own storage, or ``None`` when they can be packed.
+
+    ``labels`` name ``params`` in messages (``"parameter '0.weight'"``, ``"buffer '1.running_mean'"``).
+    """
     if any(isinstance(sub, nn.RNNBase) for sub in module.modules()):
         return "RNN modules manage their own flat weight buffer"
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for param in params:
-        if param.layout is not torch.strided or param.device.type == "meta":
-            return f"a parameter has layout {param.layout} on device {param.device}"
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for param, label in zip(params, labels):
+        if param.device.type == "meta":
+            return f"{label} is on the meta device (it has no values to pack)"
+        if param.layout is not torch.strided:
+            return f"{label} has layout {param.layout} (only strided tensors are packed)"
+        if _subclass(param):
+            return f"{label} is a {type(param).__name__}, a tensor subclass whose values live in the tensors it " \
+                   "wraps: packing would replace them"
         if not param.is_contiguous():
-            return "a parameter is not contiguous (e.g. channels_last): packing would change its memory format"
+            return f"{label} is not contiguous (strides {param.stride()}, e.g. channels_last): " \
+                   "packing would change its memory format"
+        if param.dim() in (4, 5) and param.numel() > 1 and param.stride() != _contiguous_strides(param.shape):
+            # contiguous, but laid out as channels_last (a 1x1 or single-input-channel convolution's weight):
+            # a packed view would have the default strides, and convolutions follow the weight's format
+            # (only 4-D and 5-D tensors have a memory format other than the contiguous one)
+            return f"{label} has strides {param.stride()}, not the contiguous {_contiguous_strides(param.shape)} " \
+                   "(e.g. channels_last): packing would change its memory format"
+        if param.device.type == "cpu" and param.is_shared():
+            # other processes (``share_memory()``, torch.multiprocessing) hold the shared block: a new buffer
+            # would cut the model off from them
+            return f"{label} is in shared memory (share_memory()): packing would move it out of it; " \
+                   "pack before share_memory()"
         if param.is_inference():
             # an inference tensor has no version counter, and ``param.data = view`` would keep that
-            return "a parameter is an inference tensor (made under torch.inference_mode())"
-        start = int(param.storage_offset())
-        spans.setdefault(param.untyped_storage().data_ptr(), []).append((start, start + int(param.numel())))
+            return f"{label} is an inference tensor (made under torch.inference_mode())"
+        if param.numel():  # a zero-size tensor holds no memory
+            start = int(param.storage_offset()) * param.element_size()  # in bytes: views of other dtypes meet
+            spans.setdefault(param.untyped_storage().data_ptr(), []).append(
+                (start, start + int(param.numel()) * param.element_size(), label))
     for ranges in spans.values():  # parameters in one storage are fine (packed), overlapping ones are tied
         ranges.sort()
-        if any(later[0] < earlier[1] for earlier, later in zip(ranges, ranges[1:])):
-            return "two parameters share memory: packing would untie them"
+        tied = next(((earlier, later) for earlier, later in zip(ranges, ranges[1:]) if later[0] < earlier[1]), None)
+        if tied is not None:
+            return f"{tied[0][2]} and {tied[1][2]} share memory: packing would untie them"
     return None
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (what a packed view gets).
+
+    >>> _contiguous_strides(torch.Size([8, 1, 3, 3]))
+    (9, 9, 3, 1)
+    """
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _arithmetic_groups(params: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -297,9 +358,14 @@ def _arithmetic_groups(params: Sequence[Tensor]) -> list[list[Tensor]]:
 
 
 def _consecutive(members: Sequence[Tensor]) -> bool:
-    first = members[0]
+    # zero-size members hold no memory (see ``find_flat``); conjugate and negative views are resolved by packing
+    first = next((member for member in members if member.numel()), members[0])
     offset = first.storage_offset()
     for member in members:
+        if member.is_conj() or member.is_neg() or member.layout is not torch.strided or _subclass(member):
+            return False  # (``_packable`` says why the last two are not packed)
+        if not member.numel():
+            continue
         if (not member.is_contiguous() or member.storage_offset() != offset
                 or member.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
             return False
@@ -312,6 +378,7 @@ def _consecutive(members: Sequence[Tensor]) -> bool:
 PACKED = [0]
 
 
+@torch.inference_mode(False)  # under inference_mode the buffer would be an inference tensor: never trainable again
 @torch.no_grad()
 def _pack_groups(groups: Sequence[Sequence[Tensor]]) -> None:
     PACKED[0] += 1
@@ -344,7 +411,11 @@ def _pack_or_reason(module: nn.Module, whole: bool) -> Optional[str]:
     loose = [members for members in groups if not _runs_consecutive(members, whole)]
     if not loose:
         return None
-    reason = _packable(module, [param for members in groups for param in members])
+    # the floating tensors in named_parameters() then named_buffers() order, so the first named is that one
+    tensors = layout.params + layout.buffers
+    labels = [f"parameter {name!r}" for name in layout.names] + [f"buffer {name!r}" for name in layout.buffer_names]
+    chosen = [i for i, tensor in enumerate(tensors) if tensor.is_floating_point() or tensor.is_complex()]
+    reason = _packable(module, [tensors[i] for i in chosen], [labels[i] for i in chosen])
     if reason is None:
         _pack_groups(loose)
     return reason
@@ -357,8 +428,9 @@ def pack_(module: nn.Module, *, whole: bool = False) -> bool:
     objects are kept (optimizers holding them keep working); only their storage
     moves, once.  Models are left as they are, and ``False`` returned, when packing
     would change their behaviour (so this is only done when it is safe): RNN modules (they keep their own flat buffer),
-    lazy or meta parameters, non-contiguous parameters (e.g. ``channels_last``), or
-    distinct parameters sharing storage.
+    lazy or meta parameters, non-contiguous parameters or ones laid out as ``channels_last``
+    (a 1x1 convolution's weight too), parameters in shared memory (``share_memory()``: pack
+    before), or distinct parameters sharing storage.
 
     Args:
         module: the model.
@@ -385,10 +457,14 @@ def flatten_(module: nn.Module) -> nn.Module:
     automatic packing of ``particle(model)`` (see ``pack_``) this always packs, and
     raises instead of silently skipping a model that packing would change.
 
+    Args:
+        module: the model to pack (any ``nn.Module``).
+
     Returns:
         ``module``.
 
     Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
         ValueError: packing would change the model's behaviour (the message says why).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -397,6 +473,8 @@ def flatten_(module: nn.Module) -> nn.Module:
     >>> net[0].weight is weight, net[1].bias.data_ptr() - net[0].weight.data_ptr()
     (True, 32)
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"flatten_: expected an nn.Module, got {type(module).__name__}")
     reason = _pack_or_reason(module, whole=True)
     if reason is not None:
         raise ValueError(f"flatten_: cannot pack the parameters of this {type(module).__name__}: {reason}")

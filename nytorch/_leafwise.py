@@ -278,7 +278,8 @@ def check_converted(fn: str, scalar: object, named_dtypes: Callable[[], Iterable
     ...
     RuntimeError: pow: the exponent 70000.0 does not fit in float16, so torch cannot apply it to parameter 'w' (float16); nothing was changed
     """
-    limits = _CONVERTIBLE.get(fn)
+    op = fn.rstrip("_")  # ``lerp_`` checks as ``lerp`` and is named as called
+    limits = _CONVERTIBLE.get(op)
     if limits is None or isinstance(scalar, Tensor) or not isinstance(scalar, (numbers.Number, np.generic)):
         return
     value: complex = scalar.item() if isinstance(scalar, np.generic) else scalar  # type: ignore[assignment]
@@ -289,8 +290,8 @@ def check_converted(fn: str, scalar: object, named_dtypes: Callable[[], Iterable
     for name, dtype in named_dtypes():
         limit = limits.get(dtype)
         if limit is not None and big > limit:
-            into = str(dtype if fn == "pow" else torch.float32).removeprefix("torch.")
-            raise RuntimeError(f"{fn}: the {'exponent' if fn == 'pow' else 'weight'} {scalar!r} does not fit in {into}, "
+            into = str(dtype if op == "pow" else torch.float32).removeprefix("torch.")
+            raise RuntimeError(f"{fn}: the {'exponent' if op == 'pow' else 'weight'} {scalar!r} does not fit in {into}, "
                                f"so torch cannot apply it to parameter {name!r} ({str(dtype).removeprefix('torch.')}); "
                                "nothing was changed")
 

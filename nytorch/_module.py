@@ -22,6 +22,16 @@ __all__ = ["NytoModule"]
 
 _module_getattr, _module_setattr, _module_delattr = nn.Module.__getattr__, nn.Module.__setattr__, nn.Module.__delattr__
 _module_getstate, _module_dir = nn.Module.__getstate__, nn.Module.__dir__
+#: nytorch 1.1 members that the design made unnecessary, and what to do instead.
+_GONE_11 = {
+    "touch": "nytorch 1.1's touch() is gone, as nytorch reads the module tree as it is on every operation; "
+             "delete the call",
+    "is_root": "nytorch 1.1's is_root is gone, as there are no species roots any more: any two models of "
+               "one class with matching parameters combine",
+}
+#: Methods through which a subclass could reach a result's state without building it first.
+_TOUCH_HOOKS = ("__getattr__", "__getattribute__", "__setattr__", "__delattr__", "__getstate__",
+                "__setstate__", "__dir__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__")
 
 
 class NytoModule(Operators, nn.Module):
@@ -58,6 +68,13 @@ class NytoModule(Operators, nn.Module):
     # -- results build their module tree on first touch (see ``_packed.Pending``) ----------------
     _nyto_builds_on_touch = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class of its own attribute access (``def __getattr__``: ``nn.Module.__getattr__(self, name)``,
+        # a ``__setattr__`` that calls ``nn.Module``'s) can bypass the hooks above: its results are built at once.
+        if any(hook in vars(cls) for hook in _TOUCH_HOOKS):
+            cls._nyto_builds_on_touch = False
+
     # An operator's values are computed at once; only the Python module objects wait.  Any
     # attribute that is not in the instance dict (every one, while pending) lands here first.
     def __getattr__(self, name: str) -> Any:
@@ -65,7 +82,14 @@ class NytoModule(Operators, nn.Module):
         if pending is not None:
             pending.realize(self)
             return getattr(self, name)
-        return _module_getattr(self, name)
+        if name in self.__dict__:  # another thread built this result between the failed lookup and here
+            return object.__getattribute__(self, name)
+        try:
+            return _module_getattr(self, name)
+        except AttributeError as error:
+            if name in _GONE_11:  # a 1.1 program: say what became of it rather than only that it is missing
+                raise AttributeError(f"{error}: {_GONE_11[name]} (see the README's migration section)") from None
+            raise
 
     def __setattr__(self, name: str, value: Any) -> None:
         _module_setattr(realized(self), name, value)
@@ -104,6 +128,9 @@ class NytoModule(Operators, nn.Module):
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
 
+        Returns:
+            A new module of this class (fresh leaf Parameters, buffers cloned).
+
         >>> class Net(NytoModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -118,6 +145,9 @@ class NytoModule(Operators, nn.Module):
     def randn(self) -> Self:
         """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
 
+        Returns:
+            A new module of this class (non-operational parameters are carried over, not drawn).
+
         >>> class Net(NytoModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -129,6 +159,9 @@ class NytoModule(Operators, nn.Module):
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
+
+        Returns:
+            A new module of this class (non-operational parameters are carried over, not drawn).
 
         >>> class Net(NytoModule):
         ...     def __init__(self):
@@ -169,6 +202,9 @@ class NytoModule(Operators, nn.Module):
     def detach(self) -> Self:
         """A new module sharing this one's Parameter objects, with its own configs (a new species).
 
+        Returns:
+            A new module of this class holding the same Parameter and buffer objects.
+
         >>> class Net(NytoModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -185,7 +221,11 @@ class NytoModule(Operators, nn.Module):
     def clone_from(self, source: nn.Module) -> Self:
         """A clone of ``self`` (sharing its configs) holding ``source``'s values.
 
-        ``source`` may be any module with the same parameter and buffer names, shapes and dtypes.
+        Args:
+            source: any module with the same parameter and buffer names, shapes and dtypes.
+
+        Returns:
+            A new module of this class holding copies of ``source``'s parameters and buffers.
 
         Raises:
             TypeError: ``source`` is not an ``nn.Module``.
@@ -217,6 +257,9 @@ class NytoModule(Operators, nn.Module):
         Args:
             buffers: also take floating buffers into arithmetic (see ``nytorch.particle``).
 
+        Returns:
+            A Particle viewing this module's tensors (in-place operations on it write into the module).
+
         >>> class Net(NytoModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -231,6 +274,16 @@ class NytoModule(Operators, nn.Module):
 
     def product_(self, product: Particle) -> Self:
         """Write ``product``'s values into this module's Parameters, in place; returns ``self``.
+
+        Args:
+            product: a Particle of this module's class and structure.
+
+        Returns:
+            ``self`` (its Parameter objects are kept).
+
+        Raises:
+            TypeError: ``product`` is not a Particle, or is one of another class.
+            StructureError: its parameters differ from this module's (names the first one).
 
         >>> class Net(NytoModule):
         ...     def __init__(self):
@@ -255,7 +308,14 @@ class NytoModule(Operators, nn.Module):
 
         Configs are shared by every model derived from this one by particle operations.
 
+        Args:
+            operational: ``True`` / ``False`` to take part in arithmetic or not; ``None`` leaves it as it is.
+            clone: for non-operational parameters, whether results get a clone (``True``) or the very
+                same Parameter (``False``); ``None`` leaves it as it is.
+            name: a submodule or parameter path (``"layer0"``, ``"layer0.weight"``); ``None``: all.
+
         Raises:
+            TypeError: ``operational`` or ``clone`` is not a bool or ``None``, or ``name`` not a str or ``None``.
             ValueError: ``name`` is neither a submodule nor a parameter of this module.
 
         >>> class DNN(NytoModule):
@@ -282,10 +342,15 @@ class NytoModule(Operators, nn.Module):
     def apply_param_config(self, fn: Callable[[int, ParamConfig], None], name: Optional[str] = None) -> None:
         """Call ``fn(param_id, config)`` for every parameter (or those under attribute ``name``).
 
-        ``param_id`` is the parameter's index in ``self.named_parameters()``
-        (see ``get_param_id``); custom attributes set on ``config`` are kept.
+        Custom attributes set on ``config`` are kept.
+
+        Args:
+            fn: ``fn(param_id, config)``, where ``param_id`` is the parameter's index in
+                ``self.named_parameters()`` (see ``get_param_id``).
+            name: a submodule or parameter path; ``None``: every parameter.
 
         Raises:
+            TypeError: ``name`` is not a str or ``None``.
             ValueError: ``name`` is neither a submodule nor a parameter of this module.
 
         >>> class Net(NytoModule):
@@ -311,11 +376,17 @@ class NytoModule(Operators, nn.Module):
                 raise ValueError(f"{fn}: {type(self).__name__} has no submodule or parameter named {name!r}")
         return configs_in_scope(layout, name or "")
 
-    def get_param_id(self, param: Tensor) -> int:
-        """The index of ``param`` in ``self.named_parameters()`` (same across derived models).
+    def get_param_id(self, target_param: Tensor) -> int:
+        """The index of ``target_param`` in ``self.named_parameters()`` (same across derived models).
+
+        Args:
+            target_param: a Parameter of this module (1.1's name, so ``get_param_id(target_param=p)`` works).
+
+        Returns:
+            Its index, counting each shared (tied) Parameter once.
 
         Raises:
-            ValueError: ``param`` is not a parameter of this module.
+            ValueError: ``target_param`` is not a parameter of this module.
 
         >>> layer = torch.nn.Linear(1, 1)
         >>> class Net(NytoModule):
@@ -326,8 +397,8 @@ class NytoModule(Operators, nn.Module):
         1
         """
         for index, candidate in enumerate(self.parameters()):
-            if candidate is param:
+            if candidate is target_param:
                 return index
-        shape = tuple(param.shape) if isinstance(param, Tensor) else type(param).__name__
+        shape = tuple(target_param.shape) if isinstance(target_param, Tensor) else type(target_param).__name__
         raise ValueError(f"get_param_id: the given parameter ({shape}) is not a parameter of this "
                          f"{type(self).__name__}")

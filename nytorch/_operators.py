@@ -8,7 +8,7 @@ operator is then one call into ``_algebra``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, overload
 
 import torch
 from typing_extensions import Self
@@ -16,6 +16,9 @@ from typing_extensions import Self
 from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig
+
+if TYPE_CHECKING:  # ``particle + swarm`` is a Swarm (``Swarm.__radd__`` answers): the overloads below say so
+    from ._swarm import Swarm
 
 Tensor = torch.Tensor
 
@@ -87,49 +90,89 @@ class Operators:
         return self._binary(lw.reflected_op(op, other), other, reflected=True)
 
     # -- operators ---------------------------------------------------------------------
-    def __add__(self, other: Any) -> Self:
+    @overload
+    def __add__(self, other: Swarm) -> Swarm: ...
+    @overload
+    def __add__(self, other: Any) -> Self: ...
+    def __add__(self, other: Any) -> Any:
         return self._binary(lw.ADD, other)
 
     def __radd__(self, other: Any) -> Self:
         return self._reflected(lw.ADD, other)
 
-    def __iadd__(self, other: Any) -> Self:
+    @overload
+    def __iadd__(self, other: Swarm) -> Swarm: ...  # a TypeError, unless self is a Swarm
+    @overload
+    def __iadd__(self, other: Any) -> Self: ...
+    def __iadd__(self, other: Any) -> Any:  # type: ignore[misc]  # mypy finds no overloaded in-place form compatible
         return self._binary_(lw.ADD, other)
 
-    def __sub__(self, other: Any) -> Self:
+    @overload
+    def __sub__(self, other: Swarm) -> Swarm: ...
+    @overload
+    def __sub__(self, other: Any) -> Self: ...
+    def __sub__(self, other: Any) -> Any:
         return self._binary(lw.SUB, other)
 
     def __rsub__(self, other: Any) -> Self:
         return self._reflected(lw.RSUB, other)
 
-    def __isub__(self, other: Any) -> Self:
+    @overload
+    def __isub__(self, other: Swarm) -> Swarm: ...  # a TypeError, unless self is a Swarm
+    @overload
+    def __isub__(self, other: Any) -> Self: ...
+    def __isub__(self, other: Any) -> Any:  # type: ignore[misc]  # (see __iadd__)
         return self._binary_(lw.SUB, other)
 
-    def __mul__(self, other: Any) -> Self:
+    @overload
+    def __mul__(self, other: Swarm) -> Swarm: ...
+    @overload
+    def __mul__(self, other: Any) -> Self: ...
+    def __mul__(self, other: Any) -> Any:
         return self._binary(lw.MUL, other)
 
     def __rmul__(self, other: Any) -> Self:
         return self._reflected(lw.MUL, other)
 
-    def __imul__(self, other: Any) -> Self:
+    @overload
+    def __imul__(self, other: Swarm) -> Swarm: ...  # a TypeError, unless self is a Swarm
+    @overload
+    def __imul__(self, other: Any) -> Self: ...
+    def __imul__(self, other: Any) -> Any:  # type: ignore[misc]  # (see __iadd__)
         return self._binary_(lw.MUL, other)
 
-    def __truediv__(self, other: Any) -> Self:
+    @overload
+    def __truediv__(self, other: Swarm) -> Swarm: ...
+    @overload
+    def __truediv__(self, other: Any) -> Self: ...
+    def __truediv__(self, other: Any) -> Any:
         return self._binary(lw.DIV, other)
 
     def __rtruediv__(self, other: Any) -> Self:
         return self._reflected(lw.RTRUEDIV, other)
 
-    def __itruediv__(self, other: Any) -> Self:
+    @overload
+    def __itruediv__(self, other: Swarm) -> Swarm: ...  # a TypeError, unless self is a Swarm
+    @overload
+    def __itruediv__(self, other: Any) -> Self: ...
+    def __itruediv__(self, other: Any) -> Any:  # type: ignore[misc]  # (see __iadd__)
         return self._binary_(lw.DIV, other)
 
-    def __pow__(self, other: Any) -> Self:
+    @overload
+    def __pow__(self, other: Swarm) -> Swarm: ...
+    @overload
+    def __pow__(self, other: Any) -> Self: ...
+    def __pow__(self, other: Any) -> Any:
         return self._binary(lw.POW, other)
 
     def __rpow__(self, other: Any) -> Self:
         return self._reflected(lw.RPOW, other)
 
-    def __ipow__(self, other: Any) -> Self:
+    @overload
+    def __ipow__(self, other: Swarm) -> Swarm: ...  # a TypeError, unless self is a Swarm
+    @overload
+    def __ipow__(self, other: Any) -> Self: ...
+    def __ipow__(self, other: Any) -> Any:  # type: ignore[misc]  # (see __iadd__)
         return self._binary_(lw.POW, other)
 
     def __neg__(self) -> Self:
@@ -153,7 +196,19 @@ class Operators:
     def lerp(self, end: Any, weight: Any) -> Self:
         """``self + weight * (end - self)``: the EMA / Polyak step as a new object.
 
-        ``weight`` is a scalar.  See ``lerp_`` for the in-place form.
+        See ``lerp_`` for the in-place form.
+
+        Args:
+            end: a model or Particle of this class and structure.
+            weight: a scalar (a Python number or a 0-dim tensor).
+
+        Returns:
+            A new object of this kind (Particle or module).
+
+        Raises:
+            TypeError: ``end`` is a number, a Swarm (use the Swarm's own ``lerp``), or a model or
+                Particle of another class; ``weight`` is not an operand arithmetic takes (a str, a list...).
+            StructureError: ``end``'s parameters differ (the message names the first one).
 
         >>> import nytorch
         >>> a, b = nytorch.particle(torch.nn.Linear(2, 1)), nytorch.particle(torch.nn.Linear(2, 1))
@@ -169,6 +224,17 @@ class Operators:
 
     def lerp_(self, end: Any, weight: Any) -> Self:
         """In place ``self ← self + weight * (end - self)`` in one fused pass (EMA / soft target update).
+
+        Args:
+            end, weight: as for ``lerp``.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError / StructureError: as ``lerp``; nothing is written when it raises.
+            RuntimeError: a tensor to write is an inference tensor and this runs outside
+                ``torch.inference_mode()``; nothing is written.
 
         >>> import nytorch
         >>> online, target = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)

@@ -61,7 +61,7 @@ def active_for(signature: Sequence[tuple], configs: Optional[Sequence[ParamConfi
 def _find(layout: Layout) -> Optional[Flat]:
     found = find_flat(plan_for(layout.signature, active_for(layout.signature, configs_for(layout))), layout.params)
     if found is not None:
-        found.pointers = None  # ``layout_of`` compares the parameters' addresses on every call
+        found.placement = None  # ``layout_of`` compares where the parameters are on every call
     return found
 
 
@@ -127,10 +127,11 @@ def _current(model: nn.Module, pack: bool = False, layout: Optional[Layout] = No
     if lw.transforms_active():  # under vmap / grad a scalar may be batched: per leaf, where torch batches it
         return None
     pending = model.__dict__.get(PENDING)
-    if pending is not None:
-        layout, flat = pending.layout, pending.flat
-    else:
-        found = packed(model, pack, layout)
+    flat = None if pending is None else pending.flat
+    if flat is not None:
+        layout = pending.layout  # type: ignore[union-attr]
+    else:  # not a pending result, or one another thread has just built (``Pending.realize``)
+        found = packed(model, pack, layout if layout is None or layout.modules else None)
         if found is None:
             return None
         layout, flat = found
@@ -343,6 +344,8 @@ def _snapshot(model: nn.Module, layout: Layout) -> Snapshot:
     if source is not None:  # a result of a result: same captured state, its own buffers
         return source.layout, source.states, source.types, source.requires_grad, [
             buffer.clone() for buffer in source.buffers]
+    if not layout.modules:  # a pending result's layout, and another thread has built its tree since
+        layout = layout_of(model)
     states, types = capture(layout)
     return (layout.bare(), states, types, tuple(map(_REQUIRES_GRAD, layout.params)),
             [buffer.clone() for buffer in layout.buffers])

@@ -1,6 +1,7 @@
 """``Particle``: any ``nn.Module``'s parameters as one value you can do arithmetic on."""
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -16,7 +17,7 @@ from ._errors import StructureError
 from ._flat import PACKED, Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
 from ._packed import active_for, carried, check_converted, compute, fill, flat_operands, kernel_, readable, writable
 from ._pool import give
-from ._walk import Layout, _interned, layout_of, model_class, rebuild
+from ._walk import Layout, _interned, layout_of, model_class, placement, rebuild
 
 Tensor = torch.Tensor
 
@@ -56,11 +57,15 @@ class Particle(Operators):
 
     __slots__ = ("_layout", "_names", "_leaf_list", "_with_buffers", "_signature",
                  "_flat", "_plan", "__weakref__")
+    # nytorch 1.1's ParamProduct was generic: ``ParamProduct[Net]`` in 1.1 annotations still evaluates
+    def __class_getitem__(cls, item: Any) -> types.GenericAlias:
+        return types.GenericAlias(cls, item)
 
     def __init__(self, layout: Layout, names: Sequence[str], leaves: Optional[Sequence[Tensor]],
                  configs: Optional[Sequence[ParamConfig]] = None, with_buffers: bool = False,
                  signature: Optional[tuple] = None, flat: Optional[Flat] = None,
                  plan: Optional[FlatPlan] = None) -> None:
+        """Private: use ``nytorch.particle(model)``, ``Particle.from_params`` or ``NytoModule.product()``."""
         self._layout = layout
         self._names = names
         self._leaf_list = None if leaves is None else list(leaves)
@@ -90,7 +95,7 @@ class Particle(Operators):
     def __del__(self) -> None:
         flat = self._flat
         # a result whose leaves were never taken: nobody else can hold its buffers (``_pool`` checks)
-        if self._leaf_list is None and flat and flat.pointers is None:
+        if self._leaf_list is None and flat and flat.placement is None:
             try:
                 give(flat.plan, flat.raw)
             except Exception:  # pragma: no cover - interpreter shutdown
@@ -128,7 +133,7 @@ class Particle(Operators):
             flat = find_flat(plan, self._leaves)
             self._flat = False if flat is None else flat
             return flat
-        if flat.pointers is not None and not flat.still_views(self._leaves):
+        if flat.placement is not None and not flat.still_views(self._leaves):
             self._flat = None  # the storage moved (``.data`` swap, ``.to()``): look again next time
             # ``param.data = ...`` can change a shape or dtype too: what was recorded is out of date
             self._signature, self._plan = _interned(lw.signature(self._leaves)), None
@@ -172,7 +177,7 @@ class Particle(Operators):
             return False  # packing an operand moved a Parameter this Particle shares with it: per leaf then
         check_converted(op.name, self._names, flat, operands)
         kernel_(op, writable(op.name, self._names, flat), readable(operands))
-        if flat.pointers is not None:  # leaves of someone else's storage (a model's Parameters)
+        if flat.placement is not None:  # leaves of someone else's storage (a model's Parameters)
             written(self._leaves, flat.plan)
         return True
 
@@ -201,6 +206,9 @@ class Particle(Operators):
     def clone(self) -> Self:
         """A copy with fresh storage (non-operational ``clone=False`` parameters are shared).
 
+        Returns:
+            A new Particle of the same structure.
+
         >>> p = particle(torch.nn.Linear(1, 1))
         >>> torch.equal(p.clone().params["weight"], p.params["weight"])
         True
@@ -211,6 +219,9 @@ class Particle(Operators):
     def randn(self) -> Self:
         """Same structure, N(0, 1) values (reproducible under ``torch.manual_seed``).
 
+        Returns:
+            A new Particle (non-operational parameters and integer leaves are carried over, not drawn).
+
         >>> tuple(particle(torch.nn.Linear(2, 1)).randn().params["weight"].shape)
         (1, 2)
         """
@@ -219,6 +230,9 @@ class Particle(Operators):
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
+
+        Returns:
+            A new Particle (non-operational parameters and integer leaves are carried over, not drawn).
 
         >>> bool((particle(torch.nn.Linear(2, 1)).rand().params["bias"] < 1).all())
         True
@@ -260,8 +274,12 @@ class Particle(Operators):
             params: ``dict[str, Tensor]`` with every parameter name (plus every buffer name
                 for a Particle that carries buffers).
 
+        Returns:
+            A Particle viewing the tensors in ``params``.
+
         Raises:
-            TypeError: ``like`` is neither a module nor a Particle, or a value is not a tensor.
+            TypeError: ``like`` is neither a module nor a Particle, ``params`` is not a mapping, or a value
+                is not a tensor.
             StructureError: a name is missing or extra, or a shape/dtype/device differs.
 
         >>> net = torch.nn.Linear(2, 1)
@@ -316,6 +334,22 @@ class Particle(Operators):
     def __len__(self) -> int:
         return len(self._names)  # the names, not the leaves: a result's leaf views are made only when asked
 
+    def __copy__(self) -> Self:
+        # ``copy.copy``: a Particle viewing the same tensors (``clone()`` copies them).  Not the slots as
+        # they are: two Particles sharing one unseen ``Flat`` would each hand its buffers to ``_pool``.
+        return self._new(self._state(), self._leaves)
+
+    def __getstate__(self) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
+        # pickle, deepcopy, torch.save: the slots, less what a copy cannot keep.  ``pickle`` gives every
+        # tensor a storage of its own, so leaf views of a result's buffers would each carry (and write)
+        # a copy of them: the copy makes its views again.  A Flat over a model's storage records
+        # addresses: the copy looks for its flat buffers again from its own leaves.
+        state = {name: getattr(self, name) for name in Particle.__slots__ if name != "__weakref__"}
+        flat = self._flat
+        if self._leaf_list is not None and flat:
+            state["_leaf_list" if flat.placement is None else "_flat"] = None
+        return getattr(self, "__dict__", None) or None, state
+
     def __repr__(self) -> str:
         count = sum(leaf.numel() for leaf in self._leaves)
         return f"Particle({self.model_class.__name__}, {len(self._leaves)} tensors, {count} values)"
@@ -326,6 +360,9 @@ class Particle(Operators):
         The Parameters share storage with this Particle (no copy is made); use
         ``p.clone().module()`` for a module independent of ``p``.
 
+        Returns:
+            A new module of ``model_class``.
+
         >>> net = torch.nn.Linear(2, 1)
         >>> copy = (particle(net) + 1).module()
         >>> type(copy).__name__, torch.equal(copy.bias, net.bias + 1)
@@ -334,7 +371,7 @@ class Particle(Operators):
         leaves = algebra.fresh_parameters(self._leaves, self._configs)
         count = len(self._layout.params)
         flat = self._flat
-        own = bool(flat) and flat.pointers is None  # this Particle's own buffers (a result's)
+        own = bool(flat) and flat.placement is None  # this Particle's own buffers (a result's)
         if own:
             # As any new model's, the module's Parameters get version counters of their own; this
             # Particle then views the module, like ``particle(module)``, so its in-place operations
@@ -344,11 +381,14 @@ class Particle(Operators):
             else rebuild(self._layout, leaves)
         if own:
             self._leaf_list = layout_state(layout_of(result), self._with_buffers)[1]
-            flat.pointers = tuple(map(Tensor.data_ptr, self._leaf_list))
+            flat.placement = placement(self._leaf_list)
         return result
 
     def particle(self) -> nn.Module:
         """nytorch 1.1 spelling of ``module()``.
+
+        Returns:
+            ``self.module()``.
 
         >>> type(particle(torch.nn.Linear(2, 1)).particle()).__name__
         'Linear'
@@ -357,6 +397,9 @@ class Particle(Operators):
 
     def copy_to(self, module: nn.Module) -> nn.Module:
         """Write this Particle's values into ``module``'s existing Parameters, in place.
+
+        Args:
+            module: a model of this Particle's class and structure.
 
         Returns:
             ``module`` (its Parameter objects are kept, so optimizers holding them keep working).
@@ -387,8 +430,17 @@ class Particle(Operators):
         """A new Particle with ``fn(param, config)`` applied to every parameter (nytorch 1.1 API).
 
         ``fn`` runs under ``torch.no_grad()`` and decides itself what to do with
-        non-operational parameters (``config.operational``).  It must return a tensor of the
-        parameter's shape, dtype and device (``TypeError`` / ``StructureError`` otherwise).
+        non-operational parameters (``config.operational``).
+
+        Args:
+            fn: ``fn(param, config)`` returning a tensor of the parameter's shape, dtype and device.
+
+        Returns:
+            A new Particle holding ``fn``'s results.
+
+        Raises:
+            TypeError: ``fn`` returns something other than a tensor.
+            StructureError: ``fn`` changes a shape, dtype or device.
 
         >>> p = particle(torch.nn.Linear(1, 1, bias=False))
         >>> q = p.unary_operator(lambda param, config: param + 10 if config.operational else param)
@@ -400,6 +452,19 @@ class Particle(Operators):
 
     def binary_operator(self, other: Any, fn: Callable[[Tensor, Tensor, ParamConfig], Tensor]) -> Self:
         """A new Particle with ``fn(param, other_param, config)`` for every parameter pair (1.1 API).
+
+        ``fn`` runs under ``torch.no_grad()``, as for ``unary_operator``.
+
+        Args:
+            other: a Particle or model of this class and structure.
+            fn: ``fn(param, other_param, config)`` returning a tensor of the parameter's shape, dtype and device.
+
+        Returns:
+            A new Particle holding ``fn``'s results.
+
+        Raises:
+            TypeError: ``other`` is not a Particle or model of this class, or ``fn`` returns a non-tensor.
+            StructureError: ``other``'s parameters differ, or ``fn`` changes a shape, dtype or device.
 
         >>> p = particle(torch.nn.Linear(1, 1, bias=False))
         >>> q = p.binary_operator(p, lambda a, b, config: a - b)
@@ -441,7 +506,8 @@ def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> P
             objects are kept, so optimizers holding them keep working; tensors taken
             from the model before (``p.detach()``, ``nf.params(model)``) stop sharing
             memory with it.  Models that packing would change (RNNs, lazy, non-contiguous
-            or memory-sharing parameters) are left as they are.  ``False``: never move storage.
+            or ``channels_last`` parameters, parameters in shared memory or sharing memory,
+            tensor subclasses) are left as they are.  ``False``: never move storage.
 
     Returns:
         A Particle viewing ``model``'s parameters (in-place operators write into ``model``).

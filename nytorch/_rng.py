@@ -95,6 +95,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     Every entry is checked (on a fresh generator of its kind) before any generator is
     set, so a bad state changes nothing.  ``"cuda"`` is ignored on a machine without CUDA.
 
+    Args:
+        state: the dict from ``get_rng_state()``, or part of it.
+
     Raises:
         TypeError: ``state`` is not a dict, or an entry has the wrong type (the message names it).
         ValueError: ``state`` has a key other than ``python``, ``numpy``, ``torch``, ``cuda``, or an

@@ -94,6 +94,12 @@ def _check(fn: str, a: Any, b: Any) -> None:
 def same_structure(a: Any, b: Any, /) -> bool:
     """``True`` when ``check_structure(a, b)`` passes: ``a`` and ``b`` line up for arithmetic.
 
+    Args:
+        a, b: as for ``check_structure``.
+
+    Returns:
+        ``False`` where ``check_structure`` raises ``StructureError``, else ``True``.
+
     Raises:
         TypeError: as ``check_structure`` (bad operands are errors, not ``False``).
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, overload
 
 import torch
 from torch import nn
@@ -66,6 +66,26 @@ class Swarm(SwarmArithmetic):
         self._size = int(flats[0].shape[0]) if flats else int(size or 0)
         self._cache: Optional[list[Tensor]] = None
 
+    def __getstate__(self) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
+        # pickle, deepcopy, torch.save: the views are made again from the copy's own buffers (``pickle``
+        # gives each view a storage of its own: writes into the buffers would miss them); what training
+        # set on them travels: ``requires_grad`` and ``.grad`` (see ``params``)
+        cache = self._cache
+        marks = None if cache is None else [(view.requires_grad, view.grad) for view in cache]
+        state = {"_spec": self._spec, "_flats": self._flats, "_size": self._size, "_cache": marks}
+        return getattr(self, "__dict__", None) or None, state
+
+    def __setstate__(self, state: tuple[Optional[dict[str, Any]], dict[str, Any]]) -> None:
+        attributes, slots = state
+        if attributes:
+            self.__dict__.update(attributes)
+        self._spec, self._flats, self._size, self._cache = slots["_spec"], slots["_flats"], slots["_size"], None
+        marks = slots.get("_cache")
+        if marks and any(requires_grad or grad is not None for requires_grad, grad in marks):
+            for view, (requires_grad, grad) in zip(self._views(), marks):
+                view.requires_grad_(requires_grad)
+                view.grad = grad
+
     def _views(self) -> list[Tensor]:
         if self._cache is None:
             self._cache = views_of(self._spec, self._flats)
@@ -84,6 +104,9 @@ class Swarm(SwarmArithmetic):
             buffers: take floating buffers into arithmetic (default: as item 0 when it is a Particle,
                 else no); a Particle item must agree.
                 Buffers are always stacked, so each member keeps its own (e.g. BatchNorm statistics).
+
+        Returns:
+            A swarm of ``len(items)`` members holding a copy of their values (in its own flat storage).
 
         Every member runs with item 0's modules, so the items must agree in what a forward reads
         besides their tensors: submodule classes, the train/eval mode of module items (a Particle
@@ -150,6 +173,22 @@ class Swarm(SwarmArithmetic):
         member from a Swarm of ``size`` members, else from its member 0).
         ``size`` defaults to ``len(like)`` for a Swarm.  Reproducible with ``generator``.
 
+        Args:
+            like: a model, Particle or Swarm giving the member structure.
+            size: the number of members (a non-negative int; default ``len(like)`` for a Swarm).
+            buffers: take floating buffers into arithmetic, and so draw them too (default: as ``like``
+                for a Particle or Swarm, else no).
+            generator: a ``torch.Generator`` on the device type of the members' tensors.
+
+        Returns:
+            A new swarm of ``size`` members.
+
+        Raises:
+            TypeError: ``like`` is not a model, Particle or Swarm; ``size`` is missing (``like`` is not a
+                Swarm) or not an int; ``generator`` is not a ``torch.Generator``.
+            ValueError: ``size`` is negative, or ``generator`` is on another device type than a member tensor.
+            StructureError: ``buffers`` disagrees with a Particle ``like`` that has floating buffers.
+
         >>> noise = Swarm.randn(torch.nn.Linear(2, 1), 8, generator=torch.Generator().manual_seed(0))
         >>> tuple(noise.params["weight"].shape)
         (8, 1, 2)
@@ -162,6 +201,15 @@ class Swarm(SwarmArithmetic):
              generator: Optional[torch.Generator] = None) -> "Swarm":
         """Like ``randn`` with U[0, 1) values (e.g. PSO's random coefficients).
 
+        Args:
+            like, size, buffers, generator: as for ``randn``.
+
+        Returns:
+            A new swarm of ``size`` members.
+
+        Raises:
+            TypeError / ValueError / StructureError: as for ``randn``.
+
         >>> bool((Swarm.rand(torch.nn.Linear(2, 1), 3).params["bias"] < 1).all())
         True
         """
@@ -171,6 +219,15 @@ class Swarm(SwarmArithmetic):
     @classmethod
     def zeros(cls, like: Like, size: Optional[int] = None, *, buffers: Optional[bool] = None) -> "Swarm":
         """Like ``randn`` with zeros (e.g. initial PSO velocities).
+
+        Args:
+            like, size, buffers: as for ``randn``.
+
+        Returns:
+            A new swarm of ``size`` members.
+
+        Raises:
+            TypeError / ValueError / StructureError: as for ``randn`` (there is no generator to check).
 
         >>> Swarm.zeros(torch.nn.Linear(2, 1), 2).params["bias"]
         tensor([[0.],
@@ -188,8 +245,17 @@ class Swarm(SwarmArithmetic):
         its own centre ``center[i]`` (``size`` defaults to ``len(center)``; a one-member swarm
         is shared like a model).
 
+        Args:
+            center: a model, Particle or Swarm (one centre per member) giving the structure and the means.
+            size: the number of members (default ``len(center)`` for a Swarm).
+            std: the standard deviation (a non-negative real number or 0-dim tensor).
+            buffers, generator: as for ``randn``.
+
+        Returns:
+            A new swarm of ``size`` members.
+
         Raises:
-            TypeError: ``std`` is not a real number (booleans included).
+            TypeError: ``std`` is not a real number (booleans included); otherwise as for ``randn``.
             ValueError: ``std`` is negative or NaN (as for ``torch.normal``), or ``center`` is a Swarm
                 whose size is neither ``size`` nor 1.
 
@@ -219,6 +285,21 @@ class Swarm(SwarmArithmetic):
     def cat(cls, swarms: Iterable["Swarm"]) -> "Swarm":
         """Join swarms of one structure member-wise (``torch.cat`` along the member dimension).
 
+        The result runs every member with swarm 0's modules, so, as for ``stack``, the swarms must
+        agree in their train/eval mode and their layers' settings; ``ParamConfig``s and
+        ``requires_grad`` flags are swarm 0's.
+
+        Args:
+            swarms: Swarms whose members have one structure.
+
+        Returns:
+            A new swarm with the members of ``swarms[0]``, then of ``swarms[1]``, ... (a copy).
+
+        Raises:
+            TypeError: ``swarms`` is empty or holds something other than Swarms, or members of another class.
+            StructureError: a swarm's parameters or buffers differ, or its train/eval mode or a layer
+                setting (e.g. ``Dropout.p``) differs from swarm 0's (the message names the swarm and the path).
+
         >>> a = Swarm.zeros(torch.nn.Linear(2, 1), 2)
         >>> len(Swarm.cat([a, a + 1]))
         4
@@ -242,8 +323,23 @@ class Swarm(SwarmArithmetic):
         Buffers are included when the swarm takes them into arithmetic (``buffers=True``), as for
         ``Particle.params``.  Usable directly with ``torch.func``.
 
+        Every read returns the same view objects, so autograd can train them: call
+        ``requires_grad_()`` on the ones to train (floating parameters, not the buffers a
+        ``buffers=True`` swarm lists here) and hand them to a ``torch.optim`` optimizer.  A backward of the
+        *sum* of the members' losses gives each member its own gradient (``.mean()`` would scale them
+        by ``1/P``), and an element-wise optimizer (SGD, Adam, AdamW, RMSprop) then steps every member
+        as its own optimizer would.  Not with ``fused=True``: on the CPU torch's fused kernels write
+        these strided views as if they were contiguous.  Arithmetic and ``nytorch.algorithms`` return
+        new swarms, whose tensors do not require grad; ``swarm[:] = new`` writes one into the views.
+
         >>> list(Swarm.zeros(torch.nn.Linear(2, 1), 3).params)
         ['weight', 'bias']
+        >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])
+        >>> optimizer = torch.optim.SGD([p.requires_grad_() for p in s.params.values()], lr=0.1)
+        >>> s(torch.ones(4, 2)).sum().backward()             # each member's own gradient
+        >>> s.params["bias"].grad.flatten()
+        tensor([4., 4., 4.])
+        >>> optimizer.step()
         """
         spec = self._spec
         return dict(zip(spec.names[:spec.n_state], self._views()[:spec.n_state]))
@@ -292,6 +388,15 @@ class Swarm(SwarmArithmetic):
     def train(self, mode: bool = True) -> Self:
         """Put every member in train mode (``False``: eval mode); returns ``self``. Other swarms are unaffected.
 
+        Args:
+            mode: ``True`` for train mode, ``False`` for eval mode.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: ``mode`` is not a bool (from ``nn.Module.train``).
+
         >>> s = Swarm.zeros(torch.nn.Dropout(), 2)
         >>> s.eval().training, (s + 1).train().training, s.training
         (False, True, False)
@@ -303,6 +408,9 @@ class Swarm(SwarmArithmetic):
     def eval(self) -> Self:
         """Put every member in eval mode (``train(False)``); returns ``self``.
 
+        Returns:
+            ``self``.
+
         >>> s = Swarm.zeros(torch.nn.BatchNorm1d(2), 3).eval()    # running statistics, as in a loop
         >>> s.training, tuple(s(torch.randn(4, 2)).shape)
         (False, (3, 4, 2))
@@ -312,9 +420,14 @@ class Swarm(SwarmArithmetic):
     def to(self, *args: Any, **kwargs: Any) -> Self:
         """A copy on another device and/or with floating and complex leaves cast to a dtype (like ``Module.to``).
 
-        Takes ``Module.to``'s arguments (a device, a dtype, both, or a tensor to match) and casts
-        what it casts: floating and complex parameters and buffers; integer and bool leaves keep
-        their dtype.  Returns ``self`` when nothing changes.
+        Casts what ``Module.to`` casts: floating and complex parameters and buffers; integer and
+        bool leaves keep their dtype.
+
+        Args:
+            *args, **kwargs: ``Module.to``'s arguments (a device, a dtype, both, or a tensor to match).
+
+        Returns:
+            A new swarm with its own storage, or ``self`` when nothing changes.
 
         Raises:
             TypeError: an integer or bool dtype (as ``Module.to``).
@@ -345,6 +458,12 @@ class Swarm(SwarmArithmetic):
         return self._new(pack_stacked(spec, leaves, self._size), spec)
 
     # -- selection ------------------------------------------------------------------------------
+    @overload
+    def __getitem__(self, key: int) -> Particle: ...
+    @overload
+    def __getitem__(self, key: Union[slice, range, list[int], list[bool]]) -> "Swarm": ...
+    @overload  # a tensor: a 0-dim one picks a Particle, a 1-D one a Swarm
+    def __getitem__(self, key: Any) -> Any: ...
     def __getitem__(self, key: Any) -> Any:
         """``swarm[i]``: a ``Particle`` (a view); ``swarm[a:b]``: a ``Swarm`` of views; lists, tensors and masks
         select copies."""
@@ -371,6 +490,9 @@ class Swarm(SwarmArithmetic):
 
     def unstack(self) -> list[Particle]:
         """Every member as a ``Particle`` (views into the swarm; ``.clone()`` them to detach).
+
+        Returns:
+            ``[swarm[0], swarm[1], ...]``: one Particle per member.
 
         >>> [type(p).__name__ for p in Swarm.zeros(torch.nn.Linear(2, 1), 2).unstack()]
         ['Particle', 'Particle']
@@ -422,10 +544,14 @@ class Swarm(SwarmArithmetic):
         """Per-member gradients and losses of ``loss_fn(member, *args, **kwargs)`` in one vectorised call.
 
         ``member(*inputs)`` runs that member's forward; ``member.params`` / ``member.buffers`` give its
-        tensors (for regularisers).  ``loss_fn`` returns a 0-dim tensor.  Gradients are taken with respect
-        to every operational floating parameter that requires grad in the model; the rest get zeros.
-        ``in_dims``, ``randomness`` and ``chunk_size`` are as for ``swarm(...)``; as there,
+        tensors (for regularisers).  Gradients are taken with respect to every operational floating
+        parameter that requires grad in the model; the rest get zeros.  As for ``swarm(...)``,
         attributes a forward sets on its modules (other than buffers) are not kept.
+
+        Args:
+            loss_fn: ``loss_fn(member, *args, **kwargs)`` returning that member's loss, a 0-dim tensor.
+            *args, **kwargs: passed to ``loss_fn`` after the member.
+            in_dims, randomness, chunk_size: as for ``swarm(...)``.
 
         Returns:
             ``(grads, losses)``: a Swarm of gradients (same structure) and a ``(P,)`` tensor of losses.

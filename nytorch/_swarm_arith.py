@@ -63,6 +63,20 @@ class SwarmArithmetic(Operators):
     def add(self, other: Any, *, alpha: Union[int, float] = 1) -> Self:
         """``self + alpha * other`` in one kernel per group (``torch.add`` with ``alpha``).
 
+        Args:
+            other: any operand the operators take: a number, a 0-dim tensor, a 1-D tensor of ``P``
+                per-member weights, a Particle or model of the member structure, or a Swarm.
+            alpha: a real number multiplying ``other``.
+
+        Returns:
+            A new swarm.
+
+        Raises:
+            TypeError: ``alpha`` is not a real number (booleans included), ``other`` is an unsupported
+                operand or of another model class, or a number that would change a dtype.
+            StructureError: ``other``'s names, shapes or dtypes, its weight count or its swarm size differ.
+            DeviceMismatchError: ``other`` lives on another device.
+
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
         >>> s.add(s + 1, alpha=-0.5).params["bias"].flatten()
@@ -72,6 +86,16 @@ class SwarmArithmetic(Operators):
 
     def add_(self, other: Any, *, alpha: Union[int, float] = 1) -> Self:
         """In place ``self += alpha * other`` (the SGD step ``swarm.add_(grads, alpha=-lr)``).
+
+        Args:
+            other, alpha: as for ``add``.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError / StructureError / DeviceMismatchError: as for ``add``; nothing is written.
+            RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``.
 
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
@@ -94,7 +118,15 @@ class SwarmArithmetic(Operators):
     def lerp(self, end: Any, weight: Any) -> Self:
         """``self + weight * (end - self)`` for every member; ``weight`` a number or ``P`` per-member weights.
 
-        ``end`` is a Particle or model (every member moves toward it), a Swarm, or a number.
+        Args:
+            end: a Particle or model (every member moves toward it), a Swarm, or a number.
+            weight: a number, a 0-dim tensor, or a 1-D tensor of ``P`` per-member weights.
+
+        Returns:
+            A new swarm.
+
+        Raises:
+            TypeError / StructureError / DeviceMismatchError: an operand as for ``add``.
 
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
@@ -108,6 +140,17 @@ class SwarmArithmetic(Operators):
     def lerp_(self, end: Any, weight: Any) -> Self:
         """In place ``lerp`` (one fused pass per group): an EMA of every member toward ``end``.
 
+        Args:
+            end, weight: as for ``lerp``.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError / StructureError / DeviceMismatchError: as for ``lerp``; nothing is written.
+            RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``,
+                or a number ``weight`` does not fit in a member tensor's dtype.
+
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
         >>> s.lerp_(1.0, 0.25).params["bias"].flatten()
@@ -115,12 +158,15 @@ class SwarmArithmetic(Operators):
         """
         operands = ops.lerp_operands("lerp_", self._spec, self._size, end, weight, True)
         ops.check_writable("lerp_", self._spec, self._flats, True)
-        self._check_converted("lerp", operands)
+        self._check_converted("lerp_", operands)
         ops.combine_(lw.LERP, self._spec, self._flats, *operands)
         return self
 
     def clone(self) -> Self:
         """A copy with its own storage.
+
+        Returns:
+            A new swarm with the same values.
 
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
@@ -152,6 +198,12 @@ class SwarmArithmetic(Operators):
     def mean(self) -> Particle:
         """The average member as a new Particle (non-arithmetic leaves, e.g. integer buffers, are member 0's).
 
+        Returns:
+            A new Particle of the member structure (its own storage).
+
+        Raises:
+            ValueError: the swarm is empty.
+
         >>> from nytorch import Swarm
         >>> s = Swarm.stack([torch.nn.Linear(1, 1) for _ in range(4)])
         >>> torch.allclose(s.mean().params["weight"], s.params["weight"].mean(0))
@@ -162,6 +214,9 @@ class SwarmArithmetic(Operators):
 
     def norm(self) -> Tensor:
         """Per-member L2 norm over the arithmetic values, shape ``(P,)``.
+
+        Returns:
+            A ``(P,)`` tensor: the norm of each member's arithmetic values together (zeros when it has none).
 
         >>> from nytorch import Swarm
         >>> Swarm.zeros(torch.nn.Linear(3, 1), 2).add(1).norm()

@@ -111,7 +111,8 @@ def _where(prefix: str, module: nn.Module) -> str:
     return f"submodule {path!r} ({kind})" if path else f"the root module ({kind})"
 
 
-def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference], modes: bool) -> None:
+def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference], modes: bool,
+                fn: Optional[str] = None) -> None:
     """Raise unless item ``i`` (its ``layout``) has the member structure of item 0 (``spec``, whose modules'
     settings are ``reference``): the same tensors, submodule classes, torch layers' settings and, when
     ``modes`` (the item is a module: a Particle has no mode of its own), the train/eval modes of item 0's
@@ -120,7 +121,7 @@ def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference],
     A swarm runs every member with item 0's modules (one skeleton), so anything else a member's
     forward reads must agree; it is compared cheaply as a whole, and only walked to name a difference.
     """
-    fn = f"stack: item {i}"
+    fn = fn or f"stack: item {i}"
     ours = spec.layout
     for kind, names, leaves, other_names, other_leaves in (
             ("parameter", ours.names, ours.params, layout.names, layout.params),
@@ -329,5 +330,11 @@ def joined(swarms: Iterable[Any]) -> Built:
         raise TypeError("cat: expected a non-empty list of Swarms")
     spec = items[0]._spec
     parts = [ops.aligned(f"cat: swarm {i}", spec, item) for i, item in enumerate(items)]
+    # the result runs every member with swarm 0's modules: modes and layer settings must agree, as for stack
+    others = [(i, item._spec) for i, item in enumerate(items) if item._spec is not spec]
+    if others:
+        reference = [_reference(module) for module in spec.layout.modules]
+        for i, other in others:
+            _check_item(i, spec, other.layout, reference, True, fn=f"cat: swarm {i}")
     flats = [torch.cat([part[g] for part in parts]) for g in range(len(spec.groups))]
     return spec, flats, sum(len(item) for item in items)

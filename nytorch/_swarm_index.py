@@ -47,7 +47,7 @@ def normalise(key: object, size: int) -> Index:
         key = _list_index(list(key))
     elif type(key).__module__ == "numpy" and getattr(key, "ndim", 0) > 0:  # an array: as a tensor
         try:
-            key = torch.as_tensor(key)
+            key = torch.as_tensor(key, device="cpu")  # as torch indexes: not on the default device
         except (TypeError, ValueError, RuntimeError) as error:
             raise TypeError(f"Swarm: expected an integer or boolean array as index, got one of dtype "
                             f"{key.dtype}") from error  # type: ignore[attr-defined]
@@ -77,13 +77,15 @@ def normalise(key: object, size: int) -> Index:
 def _list_index(items: list) -> Tensor:
     """A list of indices as a tensor: a list of bools is a mask (as in torch and NumPy), ints are indices."""
     if not items:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device="cpu")
     bools = sum(isinstance(item, bool) or (isinstance(item, Tensor) and item.dtype == torch.bool) for item in items)
     if bools and bools != len(items):
         raise TypeError("Swarm: a list index mixes booleans with integers; give a boolean mask or integer "
                         f"indices, got {items!r}")
     try:
-        return torch.tensor(items)  # bools make a mask; floats a float tensor, refused below
+        # bools make a mask; floats a float tensor, refused below.  On the CPU whatever the default device
+        # (``torch.set_default_device``), as torch reads a list index: it then works for a swarm anywhere
+        return torch.tensor(items, device="cpu")
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"Swarm: expected a list of integer indices or booleans, got {items!r}") from error
 

@@ -264,6 +264,10 @@ def lerp_operands(fn: str, spec: Spec, size: int, end: object, weight: object, i
     return [converted_end, converted]
 
 
+#: Whether ``torch.autocast`` knows a device type (torch < 2.3 has no ``torch.amp.is_autocast_available``).
+_autocast_available = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))
+
+
 @torch.no_grad()
 def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tensor) -> list[Tensor]:
     """``weights @ flat`` per arithmetic group for a ``[Q, P]`` matrix; other groups repeat member 0."""
@@ -279,7 +283,12 @@ def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tens
         if weights.device != group.device:
             raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
                                       f"{spec.leaf_name(g)!r} is on {group.device}")
-        out.append(weights.detach().to(group.dtype) @ flat)
+        device = flat.device.type
+        if _autocast_available(device):  # autocast would compute (and return) the mix in bf16/fp16
+            with torch.autocast(device, enabled=False):
+                out.append(weights.detach().to(group.dtype) @ flat)
+        else:
+            out.append(weights.detach().to(group.dtype) @ flat)
     return out
 
 

@@ -74,7 +74,7 @@ class Spec:
     """
 
     __slots__ = ("layout", "names", "n_params", "n_state", "with_buffers", "configs", "slots", "groups",
-                 "template", "signature", "entries", "lock", "plan")
+                 "template", "signature", "entries", "lock", "plan", "planned_for")
 
     def __init__(self, layout: Layout, with_buffers: bool) -> None:
         self.layout = layout
@@ -112,15 +112,16 @@ class Spec:
             self.entries += [(module._buffers, key, self.n_params + i) for key, i in buffer_slots if i is not None]
         self.lock = threading.RLock()
         self.plan: object = None  # the fast forward plan, built on first use (see _vectorise)
+        self.planned_for: object = None  # the root class's ``forward`` the plan was built from
 
     def __getstate__(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__ if name not in ("lock", "plan")}
+        return {name: getattr(self, name) for name in self.__slots__ if name not in ("lock", "plan", "planned_for")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
         self.lock = threading.RLock()
-        self.plan = None
+        self.plan = self.planned_for = None
 
     @property
     def model_class(self) -> type:

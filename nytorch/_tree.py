@@ -195,7 +195,9 @@ def add(a: PyTree, b: PyTree | Scalar, /) -> PyTree:
 
     Raises:
         StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
-        TypeError: an operand is neither a tree of tensors nor a scalar.
+        TypeError: both operands are scalars, an operand is neither a tree of tensors nor a scalar
+            (e.g. a tensor with dimensions against a dict), or a scalar would change a leaf's dtype.
+        OverflowError: a Python int scalar does not fit in 64 bits (what torch takes for a scalar).
 
     >>> import torch
     >>> add({"w": torch.tensor([1., 2.])}, 10)
@@ -207,6 +209,19 @@ def add(a: PyTree, b: PyTree | Scalar, /) -> PyTree:
 def sub(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     """Leaf-wise ``a - b``; either side may be a scalar.
 
+    Args:
+        a: a pytree of tensors, or a scalar (Python number or 0-dim tensor) when ``b`` is a tree.
+        b: a pytree of ``a``'s structure, or a scalar when ``a`` is a tree.
+
+    Returns:
+        A new tree of the tree operand's structure; the inputs are never mutated.
+
+    Raises:
+        StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
+        TypeError: both operands are scalars, an operand is neither a tree of tensors nor a scalar
+            (e.g. a tensor with dimensions against a dict), or a scalar would change a leaf's dtype.
+        OverflowError: a Python int scalar does not fit in 64 bits (what torch takes for a scalar).
+
     >>> sub({"w": torch.tensor([1., 2.])}, {"w": torch.tensor([1., 1.])})
     {'w': tensor([0., 1.])}
     >>> sub(1, {"w": torch.tensor([1., 2.])})
@@ -217,6 +232,19 @@ def sub(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
 
 def mul(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     """Leaf-wise ``a * b``; either side may be a scalar.
+
+    Args:
+        a: a pytree of tensors, or a scalar (Python number or 0-dim tensor) when ``b`` is a tree.
+        b: a pytree of ``a``'s structure, or a scalar when ``a`` is a tree.
+
+    Returns:
+        A new tree of the tree operand's structure; the inputs are never mutated.
+
+    Raises:
+        StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
+        TypeError: both operands are scalars, an operand is neither a tree of tensors nor a scalar
+            (e.g. a tensor with dimensions against a dict), or a scalar would change a leaf's dtype.
+        OverflowError: a Python int scalar does not fit in 64 bits (what torch takes for a scalar).
 
     >>> mul(2, {"w": torch.tensor([1., 2.])})
     {'w': tensor([2., 4.])}
@@ -231,6 +259,19 @@ def div(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     differ in the last bit from the ``/`` operator, which torch computes as
     ``b.reciprocal() * a`` (and so do ``number / particle`` and ``number / model``).
 
+    Args:
+        a: a pytree of tensors, or a scalar (Python number or 0-dim tensor) when ``b`` is a tree.
+        b: a pytree of ``a``'s structure, or a scalar when ``a`` is a tree.
+
+    Returns:
+        A new tree of the tree operand's structure; the inputs are never mutated.
+
+    Raises:
+        StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
+        TypeError: both operands are scalars, an operand is neither a tree of tensors nor a scalar
+            (e.g. a tensor with dimensions against a dict), or a scalar would change a leaf's dtype.
+        OverflowError: a Python int scalar does not fit in 64 bits (what torch takes for a scalar).
+
     >>> div({"w": torch.tensor([1., 2.])}, 2)
     {'w': tensor([0.5000, 1.0000])}
     >>> div(2, {"w": torch.tensor([4.])})
@@ -241,6 +282,19 @@ def div(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
 
 def pow(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:  # noqa: A001 - mirrors torch.pow
     """Leaf-wise ``a ** b``; either side may be a scalar.
+
+    Args:
+        a: a pytree of tensors, or a scalar (Python number or 0-dim tensor) when ``b`` is a tree.
+        b: a pytree of ``a``'s structure, or a scalar when ``a`` is a tree.
+
+    Returns:
+        A new tree of the tree operand's structure; the inputs are never mutated.
+
+    Raises:
+        StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
+        TypeError: both operands are scalars, an operand is neither a tree of tensors nor a scalar
+            (e.g. a tensor with dimensions against a dict), or a scalar would change a leaf's dtype.
+        OverflowError: a Python int scalar does not fit in 64 bits (what torch takes for a scalar).
 
     >>> pow({"w": torch.tensor([2., 3.])}, 2)
     {'w': tensor([4., 9.])}
@@ -253,6 +307,15 @@ def pow(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:  # noqa: A001 - mi
 def neg(a: PyTree, /) -> PyTree:
     """Leaf-wise ``-a``.
 
+    Args:
+        a: a pytree of tensors.
+
+    Returns:
+        A new tree of ``a``'s structure.
+
+    Raises:
+        TypeError: ``a`` is ``None`` or has a leaf that is not a tensor (the message names its path).
+
     >>> neg({"w": torch.tensor([1., -2.])})
     {'w': tensor([-1.,  2.])}
     """
@@ -264,6 +327,22 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
     """Leaf-wise ``a + weight * (b - a)`` (``torch.lerp``); ``weight`` is a scalar or a tree.
 
     ``lerp(target, online, tau)`` is the EMA / Polyak / soft target update.
+
+    Args:
+        a: the start, a pytree of tensors.
+        b: the end: a pytree of ``a``'s structure, or a scalar (Python number or 0-dim tensor)
+            that every leaf moves toward.
+        weight: a scalar, or a pytree of ``a``'s structure, shapes and dtypes (one weight per entry).
+
+    Returns:
+        A new tree of ``a``'s structure; the inputs are never mutated.
+
+    Raises:
+        TypeError: ``a`` is a number, an operand is neither a tree of tensors nor a scalar (e.g. a
+            tensor with dimensions against a dict), or a scalar would change a leaf's dtype.
+        StructureError: ``b`` or a tree ``weight`` differs from ``a`` in keys, shapes, dtypes or
+            devices (names the leaf).
+        OverflowError: a Python int scalar does not fit in 64 bits (what torch takes for a scalar).
 
     >>> lerp({"w": torch.tensor([0., 10.])}, {"w": torch.tensor([10., 20.])}, 0.1)
     {'w': tensor([ 1., 11.])}
@@ -298,6 +377,15 @@ def _unary(fn: str, a: PyTree, per_leaf: Callable[[Tensor], Tensor], *, arithmet
 def clone(a: PyTree, /) -> PyTree:
     """Leaf-wise ``tensor.clone()``: same values, fresh storage (keeps strides and memory format).
 
+    Args:
+        a: a pytree of tensors.
+
+    Returns:
+        A new tree of ``a``'s structure.
+
+    Raises:
+        TypeError: ``a`` is ``None`` or has a leaf that is not a tensor (the message names its path).
+
     >>> tree = {"w": torch.ones(2)}
     >>> clone(tree)["w"] is tree["w"]
     False
@@ -314,6 +402,15 @@ def randn_like(a: PyTree, /) -> PyTree:
 
     Integer and bool leaves are carried unchanged.  Reproducible under ``torch.manual_seed``.
 
+    Args:
+        a: a pytree of tensors.
+
+    Returns:
+        A new tree of ``a``'s structure.
+
+    Raises:
+        TypeError: ``a`` is ``None`` or has a leaf that is not a tensor (the message names its path).
+
     >>> _ = torch.manual_seed(0)
     >>> first = randn_like({"w": torch.zeros(3)})
     >>> _ = torch.manual_seed(0)
@@ -326,6 +423,15 @@ def randn_like(a: PyTree, /) -> PyTree:
 def zeros_like(a: PyTree, /) -> PyTree:
     """Leaf-wise ``torch.zeros_like`` (integer and bool leaves are carried unchanged).
 
+    Args:
+        a: a pytree of tensors.
+
+    Returns:
+        A new tree of ``a``'s structure.
+
+    Raises:
+        TypeError: ``a`` is ``None`` or has a leaf that is not a tensor (the message names its path).
+
     >>> zeros_like({"w": torch.ones(2)})
     {'w': tensor([0., 0.])}
     """
@@ -337,8 +443,19 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, /, *rest: PyTree) -> PyTree:
 
     Unlike the arithmetic functions, ``fn`` sees every leaf, integer ones included.
 
+    Args:
+        fn: called as ``fn(leaf, *matching_leaves)`` once per leaf of ``tree``.
+        tree: a pytree of tensors.
+        *rest: pytrees of ``tree``'s structure, or scalars (Python numbers or 0-dim tensors),
+            which reach every call as they are.
+
+    Returns:
+        A new tree of ``tree``'s structure holding ``fn``'s results.
+
     Raises:
         StructureError: a tree in ``rest`` has another structure (names the leaf).
+        TypeError: a leaf of ``tree`` or of a tree in ``rest`` is not a tensor, or a tensor with
+            dimensions is paired with a container (only 0-dim tensors broadcast).
 
     >>> tree_map(lambda x, y: x * y, {"w": torch.tensor([2.])}, {"w": torch.tensor([3.])})
     {'w': tensor([6.])}
@@ -388,6 +505,19 @@ def dot(a: PyTree, b: PyTree, /) -> Tensor:
 
     Integer leaves are skipped; complex leaves are not conjugated (use ``dot(conj(a), b)``).
 
+    Args:
+        a: a pytree of tensors.
+        b: a pytree of ``a``'s structure, or a scalar (Python number or 0-dim tensor).
+
+    Returns:
+        A 0-dim tensor (``tensor(0.)`` when ``a`` has no floating or complex leaf).
+
+    Raises:
+        StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
+        TypeError: an operand is not a tree of tensors or a scalar, or a scalar would change a
+            leaf's dtype.
+        OverflowError: a Python int scalar does not fit in 64 bits (what torch takes for a scalar).
+
     >>> dot({"w": torch.tensor([1., 2.]), "b": torch.tensor([3.])},
     ...     {"w": torch.tensor([1., 1.]), "b": torch.tensor([2.])})
     tensor(9.)
@@ -406,6 +536,16 @@ def norm(a: PyTree, /) -> Tensor:
     """The global L2 norm ``sqrt(sum of squares of every leaf)`` as one 0-dim tensor.
 
     Integer leaves are skipped.  Fused with ``torch._foreach_norm`` outside autograd.
+
+    Args:
+        a: a pytree of tensors.
+
+    Returns:
+        A 0-dim real tensor on the device of ``a``'s first floating (or complex) leaf
+        (``tensor(0.)`` when ``a`` has none).
+
+    Raises:
+        TypeError: ``a`` is ``None`` or has a leaf that is not a tensor (the message names its path).
 
     >>> norm({"w": torch.tensor([3.]), "b": torch.tensor([4.])})
     tensor(5.)

@@ -129,6 +129,15 @@ class Member:
         spec = self._spec
         return dict(zip(spec.names[spec.n_params:], self._leaves[spec.n_params:]))
 
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names a Member lacks: say what it offers instead of a bare AttributeError
+        if name.startswith("_"):
+            raise AttributeError(name)
+        hint = {"parameters": " (member.params.values() for member.parameters())",
+                "named_parameters": " (member.params.items() for member.named_parameters())"}.get(name, "")
+        raise AttributeError(f"swarm member: expected member(*inputs), member.params or member.buffers inside a "
+                             f"vectorised call (a member is not a module), got member.{name}{hint}")
+
 
 def _in_dims(fn: str, in_dims: InDims, args: Sequence[Any]) -> tuple[Any, ...]:
     if in_dims is None or isinstance(in_dims, int):
@@ -242,8 +251,9 @@ def _traced_steps(spec: Spec, index: dict[int, int]) -> Optional[list[tuple[Any,
         return None
     import torch.fx  # only when a plan is first needed
 
-    probes = [nn.Parameter(leaf.detach().clone(), leaf.requires_grad) if isinstance(leaf, nn.Parameter)
-              else leaf.detach().clone() for leaf in layout.params + layout.buffers]
+    with torch.inference_mode(False):  # made under inference_mode, copies would have no version counter to watch
+        probes = [nn.Parameter(leaf.detach().clone(), leaf.requires_grad) if isinstance(leaf, nn.Parameter)
+                  else leaf.detach().clone() for leaf in layout.params + layout.buffers]
     versions = [probe._version for probe in probes]
     try:
         with bound(spec, probes) as root:
@@ -301,8 +311,11 @@ def _build_plan(spec: Spec) -> tuple[Any, ...]:
 
 
 def _plan(spec: Spec) -> tuple[Any, ...]:
-    if spec.plan is None:
+    # built again when the class's forward was replaced since (``Net.forward = ...``), as a module would run it
+    forward = type(spec.layout.modules[0]).forward
+    if spec.plan is None or spec.planned_for is not forward:
         spec.plan = _build_plan(spec)
+        spec.planned_for = forward
     return spec.plan  # type: ignore[return-value]
 
 
@@ -331,7 +344,10 @@ def _fused(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any], 
     else:
         batch = x.shape[:-1]
         h = x.reshape(1, -1, x.shape[-1]).expand(size, -1, -1)
-    recording = torch.is_grad_enabled() and (x.requires_grad or views[plan[0][1]].requires_grad)
+    # any layer's tensor, not only the first's: with the first layer frozen, a later trainable layer
+    # records, and an in-place activation would overwrite an output its backward saved
+    recording = torch.is_grad_enabled() and (x.requires_grad or any(
+        views[i].requires_grad for step in plan if step[0] == "linear" for i in step[1:] if i is not None))
     for step in plan:
         if step[0] == "linear":
             weight = views[step[1]].mT

@@ -94,7 +94,7 @@ class Layout:
     """
 
     __slots__ = ("modules", "prefixes", "names", "params", "buffer_names", "buffers",
-                 "children", "param_slots", "buffer_slots", "tables", "_signature", "_pointers", "_expect",
+                 "children", "param_slots", "buffer_slots", "tables", "_signature", "_placement", "_expect",
                  "_family", "packing")
 
     def __init__(self, root: nn.Module) -> None:
@@ -109,7 +109,7 @@ class Layout:
         self.buffer_slots: list[list[tuple[str, Optional[int]]]] = []
         self.tables: list[tuple[str, dict, int]] = []
         self._signature: Optional[tuple] = None
-        self._pointers: Optional[tuple[int, ...]] = None
+        self._placement: Optional[Placement] = None
         self._expect: Optional[list] = None
         self._family = _Family()  # shared by sibling layouts
         # what ``_packed.packed`` found out about this tree (shared by ``layout_of``'s answers for one root)
@@ -174,7 +174,7 @@ class Layout:
         other.children, other.param_slots, other.buffer_slots = self.children, self.param_slots, self.buffer_slots
         other.tables = self.tables  # rebuilt modules share their config dicts with the source
         other._signature = self.signature
-        other._pointers = None
+        other._placement = None
         other._expect = None
         other._family = self._family
         other.packing = [None, None]
@@ -219,7 +219,28 @@ class Layout:
             if owner.__dict__.get(CONFIG_ATTR) is not config_table:
                 return False
         # Same Parameter objects can hold new storage (``.data = ...``, ``.double()``, ``.to()``).
-        return tuple(map(Tensor.data_ptr, self.params)) == self._pointers
+        return placement(self.params) == self._placement
+
+
+#: Addresses, shapes and strides of some tensors (``placement``).
+Placement = tuple[tuple[int, ...], tuple[torch.Size, ...], tuple[tuple[int, ...], ...]]
+
+
+def placement(tensors: Sequence[Tensor]) -> Placement:
+    """Where ``tensors`` sit in memory, to compare with a later reading: addresses, shapes and strides.
+
+    The same Parameter objects can be given other memory (``param.data = ...``, ``.to()``,
+    ``torch.utils.swap_tensors``) and so change address; a view of their own memory keeps the
+    address (``w.data = w.data[:2]``, ``w.data = w.data.t()``), and only its shape or strides tell.
+
+    >>> w = torch.zeros(4, 4)
+    >>> before = placement([w])
+    >>> w.data = w.data[:2]
+    >>> placement([w]) == before
+    False
+    """
+    return (tuple(map(Tensor.data_ptr, tensors)), tuple(map(Tensor.size, tensors)),
+            tuple(map(Tensor.stride, tensors)))
 
 
 _INTERNED: dict[tuple, object] = {}
@@ -280,7 +301,16 @@ def _remember(root: nn.Module, layout: Layout) -> None:
         return  # tensors batched by vmap (or wrapped by grad) have no address: nothing to remember them by
     stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
     stored.packing = layout.packing
-    stored._pointers = tuple(map(Tensor.data_ptr, layout.params))
+    try:
+        stored._placement = placement(layout.params)
+    except RuntimeError:  # a tensor without storage (sparse): named here rather than by torch's internals
+        name, param = next(((name, param) for name, param in zip(layout.names, layout.params)
+                            if param.layout is not torch.strided), (None, None))
+        if param is None:
+            raise
+        raise TypeError(f"{type(root).__name__}: expected dense (strided) parameters, but parameter {name!r} has "
+                        f"layout {param.layout}; nytorch's arithmetic is elementwise over dense tensors: convert it "
+                        "with .to_dense()") from None
     if layout._family.check is None:  # compiled checks compare with the layout's own lists instead
         stored._expect = snapshot(layout.modules)  # the tree was just walked or built: it is what the layout says
     try:

@@ -431,6 +431,10 @@ def test_centered_ranks_put_nan_last_and_rank_ties_as_a_permutation() -> None:
     torch.testing.assert_close(ranks, torch.tensor([0.5, -1 / 6, -0.5, 1 / 6]))
     ties = alg.centered_ranks(torch.tensor([1.0, 1.0, 1.0, 0.0]))
     assert ties[3] == -0.5 and sorted(ties[:3].tolist()) == pytest.approx([-1 / 6, 1 / 6, 0.5])
+    # a stable sort: tied members keep their order, on every call and at every size
+    for size in (3, 17, 300):
+        tied = alg.centered_ranks(torch.ones(size))
+        torch.testing.assert_close(tied, torch.arange(size, dtype=torch.float32) / (size - 1) - 0.5)
 
 
 # -- truncation selection and the hybrid pull --------------------------------------------------------

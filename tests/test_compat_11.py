@@ -317,3 +317,21 @@ def test_get_param_id_numbering_is_named_parameters_order() -> None:
     net = Net()
     assert [net.get_param_id(p) for p in net.parameters()] == [0, 1, 2]
     assert [n for n, _ in net.named_parameters()][net.get_param_id(net.my_param)] == "my_param"
+
+
+@pytest.mark.parametrize("name, says", [("touch", r"touch\(\) is gone.*delete the call"),
+                                        ("is_root", r"is_root is gone.*no species roots")])
+def test_members_11_had_and_the_design_dropped_say_so(name: str, says: str) -> None:
+    """``net.touch()`` in a 1.1 program: an AttributeError that says what became of it, built or pending."""
+    class Net(nyto.NytoModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+    net = Net()
+    for model in (net, net + 1.0):
+        with pytest.raises(AttributeError, match=rf"'Net' object has no attribute '{name}': nytorch 1.1's {says}"):
+            getattr(model, name)
+    assert not hasattr(net, "touch")
+    with pytest.raises(AttributeError, match=r"^'Net' object has no attribute 'missing'$"):
+        net.missing

@@ -795,7 +795,8 @@ def test_inplace_number_torch_cannot_convert_changes_nothing(expr: str, scalar: 
         _unchanged(before, dict(model.named_parameters()), name)
     swarm = nyto.Swarm.stack([Two(0), Two(1)])
     before = _snapshot(swarm.params)
-    with pytest.raises(RuntimeError, match=match):
+    # a Swarm names the method called (``lerp_``), as its other lerp_ errors do
+    with pytest.raises(RuntimeError, match=match.replace("lerp:", "lerp_:")):
         if expr == "pow_":
             swarm **= scalar
         else:

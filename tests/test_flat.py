@@ -168,3 +168,9 @@ def test_written_bumps_only_active_leaves():
     from nytorch._flat import written
     written(leaves, plan_for(signature, [True, False]))
     assert [leaf._version for leaf in leaves] == [1, 0]
+
+
+@pytest.mark.parametrize("bad", [3, None, {"w": torch.zeros(1)}])
+def test_flatten_names_what_is_not_a_module(bad: object) -> None:
+    with pytest.raises(TypeError, match=rf"^flatten_: expected an nn.Module, got {type(bad).__name__}$"):
+        flatten_(bad)  # type: ignore[arg-type]

@@ -125,3 +125,17 @@ def test_set_result_pool_rejects_what_is_not_a_byte_count(bad: object, error: ty
     with pytest.raises(error, match="max_bytes"):
         nytorch.set_result_pool(bad)  # type: ignore[arg-type]
     assert _pool.POOL_BYTES == before
+
+
+def test_dropping_the_plan_cache_drops_the_buffers_filed_under_its_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 256 structures ``plan_for`` forgets its plans: buffers kept for them would never be asked for."""
+    from nytorch import _flat
+    monkeypatch.setattr(_flat, "_PLANS", {})
+    a, b = _pair()
+    _ = a + b  # dies unseen: its buffers are kept for the next result of its plan
+    del _
+    assert _pool.held_bytes() > 0
+    for width in range(1, 257):  # 256 other structures fill the plan cache, which is then dropped
+        _flat.plan_for([(torch.Size([width]), torch.float32, torch.device("cpu"))], [True])
+    assert _pool.held_bytes() == 0 and len(_flat._PLANS) == 1
+    assert torch.equal((a + b).layer1.weight, a.layer1.weight + b.layer1.weight)  # a new plan, computed right

@@ -56,8 +56,10 @@ def accuracy(model: nn.Module, data) -> float:
 # MoCo's key encoder follows the query encoder as $\theta_k \leftarrow m\,\theta_k + (1-m)\,\theta_q$;
 # DQN/SAC/TD3 target networks follow the online network as
 # $\theta' \leftarrow \tau\,\theta + (1-\tau)\,\theta'$. Both are `merge.ema_` — one fused
-# `lerp_` over every tensor, in place. Floating buffers (BatchNorm statistics) are averaged too
-# (or copied, or kept: `buffers="copy"` / `"keep"`); integer buffers are copied, never averaged.
+# `lerp_` over every tensor, in place. Floating buffers (BatchNorm statistics) are averaged too, as
+# timm's model EMA does (or copied, or kept: `buffers="copy"` / `"keep"`; MoCo's key encoder keeps
+# its own statistics, so a faithful MoCo passes `buffers="keep"`); integer buffers are copied, never
+# averaged.
 
 # %%
 online = make_net()
@@ -69,7 +71,7 @@ for _ in range(3):  # the online network moves on
     optimizer.zero_grad(); loss.backward(); optimizer.step()
 
 before = {k: v.clone() for k, v in key_encoder.state_dict().items()}
-merge.ema_(key_encoder, online, decay=0.99)   # MoCo momentum encoder, m = 0.99
+merge.ema_(key_encoder, online, decay=0.99)   # momentum encoder, m = 0.99 (statistics averaged too)
 merge.ema_(target_net, online, tau=0.005)     # DQN soft target update, τ = 0.005
 
 # the same by hand, tensor by tensor

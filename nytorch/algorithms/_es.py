@@ -25,6 +25,16 @@ def es_noise(center: Any, size: int, *, generator: Optional[torch.Generator] = N
         size: an even population size (a Python or NumPy int).
         generator: for reproducible noise (on the device of ``center``'s values).
 
+    Returns:
+        A new Swarm of ``size`` members of ``center``'s member structure: ``size // 2`` draws, then
+        their negations.
+
+    Raises:
+        TypeError: ``center`` is not a model, Particle or Swarm, ``size`` is not an int, or
+            ``generator`` is not a ``torch.Generator``.
+        ValueError: ``size`` is below 2 or odd, or ``generator`` is on another device type than
+            ``center``'s values.
+
     >>> import torch
     >>> eps = es_noise(torch.nn.Linear(2, 1), 4)
     >>> torch.equal(eps.params["bias"][0], -eps.params["bias"][2])
@@ -47,6 +57,20 @@ def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
     ``losses[i]`` is the loss of ``center + sigma * noise[i]`` (any real dtype: integer and bool
     losses are taken in the default float dtype).  Pass ``centered_ranks(losses)`` instead of raw
     losses for rank-based fitness shaping.
+
+    Args:
+        noise: the ``ε`` of the population, a Swarm of ``P`` members (e.g. from ``es_noise``).
+        losses: a real tensor of shape ``(P,)``.
+        sigma: ``σ > 0``, the noise scale the population was evaluated with (a Python or NumPy
+            number or a 0-dim tensor).
+
+    Returns:
+        A new Particle of ``noise``'s member structure.
+
+    Raises:
+        TypeError: ``noise`` is not a Swarm, ``losses`` is not a real tensor, or ``sigma`` is not a
+            real number.
+        ValueError: ``losses`` is not of shape ``(P,)``, or ``sigma`` is not positive.
 
     >>> import torch
     >>> eps = es_noise(torch.nn.Linear(1, 1, bias=False), 2000, generator=torch.Generator().manual_seed(0))
@@ -80,8 +104,25 @@ def es_step(center: Any, noise: Swarm, losses: Tensor, *, sigma: float, lr: floa
     Every argument is checked first, errors naming ``es_step``; ``lr=0`` returns ``center``'s values
     exactly (even where the estimate is inf or NaN, e.g. from an infinite loss).
 
+    Args:
+        center: the current point, a model, Particle or Swarm (then each member steps by the one
+            estimate).
+        noise: the ``ε`` the population ``center + sigma * noise`` was made with, a Swarm of ``P``
+            members.
+        losses: the losses of that population, a real tensor of shape ``(P,)``.
+        sigma: ``σ > 0``, as in ``es_gradient``.
+        lr: the step size, a real number.
+
     Returns:
-        A new Particle (or a new model of ``center``'s class for a NytoModule centre).
+        A new Particle (or a new model of ``center``'s class for a NytoModule centre; a new Swarm for
+        a Swarm centre).
+
+    Raises:
+        TypeError: ``center`` is not a model, Particle or Swarm, or is a model (or a Particle of one)
+            of another class than ``noise``'s members; ``noise`` is not a Swarm, ``losses`` is not a
+            real tensor, or ``sigma`` / ``lr`` is not a real number.
+        ValueError: ``losses`` is not of shape ``(P,)``, ``sigma`` is not positive, or ``lr`` is NaN.
+        StructureError: a model or Particle ``center`` differs from ``noise``'s members in structure.
 
     >>> import torch
     >>> from nytorch import particle
@@ -107,6 +148,17 @@ def centered_ranks(losses: Tensor) -> Tensor:
     """Fitness shaping: the ranks of ``losses`` scaled to ``[-0.5, 0.5]`` (lowest loss → -0.5).
 
     Floating losses give ranks in their dtype; integer and bool losses, in the default float dtype.
+    Equal losses get distinct ranks, the lower to the earlier member (a stable sort), not their average.
+
+    Args:
+        losses: a 1-D real tensor.
+
+    Returns:
+        A new tensor of ``losses``' shape, on its device: rank ``r`` (0 for the lowest) maps to
+        ``r / (P - 1) - 0.5`` (``-0.5`` for a single loss).
+
+    Raises:
+        TypeError: ``losses`` is not a 1-D tensor, or is complex.
 
     >>> centered_ranks(torch.tensor([10., -3., 7.]))
     tensor([ 0.5000, -0.5000,  0.0000])
@@ -121,5 +173,5 @@ def centered_ranks(losses: Tensor) -> Tensor:
     size = losses.shape[0]
     ranks = torch.empty(size, dtype=losses.dtype if losses.is_floating_point() else torch.get_default_dtype(),
                         device=losses.device)
-    ranks[losses.argsort()] = torch.arange(size, dtype=ranks.dtype, device=losses.device)
+    ranks[losses.argsort(stable=True)] = torch.arange(size, dtype=ranks.dtype, device=losses.device)
     return ranks / max(size - 1, 1) - 0.5

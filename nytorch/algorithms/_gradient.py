@@ -16,18 +16,26 @@ def sgd_step(swarm: Swarm, loss_fn: Callable[..., torch.Tensor], /, *args: Any, 
              **kwargs: Any) -> tuple[Swarm, torch.Tensor]:
     """One SGD step on every member: ``swarm − lr · ∇loss`` from one vectorised gradient call.
 
-    ``loss_fn(member, *args)`` returns a 0-dim loss; ``member(x)`` runs that member's forward.
-    Keyword arguments (e.g. ``in_dims``) go to ``Swarm.grad_and_value``.  ``lr`` is a Python or NumPy
-    number or a 0-dim tensor; ``lr=0`` returns the parameters exactly as they were (even where a
-    gradient is inf or NaN), with the losses.  Buffers the forward updates (BatchNorm statistics in
-    train mode) are updated in the result, as in a loop of ``loss.backward(); optimizer.step()``;
-    ``swarm`` itself is unchanged.
+    ``lr=0`` returns the parameters exactly as they were (even where a gradient is inf or NaN),
+    with the losses.  Buffers the forward updates (BatchNorm statistics in train mode) are updated
+    in the result, as in a loop of ``loss.backward(); optimizer.step()``; ``swarm`` itself is
+    unchanged.
+
+    Args:
+        swarm: the members to step.
+        loss_fn: ``loss_fn(member, *args)`` returns a 0-dim loss; ``member(x)`` runs that member's forward.
+        *args: passed to ``loss_fn`` after the member.
+        lr: the step size, a Python or NumPy number or a 0-dim tensor.
+        **kwargs: passed to ``Swarm.grad_and_value``: its options (``in_dims``, ``randomness``,
+            ``chunk_size``), any others on to ``loss_fn``.
 
     Returns:
         ``(new_swarm, losses)`` with the losses *before* the step, shape ``(P,)``.
 
     Raises:
-        TypeError: ``swarm`` is not a Swarm, ``loss_fn`` is not callable, or ``lr`` is not a real number.
+        TypeError: ``swarm`` is not a Swarm, ``loss_fn`` is not callable or returns an integer or
+            boolean loss, or ``lr`` is not a real number.
+        ValueError: ``lr`` is NaN, or ``loss_fn`` returns something other than a 0-dim tensor.
 
     >>> import torch, torch.nn.functional as F
     >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])

@@ -26,9 +26,25 @@ def pull_toward_best(swarm: Swarm, losses: Tensor, *, subset: int, alpha: float,
 
     The evolutionary step of the nytorch 1.1 example (an accelerated-PSO pull without noise,
     applied to a random subset to keep it cheap).  Members outside the subset are unchanged, and an
-    empty swarm (a rank's empty shard) gives an empty swarm.  The subset is drawn with ``generator``
-    on its own device (any device: nothing else is drawn).  ``alpha=0`` moves nothing (and draws
+    empty swarm (a rank's empty shard) gives an empty swarm.  ``alpha=0`` moves nothing (and draws
     nothing); ``alpha=1`` copies the best exactly, onto diverged (inf or NaN) members too.
+
+    Args:
+        swarm: the population, ``P`` members.
+        losses: the losses of ``swarm``'s members, a real tensor of shape ``(P,)`` (NaN ranks as
+            ``+inf``).
+        subset: how many members to draw, an int in ``[1, P]``.
+        alpha: ``α``, a real number (Python or NumPy number or 0-dim tensor).
+        generator: draws the subset, on its own device (any device: nothing else is drawn).
+
+    Returns:
+        A new Swarm of ``P`` members; ``swarm`` is unchanged.
+
+    Raises:
+        TypeError: ``swarm`` is not a Swarm, ``losses`` is not a real tensor, ``subset`` is not an
+            int, ``alpha`` is not a real number, or ``generator`` is not a ``torch.Generator``.
+        ValueError: ``losses`` is not of shape ``(P,)``, ``subset`` is outside ``[1, P]``, or
+            ``alpha`` is NaN.
 
     >>> import torch
     >>> s = Swarm.randn(torch.nn.Linear(2, 1), 4)
@@ -93,9 +109,21 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
                 generator: Optional[torch.Generator] = None) -> tuple[Swarm, Tensor]:
     """One step of the hybrid loop: ``sgd_step``, then ``pull_toward_best`` when ``(step + 1) % every == 0``.
 
-    ``subset`` defaults to every member.  An empty swarm (a rank's empty shard) stays empty, with
-    losses of shape ``(0,)``.  Every argument is checked before the gradient step runs (numbers may
-    be Python or NumPy numbers or 0-dim tensors).
+    The pull picks the best member by the losses ``sgd_step`` returns, those of the positions before
+    the SGD step, and moves the stepped positions.  An empty swarm (a rank's empty shard) stays
+    empty, with losses of shape ``(0,)``.  Every argument is checked before the gradient step runs
+    (numbers may be Python or NumPy numbers or 0-dim tensors).
+
+    Args:
+        swarm: the members to step.
+        loss_fn: ``loss_fn(member, *args)`` returns a 0-dim loss (as in ``sgd_step``).
+        *args: passed to ``loss_fn`` after the member.
+        step: the index of this step, an int >= 0 (the pull runs when ``(step + 1) % every == 0``).
+        lr: the SGD step size.
+        every: pull every ``every`` steps, an int >= 1.
+        subset: how many members the pull draws, in ``[1, P]``; ``None``: every member.
+        alpha: the pull ``α`` (as in ``pull_toward_best``).
+        generator: draws the pull's subset, on its own device.
 
     Returns:
         ``(new_swarm, losses)`` with the losses before the step.
@@ -103,7 +131,7 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     Raises:
         TypeError / ValueError: an invalid argument (``step`` an int >= 0, ``every`` >= 1, ``subset``
             in ``[1, P]`` or ``None``, ``lr``/``alpha`` real numbers, ``generator`` a torch.Generator
-            or ``None``), naming it.
+            or ``None``), naming it, or a ``loss_fn`` result that is no 0-dim floating loss.
 
     >>> import torch, torch.nn.functional as F
     >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])
@@ -128,6 +156,11 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     ``generator`` is refused even when no pull would happen; each batch is checked as it comes.
 
     Args:
+        swarm: the starting members.
+        loss_fn: ``loss_fn(member, *batch)`` returns a 0-dim loss (as in ``sgd_step``).
+        batches: an iterable (e.g. a DataLoader, iterated once) of tuples or lists of ``loss_fn``
+            arguments; step ``k`` uses the ``k``-th batch.
+        lr, every, subset, alpha, generator: as in ``hybrid_step``.
         show_progress: a tqdm bar (``None``: only when stderr is a terminal and tqdm is installed).
 
     Returns:
@@ -135,8 +168,8 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         (``(steps, 0)`` for an empty swarm).
 
     Raises:
-        TypeError / ValueError: an invalid argument, naming it; ``TypeError`` for a batch that is not
-            a tuple or list.
+        TypeError / ValueError: an invalid argument, naming it, or a ``loss_fn`` result that is no
+            0-dim floating loss; ``TypeError`` for a batch that is not a tuple or list.
 
     >>> import torch, torch.nn.functional as F
     >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(4)])

@@ -15,8 +15,14 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: Option
     """``iterable`` wrapped in a ``tqdm`` bar, or returned as is.
 
     Args:
+        iterable: what to iterate over.
+        total: the bar's length (default: ``len(iterable)`` where it has one, as tqdm does).
+        desc: the bar's label.
         enabled: ``True``/``False`` to force; ``None`` (default) shows a bar only when stderr is a
             terminal.  Without tqdm installed there is never a bar.
+
+    Returns:
+        A ``tqdm`` wrapping ``iterable`` when a bar is shown, otherwise ``iterable`` itself.
 
     >>> list(progress(range(3), enabled=False))
     [0, 1, 2]

@@ -38,6 +38,18 @@ class PSOState(NamedTuple):
 def pso_init(swarm: Swarm, losses: Tensor) -> PSOState:
     """Start PSO at ``swarm`` (whose losses are ``losses``): zero velocities, personal bests = positions.
 
+    Args:
+        swarm: the starting positions.
+        losses: the losses of ``swarm``'s members, a real tensor of shape ``(P,)``.
+
+    Returns:
+        A ``PSOState`` of zero velocities, a copy of ``swarm`` as the personal bests and a
+        detached copy of ``losses`` as their losses.
+
+    Raises:
+        TypeError: ``swarm`` is not a Swarm, or ``losses`` is not a real tensor.
+        ValueError: ``losses`` is not of shape ``(P,)``.
+
     >>> import torch
     >>> s = Swarm.randn(torch.nn.Linear(2, 1), 3)
     >>> state = pso_init(s, torch.tensor([3., 1., 2.]))
@@ -55,12 +67,28 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
                  generator: Optional[torch.Generator] = None) -> Swarm:
     """The PSO velocity ``w·v + c₁·r₁⊙(best − x) + c₂·r₂⊙(g − x)`` with ``r ~ U[0, 1)`` per value.
 
-    ``global_best`` (``g``) is a Particle or model, or the index of a member of ``swarm`` (as in ``apso``).
+    A zero coefficient drops its term and draws nothing.
+
+    Args:
+        swarm: the positions ``x``.
+        velocity: the current velocities ``v``, a Swarm with one member per member of ``swarm``.
+        best: the personal bests, a Swarm with one member per member of ``swarm``.
+        global_best: ``g``, a Particle or model, or the index of a member of ``swarm`` (as in ``apso``).
+        inertia: ``w``, a real number (Python or NumPy number or 0-dim tensor).
+        cognitive: ``c₁``, the pull toward each member's own best.
+        social: ``c₂``, the pull toward ``global_best``.
+        generator: for reproducible ``r₁``, ``r₂`` (on the swarm's device).
+
+    Returns:
+        The new velocities, a new Swarm; the inputs are unchanged.
 
     Raises:
         TypeError: ``swarm``, ``velocity`` or ``best`` is not a Swarm, a coefficient is not a real number,
-            ``global_best`` is no index, Particle or model, or a model of another class is given.
-        ValueError: ``velocity`` or ``best`` has another number of members than ``swarm``.
+            ``global_best`` is no index, Particle or model, a model of another class is given, or
+            ``generator`` is not a ``torch.Generator``.
+        ValueError: ``velocity`` or ``best`` has another number of members than ``swarm``, a coefficient
+            is NaN, or (``cognitive`` or ``social`` nonzero) ``generator`` is on another device type
+            than the swarm.
         IndexError: ``global_best`` is an index out of range.
         StructureError: ``velocity``, ``best`` or ``global_best`` differs from the members in structure
             (the message names the argument and the parameter).
@@ -105,9 +133,22 @@ def pso_step(swarm: Swarm, losses: Tensor, state: PSOState, *, inertia: float = 
              generator: Optional[torch.Generator] = None) -> tuple[Swarm, PSOState]:
     """One PSO iteration: record bests from ``losses`` (the losses of ``swarm``), then move every member.
 
-    Defaults are Clerc's constriction coefficients.  With all three coefficients zero the
-    swarm does not move.  An empty swarm (a rank's empty shard) gives an empty swarm and a state
-    of 0 members.
+    A member whose loss is lower than its best so far takes its position as its new best; ``g`` is
+    the best of the bests.  Then ``v ← w·v + c₁·r₁⊙(best − x) + c₂·r₂⊙(g − x)`` and ``x ← x + v``
+    (``pso_velocity``), with ``r₁`` then ``r₂`` drawn from ``U[0, 1)`` per value (for a model of one
+    dtype, each is one ``torch.rand(P, n)`` laid out in ``named_parameters()`` order, so plain torch
+    with the same generator visits the same positions; a zero coefficient draws nothing).  Defaults
+    are Clerc's constriction coefficients.  With all three coefficients zero the swarm does not move.
+    An empty swarm (a rank's empty shard) gives an empty swarm and a state of 0 members.
+
+    Args:
+        swarm: the positions ``x``.
+        losses: the losses of ``swarm``'s members, shape ``(P,)``.
+        state: from ``pso_init`` or the previous ``pso_step``.
+        inertia: ``w``.
+        cognitive: ``c₁``, the pull toward each member's own best.
+        social: ``c₂``, the pull toward the swarm's best.
+        generator: for reproducible ``r₁``, ``r₂`` (on the swarm's device).
 
     Returns:
         ``(new_swarm, new_state)``; the inputs are unchanged.

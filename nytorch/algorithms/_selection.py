@@ -23,8 +23,21 @@ def truncation_selection(swarm: Swarm, losses: torch.Tensor, *, survivors: int, 
     ``generator`` on its own device; with ``sigma > 0`` it also draws the mutations on the
     swarm's device, so it must be on that device.
 
+    Args:
+        swarm: the population, ``P`` members.
+        losses: the losses of ``swarm``'s members, a real tensor of shape ``(P,)`` (NaN ranks as
+            ``+inf``).
+        survivors: how many members to keep, an int in ``[1, P]``.
+        sigma: the mutation scale, ``>= 0`` (``0``: exact copies).
+        generator: for reproducible parents and mutations.
+
+    Returns:
+        A new Swarm of ``P`` members; ``swarm`` is unchanged.
+
     Raises:
-        ValueError: ``survivors`` outside ``[1, P]``, ``sigma < 0``, losses of the wrong shape, or
+        TypeError: ``swarm`` is not a Swarm, ``losses`` is not a real tensor, ``survivors`` is not an
+            int, ``sigma`` is not a real number, or ``generator`` is not a ``torch.Generator``.
+        ValueError: ``survivors`` outside ``[1, P]``, ``sigma < 0`` or NaN, losses of the wrong shape, or
             (``sigma > 0``) a generator on another device type than the swarm.
 
     >>> import torch

@@ -36,6 +36,10 @@ def shard(swarm: Swarm, *, group: Any = None) -> Swarm:
         swarm: the whole swarm (the same on every rank, e.g. built from one seed).
         group: the process group (default: the world).
 
+    Returns:
+        ``swarm[start:stop]`` for this rank (a Swarm of views, possibly empty): the first
+        ``len(swarm) % world_size`` ranks get one member more.
+
     Raises:
         TypeError: ``swarm`` is not a Swarm.
 
@@ -97,6 +101,7 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
     Args:
         swarm: this rank's shard.
         loss_fn: ``loss_fn(member, *args)`` returns a 0-dim loss (as for ``algorithms.sgd_step``).
+        *args: this step's batch, passed to ``loss_fn`` after the member.
         step / lr / every / alpha / generator: as ``algorithms.hybrid_step``.
         subset: members pulled per shard, at most the shard's size (a smaller shard pulls all of
             its members); default all of them.
@@ -163,6 +168,9 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     ``lr``, ``subset`` and ``alpha`` act on each rank's own shard only, so they may differ.
 
     Args:
+        swarm: this rank's shard.
+        loss_fn: ``loss_fn(member, *batch)`` returns a 0-dim loss.
+        batches: an iterable of tuples or lists of ``loss_fn`` arguments, one per step.
         show_progress: a tqdm bar on the group's rank 0 (``None``: only when stderr is a terminal).
         the others: as for ``hybrid_step``.
 

@@ -26,7 +26,16 @@ __all__ = ["average", "greedy_soup", "Soup", "read_all"]
 def read_all(fn: str, models: Sequence[Any], *, buffers: bool, argument: str = "models") -> list[Operand]:
     """Read every model and check each has the first one's structure (messages say "model i")."""
     if is_swarm(models):
-        models = models.unstack()  # type: ignore[attr-defined]
+        members = models.unstack()  # type: ignore[attr-defined]
+        if buffers and members and not members[0]._with_buffers and members[0]._layout.buffers:
+            # a member's own buffers (BatchNorm statistics) live in its layout: read them after its
+            # parameters, as for a model or a Swarm, so the merge averages (or copies) them too
+            read = [operand(fn, member, buffers=False, argument=f"{argument}[{index}]")
+                    for index, member in enumerate(members)]
+            return [op._replace(names=op.names + list(member._layout.buffer_names),
+                                leaves=op.leaves + list(member._layout.buffers))
+                    for op, member in zip(read, members)]
+        models = members
     if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or not len(models):
         got = f"an empty {type(models).__name__}" if isinstance(models, Sequence) else type(models).__name__
         raise TypeError(f"{fn}: expected a non-empty sequence of models or Particles as {argument}, got {got}")
@@ -141,6 +150,12 @@ def average(models: Sequence[M], /, *, weights: Optional[Weights] = None, buffer
 
 class Soup(NamedTuple):
     """What ``greedy_soup`` found: the soup, the indices of its ingredients (in order added), its score.
+
+    Attributes:
+        model: the soup, a new value of the first model's kind.
+        ingredients: the indices in ``models`` of the models averaged into it, in the order added
+            (the best-scoring model first).
+        score: ``evaluate(model)`` as a float.
 
     >>> import torch
     >>> models = [torch.nn.Linear(1, 1) for _ in range(2)]

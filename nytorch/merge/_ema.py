@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Optional, TypeVar, Union
 import torch
 
 from .. import _leafwise as lw
+from .._algebra import check_writable
 from ._state import BufferMode, Operand, check_buffers, matched, operand
 
 Tensor = torch.Tensor
@@ -39,6 +40,7 @@ def _unit(fn: str, name: str, value: object) -> Weight:
         if value.dim() != 0 or not (value.is_floating_point() or value.is_complex()):
             raise TypeError(f"{fn}: expected {name} to be a number or a 0-dim floating tensor, "
                             f"got a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}")
+        value = value.detach()  # the update runs without autograd (and fused lerp_ refuses a weight that requires grad)
         # checked like a float where reading it is free; an accelerator's would cost a device sync
         if value.device.type == "cpu" and not value.is_complex() and not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{fn}: expected {name} to be in [0, 1], got {value!r}")
@@ -173,6 +175,8 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
         DeviceMismatchError: a parameter lives on different devices.
         TypeError / ValueError: bad ``decay`` / ``tau`` / ``buffers`` or an unsupported operand.
         TypeError: ``target`` and ``online`` are models of two classes, or one is a Swarm and the other not.
+        RuntimeError: ``target`` holds inference tensors (made under ``torch.inference_mode()``) and
+            this runs outside it; nothing is written.
 
     >>> import torch
     >>> online = torch.nn.Linear(2, 1)
@@ -190,5 +194,9 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
     starts = matched("ema_", ends, starts, "online", reference="target")
     steps = plan(ends, buffers)
     _check_weight("ema_", tau_value, ends, steps)
+    written = steps.lerp + steps.copy
+    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, ends.leaves)):
+        # torch would refuse it part-way through the update: refuse before writing anything
+        check_writable("ema_", [ends.names[i] for i in written], [ends.leaves[i] for i in written])
     apply_plan_(steps, ends.leaves, starts.leaves, tau_value)
     return target

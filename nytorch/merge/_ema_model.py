@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from .. import _leafwise as lw
-from .._algebra import without_grad
+from .._algebra import check_writable, without_grad
 from .._errors import StructureError
 from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
+from .._walk import Placement, placement
 from ._ema import apply_plan_, lerp_, plan, tie_key, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
@@ -41,6 +42,12 @@ from ._watch import Configs, entries, holds
 Tensor = torch.Tensor
 
 __all__ = ["EMA"]
+
+
+def _check_writable(fn: str, model: Operand, steps: list[int]) -> None:
+    """Refuse before writing a model torch would refuse part-way (inference tensors outside inference mode)."""
+    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, model.leaves)):
+        check_writable(fn, [model.names[i] for i in steps], [model.leaves[i] for i in steps])
 
 
 class EMA:
@@ -131,6 +138,7 @@ class EMA:
                 return group, found
         return [], None
 
+    @torch.inference_mode(False)  # an EMA made under inference_mode still averages (and trains) outside it
     @torch.no_grad()
     def _copy(self) -> Any:
         online = self._online
@@ -187,8 +195,8 @@ class EMA:
         tables, keys, tensors = entries(self._target)
         self._target_ends = (tables[:1] + tables[1:][-1:], keys[:1] + keys[1:][-1:], tensors[:1] + tensors[1:][-1:])
 
-    def _fingerprint(self) -> tuple[int, ...]:
-        return tuple(map(Tensor.data_ptr, self._watch))
+    def _fingerprint(self) -> Placement:
+        return placement(self._watch)
 
     def _holds(self) -> bool:
         """True while the model's tables still hold the very tensor objects the EMA reads."""
@@ -213,6 +221,7 @@ class EMA:
         self._plan = plan(online, self._buffers)
         if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
             pack_(self._model)
+            pack_(self.averaged)  # and a copy of the EMA (deepcopy, pickle) gave the average's their own
         self._prepare()
         return self._online
 
@@ -230,6 +239,9 @@ class EMA:
     def decay(self) -> float:
         """The decay the next ``update`` will use (the schedule at ``step``).
 
+        Raises:
+            TypeError: a schedule returns something other than a real number or a tensor.
+
         >>> ema = EMA(torch.nn.Linear(1, 1), decay=lambda step: 1 - 1 / (step + 2))
         >>> ema.decay
         0.5
@@ -246,10 +258,14 @@ class EMA:
     def update(self, model: Any = None) -> None:
         """Fold ``model`` (default: the model given at construction) into the average; ``step += 1``.
 
+        Args:
+            model: a model of the average's kind and structure; ``None``: the one given at construction.
+
         Raises:
             StructureError: ``model`` differs in names, shapes or dtypes (names the parameter).
             DeviceMismatchError: ``model`` was moved to another device than the average.
             TypeError: ``model`` is of another class than the average, or a Swarm meets a model.
+            TypeError / ValueError: a decay schedule returns an invalid decay.
 
         >>> net = torch.nn.Linear(1, 1)
         >>> ema = EMA(net, decay=0.5)
@@ -280,6 +296,17 @@ class EMA:
         Only what the average tracks is swapped (parameters, and buffers unless
         ``buffers="keep"``); the trained values are restored even if the block raises.
 
+        Args:
+            model: as for ``update``.
+
+        Yields:
+            The model holding the averages (``model``, or the one given at construction).
+
+        Raises:
+            StructureError / DeviceMismatchError / TypeError: ``model`` as for ``update``.
+            RuntimeError: ``model`` holds inference tensors and this runs outside ``torch.inference_mode()``;
+                nothing is written.
+
         >>> net = torch.nn.Linear(1, 1)
         >>> ema = EMA(net, decay=0.0)
         >>> with torch.no_grad():
@@ -294,6 +321,7 @@ class EMA:
         other = self._read("EMA.swap", model)
         steps = self._plan.lerp + self._plan.copy
         live = [other.leaves[i] for i in steps]
+        _check_writable("EMA.swap", other, steps)
         with torch.no_grad():
             saved = [leaf.detach().clone() for leaf in live]
             if live:
@@ -309,6 +337,15 @@ class EMA:
     def copy_to(self, model: Any = None) -> Any:
         """Write the averages into ``model`` (default: the model given at construction) for good.
 
+        Args:
+            model: as for ``update``.
+
+        Returns:
+            The model written into (``model``, or the one given at construction).
+
+        Raises:
+            StructureError / DeviceMismatchError / TypeError / RuntimeError: as for ``swap``; nothing is written.
+
         >>> net = torch.nn.Linear(1, 1)
         >>> ema = EMA(net)
         >>> ema.copy_to(net) is net
@@ -317,12 +354,16 @@ class EMA:
         live_model = self._model if model is None else model
         other = self._read("EMA.copy_to", model)
         steps = self._plan.lerp + self._plan.copy
+        _check_writable("EMA.copy_to", other, steps)
         if steps:
             torch._foreach_copy_([other.leaves[i] for i in steps], [self._target.leaves[i] for i in steps])
         return live_model
 
     def state_dict(self) -> dict[str, Any]:
         """``{"step": int, "averaged": {name: tensor}}`` for checkpoints (tensors are references).
+
+        Returns:
+            ``step`` and the average's tracked tensors by name (the average's own tensors, not copies).
 
         >>> sorted(EMA(torch.nn.Linear(1, 1)).state_dict()["averaged"])
         ['bias', 'weight']
@@ -339,6 +380,9 @@ class EMA:
         ``nn.Module.load_state_dict``, values are copied into the average's tensors, so they
         take its dtypes and devices (a float64 checkpoint loads into a float32 average).
         Nothing is written unless every name and shape matches.
+
+        Args:
+            state: a mapping with ``"step"`` and ``"averaged"``, as ``state_dict()`` returns.
 
         Raises:
             TypeError: ``state`` is not a mapping with ``"step"`` (a non-negative int) and

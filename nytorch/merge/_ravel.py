@@ -133,7 +133,9 @@ def _as_tensor(vector: Any) -> tuple[Tensor, bool]:
         return torch.from_numpy(np.asarray(vector)), True
     if isinstance(vector, np.ndarray) and (not vector.flags.writeable or any(s < 0 for s in vector.strides)):
         return torch.from_numpy(np.array(vector)), True
-    return torch.as_tensor(vector), False
+    if isinstance(vector, Tensor):
+        return vector, False
+    return torch.as_tensor(vector, device="cpu"), False  # an array's memory, not on the default device
 
 
 def _unravel(op: Operand, picked: list[int], shapes: list[tuple[int, ...]], sizes: list[int],

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -55,12 +56,13 @@ def warmup_decay(decay: float) -> Schedule:
     [0.1, 0.1818, 0.55, 0.999]
     """
     final = _fraction("warmup_decay", "decay", decay)
+    # a partial of a module-level function, not a closure: an EMA holding it pickles (torch.save, spawn)
+    return functools.partial(_warmup, final)
 
-    def schedule(step: int) -> float:
-        step = _step("warmup_decay", step)
-        return min(final, (1.0 + step) / (10.0 + step))
 
-    return schedule
+def _warmup(final: float, step: int) -> float:
+    step = _step("warmup_decay", step)
+    return min(final, (1.0 + step) / (10.0 + step))
 
 
 def power_decay(decay: float, *, gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0) -> Schedule:
@@ -95,12 +97,12 @@ def power_decay(decay: float, *, gamma: float = 1.0, power: float = 2 / 3, min_d
     floor = _fraction("power_decay", "min_decay", min_decay)
     if floor > final:
         raise ValueError(f"power_decay: expected min_decay <= decay, got min_decay={min_decay!r} > decay={decay!r}")
+    return functools.partial(_power, final, gamma, power, floor)  # picklable, as ``warmup_decay``'s
 
-    def schedule(step: int) -> float:
-        step = _step("power_decay", step)
-        if step == 0:  # timm: ``if step <= 0: return 0.0``, before min_decay
-            return 0.0
-        value = 1.0 - (1.0 + step / gamma) ** -power
-        return max(min(value, final), floor)
 
-    return schedule
+def _power(final: float, gamma: float, power: float, floor: float, step: int) -> float:
+    step = _step("power_decay", step)
+    if step == 0:  # timm: ``if step <= 0: return 0.0``, before min_decay
+        return 0.0
+    value = 1.0 - (1.0 + step / gamma) ** -power
+    return max(min(value, final), floor)

@@ -227,7 +227,11 @@ def rebuild(base: Operand, leaves: Sequence[Tensor]) -> Any:
         return rebuild_module(layout, leaves[:count], buffers)
     if base.kind == "particle":
         source: Particle = base.source
-        if len(leaves) < len(source._leaves):  # buffers were left out: carry clones
+        count = len(source._leaves)
+        if len(leaves) > count and not source._with_buffers:  # a Swarm member's own buffers, merged
+            module = rebuild_module(source._layout, leaves[:count], leaves[count:])
+            return type(source)(Layout(module), source._names, leaves[:count], source._configs, False)
+        if len(leaves) < count:  # buffers were left out: carry clones
             leaves += [leaf.detach().clone() for leaf in source._leaves[len(leaves):]]
         return type(source)(source._layout, source._names, leaves, source._configs, source._with_buffers)
     if base.kind == "swarm":

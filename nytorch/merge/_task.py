@@ -86,7 +86,17 @@ def task_vector(finetuned: M, base: Any, /) -> M:
     """``finetuned − base``: the task vector of Ilharco et al. 2023, as a value of ``finetuned``'s kind.
 
     Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi: "Editing models
-    with task arithmetic" (ICLR 2023).  Integer leaves and buffers are carried from ``finetuned``.
+    with task arithmetic" (ICLR 2023).
+
+    Args:
+        finetuned: the fine-tuned model, Particle, Swarm or dict of tensors.
+        base: the model it was fine-tuned from, of the same structure (a Swarm when ``finetuned``
+            is one: then member by member).
+
+    Returns:
+        A new value of ``finetuned``'s kind holding ``finetuned − base`` in its floating,
+        operational parameters; integer leaves, non-operational parameters and buffers are
+        carried from ``finetuned``.
 
     Raises:
         StructureError: the models differ (names the parameter).

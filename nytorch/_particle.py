@@ -56,7 +56,7 @@ class Particle(Operators):
     """
 
     __slots__ = ("_layout", "_names", "_leaf_list", "_with_buffers", "_signature",
-                 "_flat", "_plan", "__weakref__")
+                 "_flat", "_plan", "_looked", "__weakref__")
     # nytorch 1.1's ParamProduct was generic: ``ParamProduct[Net]`` in 1.1 annotations still evaluates
     def __class_getitem__(cls, item: Any) -> types.GenericAlias:
         return types.GenericAlias(cls, item)
@@ -75,6 +75,7 @@ class Particle(Operators):
         self._signature = _interned(lw.signature(self._leaves)) if signature is None else signature
         self._flat: Any = flat  # a Flat; None: not looked for yet; False: the leaves are not flat
         self._plan = plan
+        self._looked = -1  # ``PACKED[0]`` when the leaves were found not flat: packing since may have made them
 
     @property
     def _configs(self) -> Optional[list[ParamConfig]]:
@@ -120,7 +121,11 @@ class Particle(Operators):
     def _flat_form(self) -> Optional[Flat]:
         """This Particle's flat buffers, when its arithmetic leaves are (or sit in) one buffer per dtype."""
         flat = self._flat
-        if flat is False or lw.transforms_active():  # a transform's tensors have no address: per leaf there
+        if flat is False:
+            if self._looked == PACKED[0] or lw.transforms_active():
+                return None
+            flat = self._flat = None  # a model was packed since (``flatten_``, an EMA): these leaves may be now
+        if lw.transforms_active():  # a transform's tensors have no address: per leaf there
             return None
         configs = self._configs
         active = None if configs is None else self._active_for(configs)
@@ -132,6 +137,7 @@ class Particle(Operators):
                 plan = self._plan = plan_for(self._signature, active or self._active_for(None))
             flat = find_flat(plan, self._leaves)
             self._flat = False if flat is None else flat
+            self._looked = PACKED[0]
             return flat
         if flat.placement is not None and not flat.still_views(self._leaves):
             self._flat = None  # the storage moved (``.data`` swap, ``.to()``): look again next time

@@ -509,3 +509,18 @@ def test_unary_operator_refuses_results_that_are_not_tensors():
     with pytest.raises(TypeError, match=r"^unary_operator: expected the function to return a tensor for parameter "
                                         r"'weight', got float$"):
         p.unary_operator(lambda leaf, config: 3.0)
+
+
+def test_a_particle_of_a_model_packed_later_takes_the_one_pass_path_then() -> None:
+    """``particle(m, pack=False)`` finds m's tensors scattered; after ``flatten_(m)`` it finds them flat."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    p = nytorch.particle(model, pack=False)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    assert all(torch.equal(v, before[k] * 2) for k, v in (p * 2).params.items())
+    assert p._flat is False
+    nytorch.flatten_(model)
+    doubled = (p * 2).params
+    assert p._flat and all(torch.equal(v, before[k] * 2) for k, v in doubled.items())
+    p += 1.0  # in place: into the model's (now packed) tensors
+    assert all(torch.equal(param.detach(), before[name] + 1) for name, param in model.named_parameters())

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Optional
 
 from . import _harness as harness
 from . import models
+from .plot import path_error
 from .results import CPU_ONLY, drawn, not_measured, partial_note, write
 from .targets import verdicts
 
@@ -102,6 +103,11 @@ def main() -> None:
         # checked before measuring: a run is minutes long, and --json is written after its first part
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{option}: expected a file in a folder that exists, got {path!r}")
+        if path and os.path.isdir(path):
+            parser.error(f"{option}: expected a file name, got the folder {path!r}")
+    problem = args.plot and path_error(args.plot, "--plot")  # an extension matplotlib can write, or no plot
+    if problem:
+        parser.error(problem)
     harness.apply_measuring_options(parser, args)
     models.ONLY[:] = args.sizes
     print("harness overheads (µs): " + ", ".join(f"{key} {value:g}" for key, value in harness.overheads().items()),

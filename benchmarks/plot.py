@@ -7,9 +7,10 @@ matplotlib (in the ``dev`` extra).
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from ._harness import describe
 from .targets import tick
@@ -117,11 +118,39 @@ def plot(table: Sequence[dict[str, Any]], path: str, title: str = "") -> list[st
     return [workload for workload, _ in panels]
 
 
+def path_error(path: str, option: str = "out") -> Optional[str]:
+    """Why the image ``path`` cannot be written, checked before any work, or ``None`` (also without matplotlib).
+
+    matplotlib itself would add ``.png`` to a name without an extension (and to a folder's name),
+    so the file written would not be the one asked for: both are refused.
+
+    >>> path_error("ratios.png") is None
+    True
+    >>> print(path_error("ratios"))  # doctest: +ELLIPSIS
+    out: expected a file name ending in an image format (..., png, ...), got 'ratios'
+    """
+    if os.path.isdir(path):
+        return f"{option}: expected an image file name, got the folder {path!r}"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return f"{option}: expected a file in a folder that exists, got {path!r}"
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if os.path.splitext(path)[1].lower().lstrip(".") not in formats:
+        return f"{option}: expected a file name ending in an image format ({', '.join(formats)}), got {path!r}"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__)
     parser.add_argument("json", help="a file written by python -m benchmarks --json")
     parser.add_argument("out", help="the image to write (.png, .svg, .pdf)")
     args = parser.parse_args()
+    problem = path_error(args.out)
+    if problem:
+        parser.error(problem)
     from .results import read_dump
 
     try:

@@ -215,6 +215,8 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[],
                         help="a line to add under the machine of the sections written (repeatable)")
     args = parser.parse_args()
+    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out: expected a file in a folder that exists, got {args.out!r}")
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for run in args.runs:
         try:

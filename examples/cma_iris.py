@@ -4,7 +4,8 @@ No gradients: CMA-ES only sees a numpy vector of the 99 parameters and the loss 
 each candidate.  ``ravel(model)`` gives the starting vector and ``unravel(x)`` turns
 any candidate back into a model of the same class.
 
-Run: ``python examples/cma_iris.py`` (needs the optional ``cma`` package: ``pip install cma``).
+Run: ``python examples/cma_iris.py [--iterations 100] [--seed 0]`` (needs the optional ``cma`` package:
+``pip install cma``).
 """
 from __future__ import annotations
 
@@ -84,5 +85,13 @@ def main(iterations: int = 100, seed: int = 0, verbose: bool = True) -> Optional
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=100, help="CMA-ES generations at most (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="data split and initial model (default: %(default)s)")
+    args = parser.parse_args()
+    if args.iterations < 1:
+        parser.error(f"--iterations: expected a positive number of iterations, got {args.iterations}")
+    main(iterations=args.iterations, seed=args.seed)
     sys.exit(0)

@@ -70,6 +70,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.epochs < 1:
         parser.error(f"--steps and --epochs: expected positive numbers, got {args.steps} and {args.epochs}")
+    problem = swarm_iris.out_path_error(args.out)  # before training, not after it
+    if problem:
+        parser.error(problem)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny kernels: one thread is fastest (and immune to a busy machine)
     try:

@@ -77,6 +77,15 @@ def main() -> None:
     parser.add_argument("--migrate", type=int, default=25, help="ring migration every this many steps")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer is an error")
     args = parser.parse_args()
+    for option, value in (("--members", args.members), ("--steps", args.steps), ("--every", args.every),
+                          ("--migrate", args.migrate)):
+        if value < 1:  # refused here, by every rank alike, rather than as a traceback per rank mid-run
+            parser.error(f"{option}: expected a positive whole number, got {value}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout: expected a positive number of seconds, got {args.timeout}")
+    if "RANK" not in os.environ:
+        parser.error("expected to be started by torchrun, which sets RANK and WORLD_SIZE: "
+                     "torchrun --standalone --nproc-per-node 4 examples/distributed_swarm.py")
 
     cuda = torch.cuda.is_available()
     if cuda:

@@ -2,7 +2,7 @@
 
     W_t = (W_{t-1} - lr * G_t) + BETA * (W_{t-1} - W_{t-2})
 
-Run: ``python examples/momentum_iris.py`` (or ``make demo``).
+Run: ``python examples/momentum_iris.py [--epochs 100] [--seed 0]`` (or ``make demo``).
 """
 from __future__ import annotations
 
@@ -77,4 +77,12 @@ def main(epochs: int = 100, seed: int = 0) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=100, help="training epochs (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the initial model (default: %(default)s)")
+    args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs: expected a positive number of epochs, got {args.epochs}")
+    main(epochs=args.epochs, seed=args.seed)

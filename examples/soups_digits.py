@@ -7,7 +7,7 @@ greedy soup (ingredients kept only if validation accuracy improves), task
 arithmetic and TIES (their scale chosen on the validation set).  The table
 compares validation and test accuracy.
 
-Run: ``python examples/soups_digits.py`` (a few seconds on a laptop CPU).
+Run: ``python examples/soups_digits.py [--seed 0]`` (a few seconds on a laptop CPU).
 """
 from __future__ import annotations
 
@@ -118,4 +118,8 @@ def main(seed: int = 0, verbose: bool = True) -> list[dict[str, object]]:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="data split, subsets and training (default: %(default)s)")
+    main(seed=parser.parse_args().seed)

@@ -24,6 +24,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import nytorch.algorithms as alg
+from nytorch import CheckpointError, StructureError
 from nytorch._checkpoint import load as load_checkpoint
 from nytorch._checkpoint import save as save_checkpoint
 from nytorch._swarm import Swarm
@@ -130,6 +131,20 @@ def save_plot(state: TrainState, path: str) -> str:
     return os.path.abspath(path)
 
 
+def out_path_error(path: str, option: str = "--out") -> Optional[str]:
+    """Why ``path`` cannot take the plot (checked before training, which takes a while), or ``None``."""
+    if os.path.isdir(path):
+        return f"{option}: expected an image file name, got the folder {path!r}"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return f"{option}: expected a file in a folder that exists, got {path!r}"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if os.path.splitext(path)[1].lower().lstrip(".") not in formats:
+        return f"{option}: expected a file name ending in an image format ({', '.join(formats)}), got {path!r}"
+    return None
+
+
 def run(config: Config, out: str, resume: Optional[str] = None) -> dict[str, Any]:
     """Train, print progress, save the plot; returns the final metrics.
 
@@ -178,10 +193,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps: expected a positive number of steps, got {args.steps}")
+    if args.threads < 1:
+        parser.error(f"--threads: expected a positive number of threads, got {args.threads}")
+    problem = out_path_error(args.out)
+    if problem is None and args.resume is not None:
+        if os.path.isdir(args.resume):
+            problem = f"--resume: expected a checkpoint file name, got the folder {args.resume!r}"
+        elif not os.path.isdir(os.path.dirname(os.path.abspath(args.resume))):
+            problem = f"--resume: expected a file in a folder that exists, got {args.resume!r}"
+    if problem:
+        parser.error(problem)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(args.threads, 1))
+    torch.set_num_threads(args.threads)
     try:
         return run(Config(steps=args.steps, seed=args.seed), args.out, args.resume)
+    except (CheckpointError, StructureError) as error:  # a --resume file that is no checkpoint of this run
+        if args.resume is None:
+            raise
+        parser.error(f"--resume: {error}")
     finally:
         torch.set_num_threads(threads)
 

@@ -6,8 +6,10 @@ with outputs by ``python notebooks/build.py [NAME ...]``.
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
+from typing import Optional
 
 import nbformat
 from nbclient import NotebookClient
@@ -51,12 +53,24 @@ def build(path: pathlib.Path, execute: bool = True, timeout: int = 600) -> pathl
     return target
 
 
-def main(names: list[str]) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """Command line: build the notebooks named (all of them when none is), refusing unknown names."""
     sources = sorted((HERE / "src").glob("*.py"))
+    stems = [source.stem for source in sources]
+    parser = argparse.ArgumentParser(prog="python notebooks/build.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"notebooks to build (default: every one), among {stems}; "
+                             "a .py or .ipynb file name or path of one works too")
+    args = parser.parse_args(argv)
+    names = [pathlib.Path(name).stem if name.endswith((".py", ".ipynb")) else name for name in args.names]
+    unknown = [name for name in names if name not in stems]
+    if unknown:
+        parser.error(f"NAME: expected some of {stems}, got {unknown}")
     for source in sources:
         if names and source.stem not in names:
             continue
-        print("built", build(source))
+        print("built", build(source), flush=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,30 @@ def _shape(states: Sequence[dict], containers: frozenset[str]) -> tuple:
                  for state in states)
 
 
+#: The ``__dict__`` key of a result whose module tree is still pending (``_packed.Pending``).
+PENDING = "_nyto_pending"
+
+
+def adopt(root: object, state: dict) -> None:
+    """Give the pending result ``root`` its built ``state`` in the very ``__dict__`` object it has.
+
+    Code that took that dict before the tree was built keeps writing where the module reads:
+    ``functools.cached_property`` takes ``instance.__dict__``, computes (which builds the tree),
+    then stores its value there.  Keys stored before the build stay unless ``state`` has them; the
+    pending marker goes last, once the state is complete.
+
+    >>> class Box: pass
+    >>> box = Box(); box.__dict__.update({PENDING: 1, "cached": 2})
+    >>> own = box.__dict__
+    >>> adopt(box, {"x": 3})
+    >>> box.__dict__ is own, box.__dict__
+    (True, {'cached': 2, 'x': 3})
+    """
+    own = root.__dict__
+    own.update(state)
+    own.pop(PENDING, None)
+
+
 class Stale(Exception):
     """A module no longer looks like the one the builder was written for."""
 
@@ -72,7 +96,7 @@ def _compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[s
 
     ``states`` are the modules' ``__dict__``s (or ``capture``'s copies of them); each is copied, its
     containers too, before it becomes a new module's ``__dict__``.  ``root``, when not ``None``, is the
-    object that becomes the new root (its ``__dict__`` is replaced).  It raises ``Stale`` when a
+    object that becomes the new root (its ``__dict__`` is filled in place, see ``adopt``).  It raises ``Stale`` when a
     state's attribute count differs from the one it was written for (then the caller falls back to
     the generic loop).
 
@@ -97,9 +121,10 @@ def _compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[s
         lines.append(f"    s{k}['_modules'] = {_table(slots, 'n')}")
     # the root's state goes in last: a root that was pending stays so until its tree is complete
     for k in reversed(range(len(states))):
-        lines.append(f"    set_state(n{k}, '__dict__', s{k})")
+        lines.append(f"    set_state(n{k}, '__dict__', s{k})" if k else "    adopt(root, s0) if root is not None else "
+                     "set_state(n0, '__dict__', s0)")
     lines.append("    return [" + ", ".join(f"n{k}" for k in range(len(states))) + "]")
-    namespace = {"new": object.__new__, "set_state": object.__setattr__, "Stale": Stale}
+    namespace = {"new": object.__new__, "set_state": object.__setattr__, "adopt": adopt, "Stale": Stale}
     exec(compile("\n".join(lines), "<nytorch rebuild>", "exec"), namespace)  # noqa: S102 - our own generated code
     return namespace["build"]  # type: ignore[return-value]
 

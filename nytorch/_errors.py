@@ -3,6 +3,27 @@ from __future__ import annotations
 
 __all__ = ["StructureError", "DeviceMismatchError"]
 
+_AGAIN = ("another class of the same name: a re-run notebook cell, importlib.reload or a class statement inside a "
+          "function defines a new class each time; make both models from one class")
+
+
+def class_names(first: type, second: type) -> tuple[str, str]:
+    """Names of two distinct classes for a message: their ``__name__``s, told apart where those coincide.
+
+    >>> A, B = type("Net", (), {}), type("Net", (), {})
+    >>> class_names(A, int)
+    ('Net', 'int')
+    >>> class_names(A, B)[0]
+    'Net (nytorch._errors.Net)'
+    >>> class_names(A, B)[1].startswith("Net (nytorch._errors.Net, another class of the same name")
+    True
+    """
+    if first.__name__ != second.__name__:
+        return first.__name__, second.__name__
+    full = [f"{cls.__module__}.{cls.__qualname__}" for cls in (first, second)]
+    again = f", {_AGAIN}" if full[0] == full[1] else ""
+    return f"{first.__name__} ({full[0]})", f"{second.__name__} ({full[1]}{again})"
+
 
 class StructureError(ValueError):
     """Two models or pytrees do not share names, shapes or dtypes.

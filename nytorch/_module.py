@@ -11,6 +11,7 @@ from typing_extensions import Self
 from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
+from ._errors import class_names
 from ._operators import Operators, State
 from . import _packed as packed
 from ._particle import Particle, layout_state
@@ -72,7 +73,8 @@ class NytoModule(Operators, nn.Module):
         super().__init_subclass__(**kwargs)
         # A class of its own attribute access (``def __getattr__``: ``nn.Module.__getattr__(self, name)``,
         # a ``__setattr__`` that calls ``nn.Module``'s) can bypass the hooks above: its results are built at once.
-        if any(hook in vars(cls) for hook in _TOUCH_HOOKS):
+        # So can a mixin's (``class Net(AttrMixin, NytoModule)``): every class of the MRO but NytoModule's own.
+        if any(hook in vars(base) for base in cls.__mro__ if base not in _OWN_BASES for hook in _TOUCH_HOOKS):
             cls._nyto_builds_on_touch = False
 
     # An operator's values are computed at once; only the Python module objects wait.  Any
@@ -177,15 +179,15 @@ class NytoModule(Operators, nn.Module):
             return other
         if isinstance(other, Particle):
             if other.model_class is not model_class(self):
-                raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
-                                f"got a Particle of {other.model_class.__name__}")
+                expected, got = class_names(model_class(self), other.model_class)
+                raise TypeError(f"{fn}: expected a {expected} (or a Particle of one), got a Particle of {got}")
             algebra.check_state(fn, state.names, state.leaves, other._names, other._leaves,
                                 (state.source.signature, other._current_signature()))
             return other._leaves
         elif isinstance(other, nn.Module):
             if model_class(other) is not model_class(self):
-                raise TypeError(f"{fn}: expected a {type(self).__name__} (or a Particle of one), "
-                                f"got a {type(other).__name__}")
+                expected, got = class_names(model_class(self), model_class(other))
+                raise TypeError(f"{fn}: expected a {expected} (or a Particle of one), got a {got}")
             layout = layout_of(other)
             algebra.check_state(fn, state.names, state.leaves, layout.names, layout.params,
                                 (state.source.signature, layout.signature))
@@ -297,8 +299,8 @@ class NytoModule(Operators, nn.Module):
         if not isinstance(product, Particle):
             raise TypeError(f"product_: expected a Particle as product, got {type(product).__name__}")
         if product.model_class is not model_class(self):
-            raise TypeError(f"product_: expected a Particle of a {model_class(self).__name__}, "
-                            f"got a Particle of {product.model_class.__name__}")
+            expected, got = class_names(model_class(self), product.model_class)
+            raise TypeError(f"product_: expected a Particle of a {expected}, got a Particle of {got}")
         product._write_into("product_", self)
         return self
 
@@ -402,3 +404,6 @@ class NytoModule(Operators, nn.Module):
         shape = tuple(target_param.shape) if isinstance(target_param, Tensor) else type(target_param).__name__
         raise ValueError(f"get_param_id: the given parameter ({shape}) is not a parameter of this "
                          f"{type(self).__name__}")
+
+
+_OWN_BASES = frozenset(NytoModule.__mro__)

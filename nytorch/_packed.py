@@ -307,7 +307,7 @@ class Pending:
         self.flat, self.buffers, self.configs = flat, buffers, configs
 
     def realize(self, root: nn.Module) -> None:
-        """Build ``root``'s module tree (once; ``root.__dict__`` is replaced by the built state)."""
+        """Build ``root``'s module tree (once; the built state goes into ``root.__dict__``, the same dict)."""
         # built outside any torch.func transform that happens to be running (a first touch inside
         # ``grad``): the model's Parameters are plain leaves, as if it had been built at once
         with _LOCK, torch._C._DisableFuncTorch():  # two threads touching one result build it once

@@ -13,7 +13,7 @@ from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
-from ._errors import StructureError
+from ._errors import StructureError, class_names
 from ._flat import PACKED, Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
 from ._packed import active_for, carried, check_converted, compute, fill, flat_operands, kernel_, readable, writable
 from ._pool import give
@@ -267,8 +267,8 @@ class Particle(Operators):
 
     def _check_class(self, fn: str, module: nn.Module) -> None:
         if model_class(module) is not self.model_class:
-            raise TypeError(f"{fn}: expected a {self.model_class.__name__} (or a Particle of one), "
-                            f"got a {type(module).__name__}")
+            expected, got = class_names(self.model_class, model_class(module))
+            raise TypeError(f"{fn}: expected a {expected} (or a Particle of one), got a {got}")
 
     # -- public API --------------------------------------------------------------------
     @classmethod

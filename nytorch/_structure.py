@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from . import _tree
-from ._errors import StructureError
+from ._errors import StructureError, class_names
 from ._packed import _structure
 from ._particle import Particle
 from ._walk import layout_of, model_class
@@ -73,8 +73,9 @@ def _check(fn: str, a: Any, b: Any) -> None:
     if models == (True, True):
         first, second = _model(a), _model(b)
         if first.cls is not second.cls:
-            raise StructureError(f"{fn}: the first operand is a {first.cls.__name__} and the second a "
-                                 f"{second.cls.__name__}; arithmetic combines models of one class")
+            names = class_names(first.cls, second.cls)
+            raise StructureError(f"{fn}: the first operand is a {names[0]} and the second a "
+                                 f"{names[1]}; arithmetic combines models of one class")
         if first.names is second.names and first.signature is second.signature:
             return  # models built from one another share both: the common case costs two identity checks
         if list(first.names) == list(second.names) and first.signature == second.signature:

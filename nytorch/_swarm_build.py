@@ -15,7 +15,7 @@ from torch import nn
 from . import _algebra as algebra
 from . import _leafwise as lw
 from . import _swarm_ops as ops
-from ._errors import DeviceMismatchError, StructureError
+from ._errors import DeviceMismatchError, StructureError, class_names
 from ._particle import Particle
 from ._swarm_spec import Group, Spec, make_spec, pack_members, pack_stacked, rows_of, views_of
 from ._walk import Layout, model_class
@@ -151,8 +151,9 @@ def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference],
             continue  # the common case: the same attributes, equal settings
         if not same_type and model_class(module) is not model_class(own):
             where = f"submodule {prefix.rstrip('.')!r}" if prefix else "the root module"
-            raise StructureError(f"{fn}: expected {where} to be a {model_class(own).__name__} (as in item 0), got a "
-                                 f"{model_class(module).__name__}; a swarm runs every member with item 0's "
+            expected, got = class_names(model_class(own), model_class(module))
+            raise StructureError(f"{fn}: expected {where} to be a {expected} (as in item 0), got a "
+                                 f"{got}; a swarm runs every member with item 0's "
                                  "modules, so stack models built alike")
         if modes and module.training != own.training:
             mode = ("train", "eval") if own.training else ("eval", "train")

@@ -28,7 +28,8 @@ def normalise(key: object, size: int) -> Index:
     NumPy arrays index like tensors (``swarm[np.argsort(losses)]``).
 
     Raises:
-        IndexError: out of range, a mask of the wrong length, or a non-integer tensor.
+        IndexError: out of range, a mask of the wrong length, a non-integer tensor, or a uint8 one (a mask
+            to torch, indices to NumPy: ambiguous).
         TypeError: not an int, slice, list, tensor or array.
         ValueError: a slice whose step is not positive (slices are views).
 
@@ -56,6 +57,10 @@ def normalise(key: object, size: int) -> Index:
             if key.dim() != 1 or key.shape[0] != size:
                 raise IndexError(f"Swarm: a boolean mask must have shape ({size},), got {tuple(key.shape)}")
             return key.nonzero().squeeze(1)
+        if key.dtype == torch.uint8:  # torch reads it as a (deprecated) mask, NumPy as indices: say which
+            raise IndexError(f"Swarm: expected integer or boolean member indices, got a uint8 tensor of shape "
+                             f"{tuple(key.shape)} (torch reads one as a mask, NumPy as indices); "
+                             "pass .bool() for a mask or .long() for indices")
         if key.is_floating_point() or key.is_complex() or key.dim() > 1:
             raise IndexError(f"Swarm: expected integer or boolean member indices of at most one dimension, "
                              f"got a {str(key.dtype).removeprefix('torch.')} tensor of shape {tuple(key.shape)}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from . import _leafwise as lw
-from ._errors import DeviceMismatchError, StructureError
+from ._errors import DeviceMismatchError, StructureError, class_names
 from ._particle import Particle, layout_state
 from ._swarm_spec import Spec, pack_stacked, rows_of, views_of
 from ._walk import Layout, model_class
@@ -41,8 +41,8 @@ def is_swarm(value: object) -> bool:
 def check_class(fn: str, spec: Spec, model_class: type) -> None:
     """Raise ``TypeError`` unless ``model_class`` is the members' class."""
     if model_class is not spec.model_class:
-        raise TypeError(f"{fn}: expected a {spec.model_class.__name__} (or a Particle or Swarm of one), "
-                        f"got a {model_class.__name__}")
+        expected, got = class_names(spec.model_class, model_class)
+        raise TypeError(f"{fn}: expected a {expected} (or a Particle or Swarm of one), got a {got}")
 
 
 def particle_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[Tensor]:

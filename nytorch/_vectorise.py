@@ -222,7 +222,7 @@ _IN_PLACE: dict[Any, Callable[[Tensor], Tensor]] = {
 
 
 def _module_step(layout: Any, index: dict[int, int], module: nn.Module) -> Optional[tuple[Any, ...]]:
-    if _has_hooks(module):
+    if _has_hooks(module) or "forward" in module.__dict__:  # a forward set on the instance (a patch) runs, not ours
         return None
     if type(module) is nn.Linear:
         slots = dict(layout.param_slots[index[id(module)]])
@@ -293,6 +293,10 @@ def _traced_steps(spec: Spec, index: dict[int, int]) -> Optional[list[tuple[Any,
 
 def _build_plan(spec: Spec) -> tuple[Any, ...]:
     layout = spec.layout
+    root = layout.modules[0]
+    # a plan traces the class's ``forward``; calling the module runs its class's own ``__call__`` or the instance's
+    if type(root).__call__ is not nn.Module.__call__ or "forward" in root.__dict__:
+        return _NO_PLAN
     index = {id(module): i for i, module in enumerate(layout.modules)}
     leaves: list[nn.Module] = []
     steps: Optional[list[tuple[Any, ...]]]

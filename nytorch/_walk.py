@@ -8,8 +8,10 @@ copied, parameters are the tensors it is given, buffers are cloned unless given.
 """
 from __future__ import annotations
 
+import operator
 import sys
 import weakref
+from types import MethodType
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
-from ._builder import Stale, compile_builder, compile_capture, compile_check, empty_like
+from ._builder import PENDING, Stale, adopt, compile_builder, compile_capture, compile_check, empty_like
 
 Tensor = torch.Tensor
 
@@ -360,7 +362,10 @@ def _build_generic(layout: Layout, states: Sequence[dict], types: Sequence[type]
     for state, children in zip(news, layout.children):
         state["_modules"] = {name: None if i is None else copies[i] for name, i in children}
     for new, state in reversed(list(zip(copies, news))):  # the root last: see ``compile_builder``
-        set_state(new, "__dict__", state)
+        if new is root:
+            adopt(root, state)
+        else:
+            set_state(new, "__dict__", state)
     return copies
 
 
@@ -391,16 +396,19 @@ def capture(layout: Layout) -> tuple[list[dict], list[type]]:
     """
     modules = layout.modules
     types = list(map(type, modules))
+    _refuse_shared_state(types)
     family = layout._family
     capturer = family.capture
     if capturer is None:
         states = [_capture_generic(module) for module in modules]
         family.capture = compile_capture(states, _CONTAINER_SET)
-        return states, types
-    try:
-        return capturer(modules), types
-    except (Stale, KeyError):
-        return [_capture_generic(module) for module in modules], types
+    else:
+        try:
+            states = capturer(modules)
+        except (Stale, KeyError):
+            states = [_capture_generic(module) for module in modules]
+    _rebind_hooks(modules, states, None)
+    return states, types
 
 
 def _capture_generic(module: nn.Module) -> dict:
@@ -411,9 +419,6 @@ def _capture_generic(module: nn.Module) -> dict:
             state[key] = empty_like(value)
     state["_parameters"] = state["_buffers"] = state["_modules"] = None
     return state
-
-
-PENDING = "_nyto_pending"
 
 
 def realized(root: nn.Module) -> nn.Module:
@@ -458,6 +463,21 @@ def wrap_parameters(params: Sequence[Tensor], requires_grad: Sequence[bool]) -> 
         return wrap_parameters(params, requires_grad)
 
 
+def _refuse_shared_state(types: Sequence[type]) -> None:
+    """Raise for module classes whose copies would share state a new model must not share.
+
+    A ``DistributedDataParallel`` copy would keep the source's reducer, so its gradients would
+    never be averaged across ranks: a silent divergence.  Arithmetic belongs on ``ddp.module``.
+    """
+    if _DDP in types:  # one C-level scan: this runs on every result
+        raise TypeError("DistributedDataParallel: expected a model, got a DistributedDataParallel wrapper, whose "
+                        "copy would share its reducer (gradients never averaged across ranks); build results from "
+                        "ddp.module (in-place operations on the wrapped model are fine)")
+
+
+_DDP = nn.parallel.DistributedDataParallel
+
+
 def _rebind_compiled(copies: Sequence[nn.Module], types: Sequence[type]) -> None:
     """Point every ``torch.compile`` wrapper among ``copies`` at its own ``_orig_mod``.
 
@@ -474,11 +494,82 @@ def _rebind_compiled(copies: Sequence[nn.Module], types: Sequence[type]) -> None
             module.__setstate__(module.__dict__)
 
 
+# hook tables (not their ``_with_kwargs`` / ``_always_called`` flag tables)
+_HOOK_TABLES = tuple(name for name in _CONTAINERS if name.endswith("_hooks"))
+_hook_tables = operator.itemgetter(*_HOOK_TABLES)
+_WrappedHook: Any = getattr(sys.modules["torch.nn.modules.module"], "_WrappedHook", None)
+
+
+class _Rebind:
+    """A hook bound to modules of its tree, by position: a bound method's ``self`` (``method_of``) and
+    the module that ``register_load_state_dict_pre_hook`` keeps (``owner``), made again for a copy."""
+
+    __slots__ = ("hook", "method_of", "owner")
+
+    def __init__(self, hook: Any, method_of: Optional[int], owner: Optional[int]) -> None:
+        self.hook, self.method_of, self.owner = hook, method_of, owner
+
+    def bind(self, copies: Sequence[nn.Module]) -> Any:
+        """The hook bound to ``copies`` (the new tree's modules, in the source's order)."""
+        hook, method_of, owner = self.hook, self.method_of, self.owner
+        if isinstance(hook, MethodType):
+            return MethodType(hook.__func__, copies[method_of])  # type: ignore[index]
+        inner = hook.hook if method_of is None else MethodType(hook.hook.__func__, copies[method_of])
+        made = _WrappedHook(inner, copies[owner] if owner is not None else None)
+        if owner is None and hook.with_module:  # a module outside the tree: the same weak reference
+            made.module, made.with_module = hook.module, True
+        return made
+
+
+def _rebind_of(hook: Any, index: dict[int, int]) -> Optional[_Rebind]:
+    """``hook`` as a ``_Rebind`` when it is bound to a module of the tree (``index``: id -> position)."""
+    if isinstance(hook, MethodType):
+        method_of = index.get(id(hook.__self__))
+        return None if method_of is None else _Rebind(hook, method_of, None)
+    if _WrappedHook is not None and isinstance(hook, _WrappedHook):
+        inner = hook.hook
+        method_of = index.get(id(inner.__self__)) if isinstance(inner, MethodType) else None
+        owner = hook.module() if hook.with_module else None
+        owner_at = None if owner is None else index.get(id(owner))
+        return None if method_of is None and owner_at is None else _Rebind(hook, method_of, owner_at)
+    return None
+
+
+def _rebind_hooks(sources: Sequence[nn.Module], states: Sequence[dict],
+                  copies: Optional[Sequence[nn.Module]]) -> None:
+    """Hooks of ``states`` bound to a module of ``sources`` made ``_Rebind``s, or bound to ``copies`` if given.
+
+    As ``copy.deepcopy`` does, a result's bound-method hooks (``self.register_forward_hook(self.method)``)
+    and ``register_load_state_dict_pre_hook``'s module reference must name the result's modules, not the
+    source's (whose ``load_state_dict`` would hand the source to the hook, and raise once it died).
+    ``capture`` marks them (``copies`` None; the source may be gone by the build), builds bind them.
+    The tables of ``states`` are their own copies (see ``_CONTAINERS``): entries are replaced in place.
+    """
+    try:
+        if not any(map(any, map(_hook_tables, states))):  # nearly always: one C-level pass
+            return
+    except KeyError:  # a module without some table (its own __dict__ handling): the loop below
+        pass
+    index: Optional[dict[int, int]] = None
+    for state in states:
+        for key in _HOOK_TABLES:
+            table = state.get(key)
+            if not table:
+                continue
+            if index is None:
+                index = {id(source): position for position, source in enumerate(sources)}
+            for handle, hook in list(table.items()):
+                found = hook if type(hook) is _Rebind else _rebind_of(hook, index)
+                if found is not None:
+                    table[handle] = found if copies is None else found.bind(copies)
+
+
 def build_into(layout: Layout, states: Sequence[dict], types: Sequence[type], wrapped: Sequence[Tensor],
                buffers: Sequence[Tensor], root: Optional[nn.Module] = None) -> nn.Module:
     """The tree of ``layout`` built from ``states`` holding ``wrapped`` and ``buffers``, remembered; its root."""
     copies = _build(layout, states, types, wrapped, buffers, root)
     _rebind_compiled(copies, types)
+    _rebind_hooks(layout.modules, list(map(vars, copies)), copies)
     result = copies[0]
     _remember(result, layout._sibling(copies, list(wrapped), list(buffers)))  # type: ignore[arg-type]
     return result
@@ -507,5 +598,7 @@ def rebuild(layout: Layout, params: Sequence[Tensor], buffers: Optional[Sequence
     else:
         buffers = list(buffers)
     modules = layout.modules
+    types = list(map(type, modules))
+    _refuse_shared_state(types)
     wrapped = wrap_parameters(params, [source.requires_grad for source in layout.params])
-    return build_into(layout, [module.__dict__ for module in modules], list(map(type, modules)), wrapped, buffers)
+    return build_into(layout, [module.__dict__ for module in modules], types, wrapped, buffers)

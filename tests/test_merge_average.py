@@ -303,3 +303,34 @@ def test_dicts_listing_the_same_names_in_another_order_are_matched_by_name():
     assert torch.equal(task["a"], torch.ones(3)) and torch.equal(task["b"], torch.ones(2))
     with pytest.raises(StructureError, match=r"^average: parameter 'bias' is missing from models\[1\]$"):
         merge.average([ordered, {"weight": shifted["weight"], "other": shifted["bias"]}])
+
+
+@pytest.mark.parametrize("flag, shown", [(None, False), (False, False), (True, True), (np.True_, True), (0, False)])
+def test_greedy_soup_and_update_bn_show_progress_when_asked(flag: object, shown: bool,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Long loops over user evaluations and loaders: a tqdm bar on request (None: only on a terminal)."""
+    pytest.importorskip("tqdm")
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)) for _ in range(3)]
+    data = [torch.randn(8, 2) for _ in range(4)]
+
+    def evaluate(model: nn.Module) -> float:
+        return -float(model(data[0]).pow(2).mean())
+
+    reference = merge.greedy_soup([copy.deepcopy(m) for m in models], evaluate, show_progress=False)
+    capsys.readouterr()
+    soup = merge.greedy_soup(models, evaluate, show_progress=flag)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert soup.ingredients == reference.ingredients and soup.score == reference.score
+    assert ("greedy_soup: ranking: 100%" in err and "3/3" in err and "greedy_soup: souping: 100%" in err) == shown
+    assert shown or err == ""
+    net, expected = copy.deepcopy(models[0]), copy.deepcopy(models[0])
+    torch.optim.swa_utils.update_bn(data, expected)
+    merge.update_bn(net, data, show_progress=flag)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert torch.equal(net[1].running_mean, expected[1].running_mean)
+    assert ("update_bn: 100%" in err and "4/4" in err) == shown and (shown or err == "")
+    for call in (lambda: merge.greedy_soup(models, evaluate, show_progress="yes"),
+                 lambda: merge.update_bn(net, data, show_progress=0.5)):
+        with pytest.raises(TypeError, match=r"^(greedy_soup|update_bn): expected True, False or None as show_progress"):
+            call()

@@ -216,6 +216,9 @@ def _table_cases() -> dict[str, Any]:
         "Net: expected Python nn.Modules, but submodule 's' is a TorchScript RecursiveScriptModule "
         "(torch.jit.script / torch.jit.trace), which nytorch cannot read or rebuild; ...":
             lambda: nytorch.particle(Net()),
+        "DistributedDataParallel: expected a model, got a DistributedDataParallel wrapper, whose copy would "
+        "share its reducer (...); build results from ddp.module (...)":
+            lambda: merge.average([_unconnected_ddp(), _unconnected_ddp()]),
         "average: models[0] is of class Embedding and models[1] of class EmbeddingBag; merges combine models "
         "of one class (...)":
             lambda: merge.average([nn.Embedding(3, 2), nn.EmbeddingBag(3, 2)]),
@@ -241,6 +244,14 @@ def _table_cases() -> dict[str, Any]:
     }
 
 
+def _unconnected_ddp() -> nn.Module:
+    """A DistributedDataParallel holding a Linear, made without a process group (nytorch refuses it by type)."""
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = nn.Linear(2, 2)
+    return ddp
+
+
 def _agrees(readme: str, actual: str) -> bool:
     """``actual`` is ``readme`` with each "(...)" / "..." elision standing for any text."""
     pieces = readme.split("...")  # "(...)" keeps its parentheses: "(" and ")" must be there
@@ -257,7 +268,7 @@ def _agrees(readme: str, actual: str) -> bool:
 
 def test_every_row_of_the_error_table_has_a_case() -> None:
     messages = [row[2].strip("`") for row in ROWS]
-    assert len(messages) >= 19 and sorted(messages) == sorted(_table_cases())
+    assert len(messages) >= 20 and sorted(messages) == sorted(_table_cases())
 
 
 @pytest.mark.parametrize("row", range(len(ROWS)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Optional
 
-import numpy as np
 import torch
 
 from .._swarm import Swarm
@@ -13,7 +12,7 @@ from ._checks import callable_arg, count_arg, generator_arg, losses_arg, number_
 from ._copy import copy_onto
 from ._gradient import sgd_step
 from ._indices import randperm
-from ._progress import progress, set_postfix
+from ._progress import progress, progress_flag, set_postfix
 
 Tensor = torch.Tensor
 
@@ -183,10 +182,7 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     if not isinstance(batches, Iterable):  # not iter(batches): a DataLoader would start (and shuffle) twice
         raise TypeError(f"{fn}: expected an iterable of batches (tuples of loss_fn arguments), "
                         f"got {type(batches).__name__}")
-    if show_progress is not None and not isinstance(show_progress, (bool, int, np.integer)):  # 0 / 1 flags too
-        raise TypeError(f"{fn}: expected True, False or None as show_progress, got {type(show_progress).__name__}")
-    if show_progress is not None:
-        show_progress = bool(show_progress)
+    show_progress = progress_flag(fn, show_progress)
     history = []
     bar = progress(batches, desc=fn, enabled=show_progress)
     for step, batch in enumerate(bar):

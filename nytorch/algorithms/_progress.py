@@ -5,9 +5,11 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Optional, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
-__all__ = ["progress"]
+__all__ = ["progress", "progress_flag"]
 
 
 def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: Optional[str] = None,
@@ -36,6 +38,29 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: Option
     except ImportError:
         return iterable
     return tqdm(iterable, total=total, desc=desc)  # type: ignore[no-any-return]
+
+
+def progress_flag(fn: str, show_progress: object) -> Optional[bool]:
+    """``show_progress`` checked and made a bool (``None`` kept: a bar only on a terminal).
+
+    Args:
+        fn: the caller's name, for the message.
+        show_progress: ``True``, ``False`` or ``None``; ``0``/``1`` and NumPy bools and integers too.
+
+    Returns:
+        ``None``, ``True`` or ``False``.
+
+    Raises:
+        TypeError: ``show_progress`` is anything else (a string, a float...).
+
+    >>> progress_flag("hybrid", np.False_), progress_flag("hybrid", None)
+    (False, None)
+    """
+    if show_progress is None:
+        return None
+    if not isinstance(show_progress, (bool, int, np.integer, np.bool_)):
+        raise TypeError(f"{fn}: expected True, False or None as show_progress, got {type(show_progress).__name__}")
+    return bool(show_progress)
 
 
 def set_postfix(bar: Any, **values: Any) -> None:

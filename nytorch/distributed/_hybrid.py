@@ -10,7 +10,6 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +18,7 @@ from .._particle import Particle
 from .._swarm import Swarm
 from ..algorithms._checks import callable_arg, generator_arg, number_arg, swarm_arg
 from ..algorithms._indices import randperm
+from ..algorithms._progress import progress_flag
 from ._collectives import _begin, _best, _int_arg
 from ._comm import Timeout, resolve
 
@@ -201,8 +201,7 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         if not isinstance(batches, Iterable):  # not iter(batches): a DataLoader would start (and shuffle) twice
             raise TypeError(f"{fn}: expected an iterable of batches (tuples of loss_fn arguments), "
                             f"got {type(batches).__name__}")
-        if show_progress is not None and not isinstance(show_progress, (bool, int, np.integer)):
-            raise TypeError(f"{fn}: expected True, False or None as show_progress, got {type(show_progress).__name__}")
+        show_progress = progress_flag(fn, show_progress)
     except (TypeError, ValueError) as caught:
         error = caught
     comm, flat, _, _ = _begin(fn, swarm, group, timeout, error=error,
@@ -210,8 +209,7 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
     flat.release()
     leader = comm.rank == 0
     history = []
-    bar = alg.progress(batches, desc="hybrid", enabled=(None if show_progress is None else bool(show_progress))
-                       if leader else False)
+    bar = alg.progress(batches, desc="hybrid", enabled=show_progress if leader else False)
     for step, batch in enumerate(bar):
         if not isinstance(batch, (tuple, list)):  # as algorithms.hybrid; a tensor would be unpacked row by row
             wrong = TypeError(f"{fn}: expected each batch to be a tuple or list of loss_fn arguments, "

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import _leafwise as lw
+from ..algorithms._progress import progress, progress_flag
 from ._state import BufferMode, Operand, carry, check_buffers, is_swarm, matched, operand, rebuild
 
 Tensor = torch.Tensor
@@ -179,7 +180,7 @@ def _score(fn: str, evaluate: Callable[[Any], Any], model: Any) -> float:
 
 
 def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
-                buffers: BufferMode = "average") -> Soup:
+                buffers: BufferMode = "average", show_progress: Optional[bool] = None) -> Soup:
     """Greedy soup (Wortsman et al. 2022, Algorithm 1): add a model only if the evaluation improves.
 
     Models are ranked by ``evaluate`` (higher is better); starting from the best one, each
@@ -196,6 +197,8 @@ def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
         models: models, Particles or dicts of tensors of one structure (or a ``Swarm``).
         evaluate: ``model -> float`` on held-out data (e.g. validation accuracy).
         buffers: as in ``average``.
+        show_progress: tqdm bars over the evaluations, one while ranking the models and one while
+            souping (``None``: only when stderr is a terminal and tqdm is installed).
 
     Returns:
         ``Soup(model, ingredients, score)``: the soup (a new value of the first model's kind),
@@ -204,7 +207,7 @@ def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
     Raises:
         StructureError: a model differs from the first (names the model and the parameter).
         TypeError: ``evaluate`` does not return a number, or the models are of two classes or mix a
-            Swarm and a model.
+            Swarm and a model, or ``show_progress`` is not ``True``, ``False`` or ``None``.
 
     >>> import torch
     >>> models = [torch.nn.Linear(1, 1) for _ in range(3)]
@@ -213,14 +216,16 @@ def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
     True
     """
     check_buffers("greedy_soup", buffers)
+    show_progress = progress_flag("greedy_soup", show_progress)
     read = read_all("greedy_soup", models, buffers=True)
     members = models.unstack() if is_swarm(models) else models  # type: ignore[attr-defined]
-    scores = [_score("greedy_soup", evaluate, model) for model in members]
+    scores = [_score("greedy_soup", evaluate, model)
+              for model in progress(members, desc="greedy_soup: ranking", enabled=show_progress)]
     order = sorted(range(len(read)), key=lambda i: -scores[i])
     kept = [order[0]]
     soup = rebuild(read[order[0]], mean_leaves([read[order[0]]], [1.0], buffers))
     best = _score("greedy_soup", evaluate, soup)
-    for index in order[1:]:
+    for index in progress(order[1:], desc="greedy_soup: souping", enabled=show_progress):
         chosen = [read[i] for i in kept + [index]]
         candidate = rebuild(read[0], mean_leaves(chosen, [1.0] * len(chosen), buffers))
         score = _score("greedy_soup", evaluate, candidate)

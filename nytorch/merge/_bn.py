@@ -9,6 +9,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..algorithms._progress import progress, progress_flag
+
 __all__ = ["update_bn"]
 
 M = TypeVar("M", bound=nn.Module)
@@ -27,7 +29,7 @@ def _inputs(batch: Any) -> Any:
 
 @torch.no_grad()
 def update_bn(model: M, loader: Iterable[Any], /, *,
-              device: Optional[Union[str, torch.device]] = None) -> M:
+              device: Optional[Union[str, torch.device]] = None, show_progress: Optional[bool] = None) -> M:
     """Reset and recompute every running-statistics norm layer of ``model`` with one pass over ``loader``.
 
     The equivalent of ``torch.optim.swa_utils.update_bn``: each BatchNorm (and
@@ -42,12 +44,14 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
         loader: yields input tensors, or ``(input, target, ...)`` tuples/lists (the first
             item is fed to the model), or dicts with an ``"input"`` key.
         device: move each input there first (default: leave it).
+        show_progress: a tqdm bar over the batches (``None``: only when stderr is a terminal and
+            tqdm is installed).
 
     Returns:
         ``model``, for chaining: ``evaluate(update_bn(average(models), loader))``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``show_progress`` is not ``True``, ``False`` or ``None``.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
@@ -58,6 +62,7 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"update_bn: expected an nn.Module as model, got {type(model).__name__}")
+    show_progress = progress_flag("update_bn", show_progress)
     norms = [module for module in model.modules()
              if isinstance(module, _NormBase) and module.track_running_stats and module.running_mean is not None]
     if not norms:
@@ -75,7 +80,7 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
     training = {layer: layer.training for layer in model.modules()}
     model.train()
     try:
-        for batch in loader:
+        for batch in progress(loader, desc="update_bn", enabled=show_progress):
             inputs = _inputs(batch)
             if device is not None and isinstance(inputs, torch.Tensor):
                 inputs = inputs.to(device)

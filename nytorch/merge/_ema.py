@@ -123,7 +123,9 @@ def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
     """The engine's fused ``LERP`` in place on prepared, checked, all-floating leaf lists."""
     if not ends:
         return
-    if lw.transforms_active() or lw.LERP.foreach_ is None:
+    # a 0-dim tensor weight goes through the engine, which runs it per leaf: ``_foreach_lerp_`` would read it
+    # as a Python number, which rounds unlike ``torch.lerp`` (and ``Particle.lerp_``) on float16 / bfloat16
+    if lw.transforms_active() or lw.LERP.foreach_ is None or isinstance(tau, Tensor):
         lw.apply_(lw.LERP, ends, starts, tau, active=[True] * len(ends))
     else:
         lw.LERP.foreach_(ends, starts, tau)
@@ -160,7 +162,8 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
         online: the model being trained, of the same structure (same kinds as ``target``).
         decay: the fraction of ``target`` kept (``tau = 1 − decay``), e.g. 0.999.
         tau: the fraction of ``online`` taken, e.g. 0.005 (give exactly one of the two).  Either
-            may be a 0-dim floating tensor; on the CPU its value is checked like a float's, on an
+            may be a 0-dim floating tensor (the update then rounds as ``torch.lerp`` with that weight
+            does, tensor by tensor); on the CPU its value is checked like a float's, on an
             accelerator it is not read (that would wait for the device).
         buffers: floating buffers (BatchNorm statistics) are ``"average"``-d like
             parameters, ``"copy"``-ed from ``online``, or left alone with ``"keep"``.

@@ -77,7 +77,8 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
         P members); ``unravel(v)`` takes a tensor, numpy array (any strides, read-only
         too) or list (of numbers, or of 1-D arrays for a Swarm) of that shape (any P for a
         Swarm: what the vector leaves out is carried from member 0 when P differs, as
-        ``Swarm.zeros`` does) and returns a new value of ``x``'s kind holding a copy of
+        ``Swarm.zeros`` does, so an empty Swarm with leaves to carry takes only P = 0:
+        ``StructureError`` otherwise) and returns a new value of ``x``'s kind holding a copy of
         ``v`` (gradients flow to ``v`` for dict results).  ``vector.numpy()`` and
         ``unravel(array)`` are the numpy round trip for scipy, ``cma`` or nevergrad.
         numpy has no bfloat16, so for a bfloat16 model ``vector.numpy()`` raises
@@ -111,7 +112,8 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
             parts = [leaf.detach().reshape(-1).to(dtype) for leaf in chosen]
             vector = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
         else:
-            parts = [leaf.detach().reshape(members, -1).to(dtype) for leaf in chosen]
+            # the width spelled out: an empty swarm's -1 would be ambiguous
+            parts = [leaf.detach().reshape(members, leaf.shape[1:].numel()).to(dtype) for leaf in chosen]
             vector = torch.cat(parts, dim=1)
     shapes = [tuple(leaf.shape[1:]) if members is not None else tuple(leaf.shape) for leaf in chosen]
     sizes = [int(torch.Size(shape).numel()) for shape in shapes]
@@ -151,6 +153,9 @@ def _unravel(op: Operand, picked: list[int], shapes: list[tuple[int, ...]], size
     good = flat.dim() == 2 and flat.shape[1] == total if stacked else flat.dim() == 1 and flat.shape[0] == total
     if not good:
         raise StructureError(f"unravel: expected a vector of shape {expected}, got shape {tuple(flat.shape)}")
+    if stacked and flat.shape[0] and not len(op.source) and (carried or set(op.source.buffers) - set(op.names)):
+        raise StructureError(f"unravel: expected a vector of shape [0, {total}] (the swarm raveled had no member "
+                             f"to carry buffers and integer leaves from), got shape {tuple(flat.shape)}")
     if flat.is_complex() and not dtype.is_complex:
         raise TypeError(f"unravel: expected a real vector for {str(dtype).removeprefix('torch.')} "
                         "parameters, got a complex one")
@@ -160,7 +165,10 @@ def _unravel(op: Operand, picked: list[int], shapes: list[tuple[int, ...]], size
     leaves: list[Tensor] = [torch.empty(0)] * len(op.leaves)
     for index, piece, shape in zip(picked, pieces, shapes):
         full = (flat.shape[0], *shape) if stacked else shape
-        leaves[index] = piece.reshape(full).to(op.leaves[index].dtype)
+        piece = piece.reshape(full)
+        if piece.is_complex() and not op.leaves[index].is_complex():  # promoted beside complex leaves:
+            piece = piece.real.contiguous()  # its real part (``.to`` would warn that it drops the imaginary)
+        leaves[index] = piece.to(op.leaves[index].dtype)
     with torch.no_grad():
         for index, leaf in carried.items():
             if count is not None and leaf.shape[0] != count:  # another member count: member 0's values,

@@ -19,7 +19,7 @@ from torch import nn
 from .. import _algebra as algebra
 from .. import _leafwise as lw
 from .._config import ParamConfig, configs_for
-from .._errors import DeviceMismatchError, StructureError
+from .._errors import DeviceMismatchError, StructureError, class_names
 from .._particle import Particle, layout_state
 from .._tree import flatten, path_names
 from .._walk import Layout, layout_of, model_class, rebuild as rebuild_module
@@ -190,8 +190,8 @@ def _check_kinds(fn: str, first: Operand, other: Operand, label: str, reference:
                         "a Swarm merges with Swarms of as many members (member i with member i)")
     first_class, other_class = _model_class(first), _model_class(other)
     if first_class is not other_class:
-        raise TypeError(f"{fn}: {reference} is of class {first_class.__name__} and {label} of class "  # type: ignore[union-attr]
-                        f"{other_class.__name__}; "  # type: ignore[union-attr]
+        names = class_names(first_class, other_class)  # type: ignore[arg-type]
+        raise TypeError(f"{fn}: {reference} is of class {names[0]} and {label} of class {names[1]}; "
                         "merges combine models of one class (pass nf.params(...) of each to match by names alone)")
 
 

@@ -126,7 +126,7 @@ def _compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[s
     lines.append("    return [" + ", ".join(f"n{k}" for k in range(len(states))) + "]")
     namespace = {"new": object.__new__, "set_state": object.__setattr__, "adopt": adopt, "Stale": Stale}
     exec(compile("\n".join(lines), "<nytorch rebuild>", "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace["build"]  # type: ignore[return-value]
+    return namespace.pop("build")  # type: ignore[return-value]  # popped: no function <-> globals cycle
 
 
 def empty_like(container: object) -> object:
@@ -187,7 +187,7 @@ def _compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Capt
         lines.append(f"    s{k}['_parameters'] = s{k}['_buffers'] = s{k}['_modules'] = None")
     lines.append("    return [" + ", ".join(f"s{k}" for k in range(len(states))) + "]")
     exec(compile("\n".join(lines), "<nytorch capture>", "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace["capture"]  # type: ignore[return-value]
+    return namespace.pop("capture")  # type: ignore[return-value]  # popped: no function <-> globals cycle
 
 
 def compile_check(children: Sequence[Sequence[tuple[str, Optional[int]]]],
@@ -231,4 +231,4 @@ def _compile_check(children: Sequence[Sequence[tuple[str, Optional[int]]]],
             lines.append("    if " + " or ".join(tests) + ": return False")
     lines.append("    return True")
     exec(compile("\n".join(lines), "<nytorch check>", "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace["check"]  # type: ignore[return-value]
+    return namespace.pop("check")  # type: ignore[return-value]  # popped: no function <-> globals cycle

@@ -61,3 +61,32 @@ def test_a_module_that_gained_an_attribute_falls_back_to_the_generic_loop():
     result = net + 1
     assert result.body[0].note == "changed"
     torch.testing.assert_close(result.body[0].weight, net.body[0].weight + 1)
+
+
+def test_compiled_functions_are_freed_without_the_cycle_collector(monkeypatch) -> None:
+    """The compiled cache is bounded (cleared when full): a dropped function must not be cyclic garbage.
+
+    ``exec`` puts the function in its own globals; left there, function and namespace would form a
+    cycle that only the collector frees (found by the long-run cycle test when the cache filled).
+    """
+    import gc
+    import weakref
+
+    from nytorch import _builder
+    from nytorch._walk import _CONTAINER_SET, Layout, _capture_generic
+
+    layout = Layout(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    states = [_capture_generic(module) for module in layout.modules]
+    monkeypatch.setattr(_builder, "_COMPILED", {})  # a cache of its own, dropped below as when full
+    gc.disable()
+    try:
+        made = [_builder.compile_check(layout.children, layout.param_slots, layout.buffer_slots),
+                _builder.compile_capture(states, _CONTAINER_SET),
+                _builder.compile_builder(states, layout.children, layout.param_slots, layout.buffer_slots,
+                                         _CONTAINER_SET)]
+        refs = [weakref.ref(function) for function in made]
+        del made
+        _builder._COMPILED.clear()
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()

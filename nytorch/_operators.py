@@ -209,6 +209,7 @@ class Operators:
             TypeError: ``end`` is a number, a Swarm (use the Swarm's own ``lerp``), or a model or
                 Particle of another class; ``weight`` is not an operand arithmetic takes (a str, a list...).
             StructureError: ``end``'s parameters differ (the message names the first one).
+            OverflowError: a Python int ``weight`` does not fit in 64 bits (what torch takes for a scalar).
 
         >>> import nytorch
         >>> a, b = nytorch.particle(torch.nn.Linear(2, 1)), nytorch.particle(torch.nn.Linear(2, 1))
@@ -232,7 +233,7 @@ class Operators:
             ``self``.
 
         Raises:
-            TypeError / StructureError: as ``lerp``; nothing is written when it raises.
+            TypeError / StructureError / OverflowError: as ``lerp``; nothing is written when it raises.
             RuntimeError: a tensor to write is an inference tensor and this runs outside
                 ``torch.inference_mode()``; nothing is written.
 

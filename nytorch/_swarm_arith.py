@@ -76,6 +76,8 @@ class SwarmArithmetic(Operators):
                 operand or of another model class, or a number that would change a dtype.
             StructureError: ``other``'s names, shapes or dtypes, its weight count or its swarm size differ.
             DeviceMismatchError: ``other`` lives on another device.
+            OverflowError: a Python int ``other`` or ``alpha`` does not fit in 64 bits (what torch
+                takes for a scalar).
 
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
@@ -94,7 +96,8 @@ class SwarmArithmetic(Operators):
             ``self``.
 
         Raises:
-            TypeError / StructureError / DeviceMismatchError: as for ``add``; nothing is written.
+            TypeError / StructureError / DeviceMismatchError / OverflowError: as for ``add``; nothing
+                is written.
             RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``.
 
         >>> from nytorch import Swarm
@@ -126,7 +129,7 @@ class SwarmArithmetic(Operators):
             A new swarm.
 
         Raises:
-            TypeError / StructureError / DeviceMismatchError: an operand as for ``add``.
+            TypeError / StructureError / DeviceMismatchError / OverflowError: an operand as for ``add``.
 
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
@@ -147,7 +150,8 @@ class SwarmArithmetic(Operators):
             ``self``.
 
         Raises:
-            TypeError / StructureError / DeviceMismatchError: as for ``lerp``; nothing is written.
+            TypeError / StructureError / DeviceMismatchError / OverflowError: as for ``lerp``; nothing
+                is written.
             RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``,
                 or a number ``weight`` does not fit in a member tensor's dtype.
 

@@ -362,6 +362,9 @@ def test_es_noise_is_antithetic_and_gradient_matches_formula() -> None:
         alg.es_noise(center, 7)
     with pytest.raises(ValueError, match=r"es_gradient: expected sigma > 0, got 0"):
         alg.es_gradient(noise, losses, sigma=0.0)
+    for negative in (-1.0, torch.tensor(-0.5)):  # one rule, one message: not ">= 0" for negatives
+        with pytest.raises(ValueError, match=r"^es_gradient: expected sigma > 0, got -"):
+            alg.es_gradient(noise, losses, sigma=negative)
 
 
 def test_es_step_reduces_a_quadratic() -> None:

@@ -220,6 +220,10 @@ def test_dare_errors():
     base, models = finetunes(1)
     with pytest.raises(ValueError, match=r"dare: expected drop to be a probability in \[0, 1\), got 1\.0"):
         merge.dare(base, models, drop=1.0)
+    with pytest.raises(TypeError, match=r"^dare: expected drop to be a real number, got str$"):
+        merge.dare(base, models, drop="0.5")
+    with pytest.raises(TypeError, match=r"^dare: expected a torch.Generator or None as generator, got int$"):
+        merge.dare(base, models, generator=3)
 
 
 # -- SLERP -------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def progress_flag(fn: str, show_progress: object) -> Optional[bool]:
 
     Args:
         fn: the caller's name, for the message.
-        show_progress: ``True``, ``False`` or ``None``; ``0``/``1`` and NumPy bools and integers too.
+        show_progress: ``True``, ``False`` or ``None``; Python and NumPy ints and bools too (nonzero
+            is ``True``).
 
     Returns:
         ``None``, ``True`` or ``False``.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import _leafwise as lw
+from .._swarm_build import generator_for
 from ._state import Operand, carry, is_swarm, matched, members, operand, per_member, rebuild
 
 Tensor = torch.Tensor
@@ -166,7 +167,9 @@ def _accumulate(total: list[Tensor], vector: list[Tensor], weight: float) -> lis
 
 
 def _probability(fn: str, drop: object) -> float:
-    if isinstance(drop, bool) or not isinstance(drop, numbers.Real) or not 0.0 <= float(drop) < 1.0:
+    if isinstance(drop, bool) or not isinstance(drop, numbers.Real):
+        raise TypeError(f"{fn}: expected drop to be a real number, got {type(drop).__name__}")
+    if not 0.0 <= float(drop) < 1.0:
         raise ValueError(f"{fn}: expected drop to be a probability in [0, 1), got {drop!r}")
     return float(drop)
 
@@ -203,7 +206,8 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
     Raises:
         StructureError: a model differs from ``base``.
         ValueError: ``drop`` outside [0, 1).
-        TypeError: a model is of another class than ``base``, or a Swarm meets a model.
+        TypeError: a model is of another class than ``base``, or a Swarm meets a model; ``drop`` is not
+            a real number, or ``generator`` not a ``torch.Generator``.
 
     >>> import torch
     >>> base, a = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
@@ -212,6 +216,7 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
     True
     """
     p = _probability("dare", drop)
+    generator = generator_for("dare", generator)
     start, read, picked = read_tasks("dare", base, finetuned)
     lambdas = scales("dare", scale, len(read))
     total: list[Tensor] = []

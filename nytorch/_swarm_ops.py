@@ -12,6 +12,8 @@ Only arithmetic groups (floating/complex, operational) change; the rest are carr
 """
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -284,10 +286,8 @@ def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tens
             raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
                                       f"{spec.leaf_name(g)!r} is on {group.device}")
         device = flat.device.type
-        if _autocast_available(device):  # autocast would compute (and return) the mix in bf16/fp16
-            with torch.autocast(device, enabled=False):
-                out.append(weights.detach().to(group.dtype) @ flat)
-        else:
+        # autocast would compute (and return) the mix in bf16/fp16
+        with torch.autocast(device, enabled=False) if _autocast_available(device) else contextlib.nullcontext():
             out.append(weights.detach().to(group.dtype) @ flat)
     return out
 

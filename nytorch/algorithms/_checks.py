@@ -77,8 +77,9 @@ def _index(value: object) -> Optional[int]:
         return None
 
 
-def number_arg(fn: str, value: object, name: str, *, minimum: float = float("-inf")) -> float:
-    """A real number ``>= minimum`` (Python or NumPy number, or 0-dim real tensor; not a bool) as a float.
+def number_arg(fn: str, value: object, name: str, *, minimum: float = float("-inf"), strict: bool = False) -> float:
+    """A real number ``>= minimum`` (``> minimum`` when ``strict``; Python or NumPy number, or 0-dim real
+    tensor; not a bool) as a float.
 
     >>> number_arg("apso", np.float32(0.5), "beta")
     0.5
@@ -92,9 +93,9 @@ def number_arg(fn: str, value: object, name: str, *, minimum: float = float("-in
         raise TypeError(f"{fn}: expected a real number as {name}, got {_kind(value)}")
     if number != number:
         raise ValueError(f"{fn}: expected a number as {name}, got nan")
-    if not number >= minimum:
+    if not (number > minimum if strict else number >= minimum):
         shown = value if type(value) in (int, float) else number
-        raise ValueError(f"{fn}: expected {name} >= {minimum:g}, got {shown!r}")
+        raise ValueError(f"{fn}: expected {name} {'>' if strict else '>='} {minimum:g}, got {shown!r}")
     return number
 
 

@@ -91,10 +91,7 @@ def _gradient(fn: str, noise: object, losses: object, sigma: object) -> Particle
     """``es_gradient`` with its errors naming ``fn``."""
     noise = swarm_arg(fn, noise, "noise")
     losses = losses_arg(fn, losses, len(noise), floating=True)
-    shown = sigma
-    sigma = number_arg(fn, sigma, "sigma")
-    if not sigma > 0.0:  # the noise was divided by sigma: 0 and negatives have no gradient to give
-        raise ValueError(f"{fn}: expected sigma > 0, got {shown if type(shown) in (int, float) else sigma!r}")
+    sigma = number_arg(fn, sigma, "sigma", minimum=0.0, strict=True)  # the gradient divides by sigma
     weights = (losses - losses.mean()) / (len(noise) * sigma)
     return weights @ noise  # type: ignore[no-any-return]
 

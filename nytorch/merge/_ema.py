@@ -22,6 +22,13 @@ from .._algebra import check_writable
 from ._state import BufferMode, Operand, check_buffers, matched, operand
 
 Tensor = torch.Tensor
+
+
+def refuse_unwritable(fn: str, model: Operand, steps: list[int]) -> None:
+    """Refuse before writing ``model``'s ``steps`` when torch would refuse part-way (inference tensors
+    outside inference mode); the scan is skipped when no leaf is an inference tensor."""
+    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, model.leaves)):
+        check_writable(fn, [model.names[i] for i in steps], [model.leaves[i] for i in steps])
 T = TypeVar("T")
 Weight = Union[float, Tensor]
 
@@ -197,9 +204,6 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
     starts = matched("ema_", ends, starts, "online", reference="target")
     steps = plan(ends, buffers)
     _check_weight("ema_", tau_value, ends, steps)
-    written = steps.lerp + steps.copy
-    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, ends.leaves)):
-        # torch would refuse it part-way through the update: refuse before writing anything
-        check_writable("ema_", [ends.names[i] for i in written], [ends.leaves[i] for i in written])
+    refuse_unwritable("ema_", ends, steps.lerp + steps.copy)
     apply_plan_(steps, ends.leaves, starts.leaves, tau_value)
     return target

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from .. import _leafwise as lw
-from .._algebra import check_writable, without_grad
+from .._algebra import without_grad
 from .._errors import StructureError
 from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
 from .._walk import Placement, placement
-from ._ema import apply_plan_, lerp_, plan, tie_key, weight_of
+from ._ema import apply_plan_, lerp_, plan, refuse_unwritable, tie_key, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
 from ._watch import Configs, entries, holds
@@ -42,12 +42,6 @@ from ._watch import Configs, entries, holds
 Tensor = torch.Tensor
 
 __all__ = ["EMA"]
-
-
-def _check_writable(fn: str, model: Operand, steps: list[int]) -> None:
-    """Refuse before writing a model torch would refuse part-way (inference tensors outside inference mode)."""
-    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, model.leaves)):
-        check_writable(fn, [model.names[i] for i in steps], [model.leaves[i] for i in steps])
 
 
 class EMA:
@@ -321,7 +315,7 @@ class EMA:
         other = self._read("EMA.swap", model)
         steps = self._plan.lerp + self._plan.copy
         live = [other.leaves[i] for i in steps]
-        _check_writable("EMA.swap", other, steps)
+        refuse_unwritable("EMA.swap", other, steps)
         with torch.no_grad():
             saved = [leaf.detach().clone() for leaf in live]
             if live:
@@ -354,7 +348,7 @@ class EMA:
         live_model = self._model if model is None else model
         other = self._read("EMA.copy_to", model)
         steps = self._plan.lerp + self._plan.copy
-        _check_writable("EMA.copy_to", other, steps)
+        refuse_unwritable("EMA.copy_to", other, steps)
         if steps:
             torch._foreach_copy_([other.leaves[i] for i in steps], [self._target.leaves[i] for i in steps])
         return live_model

@@ -15,7 +15,7 @@ from ._module import NytoModule
 from ._particle import Particle, particle
 from ._swarm import Swarm
 from . import algorithms, distributed, merge
-from ._flat import flatten_
+from ._packing import flatten_
 from ._pool import set_result_pool
 from ._checkpoint import load, save
 from ._codec import CheckpointError

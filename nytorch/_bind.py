@@ -9,7 +9,8 @@ from torch import nn
 
 from . import _algebra as algebra
 from ._errors import StructureError
-from ._walk import layout_of, rebuild
+from ._rebuild import rebuild
+from ._walk import layout_of
 
 Tensor = torch.Tensor
 

@@ -4,7 +4,7 @@ Rebuilding a module tree in a Python loop spends most of its time on the loop
 itself: which containers to copy, which slots to fill.  For a structure that is
 rebuilt again and again (every operation on a model produces one), nytorch
 writes that loop out as plain Python statements once and reuses the compiled
-function; the generic loop in ``_walk.rebuild`` stays the reference and the fallback.
+function; the generic loop in ``_rebuild.rebuild`` stays the reference and the fallback.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _shape(states: Sequence[dict], containers: frozenset[str]) -> tuple:
                  for state in states)
 
 
-#: The ``__dict__`` key of a result whose module tree is still pending (``_packed.Pending``).
+#: The ``__dict__`` key of a result whose module tree is still pending (``_pending.Pending``).
 PENDING = "_nyto_pending"
 
 

@@ -14,8 +14,10 @@ from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, co
 from ._errors import class_names
 from ._operators import Operators, State
 from . import _packed as packed
+from ._kernels import fill
 from ._particle import Particle, layout_state
-from ._walk import PENDING, layout_of, model_class, realized, rebuild
+from ._rebuild import rebuild
+from ._walk import PENDING, layout_of, model_class, realized
 
 Tensor = torch.Tensor
 
@@ -66,7 +68,7 @@ class NytoModule(Operators, nn.Module):
         super().__init__(*args, **kwargs)
         self.__dict__[CONFIG_ATTR] = {}
 
-    # -- results build their module tree on first touch (see ``_packed.Pending``) ----------------
+    # -- results build their module tree on first touch (see ``_pending.Pending``) ----------------
     _nyto_builds_on_touch = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -157,7 +159,7 @@ class NytoModule(Operators, nn.Module):
         >>> tuple(Net().randn().weight.shape)
         (2,)
         """
-        return self._unary(lambda flat: packed.fill(flat, Tensor.normal_), super().randn)
+        return self._unary(lambda flat: fill(flat, Tensor.normal_), super().randn)
 
     def rand(self) -> Self:
         """Same structure, U[0, 1) values (nytorch 1.1's ``rand``).
@@ -172,7 +174,7 @@ class NytoModule(Operators, nn.Module):
         >>> bool((Net().rand().weight < 1).all())
         True
         """
-        return self._unary(lambda flat: packed.fill(flat, Tensor.uniform_), super().rand)
+        return self._unary(lambda flat: fill(flat, Tensor.uniform_), super().rand)
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
         if lw.is_scalar(other):

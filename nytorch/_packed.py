@@ -1,38 +1,35 @@
 """Arithmetic on packed models: one kernel per buffer, results born packed.
 
-A model is packed on first use (``_flat.pack_``): its floating parameters become
+A model is packed on first use (``_packing.pack_``): its floating parameters become
 views into one buffer per (device, dtype).  The ``Flat`` over those buffers is
 remembered per model while its layout holds (same Parameter objects at the same
 addresses, which ``layout_of`` checks anyway), so an operator costs one layout
 check per operand and one kernel per buffer, written into a dead result's buffers
-when ``_pool`` has some.  The result is a ``Pending`` one: its module tree is built
-on first touch, with Parameters that are views into the output buffers, and it is
-remembered as packed in turn.  Anything this path does not cover (another class, a Particle with
+when ``_pool`` has some (``_kernels``).  The result is a ``Pending`` one (``_pending``): its
+module tree is built on first touch, with Parameters that are views into the output buffers,
+and it is remembered as packed in turn.  Anything this path does not cover (another class, a Particle with
 buffers, a model that cannot be packed, configs changed since) returns ``None``
 and the caller takes the per-leaf path, which also raises the informative errors.
 """
 from __future__ import annotations
 
-import operator
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from . import _algebra as algebra
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
-from . import _pool as pool
-from ._flat import PACKED, Flat, FlatPlan, find_flat, own_counters, pack_, plan_for, written
-from ._walk import _CACHE, PENDING, Layout, build_into, capture, layout_of, model_class, wrap_parameters
+from ._flat import Flat, FlatPlan, find_flat, plan_for, written
+from ._packing import PACKED, pack_
+from ._kernels import check_converted, compute, kernel_, readable, writable
+from ._pending import pending_result, snapshot_of
+from ._walk import _CACHE, PENDING, Layout, layout_of, model_class
 
 Tensor = torch.Tensor
 
-__all__ = ["packed", "known", "kernel", "compute", "readable", "exact_fusion", "remember", "binary", "binary_",
-           "unary", "carried", "active_for", "flat_operands", "fill", "Pending", "check_converted"]
+__all__ = ["packed", "known", "binary", "binary_", "unary", "carried", "active_for", "flat_operands"]
 
 _LOOKED = "looked"  # ``Layout.packing``: looked without packing (``pack=False``), not packed
 
@@ -68,7 +65,7 @@ def _find(layout: Layout) -> Optional[Flat]:
 def packed(model: nn.Module, pack: bool = True, layout: Optional[Layout] = None) -> Optional[tuple[Layout, Flat]]:
     """``model``'s layout and the flat buffers its parameters view, packing it first if ``pack``.
 
-    Returns ``None`` when the model is not packed (``pack=False``) or cannot be (see ``_flat.pack_``).
+    Returns ``None`` when the model is not packed (``pack=False``) or cannot be (see ``_packing.pack_``).
     ``layout``, when given, is ``layout_of(model)`` taken just before by the caller.
     Operators pack a model only once its operands are known to be valid (``_first_use``), so
     that an operation that raises leaves its operands exactly as they were, storage included.
@@ -99,15 +96,6 @@ def packed(model: nn.Module, pack: bool = True, layout: Optional[Layout] = None)
     found = _find(layout)
     layout.packing[0] = False if found is None else found
     return None if found is None else (layout, found)
-
-
-def remember(result: nn.Module, flat: Flat) -> None:
-    """Record that ``result`` (just rebuilt from ``flat``'s views) is packed in ``flat``'s buffers."""
-    stored = _CACHE.get(result)
-    if stored is not None:
-        params = stored.params
-        rest = {i: params[i] for i in flat.rest}
-        stored.packing[0] = Flat(flat.plan, flat.buffers, rest)
 
 
 def carried(flat: Flat, configs: Optional[Sequence[ParamConfig]]) -> dict[int, Tensor]:
@@ -283,102 +271,6 @@ def _prepared(model: nn.Module, fn: str, others: Sequence[object], reflected: bo
     return layout, flat, configs, operands
 
 
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
-_LOCK = threading.RLock()
-
-
-class Pending:
-    """A result whose values are computed and whose module tree is built on first touch.
-
-    An operator on packed models runs its kernels at once and returns an object of the
-    model's class holding only this: the output buffers, and the state of every module of its
-    operand captured at that moment (train/eval flags, hooks, other attributes), the
-    parameters' ``requires_grad`` and clones of its buffers.  The first attribute read,
-    assignment, call, pickling or nytorch read builds the tree into that same object
-    (``realize``); its Parameters are views into the output buffers.  Chains of operations
-    (``0.9 * (a - b) + a``) never build the trees of their intermediate results.
-    """
-
-    __slots__ = ("layout", "states", "types", "requires_grad", "flat", "buffers", "configs")
-
-    def __init__(self, layout: Layout, states: list[dict], types: list[type], requires_grad: tuple[bool, ...],
-                 flat: Optional[Flat], buffers: list[Tensor], configs: Optional[Sequence[ParamConfig]]) -> None:
-        self.layout, self.states, self.types, self.requires_grad = layout, states, types, requires_grad
-        self.flat, self.buffers, self.configs = flat, buffers, configs
-
-    def realize(self, root: nn.Module) -> None:
-        """Build ``root``'s module tree (once; the built state goes into ``root.__dict__``, the same dict)."""
-        # built outside any torch.func transform that happens to be running (a first touch inside
-        # ``grad``): the model's Parameters are plain leaves, as if it had been built at once
-        with _LOCK, torch._C._DisableFuncTorch():  # two threads touching one result build it once
-            if root.__dict__.get(PENDING) is not self:
-                return
-            flat = self.flat
-            # as any new model's, its Parameters get version counters of their own
-            leaves = own_counters(flat.leaves(), flat.plan)
-            wrapped = wrap_parameters(algebra.fresh_parameters(leaves, self.configs), self.requires_grad)
-            build_into(self.layout, self.states, self.types, wrapped, self.buffers, root)
-            remember(root, flat)
-            self.flat = None  # the buffers are the model's storage now
-
-    def __del__(self) -> None:
-        flat = self.flat
-        if flat is not None:  # died unseen: its buffers can hold the next result
-            try:
-                pool.give(flat.plan, flat.raw)
-            except Exception:  # pragma: no cover - interpreter shutdown
-                pass
-
-
-Snapshot = tuple[Layout, list[dict], list[type], tuple[bool, ...], list[Tensor]]
-
-
-def _snapshot(model: nn.Module, layout: Layout) -> Snapshot:
-    """What a result of ``model`` keeps of it as it is now: its modules' state, ``requires_grad``, buffer clones.
-
-    Taken before the kernel runs: its passes over memory evict ``model``'s objects from the caches
-    that checking it just filled (101 modules and 200 parameters: ~170 µs after a 12 MB kernel,
-    ~145 µs right after the check).
-    """
-    source = model.__dict__.get(PENDING)
-    if source is not None:  # a result of a result: same captured state, its own buffers
-        return source.layout, source.states, source.types, source.requires_grad, [
-            buffer.clone() for buffer in source.buffers]
-    if not layout.modules:  # a pending result's layout, and another thread has built its tree since
-        layout = layout_of(model)
-    states, types = capture(layout)
-    return (layout.bare(), states, types, tuple(map(_REQUIRES_GRAD, layout.params)),
-            [buffer.clone() for buffer in layout.buffers])
-
-
-def _result(snapshot: Snapshot, configs: Optional[Sequence[ParamConfig]], out: Flat) -> nn.Module:
-    """A result of the model ``snapshot`` was taken of, holding the values ``out`` (built on first touch)."""
-    layout, states, types, requires_grad, buffers = snapshot
-    pending = Pending(layout, states, types, requires_grad, out, buffers, configs)
-    kind = types[0]
-    result: nn.Module = object.__new__(kind)
-    own = result.__dict__
-    # an instance attribute that shadows one of the class (``self.scale = 5.0`` over ``scale = 1.0``,
-    # a patched ``forward``) is found without touching the result: it must be there from the start
-    for key in _class_names(kind).intersection(states[0]):
-        own[key] = states[0][key]
-    own[PENDING] = pending
-    if not getattr(kind, "_nyto_builds_on_touch", False):  # no hook to build it later: now
-        pending.realize(result)
-    return result
-
-
-_CLASS_NAMES: "weakref.WeakKeyDictionary[type, frozenset[str]]" = weakref.WeakKeyDictionary()
-
-
-def _class_names(kind: type) -> frozenset[str]:
-    """Every attribute name ``kind`` defines or inherits (what an instance's own attribute can shadow)."""
-    found = _CLASS_NAMES.get(kind)
-    if found is None:
-        found = _CLASS_NAMES[kind] = frozenset(dir(kind))
-    return found
-
-
 def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: bool = False) -> Optional[nn.Module]:
     """``op(model, *others)`` as one kernel per buffer, or ``None`` when the packed path does not apply.
 
@@ -393,8 +285,8 @@ def binary(model: nn.Module, op: lw.Op, others: Sequence[object], reflected: boo
             return None
     layout, flat, configs, operands = prepared
     rest = carried(flat, configs) if flat.rest else {}
-    snapshot = _snapshot(model, layout)
-    return _result(snapshot, configs, compute(op, flat, operands, rest))
+    snapshot = snapshot_of(model, layout)
+    return pending_result(snapshot, configs, compute(op, flat, operands, rest))
 
 
 def _common(model: nn.Module, other: object
@@ -422,171 +314,6 @@ def _common(model: nn.Module, other: object
     return layout, flat, configs, [theirs[1]]
 
 
-_OUT = frozenset({torch.add, torch.sub, torch.mul, torch.div, torch.pow})  # kernels that take ``out=``
-
-
-def compute(op: lw.Op, flat: Flat, operands: list[object], rest: dict[int, Tensor]) -> Flat:
-    """``op(flat, *operands)`` as a new ``Flat`` (``rest``: its inactive leaves); operands are Flats or scalars.
-
-    Two rewrites save passes over memory, and round exactly as per-tensor arithmetic does:
-
-    - a result multiplied by a Python number (``0.9 * (a - b)``) shares its buffers and records
-      the factor (``Flat.scaled``); nothing is computed yet, and reading it multiplies once;
-    - ``x + s·y``, ``s·x + y`` and ``x - s·y``, where only one side carries such a factor, are one
-      ``addcmul`` pass, used only where it rounds like a product then a sum (``exact_fusion``).
-
-    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
-    >>> a, b = Flat(plan, [torch.ones(2)], {}), Flat(plan, [torch.full((2,), 3.0)], {}, owned=True)
-    >>> twice = compute(lw.MUL, b, [2.0], {})
-    >>> twice.scale, compute(lw.ADD, a, [twice], {}).buffers
-    (2.0, [tensor([7., 7.])])
-    """
-    if len(operands) == 1 and flat.plan.floating:
-        other = operands[0]
-        kind = type(other)
-        if op is lw.MUL and (kind is float or kind is int) and flat.owned and flat.scale == 1.0 \
-                and exact_fusion(flat.plan):
-            return flat.scaled(other, rest)  # type: ignore[arg-type]
-        if isinstance(other, Flat) and (flat.scale == 1.0) != (other.scale == 1.0) and exact_fusion(flat.plan) \
-                and _fits(flat.scale * other.scale, flat.plan):
-            plan = flat.plan
-            if flat.scale == 1.0 and (op is lw.ADD or op is lw.SUB):  # x ± s·y
-                factor = other.scale if op is lw.ADD else -other.scale
-                return Flat(plan, _fused(flat.raw, other.raw, factor, plan), rest, owned=True)
-            if op is lw.ADD:  # s·x + y
-                return Flat(plan, _fused(other.raw, flat.raw, flat.scale, plan), rest, owned=True)
-            # s·x - y: -(y - s·x) would turn an exact +0 into -0, so the factor is applied first
-    return Flat(flat.plan, kernel(op, flat.readable(), readable(operands), flat.plan), rest, owned=True)
-
-
-def _fused(left: list[Tensor], right: list[Tensor], factor: float, plan: FlatPlan) -> list[Tensor]:
-    """``left + factor * right`` per buffer in one pass, into pooled buffers when there are some."""
-    out = pool.take(plan) if plan.nbytes >= pool.MIN_BYTES else None
-    ones = [_one(buffer) for buffer in left]
-    if out is None:
-        return [torch.addcmul(x, y, one, value=factor) for x, y, one in zip(left, right, ones)]
-    for x, y, one, into in zip(left, right, ones, out):
-        torch.addcmul(x, y, one, value=factor, out=into)
-    return out
-
-
-_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
-def _one(like: Tensor) -> Tensor:
-    key = (like.dtype, like.device)
-    one = _ONES.get(key)
-    if one is None:
-        one = _ONES[key] = torch.ones((), dtype=like.dtype, device=like.device)
-    return one
-
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def _fits(factor: float, plan: FlatPlan) -> bool:
-    """Whether ``addcmul`` takes ``factor`` as its ``value`` for every buffer of ``plan``: it converts it to the
-    compute type (float32 below float64) and refuses a finite number beyond its range, where ``x + s * y``
-    gives ``inf``.
-
-    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
-    >>> _fits(0.9, plan), _fits(1e300, plan), _fits(float("inf"), plan)
-    (True, False, True)
-    """
-    if not abs(factor) > _FLOAT32_MAX or abs(factor) == float("inf"):  # (nan compares False)
-        return True
-    return all(dtype == torch.float64 for dtype in plan.dtypes)
-
-
-_EXACT: dict[tuple[torch.dtype, torch.device], bool] = {}
-
-
-def exact_fusion(plan: FlatPlan) -> bool:
-    """Whether ``addcmul(x, y, 1, value=s)`` equals ``x + s * y`` bit for bit for every buffer of ``plan``.
-
-    It does where the kernel multiplies and adds as two operations (this CPU build's kernels); a
-    kernel contracted into one fused multiply-add (as CUDA compilers may do) rounds once instead
-    of twice, and there the rewrites of ``compute`` are not made.  Checked once per
-    (dtype, device) on 4,099 random values, with factors of either sign.
-
-    >>> exact_fusion(plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])) in (True, False)
-    True
-    """
-    for dtype, device in zip(plan.dtypes, plan.devices):
-        key = (dtype, device)
-        found = _EXACT.get(key)
-        if found is None:
-            generator = torch.Generator(device=device).manual_seed(0)
-            x, y = (torch.randn(4099, generator=generator, device=device).to(dtype) for _ in range(2))
-            one = torch.ones((), dtype=dtype, device=device)
-            found = _EXACT[key] = all(
-                torch.equal(torch.addcmul(x, y, one, value=s), x + s * y) for s in (0.9, -0.9, 1 / 3, -1e-3))
-        if not found:
-            return False
-    return True
-
-
-def _direct(operands: Sequence[object]) -> bool:
-    """True when every operand is a buffer list or a Python number: one plain call per buffer then,
-    with nothing for autograd to record (the buffers are detached)."""
-    for operand in operands:
-        kind = type(operand)
-        if kind is not list and kind is not float and kind is not int:
-            return False
-    return True
-
-
-def _at(operands: Sequence[object], k: int) -> list[object]:
-    """The arguments of buffer ``k``'s kernel call: the ``k``-th buffer of each list, numbers as they are."""
-    return [operand[k] if type(operand) is list else operand for operand in operands]  # type: ignore[index]
-
-
-def kernel(op: lw.Op, buffers: list[Tensor], operands: list[object], plan: Optional[FlatPlan] = None
-           ) -> list[Tensor]:
-    """``op`` over the buffers, one plain call per buffer for Python numbers and buffers, else ``apply``.
-
-    With ``plan`` (the buffers' layout) the results go into buffers of a dead result from the pool
-    when it has some (``_pool``), instead of fresh memory.
-
-    >>> kernel(lw.ADD, [torch.ones(2)], [[torch.ones(2)]])
-    [tensor([2., 2.])]
-    """
-    if _direct(operands):
-        leaf = op.leaf
-        if plan is not None and plan.nbytes >= pool.MIN_BYTES and leaf in _OUT:
-            out = pool.take(plan)
-            if out is not None:
-                for k, (buffer, into) in enumerate(zip(buffers, out)):
-                    leaf(buffer, *_at(operands, k), out=into)
-                return out
-        if len(buffers) == 1:
-            if len(operands) == 1:  # the common case (``a + b``, ``a * 0.5``): no argument list to build
-                operand = operands[0]
-                return [leaf(buffers[0], operand[0] if type(operand) is list else operand)]  # type: ignore[index]
-            return [leaf(buffers[0], *_at(operands, 0))]
-    with torch.no_grad():
-        return lw.apply(op, buffers, *operands)
-
-
-def kernel_(op: lw.Op, buffers: list[Tensor], operands: list[object]) -> None:
-    """``op`` in place on the buffers: one plain call per buffer for Python numbers and buffers, else ``apply_``.
-
-    Callers have checked that the buffers can be written (``algebra.check_writable``).
-
-    >>> buffers = [torch.ones(2)]
-    >>> kernel_(lw.LERP, buffers, [[torch.zeros(2)], 0.5])
-    >>> buffers
-    [tensor([0.5000, 0.5000])]
-    """
-    leaf_ = op.leaf_
-    if leaf_ is not None and _direct(operands):
-        for k, buffer in enumerate(buffers):
-            leaf_(buffer, *_at(operands, k))
-        return
-    with torch.no_grad():
-        lw.apply_(op, buffers, *operands)
-
-
 def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     """``op`` in place on ``model``'s buffers; ``False`` (nothing written) when the packed path does not apply.
 
@@ -605,43 +332,6 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     return True
 
 
-def check_converted(fn: str, names: Sequence[str], flat: Flat, operands: Sequence[object]) -> None:
-    """``_leafwise.check_converted`` for every number among ``operands``, against ``flat``'s buffers.
-
-    >>> plan = plan_for([(torch.Size([2]), torch.float16, torch.device("cpu"))], [True])
-    >>> check_converted("pow", ["w"], Flat(plan, [torch.ones(2, dtype=torch.float16)], {}), [1e5])
-    Traceback (most recent call last):
-    ...
-    RuntimeError: pow: the exponent 100000.0 does not fit in float16, so torch cannot apply it to parameter 'w' (float16); nothing was changed
-    """
-    plan = flat.plan
-    for operand in operands:
-        if type(operand) is not Flat:
-            lw.check_converted(fn, operand, lambda: [(names[index[0]], dtype)
-                                                     for index, dtype in zip(plan.groups, plan.dtypes)])
-
-
-def writable(fn: str, names: Sequence[str], flat: Flat) -> list[Tensor]:
-    """``flat``'s own buffers, to be written in place, once ``algebra.check_writable`` would let them.
-
-    A flat buffer is 1-D and contiguous, so none has elements sharing memory: only inference
-    tensors can refuse the write, and the full check (which names the parameter) runs for them.
-
-    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
-    >>> writable("add", ["w"], Flat(plan, [torch.ones(2)], {}))
-    [tensor([1., 1.])]
-    """
-    buffers = flat.buffers
-    if any(map(Tensor.is_inference, buffers)):
-        algebra.check_writable(fn, [names[index[0]] for index in flat.plan.groups], buffers)
-    return buffers
-
-
-def readable(operands: Sequence[object]) -> list[object]:
-    """Operands from ``flat_operands`` as buffer lists to read (a pending factor applied) or scalars."""
-    return [operand.readable() if type(operand) is Flat else operand for operand in operands]  # type: ignore[attr-defined]
-
-
 def unary(model: nn.Module, make: Callable[[Flat], list[Tensor]]) -> Optional[nn.Module]:
     """A new model from ``make(flat) -> buffers`` (clone, random fills), or ``None`` off the packed path.
 
@@ -653,27 +343,9 @@ def unary(model: nn.Module, make: Callable[[Flat], list[Tensor]]) -> Optional[nn
     if found is None:
         return None
     layout, flat, configs = found
-    snapshot = _snapshot(model, layout)
+    snapshot = snapshot_of(model, layout)
     with torch.no_grad():
         buffers = make(flat)
-    return _result(snapshot, configs, Flat(flat.plan, buffers, carried(flat, configs), owned=True))
+    return pending_result(snapshot, configs, Flat(flat.plan, buffers, carried(flat, configs), owned=True))
 
 
-def fill(flat: Flat, method: Callable[[Tensor], Any]) -> list[Tensor]:
-    """New buffers like ``flat``'s whose leaf views are filled by ``method`` in leaf order.
-
-    Random fills go leaf by leaf so that a seed gives the same values as per-tensor
-    ``randn_like`` (and nytorch 1.1), packed or not.
-
-    >>> plan = plan_for([(torch.Size([2]), torch.float32, torch.device("cpu"))], [True])
-    >>> fill(Flat(plan, [torch.zeros(2)], {}), lambda view: view.fill_(1.0))
-    [tensor([1., 1.])]
-    """
-    buffers = [torch.empty_like(buffer) for buffer in flat.raw]
-    views: dict[int, Tensor] = {}
-    for buffer, index, likes in zip(buffers, flat.plan.groups, flat.plan.likes):
-        views.update(zip(index, torch._C._nn.unflatten_dense_tensors(buffer, likes)))
-    with torch.no_grad():
-        for i in sorted(views):
-            method(views[i])
-    return buffers

@@ -14,10 +14,13 @@ from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._errors import StructureError, class_names
-from ._flat import PACKED, Flat, FlatPlan, find_flat, lazy_name, own_counters, pack_, plan_for, written
-from ._packed import active_for, carried, check_converted, compute, fill, flat_operands, kernel_, readable, writable
+from ._flat import Flat, FlatPlan, find_flat, own_counters, plan_for, written
+from ._packing import PACKED, lazy_name, pack_
+from ._kernels import check_converted, compute, fill, kernel_, readable, writable
+from ._packed import active_for, carried, flat_operands
 from ._pool import give
-from ._walk import Layout, _interned, layout_of, model_class, placement, rebuild
+from ._rebuild import rebuild
+from ._walk import Layout, _interned, layout_of, model_class, placement
 
 Tensor = torch.Tensor
 
@@ -203,7 +206,7 @@ class Particle(Operators):
                                         owned=True))
 
     def _flat_fill(self, method: Callable[[Tensor], Any]) -> Optional[Self]:
-        """A flat result whose leaf views are filled by ``method`` in leaf order (see ``_packed.fill``)."""
+        """A flat result whose leaf views are filled by ``method`` in leaf order (see ``_kernels.fill``)."""
         flat = self._flat_form()
         if flat is None:
             return None
@@ -507,7 +510,7 @@ def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> P
             integer buffers are carried unchanged.  By default buffers are only cloned
             into results.
         pack: move ``model``'s floating parameters, then floating buffers, into one
-            contiguous buffer per (device, dtype) first (once; see ``nytorch._flat.pack_``), so that every
+            contiguous buffer per (device, dtype) first (once; see ``nytorch._packing.pack_``), so that every
             operation is one kernel per buffer instead of one per tensor.  Parameter
             objects are kept, so optimizers holding them keep working; tensors taken
             from the model before (``p.detach()``, ``nf.params(model)``) stop sharing

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _algebra as algebra
-from . import _tree
+from . import _tree_match
 from ._errors import StructureError, class_names
 from ._packed import _structure
 from ._particle import Particle
@@ -89,7 +89,7 @@ def _check(fn: str, a: Any, b: Any) -> None:
         raise TypeError(f"{fn}: the {model} operand is a model and the {other} is "
                         f"{type(b if models[0] else a).__name__}; compare a model with a model or a Particle, "
                         "and a pytree with a pytree (nf.params(model) is a model's pytree)")
-    _tree.aligned(fn, a, b)
+    _tree_match.aligned(fn, a, b)
 
 
 def same_structure(a: Any, b: Any, /) -> bool:

@@ -2,7 +2,7 @@
 
 The class is a thin shell: storage and structure live in ``_swarm_spec``, construction in
 ``_swarm_build``, selection in ``_swarm_index``, arithmetic in ``_swarm_ops`` and the
-vectorised forward and gradients in ``_vectorise``.
+vectorised forward and gradients in ``_vectorise`` (its fused path in ``_swarm_fused``).
 """
 from __future__ import annotations
 

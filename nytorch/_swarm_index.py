@@ -14,7 +14,8 @@ from . import _swarm_ops as ops
 from ._errors import StructureError
 from ._particle import Particle
 from ._swarm_spec import Spec, rows_of
-from ._walk import Layout, rebuild
+from ._rebuild import rebuild
+from ._walk import Layout
 
 Tensor = torch.Tensor
 Index = Union[int, slice, Tensor]

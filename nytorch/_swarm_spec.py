@@ -13,7 +13,8 @@ flat buffers.  Swarms derived from one another share their ``Spec``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -22,11 +23,12 @@ from torch import nn
 from . import _leafwise as lw
 from ._config import ParamConfig, configs_for
 from ._particle import Particle
-from ._walk import Layout, model_class, rebuild
+from ._rebuild import rebuild
+from ._walk import Layout, model_class
 
 Tensor = torch.Tensor
 
-__all__ = ["Group", "Slot", "Spec", "make_spec", "pack_members", "pack_stacked", "views_of", "rows_of",
+__all__ = ["bound", "Group", "Slot", "Spec", "make_spec", "pack_members", "pack_stacked", "views_of", "rows_of",
            "stand_in"]
 
 
@@ -111,7 +113,7 @@ class Spec:
             self.entries += [(module._parameters, key, i) for key, i in param_slots if i is not None]
             self.entries += [(module._buffers, key, self.n_params + i) for key, i in buffer_slots if i is not None]
         self.lock = threading.RLock()
-        self.plan: object = None  # the fast forward plan, built on first use (see _vectorise)
+        self.plan: object = None  # the fused forward plan, built on first use (see _swarm_fused)
         self.planned_for: object = None  # the root class's ``forward`` the plan was built from
 
     def __getstate__(self) -> dict[str, object]:
@@ -213,3 +215,34 @@ def module_leaves(module: nn.Module) -> tuple[Layout, list[Tensor]]:
     """A module's layout and its parameters followed by its buffers."""
     layout = Layout(module)
     return layout, layout.params + layout.buffers
+
+
+@contextmanager
+def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any]] = None) -> Iterator[nn.Module]:
+    """The skeleton module holding ``leaves`` (aligned with ``spec.names``) for the duration of the block.
+
+    With ``replaced``, the buffers that the block assigned anew (``self.stat = 0.9 * self.stat + ...``
+    in a forward) are recorded there by index, before the skeleton gets its own back.  Every
+    module's other attributes are put back as they were too (a forward's ``self.last = out``
+    would leave a batched tensor or an fx Proxy in the skeleton every derived swarm shares).
+    """
+    entries = spec.entries
+    modules = spec.layout.modules
+    with spec.lock:
+        saved = [table[key] for table, key, _ in entries]
+        states = [module.__dict__.copy() for module in modules]  # shallow: the tables stay the same objects
+        try:
+            for table, key, index in entries:
+                table[key] = leaves[index]
+            yield spec.layout.modules[0]
+            if replaced is not None:
+                for table, key, index in entries:
+                    if index >= spec.n_params and table[key] is not leaves[index]:
+                        replaced[index] = table[key]
+        finally:
+            for module, state in zip(modules, states):
+                now = module.__dict__  # put back in place (C-level; cheaper than finding what changed)
+                now.clear()
+                now.update(state)
+            for (table, key, _), old in zip(entries, saved):
+                table[key] = old

@@ -7,15 +7,15 @@ tensor).  Integer and bool leaves are carried through unchanged (cloned).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional
 
 import optree
 import torch
 
 from . import _leafwise as lw
-from ._errors import StructureError
+from ._tree_match import (aligned, flatten, is_scalar_operand, leaf_names, matched, mismatch, plain_leaves,
+                          refuse_lone_tensor)
 from ._types import PyTree, Scalar
 
 Tensor = torch.Tensor
@@ -23,147 +23,14 @@ Tensor = torch.Tensor
 _FOREACH_CLONE: Optional[Callable[[list[Tensor]], list[Tensor]]] = getattr(torch, "_foreach_clone", None)
 
 __all__ = ["add", "sub", "mul", "div", "pow", "neg", "lerp", "clone", "randn_like", "zeros_like",
-           "tree_map", "dot", "norm", "flatten", "path_names"]
-
-
-def _path_name(path: Sequence[Any]) -> str:
-    return ".".join(str(key) for key in path) if path else "<root>"
-
-
-def path_names(tree: PyTree) -> list[str]:
-    """Leaf paths of ``tree`` as ``state_dict``-style strings, in flattening order.
-
-    >>> import torch
-    >>> path_names({"layer": {"weight": torch.ones(1)}, "bias": [torch.ones(1)]})
-    ['bias.0', 'layer.weight']
-    """
-    return [_path_name(path) for path in optree.tree_paths(tree)]
-
-
-def flatten(fn: str, tree: PyTree, argument: str = "tree", *,
-            scalar: bool = True) -> tuple[list[Tensor], optree.PyTreeSpec]:
-    """Flatten ``tree`` and check every leaf is a tensor (``scalar``: messages say a scalar is accepted too).
-
-    Raises:
-        TypeError: naming the path of the first leaf that is not a tensor.
-
-    >>> leaves, spec = flatten("demo", {"w": torch.ones(2)})
-    >>> [tuple(leaf.shape) for leaf in leaves]
-    [(2,)]
-    """
-    expected = "a pytree of tensors or a scalar" if scalar else "a pytree of tensors"
-    if tree is None:
-        raise TypeError(f"{fn}: expected {expected} as {argument}, got None")
-    leaves, spec = optree.tree_flatten(tree)
-    if not all(issubclass(kind, Tensor) for kind in set(map(type, leaves))):
-        bad = next(i for i, value in enumerate(leaves) if not isinstance(value, Tensor))
-        name = path_names(tree)[bad]
-        raise TypeError(
-            f"{fn}: expected {expected} as {argument}, "
-            f"but the leaf at {name!r} is a {type(leaves[bad]).__name__}"
-        )
-    return leaves, spec
-
-
-def _in_insertion_order(tree: PyTree) -> PyTree:
-    """``tree`` with plain dicts as ``OrderedDict`` (optree keeps their order; plain dicts it sorts)."""
-    if isinstance(tree, dict) and type(tree) is dict:
-        return OrderedDict((key, _in_insertion_order(value)) for key, value in tree.items())
-    if type(tree) in (list, tuple):
-        return type(tree)(_in_insertion_order(value) for value in tree)
-    return tree
-
-
-def _mismatch(fn: str, a: PyTree, b: PyTree, *, leaves: bool = True, other: str = "the second operand"
-              ) -> StructureError:
-    """The first difference in ``a``'s own key order (``named_parameters()`` order for ``nf.params``)."""
-    ordered_a, ordered_b = _in_insertion_order(a), _in_insertion_order(b)
-    names_a, names_b = path_names(ordered_a), path_names(ordered_b)
-    leaves_b = dict(zip(names_b, optree.tree_leaves(ordered_b)))
-    for name, leaf in zip(names_a, optree.tree_leaves(ordered_a)):
-        if name not in leaves_b:
-            return StructureError(f"{fn}: parameter {name!r} is missing from {other}")
-        if leaves:
-            try:
-                lw.check_pairs(fn, [name], [leaf], [leaves_b[name]])
-            except StructureError as error:
-                return error
-    known = set(names_a)
-    for name in names_b:
-        if name not in known:
-            return StructureError(f"{fn}: {other} has an extra parameter {name!r}")
-    return StructureError(f"{fn}: the operands have different container types "
-                          f"({optree.tree_structure(a)} vs {optree.tree_structure(b)})")
-
-
-def matched(fn: str, a: PyTree, b: PyTree, other: str = "the second operand"
-            ) -> tuple[list[Tensor], list[Tensor], optree.PyTreeSpec]:
-    """Flatten two trees and check they share structure, shapes, dtypes and devices (``other`` names ``b``)."""
-    left, spec = flatten(fn, a, "the first operand")
-    right, spec_b = flatten(fn, b, other)
-    if spec != spec_b or not lw.same_layout(left, right):
-        raise _mismatch(fn, a, b, other=other)
-    return left, right, spec
-
-
-def aligned(fn: str, a: PyTree, b: PyTree) -> tuple[list[Tensor], list[Tensor], Optional[optree.PyTreeSpec]]:
-    """``matched``, with a short path for two plain dicts of one key order (then the spec is ``None``).
-
-    >>> aligned("demo", {"w": torch.ones(2)}, {"w": torch.zeros(2)})[2] is None
-    True
-    """
-    left, right = _plain(a), _plain(b)
-    if left is not None and right is not None and list(a) == list(b):  # same keys, same order
-        if not lw.same_layout(left, right):
-            raise _mismatch(fn, a, b)
-        return left, right, None
-    return matched(fn, a, b)
-
-
-def _is_scalar_operand(value: object, other: object) -> bool:
-    if isinstance(value, Tensor):
-        # a 0-dim tensor broadcasts, unless the other side is a 0-dim tensor too (then both are trees)
-        return value.dim() == 0 and not (isinstance(other, Tensor) and other.dim() == 0)
-    return lw.is_scalar(value)
-
-
-def _refuse_lone_tensor(fn: str, a: PyTree, b: PyTree, second: str = "the second operand") -> None:
-    """``TypeError`` for a tensor with dimensions against a tree of several leaves: it is neither a
-    matching tree nor a scalar (only 0-dim tensors broadcast), whatever the shapes inside."""
-    for tensor, tree, which in ((b, a, second), (a, b, "the first operand")):
-        if isinstance(tensor, Tensor) and not isinstance(tree, Tensor):
-            raise TypeError(f"{fn}: expected a pytree like the first operand or a scalar as {which}, "
-                            f"got a tensor of shape {tuple(tensor.shape)} (only 0-dim tensors broadcast)")
-
-
-def _plain(tree: PyTree) -> Optional[list[Tensor]]:
-    """The leaves of a plain ``dict`` of tensors (what ``nf.params`` gives), in key order; else ``None``.
-
-    Such a dict needs no pytree machinery: its leaves are its values and its result is
-    ``dict(zip(keys, results))`` (same keys, same order), which saves flattening and
-    unflattening on every operation.
-    """
-    if type(tree) is not dict or not tree:
-        return None
-    leaves = list(tree.values())
-    return leaves if all(issubclass(kind, Tensor) for kind in set(map(type, leaves))) else None
-
-
-def _leaf_names(tree: PyTree, plain: bool) -> Callable[[], list[str]]:
-    """The names of ``tree``'s leaves in the order its leaves were taken, read only when called.
-
-    A plain dict's leaves are its values in key order (``_plain``); any other tree's are optree's.
-    """
-    if plain:
-        return lambda: [_path_name((key,)) for key in tree]
-    return lambda: path_names(tree)
+           "tree_map", "dot", "norm"]
 
 
 def _scalar_op(op: lw.Op, fn: str, tree: PyTree, scalar: object, argument: str, reflected: bool) -> PyTree:
-    plain = _plain(tree)
+    plain = plain_leaves(tree)
     leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, argument)
     active = lw.arithmetic_mask(leaves)
-    names = _leaf_names(tree, plain is not None)
+    names = leaf_names(tree, plain is not None)
     lw.check_scalar(fn, scalar, names, leaves, active, reflected=reflected)
     results = lw.apply(lw.reflected_op(lw.REFLECTED[fn], scalar) if reflected else op, leaves, scalar, active=active)
     return dict(zip(tree, results)) if spec is None else optree.tree_unflatten(spec, results)
@@ -171,13 +38,13 @@ def _scalar_op(op: lw.Op, fn: str, tree: PyTree, scalar: object, argument: str, 
 
 def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
     fn = op.name
-    if _is_scalar_operand(a, b):
-        if _is_scalar_operand(b, a):
+    if is_scalar_operand(a, b):
+        if is_scalar_operand(b, a):
             raise TypeError(f"{fn}: expected at least one pytree of tensors, got two scalars {a!r} and {b!r}")
         return _scalar_op(op, fn, b, a, "the second operand", reflected=True)
-    if _is_scalar_operand(b, a):
+    if is_scalar_operand(b, a):
         return _scalar_op(op, fn, a, b, "the first operand", reflected=False)
-    _refuse_lone_tensor(fn, a, b)
+    refuse_lone_tensor(fn, a, b)
     left, right, spec = aligned(fn, a, b)
     results = lw.apply(op, left, right)
     return dict(zip(a, results)) if spec is None else optree.tree_unflatten(spec, results)
@@ -352,16 +219,16 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
     if lw.is_scalar(a) and not isinstance(a, Tensor):
         raise TypeError(f"lerp: expected a pytree of tensors as the first operand (the start), got the number "
                         f"{a!r}; only the end and the weight may be numbers")
-    if _is_scalar_operand(b, a):
+    if is_scalar_operand(b, a):
         b = _filled("lerp", a, b)
-    _refuse_lone_tensor("lerp", a, b)
-    if not _is_scalar_operand(weight, a):
-        _refuse_lone_tensor("lerp", a, weight, "the weight")
+    refuse_lone_tensor("lerp", a, b)
+    if not is_scalar_operand(weight, a):
+        refuse_lone_tensor("lerp", a, weight, "the weight")
         left, right, spec = matched("lerp", a, b)
         _, weights, _ = matched("lerp", a, weight, "the weight")  # the same (flattened) leaf order as ``left``
         return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
     left, right, plain_spec = aligned("lerp", a, b)  # ``None``: two plain dicts, leaves in key order
-    names = _leaf_names(a, plain_spec is None)
+    names = leaf_names(a, plain_spec is None)
     lw.check_scalar("lerp", weight, names, left, lw.arithmetic_mask(left))
     results = lw.apply(lw.LERP, left, right, weight)
     return dict(zip(a, results)) if plain_spec is None else optree.tree_unflatten(plain_spec, results)
@@ -465,13 +332,13 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, /, *rest: PyTree) -> PyTree:
     leaves, spec = flatten("tree_map", tree, scalar=False)
     others: list[Any] = []
     for other in rest:
-        if _is_scalar_operand(other, tree):
+        if is_scalar_operand(other, tree):
             others.append([other] * len(leaves))
             continue
-        _refuse_lone_tensor("tree_map", tree, other, "a rest tree")
+        refuse_lone_tensor("tree_map", tree, other, "a rest tree")
         other_leaves, other_spec = flatten("tree_map", other, "a rest tree")
         if other_spec != spec:
-            raise _mismatch("tree_map", tree, other, leaves=False)
+            raise mismatch("tree_map", tree, other, leaves=False)
         others.append(other_leaves)
     return optree.tree_unflatten(spec, [fn(leaf, *(o[i] for o in others)) for i, leaf in enumerate(leaves)])
 
@@ -482,9 +349,9 @@ def _filled(fn: str, tree: PyTree, scalar: Any) -> PyTree:
     A scalar second operand broadcasts like a tree of them; the graph of a ``scalar`` tensor that
     requires grad is kept.
     """
-    plain = _plain(tree)
+    plain = plain_leaves(tree)
     leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, "the first operand")
-    lw.check_scalar(fn, scalar, _leaf_names(tree, plain is not None), leaves, lw.arithmetic_mask(leaves))
+    lw.check_scalar(fn, scalar, leaf_names(tree, plain is not None), leaves, lw.arithmetic_mask(leaves))
     filled = [torch.as_tensor(scalar, dtype=leaf.dtype, device=leaf.device).expand_as(leaf)
               if lw.is_arithmetic(leaf) else leaf for leaf in leaves]  # expanded: no memory per leaf
     return dict(zip(tree, filled)) if spec is None else optree.tree_unflatten(spec, filled)
@@ -524,9 +391,9 @@ def dot(a: PyTree, b: PyTree, /) -> Tensor:
     >>> dot({"w": torch.tensor([1., 2.])}, 2.0)  # ``b`` a scalar: 2 * the sum of every leaf
     tensor(6.)
     """
-    if _is_scalar_operand(b, a):
+    if is_scalar_operand(b, a):
         b = _filled("dot", a, b)
-    _refuse_lone_tensor("dot", a, b)
+    refuse_lone_tensor("dot", a, b)
     left, right, _ = matched("dot", a, b)
     pairs = [(x, y) for x, y in zip(left, right) if lw.is_arithmetic(x)]
     return _sum_scalars([torch.sum(x * y) for x, y in pairs], left)

@@ -5,8 +5,8 @@ member's tensors swapped into a private skeleton module (what
 ``torch.func.functional_call`` does, minus its generic bookkeeping).  Models that
 are one chain of ``nn.Linear`` layers and elementwise activations (an
 ``nn.Sequential`` of them, or any forward that ``torch.fx`` traces to such a
-chain) take a fused path instead: one ``torch.baddbmm`` per layer over the
-stacked weights, which is the compute floor and gives the same values.
+chain) take a fused path instead (``_swarm_fused``): one ``torch.baddbmm`` per layer
+over the stacked weights, which is the compute floor and gives the same values.
 
 Attributes a forward sets on the skeleton's modules (``self.last = out``, a counter,
 ``weight_norm``'s recomputed weight) are not kept: every call starts from the skeleton as
@@ -15,62 +15,22 @@ it was and leaves it so, as they would otherwise hold one call's batched tensors
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._swarm_spec import Spec
+from ._swarm_fused import fused_forward
+from ._swarm_spec import Spec, bound
 
 Tensor = torch.Tensor
 InDims = Union[None, int, Sequence[Any]]
 
-__all__ = ["Member", "forward", "grad_and_value", "bound"]
+__all__ = ["Member", "forward", "grad_and_value"]
 
-# Layers that act on each value independently: running them on [P, batch, features] is the same
-# as running them per member.  Exact classes only (a subclass may override forward).
-_ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
-    nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Identity, nn.Dropout,
-)
-_NO_PLAN = ("none",)
 _RANDOMNESS = ("different", "same", "error")
-
-
-@contextmanager
-def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any]] = None) -> Iterator[nn.Module]:
-    """The skeleton module holding ``leaves`` (aligned with ``spec.names``) for the duration of the block.
-
-    With ``replaced``, the buffers that the block assigned anew (``self.stat = 0.9 * self.stat + ...``
-    in a forward) are recorded there by index, before the skeleton gets its own back.  Every
-    module's other attributes are put back as they were too (a forward's ``self.last = out``
-    would leave a batched tensor or an fx Proxy in the skeleton every derived swarm shares).
-    """
-    entries = spec.entries
-    modules = spec.layout.modules
-    with spec.lock:
-        saved = [table[key] for table, key, _ in entries]
-        states = [module.__dict__.copy() for module in modules]  # shallow: the tables stay the same objects
-        try:
-            for table, key, index in entries:
-                table[key] = leaves[index]
-            yield spec.layout.modules[0]
-            if replaced is not None:
-                for table, key, index in entries:
-                    if index >= spec.n_params and table[key] is not leaves[index]:
-                        replaced[index] = table[key]
-        finally:
-            for module, state in zip(modules, states):
-                now = module.__dict__  # put back in place (C-level; cheaper than finding what changed)
-                now.clear()
-                now.update(state)
-            for (table, key, _), old in zip(entries, saved):
-                table[key] = old
 
 
 def _assigned(fn: str, spec: Spec, replaced: dict[int, Any]) -> tuple[list[int], list[Tensor]]:
@@ -193,182 +153,6 @@ def _vmap(fn: str, spec: Spec, function: Callable[..., Any], in_dims: tuple[Any,
         ) from error
 
 
-# -- fused path for Sequential stacks of Linear and elementwise layers ---------------------------
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _flatten(module: nn.Module, out: list[nn.Module]) -> bool:
-    if _has_hooks(module):
-        return False
-    if type(module) is nn.Sequential:
-        return all(_flatten(child, out) for child in module._modules.values() if child is not None)
-    out.append(module)
-    return True
-
-
-_FUNCTIONS = frozenset({
-    torch.relu, torch.tanh, torch.sigmoid, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
-    F.silu, F.mish, F.tanh, F.sigmoid, F.hardtanh, F.hardsigmoid, F.hardswish, F.softplus, F.softsign,
-    F.tanhshrink, F.logsigmoid,
-})
-_METHODS = frozenset({"relu", "tanh", "sigmoid"})
-# In-place forms, used on the fused path's own intermediates when autograd is not recording them.
-_IN_PLACE: dict[Any, Callable[[Tensor], Tensor]] = {
-    nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_,
-    torch.relu: torch.relu_, F.relu: torch.relu_, torch.tanh: torch.tanh_, torch.sigmoid: torch.sigmoid_,
-}
-
-
-def _module_step(layout: Any, index: dict[int, int], module: nn.Module) -> Optional[tuple[Any, ...]]:
-    if _has_hooks(module) or "forward" in module.__dict__:  # a forward set on the instance (a patch) runs, not ours
-        return None
-    if type(module) is nn.Linear:
-        slots = dict(layout.param_slots[index[id(module)]])
-        return ("linear", slots.get("weight"), slots.get("bias"))
-    if type(module) in _ELEMENTWISE:
-        return ("map", module)
-    return None
-
-
-def _changed(now: dict[str, Any], before: dict[str, Any]) -> bool:
-    """Whether a module ``__dict__`` no longer holds the same objects as its copy ``before``."""
-    return len(now) != len(before) or any(now.get(key, now) is not value for key, value in before.items())
-
-
-def _traced_steps(spec: Spec, index: dict[int, int]) -> Optional[list[tuple[Any, ...]]]:
-    """Steps of a forward that torch.fx traces to one chain of Linear and elementwise ops (else ``None``).
-
-    Tracing runs the forward, and what it does to the module's own tensors is not in the graph
-    (``self.count += 1`` on a buffer): it traces with copies bound, and a forward that writes to
-    or reassigns any of them has effects the fused path would drop, so it is not fused.  Nor is
-    one that sets any other attribute (``self.last = out``, ``self.calls += 1``): its body would
-    never run again, so it takes the vmap path, which runs it on every call.
-    """
-    layout = spec.layout
-    if any(_has_hooks(module) for module in layout.modules):
-        return None
-    import torch.fx  # only when a plan is first needed
-
-    with torch.inference_mode(False):  # made under inference_mode, copies would have no version counter to watch
-        probes = [nn.Parameter(leaf.detach().clone(), leaf.requires_grad) if isinstance(leaf, nn.Parameter)
-                  else leaf.detach().clone() for leaf in layout.params + layout.buffers]
-    versions = [probe._version for probe in probes]
-    try:
-        with bound(spec, probes) as root:
-            states = [module.__dict__.copy() for module in layout.modules]
-            graph = torch.fx.Tracer().trace(root)
-            kept = all(table[key] is probes[i] for table, key, i in spec.entries)
-            kept = kept and not any(_changed(module.__dict__, state) for module, state in zip(layout.modules, states))
-    except Exception:  # noqa: BLE001 - anything untraceable just takes the vmap path
-        return None
-    if not kept or [probe._version for probe in probes] != versions:
-        return None
-    nodes = list(graph.nodes)
-    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[0].args or nodes[-1].op != "output":
-        return None
-    steps: list[tuple[Any, ...]] = []
-    previous = nodes[0]
-    for node in nodes[1:-1]:
-        inputs = node.all_input_nodes
-        if inputs != [previous] or node.args[:1] != (previous,) or len(previous.users) != 1:
-            return None
-        if node.op == "call_module":
-            step = _module_step(layout, index, root.get_submodule(str(node.target)))
-        elif node.op == "call_function" and node.target in _FUNCTIONS and not node.kwargs.get("inplace"):
-            step = ("fn", node.target, tuple(node.args[1:]), dict(node.kwargs))
-        elif node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
-            step = ("fn", getattr(torch, str(node.target)), (), {})
-        else:
-            return None
-        if step is None:
-            return None
-        steps.append(step)
-        previous = node
-    if nodes[-1].args != (previous,) or len(previous.users) != 1:
-        return None
-    return steps
-
-
-def _build_plan(spec: Spec) -> tuple[Any, ...]:
-    layout = spec.layout
-    root = layout.modules[0]
-    # a plan traces the class's ``forward``; calling the module runs its class's own ``__call__`` or the instance's
-    if type(root).__call__ is not nn.Module.__call__ or "forward" in root.__dict__:
-        return _NO_PLAN
-    index = {id(module): i for i, module in enumerate(layout.modules)}
-    leaves: list[nn.Module] = []
-    steps: Optional[list[tuple[Any, ...]]]
-    if type(layout.modules[0]) is nn.Sequential:
-        steps = [] if _flatten(layout.modules[0], leaves) else None
-        for module in leaves if steps is not None else []:
-            step = _module_step(layout, index, module)
-            if step is None:
-                return _NO_PLAN
-            steps.append(step)  # type: ignore[union-attr]
-    else:
-        steps = _traced_steps(spec, index)
-    if not steps or steps[0][0] != "linear" or steps[0][1] is None:
-        return _NO_PLAN
-    return tuple(steps)
-
-
-def _plan(spec: Spec) -> tuple[Any, ...]:
-    # built again when the class's forward was replaced since (``Net.forward = ...``), as a module would run it
-    forward = type(spec.layout.modules[0]).forward
-    if spec.plan is None or spec.planned_for is not forward:
-        spec.plan = _build_plan(spec)
-        spec.planned_for = forward
-    return spec.plan  # type: ignore[return-value]
-
-
-def _fused(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any], kwargs: dict[str, Any],
-           dims: tuple[Any, ...], randomness: str) -> Optional[Tensor]:
-    """The fused forward, or ``None`` when it does not apply (then vmap runs)."""
-    plan = _plan(spec)
-    if plan is _NO_PLAN or kwargs or len(args) != 1 or size == 0:
-        return None
-    x = args[0]
-    first = views[plan[0][1]]
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.dtype != first.dtype or x.device != first.device:
-        return None
-    if x.shape[-1] != first.shape[-1] or dims[0] not in (None, 0):
-        return None
-    if randomness != "different" and any(
-            step[0] == "map" and type(step[1]) is nn.Dropout and step[1].training and step[1].p > 0 for step in plan):
-        return None
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return None
-    if dims[0] == 0:
-        if x.dim() < 2 or x.shape[0] != size:
-            return None
-        batch = x.shape[1:-1]
-        h = x.reshape(size, -1, x.shape[-1])
-    else:
-        batch = x.shape[:-1]
-        h = x.reshape(1, -1, x.shape[-1]).expand(size, -1, -1)
-    # any layer's tensor, not only the first's: with the first layer frozen, a later trainable layer
-    # records, and an in-place activation would overwrite an output its backward saved
-    recording = torch.is_grad_enabled() and (x.requires_grad or any(
-        views[i].requires_grad for step in plan if step[0] == "linear" for i in step[1:] if i is not None))
-    for step in plan:
-        if step[0] == "linear":
-            weight = views[step[1]].mT
-            h = torch.bmm(h, weight) if step[2] is None else torch.baddbmm(views[step[2]].unsqueeze(1), h, weight)
-            continue
-        key = type(step[1]) if step[0] == "map" else step[1]
-        in_place = _IN_PLACE.get(key)
-        plain = step[0] == "map" or (not step[2] and set(step[3]) <= {"inplace"})
-        if in_place is not None and plain and not recording:
-            h = in_place(h)  # h is an intermediate of ours (the plan starts with a Linear)
-        elif step[0] == "map":
-            h = step[1](h)
-        else:
-            h = step[1](h, *step[2], **step[3])
-    return h.reshape(size, *batch, h.shape[-1])
-
-
 def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any], kwargs: dict[str, Any], *,
             in_dims: InDims = None, randomness: str = "different", chunk_size: Optional[int] = None) -> Any:
     """Every member's forward on ``args`` (shared, or per member where ``in_dims`` says 0), stacked ``[P, ...]``."""
@@ -379,7 +163,7 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
     if randomness != "different" or chunk_size is not None:
         chunk_size = _options(fn, randomness, chunk_size)
     if chunk_size is None:
-        fused = _fused(spec, views, size, args, kwargs, dims, randomness)
+        fused = fused_forward(spec, views, size, args, kwargs, dims, randomness)
         if fused is not None:
             return fused
 

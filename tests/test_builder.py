@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import nytorch
-from nytorch._walk import _build_generic, layout_of
+from nytorch._rebuild import _build_generic
+from nytorch._walk import layout_of
 
 
 class Tied(nytorch.NytoModule):
@@ -73,7 +74,8 @@ def test_compiled_functions_are_freed_without_the_cycle_collector(monkeypatch) -
     import weakref
 
     from nytorch import _builder
-    from nytorch._walk import _CONTAINER_SET, Layout, _capture_generic
+    from nytorch._rebuild import _CONTAINER_SET, _capture_generic
+    from nytorch._walk import Layout
 
     layout = Layout(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
     states = [_capture_generic(module) for module in layout.modules]

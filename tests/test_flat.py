@@ -6,7 +6,8 @@ from torch import nn
 import nytorch
 import nytorch.functional as nf
 from conftest import MLP
-from nytorch._flat import find_flat, flatten_, plan_for
+from nytorch._flat import find_flat, plan_for
+from nytorch._packing import flatten_
 
 
 def _mixed() -> nn.Module:

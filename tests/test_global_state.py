@@ -22,8 +22,8 @@ from torch import nn
 
 import nytorch as nyto
 from nytorch import Swarm, merge
-from nytorch import _packed
-from nytorch import _vectorise as vec
+from nytorch import _kernels, _packed, _pending
+from nytorch import _swarm_fused as fused
 from nytorch import algorithms as alg
 from nytorch._checkpoint import load, save
 from nytorch._walk import PENDING
@@ -129,8 +129,8 @@ def test_arithmetic_on_a_result_another_thread_built_meanwhile() -> None:
     result.fc1  # the second thread touches it: the tree is built
     assert PENDING not in result.__dict__
     layout, flat, configs = found
-    out = _packed._result(_packed._snapshot(result, layout), configs,
-                          _packed.compute(nyto._leafwise.MUL, flat, [2.0], {}))
+    out = _pending.pending_result(_pending.snapshot_of(result, layout), configs,
+                          _kernels.compute(nyto._leafwise.MUL, flat, [2.0], {}))
     assert torch.equal(_values(out), (_values(base) + 1.0) * 2.0)
     assert type(out) is Net and out(torch.ones(1, 6)).shape == (1, 3)
 
@@ -244,7 +244,7 @@ def test_swarm_forward_first_run_under_inference_mode_on_a_traced_class() -> Non
             swarm = Swarm.stack(modules) if made_inside else swarm
             out = swarm(x)
         assert torch.equal(out, expected)
-        assert swarm._spec.plan is not vec._NO_PLAN and swarm._spec.plan[0][0] == "linear"
+        assert swarm._spec.plan is not fused.NO_PLAN and swarm._spec.plan[0][0] == "linear"
         assert torch.equal(swarm(x), expected)  # and outside it afterwards
 
 

@@ -275,7 +275,7 @@ def test_old_style_spectral_and_weight_norm():
     assert torch.allclose(result(X), ref(X), atol=1e-6)
 
 
-# --- hooks bound to the source module (fixed: nytorch/_walk.py:_retarget_hooks)
+# --- hooks bound to the source module (fixed: nytorch/_rebuild.py:_rebind_hooks)
 
 def test_load_state_dict_pre_hook_gets_the_result_not_the_source():
     seen = []

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import nytorch as nyto
-from nytorch import _flat, merge
+from nytorch import _packing, merge
 
 CL = torch.channels_last
 
@@ -105,7 +105,7 @@ def test_a_model_packed_before_share_memory_stays_packed_and_shared() -> None:
     assert [q.data_ptr() for q in model.parameters()] == before
     assert all(q.is_shared() for q in model.parameters())
     assert all(torch.equal(q.detach(), reference[name] + 1) for name, q in model.named_parameters())
-    assert _flat._consecutive(list(model.parameters()))
+    assert _packing._consecutive(list(model.parameters()))
 
 
 # -- conjugate and negative views ------------------------------------------------------------------
@@ -158,10 +158,10 @@ def test_zero_size_parameters_do_not_stop_packing_or_repack_on_every_use() -> No
     torch.manual_seed(0)
     model = _Dummy()
     p = nyto.particle(model)
-    pointers, packs = [q.data_ptr() for q in model.parameters()], _flat.PACKED[0]
+    pointers, packs = [q.data_ptr() for q in model.parameters()], _packing.PACKED[0]
     assert p._flat_form() is not None  # the one-pass path
     again = nyto.particle(model)
-    assert [q.data_ptr() for q in model.parameters()] == pointers and _flat.PACKED[0] == packs
+    assert [q.data_ptr() for q in model.parameters()] == pointers and _packing.PACKED[0] == packs
     reference = _reference(model)
     for result, expected in ((p + again, {k: v + v for k, v in reference.items()}),
                              (p * 0.3, {k: v * 0.3 for k, v in reference.items()}),

@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import nytorch
 from nytorch import StructureError, merge
-from nytorch._flat import flatten_
+from nytorch._packing import flatten_
 
 
 class Tied(nn.Module):

@@ -1,4 +1,4 @@
-"""Packed models (``nytorch/_packed.py``, ``_flat.pack_``): one buffer per dtype, same answers as per tensor."""
+"""Packed models (``nytorch/_packed.py``, ``_packing.pack_``): one buffer per dtype, same answers as per tensor."""
 from __future__ import annotations
 
 import copy
@@ -17,8 +17,8 @@ from torch import nn
 
 import nytorch
 import nytorch.functional as nf
-from nytorch import _packed
-from nytorch._flat import flatten_, pack_
+from nytorch import _kernels, _packed
+from nytorch._packing import flatten_, pack_
 from nytorch._walk import PENDING, realized
 
 
@@ -527,7 +527,7 @@ _EXPRESSIONS = {
 def test_expressions_are_bitwise_the_per_tensor_arithmetic(name: str, exact: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     if not exact:  # a device whose fused kernel rounds once: no rewrites, same values
-        monkeypatch.setattr(_packed, "exact_fusion", lambda plan: False)
+        monkeypatch.setattr(_kernels, "exact_fusion", lambda plan: False)
     expression = _EXPRESSIONS[name]
     torch.manual_seed(0)
     a, b = Plain(), Plain()

@@ -20,6 +20,7 @@ from torch import nn
 
 import nytorch
 from nytorch import Particle, StructureError
+from nytorch import _swarm_fused as fused
 from nytorch import _vectorise as vec
 from nytorch._swarm import Swarm
 
@@ -655,10 +656,10 @@ def test_fused_path_is_taken_for_linear_chains() -> None:
         assert swarm._spec.plan and swarm._spec.plan[0][0] == "linear"
     for factory in (Branchy, TiedLM, lambda: nn.Sequential(nn.Linear(2, 2), nn.Softmax(-1))):
         swarm = Swarm.stack([factory() for _ in range(2)])
-        assert vec._plan(swarm._spec) == ("none",)
+        assert fused.plan_of(swarm._spec) == ("none",)
     hooked = nn.Sequential(nn.Linear(2, 2))
     hooked[0].register_forward_hook(lambda module, args, out: out * 0)
-    assert vec._plan(Swarm.stack([hooked]) ._spec) == ("none",)
+    assert fused.plan_of(Swarm.stack([hooked]) ._spec) == ("none",)
     assert Swarm.stack([hooked])(torch.ones(1, 2)).abs().sum() == 0  # hooks run on the vmap path
 
 
@@ -683,7 +684,7 @@ def test_forwards_that_write_their_buffers_are_not_fused() -> None:
     out = swarm(x)
     expected = torch.stack([module(x) for module in modules])
     torch.testing.assert_close(out, expected)
-    assert vec._plan(swarm._spec) == ("none",)  # tracing saw the write: the vmap path runs it
+    assert fused.plan_of(swarm._spec) == ("none",)  # tracing saw the write: the vmap path runs it
     assert swarm.buffers["calls"].tolist() == [1.0, 1.0, 1.0] == [module.calls.item() for module in modules]
     assert torch.equal(swarm._spec.layout.buffers[0], template_calls)  # tracing wrote to copies only
 
@@ -1005,14 +1006,14 @@ def test_attributes_set_by_a_forward_are_not_kept(make: Callable[[], nn.Module])
     if make is Caching:
         member = swarm[0].module()
         assert member.last is None and member.calls == 0  # as stacked
-        assert swarm._spec.plan is vec._NO_PLAN  # its body runs on every call (the vmap path)
+        assert swarm._spec.plan is fused.NO_PLAN  # its body runs on every call (the vmap path)
 
 
 def test_traced_forward_without_attributes_is_still_fused() -> None:
     swarm = Swarm.stack(members("class_mlp"))
     swarm(torch.randn(2, 4))
     plan: Any = swarm._spec.plan
-    assert plan is not vec._NO_PLAN and plan[0][0] == "linear"
+    assert plan is not fused.NO_PLAN and plan[0][0] == "linear"
 
 
 def _bn_eval() -> nn.Sequential:

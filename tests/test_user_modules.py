@@ -600,7 +600,7 @@ def test_a_forward_bound_to_the_instance_runs_the_results_parameters() -> None:
 
 
 def test_a_hook_bound_to_the_instance_records_on_the_result() -> None:
-    # as copy.deepcopy does, a bound-method hook of a result calls the result (nytorch/_walk.py ``_rebind_hooks``)
+    # as copy.deepcopy does, a bound-method hook of a result calls the result (nytorch/_rebuild.py ``_rebind_hooks``)
     net = BoundHook()
     result = net * 2
     result(X)

@@ -11,7 +11,8 @@ from conftest import MLP, Deep, TiedLM, assert_dicts, make_plain, named, named_b
 from torch import nn
 
 import nytorch as nyto
-from nytorch._walk import Layout, layout_of, rebuild
+from nytorch._rebuild import rebuild
+from nytorch._walk import Layout, layout_of
 
 Tensor = torch.Tensor
 

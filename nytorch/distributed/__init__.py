@@ -27,7 +27,8 @@ True
 1
 >>> dist.destroy_process_group()
 """
-from ._collectives import all_gather, all_reduce_mean, best, broadcast, exchange
+from ._collectives import all_gather, all_reduce_mean, broadcast
+from ._migration import best, exchange
 from ._comm import PeerError
 from ._hybrid import hybrid, hybrid_step, shard
 

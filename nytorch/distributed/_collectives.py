@@ -36,95 +36,27 @@ What each kind of value does:
 """
 from __future__ import annotations
 
-import numbers
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, TypeVar, Union, overload
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 from torch import nn
 
 from .._errors import StructureError
-from .._flat import pack_
+from .._packing import pack_
 from .._particle import Particle
 from .._swarm import Swarm
-from ._comm import Comm, Timeout, connect, seconds_of
-from ._fingerprint import INDEX, SIZE, handshake, header_value
-from ._flat import Flat, Piece, flat_of, prescaled, restore_, unwire, whole, wire
+from ._comm import Comm, Timeout
+from ._fingerprint import SIZE
+from ._flat import Flat, Piece, prescaled, restore_, unwire, whole
+from ._transfer import begin, int_arg, moved, pipeline, send_buffers
 
 Tensor = torch.Tensor
 V = TypeVar("V", bound=Union[nn.Module, Particle, Swarm])
-M = TypeVar("M", bound=nn.Module)
 T = TypeVar("T")
 
-__all__ = ["broadcast", "all_reduce_mean", "all_gather", "best", "exchange"]
-
-
-def _int_arg(fn: str, value: object, name: str, what: str) -> int:
-    """``value`` as an int (Python, NumPy or 0-dim integer tensor; not bool) that fits the handshake header."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{fn}: expected {what} as {name}, got {type(value).__name__}")
-    number = operator.index(value)  # type: ignore[arg-type]
-    if not -2**63 <= number < 2**63:
-        raise ValueError(f"{fn}: expected {name} to fit in 64 bits, got {number}")
-    return number
-
-
-def _begin(fn: str, x: object, group: Any, timeout: Timeout, *, arg: Callable[[], int] = lambda: 0,
-           check: Optional[Callable[[Comm, Flat], tuple[float, int]]] = None,
-           overlap: Optional[Callable[[Comm, Flat], T]] = None, error: Optional[Exception] = None,
-           in_place: bool = False) -> tuple[Comm, Flat, Tensor, Optional[T]]:
-    """Resolve the group, check the arguments, read ``x`` and run the handshake.
-
-    Argument errors (the timeout, ``arg()``, ``x``, ``check``, and for ``in_place`` calls a model holding
-    inference tensors; or ``error``, found by the caller) are not
-    raised here but sent in the handshake, so that every rank raises the same error in this call and
-    no rank's next collective pairs with another rank's current one.  A rank with a bad timeout uses
-    the group's own for the handshake.  ``overlap(comm, flat)`` runs while the headers travel
-    (packing into scratch buffers, never into the model); its result is returned.
-    """
-    try:
-        seconds = seconds_of(fn, timeout)
-    except (TypeError, ValueError) as caught:
-        seconds, error = None, error or caught
-    try:
-        comm = connect(fn, group, seconds)
-    except (RuntimeError, ValueError):
-        if error is not None:  # no group to tell: the argument error is the one to fix first
-            raise error from None
-        raise
-    flat: Optional[Flat] = None
-    number, value, index = 0, 0.0, 0
-    if error is None:
-        try:
-            number = arg()
-            flat = flat_of(fn, x)
-            inference = flat.inference() if in_place and not torch.is_inference_mode_enabled() else None
-            if inference is not None:
-                raise RuntimeError(
-                    f"{fn}: expected tensors that can be updated in place, got parameter {inference!r}, an inference "
-                    "tensor (made under torch.inference_mode()); build the model outside inference mode, or pass "
-                    "copy.deepcopy(model) (its copies are normal tensors)")
-            if check is not None:
-                value, index = check(comm, flat)
-        except Exception as caught:  # noqa: BLE001 - raised on every rank by the handshake
-            error, flat = caught, None
-    local = None if flat is None or overlap is None or flat.meta() is not None else (
-        lambda: overlap(comm, flat))  # type: ignore[arg-type]
-    try:
-        headers, prepared = handshake(comm, flat, fn, arg=number, value=value, index=index, error=error,
-                                      overlap=local)
-        if not (flat is not None):  # handshake raised otherwise
-            raise RuntimeError("nytorch internal error: expected flat is not None")
-        meta = flat.meta()
-        if meta is not None:  # the structures agree, so every rank raises this
-            raise ValueError(f"{fn}: parameter {meta!r} is on the meta device, which holds no values to send; "
-                             "materialise the model first (e.g. model.to_empty(device=...) then load its weights)")
-    except BaseException:
-        if flat is not None:
-            flat.release()
-        raise
-    return comm, flat, headers, prepared
+__all__ = ["broadcast", "all_reduce_mean", "all_gather"]
 
 
 def _packed_(comm: Comm, flat: Flat, x: object, pack: bool,
@@ -141,55 +73,12 @@ def _packed_(comm: Comm, flat: Flat, x: object, pack: bool,
     return prepare(comm, flat)
 
 
-def _send_buffers(comm: Comm, flats: list[Tensor], *, reduce: bool = False) -> list[Tensor]:
-    return [wire(flat, comm.device_for(flat.device), reduce=reduce) for flat in flats]
-
-
-def _pipeline(comm: Comm, flats: Sequence[Optional[Tensor]], pieces: Sequence[Piece],
-              start: Callable[[list[Tensor], str], Callable[[], None]], what: str, *, reduce: bool = False,
-              pack: Optional[Callable[[int, Piece], None]] = None, meanwhile: Optional[Callable[[], None]] = None,
-              ) -> list[tuple[Piece, Tensor, Tensor]]:
-    """Per piece: ``pack(i, piece)`` then issue ``start`` on it; ``meanwhile()``; wait for all.
-
-    Returns ``(piece, buffer view, wire tensor)`` for ``restore_``.  Empty pieces are skipped
-    (alike on every rank: the structures agree).
-    """
-    waits: list[Callable[[], None]] = []
-    sent: list[tuple[Piece, Tensor, Tensor]] = []
-    for i, piece in enumerate(pieces):
-        if pack is not None:
-            pack(i, piece)
-        flat = flats[piece.group]
-        if not (flat is not None):  # an internal invariant
-            raise RuntimeError("nytorch internal error: expected flat is not None")
-        view = flat[:, piece.start:piece.stop]
-        if not view.numel():
-            continue
-        tensor = wire(view, comm.device_for(view.device), reduce=reduce)
-        waits.append(start([tensor], what))
-        sent.append((piece, view, tensor))
-    if meanwhile is not None:
-        meanwhile()
-    for wait in waits:
-        wait()
-    return sent
-
-
-def _moved(comm: Comm, flat: Flat, flats: list[Optional[Tensor]], root: int, what: str,
-           pack: Optional[Callable[[int, Piece], None]] = None) -> None:
-    """Broadcast ``flats`` in place from group rank ``root`` (the root may pack piece by piece)."""
-    def start(tensors: list[Tensor], what: str) -> Callable[[], None]:
-        return comm.broadcast_(tensors, root, what)
-    for _, view, sent in _pipeline(comm, flats, flat.pieces(), start, what, pack=pack):
-        restore_(view, sent)
-
-
 def _model_buffers(flat: Flat, size: int, groups: Sequence[int], *,
                    in_place: bool, own: bool) -> tuple[list[Optional[Tensor]], set[int]]:
     """Buffers for ``groups`` and which of them are a model's own memory.
 
     For an in-place call with ``own`` (``pack=True``) on a model whose leaves already lie back to
-    back (packed: ``_flat.pack_``), a buffer is the model's memory itself: nothing is copied, and
+    back (packed: ``_packing.pack_``), a buffer is the model's memory itself: nothing is copied, and
     the collective writes the model directly.  The others are new (reused scratch for in-place
     calls), and with ``pack=False`` every one is: the model is written only once all went well.
     """
@@ -257,8 +146,8 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
         flats, owned = _model_buffers(flat, flat.size, range(len(flat.groups)), in_place=in_place, own=pack)
         flat.pack(flats, [piece for piece in flat.pieces()[:1] if piece.group not in owned])
         return flats, owned
-    comm, flat, headers, packed = _begin(fn, x, group, timeout, overlap=prepare, in_place=in_place,
-                                         arg=lambda: _int_arg(fn, src, "src", "an int global rank"))
+    comm, flat, headers, packed = begin(fn, x, group, timeout, overlap=prepare, in_place=in_place,
+                                         arg=lambda: int_arg(fn, src, "src", "an int global rank"))
     try:
         # every rank agrees on src by now (an int: checked in the handshake), so every rank raises alike
         root = comm.group_rank(operator.index(src))  # type: ignore[arg-type]
@@ -266,11 +155,11 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
         size = int(headers[root, SIZE])
         if packed is not None:
             flats, owned = packed
-            _moved(comm, flat, flats, root, "broadcasting the parameters",
+            moved(comm, flat, flats, root, "broadcasting the parameters",
                    pack=lambda i, piece: flat.pack(flats, [piece]) if i and piece.group not in owned else None)
         else:
             flats, owned = _model_buffers(flat, size, range(len(flat.groups)), in_place=in_place, own=pack)
-            _moved(comm, flat, flats, root, "broadcasting the parameters")
+            moved(comm, flat, flats, root, "broadcasting the parameters")
         if in_place:
             if comm.rank != root:
                 flat.write_([None if g in owned else f for g, f in enumerate(flats)], owned)
@@ -338,7 +227,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
         pieces = flat.pieces(active)
         flat.pack(flats, pieces[:1] if pieces and pieces[0].group not in owned else [], divide=comm.size)
         return flats, owned, pieces
-    comm, flat, headers, prepared = _begin(fn, x, group, timeout, overlap=prepare, in_place=in_place)
+    comm, flat, headers, prepared = begin(fn, x, group, timeout, overlap=prepare, in_place=in_place)
     try:
         sizes = headers[:, SIZE].tolist()
         if len(set(sizes)) > 1:
@@ -358,7 +247,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
                     own[:, piece.start:piece.stop].div_(comm.size)  # sums of x / n travel as they are
             elif i:
                 flat.pack(flats, [piece], divide=comm.size)
-        sent = _pipeline(comm, flats, pieces, comm.all_reduce_sum_, "summing the parameters", reduce=True,
+        sent = pipeline(comm, flats, pieces, comm.all_reduce_sum_, "summing the parameters", reduce=True,
                          pack=prepare_piece, meanwhile=None if in_place else lambda: flat.pack(flats, flat.pieces(carried)))
         for piece, view, tensor in sent:
             if not prescaled(view.dtype):
@@ -399,7 +288,7 @@ def all_gather(x: Union[nn.Module, Particle, Swarm], *, group: Any = None, timeo
     >>> dist.destroy_process_group()
     """
     fn = "all_gather"
-    comm, flat, headers, _ = _begin(fn, x, group, timeout)
+    comm, flat, headers, _ = begin(fn, x, group, timeout)
     sizes = headers[:, SIZE].tolist()
     top, total = max(sizes), sum(sizes)
     padded: list[Tensor] = []
@@ -413,7 +302,7 @@ def all_gather(x: Union[nn.Module, Particle, Swarm], *, group: Any = None, timeo
             pad[:own.shape[0]] = own
             padded.append(pad)
     moving = [p for p in padded if p.numel()]
-    gathered = iter(comm.all_gather(_send_buffers(comm, moving), "gathering the members"))
+    gathered = iter(comm.all_gather(send_buffers(comm, moving), "gathering the members"))
     flats = []
     for pad, group_ in zip(padded, flat.groups):
         if not pad.numel():
@@ -427,150 +316,3 @@ def all_gather(x: Union[nn.Module, Particle, Swarm], *, group: Any = None, timeo
     return flat.gathered(flats, total)
 
 
-def _loss_check(loss: object) -> Callable[[Comm, Flat], tuple[float, int]]:
-    def check(comm: Comm, flat: Flat) -> tuple[float, int]:
-        fn = "best"
-        if flat.kind == "swarm":
-            want = f"a 1-D tensor of shape ({flat.size},), one per member of the swarm"
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"{fn}: expected loss as {want}, got {type(loss).__name__}")
-            if loss.dim() != 1 or loss.shape[0] != flat.size:
-                raise ValueError(f"{fn}: expected loss as {want}, got shape {tuple(loss.shape)}")
-            values = loss.detach()
-        elif isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"{fn}: expected loss as a number or a one-element tensor, got a tensor of shape "
-                                 f"{tuple(loss.shape)}")
-            values = loss.detach().reshape(1)
-        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # NumPy scalars too
-            values = torch.tensor([float(loss)], dtype=torch.float64)
-        else:
-            raise TypeError(f"{fn}: expected loss as a number or a one-element tensor, got {type(loss).__name__}")
-        if values.is_complex() or values.dtype == torch.bool:
-            raise TypeError(f"{fn}: expected a real loss, got dtype {str(values.dtype).removeprefix('torch.')}")
-        if values.numel() == 0:
-            return float("inf"), -1
-        values = values.to(device="cpu", dtype=torch.float64)
-        keys = torch.where(values.isnan(), torch.full_like(values, float("inf")), values)
-        index = int(keys.argmin())
-        return float(values[index]), index
-    return check
-
-
-def _rank_key(value: float) -> float:
-    return float("inf") if value != value else value
-
-
-@overload
-def best(x: Union[Particle, Swarm], loss: Any, *, group: Any = None, timeout: Timeout = None,
-         ) -> tuple[Particle, Tensor, int]: ...
-
-
-@overload
-def best(x: M, loss: Any, *, group: Any = None, timeout: Timeout = None) -> tuple[M, Tensor, int]: ...
-
-
-@torch.no_grad()
-def best(x: Union[nn.Module, Particle, Swarm], loss: Any, *, group: Any = None, timeout: Timeout = None,
-         ) -> tuple[Union[nn.Module, Particle], Tensor, int]:
-    """The globally best member (lowest loss) with its loss and rank, on every rank.
-
-    One small ``all_gather`` of each rank's best loss (the handshake), then one broadcast of
-    the winner's values only.  NaN losses count as ``+inf``; ties go to the lowest rank,
-    then the lowest member index.
-
-    Args:
-        x: this rank's ``Swarm`` shard (may be empty), or one model or ``Particle``.
-        loss: a 1-D tensor with one loss per member for a Swarm; a number or a one-element tensor
-            for a model or Particle.
-        group: the process group (default: the world).
-        timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
-
-    Returns:
-        ``(member, loss, rank)``: the winner as a new ``Particle`` (a new model of the same class
-        when ``x`` is a model), its loss as a 0-dim tensor (float64 for a Python number, else the
-        local loss's dtype and device) and the global rank that held it.
-
-    Raises:
-        TypeError: a loss is not a number (Python or NumPy) or a tensor, or another argument is
-            invalid (on any rank: every rank raises that rank's error).
-        ValueError: a loss has the wrong shape (on any rank: every rank raises it), every shard is empty,
-            or the value is on the meta device.
-        StructureError: the structures differ across ranks.
-        PeerError: a peer died or hung.
-
-    >>> import torch, torch.distributed as dist
-    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    >>> swarm = Swarm.zeros(torch.nn.Linear(2, 1), 3) + torch.tensor([0., 1., 2.])
-    >>> member, loss, rank = best(swarm, torch.tensor([0.5, 0.2, 0.9]))
-    >>> member.params["bias"], loss, rank
-    (tensor([1.]), tensor(0.2000), 0)
-    >>> dist.destroy_process_group()
-    """
-    return _best(x, loss, group=group, timeout=timeout)
-
-
-def _best(x: Union[nn.Module, Particle, Swarm], loss: Any, *, group: Any, timeout: Timeout,
-          error: Optional[Exception] = None) -> tuple[Union[nn.Module, Particle], Tensor, int]:
-    """``best``; ``error``: the caller's own argument error, raised on every rank by the handshake."""
-    fn = "best"
-    comm, flat, headers, _ = _begin(fn, x, group, timeout, check=_loss_check(loss), error=error)
-    candidates = [(_rank_key(header_value(headers, r)), r) for r in range(comm.size) if int(headers[r, INDEX]) >= 0]
-    if not candidates:
-        raise ValueError(f"{fn}: every rank's swarm is empty; there is no member to choose")
-    _, winner = min(candidates)
-    index = int(headers[winner, INDEX])
-    rows = flat.member_rows(index) if comm.rank == winner else whole(flat.empty(1))
-    _moved(comm, flat, list(rows), winner, "broadcasting the best member")
-    like = loss if isinstance(loss, Tensor) else torch.zeros((), dtype=torch.float64)
-    value = torch.tensor(header_value(headers, winner), dtype=torch.float64).to(like.dtype).to(like.device)
-    return flat.member(rows), value, comm.global_rank(winner)
-
-
-@torch.no_grad()
-def exchange(x: V, shift: int = 1, *, group: Any = None, timeout: Timeout = None) -> V:
-    """Ring migration: send ``x`` to rank ``rank + shift`` and return what rank ``rank - shift`` sent.
-
-    Ranks count within the group, modulo its size; ``shift`` may be negative.  For island-model
-    algorithms: pick the migrants (``swarm[indices]``), exchange them, put them in place of the
-    worst members (``swarm[worst] = received``).
-
-    Args:
-        x: a model, a ``Particle`` or a ``Swarm`` (swarms may differ in size across ranks).
-        shift: how many ranks along the ring to send (the same on every rank).
-        group: the process group (default: the world).
-        timeout: seconds (or a ``timedelta``) before a dead or hung peer raises ``PeerError``.
-
-    Returns:
-        A new value of ``x``'s kind (a new model for a model) holding the values received.
-
-    Raises:
-        StructureError: the structures differ across ranks (raised on every rank before any data moves).
-        ValueError: the ranks disagree on ``shift``.
-        TypeError / ValueError: an argument is invalid on some rank (every rank raises that rank's error),
-            or the value is on the meta device.
-        PeerError: a peer died or hung.
-
-    >>> import torch, torch.distributed as dist
-    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    >>> p = Particle.from_params(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2), "bias": torch.ones(1)})
-    >>> torch.equal(exchange(p).params["weight"], p.params["weight"])
-    True
-    >>> dist.destroy_process_group()
-    """
-    fn = "exchange"
-    comm, flat, headers, _ = _begin(fn, x, group, timeout, arg=lambda: _int_arg(fn, shift, "shift", "an int"))
-    step = operator.index(shift) % comm.size  # type: ignore[arg-type]
-    if step == 0:
-        return flat.like(whole(flat.flats(fresh=True)), flat.size)  # type: ignore[return-value]
-    dst, src = (comm.rank + step) % comm.size, (comm.rank - step) % comm.size
-    size = int(headers[src, SIZE])
-    sends = whole(flat.flats())
-    received = whole(flat.empty(size))
-    send_wires = _send_buffers(comm, [f for f in sends if f.numel()])
-    recv_wires = _send_buffers(comm, [f for f in received if f.numel()])
-    comm.send_recv(send_wires, dst, recv_wires, src, f"sending to rank {comm.global_rank(dst)} and "
-                   f"receiving from rank {comm.global_rank(src)}")
-    for target, sent in zip([f for f in received if f.numel()], recv_wires):
-        restore_(target, sent)
-    return flat.like(received, size)  # type: ignore[return-value]

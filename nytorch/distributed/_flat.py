@@ -23,7 +23,8 @@ from .._config import configs_for
 from .._flat import written
 from .._particle import Particle, layout_state
 from .._swarm import Swarm
-from .._walk import Layout, rebuild
+from .._rebuild import rebuild
+from .._walk import Layout
 
 Tensor = torch.Tensor
 #: What the collectives accept.

@@ -19,7 +19,8 @@ from .._swarm import Swarm
 from ..algorithms._checks import callable_arg, generator_arg, number_arg, swarm_arg
 from ..algorithms._indices import randperm
 from ..algorithms._progress import progress_flag
-from ._collectives import _begin, _best, _int_arg
+from ._migration import best_of
+from ._transfer import begin, int_arg
 from ._comm import Timeout, resolve
 
 Tensor = torch.Tensor
@@ -144,7 +145,7 @@ def hybrid_step(swarm: Swarm, loss_fn: Callable[..., Tensor], /, *args: Any, ste
         error = caught
     if not pulling:
         return swarm, losses, None  # type: ignore[return-value]
-    found = _best(swarm, losses, group=group, timeout=timeout, error=error)
+    found = best_of(swarm, losses, group=group, timeout=timeout, error=error)
     if count:
         chosen = randperm(len(swarm), generator)[:count]  # on the generator's device, as the algorithms draw
         pulled = swarm.clone()
@@ -204,8 +205,8 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         show_progress = progress_flag(fn, show_progress)
     except (TypeError, ValueError) as caught:
         error = caught
-    comm, flat, _, _ = _begin(fn, swarm, group, timeout, error=error,
-                              arg=lambda: _int_arg(fn, every, "every", "an int"))
+    comm, flat, _, _ = begin(fn, swarm, group, timeout, error=error,
+                              arg=lambda: int_arg(fn, every, "every", "an int"))
     flat.release()
     leader = comm.rank == 0
     history = []
@@ -215,7 +216,7 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
             wrong = TypeError(f"{fn}: expected each batch to be a tuple or list of loss_fn arguments, "
                               f"got {type(batch).__name__} at step {step}")
             if (step + 1) % checked.every == 0:  # a pulling step: the peers are in best, so every rank raises it
-                _best(swarm, None, group=group, timeout=timeout, error=wrong)
+                best_of(swarm, None, group=group, timeout=timeout, error=wrong)
             raise wrong
         swarm, losses, found = hybrid_step(swarm, loss_fn, *batch, step=step, lr=lr, every=every, subset=subset,
                                            alpha=alpha, generator=generator, group=group, timeout=timeout)

@@ -32,7 +32,8 @@ from torch import nn
 from .. import _leafwise as lw
 from .._algebra import without_grad
 from .._errors import StructureError
-from .._flat import Flat, find_flat, pack_, plan_for, unshared, written
+from .._flat import Flat, find_flat, plan_for, unshared, written
+from .._packing import pack_
 from .._walk import Placement, placement
 from ._ema import apply_plan_, lerp_, plan, refuse_unwritable, tie_key, weight_of
 from ._schedule import Schedule

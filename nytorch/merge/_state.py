@@ -21,8 +21,9 @@ from .. import _leafwise as lw
 from .._config import ParamConfig, configs_for
 from .._errors import DeviceMismatchError, StructureError, class_names
 from .._particle import Particle, layout_state
-from .._tree import flatten, path_names
-from .._walk import Layout, layout_of, model_class, rebuild as rebuild_module
+from .._tree_match import flatten, path_names
+from .._rebuild import rebuild as rebuild_module
+from .._walk import Layout, layout_of, model_class
 
 Tensor = torch.Tensor
 Kind = Literal["module", "particle", "swarm", "tree"]

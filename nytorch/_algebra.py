@@ -127,7 +127,32 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
             lw.check_converted(op.name, operand, lambda: [
                 (name, leaf.dtype) for name, leaf, on in zip(names, leaves, active) if on])
     check_writable(op.name, names, leaves, active)
-    lw.apply_(op, leaves, *operands, active=active)
+    lw.apply_(op, leaves, *operands, active=written_once(leaves, active))
+
+
+def written_once(leaves: Sequence[torch.Tensor], active: list[bool]) -> list[bool]:
+    """``active`` less the leaves over the very memory of an earlier active leaf (written once, not twice).
+
+    Distinct tensors can be one tensor under two names: a buffer registered as a parameter's
+    ``Parameter`` or its ``.data``, two Parameters over one storage.  Packed models have none (packing
+    refuses them); the address check is skipped under ``torch.func`` transforms, which have no addresses.
+
+    >>> w = torch.ones(2)
+    >>> written_once([w, w.detach(), w[:1]], [True, True, True])
+    [True, False, True]
+    """
+    if lw.transforms_active() or len(set(map(torch.Tensor.data_ptr, leaves))) == len(leaves):
+        return active
+    seen: set[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
+    once = list(active)
+    for i, leaf in enumerate(leaves):
+        if not once[i] or not leaf.numel() or leaf.device.type == "meta":  # meta tensors all sit at address 0
+            continue
+        key = (leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype)
+        if key in seen:
+            once[i] = False
+        seen.add(key)
+    return once
 
 
 def check_writable(fn: str, names: Sequence[str], leaves: Sequence[Tensor],

@@ -71,9 +71,9 @@ def state(module: nn.Module) -> dict[str, Tensor]:
 def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     """A fresh module of ``module``'s class holding ``params`` as its Parameters.
 
-    Parameters are leaves, so no gradient flows back to ``params`` through the result
-    (under ``torch.func.grad`` it comes out zero): to differentiate with respect to
-    ``params``, run the model with ``call``.
+    Parameters are leaves and given buffers are detached, so no gradient flows back to
+    ``params`` through the result (under ``torch.func.grad`` it comes out zero): to
+    differentiate with respect to ``params``, run the model with ``call``.
 
     Args:
         module: the model giving the class and structure; left untouched.
@@ -109,8 +109,9 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
             raise StructureError(f"bind: parameter {name!r} is missing from params")
     values = [params[name] for name in layout.names]
     algebra.check_state("bind", layout.names, layout.params, layout.names, values)
-    buffers = [
-        params[name] if name in params else buffer.clone()
+    buffers = [  # detached as the Parameters are: a buffer carrying a graph (an interpolated BatchNorm
+        # statistic) would make BatchNorm's forward raise, as torch does not differentiate through it
+        (params[name].detach() if params[name].requires_grad else params[name]) if name in params else buffer.clone()
         for name, buffer in zip(layout.buffer_names, layout.buffers)
     ]
     given = [name for name in layout.buffer_names if name in params]

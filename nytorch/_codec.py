@@ -127,7 +127,8 @@ def _encode_swarm(obj: Any, path: str) -> dict[str, Any]:
         _check_storable(leaf, f"parameter {name!r}{where(path)}")
     leaves = _compact(list(params.values()) + list(buffers.values()))
     params, buffers = dict(zip(params, leaves)), dict(zip(buffers, leaves[len(params):]))
-    return {TAG: "swarm", "class": _class_name(cls), "params": params, "buffers": buffers}
+    # the member count travels too: a swarm of models without tensors (``nn.ReLU``) has no leaf to read it from
+    return {TAG: "swarm", "class": _class_name(cls), "params": params, "buffers": buffers, "size": len(obj)}
 
 
 def is_namedtuple(obj: object) -> bool:
@@ -248,7 +249,7 @@ def tag_of(data: Any, path: str = "") -> Optional[str]:
     return tag
 
 
-def _malformed(data: dict[str, Any], path: str, problem: str) -> CheckpointError:
+def malformed(data: dict[str, Any], path: str, problem: str) -> CheckpointError:
     return CheckpointError(f"load: malformed {data.get(TAG)!r} entry{where(path)}: {problem}")
 
 
@@ -256,7 +257,7 @@ def class_of(data: dict[str, Any], path: str) -> str:
     """The class name (``module.qualname``) an encoded Particle, module or Swarm was saved from."""
     name = data.get("class")
     if not isinstance(name, str):
-        raise _malformed(data, path, f"expected the class name (a str) under 'class', got {type(name).__name__}")
+        raise malformed(data, path, f"expected the class name (a str) under 'class', got {type(name).__name__}")
     return name
 
 
@@ -283,7 +284,7 @@ def named_tensors(data: dict[str, Any], key: str, path: str) -> dict[str, Tensor
     tensors = data.get(key)
     if not isinstance(tensors, dict) or not all(
             isinstance(name, str) and isinstance(value, Tensor) for name, value in tensors.items()):
-        raise _malformed(data, path, f"expected a dict of named tensors under {key!r}")
+        raise malformed(data, path, f"expected a dict of named tensors under {key!r}")
     return tensors
 
 
@@ -356,7 +357,7 @@ def fields_of(data: dict[str, Any], path: str) -> dict[str, Any]:
     """The fields of an encoded namedtuple (``CheckpointError`` when malformed)."""
     fields = data.get("fields")
     if not isinstance(fields, dict):
-        raise _malformed(data, path, f"expected a dict under 'fields', got {type(fields).__name__}")
+        raise malformed(data, path, f"expected a dict under 'fields', got {type(fields).__name__}")
     return fields
 
 
@@ -370,7 +371,7 @@ def generator_device(data: dict[str, Any], path: str) -> torch.device:
             return torch.device(saved)
         except RuntimeError:
             pass
-    raise _malformed(data, path, f"expected a device string under 'device', got {saved!r}")
+    raise malformed(data, path, f"expected a device string under 'device', got {saved!r}")
 
 
 def decode_generator(data: dict[str, Any], path: str, device: Optional[torch.device] = None) -> torch.Generator:
@@ -387,7 +388,7 @@ def decode_generator(data: dict[str, Any], path: str, device: Optional[torch.dev
     if not (isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1
             and state.device.type != "meta"):
         got = _describe(state)
-        raise _malformed(data, path, f"expected the generator state (a 1-D uint8 tensor) under 'state', got {got}")
+        raise malformed(data, path, f"expected the generator state (a 1-D uint8 tensor) under 'state', got {got}")
     target = device if device is not None else saved_device
     try:
         generator = torch.Generator(device=target)
@@ -399,7 +400,7 @@ def decode_generator(data: dict[str, Any], path: str, device: Optional[torch.dev
     try:
         generator.set_state(state.cpu())
     except (RuntimeError, TypeError, ValueError) as error:
-        raise _malformed(data, path, f"the state does not fit a {generator.device} generator ({error})") from None
+        raise malformed(data, path, f"the state does not fit a {generator.device} generator ({error})") from None
     return generator
 
 
@@ -430,26 +431,26 @@ def decode_ndarray(data: dict[str, Any], path: str) -> Any:
     kind, shape, raw, scalar = data.get("dtype"), data.get("shape"), data.get("data"), data.get("scalar")
     dtype = _dtype(kind)
     if dtype is None or dtype.hasobject:
-        raise _malformed(data, path, f"expected a NumPy dtype description (a str, or a list for structured "
+        raise malformed(data, path, f"expected a NumPy dtype description (a str, or a list for structured "
                                      f"dtypes) without Python objects under 'dtype', got {reprlib.repr(kind)}")
     if not (isinstance(shape, (list, tuple)) and all(type(n) is int and n >= 0 for n in shape)):
-        raise _malformed(data, path, f"expected a list of non-negative ints under 'shape', got {shape!r}")
+        raise malformed(data, path, f"expected a list of non-negative ints under 'shape', got {shape!r}")
     if type(scalar) is not bool or (scalar and len(shape) != 0):
-        raise _malformed(data, path, f"expected True or False under 'scalar' (True only with shape []), "
+        raise malformed(data, path, f"expected True or False under 'scalar' (True only with shape []), "
                                      f"got {scalar!r} with shape {list(shape)}")
     if not (isinstance(raw, Tensor) and raw.dtype == torch.uint8 and raw.dim() == 1 and raw.device.type != "meta"):
-        raise _malformed(data, path, f"expected the array's bytes (a 1-D uint8 tensor) under 'data', "
+        raise malformed(data, path, f"expected the array's bytes (a 1-D uint8 tensor) under 'data', "
                                      f"got {_describe(raw)}")
     size = math.prod(shape) * dtype.itemsize
     if raw.numel() != size:
-        raise _malformed(data, path, f"expected {size} bytes under 'data' for shape {list(shape)} {dtype}, "
+        raise malformed(data, path, f"expected {size} bytes under 'data' for shape {list(shape)} {dtype}, "
                                      f"got {raw.numel()}")
     try:
         # a writable buffer of its own, read as is: a copy would not keep padding bytes between fields
         array = (np.frombuffer(bytearray(raw.cpu().contiguous().numpy()), dtype=dtype).reshape(shape)
                  if dtype.itemsize else np.empty(shape, dtype))  # np.frombuffer refuses 0-byte items
     except (ValueError, MemoryError) as error:
-        raise _malformed(data, path, f"cannot build an array of shape {list(shape)} {dtype} ({error})") from None
+        raise malformed(data, path, f"cannot build an array of shape {list(shape)} {dtype} ({error})") from None
     return array[()] if scalar else array
 
 

@@ -9,7 +9,7 @@ particle operations share that dict, so a config set on one applies to all
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Set as AbstractSet
 from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
@@ -108,9 +108,11 @@ def configs_for(layout: Layout, names: Optional[Iterable[str]] = None) -> Option
     return result
 
 
-def configs_in_scope(layout: Layout, scope: str) -> list[tuple[int, ParamConfig]]:
+def configs_in_scope(layout: Layout, scope: str,
+                     names: Optional[AbstractSet[str]] = None) -> list[tuple[int, ParamConfig]]:
     """``(param_id, config)`` for every parameter under ``scope`` (a dotted prefix; ``""`` for all).
 
+    ``names``, when given, further keeps only those parameter names (``layout.names`` spelling).
     Configs are created on first use and stored in the deepest config-holding module on the path.
     """
     owners = [(prefix, table) for prefix, table, _ in layout.tables]
@@ -118,6 +120,8 @@ def configs_in_scope(layout: Layout, scope: str) -> list[tuple[int, ParamConfig]
     pairs = []
     for index, name in enumerate(layout.names):
         if scope and not (name == scope or name.startswith(scope + ".")):
+            continue
+        if names is not None and name not in names:
             continue
         for prefix, table in owners:
             if name.startswith(prefix):

@@ -460,6 +460,26 @@ def _detached(operands: list[object]) -> list[object]:
     return [o.detach() if isinstance(o, Tensor) and o.requires_grad else o for o in operands]
 
 
+def dual_level_active() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()`` and outside ``torch.func`` transforms.
+
+    >>> dual_level_active()
+    False
+    """
+    return _forward_ad._current_level >= 0 and not transforms_active()
+
+
+def _without_tangents(operands: list[object]) -> list[object]:
+    """``operands`` detached, dropping forward-mode tangents (``torch.no_grad()`` keeps those).
+
+    In-place updates run without autograd, forward mode included: inside
+    ``torch.autograd.forward_ad.dual_level()`` a dual operand would otherwise give the tensors written
+    per leaf a tangent, and not the packed path's (which writes a buffer the Parameters only view).
+    """
+    return [[item.detach() for item in operand] if isinstance(operand, list)
+            else operand.detach() if isinstance(operand, Tensor) else operand for operand in operands]
+
+
 def apply_(op: Op, left: Sequence[Tensor], *operands: object,
            active: Optional[Sequence[bool]] = None) -> None:
     """Apply ``op`` in place to every active leaf of ``left`` (callers validated everything first).
@@ -474,6 +494,8 @@ def apply_(op: Op, left: Sequence[Tensor], *operands: object,
     index, picked_left, picked = _pick(left, as_numbers(operands), active)
     if not index:
         return
+    if dual_level_active():
+        picked = _without_tangents(picked)
     if len(picked_left) > 1 and op.foreach_ is not None and not transforms_active() \
             and not _foreach_rounds(op, picked_left, picked, True):
         _fused(op.foreach_, picked_left, _detached(picked))

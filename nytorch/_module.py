@@ -46,6 +46,9 @@ class NytoModule(Operators, nn.Module):
     In-place operators (``net += other``) keep the Parameter objects, so an
     optimizer holding them keeps working.  Operands: Python numbers, 0-dim tensors,
     models of the same class and structure, and ``Particle``s of such models.
+    Operators run under ``torch.no_grad()``, as nytorch 1.1's did: no gradient reaches an
+    operand (``net * alpha`` gives ``alpha`` none, even when it requires grad); to differentiate
+    through model arithmetic use ``nytorch.functional`` (``nf.lerp``, ``nf.add``...) and ``nf.call``.
 
     >>> import torch
     >>> class NytoLinear(NytoModule):
@@ -206,6 +209,9 @@ class NytoModule(Operators, nn.Module):
     def detach(self) -> Self:
         """A new module sharing this one's Parameter objects, with its own configs (a new species).
 
+        nytorch 1.1's ``detach``, not autograd's: the Parameters are the very same objects, so a loss
+        of the new module still sends gradients to them (``clone()`` gives Parameters of their own).
+
         Returns:
             A new module of this class holding the same Parameter and buffer objects.
 
@@ -317,6 +323,8 @@ class NytoModule(Operators, nn.Module):
             clone: for non-operational parameters, whether results get a clone (``True``) or the very
                 same Parameter (``False``); ``None`` leaves it as it is.
             name: a submodule or parameter path (``"layer0"``, ``"layer0.weight"``); ``None``: all.
+                Any path that reaches it counts, and a submodule means every Parameter it holds,
+                tied ones included (``name="dec"`` with ``dec.weight = enc.weight`` sets both).
 
         Raises:
             TypeError: ``operational`` or ``clone`` is not a bool or ``None``, or ``name`` not a str or ``None``.
@@ -370,15 +378,28 @@ class NytoModule(Operators, nn.Module):
 
     def _configs_in_scope(self, fn: str, name: Optional[str]) -> list[tuple[int, ParamConfig]]:
         """``(param_id, config)`` of every parameter under attribute ``name`` (all with ``None``), checked."""
-        layout = layout_of(self)
-        if name is not None:
-            if not isinstance(name, str):
-                raise TypeError(f"{fn}: expected a str or None as name, got {type(name).__name__}")
-            known = name + "." in layout.prefixes or any(
-                own == name or own.startswith(name + ".") for own in layout.names)
-            if not known:
-                raise ValueError(f"{fn}: {type(self).__name__} has no submodule or parameter named {name!r}")
-        return configs_in_scope(layout, name or "")
+        if name is None:
+            return configs_in_scope(layout_of(self), "")
+        if not isinstance(name, str):
+            raise TypeError(f"{fn}: expected a str or None as name, got {type(name).__name__}")
+        # resolved by object, not by spelling: a submodule registered under two names, or a Parameter
+        # tied into another submodule (``dec.weight = enc.weight``), is listed by named_parameters()
+        # under its first name only, yet ``name="dec"`` must reach every Parameter ``self.dec`` holds
+        target: Any = None
+        if name:
+            root = realized(self)
+            for lookup in (root.get_submodule, root.get_parameter):
+                try:
+                    target = lookup(name)
+                    break
+                except AttributeError:
+                    pass
+        if target is None:
+            raise ValueError(f"{fn}: {type(self).__name__} has no submodule or parameter named {name!r}")
+        wanted = {id(param) for param in (target.parameters() if isinstance(target, nn.Module) else (target,))}
+        layout = layout_of(root)  # its Parameters are the ones ``target`` holds
+        return configs_in_scope(layout, "", {own for own, param in zip(layout.names, layout.params)
+                                             if id(param) in wanted})
 
     def get_param_id(self, target_param: Tensor) -> int:
         """The index of ``target_param`` in ``self.named_parameters()`` (same across derived models).

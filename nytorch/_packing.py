@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
+from . import _nocast as nocast
 from ._flat import chunks, wraps_tensors
 
 Tensor = torch.Tensor
@@ -122,13 +123,18 @@ PACKED = [0]
 
 @torch.inference_mode(False)  # under inference_mode the buffer would be an inference tensor: never trainable again
 @torch.no_grad()
-def _pack_groups(groups: Sequence[Sequence[Tensor]]) -> None:
+def _pack_groups(groups: Sequence[Sequence[Tensor]]) -> Optional[str]:
+    """Pack each group into a new buffer; ``None`` when done, else why a group was left as it was."""
     PACKED[0] += 1
     for members in groups:
-        buffer = torch.cat([param.detach().reshape(-1) for param in members])
+        buffer = nocast.cat([param.detach().reshape(-1) for param in members])
+        if type(buffer) is not Tensor:
+            # an active TorchDispatchMode made it: under FakeTensorMode a FakeTensor, which holds no values
+            return f"a TorchDispatchMode active here (e.g. FakeTensorMode) makes new tensors {type(buffer).__name__}s"
         views = torch._C._nn.unflatten_dense_tensors(buffer, [param.detach() for param in members])
         for param, view in zip(members, views):
             param.data = view
+    return None
 
 
 def _runs_consecutive(members: Sequence[Tensor], whole: bool) -> bool:
@@ -158,9 +164,7 @@ def _pack_or_reason(module: nn.Module, whole: bool) -> Optional[str]:
     labels = [f"parameter {name!r}" for name in layout.names] + [f"buffer {name!r}" for name in layout.buffer_names]
     chosen = [i for i, tensor in enumerate(tensors) if tensor.is_floating_point() or tensor.is_complex()]
     reason = _packable(module, [tensors[i] for i in chosen], [labels[i] for i in chosen])
-    if reason is None:
-        _pack_groups(loose)
-    return reason
+    return _pack_groups(loose) if reason is None else reason
 
 
 def pack_(module: nn.Module, *, whole: bool = False) -> bool:

@@ -46,6 +46,11 @@ class Particle(Operators):
     (``p += q``) write into this Particle's tensors.  A Particle made straight from
     a model views that model's parameters, so ``particle(model) += 1`` updates the model.
 
+    Operators run under ``torch.no_grad()``, as nytorch 1.1's did: results hold tensors with no
+    autograd history, and no gradient reaches any operand (a 0-dim tensor that requires grad
+    included).  To differentiate through model arithmetic (a learned interpolation weight, meta
+    learning), use ``nytorch.functional`` (``nf.lerp``, ``nf.add``...) and ``nf.call``.
+
     Attributes:
         params: ``dict[str, Tensor]`` keyed like ``named_parameters()`` (detached views).
 
@@ -97,9 +102,10 @@ class Particle(Operators):
         return self._leaf_list
 
     def __del__(self) -> None:
-        flat = self._flat
+        # ``getattr``: an instance never initialised has no slots set (torch.compile makes such ones)
+        flat = getattr(self, "_flat", None)
         # a result whose leaves were never taken: nobody else can hold its buffers (``_pool`` checks)
-        if self._leaf_list is None and flat and flat.placement is None:
+        if flat and self._leaf_list is None and flat.placement is None:
             try:
                 give(flat.plan, flat.raw)
             except Exception:  # pragma: no cover - interpreter shutdown
@@ -284,7 +290,8 @@ class Particle(Operators):
                 for a Particle that carries buffers).
 
         Returns:
-            A Particle viewing the tensors in ``params``.
+            A Particle viewing the tensors in ``params``.  Its arithmetic and ``module()`` do not
+            differentiate: no gradient reaches these tensors through them (see ``module``).
 
         Raises:
             TypeError: ``like`` is neither a module nor a Particle, ``params`` is not a mapping, or a value
@@ -367,7 +374,10 @@ class Particle(Operators):
         """A fresh module of the model's class holding this Particle's values as Parameters.
 
         The Parameters share storage with this Particle (no copy is made); use
-        ``p.clone().module()`` for a module independent of ``p``.
+        ``p.clone().module()`` for a module independent of ``p``.  They are leaves (with the
+        ``requires_grad`` of the model's parameters) and its buffers are detached, so no gradient
+        flows back to this Particle's tensors through them, even to tensors given to ``from_params``
+        that require grad; as with ``nf.bind``, differentiate through ``nf.call(model, params, x)``.
 
         Returns:
             A new module of ``model_class``.
@@ -386,8 +396,13 @@ class Particle(Operators):
             # Particle then views the module, like ``particle(module)``, so its in-place operations
             # tell those Parameters (``_flat.written``).
             leaves = own_counters(leaves, flat.plan)
-        result = rebuild(self._layout, leaves[:count], self._leaves[count:]) if self._with_buffers \
-            else rebuild(self._layout, leaves)
+        if self._with_buffers:
+            buffers = self._leaves[count:]
+            if any(buffer.requires_grad for buffer in buffers):  # given to ``from_params``: detached, as in ``nf.bind``
+                buffers = [buffer.detach() for buffer in buffers]
+            result = rebuild(self._layout, leaves[:count], buffers)
+        else:
+            result = rebuild(self._layout, leaves)
         if own:
             self._leaf_list = layout_state(layout_of(result), self._with_buffers)[1]
             flat.placement = placement(self._leaf_list)
@@ -432,7 +447,10 @@ class Particle(Operators):
         algebra.check_state(fn, names, leaves, self._names, self._leaves)
         algebra.check_writable(fn, names, leaves)
         if leaves:
-            torch._foreach_copy_(leaves, self._leaves)
+            # detached: inside ``forward_ad.dual_level()`` a leaf with a tangent (a result of arithmetic with a
+            # dual operand) would make ``_foreach_copy_`` raise, and a copy runs without autograd anyway
+            sources = [leaf.detach() for leaf in self._leaves] if lw.dual_level_active() else self._leaves
+            torch._foreach_copy_(leaves, sources)
         return module
 
     def unary_operator(self, fn: Callable[[Tensor, ParamConfig], Tensor]) -> Self:

@@ -63,8 +63,9 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     """Keep ``buffers`` (a dead result's, laid out by ``plan``) for reuse, when nobody else can see them.
 
     Buffers that are not on the CPU, that anything else refers to (a view, another Python
-    reference, autograd), inference tensors (made under ``torch.inference_mode()``) or that
-    would take the pool over ``POOL_BYTES`` are left to the allocator.
+    reference, autograd), inference tensors (made under ``torch.inference_mode()``), tensor
+    subclasses (``FakeTensor``s made under ``FakeTensorMode``) or that would take the pool
+    over ``POOL_BYTES`` are left to the allocator.
     """
     size = plan.nbytes
     if size < MIN_BYTES or not buffers or buffers[0].device.type != "cpu" or len(buffers) != len(plan.totals):
@@ -76,7 +77,8 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     for (mine, storage, tensor), buffer in zip(_users(buffers), buffers):
         if (mine > references or storage > storage_users or tensor > tensor_users
                 or buffer.requires_grad or buffer.storage_offset() != 0
-                or buffer.is_inference()):  # made under inference_mode: a later result could never be trained
+                or buffer.is_inference()  # made under inference_mode: a later result could never be trained
+                or type(buffer) is not Tensor):  # made under a TorchDispatchMode (a FakeTensor): not real memory
             return
     with _LOCK:
         kept = _FREE.get(plan)

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _leafwise as lw
 from ._bind import bind
-from ._codec import (TAG, CheckpointError, class_of, decode_generator, fields_of, generator_device,
+from ._codec import (TAG, CheckpointError, malformed, class_of, decode_generator, fields_of, generator_device,
                      is_dataclass_instance, is_namedtuple, join, named_tensors, plain, same_class, swarm_class, tag_of)
 from ._errors import StructureError
 from ._particle import Particle
@@ -138,6 +138,14 @@ def _into_swarm(path: str, data: Any, like: Any) -> Any:
     expected = {**like.params, **like.buffers}  # params hold the buffers too when they take part in arithmetic
     names = list(expected)
     values = _aligned(path, names, list(expected.values()), saved)
+    if not names:  # no tensor holds the member count: the record's own (files older than it: like's)
+        size = data.get("size", len(like))
+        if type(size) is not int or size < 0:
+            raise malformed(data, path, f"expected a non-negative int under 'size', got {size!r}")
+        if size != len(like):
+            raise StructureError(f"{_fn(path)}: like is a swarm of {len(like)} members, the checkpoint holds "
+                                 f"one of {size} (of a model without tensors)")
+        return like.clone()
     return type(like).from_params(like, dict(zip(names, values)))
 
 

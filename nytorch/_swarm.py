@@ -18,6 +18,7 @@ from . import _leafwise as lw
 from . import _swarm_build as build
 from . import _swarm_index as index_ops
 from . import _vectorise as vec
+from ._errors import DeviceMismatchError
 from ._particle import Particle
 from ._swarm_arith import SwarmArithmetic
 from ._swarm_spec import Group, Spec, pack_stacked, views_of
@@ -258,6 +259,8 @@ class Swarm(SwarmArithmetic):
             TypeError: ``std`` is not a real number (booleans included); otherwise as for ``randn``.
             ValueError: ``std`` is negative or NaN (as for ``torch.normal``), or ``center`` is a Swarm
                 whose size is neither ``size`` nor 1.
+            DeviceMismatchError: ``std`` is a tensor on another device than the members' values (a CPU
+                0-dim tensor works anywhere, as in torch).
 
         >>> net = torch.nn.Linear(2, 1)
         >>> cloud = Swarm.normal(net, 1000, std=0.01)
@@ -277,6 +280,10 @@ class Swarm(SwarmArithmetic):
             raise ValueError(f"normal: expected std >= 0 (as torch.normal), got {float(std)}")
 
         def make(n: int, g: Group, row: Tensor) -> Tensor:
+            if isinstance(std, Tensor) and std.device != g.device and std.device.type != "cpu":  # as a scalar operand
+                raise DeviceMismatchError(f"normal: std is on {std.device} but the members' "
+                                          f"{str(g.dtype).removeprefix('torch.')} values are on "
+                                          f"{g.device}; move std there first (a number or CPU tensor works anywhere)")
             noise = torch.randn(n, g.width, dtype=g.dtype, device=g.device, generator=generator)
             return noise.mul_(std).add_(row)
         return cls._fill("normal", center, size, buffers, make, generator, per_member=True)
@@ -401,6 +408,8 @@ class Swarm(SwarmArithmetic):
         >>> s.eval().training, (s + 1).train().training, s.training
         (False, True, False)
         """
+        if not isinstance(mode, bool):  # as nn.Module.train, whatever mode the members are in now
+            raise ValueError(f"Swarm.train: expected a bool as mode (as nn.Module.train), got {type(mode).__name__}")
         if any(module.training != mode for module in self._spec.layout.modules):
             self._spec = self._spec.with_mode(mode)
         return self
@@ -480,7 +489,8 @@ class Swarm(SwarmArithmetic):
 
         Particles, models and swarms replace every stored leaf (buffers included); numbers set the
         arithmetic leaves only.  Everything is validated before anything is written (a swarm made
-        under ``torch.inference_mode()`` is written only inside it).
+        under ``torch.inference_mode()`` is written only inside it; a number torch cannot convert to
+        some member tensor's dtype, such as ``1e39`` for float32, raises ``RuntimeError`` first).
         """
         index_ops.assign(self._spec, self._flats, self._size, index_ops.normalise(key, self._size), value)
 

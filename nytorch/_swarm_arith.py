@@ -98,7 +98,8 @@ class SwarmArithmetic(Operators):
         Raises:
             TypeError / StructureError / DeviceMismatchError / OverflowError: as for ``add``; nothing
                 is written.
-            RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``.
+            RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``,
+                or torch cannot convert a number ``alpha`` to a member tensor's dtype (``1e10`` on float16).
 
         >>> from nytorch import Swarm
         >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
@@ -109,6 +110,7 @@ class SwarmArithmetic(Operators):
         spec = self._spec
         ops.check_writable("add_", spec, self._flats, True)
         values = [ops.operand(ops.AXPY.name, spec, self._size, value, inplace=True) for value in (other, alpha)]
+        ops.check_numbers_fit("add_", spec, ops.AXPY.leaf, *values)  # an alpha too large for a later group
         ops.combine_(ops.AXPY, spec, self._flats, *values)
         return self
 
@@ -184,6 +186,10 @@ class SwarmArithmetic(Operators):
         """``w @ swarm``: the weighted sum ``Σ w[i] * swarm[i]`` as a Particle (``w`` of shape ``(P,)``);
         a ``(Q, P)`` matrix gives a Swarm of ``Q`` mixtures.  Non-arithmetic leaves are member 0's.
 
+        Computed without autograd, like every Swarm operator: no gradient reaches ``w`` (nor the
+        ``params`` views, when they require grad).  For a learned soup, mix the views yourself and run
+        the mixture with ``nf.call``: ``nf.tree_map(lambda v: torch.tensordot(w, v, 1), swarm.params)``.
+
         >>> from nytorch import Swarm
         >>> s = Swarm.stack([torch.nn.Linear(1, 1) for _ in range(3)])
         >>> total = torch.ones(3) @ s
@@ -203,7 +209,7 @@ class SwarmArithmetic(Operators):
         """The average member as a new Particle (non-arithmetic leaves, e.g. integer buffers, are member 0's).
 
         Returns:
-            A new Particle of the member structure (its own storage).
+            A new Particle of the member structure (its own storage), computed without autograd.
 
         Raises:
             ValueError: the swarm is empty.
@@ -220,7 +226,10 @@ class SwarmArithmetic(Operators):
         """Per-member L2 norm over the arithmetic values, shape ``(P,)``.
 
         Returns:
-            A ``(P,)`` tensor: the norm of each member's arithmetic values together (zeros when it has none).
+            A ``(P,)`` tensor: the norm of each member's arithmetic values together (zeros when it has none), on
+            the device of its first floating tensor (a swarm spread over devices too).  It is computed
+            without autograd, so it carries no gradient even when the ``params`` views require grad; as a
+            differentiable penalty use ``sum(v.flatten(1).pow(2).sum(1) for v in swarm.params.values()).sqrt()``.
 
         >>> from nytorch import Swarm
         >>> Swarm.zeros(torch.nn.Linear(3, 1), 2).add(1).norm()

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _nocast as nocast
 from . import _swarm_ops as ops
 from ._errors import DeviceMismatchError, StructureError, class_names
 from ._particle import Particle
@@ -337,5 +338,5 @@ def joined(swarms: Iterable[Any]) -> Built:
         reference = [_reference(module) for module in spec.layout.modules]
         for i, other in others:
             _check_item(i, spec, other.layout, reference, True, fn=f"cat: swarm {i}")
-    flats = [torch.cat([part[g] for part in parts]) for g in range(len(spec.groups))]
+    flats = [nocast.cat([part[g] for part in parts]) for g in range(len(spec.groups))]
     return spec, flats, sum(len(item) for item in items)

@@ -2,7 +2,8 @@
 
 A model that is one chain of Linear layers and elementwise activations (an ``nn.Sequential``
 of them, or any forward that ``torch.fx`` traces to such a chain) runs every member at once
-over the stacked weights: the compute floor, with the same values as a loop of members.
+over the stacked weights: the compute floor, with a loop of members' values up to rounding
+(``baddbmm`` may sum in another order than a member's ``addmm``: the last bit in float32 / float64).
 Anything else (hooks, other layers, a forward with side effects) gets ``NO_PLAN`` and
 ``_vectorise`` runs it under ``torch.func.vmap``.
 """

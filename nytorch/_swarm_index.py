@@ -96,6 +96,10 @@ def _list_index(items: list) -> Tensor:
         raise TypeError(f"Swarm: expected a list of integer indices or booleans, got {items!r}") from error
 
 
+def _fill_one(scratch: Tensor, value: Any) -> None:
+    scratch[0] = value  # as ``flat[index] = value`` converts a number (any index kind)
+
+
 def count(index: Index, size: int) -> int:
     """How many members ``index`` selects."""
     if isinstance(index, int):
@@ -135,6 +139,8 @@ def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: 
         raise TypeError(f"{fn}: expected a {spec.model_class.__name__}, a Particle or a Swarm of one, "
                         f"or a number, got {type(value).__name__}")
     ops.check_writable(fn, spec, flats, lw.is_scalar(value))
+    if lw.is_scalar(value):  # a number too large for a later group's dtype: torch refuses only there
+        ops.check_numbers_fit(fn, spec, _fill_one, value)
     with torch.no_grad():
         for flat, row in zip(flats, rows):
             if row is None:

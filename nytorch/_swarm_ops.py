@@ -13,8 +13,9 @@ Only arithmetic groups (floating/complex, operational) change; the rest are carr
 from __future__ import annotations
 
 import contextlib
+import math
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _nocast as nocast
 from ._errors import DeviceMismatchError, StructureError, class_names
 from ._particle import Particle, layout_state
 from ._swarm_spec import Spec, pack_stacked, rows_of, views_of
@@ -31,8 +33,8 @@ Tensor = torch.Tensor
 #: A converted operand: a scalar, or one tensor per group (``None`` for groups it does not touch).
 Operand = Union[object, list[Optional[Tensor]]]
 
-__all__ = ["is_swarm", "operand", "combine", "combine_", "check_writable", "check_class", "full_leaves",
-           "particle_leaves", "aligned", "AXPY", "lerp_operands", "mixed", "mean_rows", "norms"]
+__all__ = ["is_swarm", "operand", "combine", "combine_", "check_numbers_fit", "check_writable", "check_class",
+           "full_leaves", "particle_leaves", "aligned", "AXPY", "lerp_operands", "mixed", "mean_rows", "norms"]
 
 
 def is_swarm(value: object) -> bool:
@@ -206,6 +208,41 @@ def _copied(value: Any, written: set[int]) -> Any:
     return value
 
 
+def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands: Operand) -> None:
+    """Raise before writing when torch would refuse a number for some arithmetic group half-way through.
+
+    torch converts some numbers to each tensor's dtype with an overflow check (an ``alpha`` of ``1e10``
+    on float16, ``t[0] = 1e39`` on float32) and refuses only when it reaches that tensor, after the
+    groups before it were written.  ``write(scratch, *operands)`` is tried first on one value of every
+    arithmetic group's dtype (tensor operands replaced by zeros), for numbers beyond float16's range only.
+
+    >>> from nytorch import Swarm
+    >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
+    >>> check_numbers_fit("add_", s._spec, lambda t, x: t.add_(1.0, alpha=x), 1e39)
+    Traceback (most recent call last):
+        ...
+    RuntimeError: add_: torch cannot apply the number 1e+39 to parameter 'weight' (float32): value cannot be ...
+    """
+    big = [o for o in operands if isinstance(o, (int, float, complex)) and not isinstance(o, bool) and max(
+        (abs(part) for part in (complex(o).real, complex(o).imag) if math.isfinite(part)), default=0.0) > _FLOAT16_MAX]
+    if not big:
+        return
+    for g, group in enumerate(spec.groups):
+        if not group.active:
+            continue
+        scratch = torch.zeros(1, 1, dtype=group.dtype)
+        args = [torch.zeros(1, 1, dtype=group.dtype) if isinstance(_pick(o, g), Tensor) else _pick(o, g)
+                for o in operands]
+        try:
+            write(scratch, *args)
+        except RuntimeError as error:
+            raise RuntimeError(f"{fn}: torch cannot apply the number {big[0]!r} to parameter {spec.leaf_name(g)!r} "
+                               f"({str(group.dtype).removeprefix('torch.')}): {error}; nothing was changed") from error
+
+
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
 def check_writable(fn: str, spec: Spec, flats: Sequence[Tensor], active_only: bool) -> None:
     """Raise before writing when a group to be written (only arithmetic ones with ``active_only``) holds
     inference tensors outside ``torch.inference_mode()``: torch would refuse half-way through."""
@@ -281,7 +318,8 @@ def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tens
             out.append(flat[:1].expand(weights.shape[0], -1).clone())
             continue
         if weights.is_complex() and not group.dtype.is_complex:
-            raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(g)!r} complex")
+            raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(g)!r} "
+                            f"({str(group.dtype).removeprefix('torch.')}) complex; nytorch keeps every dtype")
         if weights.device != group.device:
             raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
                                       f"{spec.leaf_name(g)!r} is on {group.device}")
@@ -303,11 +341,13 @@ def mean_rows(spec: Spec, flats: Sequence[Tensor], size: int) -> list[Tensor]:
 
 @torch.no_grad()
 def norms(spec: Spec, flats: Sequence[Tensor], size: int) -> Tensor:
-    """Per-member L2 norm over the arithmetic groups, shape ``(P,)``."""
+    """Per-member L2 norm over the arithmetic groups, shape ``(P,)``, on the first arithmetic group's device
+    (as ``nf.norm``: a swarm may span devices); zeros on the first group's device (or the CPU) when none is."""
     parts = [torch.linalg.vector_norm(flat, dim=1) for flat, group in zip(flats, spec.groups) if group.active]
     if not parts:
-        return torch.zeros(size)
+        return torch.zeros(size, device=spec.groups[0].device if spec.groups else "cpu")
     dtype = parts[0].dtype
     for value in parts[1:]:
         dtype = torch.promote_types(dtype, value.dtype)
-    return torch.linalg.vector_norm(torch.stack([value.to(dtype) for value in parts]), dim=0)
+    device = parts[0].device
+    return torch.linalg.vector_norm(nocast.stack([value.to(device=device, dtype=dtype) for value in parts]), dim=0)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
+from . import _nocast as nocast
 from ._config import ParamConfig, configs_for
 from ._particle import Particle
 from ._rebuild import rebuild
@@ -190,7 +191,7 @@ def pack_stacked(spec: Spec, leaves: Sequence[Tensor], size: int) -> list[Tensor
     parts: list[list[Tensor]] = [[] for _ in spec.groups]
     for slot, leaf in zip(spec.slots, leaves):
         parts[slot.group].append(leaf.detach().reshape(size, slot.stop - slot.start))  # size may be 0
-    return [torch.cat(part, dim=1) for part in parts]
+    return [nocast.cat(part, dim=1) for part in parts]
 
 
 def views_of(spec: Spec, flats: Sequence[Tensor]) -> list[Tensor]:
@@ -207,7 +208,7 @@ def rows_of(spec: Spec, leaves: Sequence[Tensor], groups: Optional[Sequence[int]
     rows: list[Optional[Tensor]] = [None] * len(spec.groups)
     for g in wanted:
         part = parts[g]
-        rows[g] = torch.cat(part, dim=1) if len(part) > 1 else part[0]
+        rows[g] = nocast.cat(part, dim=1) if len(part) > 1 else part[0]
     return rows
 
 

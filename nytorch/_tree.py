@@ -14,6 +14,7 @@ import optree
 import torch
 
 from . import _leafwise as lw
+from . import _nocast as nocast
 from ._tree_match import (aligned, flatten, is_scalar_operand, leaf_names, matched, mismatch, plain_leaves,
                           refuse_lone_tensor)
 from ._types import PyTree, Scalar
@@ -363,6 +364,8 @@ def _sum_scalars(terms: list[Tensor], like: list[Tensor]) -> Tensor:
         return torch.zeros((), device=device)
     total = terms[0]
     for term in terms[1:]:
+        if term.device != total.device and "meta" not in (term.device.type, total.device.type):
+            term = term.to(total.device)  # a model spread over devices (cuda:0, cuda:1) sums on the first, as norm
         total = total + term
     return total
 
@@ -377,7 +380,8 @@ def dot(a: PyTree, b: PyTree, /) -> Tensor:
         b: a pytree of ``a``'s structure, or a scalar (Python number or 0-dim tensor).
 
     Returns:
-        A 0-dim tensor (``tensor(0.)`` when ``a`` has no floating or complex leaf).
+        A 0-dim tensor on the device of ``a``'s first floating (or complex) leaf, as ``norm``
+        (``tensor(0.)`` when ``a`` has none).
 
     Raises:
         StructureError: the trees differ in keys, shapes, dtypes or devices (names the leaf).
@@ -409,7 +413,7 @@ def norm(a: PyTree, /) -> Tensor:
 
     Returns:
         A 0-dim real tensor on the device of ``a``'s first floating (or complex) leaf
-        (``tensor(0.)`` when ``a`` has none).
+        (``tensor(0.)`` when ``a`` has none, on its first leaf's device).
 
     Raises:
         TypeError: ``a`` is ``None`` or has a leaf that is not a tensor (the message names its path).
@@ -417,9 +421,10 @@ def norm(a: PyTree, /) -> Tensor:
     >>> norm({"w": torch.tensor([3.]), "b": torch.tensor([4.])})
     tensor(5.)
     """
-    leaves = [leaf for leaf in flatten("norm", a, scalar=False)[0] if lw.is_arithmetic(leaf)]
-    if not leaves:
-        return torch.zeros(())
+    every = flatten("norm", a, scalar=False)[0]
+    leaves = [leaf for leaf in every if lw.is_arithmetic(leaf)]
+    if not leaves:  # on the first leaf's device, as dot: not on the default device
+        return torch.zeros((), device=every[0].device if every else None)
     if lw.needs_per_leaf(leaves):
         norms = [torch.linalg.vector_norm(leaf) for leaf in leaves]
     else:
@@ -428,4 +433,4 @@ def norm(a: PyTree, /) -> Tensor:
     for value in norms[1:]:
         dtype = torch.promote_types(dtype, value.dtype)
     device = leaves[0].device
-    return torch.linalg.vector_norm(torch.stack([value.to(device=device, dtype=dtype) for value in norms]))
+    return torch.linalg.vector_norm(nocast.stack([value.to(device=device, dtype=dtype) for value in norms]))

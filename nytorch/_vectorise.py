@@ -6,7 +6,8 @@ member's tensors swapped into a private skeleton module (what
 are one chain of ``nn.Linear`` layers and elementwise activations (an
 ``nn.Sequential`` of them, or any forward that ``torch.fx`` traces to such a
 chain) take a fused path instead (``_swarm_fused``): one ``torch.baddbmm`` per layer
-over the stacked weights, which is the compute floor and gives the same values.
+over the stacked weights, which is the compute floor and gives a loop's values up to rounding
+(the batched product may sum in another order: the last bit in float32 and float64).
 
 Attributes a forward sets on the skeleton's modules (``self.last = out``, a counter,
 ``weight_norm``'s recomputed weight) are not kept: every call starts from the skeleton as

@@ -60,7 +60,7 @@ def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
 
     Args:
         noise: the ``ε`` of the population, a Swarm of ``P`` members (e.g. from ``es_noise``).
-        losses: a real tensor of shape ``(P,)``.
+        losses: a real tensor of shape ``(P,)``, on any device (moved to ``noise``'s).
         sigma: ``σ > 0``, the noise scale the population was evaluated with (a Python or NumPy
             number or a 0-dim tensor).
 
@@ -92,6 +92,9 @@ def _gradient(fn: str, noise: object, losses: object, sigma: object) -> Particle
     noise = swarm_arg(fn, noise, "noise")
     losses = losses_arg(fn, losses, len(noise), floating=True)
     sigma = number_arg(fn, sigma, "sigma", minimum=0.0, strict=True)  # the gradient divides by sigma
+    devices = [group.device for group in noise._spec.groups if group.active]
+    if devices:  # losses may live anywhere, as for the other algorithms (a CPU list of a GPU swarm's losses)
+        losses = losses.to(devices[0])
     weights = (losses - losses.mean()) / (len(noise) * sigma)
     return weights @ noise  # type: ignore[no-any-return]
 
@@ -107,7 +110,7 @@ def es_step(center: Any, noise: Swarm, losses: Tensor, *, sigma: float, lr: floa
             estimate).
         noise: the ``ε`` the population ``center + sigma * noise`` was made with, a Swarm of ``P``
             members.
-        losses: the losses of that population, a real tensor of shape ``(P,)``.
+        losses: the losses of that population, a real tensor of shape ``(P,)`` (on any device).
         sigma: ``σ > 0``, as in ``es_gradient``.
         lr: the step size, a real number.
 
@@ -169,7 +172,12 @@ def centered_ranks(losses: Tensor) -> Tensor:
     if losses.is_complex():
         raise TypeError(f"centered_ranks: expected real losses, got {losses.dtype}")
     size = losses.shape[0]
-    ranks = torch.empty(size, dtype=losses.dtype if losses.is_floating_point() else torch.get_default_dtype(),
-                        device=losses.device)
-    ranks[losses.argsort(stable=True)] = torch.arange(size, dtype=ranks.dtype, device=losses.device)
-    return ranks / max(size - 1, 1) - 0.5
+    dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()
+    # counted in at least float32 (float16 / bfloat16 cannot count past 2048 / 256) and scaled by one
+    # division of exact integers, (2r - span) / (2 span): r / span - 0.5 would cancel, and its rounding
+    # error near 0 would exceed float16's whole spacing there; then rounded once to the losses' dtype
+    work = torch.promote_types(dtype, torch.float32)
+    ranks = torch.empty(size, dtype=work, device=losses.device)
+    ranks[losses.argsort(stable=True)] = torch.arange(size, dtype=work, device=losses.device)
+    span = max(size - 1, 1)
+    return ((2 * ranks - span) / (2 * span)).to(dtype)

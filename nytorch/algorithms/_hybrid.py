@@ -19,6 +19,15 @@ Tensor = torch.Tensor
 __all__ = ["pull_toward_best", "hybrid_step", "hybrid"]
 
 
+def no_history(swarm: Swarm) -> Tensor:
+    """The ``(0, P)`` history of a run without steps, where losses would be: the device and real dtype of the
+    members' first floating parameter (as ``Swarm.grad_and_value`` of an empty swarm), not the default device."""
+    floating = [leaf for leaf in swarm._spec.layout.params if leaf.is_floating_point() or leaf.is_complex()]
+    if not floating:
+        return torch.zeros(0, len(swarm), device="cpu")
+    return torch.zeros(0, len(swarm), dtype=floating[0].dtype.to_real(), device=floating[0].device)
+
+
 def pull_toward_best(swarm: Swarm, losses: Tensor, *, subset: int, alpha: float,
                      generator: Optional[torch.Generator] = None) -> Swarm:
     """Draw ``subset`` random members and move each toward the best of them: ``W ← (1 − α)·W + α·W_best``.
@@ -193,4 +202,4 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         history.append(losses)
         if losses.numel():
             set_postfix(bar, best=float(losses.min()), mean=float(losses.mean()))
-    return swarm, torch.stack(history) if history else torch.zeros(0, len(swarm))
+    return swarm, torch.stack(history) if history else no_history(swarm)

@@ -43,6 +43,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 from torch import nn
 
+from .. import _nocast as nocast
 from .._errors import StructureError
 from .._packing import pack_
 from .._particle import Particle
@@ -178,7 +179,8 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
     only when made with ``buffers=True``, as for their arithmetic).  Integer and bool leaves
     and non-operational parameters (``ParamConfig``) stay as each rank has them.  Values are
     divided by the group size while being packed, then summed on the wire in their own
-    dtype (one buffer per dtype; float8 in float32).  A model is packed first (``pack``) and
+    dtype (one buffer per dtype; float8 in float32; complex32, which has no CPU division, divided
+    after the sum).  A model is packed first (``pack``) and
     averaged right there in its buffers, with no copy at all; a ``PeerError`` then leaves its
     values undefined, as it does for ``torch.distributed.all_reduce``.  A model that is not
     packed (``pack=False``, or one that packing would change, see ``nytorch.particle``) is
@@ -312,7 +314,7 @@ def all_gather(x: Union[nn.Module, Particle, Swarm], *, group: Any = None, timeo
         if all(size == top for size in sizes):
             flats.append(every.reshape(total, -1))
         else:
-            flats.append(torch.cat([every[r, :size] for r, size in enumerate(sizes)]))
+            flats.append(nocast.cat([every[r, :size] for r, size in enumerate(sizes)]))
     return flat.gathered(flats, total)
 
 

@@ -113,7 +113,7 @@ def _call(op: int, arg: int) -> str:
 
 def _texts(comm: Comm, text: str, device: torch.device) -> list[str]:
     """Every rank's ``text`` (only called once something differs; two small all_gathers)."""
-    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device="cpu")  # not the default device
     length = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     lengths = comm.all_gather([length], "exchanging structure descriptions")[0].view(-1).tolist()
     padded = torch.zeros(max(max(lengths), 1), dtype=torch.uint8, device=device)
@@ -175,12 +175,12 @@ def handshake(comm: Comm, flat: Optional[Flat], op: str, *, arg: int = 0, value:
         PeerError: a peer died or hung during the handshake.
     """
     description = flat.describe() if flat is not None else []
-    header = torch.zeros(8, dtype=torch.int64)
+    header = torch.zeros(8, dtype=torch.int64, device="cpu")  # not on torch.set_default_device's device
     header[HASH] = fingerprint(description)
     header[OP], header[ARG] = _OPS.index(op), arg
     header[KIND] = -1 if flat is None else int(flat.kind == "swarm")
     header[SIZE] = 0 if flat is None else flat.size
-    header[VALUE] = torch.tensor([value], dtype=torch.float64).view(torch.int64)[0]
+    header[VALUE] = torch.tensor([value], dtype=torch.float64, device="cpu").view(torch.int64)[0]
     header[INDEX], header[ERROR] = index, _code(error)
     device = comm.device_for(torch.device("cpu"))
     gathered, wait = comm.all_gather_start([header.to(device)], "comparing structure fingerprints")

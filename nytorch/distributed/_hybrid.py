@@ -17,6 +17,7 @@ from .. import algorithms as alg
 from .._particle import Particle
 from .._swarm import Swarm
 from ..algorithms._checks import callable_arg, generator_arg, number_arg, swarm_arg
+from ..algorithms._hybrid import no_history
 from ..algorithms._indices import randperm
 from ..algorithms._progress import progress_flag
 from ._migration import best_of
@@ -223,4 +224,4 @@ def hybrid(swarm: Swarm, loss_fn: Callable[..., Tensor], batches: Iterable[Seque
         history.append(losses)
         if found is not None and hasattr(bar, "set_postfix"):
             bar.set_postfix(best=float(found[1]), refresh=False)
-    return swarm, torch.stack(history) if history else torch.zeros(0, len(swarm))
+    return swarm, torch.stack(history) if history else no_history(swarm)

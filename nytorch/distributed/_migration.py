@@ -44,7 +44,7 @@ def _loss_check(loss: object) -> Callable[[Comm, Flat], tuple[float, int]]:
                                  f"{tuple(loss.shape)}")
             values = loss.detach().reshape(1)
         elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # NumPy scalars too
-            values = torch.tensor([float(loss)], dtype=torch.float64)
+            values = torch.tensor([float(loss)], dtype=torch.float64, device="cpu")
         else:
             raise TypeError(f"{fn}: expected loss as a number or a one-element tensor, got {type(loss).__name__}")
         if values.is_complex() or values.dtype == torch.bool:
@@ -123,8 +123,9 @@ def best_of(x: Union[nn.Module, Particle, Swarm], loss: Any, *, group: Any, time
     index = int(headers[winner, INDEX])
     rows = flat.member_rows(index) if comm.rank == winner else whole(flat.empty(1))
     moved(comm, flat, list(rows), winner, "broadcasting the best member")
-    like = loss if isinstance(loss, Tensor) else torch.zeros((), dtype=torch.float64)
-    value = torch.tensor(header_value(headers, winner), dtype=torch.float64).to(like.dtype).to(like.device)
+    like = loss if isinstance(loss, Tensor) else torch.zeros((), dtype=torch.float64, device="cpu")
+    value = torch.tensor(header_value(headers, winner), dtype=torch.float64, device="cpu")  # not the default device
+    value = value.to(like.dtype).to(like.device)
     return flat.member(rows), value, comm.global_rank(winner)
 
 

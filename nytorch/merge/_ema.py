@@ -32,7 +32,7 @@ def refuse_unwritable(fn: str, model: Operand, steps: list[int]) -> None:
 T = TypeVar("T")
 Weight = Union[float, Tensor]
 
-__all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "lerp_", "tie_key"]
+__all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "check_weight", "lerp_", "tie_key", "refuse_unwritable"]
 
 
 class Plan(NamedTuple):
@@ -88,7 +88,7 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
     """Which leaves of ``target`` an EMA update averages and which it copies.
 
     Tied leaves of a dict target (e.g. a ``state_dict`` with two names for one
-    tensor) are planned once.
+    tensor) are planned once, and so is a buffer tied to a parameter (the same memory).
     """
     leaves, count = target.leaves, target.params
     # the common case, without per-leaf calls: no configs, and no two parameters over one storage
@@ -107,8 +107,22 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
                 seen.add(key)
             if target.operational(index):
                 (lerp if lw.is_arithmetic(leaf) else copy).append(index)
-    if buffers != "keep":
+    if buffers != "keep" and len(leaves) > count:
+        # a buffer tied to a parameter (or an earlier buffer), e.g. ``register_buffer("w", lin.weight)``, is that
+        # tensor under a second name: updating it too would apply the update twice (addresses first: cheap)
+        pointers = set(map(Tensor.data_ptr, leaves[:count]))
+        taken: dict[int, list[Tensor]] = {}
         for index in range(count, len(leaves)):
+            leaf = leaves[index]
+            key = tie_key(leaf)
+            if key is not None:
+                alike = taken.get(key[0])
+                if alike is None:
+                    alike = taken[key[0]] = [p for p in leaves[:count] if p.data_ptr() == key[0]] \
+                        if key[0] in pointers else []
+                if any(tie_key(other) == key for other in alike):
+                    continue
+                alike.append(leaf)
             averaged = buffers == "average" and lw.is_arithmetic(leaves[index])
             (lerp if averaged else copy).append(index)
     return Plan(lerp, copy)
@@ -147,7 +161,7 @@ def apply_plan_(steps: Plan, target: Sequence[Tensor], online: Sequence[Tensor],
         torch._foreach_copy_([target[i] for i in steps.copy], [online[i] for i in steps.copy])
 
 
-def _check_weight(fn: str, tau: Weight, target: Operand, steps: Plan) -> None:
+def check_weight(fn: str, tau: Weight, target: Operand, steps: Plan) -> None:
     if isinstance(tau, float):
         return
     leaves = [target.leaves[i] for i in steps.lerp]
@@ -203,7 +217,7 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
     starts = operand("ema_", online, buffers=with_buffers, argument="online")
     starts = matched("ema_", ends, starts, "online", reference="target")
     steps = plan(ends, buffers)
-    _check_weight("ema_", tau_value, ends, steps)
+    check_weight("ema_", tau_value, ends, steps)
     refuse_unwritable("ema_", ends, steps.lerp + steps.copy)
     apply_plan_(steps, ends.leaves, starts.leaves, tau_value)
     return target

@@ -35,7 +35,7 @@ from .._errors import StructureError
 from .._flat import Flat, find_flat, plan_for, unshared, written
 from .._packing import pack_
 from .._walk import Placement, placement
-from ._ema import apply_plan_, lerp_, plan, refuse_unwritable, tie_key, weight_of
+from ._ema import check_weight, apply_plan_, lerp_, plan, refuse_unwritable, tie_key, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
 from ._watch import Configs, entries, holds
@@ -258,7 +258,8 @@ class EMA:
 
         Raises:
             StructureError: ``model`` differs in names, shapes or dtypes (names the parameter).
-            DeviceMismatchError: ``model`` was moved to another device than the average.
+            DeviceMismatchError: ``model`` was moved to another device than the average, or the decay
+                is a 0-dim tensor on another device (not the CPU) than a parameter, as for ``ema_``.
             TypeError: ``model`` is of another class than the average, or a Swarm meets a model.
             TypeError / ValueError: a decay schedule returns an invalid decay.
 
@@ -270,6 +271,7 @@ class EMA:
         tau = self._tau
         if tau is None:
             tau = weight_of("EMA.update", self.decay, None)
+            check_weight("EMA.update", tau, self._target, self._plan)  # a tensor decay on another device: named
         if model is None or model is self._model:
             self._cached("EMA.update")
             if self._flat is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _nocast as nocast
 from .._errors import DeviceMismatchError, StructureError
 from .._particle import Particle
 from ._ema import tie_key
@@ -110,11 +111,11 @@ def ravel(x: Any, /) -> tuple[Tensor, Callable[[Any], Any]]:
     with torch.no_grad():
         if members is None:
             parts = [leaf.detach().reshape(-1).to(dtype) for leaf in chosen]
-            vector = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+            vector = nocast.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
         else:
             # the width spelled out: an empty swarm's -1 would be ambiguous
             parts = [leaf.detach().reshape(members, leaf.shape[1:].numel()).to(dtype) for leaf in chosen]
-            vector = torch.cat(parts, dim=1)
+            vector = nocast.cat(parts, dim=1)
     shapes = [tuple(leaf.shape[1:]) if members is not None else tuple(leaf.shape) for leaf in chosen]
     sizes = [int(torch.Size(shape).numel()) for shape in shapes]
     chosen_set = set(picked)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import _algebra as algebra
 from .. import _leafwise as lw
+from .. import _nocast as nocast
 from .._config import ParamConfig, configs_for
 from .._errors import DeviceMismatchError, StructureError, class_names
 from .._particle import Particle, layout_state
@@ -79,7 +80,7 @@ def per_member(fn: Callable[..., Sequence[Tensor]], size: int, *stacked: Sequenc
     [tensor([2., 4.])]
     """
     rows = [fn(*([leaf[k] for leaf in leaves] for leaves in stacked)) for k in range(size)]
-    return [torch.stack(column) for column in zip(*rows)]
+    return [nocast.stack(column) for column in zip(*rows)]
 
 
 def shares(value: Operand, index: int) -> bool:

@@ -205,7 +205,8 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
 
     Raises:
         StructureError: a model differs from ``base``.
-        ValueError: ``drop`` outside [0, 1).
+        ValueError: ``drop`` outside [0, 1), or ``generator`` on another device type than a merged
+            parameter (``torch.rand`` draws each mask on its parameter's device).
         TypeError: a model is of another class than ``base``, or a Swarm meets a model; ``drop`` is not
             a real number, or ``generator`` not a ``torch.Generator``.
 
@@ -219,6 +220,11 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
     generator = generator_for("dare", generator)
     start, read, picked = read_tasks("dare", base, finetuned)
     lambdas = scales("dare", scale, len(read))
+    wrong = [i for i in picked if generator is not None and start.leaves[i].device.type != generator.device.type]
+    if wrong and generator is not None:  # masks are drawn on each parameter's device (torch.rand's rule)
+        raise ValueError(f"dare: expected a generator on {start.leaves[wrong[0]].device.type} (where base's "
+                         f"{start.names[wrong[0]]!r} lives), got one on {generator.device}; "
+                         "create it there (torch.Generator(device=...)) or pass none")
     total: list[Tensor] = []
     if not picked:
         return rebuild(start, add_scaled(start, picked, total))  # type: ignore[no-any-return]

@@ -8,6 +8,7 @@ from typing import Any, Optional, TypeVar, Union
 
 import torch
 
+from .. import _nocast as nocast
 from .. import _leafwise as lw
 from ._state import members, per_member, rebuild
 from ._task import add_scaled, deltas, read_tasks
@@ -61,7 +62,8 @@ def trim(vector: Sequence[Tensor], density: float) -> list[Tensor]:
     common = torch.float32
     for leaf in vector:
         common = torch.promote_types(common, leaf.dtype)
-    magnitudes = torch.cat([leaf.detach().abs().reshape(-1).to(common) for leaf in vector])
+    device = vector[0].device  # one threshold for a model spread over devices (cuda:0, cuda:1): found on the first
+    magnitudes = nocast.cat([leaf.detach().abs().reshape(-1).to(device=device, dtype=common) for leaf in vector])
     count = magnitudes.numel()
     if count == 0:
         return [leaf.clone() for leaf in vector]
@@ -69,7 +71,8 @@ def trim(vector: Sequence[Tensor], density: float) -> list[Tensor]:
     if keep == 0:
         return [torch.zeros_like(leaf) for leaf in vector]
     threshold = magnitudes.kthvalue(count - keep + 1).values
-    return [torch.where(leaf.abs().to(common) >= threshold, leaf, torch.zeros_like(leaf)) for leaf in vector]
+    return [torch.where(leaf.abs().to(common) >= threshold.to(leaf.device), leaf, torch.zeros_like(leaf))
+            for leaf in vector]
 
 
 def _trim_each(vector: Sequence[Tensor], density: float, size: Optional[int]) -> list[Tensor]:

@@ -409,7 +409,9 @@ class Swarm(SwarmArithmetic):
         (False, True, False)
         """
         if not isinstance(mode, bool):  # as nn.Module.train, whatever mode the members are in now
-            raise ValueError(f"Swarm.train: expected a bool as mode (as nn.Module.train), got {type(mode).__name__}")
+            kind = type(mode)  # qualified outside builtins: NumPy's bool is also called "bool"
+            shown = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+            raise ValueError(f"Swarm.train: expected a bool as mode (as nn.Module.train), got {shown}")
         if any(module.training != mode for module in self._spec.layout.modules):
             self._spec = self._spec.with_mode(mode)
         return self

@@ -743,3 +743,19 @@ def test_hybrid_takes_integer_arrays_tensors_and_flags(options):
     expected = alg.hybrid(swarm, loss, data, lr=0.1, **plain)[1]
     torch.manual_seed(1)
     assert torch.equal(alg.hybrid(swarm, loss, data, lr=0.1, **options)[1], expected)
+
+
+def test_es_gradient_of_complex_parameters_is_half_of_autograds_as_documented() -> None:
+    class Z(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.z = nn.Parameter(torch.tensor([1 + 2j], dtype=torch.complex64))
+
+    model, sigma = Z(), 0.01
+    eps = alg.es_noise(model, 100_000, generator=torch.Generator().manual_seed(0))
+    z = (nytorch.particle(model) + sigma * eps).params["z"].flatten()
+    estimate = alg.es_gradient(eps, (z.abs() ** 2).float(), sigma=sigma).params["z"]
+    reference = model.z.detach().clone().requires_grad_()
+    (reference.abs() ** 2).sum().backward()  # plain autograd: 2·z
+    assert reference.grad is not None
+    assert torch.allclose(estimate, reference.grad / 2, atol=0.06)

@@ -174,13 +174,15 @@ def test_dare_names_a_generator_on_another_device() -> None:
     """``dare`` drew masks with ``torch.rand(device=leaf.device, generator=...)``: a CPU generator for a GPU model
     failed inside torch ("Expected a 'cuda' device type for generator"), unlike every swarm draw; now it is
     refused first, naming ``dare`` and the parameter, as ``Swarm.randn`` and the algorithms do."""
-    on_meta = nn.Linear(3, 2, device="meta")
-    with pytest.raises(ValueError, match=r"^dare: expected a generator on meta \(where base's 'weight' lives\), "
-                                         r"got one on cpu"):
-        merge.dare(on_meta, [on_meta], drop=0.5, generator=torch.Generator())
-    swarm = Swarm.stack([on_meta, on_meta])
-    with pytest.raises(ValueError, match="^dare: expected a generator on meta"):
-        merge.dare(swarm, [swarm], drop=0.5, generator=torch.Generator())
+    with FakeTensorMode(allow_non_fake_inputs=True):  # a (fake) GPU model: no CUDA needed
+        on_gpu = nn.Linear(3, 2, device="meta")
+        for name, param in list(on_gpu.named_parameters()):
+            setattr(on_gpu, name, nn.Parameter(torch.zeros(param.shape, device="cuda")))
+        with pytest.raises(ValueError, match=r"^dare: expected a generator on cuda \(where base's 'weight' lives\), "
+                                             r"got one on cpu"):
+            merge.dare(on_gpu, [on_gpu], drop=0.5, generator=torch.Generator())
+    on_meta = nn.Linear(3, 2, device="meta")  # meta holds no values: any generator, as torch.rand takes
+    assert merge.dare(on_meta, [on_meta], drop=0.5, generator=torch.Generator()).weight.device.type == "meta"
     base, tuned = nn.Linear(3, 2), nn.Linear(3, 2)
     merged = merge.dare(base, [tuned], drop=0.5, generator=torch.Generator().manual_seed(3))
     generator = torch.Generator().manual_seed(3)

@@ -777,7 +777,7 @@ def test_train_refuses_non_bool_whatever_the_current_mode(mode: Any) -> None:
     for start in (True, False):
         swarm = Swarm.stack([drop() for _ in range(2)]).train(start)
         with pytest.raises(ValueError, match=rf"Swarm.train: expected a bool as mode \(as nn.Module.train\), "
-                                             rf"got {type(mode).__name__}"):
+                                             rf"got {'numpy.' if isinstance(mode, np.bool_) else ''}{type(mode).__name__}"):
             swarm.train(mode)
         assert swarm.training is start
 

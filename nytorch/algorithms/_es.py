@@ -58,6 +58,10 @@ def es_gradient(noise: Swarm, losses: Tensor, *, sigma: float) -> Particle:
     losses are taken in the default float dtype).  Pass ``centered_ranks(losses)`` instead of raw
     losses for rank-based fitness shaping.
 
+    For complex parameters the estimate is half of what autograd gives (torch's complex
+    gradient is ``2·∂L/∂z̄``, and complex standard noise has variance ½ per component): double
+    ``lr`` to step as ``sgd_step`` does.
+
     Args:
         noise: the ``ε`` of the population, a Swarm of ``P`` members (e.g. from ``es_noise``).
         losses: a real tensor of shape ``(P,)``, on any device (moved to ``noise``'s).

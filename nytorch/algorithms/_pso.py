@@ -67,7 +67,8 @@ def pso_velocity(swarm: Swarm, velocity: Swarm, best: Swarm, global_best: Union[
                  generator: Optional[torch.Generator] = None) -> Swarm:
     """The PSO velocity ``w·v + c₁·r₁⊙(best − x) + c₂·r₂⊙(g − x)`` with ``r ~ U[0, 1)`` per value.
 
-    A zero coefficient drops its term and draws nothing.
+    A zero coefficient drops its term and draws nothing.  For complex parameters ``r`` is complex
+    (``Swarm.rand``: U[0, 1) real and imaginary parts), so it turns a pull as well as scaling it.
 
     Args:
         swarm: the positions ``x``.

@@ -220,7 +220,9 @@ def dare(base: M, finetuned: Sequence[Any], /, *, drop: float = 0.9, scale: Scal
     generator = generator_for("dare", generator)
     start, read, picked = read_tasks("dare", base, finetuned)
     lambdas = scales("dare", scale, len(read))
-    wrong = [i for i in picked if generator is not None and start.leaves[i].device.type != generator.device.type]
+    # meta leaves hold no values: torch.rand draws nothing there and takes any generator
+    wrong = [i for i in picked if generator is not None
+             and start.leaves[i].device.type not in (generator.device.type, "meta")]
     if wrong and generator is not None:  # masks are drawn on each parameter's device (torch.rand's rule)
         raise ValueError(f"dare: expected a generator on {start.leaves[wrong[0]].device.type} (where base's "
                          f"{start.names[wrong[0]]!r} lives), got one on {generator.device}; "

@@ -425,3 +425,14 @@ def world_of_one() -> Any:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def json_close(a: Any, b: Any, rtol: float = 1e-6) -> bool:
+    """Two JSON-like results (dicts, lists, numbers) equal, floats within ``rtol`` (of max(1, |a|))."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(json_close(a[k], b[k], rtol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(json_close(x, y, rtol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= rtol * max(1.0, abs(float(a)))
+    return bool(a == b)

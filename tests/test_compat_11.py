@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_dicts, named
+from conftest import assert_dicts, json_close, named
 
 import nytorch as nyto
 
@@ -230,13 +230,7 @@ def reference() -> dict[str, Any]:
 
 
 def _close(a: Any, b: Any) -> bool:
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)))
-    return bool(a == b)
+    return json_close(a, b, rtol=1e-6)
 
 
 # Keys where this nytorch deliberately differs from 1.1 (see the README migration notes).

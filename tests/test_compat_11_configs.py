@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import json_close
+
 NYTO11 = Path(os.environ.get("NYTORCH11_PATH", "/tmp/nyto11"))
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -588,13 +590,7 @@ def reference() -> dict[str, Any]:
 
 
 def _close(a: Any, b: Any) -> bool:
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return abs(float(a) - float(b)) <= 1e-5 * max(1.0, abs(float(a)))
-    return bool(a == b)
+    return json_close(a, b, rtol=1e-5)
 
 
 # Deliberate differences the README's migration section (or its Semantics) states: key -> README wording.

@@ -12,8 +12,9 @@ from typing import Any, Optional, TypeVar
 import torch
 
 from . import _leafwise as lw
+from . import _scalars as scalars
 from ._config import ParamConfig
-from ._errors import StructureError
+from ._errors import StructureError, describe
 
 Tensor = torch.Tensor
 F = TypeVar("F", bound=Callable[..., Any])
@@ -111,7 +112,7 @@ def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands
     active = active_mask(leaves, configs)
     for operand in operands:
         if not isinstance(operand, (list, tuple)):
-            lw.check_scalar(op.name, operand, names, leaves, active, reflected)
+            scalars.check_scalar(op.name, operand, names, leaves, active, reflected)
     out = lw.apply(op, leaves, *operands, active=active, carry=_identity)
     return out if all(active) else _carry(leaves, out, active, configs)
 
@@ -123,8 +124,8 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
     active = active_mask(leaves, configs)
     for operand in operands:
         if not isinstance(operand, (list, tuple)):
-            lw.check_scalar(op.name, operand, names, leaves, active)
-            lw.check_converted(op.name, operand, lambda: [
+            scalars.check_scalar(op.name, operand, names, leaves, active)
+            scalars.check_converted(op.name, operand, lambda: [
                 (name, leaf.dtype) for name, leaf, on in zip(names, leaves, active) if on])
     check_writable(op.name, names, leaves, active)
     lw.apply_(op, leaves, *operands, active=written_once(leaves, active))
@@ -134,25 +135,59 @@ def written_once(leaves: Sequence[torch.Tensor], active: list[bool]) -> list[boo
     """``active`` less the leaves over the very memory of an earlier active leaf (written once, not twice).
 
     Distinct tensors can be one tensor under two names: a buffer registered as a parameter's
-    ``Parameter`` or its ``.data``, two Parameters over one storage.  Packed models have none (packing
-    refuses them); the address check is skipped under ``torch.func`` transforms, which have no addresses.
+    ``Parameter`` or its ``.data`` (or a view of all of it, ``.view(-1)``, ``.t()``), two Parameters
+    over one storage.  Packed models have none (packing refuses them); the address check is skipped
+    under ``torch.func`` transforms, which have no addresses.
 
-    >>> w = torch.ones(2)
-    >>> written_once([w, w.detach(), w[:1]], [True, True, True])
-    [True, False, True]
+    >>> w = torch.ones(2, 2)
+    >>> written_once([w, w.detach(), w[:1], w.t()], [True, True, True, True])
+    [True, False, True, False]
     """
     if lw.transforms_active() or len(set(map(torch.Tensor.data_ptr, leaves))) == len(leaves):
         return active
-    seen: set[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
+    seen: set[Footprint] = set()
     once = list(active)
     for i, leaf in enumerate(leaves):
-        if not once[i] or not leaf.numel() or leaf.device.type == "meta":  # meta tensors all sit at address 0
+        key = footprint(leaf) if once[i] else None
+        if key is None:
             continue
-        key = (leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype)
         if key in seen:
             once[i] = False
         seen.add(key)
     return once
+
+
+#: The memory a tensor covers (see ``footprint``).
+Footprint = tuple[object, ...]
+
+
+def footprint(leaf: torch.Tensor) -> Optional[Footprint]:
+    """The memory ``leaf`` covers, equal for two tensors over exactly the same elements; ``None`` for
+    an empty or meta tensor (every meta tensor sits at address 0).
+
+    A dense, non-overlapping tensor covers one span whatever its shape and strides (``w``,
+    ``w.view(-1)``, ``w.t()``); any other is told by its shape and strides too.
+
+    >>> w = torch.ones(2, 3)
+    >>> footprint(w) == footprint(w.t()) == footprint(w.view(-1)), footprint(w) == footprint(w[0])
+    (True, False)
+    """
+    if not leaf.numel() or leaf.device.type == "meta":
+        return None
+    if _dense(leaf):
+        return leaf.data_ptr(), leaf.numel(), leaf.dtype
+    return leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
+
+
+def _dense(leaf: torch.Tensor) -> bool:
+    """Whether ``leaf``'s elements fill one span of memory without gaps or overlaps, in any order."""
+    expected = 1
+    for size, stride in sorted(((size, stride) for size, stride in zip(leaf.shape, leaf.stride()) if size != 1),
+                               key=lambda pair: pair[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def check_writable(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
@@ -170,7 +205,7 @@ def check_writable(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
             raise RuntimeError(f"{fn}: parameter {name!r} is an inference tensor and cannot be updated in place "
                                "outside torch.inference_mode(); clone the model outside inference mode first")
         if torch._debug_has_internal_overlap(leaf) == 1:
-            raise RuntimeError(f"{fn}: parameter {name!r} ({lw.describe(leaf)}) has elements sharing memory "
+            raise RuntimeError(f"{fn}: parameter {name!r} ({describe(leaf)}) has elements sharing memory "
                                "(an expanded view) and cannot be updated in place; use .contiguous() parameters")
 
 

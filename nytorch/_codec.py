@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _leafwise as lw
+from ._errors import describe
 from ._particle import Particle
 from ._walk import Layout, model_class
 
@@ -455,4 +455,4 @@ def decode_ndarray(data: dict[str, Any], path: str) -> Any:
 
 
 def _describe(value: Any) -> str:
-    return f"a tensor of {lw.describe(value)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+    return f"a tensor of {describe(value)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"

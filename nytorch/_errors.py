@@ -1,6 +1,11 @@
 """Exceptions raised by nytorch; every one names the offending parameter path."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: this module imports nothing heavy
+    from torch import Tensor
+
 __all__ = ["StructureError", "DeviceMismatchError"]
 
 _AGAIN = ("another class of the same name: a re-run notebook cell, importlib.reload or a class statement inside a "
@@ -46,3 +51,14 @@ class DeviceMismatchError(StructureError):
     >>> issubclass(DeviceMismatchError, ValueError)
     True
     """
+
+
+def describe(leaf: Tensor) -> str:
+    """``shape (2, 3) float32`` (plus the device when it is not the CPU): how messages show a tensor.
+
+    >>> import torch
+    >>> describe(torch.zeros(2, 3))
+    'shape (2, 3) float32'
+    """
+    text = f"shape {tuple(leaf.shape)} {str(leaf.dtype).removeprefix('torch.')}"
+    return text if leaf.device.type == "cpu" else f"{text} on {leaf.device}"

@@ -14,6 +14,7 @@ import torch
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _scalars as scalars
 from . import _pool as pool
 from ._flat import Flat, FlatPlan
 
@@ -191,7 +192,7 @@ def kernel_(op: lw.Op, buffers: list[Tensor], operands: list[object]) -> None:
 
 
 def check_converted(fn: str, names: Sequence[str], flat: Flat, operands: Sequence[object]) -> None:
-    """``_leafwise.check_converted`` for every number among ``operands``, against ``flat``'s buffers.
+    """``_scalars.check_converted`` for every number among ``operands``, against ``flat``'s buffers.
 
     >>> from nytorch._flat import plan_for
     >>> plan = plan_for([(torch.Size([2]), torch.float16, torch.device("cpu"))], [True])
@@ -203,7 +204,7 @@ def check_converted(fn: str, names: Sequence[str], flat: Flat, operands: Sequenc
     plan = flat.plan
     for operand in operands:
         if type(operand) is not Flat:
-            lw.check_converted(fn, operand, lambda: [(names[index[0]], dtype)
+            scalars.check_converted(fn, operand, lambda: [(names[index[0]], dtype)
                                                      for index, dtype in zip(plan.groups, plan.dtypes)])
 
 

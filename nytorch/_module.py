@@ -10,6 +10,7 @@ from typing_extensions import Self
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _scalars as scalars
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
 from ._errors import class_names
 from ._operators import Operators, State
@@ -180,7 +181,7 @@ class NytoModule(Operators, nn.Module):
         return self._unary(lambda flat: fill(flat, Tensor.uniform_), super().rand)
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
-        if lw.is_scalar(other):
+        if scalars.is_scalar(other):
             return other
         if isinstance(other, Particle):
             if other.model_class is not model_class(self):

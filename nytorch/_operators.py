@@ -15,6 +15,7 @@ from typing_extensions import Self
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _scalars as scalars
 from ._config import ParamConfig
 
 if TYPE_CHECKING:  # ``particle + swarm`` is a Swarm (``Swarm.__radd__`` answers): the overloads below say so
@@ -84,7 +85,7 @@ class Operators:
     def _reflected(self, op: lw.Op, other: object) -> Self:
         if defers(other):
             return NotImplemented
-        if not lw.is_scalar(other):
+        if not scalars.is_scalar(other):
             state = self._state()
             self._operand(op.name, other, state)  # raises the informative TypeError
         return self._binary(lw.reflected_op(op, other), other, reflected=True)
@@ -275,6 +276,6 @@ class Operators:
 
 def _model_end(fn: str, end: object) -> None:
     """``TypeError`` for a number as ``end``: ``lerp`` moves toward another model (``nf.lerp`` takes numbers)."""
-    if lw.is_scalar(end):
+    if scalars.is_scalar(end):
         raise TypeError(f"{fn}: expected a model or a Particle as end, got the number {end!r}; move toward a number "
                         f"with nytorch.functional.lerp(params, {end!r}, weight) or with self + weight * ({end!r} - self)")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
+from . import _scalars as scalars
 from ._config import ParamConfig, configs_for
 from ._flat import Flat, FlatPlan, find_flat, plan_for, written
 from ._packing import PACKED, pack_
@@ -151,17 +152,17 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
     operands: list[object] = []
     for other in others:
         kind = type(other)
-        if (kind is float or (kind is int and lw.in_int_range(other))) and flat.plan.floating:  # type: ignore[arg-type]
+        if (kind is float or (kind is int and scalars.in_int_range(other))) and flat.plan.floating:  # type: ignore[arg-type]
             # a real number never changes a floating dtype
             operands.append(other)
             continue
-        if lw.is_scalar(other):
+        if scalars.is_scalar(other):
             if isinstance(other, Tensor) and _promotes_zero_dim(flat.plan, other):
                 return None  # per tensor, a 0-dim leaf computes with it in the promoted dtype; a buffer would not
             firsts = [names[index[0]] for index in flat.plan.groups]
             # each group's first leaf as a view: an error names its shape, not the buffer's
             leaves = [buffer[:likes[0].numel()].view(likes[0].shape) for buffer, likes in zip(flat.raw, flat.plan.likes)]
-            lw.check_scalar(fn, other, firsts, leaves, [True] * len(firsts), reflected)
+            scalars.check_scalar(fn, other, firsts, leaves, [True] * len(firsts), reflected)
             operands.append(other)
             continue
         other_names: Sequence[str]
@@ -239,10 +240,10 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object],
     Particle = _particle_class()
     layout, cls = layout_of(model), model_class(model)
     for other in others:
-        if lw.is_scalar(other):
+        if scalars.is_scalar(other):
             # the leaves that take part: a non-operational one keeps its dtype whatever the scalar
             active = active_for(layout.signature, configs_for(layout))
-            lw.check_scalar(fn, other, layout.names, layout.params, active, reflected)
+            scalars.check_scalar(fn, other, layout.names, layout.params, active, reflected)
         elif isinstance(other, nn.Module):
             if model_class(other) is not cls or not _same_structure(_structure(other), layout.names, layout.signature):
                 return None
@@ -302,7 +303,7 @@ def _common(model: nn.Module, other: object
         return None
     layout, flat, configs = found
     kind = type(other)
-    if kind is float or (kind is int and lw.in_int_range(other)):  # type: ignore[arg-type]
+    if kind is float or (kind is int and scalars.in_int_range(other)):  # type: ignore[arg-type]
         return (layout, flat, configs, [other]) if flat.plan.floating else None
     if kind is not type(model):
         return None

@@ -11,9 +11,10 @@ from typing_extensions import Self
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _scalars as scalars
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
-from ._errors import StructureError, class_names
+from ._errors import StructureError, class_names, describe
 from ._flat import Flat, FlatPlan, find_flat, own_counters, plan_for, written
 from ._packing import PACKED, lazy_name, pack_
 from ._kernels import check_converted, compute, fill, kernel_, readable, writable
@@ -256,7 +257,7 @@ class Particle(Operators):
         return super().rand() if result is None else result
 
     def _operand(self, fn: str, other: object, state: State) -> Any:
-        if lw.is_scalar(other):
+        if scalars.is_scalar(other):
             return other
         if isinstance(other, Particle):
             self._check_class(fn, other._layout.modules[0])  # names alone do not tell: they are shared
@@ -513,8 +514,8 @@ class Particle(Operators):
                 raise TypeError(f"{fn}: expected the function to return a tensor for parameter {name!r}, "
                                 f"got {_class_name(value)}")
             if value.shape != leaf.shape or value.dtype != leaf.dtype or value.device != leaf.device:
-                raise StructureError(f"{fn}: the function returned {lw.describe(value)} on {value.device} for "
-                                     f"parameter {name!r} ({lw.describe(leaf)} on {leaf.device}); results keep "
+                raise StructureError(f"{fn}: the function returned {describe(value)} on {value.device} for "
+                                     f"parameter {name!r} ({describe(leaf)} on {leaf.device}); results keep "
                                      "each parameter's shape, dtype and device")
         return results
 

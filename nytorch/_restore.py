@@ -10,11 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _leafwise as lw
 from ._bind import bind
 from ._codec import (TAG, CheckpointError, malformed, class_of, decode_generator, fields_of, generator_device,
                      is_dataclass_instance, is_namedtuple, join, named_tensors, plain, same_class, swarm_class, tag_of)
-from ._errors import StructureError
+from ._errors import StructureError, describe
 from ._particle import Particle
 from ._walk import Layout, model_class
 
@@ -44,8 +43,8 @@ def _aligned(path: str, names: list[str], leaves: list[Tensor], saved: Mapping[s
                 continue
             raise StructureError(f"{fn}: parameter {name!r} is missing from the checkpoint")
         if value.shape != leaf.shape or value.dtype != leaf.dtype:
-            raise StructureError(f"{fn}: parameter {name!r} differs: like has {lw.describe(leaf)}, "
-                                 f"the checkpoint has {lw.describe(value)}")
+            raise StructureError(f"{fn}: parameter {name!r} differs: like has {describe(leaf)}, "
+                                 f"the checkpoint has {describe(value)}")
         if value.device.type == "meta" and leaf.device.type != "meta":
             raise CheckpointError(f"{fn}: parameter {name!r} was saved on the meta device and has no "
                                   "values to load")

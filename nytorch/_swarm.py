@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
-from . import _leafwise as lw
+from . import _scalars as scalars
 from . import _swarm_build as build
 from . import _swarm_index as index_ops
 from . import _vectorise as vec
@@ -270,7 +270,7 @@ class Swarm(SwarmArithmetic):
         >>> torch.equal(Swarm.normal(centres, std=0.0).params["bias"], centres.params["bias"])
         True
         """
-        if (not lw.is_scalar(std) or isinstance(std, bool)
+        if (not scalars.is_scalar(std) or isinstance(std, bool)
                 or (isinstance(std, Tensor) and (std.is_complex() or std.dtype == torch.bool))
                 or (not isinstance(std, Tensor) and not isinstance(std, numbers.Real))):
             kind = (f"a tensor of dtype {str(std.dtype).removeprefix('torch.')} and shape {tuple(std.shape)}"

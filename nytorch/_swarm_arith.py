@@ -12,6 +12,7 @@ import torch
 from typing_extensions import Self
 
 from . import _leafwise as lw
+from . import _scalars as scalars
 from . import _swarm_ops as ops
 from ._errors import StructureError
 from ._operators import Operators
@@ -50,11 +51,11 @@ class SwarmArithmetic(Operators):
         return self
 
     def _check_converted(self, fn: str, values: list[Any]) -> None:
-        """Refuse, before writing, a number torch would refuse for some group half-way (``lw.check_converted``)."""
+        """Refuse, before writing, a number torch would refuse for some group half-way (``scalars.check_converted``)."""
         spec = self._spec
         for value in values:
             if not isinstance(value, list):
-                lw.check_converted(fn, value, lambda: [(spec.leaf_name(g), group.dtype)
+                scalars.check_converted(fn, value, lambda: [(spec.leaf_name(g), group.dtype)
                                                        for g, group in enumerate(spec.groups) if group.active])
 
     def _reflected(self, op: lw.Op, other: object) -> Self:

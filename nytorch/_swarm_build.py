@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from . import _algebra as algebra
-from . import _leafwise as lw
 from . import _nocast as nocast
 from . import _swarm_ops as ops
-from ._errors import DeviceMismatchError, StructureError, class_names
+from ._errors import DeviceMismatchError, StructureError, class_names, describe
 from ._particle import Particle
 from ._swarm_spec import Group, Spec, make_spec, pack_members, pack_stacked, rows_of, views_of
 from ._walk import Layout, model_class
@@ -131,7 +130,7 @@ def _check_item(i: int, spec: Spec, layout: Layout, reference: list[_Reference],
             algebra.check_names(fn, names, other_names, "this item", "item 0", kind=kind)
         for name, a, b in zip(names, leaves, other_leaves):
             if a.shape != b.shape or a.dtype != b.dtype:
-                raise StructureError(f"{fn}: {kind} {name!r} differs: {lw.describe(a)} vs {lw.describe(b)} "
+                raise StructureError(f"{fn}: {kind} {name!r} differs: {describe(a)} vs {describe(b)} "
                                      "(item 0 vs this item)")
             if a.device != b.device:
                 raise DeviceMismatchError(f"{fn}: {kind} {name!r} is on {a.device} in item 0 and on {b.device} "
@@ -226,7 +225,7 @@ def _checked(fn: str, spec: Spec, params: Mapping[str, Tensor]) -> tuple[dict[st
         if value.dim() == 0 or value.shape[1:] != slot.shape or value.dtype != stand_in.dtype:
             raise StructureError(
                 f"{fn}: expected {name!r} of shape (P, {', '.join(map(str, slot.shape))}) "
-                f"{str(stand_in.dtype).removeprefix('torch.')} (a leading member dimension), got {lw.describe(value)}")
+                f"{str(stand_in.dtype).removeprefix('torch.')} (a leading member dimension), got {describe(value)}")
         if value.device != stand_in.device:
             raise DeviceMismatchError(f"{fn}: {name!r} is on {value.device} but the model is on {stand_in.device}; "
                                       "move it first")

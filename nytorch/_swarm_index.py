@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _leafwise as lw
+from . import _scalars as scalars
 from . import _swarm_ops as ops
 from ._errors import StructureError
 from ._particle import Particle
@@ -124,7 +124,7 @@ def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: 
     fn = "Swarm.__setitem__"
     selected = count(index, size)
     rows: list[Any]
-    if lw.is_scalar(value):
+    if scalars.is_scalar(value):
         ops.operand(fn, spec, size, value)
         if isinstance(value, np.generic):  # torch's item assignment takes Python numbers, not NumPy scalars
             value = value.item()
@@ -138,8 +138,8 @@ def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: 
     else:
         raise TypeError(f"{fn}: expected a {spec.model_class.__name__}, a Particle or a Swarm of one, "
                         f"or a number, got {type(value).__name__}")
-    ops.check_writable(fn, spec, flats, lw.is_scalar(value))
-    if lw.is_scalar(value):  # a number too large for a later group's dtype: torch refuses only there
+    ops.check_writable(fn, spec, flats, scalars.is_scalar(value))
+    if scalars.is_scalar(value):  # a number too large for a later group's dtype: torch refuses only there
         ops.check_numbers_fit(fn, spec, _fill_one, value)
     with torch.no_grad():
         for flat, row in zip(flats, rows):

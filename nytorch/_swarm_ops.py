@@ -23,6 +23,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _scalars as scalars
 from . import _nocast as nocast
 from ._errors import DeviceMismatchError, StructureError, class_names
 from ._particle import Particle, layout_state
@@ -82,12 +83,12 @@ def full_leaves(fn: str, spec: Spec, other: Union[Particle, nn.Module]) -> list[
 def _check_scalar(fn: str, spec: Spec, scalar: object, reflected: bool) -> None:
     groups = spec.groups
     kind = type(scalar)
-    if (kind is float or (kind is int and lw.in_int_range(scalar))) and all(  # type: ignore[arg-type]
+    if (kind is float or (kind is int and scalars.in_int_range(scalar))) and all(  # type: ignore[arg-type]
             g.dtype.is_floating_point for g in groups if g.active):
         return
     stand_ins = spec.layout.params + spec.layout.buffers
     firsts = [spec.names.index(spec.leaf_name(g)) for g in range(len(groups))]
-    lw.check_scalar(fn, scalar, [spec.names[i] for i in firsts], [stand_ins[i] for i in firsts],
+    scalars.check_scalar(fn, scalar, [spec.names[i] for i in firsts], [stand_ins[i] for i in firsts],
                     [g.active for g in groups], reflected)
 
 
@@ -151,9 +152,9 @@ def operand(fn: str, spec: Spec, size: int, other: object, *, reflected: bool = 
         StructureError: names, shapes, dtypes, weight count or swarm size differ.
         DeviceMismatchError: operands on different devices.
     """
-    if lw.is_scalar(other):
+    if scalars.is_scalar(other):
         _check_scalar(fn, spec, other, reflected)
-        return lw.as_numbers((other,))[0]  # torch would drop a NumPy complex's imaginary part
+        return scalars.as_numbers((other,))[0]  # torch would drop a NumPy complex's imaginary part
     if isinstance(other, Tensor):
         return _weights(fn, spec, size, other)
     if is_swarm(other):
@@ -292,7 +293,7 @@ AXPY = lw.Op("add", _add, leaf_=_add_)
 
 def lerp_operands(fn: str, spec: Spec, size: int, end: object, weight: object, inplace: bool) -> list[Operand]:
     """``end`` and ``weight`` converted for ``torch.lerp`` (tensor ends, weights in each group's dtype)."""
-    if lw.is_scalar(end):
+    if scalars.is_scalar(end):
         operand(fn, spec, size, end)
         converted_end: Operand = [torch.as_tensor(end, dtype=g.dtype, device=g.device) for g in spec.groups]
     else:

@@ -14,6 +14,7 @@ import optree
 import torch
 
 from . import _leafwise as lw
+from . import _scalars as scalars
 from . import _nocast as nocast
 from ._tree_match import (aligned, flatten, is_scalar_operand, leaf_names, matched, mismatch, plain_leaves,
                           refuse_lone_tensor)
@@ -32,7 +33,7 @@ def _scalar_op(op: lw.Op, fn: str, tree: PyTree, scalar: object, argument: str, 
     leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, argument)
     active = lw.arithmetic_mask(leaves)
     names = leaf_names(tree, plain is not None)
-    lw.check_scalar(fn, scalar, names, leaves, active, reflected=reflected)
+    scalars.check_scalar(fn, scalar, names, leaves, active, reflected=reflected)
     results = lw.apply(lw.reflected_op(lw.REFLECTED[fn], scalar) if reflected else op, leaves, scalar, active=active)
     return dict(zip(tree, results)) if spec is None else optree.tree_unflatten(spec, results)
 
@@ -217,7 +218,7 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
     >>> lerp({"w": torch.tensor([0., 10.])}, 20.0, 0.5)  # ``b`` a scalar: every leaf moves toward it
     {'w': tensor([10., 15.])}
     """
-    if lw.is_scalar(a) and not isinstance(a, Tensor):
+    if scalars.is_scalar(a) and not isinstance(a, Tensor):
         raise TypeError(f"lerp: expected a pytree of tensors as the first operand (the start), got the number "
                         f"{a!r}; only the end and the weight may be numbers")
     if is_scalar_operand(b, a):
@@ -230,7 +231,7 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
         return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
     left, right, plain_spec = aligned("lerp", a, b)  # ``None``: two plain dicts, leaves in key order
     names = leaf_names(a, plain_spec is None)
-    lw.check_scalar("lerp", weight, names, left, lw.arithmetic_mask(left))
+    scalars.check_scalar("lerp", weight, names, left, lw.arithmetic_mask(left))
     results = lw.apply(lw.LERP, left, right, weight)
     return dict(zip(a, results)) if plain_spec is None else optree.tree_unflatten(plain_spec, results)
 
@@ -352,7 +353,7 @@ def _filled(fn: str, tree: PyTree, scalar: Any) -> PyTree:
     """
     plain = plain_leaves(tree)
     leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, "the first operand")
-    lw.check_scalar(fn, scalar, leaf_names(tree, plain is not None), leaves, lw.arithmetic_mask(leaves))
+    scalars.check_scalar(fn, scalar, leaf_names(tree, plain is not None), leaves, lw.arithmetic_mask(leaves))
     filled = [torch.as_tensor(scalar, dtype=leaf.dtype, device=leaf.device).expand_as(leaf)
               if lw.is_arithmetic(leaf) else leaf for leaf in leaves]  # expanded: no memory per leaf
     return dict(zip(tree, filled)) if spec is None else optree.tree_unflatten(spec, filled)

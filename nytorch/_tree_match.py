@@ -15,6 +15,7 @@ import optree
 import torch
 
 from . import _leafwise as lw
+from . import _scalars as scalars
 from ._errors import StructureError
 from ._types import PyTree
 
@@ -122,7 +123,7 @@ def is_scalar_operand(value: object, other: object) -> bool:
     if isinstance(value, Tensor):
         # a 0-dim tensor broadcasts, unless the other side is a 0-dim tensor too (then both are trees)
         return value.dim() == 0 and not (isinstance(other, Tensor) and other.dim() == 0)
-    return lw.is_scalar(value)
+    return scalars.is_scalar(value)
 
 
 def refuse_lone_tensor(fn: str, a: PyTree, b: PyTree, second: str = "the second operand") -> None:

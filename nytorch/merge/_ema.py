@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, Optional, TypeVar, Union
 import torch
 
 from .. import _leafwise as lw
-from .._algebra import check_writable
+from .. import _scalars as scalars
+from .._algebra import check_writable, footprint
 from ._state import BufferMode, Operand, check_buffers, matched, operand
 
 Tensor = torch.Tensor
@@ -114,13 +115,14 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
         taken: dict[int, list[Tensor]] = {}
         for index in range(count, len(leaves)):
             leaf = leaves[index]
-            key = tie_key(leaf)
-            if key is not None:
-                alike = taken.get(key[0])
+            covered = footprint(leaf)  # the same memory, whatever the view (``lin.weight.view(-1)`` too)
+            if covered is not None:
+                address = leaf.data_ptr()
+                alike = taken.get(address)
                 if alike is None:
-                    alike = taken[key[0]] = [p for p in leaves[:count] if p.data_ptr() == key[0]] \
-                        if key[0] in pointers else []
-                if any(tie_key(other) == key for other in alike):
+                    alike = taken[address] = [p for p in leaves[:count] if p.data_ptr() == address] \
+                        if address in pointers else []
+                if any(footprint(other) == covered for other in alike):
                     continue
                 alike.append(leaf)
             averaged = buffers == "average" and lw.is_arithmetic(leaves[index])
@@ -165,7 +167,7 @@ def check_weight(fn: str, tau: Weight, target: Operand, steps: Plan) -> None:
     if isinstance(tau, float):
         return
     leaves = [target.leaves[i] for i in steps.lerp]
-    lw.check_scalar(fn, tau, [target.names[i] for i in steps.lerp], leaves, [True] * len(leaves))
+    scalars.check_scalar(fn, tau, [target.names[i] for i in steps.lerp], leaves, [True] * len(leaves))
 
 
 def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Optional[Weight] = None,

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import _leafwise as lw
 from .._algebra import without_grad
-from .._errors import StructureError
+from .._errors import StructureError, describe
 from .._flat import Flat, find_flat, plan_for, unshared, written
 from .._packing import pack_
 from .._walk import Placement, placement
@@ -422,15 +422,15 @@ class EMA:
             if target is None:
                 raise StructureError(f"{fn}: state has an extra parameter {name!r}, which the average does not have")
             if value.shape != target.shape:
-                raise StructureError(f"{fn}: parameter {name!r} differs: {lw.describe(target)} vs "
-                                     f"{lw.describe(value)} in state")
+                raise StructureError(f"{fn}: parameter {name!r} differs: {describe(target)} vs "
+                                     f"{describe(value)} in state")
             if value.is_complex() and not target.is_complex():
                 raise TypeError(f"{fn}: expected a real tensor for parameter {name!r} "
-                                f"({lw.describe(target)}), got {lw.describe(value)} in state")
+                                f"({describe(target)}), got {describe(value)} in state")
             if (value.is_meta and not target.is_meta) or value.layout != torch.strided:  # copy_ would fail
                 what = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
                 raise ValueError(f"{fn}: expected a dense tensor with values for parameter {name!r} "
-                                 f"({lw.describe(target)} on {target.device}), got {what} in state")
+                                 f"({describe(target)} on {target.device}), got {what} in state")
             targets.append(target)
             values.append(value)
         given = set(map(id, targets))

@@ -20,7 +20,7 @@ from .. import _algebra as algebra
 from .. import _leafwise as lw
 from .. import _nocast as nocast
 from .._config import ParamConfig, configs_for
-from .._errors import DeviceMismatchError, StructureError, class_names
+from .._errors import DeviceMismatchError, StructureError, class_names, describe
 from .._particle import Particle, layout_state
 from .._tree_match import flatten, path_names
 from .._rebuild import rebuild as rebuild_module
@@ -207,8 +207,8 @@ def check_same(fn: str, first: Operand, other: Operand, label: str, *, reference
         algebra.check_names(fn, first.names, other.names, label, reference)
     for name, a, b in zip(first.names, first.leaves, other.leaves):
         if a.shape != b.shape or a.dtype != b.dtype:
-            raise StructureError(f"{fn}: parameter {name!r} differs: {lw.describe(a)} vs "
-                                 f"{lw.describe(b)} in {label}")
+            raise StructureError(f"{fn}: parameter {name!r} differs: {describe(a)} vs "
+                                 f"{describe(b)} in {label}")
         if a.device != b.device:
             raise DeviceMismatchError(f"{fn}: parameter {name!r} is on {a.device} but on {b.device} in "
                                       f"{label}; move both to one device first (e.g. model.to(device))")

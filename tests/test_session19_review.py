@@ -93,7 +93,7 @@ class TiedBuffer(nn.Module):
         with torch.no_grad():
             self.lin.weight.copy_(torch.arange(6.0).view(2, 3))
         weight = self.lin.weight.detach()
-        self.register_buffer("w", {"same": weight, "flat": weight.view(-1), "t": weight.t()}[alias])
+        self.register_buffer("w", {"same": weight, "flat": weight.view(-1), "t": weight.t(), "part": weight[0]}[alias])
         self.register_buffer("own", torch.ones(2))
 
 
@@ -332,3 +332,21 @@ def test_dare_on_meta_models_takes_a_cpu_generator_as_torch_rand_does() -> None:
     merged = merge.dare(base, tuned, drop=0.5, generator=generator)
     assert type(merged) is nn.Linear
     assert all(t.device.type == "meta" and t.shape == r.shape for t, r in zip(merged.parameters(), base.parameters()))
+
+
+@pytest.mark.parametrize("alias", ["same", "flat", "t", "part"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_ema_class_average_keeps_every_alias_of_a_weight_current(alias: str, pack: bool) -> None:
+    # EMA's own copy keeps only same-view ties: a buffer over the weight in another view is its own
+    # tensor there, so it must be averaged too, not skipped as an in-place update would skip it
+    model = TiedBuffer(alias)
+    with torch.no_grad():
+        model.lin.weight.zero_()
+    ema = merge.EMA(model, decay=0.5, pack=pack)
+    with torch.no_grad():
+        model.lin.weight.fill_(1.0)
+    ema.update()
+    reference = torch.lerp(torch.zeros(2, 3), torch.ones(2, 3), 0.5)
+    view = {"same": reference, "flat": reference.view(-1), "t": reference.t(), "part": reference[0]}[alias]
+    averaged = ema.averaged
+    assert torch.equal(averaged.lin.weight.detach(), reference) and torch.equal(averaged.w, view)

@@ -12,7 +12,7 @@ are left alone:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, TypeVar, Union
 
 import torch
@@ -85,11 +85,13 @@ def weight_of(fn: str, decay: object, tau: object) -> Weight:
     return 1.0 - value
 
 
-def plan(target: Operand, buffers: BufferMode) -> Plan:
+def plan(target: Operand, buffers: BufferMode, *, alias: Callable[[Tensor], object] = footprint) -> Plan:
     """Which leaves of ``target`` an EMA update averages and which it copies.
 
     Tied leaves of a dict target (e.g. a ``state_dict`` with two names for one
-    tensor) are planned once, and so is a buffer tied to a parameter (the same memory).
+    tensor) are planned once, and so is a buffer tied to a parameter: one whose ``alias`` key
+    (``footprint``: the same memory in any view, for updates in place; ``tie_key``: the same view,
+    for ``EMA``'s copy, which keeps only such ties) equals the parameter's.
     """
     leaves, count = target.leaves, target.params
     # the common case, without per-leaf calls: no configs, and no two parameters over one storage
@@ -115,14 +117,14 @@ def plan(target: Operand, buffers: BufferMode) -> Plan:
         taken: dict[int, list[Tensor]] = {}
         for index in range(count, len(leaves)):
             leaf = leaves[index]
-            covered = footprint(leaf)  # the same memory, whatever the view (``lin.weight.view(-1)`` too)
+            covered = alias(leaf)  # with ``footprint``: the same memory, whatever the view (``weight.view(-1)``)
             if covered is not None:
                 address = leaf.data_ptr()
                 alike = taken.get(address)
                 if alike is None:
                     alike = taken[address] = [p for p in leaves[:count] if p.data_ptr() == address] \
                         if address in pointers else []
-                if any(footprint(other) == covered for other in alike):
+                if any(alias(other) == covered for other in alike):
                     continue
                 alike.append(leaf)
             averaged = buffers == "average" and lw.is_arithmetic(leaves[index])

@@ -110,7 +110,7 @@ class EMA:
         self._buffers: BufferMode = buffers
         self._model = model
         self._online = operand("EMA", model, buffers=buffers != "keep")
-        self._plan = plan(self._online, buffers)
+        self._plan = plan(self._online, buffers, alias=tie_key)
         self.averaged = self._copy()
         self._target = operand("EMA", self.averaged, buffers=buffers != "keep")
         self.step = 0
@@ -213,7 +213,7 @@ class EMA:
         online = matched(fn, self._target, online, "model", reference="the average")
         self._online = online
         self._tables, self._keys, self._held = entries(online)
-        self._plan = plan(online, self._buffers)
+        self._plan = plan(online, self._buffers, alias=tie_key)
         if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
             pack_(self._model)
             pack_(self.averaged)  # and a copy of the EMA (deepcopy, pickle) gave the average's their own

@@ -107,11 +107,21 @@ def _weights(fn: str, spec: Spec, size: int, weights: Tensor) -> list[Optional[T
         if weights.is_complex() and not group.dtype.is_complex:
             raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(index)!r} "
                             f"({str(group.dtype).removeprefix('torch.')}) complex; nytorch keeps every dtype")
-        if weights.device != group.device:
-            raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
-                                      f"{spec.leaf_name(index)!r} is on {group.device}; move them first")
-        columns.append(weights.detach().to(group.dtype).unsqueeze(1))
+        _check_weights_device(fn, spec, weights, index)
+        columns.append(weights.detach().to(device=group.device, dtype=group.dtype).unsqueeze(1))
     return columns
+
+
+def _check_weights_device(fn: str, spec: Spec, weights: Tensor, group: int) -> None:
+    """Raise unless per-member ``weights`` sit where ``group`` does, or where another arithmetic group of the
+    swarm does: a swarm spread over devices (model parallel) has no one device to hold them, so they
+    are moved to each group's, as a 0-dim tensor on the CPU is.
+    """
+    device = spec.groups[group].device
+    if weights.device == device or any(other.active and other.device == weights.device for other in spec.groups):
+        return
+    raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
+                              f"{spec.leaf_name(group)!r} is on {device}; move them to a device of the swarm")
 
 
 def aligned(fn: str, spec: Spec, other: Any) -> list[Tensor]:
@@ -321,13 +331,11 @@ def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tens
         if weights.is_complex() and not group.dtype.is_complex:
             raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(g)!r} "
                             f"({str(group.dtype).removeprefix('torch.')}) complex; nytorch keeps every dtype")
-        if weights.device != group.device:
-            raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
-                                      f"{spec.leaf_name(g)!r} is on {group.device}")
+        _check_weights_device(fn, spec, weights, g)
         device = flat.device.type
         # autocast would compute (and return) the mix in bf16/fp16
         with torch.autocast(device, enabled=False) if _autocast_available(device) else contextlib.nullcontext():
-            out.append(weights.detach().to(group.dtype) @ flat)
+            out.append(weights.detach().to(device=group.device, dtype=group.dtype) @ flat)
     return out
 
 

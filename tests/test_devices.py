@@ -235,3 +235,26 @@ def test_norm_without_floating_leaves_ignores_the_default_device(meta_default_de
     torch.set_default_device(None)
     assert norm.device.type == "cpu" and dot.device.type == "cpu"
     assert torch.equal(norm, torch.tensor(0.0)) and torch.equal(dot, torch.tensor(0.0))
+
+
+def test_per_member_weights_serve_a_swarm_spread_over_devices() -> None:
+    """A swarm whose groups live on two devices (model parallel) has no one device for its weights: they
+    are moved to each group's when they sit on one of the swarm's devices, and refused elsewhere."""
+    net = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2, device="meta"))
+    members = [net, nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2, device="meta"))]
+    swarm = Swarm.stack(members)
+    weights = torch.tensor([2.0, -0.5])
+    for result in (swarm * weights, swarm.lerp(swarm.clone().add(1.0), weights)):
+        for name, value in result.params.items():
+            assert value.device == swarm.params[name].device, name
+    product = swarm * weights
+    for i, member in enumerate(members):  # the CPU layer's values, against plain torch per member
+        torch.testing.assert_close(product.params["0.weight"][i], member[0].weight.detach() * weights[i])
+    mixture = weights @ swarm  # one Particle: each group on its own device
+    torch.testing.assert_close(mixture.params["0.bias"],
+                               sum(w * m[0].bias.detach() for w, m in zip(weights, members)))
+    assert mixture.params["2.weight"].device.type == "meta"
+    cpu_only = Swarm.stack([nn.Linear(3, 2), nn.Linear(3, 2)])
+    with pytest.raises(DeviceMismatchError, match=r"^mul: the weights are on meta but parameter 'weight' is on cpu; "
+                                                  r"move them to a device of the swarm"):
+        cpu_only * torch.ones(2, device="meta")

@@ -6,7 +6,7 @@ order and the tensors aligned with them.  Operands are other states or scalars.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, TypeVar
 
 import torch
@@ -131,52 +131,36 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
     lw.apply_(op, leaves, *operands, active=written_once(leaves, active))
 
 
-def written_once(leaves: Sequence[torch.Tensor], active: list[bool]) -> list[bool]:
-    """``active`` less the leaves over the very memory of an earlier active leaf (written once, not twice).
+#: What two tied leaves share (see ``tie_key``).
+TieKey = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]
 
-    Distinct tensors can be one tensor under two names: a buffer registered as a parameter's
-    ``Parameter`` or its ``.data`` (or a view of all of it, ``.view(-1)``, ``.t()``), two Parameters
-    over one storage.  Packed models have none (packing refuses them); the address check is skipped
-    under ``torch.func`` transforms, which have no addresses.
 
-    >>> w = torch.ones(2, 2)
-    >>> written_once([w, w.detach(), w[:1], w.t()], [True, True, True, True])
-    [True, False, True, False]
+def tie_key(leaf: torch.Tensor) -> Optional[TieKey]:
+    """What two tied leaves share (their memory and its layout); ``None`` for an empty or meta leaf, tied to nothing.
+
+    >>> weight = torch.ones(2, 2)
+    >>> tie_key(weight) == tie_key(weight.detach()), tie_key(weight) == tie_key(weight[0])
+    (True, False)
     """
-    if lw.transforms_active() or len(set(map(torch.Tensor.data_ptr, leaves))) == len(leaves):
-        return active
-    seen: set[Footprint] = set()
-    once = list(active)
-    for i, leaf in enumerate(leaves):
-        key = footprint(leaf) if once[i] else None
-        if key is None:
-            continue
-        if key in seen:
-            once[i] = False
-        seen.add(key)
-    return once
+    if not leaf.numel() or leaf.device.type == "meta":  # every meta tensor sits at address 0
+        return None
+    return leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
 
 
-#: The memory a tensor covers (see ``footprint``).
-Footprint = tuple[object, ...]
-
-
-def footprint(leaf: torch.Tensor) -> Optional[Footprint]:
+def footprint(leaf: torch.Tensor) -> Optional[object]:
     """The memory ``leaf`` covers, equal for two tensors over exactly the same elements; ``None`` for
     an empty or meta tensor (every meta tensor sits at address 0).
 
     A dense, non-overlapping tensor covers one span whatever its shape and strides (``w``,
-    ``w.view(-1)``, ``w.t()``); any other is told by its shape and strides too.
+    ``w.view(-1)``, ``w.t()``); any other is told by its view too (``tie_key``).
 
     >>> w = torch.ones(2, 3)
     >>> footprint(w) == footprint(w.t()) == footprint(w.view(-1)), footprint(w) == footprint(w[0])
     (True, False)
     """
-    if not leaf.numel() or leaf.device.type == "meta":
-        return None
-    if _dense(leaf):
+    if leaf.numel() and leaf.device.type != "meta" and _dense(leaf):
         return leaf.data_ptr(), leaf.numel(), leaf.dtype
-    return leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
+    return tie_key(leaf)
 
 
 def _dense(leaf: torch.Tensor) -> bool:
@@ -188,6 +172,45 @@ def _dense(leaf: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def written_once(leaves: Sequence[torch.Tensor], active: list[bool], *,
+                 key: Callable[[torch.Tensor], Optional[object]] = footprint) -> list[bool]:
+    """``active`` less the leaves over the very memory of an earlier active leaf (written once, not twice).
+
+    Distinct tensors can be one tensor under two names: a buffer registered as a parameter's
+    ``Parameter`` or its ``.data`` (or a view of all of it, ``.view(-1)``, ``.t()``), two Parameters
+    over one storage.  ``key`` tells them (default ``footprint``: the same memory in any view;
+    ``tie_key``: the same view only).  Packed models have none (packing refuses them); the address
+    check is skipped under ``torch.func`` transforms, which have no addresses.
+
+    >>> w = torch.ones(2, 2)
+    >>> written_once([w, w.detach(), w[:1], w.t()], [True, True, True, True])
+    [True, False, True, False]
+    >>> written_once([w, w.detach(), w[:1], w.t()], [True, True, True, True], key=tie_key)
+    [True, False, True, True]
+    """
+    if lw.transforms_active() or len(set(map(torch.Tensor.data_ptr, leaves))) == len(leaves):
+        return active
+    later = ties(leaves, [i for i, on in enumerate(active) if on], key=key)
+    return [on and i not in later for i, on in enumerate(active)]
+
+
+def ties(leaves: Sequence[torch.Tensor], indices: Iterable[int], *,
+         key: Callable[[torch.Tensor], Optional[object]] = tie_key) -> dict[int, int]:
+    """``{later index: first index}`` for the leaves among ``indices`` tied (equal ``key``) to an earlier one.
+
+    >>> w = torch.ones(2)
+    >>> ties([w, torch.ones(2), w.detach()], range(3))
+    {2: 0}
+    """
+    first: dict[object, int] = {}
+    later: dict[int, int] = {}
+    for index in indices:
+        found = key(leaves[index])
+        if found is not None and first.setdefault(found, index) != index:
+            later[index] = first[found]
+    return later
 
 
 def check_writable(fn: str, names: Sequence[str], leaves: Sequence[Tensor],

@@ -350,3 +350,25 @@ def test_ema_class_average_keeps_every_alias_of_a_weight_current(alias: str, pac
     view = {"same": reference, "flat": reference.view(-1), "t": reference.t(), "part": reference[0]}[alias]
     averaged = ema.averaged
     assert torch.equal(averaged.lin.weight.detach(), reference) and torch.equal(averaged.w, view)
+
+
+class TwoViews(nn.Module):
+    """Two Parameters over one storage, in two views: ``b`` is ``a`` transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(2, 3))
+        self.b = nn.Parameter(self.a.data.t())
+
+
+def test_ema_writes_two_parameters_over_one_memory_in_two_views_once() -> None:
+    # as Particle in-place operators do (``written_once``): ``ema_`` plans its ties with the same helper
+    target, online = TwoViews(), TwoViews()
+    with torch.no_grad():
+        online.a.fill_(1.0)
+    merge.ema_(target, online, tau=0.5)
+    reference = torch.lerp(torch.zeros(2, 3), torch.ones(2, 3), 0.5)  # one lerp of that memory, not two
+    assert torch.equal(target.a.detach(), reference) and torch.equal(target.b.detach(), reference.t())
+    p = nytorch.particle(target)
+    p += 1
+    assert torch.equal(target.a.detach(), reference + 1)

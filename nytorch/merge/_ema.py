@@ -19,21 +19,14 @@ import torch
 
 from .. import _leafwise as lw
 from .. import _scalars as scalars
-from .._algebra import check_writable, footprint
+from .._algebra import check_writable, footprint, written_once
 from ._state import BufferMode, Operand, check_buffers, matched, operand
 
 Tensor = torch.Tensor
-
-
-def refuse_unwritable(fn: str, model: Operand, steps: list[int]) -> None:
-    """Refuse before writing ``model``'s ``steps`` when torch would refuse part-way (inference tensors
-    outside inference mode); the scan is skipped when no leaf is an inference tensor."""
-    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, model.leaves)):
-        check_writable(fn, [model.names[i] for i in steps], [model.leaves[i] for i in steps])
 T = TypeVar("T")
 Weight = Union[float, Tensor]
 
-__all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "check_weight", "lerp_", "tie_key", "refuse_unwritable"]
+__all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "check_weight", "lerp_", "refuse_unwritable"]
 
 
 class Plan(NamedTuple):
@@ -88,60 +81,28 @@ def weight_of(fn: str, decay: object, tau: object) -> Weight:
 def plan(target: Operand, buffers: BufferMode, *, alias: Callable[[Tensor], object] = footprint) -> Plan:
     """Which leaves of ``target`` an EMA update averages and which it copies.
 
-    Tied leaves of a dict target (e.g. a ``state_dict`` with two names for one
-    tensor) are planned once, and so is a buffer tied to a parameter: one whose ``alias`` key
-    (``footprint``: the same memory in any view, for updates in place; ``tie_key``: the same view,
-    for ``EMA``'s copy, which keeps only such ties) equals the parameter's.
+    Tied leaves are planned once (``_algebra.written_once``): one tensor under two names in a dict
+    target (a ``state_dict``), two Parameters over one storage, a buffer over a parameter.  ``alias``
+    tells them: ``footprint`` (the same memory in any view) for updates in place, ``tie_key`` (the
+    same view) for ``EMA``'s copy, which keeps only such ties.
     """
     leaves, count = target.leaves, target.params
-    # the common case, without per-leaf calls: no configs, and no two parameters over one storage
-    if target.configs is None and target.kind != "tree" and len(set(map(Tensor.data_ptr, leaves[:count]))) == count:
+    planned = leaves if buffers != "keep" else leaves[:count]
+    once = written_once(planned, [True] * len(planned), key=alias)
+    # the common case, without per-leaf calls: no configs, and no two parameters over one memory
+    if target.configs is None and target.kind != "tree" and all(once[:count]):
         lerp = [i for i in range(count) if leaves[i].is_floating_point() or leaves[i].is_complex()]
         copy = [i for i in range(count) if not (leaves[i].is_floating_point() or leaves[i].is_complex())]
     else:
         lerp, copy = [], []
-        seen: set[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
         for index in range(count):
-            leaf = leaves[index]
-            key = tie_key(leaf)
-            if key is not None:  # tied weights (one tensor under two names, or two over one storage)
-                if key in seen:
-                    continue
-                seen.add(key)
-            if target.operational(index):
-                (lerp if lw.is_arithmetic(leaf) else copy).append(index)
-    if buffers != "keep" and len(leaves) > count:
-        # a buffer tied to a parameter (or an earlier buffer), e.g. ``register_buffer("w", lin.weight)``, is that
-        # tensor under a second name: updating it too would apply the update twice (addresses first: cheap)
-        pointers = set(map(Tensor.data_ptr, leaves[:count]))
-        taken: dict[int, list[Tensor]] = {}
-        for index in range(count, len(leaves)):
-            leaf = leaves[index]
-            covered = alias(leaf)  # with ``footprint``: the same memory, whatever the view (``weight.view(-1)``)
-            if covered is not None:
-                address = leaf.data_ptr()
-                alike = taken.get(address)
-                if alike is None:
-                    alike = taken[address] = [p for p in leaves[:count] if p.data_ptr() == address] \
-                        if address in pointers else []
-                if any(alias(other) == covered for other in alike):
-                    continue
-                alike.append(leaf)
+            if once[index] and target.operational(index):
+                (lerp if lw.is_arithmetic(leaves[index]) else copy).append(index)
+    for index in range(count, len(planned)):
+        if once[index]:
             averaged = buffers == "average" and lw.is_arithmetic(leaves[index])
             (lerp if averaged else copy).append(index)
     return Plan(lerp, copy)
-
-
-def tie_key(leaf: Tensor) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]]:
-    """What two tied leaves share (their memory and its layout); ``None`` for an empty or meta leaf, tied to nothing.
-
-    >>> weight = torch.ones(2, 2)
-    >>> tie_key(weight) == tie_key(weight.detach()), tie_key(weight) == tie_key(weight[0])
-    (True, False)
-    """
-    if not leaf.numel() or leaf.device.type == "meta":  # every meta tensor sits at address 0
-        return None
-    return leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
 
 
 def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
@@ -154,6 +115,13 @@ def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
         lw.apply_(lw.LERP, ends, starts, tau, active=[True] * len(ends))
     else:
         lw.LERP.foreach_(ends, starts, tau)
+
+
+def refuse_unwritable(fn: str, model: Operand, steps: list[int]) -> None:
+    """Refuse before writing ``model``'s ``steps`` when torch would refuse part-way (inference tensors
+    outside inference mode); the scan is skipped when no leaf is an inference tensor."""
+    if not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, model.leaves)):
+        check_writable(fn, [model.names[i] for i in steps], [model.leaves[i] for i in steps])
 
 
 @torch.no_grad()

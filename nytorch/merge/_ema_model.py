@@ -35,7 +35,8 @@ from .._errors import StructureError, describe
 from .._flat import Flat, find_flat, plan_for, unshared, written
 from .._packing import pack_
 from .._walk import Placement, placement
-from ._ema import check_weight, apply_plan_, lerp_, plan, refuse_unwritable, tie_key, weight_of
+from .._algebra import tie_key, ties
+from ._ema import check_weight, apply_plan_, lerp_, plan, refuse_unwritable, weight_of
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
 from ._watch import Configs, entries, holds
@@ -144,11 +145,8 @@ class EMA:
             for i, view in zip(group, views):
                 leaves[i] = view
         # tied leaves (which ``plan`` updates once, through the first) share one copy too
-        first: dict[Any, int] = {}
-        for i, leaf in enumerate(online.leaves):
-            key = tie_key(leaf)
-            if key is not None:
-                leaves[i] = leaves[first.setdefault(key, i)]
+        for i, first in ties(online.leaves, range(len(leaves))).items():
+            leaves[i] = leaves[first]
         result = rebuild(online, leaves)
         if isinstance(result, nn.Module):
             result.requires_grad_(False)

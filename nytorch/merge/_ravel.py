@@ -18,7 +18,7 @@ import torch
 from .. import _nocast as nocast
 from .._errors import DeviceMismatchError, StructureError
 from .._particle import Particle
-from ._ema import tie_key
+from .._algebra import ties
 from ._state import Operand, operand, rebuild, shares
 
 Tensor = torch.Tensor
@@ -33,12 +33,7 @@ def _selected(op: Operand) -> list[int]:
 def _untied(op: Operand, picked: list[int]) -> tuple[list[int], dict[int, int]]:
     """``picked`` with each tied leaf once (a dict naming one tensor twice, e.g. a tied ``state_dict()``),
     and ``{later index: first index}`` for the others, which ``unravel`` ties again."""
-    first: dict[Any, int] = {}
-    aliases: dict[int, int] = {}
-    for index in picked:
-        key = tie_key(op.leaves[index])
-        if key is not None and first.setdefault(key, index) != index:
-            aliases[index] = first[key]
+    aliases = ties(op.leaves, picked)
     return [index for index in picked if index not in aliases], aliases
 
 

@@ -16,13 +16,19 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["cat", "stack"]
+__all__ = ["off", "cat", "stack"]
 
 #: Whether ``torch.autocast`` knows a device type (torch < 2.3 has no ``torch.amp.is_autocast_available``).
 _available = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))
 
 
-def _off(tensors: Sequence[Tensor]) -> ContextManager[object]:
+def off(tensors: Sequence[Tensor]) -> ContextManager[object]:
+    """A context with autocast off for ``tensors``' device type (nothing to enter when autocast is off).
+
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16), off([torch.ones(1)]):
+    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    torch.float32
+    """
     if not tensors or not torch._C._is_any_autocast_enabled():
         return contextlib.nullcontext()  # the usual case: one C call, no context object
     device = tensors[0].device.type
@@ -37,7 +43,7 @@ def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
     ...     cat([half, half]).dtype
     torch.float16
     """
-    with _off(tensors):
+    with off(tensors):
         return torch.cat(list(tensors), dim)
 
 
@@ -49,5 +55,5 @@ def stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
     ...     stack([half, half]).shape
     torch.Size([2, 2])
     """
-    with _off(tensors):
+    with off(tensors):
         return torch.stack(list(tensors), dim)

@@ -20,7 +20,8 @@ from ._errors import DeviceMismatchError, describe
 
 Tensor = torch.Tensor
 
-__all__ = ["is_scalar", "INT_RANGE", "in_int_range", "as_numbers", "check_scalar", "check_converted"]
+__all__ = ["is_scalar", "INT_RANGE", "in_int_range", "as_numbers", "check_scalar", "check_converted",
+           "SAFE_MAGNITUDE", "magnitude"]
 
 _DTYPE = operator.attrgetter("dtype")
 #: The operations (by the name callers pass as ``fn``) that torch refuses for boolean operands.
@@ -126,7 +127,17 @@ _CONVERTIBLE: dict[str, dict[torch.dtype, float]] = {
 }
 
 
-_SMALLEST_LIMIT = torch.finfo(torch.float16).max
+#: Numbers up to this magnitude convert to every floating dtype torch checks (float16's largest).
+SAFE_MAGNITUDE = torch.finfo(torch.float16).max
+
+
+def magnitude(value: complex) -> float:
+    """The largest finite magnitude among a number's real and imaginary parts (torch converts inf and nan).
+
+    >>> magnitude(3 - 4j), magnitude(float("inf"))
+    (4.0, 0.0)
+    """
+    return max((abs(part) for part in (value.real, value.imag) if math.isfinite(part)), default=0.0)
 
 
 def check_converted(fn: str, scalar: object, named_dtypes: Callable[[], Iterable[tuple[str, torch.dtype]]]) -> None:
@@ -148,9 +159,8 @@ def check_converted(fn: str, scalar: object, named_dtypes: Callable[[], Iterable
     if limits is None or isinstance(scalar, Tensor) or not isinstance(scalar, (numbers.Number, np.generic)):
         return
     value: complex = scalar.item() if isinstance(scalar, np.generic) else scalar  # type: ignore[assignment]
-    parts = (value.real, value.imag)  # a real number's imaginary part is 0
-    big = max((abs(part) for part in parts if math.isfinite(part)), default=0.0)  # torch converts inf and nan
-    if big <= _SMALLEST_LIMIT:
+    big = magnitude(value)
+    if big <= SAFE_MAGNITUDE:
         return
     for name, dtype in named_dtypes():
         limit = limits.get(dtype)

@@ -12,9 +12,6 @@ Only arithmetic groups (floating/complex, operational) change; the rest are carr
 """
 from __future__ import annotations
 
-import contextlib
-import math
-
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
@@ -104,24 +101,26 @@ def _weights(fn: str, spec: Spec, size: int, weights: Tensor) -> list[Optional[T
         if not group.active:
             columns.append(None)
             continue
-        if weights.is_complex() and not group.dtype.is_complex:
-            raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(index)!r} "
-                            f"({str(group.dtype).removeprefix('torch.')}) complex; nytorch keeps every dtype")
-        _check_weights_device(fn, spec, weights, index)
-        columns.append(weights.detach().to(device=group.device, dtype=group.dtype).unsqueeze(1))
+        columns.append(_weights_for(fn, spec, weights, index).unsqueeze(1))
     return columns
 
 
-def _check_weights_device(fn: str, spec: Spec, weights: Tensor, group: int) -> None:
-    """Raise unless per-member ``weights`` sit where ``group`` does, or where another arithmetic group of the
-    swarm does: a swarm spread over devices (model parallel) has no one device to hold them, so they
-    are moved to each group's, as a 0-dim tensor on the CPU is.
+def _weights_for(fn: str, spec: Spec, weights: Tensor, group: int) -> Tensor:
+    """Per-member ``weights`` checked and cast for arithmetic ``group``: its dtype and device.
+
+    They may sit where ``group`` does or where another arithmetic group of the swarm does: a swarm
+    spread over devices (model parallel) has no one device to hold them, so they are moved to each
+    group's, as a 0-dim tensor on the CPU is.
     """
-    device = spec.groups[group].device
-    if weights.device == device or any(other.active and other.device == weights.device for other in spec.groups):
-        return
-    raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
-                              f"{spec.leaf_name(group)!r} is on {device}; move them to a device of the swarm")
+    dtype, device = spec.groups[group].dtype, spec.groups[group].device
+    if weights.is_complex() and not dtype.is_complex:
+        raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(group)!r} "
+                        f"({str(dtype).removeprefix('torch.')}) complex; nytorch keeps every dtype")
+    if weights.device != device and not any(other.active and other.device == weights.device
+                                            for other in spec.groups):
+        raise DeviceMismatchError(f"{fn}: the weights are on {weights.device} but parameter "
+                                  f"{spec.leaf_name(group)!r} is on {device}; move them to a device of the swarm")
+    return weights.detach().to(device=device, dtype=dtype)
 
 
 def aligned(fn: str, spec: Spec, other: Any) -> list[Tensor]:
@@ -234,8 +233,8 @@ def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands:
         ...
     RuntimeError: add_: torch cannot apply the number 1e+39 to parameter 'weight' (float32): value cannot be ...
     """
-    big = [o for o in operands if isinstance(o, (int, float, complex)) and not isinstance(o, bool) and max(
-        (abs(part) for part in (complex(o).real, complex(o).imag) if math.isfinite(part)), default=0.0) > _FLOAT16_MAX]
+    big = [o for o in operands if isinstance(o, (int, float, complex)) and not isinstance(o, bool)
+           and scalars.magnitude(o) > scalars.SAFE_MAGNITUDE]
     if not big:
         return
     for g, group in enumerate(spec.groups):
@@ -249,9 +248,6 @@ def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands:
         except RuntimeError as error:
             raise RuntimeError(f"{fn}: torch cannot apply the number {big[0]!r} to parameter {spec.leaf_name(g)!r} "
                                f"({str(group.dtype).removeprefix('torch.')}): {error}; nothing was changed") from error
-
-
-_FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 def check_writable(fn: str, spec: Spec, flats: Sequence[Tensor], active_only: bool) -> None:
@@ -314,10 +310,6 @@ def lerp_operands(fn: str, spec: Spec, size: int, end: object, weight: object, i
     return [converted_end, converted]
 
 
-#: Whether ``torch.autocast`` knows a device type (torch < 2.3 has no ``torch.amp.is_autocast_available``).
-_autocast_available = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))
-
-
 @torch.no_grad()
 def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tensor) -> list[Tensor]:
     """``weights @ flat`` per arithmetic group for a ``[Q, P]`` matrix; other groups repeat member 0."""
@@ -328,14 +320,9 @@ def mixed(fn: str, spec: Spec, flats: Sequence[Tensor], size: int, weights: Tens
         if not group.active:
             out.append(flat[:1].expand(weights.shape[0], -1).clone())
             continue
-        if weights.is_complex() and not group.dtype.is_complex:
-            raise TypeError(f"{fn}: complex weights would turn parameter {spec.leaf_name(g)!r} "
-                            f"({str(group.dtype).removeprefix('torch.')}) complex; nytorch keeps every dtype")
-        _check_weights_device(fn, spec, weights, g)
-        device = flat.device.type
-        # autocast would compute (and return) the mix in bf16/fp16
-        with torch.autocast(device, enabled=False) if _autocast_available(device) else contextlib.nullcontext():
-            out.append(weights.detach().to(device=group.device, dtype=group.dtype) @ flat)
+        cast = _weights_for(fn, spec, weights, g)
+        with nocast.off([flat]):  # autocast would compute (and return) the mix in bf16/fp16
+            out.append(cast @ flat)
     return out
 
 

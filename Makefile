@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 NYTORCH11_PATH ?= /tmp/nyto11
 export NYTORCH11_PATH
 
-.PHONY: install demo test typecheck bench gpu-deps
+.PHONY: install demo test typecheck bench floor gpu-deps
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -30,6 +30,18 @@ typecheck: install
 
 bench: install
 	$(PYTHON) -m benchmarks --quick
+
+# The oldest versions pyproject.toml allows, in a virtual environment of their own (.floor/, which git
+# ignores): the test suite passing there is what makes those floors true. A few minutes and a few GB (PyPI's
+# torch brings CUDA libraries; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU build).
+FLOOR_PYTHON ?= python3.10
+FLOOR_SPECS ?= torch==2.10.0 optree==0.10.0 numpy==1.22.4
+floor:
+	@test -x .floor/bin/python || $(FLOOR_PYTHON) -m venv .floor
+	.floor/bin/python -m pip install -q $(FLOOR_SPECS) -e ".[dev]"
+	@test -d "$(NYTORCH11_PATH)/nytorch" || .floor/bin/python -m pip install -q --no-deps --target "$(NYTORCH11_PATH)" \
+		nytorch==1.1.0 || echo "nytorch 1.1 could not be installed: tests/test_compat_11.py skips its comparisons"
+	.floor/bin/python -m pytest -q
 
 # What a lent GPU machine lacks, into .device/ (git ignores it) for benchmarks/on_gpu.sh:
 # optree built for its Python (GPU_PYTHON), nytorch 1.1 and tensordict for their rows.

@@ -71,11 +71,20 @@ def _check_cuda(states: Any) -> None:
             raise _bad("cuda", expected, states, type(error)(f"item {index}: {error}")) from None
 
 
+def _check_numpy(value: Any) -> None:
+    """Raise where ``numpy.random.RandomState.set_state`` would refuse ``value``."""
+    # NumPy before 1.26 reads a legacy tuple's third item unchecked: a shorter one crashed the interpreter.
+    if isinstance(value, (tuple, list)) and len(value) < 3:
+        raise ValueError(f"a legacy NumPy state has 3 or 5 items (name, key, position[, has_gauss, gauss]), "
+                         f"got {len(value)}")
+    np.random.RandomState().set_state(value)
+
+
 def _check(state: dict[str, Any]) -> None:
     """Raise for the first entry of ``state`` its generator would refuse, trying each on a fresh generator."""
     checks = {
         "python": ("a state from random.getstate()", lambda value: random.Random().setstate(value)),
-        "numpy": ("a state from numpy.random.get_state()", lambda value: np.random.RandomState().set_state(value)),
+        "numpy": ("a state from numpy.random.get_state()", _check_numpy),
         "torch": ("torch's CPU generator state (a 1-D uint8 tensor) from torch.get_rng_state()",
                   lambda value: torch.Generator().set_state(value)),
     }

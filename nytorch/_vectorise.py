@@ -15,6 +15,7 @@ it was and leaves it so, as they would otherwise hold one call's batched tensors
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
@@ -336,8 +337,12 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
 
     leaves, write_back = _writable(fn, spec, views)
     rest = [leaves[i] for i in others] or [torch.zeros(size, 0)]
-    grads, (losses, values) = _vmap(fn, spec, torch.func.grad_and_value(member_loss, has_aux=True), (0, 0, *dims),
-                                    randomness, chunk_size, [leaves[i] for i in wanted], rest, *args)
+    # torch.func.grad under inference_mode returns zeros on torch 2.11 and earlier (later torch leaves the
+    # mode itself): the gradient is taken outside it, as torch.func.grad ignores the caller's grad mode.
+    with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
+        grads, (losses, values) = _vmap(fn, spec, torch.func.grad_and_value(member_loss, has_aux=True),
+                                        (0, 0, *dims), randomness, chunk_size, [leaves[i] for i in wanted], rest,
+                                        *args)
     write_back()
     _write_assigned(fn, spec, views, assigned, values)
     out: list[Optional[Tensor]] = [None] * len(spec.names)

@@ -104,6 +104,23 @@ def test_the_distributed_example_runs_on_two_processes(tmp_path: Path) -> None:
     assert re.findall(r"step\s+(\d+)\s+global best loss", done.stdout) == ["5", "10"]
 
 
+def test_the_floors_pyproject_declares_are_the_versions_make_floor_tests_and_the_readme_names() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    declared = dict(re.findall(r'"(torch|optree|numpy)>=([\d.]+)"', pyproject))
+    specs = re.search(r"^FLOOR_SPECS \?= (.*)$", makefile, re.M)
+    assert specs is not None and set(declared) == {"torch", "optree", "numpy"}
+    tested = dict(spec.split("==") for spec in specs.group(1).split())
+    for name, floor in declared.items():  # make floor installs the floor's first release (2.10 as 2.10.0)
+        assert tested[name].split(".")[:len(floor.split("."))] == floor.split("."), (name, floor, tested[name])
+    python = re.search(r'requires-python = ">=([\d.]+)"', pyproject)
+    assert python is not None and f"FLOOR_PYTHON ?= python{python.group(1)}" in makefile
+    named = re.search(r"Requires Python ([\d.]+) or later, torch ([\d.]+) or later, optree ([\d.]+) and "
+                      r"NumPy ([\d.]+)", " ".join(README.split()))
+    assert named is not None
+    assert named.groups() == (python.group(1), declared["torch"], declared["optree"], declared["numpy"])
+
+
 def test_every_relative_link_of_the_readme_exists() -> None:
     links = [link for link in re.findall(r"\]\(([^)#\s]+)", README) if "://" not in link]
     assert len(links) >= 10
@@ -286,7 +303,7 @@ def test_each_error_table_row_is_what_nytorch_raises(row: int, tmp_path: Path,
 
 # -- Fixes found by the README audit: each with an independent reference -----------------------------------
 def test_functional_clone_without_a_foreach_clone_kernel_matches_tensor_clone(monkeypatch: pytest.MonkeyPatch) -> None:
-    # torch 2.11 has no torch._foreach_clone (benchmarks/RESULTS.md); pyproject allows torch>=2.1
+    # torch 2.11 has no torch._foreach_clone (benchmarks/RESULTS.md); pyproject allows torch>=2.10
     import nytorch._tree as tree
     import nytorch.functional as nf
     leaves = {"a": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), "b": torch.randn(3, 4).t(),

@@ -1196,7 +1196,7 @@ def test_add_takes_numpy_numbers_as_alpha(alpha):
     assert torch.equal(s.add(s + 1, alpha=alpha).params["bias"], torch.full((2, 1), float(alpha)))
     s.add_(s + 1, alpha=alpha)
     assert torch.equal(s.params["bias"], torch.full((2, 1), float(alpha)))
-    with pytest.raises(TypeError, match=r"^add: expected a real number as alpha, got bool$"):
+    with pytest.raises(TypeError, match=r"^add: expected a real number as alpha, got bool_?$"):
         s.add(s, alpha=np.bool_(True))
 
 

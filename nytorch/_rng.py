@@ -73,8 +73,8 @@ def _check_cuda(states: Any) -> None:
 
 def _check_numpy(value: Any) -> None:
     """Raise where ``numpy.random.RandomState.set_state`` would refuse ``value``."""
-    # NumPy before 1.26 reads a legacy tuple's third item unchecked: a shorter one crashed the interpreter.
-    if isinstance(value, (tuple, list)) and len(value) < 3:
+    # NumPy before 1.26 reads a legacy tuple's items unchecked: 2 or 4 items crashed the interpreter there.
+    if isinstance(value, (tuple, list)) and len(value) in (0, 1, 2, 4):
         raise ValueError(f"a legacy NumPy state has 3 or 5 items (name, key, position[, has_gauss, gauss]), "
                          f"got {len(value)}")
     np.random.RandomState().set_state(value)

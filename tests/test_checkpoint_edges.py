@@ -259,6 +259,23 @@ def test_cuda_rng_entry_is_checked_but_not_applied_without_cuda() -> None:
     assert _same_snapshot(_rng_snapshot(), before)
 
 
+@pytest.mark.parametrize("length", [0, 1, 2, 4])
+def test_legacy_numpy_states_numpy_reads_past_are_refused_first(length: int) -> None:
+    # NumPy before 1.26 reads these items unchecked (the interpreter crashed); later NumPy raises IndexError
+    np.random.seed(3)
+    good = np.random.get_state()
+    state = list(good)[:length]
+    before = _rng_snapshot()
+    with pytest.raises(ValueError, match=rf"^set_rng_state: expected {_NP} under 'numpy', got a list \(a legacy "
+                                         rf"NumPy state has 3 or 5 items .*, got {length}\){_NOTHING}"):
+        set_rng_state({"numpy": state})
+    assert _same_snapshot(_rng_snapshot(), before)
+    for kept in (3, 5):  # what numpy.random.get_state() gives, with or without its cached Gaussian
+        np.random.seed(4)
+        set_rng_state({"numpy": tuple(good)[:kept]})
+        assert np.random.get_state()[1].tolist() == good[1].tolist() and np.random.get_state()[2] == good[2]
+
+
 def test_rng_state_through_a_file_then_partly_bad_changes_nothing(tmp_path: Path) -> None:
     torch.manual_seed(5)
     save(get_rng_state(), tmp_path / "rng.pt")

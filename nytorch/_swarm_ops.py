@@ -218,13 +218,16 @@ def _copied(value: Any, written: set[int]) -> Any:
     return value
 
 
-def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands: Operand) -> None:
+def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands: Operand,
+                      scratches: Optional[Sequence[Tensor]] = None) -> None:
     """Raise before writing when torch would refuse a number for some arithmetic group half-way through.
 
     torch converts some numbers to each tensor's dtype with an overflow check (an ``alpha`` of ``1e10``
     on float16, ``t[0] = 1e39`` on float32) and refuses only when it reaches that tensor, after the
     groups before it were written.  ``write(scratch, *operands)`` is tried first on one value of every
-    arithmetic group's dtype (tensor operands replaced by zeros), for numbers beyond float16's range only.
+    arithmetic group's dtype (tensor operands replaced by zeros), for numbers beyond float16's range only;
+    ``scratches`` (one per group) replace that value where the write's shape decides (torch 2.15 checks
+    item assignment of more than one element, not of one).
 
     >>> from nytorch import Swarm
     >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
@@ -240,7 +243,7 @@ def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands:
     for g, group in enumerate(spec.groups):
         if not group.active:
             continue
-        scratch = torch.zeros(1, 1, dtype=group.dtype)
+        scratch = torch.zeros(1, 1, dtype=group.dtype) if scratches is None else scratches[g]
         args = [torch.zeros(1, 1, dtype=group.dtype) if isinstance(_pick(o, g), Tensor) else _pick(o, g)
                 for o in operands]
         try:

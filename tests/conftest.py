@@ -436,3 +436,13 @@ def json_close(a: Any, b: Any, rtol: float = 1e-6) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return abs(float(a) - float(b)) <= rtol * max(1.0, abs(float(a)))
     return bool(a == b)
+
+
+def torch_assigns(tensor: Tensor, index: Any, value: Any) -> bool:
+    """Whether plain torch takes ``copy[index] = value`` (torch 2.15 refuses an overflowing number in a
+    write of more than one element, where 2.13 stores inf): the reference a swarm's item assignment follows."""
+    try:
+        tensor.clone()[index] = value
+    except RuntimeError:
+        return False
+    return True

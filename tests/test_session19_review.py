@@ -19,6 +19,7 @@ import nytorch
 import nytorch.functional as nf
 from nytorch import Swarm, merge
 from nytorch.algorithms import centered_ranks
+from conftest import torch_assigns
 
 
 # -- set_param_config / apply_param_config: names resolved by object ----------------------------------------
@@ -185,10 +186,18 @@ def test_swarm_add_alpha_too_large_for_float16_changes_nothing(alpha: Any) -> No
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), 1e10])
 def test_swarm_setitem_numbers_torch_accepts_still_write(value: float) -> None:
     swarm = Swarm.zeros(Mixed(), 2)
+    # A member's float16 values (h.weight, h.bias) are written as one row of two: torch 2.15 refuses 1e10
+    # in a write of several float16 values, where 2.13 stores inf. Refused, the swarm writes nothing.
+    if not torch_assigns(torch.zeros(2, 2, dtype=torch.float16), 0, value):
+        with pytest.raises(RuntimeError, match=r"^Swarm\.__setitem__: torch cannot apply the number .* \(float16\): "
+                                               r".*; nothing was changed$"):
+            swarm[0] = value
+        assert all(torch.equal(stacked, torch.zeros_like(stacked)) for stacked in swarm.params.values())
+        return
     swarm[0] = value
     for name, stacked in swarm.params.items():
         reference = torch.zeros_like(stacked[0])
-        reference[...] = value  # plain torch's conversion (float16 overflows to inf without an error)
+        reference[...] = value  # plain torch's conversion (float16 overflows to inf without an error in 2.13)
         assert torch.equal(stacked[0], reference) and torch.equal(stacked[1], torch.zeros_like(stacked[1])), name
 
 

@@ -115,8 +115,8 @@ def test_the_floors_pyproject_declares_are_the_versions_make_floor_tests_and_the
         assert tested[name].split(".")[:len(floor.split("."))] == floor.split("."), (name, floor, tested[name])
     python = re.search(r'requires-python = ">=([\d.]+)"', pyproject)
     assert python is not None and f"FLOOR_PYTHON ?= python{python.group(1)}" in makefile
-    named = re.search(r"Requires Python ([\d.]+) or later, torch ([\d.]+) or later, optree ([\d.]+) and "
-                      r"NumPy ([\d.]+)", " ".join(README.split()))
+    named = re.search(r"Requires Python >= ([\d.]+), torch >= ([\d.]+), optree >= ([\d.]+) and "
+                      r"NumPy >= ([\d.]+)", " ".join(README.split()))
     assert named is not None
     assert named.groups() == (python.group(1), declared["torch"], declared["optree"], declared["numpy"])
 

@@ -111,7 +111,7 @@ class SwarmArithmetic(Operators):
         spec = self._spec
         ops.check_writable("add_", spec, self._flats, True)
         values = [ops.operand(ops.AXPY.name, spec, self._size, value, inplace=True) for value in (other, alpha)]
-        ops.check_numbers_fit("add_", spec, ops.AXPY.leaf, *values)  # an alpha too large for a later group
+        ops.check_numbers_fit("add_", spec, self._flats, ops.AXPY.leaf, *values)  # an alpha too large for a later group
         ops.combine_(ops.AXPY, spec, self._flats, *values)
         return self
 

@@ -96,14 +96,6 @@ def _list_index(items: list) -> Tensor:
         raise TypeError(f"Swarm: expected a list of integer indices or booleans, got {items!r}") from error
 
 
-def _scratches(flats: Sequence[Tensor]) -> list[Tensor]:
-    """Per group, the members of ``flats`` with at most two values each: ``scratch[index] = value`` then
-    converts a number as ``flat[index] = value`` does (torch 2.15 refuses an overflowing number when it
-    writes more than one element, and for advanced indices, and writes a single element unchecked)."""
-    return [torch.zeros(flat.shape[0], min(flat.shape[1], 2), dtype=flat.dtype, device=flat.device)
-            for flat in flats]
-
-
 def count(index: Index, size: int) -> int:
     """How many members ``index`` selects."""
     if isinstance(index, int):
@@ -144,8 +136,8 @@ def assign(spec: Spec, flats: Sequence[Tensor], size: int, index: Index, value: 
                         f"or a number, got {type(value).__name__}")
     ops.check_writable(fn, spec, flats, scalars.is_scalar(value))
     if scalars.is_scalar(value):  # a number too large for a later group's dtype: torch refuses only there
-        ops.check_numbers_fit(fn, spec, lambda scratch, number: scratch.__setitem__(index, number), value,
-                              scratches=_scratches(flats))
+        on_cpu = index.cpu() if isinstance(index, Tensor) else index  # the trial's scratch is on the CPU
+        ops.check_numbers_fit(fn, spec, flats, lambda scratch, number: scratch.__setitem__(on_cpu, number), value)
     with torch.no_grad():
         for flat, row in zip(flats, rows):
             if row is None:

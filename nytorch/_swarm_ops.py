@@ -218,20 +218,20 @@ def _copied(value: Any, written: set[int]) -> Any:
     return value
 
 
-def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands: Operand,
-                      scratches: Optional[Sequence[Tensor]] = None) -> None:
+def check_numbers_fit(fn: str, spec: Spec, flats: Sequence[Tensor], write: Callable[..., Any],
+                      *operands: Operand) -> None:
     """Raise before writing when torch would refuse a number for some arithmetic group half-way through.
 
     torch converts some numbers to each tensor's dtype with an overflow check (an ``alpha`` of ``1e10``
     on float16, ``t[0] = 1e39`` on float32) and refuses only when it reaches that tensor, after the
-    groups before it were written.  ``write(scratch, *operands)`` is tried first on one value of every
-    arithmetic group's dtype (tensor operands replaced by zeros), for numbers beyond float16's range only;
-    ``scratches`` (one per group) replace that value where the write's shape decides (torch 2.15 checks
-    item assignment of more than one element, not of one).
+    groups before it were written.  ``write(scratch, *operands)`` is tried first on a CPU scratch shaped
+    like each arithmetic group's flat buffer (its members, with at most two values each: torch 2.15 checks
+    an item assignment of more than one element, not of one; tensor operands replaced by zeros), for
+    numbers beyond float16's range only.
 
     >>> from nytorch import Swarm
     >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2)
-    >>> check_numbers_fit("add_", s._spec, lambda t, x: t.add_(1.0, alpha=x), 1e39)
+    >>> check_numbers_fit("add_", s._spec, s._flats, lambda t, x: t.add_(1.0, alpha=x), 1e39)
     Traceback (most recent call last):
         ...
     RuntimeError: add_: torch cannot apply the number 1e+39 to parameter 'weight' (float32): value cannot be ...
@@ -240,10 +240,10 @@ def check_numbers_fit(fn: str, spec: Spec, write: Callable[..., Any], *operands:
            and scalars.magnitude(o) > scalars.SAFE_MAGNITUDE]
     if not big:
         return
-    for g, group in enumerate(spec.groups):
+    for g, (group, flat) in enumerate(zip(spec.groups, flats)):
         if not group.active:
             continue
-        scratch = torch.zeros(1, 1, dtype=group.dtype) if scratches is None else scratches[g]
+        scratch = torch.zeros(flat.shape[0], min(flat.shape[1], 2), dtype=group.dtype)
         args = [torch.zeros(1, 1, dtype=group.dtype) if isinstance(_pick(o, g), Tensor) else _pick(o, g)
                 for o in operands]
         try:

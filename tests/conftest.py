@@ -446,3 +446,14 @@ def torch_assigns(tensor: Tensor, index: Any, value: Any) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def assert_like_loop(batched: Tensor, looped: Tensor) -> None:
+    """A swarm's output against a loop of its members: equal up to float rounding, not bit for bit.
+
+    A swarm runs one batched kernel for all members where the loop runs one per member, and MKL
+    chooses its GEMM kernel by shape and by the CPU's instruction set: on AVX-512 machines a batched
+    ``bmm`` and the loop's ``mm`` round differently in the last bit, on AVX2 machines they agree.
+    """
+    assert batched.dtype == looped.dtype and batched.shape == looped.shape
+    torch.testing.assert_close(batched, looped)

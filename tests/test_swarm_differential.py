@@ -1102,6 +1102,8 @@ def test_in_dims_per_input_and_shared_kwargs(size: int, dims: tuple[Any, Any], c
         got = swarm(x, y, in_dims=dims, chunk_size=chunk, scale=2.0)
         want = torch.stack([m(x[i] if dims[0] == 0 else x, y[i] if dims[1] == 0 else y, scale=2.0)
                             for i, m in enumerate(items)])
-    torch.testing.assert_close(got, want)
+    # a LayerNorm of two features divides by their difference, which can magnify the batched kernel's
+    # last-bit rounding (it sums in another order than the loop's) past float32's default tolerance
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match=r"in_dims has 1 entries but 2 positional arguments were given"):
         swarm(x, y, in_dims=(0,))

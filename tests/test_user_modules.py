@@ -378,7 +378,8 @@ def test_particles_merges_swarms_and_checkpoints_equal_a_deepcopy(name: str, tmp
     with torch.no_grad():
         out = swarm(X)
         assert torch.allclose(out[0], net(X), atol=1e-6) and torch.allclose(out[1], other(X), atol=1e-6)
-    _same(swarm[1].module(), _reference(other, lambda p: p), X)
+    # both forwards above ran in training mode: BatchNorm statistics come from a batched matmul there
+    _same(swarm[1].module(), _reference(other, lambda p: p), X, exact=False)
 
     path = os.fspath(tmp_path / "net.pt")
     nyto.save(net, path)

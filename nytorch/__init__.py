@@ -6,7 +6,6 @@
 >>> ema = p.clone()
 >>> _ = ema.lerp_(p.randn(), 0.01)
 """
-import importlib as _importlib
 
 from . import functional
 from ._config import ParamConfig
@@ -25,11 +24,11 @@ from ._structure import check_structure, same_structure
 #: nytorch 1.1 name of ``Particle``.
 ParamProduct = Particle
 
-# 1.1's own module paths, loaded by ``import nytorch`` as 1.1 did (``nytorch.mtype.ParamConfig``);
-# imported for that effect only, so they stay out of ``__all__`` (``from nytorch import *`` binds no ``module``)
-for _path in ("module", "mtype"):
-    _importlib.import_module(f"{__name__}.{_path}")
-del _path
+# 1.1's own module paths, loaded by ``import nytorch`` as 1.1 did (``nytorch.mtype.ParamConfig``), and
+# imported by name so type checkers see them; they stay out of ``__all__`` (``from nytorch import *``
+# binds no ``module``)
+from . import module as module, mtype as mtype  # noqa: E402
+_PATHS_11 = (module, mtype)  # used: the import above is for these attributes of the package
 
 __version__ = "2.0.0.dev0"
 

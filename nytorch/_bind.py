@@ -10,6 +10,7 @@ from torch import nn
 from . import _algebra as algebra
 from ._errors import StructureError
 from ._rebuild import rebuild
+from ._types import ModuleT
 from ._walk import layout_of
 
 Tensor = torch.Tensor
@@ -68,7 +69,7 @@ def state(module: nn.Module) -> dict[str, Tensor]:
     return {name: leaf.detach() for name, leaf in pairs}
 
 
-def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
+def bind(module: ModuleT, params: Mapping[str, Tensor]) -> ModuleT:
     """A fresh module of ``module``'s class holding ``params`` as its Parameters.
 
     Parameters are leaves and given buffers are detached, so no gradient flows back to
@@ -117,8 +118,8 @@ def bind(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     given = [name for name in layout.buffer_names if name in params]
     algebra.check_state("bind", given, [layout.buffers[layout.buffer_names.index(n)] for n in given],
                         given, [params[n] for n in given])
-    return rebuild(layout, [value.detach() if isinstance(value, nn.Parameter) else value for value in values],
-                   buffers)
+    leaves = [value.detach() if isinstance(value, nn.Parameter) else value for value in values]
+    return rebuild(layout, leaves, buffers)  # type: ignore[return-value]
 
 
 def call(module: nn.Module, params: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:

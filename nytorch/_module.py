@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -85,7 +85,8 @@ class NytoModule(Operators, nn.Module):
 
     # An operator's values are computed at once; only the Python module objects wait.  Any
     # attribute that is not in the instance dict (every one, while pending) lands here first.
-    def __getattr__(self, name: str) -> Any:
+    # typed as ``nn.Module.__getattr__`` is: a checker finds what ``__init__`` assigns without it
+    def __getattr__(self, name: str) -> Union[Tensor, nn.Module]:
         pending = self.__dict__.get(PENDING)
         if pending is not None:
             pending.realize(self)
@@ -262,7 +263,7 @@ class NytoModule(Operators, nn.Module):
             buffers = [leaf.detach().clone() for leaf in other.buffers]
         return rebuild(layout, params, buffers)  # type: ignore[return-value]
 
-    def product(self, *, buffers: bool = False) -> Particle:
+    def product(self, *, buffers: bool = False) -> Particle[Self]:
         """This model as a ``Particle`` (nytorch 1.1's ``ParamProduct``), configs included.
 
         Args:

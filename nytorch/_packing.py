@@ -17,6 +17,7 @@ from torch import nn
 from . import _leafwise as lw
 from . import _nocast as nocast
 from ._flat import chunks, wraps_tensors
+from ._types import ModuleT
 
 Tensor = torch.Tensor
 
@@ -194,7 +195,7 @@ def pack_(module: nn.Module, *, whole: bool = False) -> bool:
     return _pack_or_reason(module, whole) is None
 
 
-def flatten_(module: nn.Module) -> nn.Module:
+def flatten_(module: ModuleT) -> ModuleT:
     """Move ``module``'s floating parameters (then buffers) into one buffer per (device, dtype), in place.
 
     Parameter objects are kept (optimizers holding them keep working); only their

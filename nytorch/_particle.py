@@ -1,13 +1,12 @@
 """``Particle``: any ``nn.Module``'s parameters as one value you can do arithmetic on."""
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Generic, Optional, cast
 
 import torch
 from torch import nn
-from typing_extensions import Self
+from typing_extensions import Self, TypeVar
 
 from . import _algebra as algebra
 from . import _leafwise as lw
@@ -21,7 +20,12 @@ from ._kernels import check_converted, compute, fill, kernel_, readable, writabl
 from ._packed import active_for, carried, flat_operands
 from ._pool import give
 from ._rebuild import rebuild
+from ._types import ModuleT
 from ._walk import Layout, _interned, layout_of, model_class, placement
+
+#: The class of the model a Particle came from (``particle(net).module()`` is typed like ``net``);
+#: a bare ``Particle`` annotation means ``Particle[nn.Module]``. nytorch 1.1's ``ParamProduct[Net]`` reads the same.
+M = TypeVar("M", bound=nn.Module, covariant=True, default=nn.Module)
 
 Tensor = torch.Tensor
 
@@ -39,7 +43,7 @@ def _class_name(value: object) -> str:
     return type(value).__name__
 
 
-class Particle(Operators):
+class Particle(Operators, Generic[M]):
     """A model's parameters as a value: ``p + q``, ``0.9 * p``, ``p.randn()``, then ``p.module()``.
 
     Build one with ``nytorch.particle(model)`` (any ``nn.Module``) or ``NytoModule.product()``.
@@ -66,9 +70,6 @@ class Particle(Operators):
 
     __slots__ = ("_layout", "_names", "_leaf_list", "_with_buffers", "_signature",
                  "_flat", "_plan", "_looked", "__weakref__")
-    # nytorch 1.1's ParamProduct was generic: ``ParamProduct[Net]`` in 1.1 annotations still evaluates
-    def __class_getitem__(cls, item: Any) -> types.GenericAlias:
-        return types.GenericAlias(cls, item)
 
     def __init__(self, layout: Layout, names: Sequence[str], leaves: Optional[Sequence[Tensor]],
                  configs: Optional[Sequence[ParamConfig]] = None, with_buffers: bool = False,
@@ -331,7 +332,7 @@ class Particle(Operators):
         return cls(layout, names, [params[name] for name in names], configs, with_buffers)
 
     @property
-    def model_class(self) -> type:
+    def model_class(self) -> type[M]:
         """The class of the model this Particle came from (before any ``parametrize`` wrapping).
 
         >>> particle(torch.nn.Linear(2, 1)).model_class
@@ -371,7 +372,7 @@ class Particle(Operators):
         count = sum(leaf.numel() for leaf in self._leaves)
         return f"Particle({self.model_class.__name__}, {len(self._leaves)} tensors, {count} values)"
 
-    def module(self) -> nn.Module:
+    def module(self) -> M:
         """A fresh module of the model's class holding this Particle's values as Parameters.
 
         The Parameters share storage with this Particle (no copy is made); use
@@ -407,9 +408,9 @@ class Particle(Operators):
         if own:
             self._leaf_list = layout_state(layout_of(result), self._with_buffers)[1]
             flat.placement = placement(self._leaf_list)
-        return result
+        return cast(M, result)
 
-    def particle(self) -> nn.Module:
+    def particle(self) -> M:
         """nytorch 1.1 spelling of ``module()``.
 
         Returns:
@@ -420,7 +421,7 @@ class Particle(Operators):
         """
         return self.module()
 
-    def copy_to(self, module: nn.Module) -> nn.Module:
+    def copy_to(self, module: ModuleT) -> ModuleT:
         """Write this Particle's values into ``module``'s existing Parameters, in place.
 
         Args:
@@ -439,7 +440,8 @@ class Particle(Operators):
         (True, True, True)
         """
         self._check_class("copy_to", module)
-        return self._write_into("copy_to", module)
+        self._write_into("copy_to", module)
+        return module
 
     @torch.no_grad()
     def _write_into(self, fn: str, module: nn.Module) -> nn.Module:
@@ -520,7 +522,7 @@ class Particle(Operators):
         return results
 
 
-def particle(model: nn.Module, *, buffers: bool = False, pack: bool = True) -> Particle:
+def particle(model: ModuleT, *, buffers: bool = False, pack: bool = True) -> Particle[ModuleT]:
     """Wrap any ``nn.Module`` as a ``Particle`` (no subclassing, no copy of its values per operation).
 
     Args:

@@ -106,7 +106,7 @@ class Spec:
             slots.append(Slot(index, start, widths[index], leaf.shape))
         self.slots = slots
         self.groups = [Group(device, dtype, on, width) for (device, dtype, on), width in zip(keys, widths)]
-        self.template = Particle(layout, state_names, leaves[:self.n_state], self.configs, with_buffers)
+        self.template: Particle[Any] = Particle(layout, state_names, leaves[:self.n_state], self.configs, with_buffers)
         self.signature = (type(layout.modules[0]), tuple(self.names), tuple(self.slots), tuple(self.groups))
         # (table, key, leaf index) for every slot holding a parameter or buffer: the forward swaps these.
         self.entries: list[tuple[dict[str, Any], str, int]] = []

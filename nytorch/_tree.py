@@ -8,7 +8,7 @@ tensor).  Integer and bool leaves are carried through unchanged (cloned).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, overload
 
 import optree
 import torch
@@ -18,7 +18,7 @@ from . import _scalars as scalars
 from . import _nocast as nocast
 from ._tree_match import (aligned, flatten, is_scalar_operand, leaf_names, matched, mismatch, plain_leaves,
                           refuse_lone_tensor)
-from ._types import PyTree, Scalar
+from ._types import PyTree, Scalar, TreeT
 
 Tensor = torch.Tensor
 #: ``torch._foreach_clone``, or ``None`` where this torch lacks it (2.11 does): then ``clone`` runs per leaf.
@@ -52,7 +52,13 @@ def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
     return dict(zip(a, results)) if spec is None else optree.tree_unflatten(spec, results)
 
 
-def add(a: PyTree, b: PyTree | Scalar, /) -> PyTree:
+@overload
+def add(a: Scalar, b: TreeT, /) -> TreeT: ...
+@overload
+def add(a: TreeT, b: TreeT | Scalar, /) -> TreeT: ...
+
+
+def add(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     """Leaf-wise ``a + b`` (``torch.add`` mapped over the tree); ``b`` is a tree or a scalar.
 
     Args:
@@ -73,6 +79,12 @@ def add(a: PyTree, b: PyTree | Scalar, /) -> PyTree:
     {'w': tensor([11., 12.])}
     """
     return _binary(lw.ADD, a, b)
+
+
+@overload
+def sub(a: Scalar, b: TreeT, /) -> TreeT: ...
+@overload
+def sub(a: TreeT, b: TreeT | Scalar, /) -> TreeT: ...
 
 
 def sub(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
@@ -99,6 +111,12 @@ def sub(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     return _binary(lw.SUB, a, b)
 
 
+@overload
+def mul(a: Scalar, b: TreeT, /) -> TreeT: ...
+@overload
+def mul(a: TreeT, b: TreeT | Scalar, /) -> TreeT: ...
+
+
 def mul(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     """Leaf-wise ``a * b``; either side may be a scalar.
 
@@ -119,6 +137,12 @@ def mul(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     {'w': tensor([2., 4.])}
     """
     return _binary(lw.MUL, a, b)
+
+
+@overload
+def div(a: Scalar, b: TreeT, /) -> TreeT: ...
+@overload
+def div(a: TreeT, b: TreeT | Scalar, /) -> TreeT: ...
 
 
 def div(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
@@ -149,6 +173,12 @@ def div(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:
     return _binary(lw.DIV, a, b)
 
 
+@overload
+def pow(a: Scalar, b: TreeT, /) -> TreeT: ...  # noqa: A001 - mirrors torch.pow
+@overload
+def pow(a: TreeT, b: TreeT | Scalar, /) -> TreeT: ...  # noqa: A001 - mirrors torch.pow
+
+
 def pow(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:  # noqa: A001 - mirrors torch.pow
     """Leaf-wise ``a ** b``; either side may be a scalar.
 
@@ -173,7 +203,7 @@ def pow(a: PyTree | Scalar, b: PyTree | Scalar, /) -> PyTree:  # noqa: A001 - mi
     return _binary(lw.POW, a, b)
 
 
-def neg(a: PyTree, /) -> PyTree:
+def neg(a: TreeT, /) -> TreeT:
     """Leaf-wise ``-a``.
 
     Args:
@@ -189,10 +219,10 @@ def neg(a: PyTree, /) -> PyTree:
     {'w': tensor([-1.,  2.])}
     """
     leaves, spec = flatten("neg", a, scalar=False)
-    return optree.tree_unflatten(spec, lw.apply(lw.NEG, leaves))
+    return optree.tree_unflatten(spec, lw.apply(lw.NEG, leaves))  # type: ignore[return-value]
 
 
-def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
+def lerp(a: TreeT, b: TreeT, weight: TreeT | Scalar, /) -> TreeT:
     """Leaf-wise ``a + weight * (b - a)`` (``torch.lerp``); ``weight`` is a scalar or a tree.
 
     ``lerp(target, online, tau)`` is the EMA / Polyak / soft target update.
@@ -228,22 +258,27 @@ def lerp(a: PyTree, b: PyTree, weight: PyTree | Scalar, /) -> PyTree:
         refuse_lone_tensor("lerp", a, weight, "the weight")
         left, right, spec = matched("lerp", a, b)
         _, weights, _ = matched("lerp", a, weight, "the weight")  # the same (flattened) leaf order as ``left``
-        return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))
+        return optree.tree_unflatten(spec, lw.apply(lw.LERP, left, right, weights))  # type: ignore[return-value]
     left, right, plain_spec = aligned("lerp", a, b)  # ``None``: two plain dicts, leaves in key order
     names = leaf_names(a, plain_spec is None)
     scalars.check_scalar("lerp", weight, names, left, lw.arithmetic_mask(left))
     results = lw.apply(lw.LERP, left, right, weight)
-    return dict(zip(a, results)) if plain_spec is None else optree.tree_unflatten(plain_spec, results)
+    if plain_spec is None:
+        return dict(zip(a, results))  # type: ignore[return-value, call-overload]
+    return optree.tree_unflatten(plain_spec, results)  # type: ignore[return-value]
 
 
 def _unary(fn: str, a: PyTree, per_leaf: Callable[[Tensor], Tensor], *, arithmetic_only: bool) -> PyTree:
-    leaves, spec = flatten(fn, a, scalar=False)
+    # a plain dict in its key order, not optree's sorted one: ``nf.randn_like(nf.params(net))`` draws in
+    # ``named_parameters()`` order, so one seed gives the values ``net.randn()`` and ``particle.randn()`` give
+    plain = plain_leaves(a)
+    leaves, spec = (plain, None) if plain is not None else flatten(fn, a, scalar=False)
     out = [per_leaf(leaf) if (not arithmetic_only or lw.is_arithmetic(leaf)) else leaf.clone()
            for leaf in leaves]
-    return optree.tree_unflatten(spec, out)
+    return dict(zip(a, out)) if spec is None else optree.tree_unflatten(spec, out)
 
 
-def clone(a: PyTree, /) -> PyTree:
+def clone(a: TreeT, /) -> TreeT:
     """Leaf-wise ``tensor.clone()``: same values, fresh storage (keeps strides and memory format).
 
     Args:
@@ -262,14 +297,16 @@ def clone(a: PyTree, /) -> PyTree:
     leaves, spec = flatten("clone", a, scalar=False)
     # one C++ call (autograd and transforms see per leaf); torch 2.11 has no _foreach_clone (pyproject: torch>=2.1)
     if len(leaves) > 1 and _FOREACH_CLONE is not None and not lw.needs_per_leaf(leaves):
-        return optree.tree_unflatten(spec, _FOREACH_CLONE(leaves))
-    return optree.tree_unflatten(spec, [leaf.clone() for leaf in leaves])
+        return optree.tree_unflatten(spec, _FOREACH_CLONE(leaves))  # type: ignore[return-value]
+    return optree.tree_unflatten(spec, [leaf.clone() for leaf in leaves])  # type: ignore[return-value]
 
 
-def randn_like(a: PyTree, /) -> PyTree:
+def randn_like(a: TreeT, /) -> TreeT:
     """Leaf-wise ``torch.randn_like``: N(0, 1) values, same shapes, dtypes and devices.
 
-    Integer and bool leaves are carried unchanged.  Reproducible under ``torch.manual_seed``.
+    Integer and bool leaves are carried unchanged.  Reproducible under ``torch.manual_seed``: a
+    plain dict (``nf.params(net)``) is drawn in its key order, so one seed gives what ``net.randn()``
+    and ``particle(net).randn()`` give; other trees in optree's leaf order.
 
     Args:
         a: a pytree of tensors.
@@ -289,7 +326,7 @@ def randn_like(a: PyTree, /) -> PyTree:
     return _unary("randn_like", a, torch.randn_like, arithmetic_only=True)
 
 
-def zeros_like(a: PyTree, /) -> PyTree:
+def zeros_like(a: TreeT, /) -> TreeT:
     """Leaf-wise ``torch.zeros_like`` (integer and bool leaves are carried unchanged).
 
     Args:

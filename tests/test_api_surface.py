@@ -253,7 +253,7 @@ def test_param_product_is_subscriptable_as_in_11() -> None:
     """1.1's ``ParamProduct`` was ``Generic``: ``def f(pp: ParamProduct[Net])`` is evaluated at definition."""
     from nytorch.module import ParamProduct
 
-    def double(pp: ParamProduct[Net]) -> ParamProduct[Net]:  # type: ignore[type-arg]
+    def double(pp: ParamProduct[Net]) -> ParamProduct[Net]:
         return pp * 2
 
     net = Net()
@@ -311,28 +311,110 @@ q: Particle = p
 q += s
 '''
 
+LINEAR_PARTICLE = "nytorch._particle.Particle[torch.nn.modules.linear.Linear]"
+#: a Swarm's members are of one class, which the Swarm type does not carry
+MODULE_PARTICLE = "nytorch._particle.Particle[torch.nn.modules.module.Module]"
 EXPECTED_TYPES = [
-    "user.Net", "user.Net", "user.Net", "nytorch._particle.Particle", "nytorch._particle.Particle",
-    "nytorch._particle.Particle", "nytorch._swarm.Swarm", "nytorch._swarm.Swarm", "nytorch._swarm.Swarm",
-    "nytorch._swarm.Swarm", "nytorch._particle.Particle", "nytorch._swarm.Swarm", "nytorch._swarm.Swarm",
+    "user.Net", "user.Net", "user.Net", LINEAR_PARTICLE, LINEAR_PARTICLE, LINEAR_PARTICLE,
+    "nytorch._swarm.Swarm", "nytorch._swarm.Swarm", "nytorch._swarm.Swarm",
+    "nytorch._swarm.Swarm", MODULE_PARTICLE, "nytorch._swarm.Swarm", "nytorch._swarm.Swarm",
 ]
+
+
+def _users_mypy(tmp_path: Path, script: str, *flags: str) -> tuple[list[str], list[str], str]:
+    """What mypy says of a user's ``script``: (revealed types, error lines, the whole output)."""
+    pytest.importorskip("mypy")
+    path = tmp_path / "user.py"
+    path.write_text(script)
+    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+                           "--cache-dir", str(ROOT / ".mypy_cache"), "--no-error-summary", *flags, str(path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    lines = done.stdout.splitlines()
+    # mypy before 2.0 spells builtins in full (``builtins.dict[builtins.str, ...]``)
+    revealed = [line.split('Revealed type is "')[1].rstrip('"').replace("builtins.", "")
+                for line in lines if "Revealed type is" in line]
+    # nytorch's own files are read from this checkout, so mypy may report in them too (``make test`` runs
+    # mypy on them); a user's mypy reads an installed (py.typed) nytorch and reports in their files only
+    return revealed, [line for line in lines if ": error:" in line and "user.py:" in line], done.stdout
 
 
 @pytest.mark.slow  # mypy reads torch's stubs: ~20 s of CPU with a cold cache (make test's mypy run reuses it)
 def test_a_users_mypy_sees_the_classes_operators_return(tmp_path: Path) -> None:
-    pytest.importorskip("mypy")
-    script = tmp_path / "user.py"
-    script.write_text(USER_SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                           "--cache-dir", str(ROOT / ".mypy_cache"), "--no-error-summary", str(script)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    lines = done.stdout.splitlines()
-    revealed = [line.split('Revealed type is "')[1].rstrip('"') for line in lines if "Revealed type is" in line]
-    assert revealed == EXPECTED_TYPES, done.stdout
-    errors = [line for line in lines if ": error:" in line]
+    revealed, errors, output = _users_mypy(tmp_path, USER_SCRIPT)
+    assert revealed == EXPECTED_TYPES, output
     # the one error is the real one: ``q += s`` raises TypeError at run time
     line = USER_SCRIPT.splitlines().index("q += s") + 1
-    assert len(errors) == 1 and f"user.py:{line}: error: Result type of + incompatible" in errors[0], done.stdout
+    assert len(errors) == 1 and f"user.py:{line}: error: Result type of + incompatible" in errors[0], output
+
+
+#: A user's program under ``mypy --strict``: what goes in comes back typed as it went in (a model's class, a
+#: dict of tensors), 1.1's ``ParamProduct[Net]`` annotation, ``nytorch.mtype`` reached from ``import nytorch``.
+STRICT_SCRIPT = '''
+import torch
+from torch import Tensor, nn
+import nytorch
+import nytorch.functional as nf
+from nytorch import NytoModule, Swarm, merge
+from nytorch import algorithms as alg
+from nytorch.module import ParamProduct
+
+
+class Net(NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+
+def double(pp: ParamProduct[Net]) -> ParamProduct[Net]:
+    return pp * 2
+
+
+def sgd(p: dict[str, Tensor], g: dict[str, Tensor]) -> dict[str, Tensor]:
+    return nf.sub(p, nf.mul(0.1, g))
+
+
+def width(m: Net) -> int:
+    return m.fc.out_features
+
+
+lin = nn.Linear(2, 2)
+net: Net = double(Net().product()).module()
+drawn: nn.Linear = nytorch.particle(lin).randn().module()
+written: nn.Linear = nytorch.particle(lin).copy_to(lin)
+packed: nn.Linear = nytorch.flatten_(nn.Linear(2, 2))
+bound: nn.Linear = nf.bind(lin, nf.params(lin))
+config = nytorch.mtype.ParamConfig(operational=False)
+swarm = Swarm.stack([nn.Linear(2, 2), nn.Linear(2, 2)])
+noise = alg.es_noise(Net(), 4)
+ema = merge.EMA(lin)
+reveal_type(nytorch.particle(lin))
+reveal_type(nf.add(nf.params(lin), 1))
+reveal_type(nf.randn_like([torch.zeros(2)]))
+reveal_type(nf.lerp(nf.params(lin), nf.params(lin), 0.5))
+reveal_type(merge.average(swarm))
+reveal_type(merge.average([lin, lin]))
+reveal_type(merge.greedy_soup(swarm, lambda m: 0.0))
+reveal_type(ema.averaged)
+reveal_type(ema.copy_to())
+reveal_type(alg.es_step(Net(), noise, torch.zeros(4), sigma=0.1, lr=0.1))
+reveal_type(alg.es_step(swarm, noise, torch.zeros(4), sigma=0.1, lr=0.1))
+reveal_type(alg.es_step(lin, noise, torch.zeros(4), sigma=0.1, lr=0.1))
+'''
+
+PARAMS = "dict[str, torch._tensor.Tensor]"
+STRICT_TYPES = [
+    LINEAR_PARTICLE, PARAMS, "list[torch._tensor.Tensor]", PARAMS, MODULE_PARTICLE, "torch.nn.modules.linear.Linear",
+    "tuple[Any, list[int], float, fallback=nytorch.merge._average.Soup]",
+    "torch.nn.modules.linear.Linear", "torch.nn.modules.linear.Linear", "user.Net", "nytorch._swarm.Swarm",
+    MODULE_PARTICLE,
+]
+
+
+@pytest.mark.slow  # as above
+def test_a_users_strict_mypy_gets_back_the_types_it_passed_in(tmp_path: Path) -> None:
+    revealed, errors, output = _users_mypy(tmp_path, STRICT_SCRIPT, "--strict")
+    assert not errors, output
+    assert revealed == STRICT_TYPES, output
 
 
 def test_functional_call_names_a_particle_passed_as_params() -> None:

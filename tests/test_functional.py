@@ -251,3 +251,21 @@ def test_lerp_refuses_a_number_as_its_start_by_name():
     with pytest.raises(TypeError, match=r"^lerp: expected a pytree of tensors as the first operand \(the start\), "
                                         r"got the number 1\.0; only the end and the weight may be numbers$"):
         nf.lerp(1.0, {"w": torch.ones(1)}, 0.5)
+
+
+def test_randn_like_of_params_draws_what_the_other_styles_draw_under_one_seed() -> None:
+    """``nf.randn_like`` flattened dicts with optree, which sorts keys: with 11 or more layers
+    ``0, 1, 10, 2, ...``, and ``bias`` before ``weight``, so one seed gave other values than ``net.randn()``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(3, 2 if i == 11 else 3) for i in range(12)])
+    params = nf.params(net)
+    torch.manual_seed(1)
+    drawn = nf.randn_like(params)
+    torch.manual_seed(1)
+    reference = {name: torch.randn_like(tensor) for name, tensor in params.items()}  # named_parameters() order
+    torch.manual_seed(1)
+    particle_drawn = nytorch.particle(net).randn().params
+    assert list(drawn) == list(params)
+    for name in params:
+        assert torch.equal(drawn[name], reference[name]), name
+        assert torch.equal(particle_drawn[name], reference[name]), name

@@ -1,11 +1,12 @@
 """A simple evolution strategy (OpenAI-ES with antithetic sampling), as pure functions."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar, Union, overload
 
 import torch
 from torch import nn
 
+from .._module import NytoModule
 from .._particle import Particle
 from .._swarm import Swarm
 from ._checks import checked_target, count_arg, generator_arg, losses_arg, number_arg, swarm_arg
@@ -101,6 +102,19 @@ def _gradient(fn: str, noise: object, losses: object, sigma: object) -> Particle
         losses = losses.to(devices[0])
     weights = (losses - losses.mean()) / (len(noise) * sigma)
     return weights @ noise  # type: ignore[no-any-return]
+
+
+#: A NytoModule centre: ``es_step`` gives back a model of its class.
+NytoT = TypeVar("NytoT", bound=NytoModule)
+
+
+@overload
+def es_step(center: Swarm, noise: Swarm, losses: Tensor, *, sigma: float, lr: float) -> Swarm: ...
+@overload
+def es_step(center: NytoT, noise: Swarm, losses: Tensor, *,  # type: ignore[overload-overlap]
+            sigma: float, lr: float) -> NytoT: ...
+@overload
+def es_step(center: Union[Particle, nn.Module], noise: Swarm, losses: Tensor, *, sigma: float, lr: float) -> Particle: ...
 
 
 def es_step(center: Any, noise: Swarm, losses: Tensor, *, sigma: float, lr: float) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeVar, Union, overload
 
 import numpy as np
 import torch
@@ -15,6 +15,10 @@ import torch
 from .. import _leafwise as lw
 from ..algorithms._progress import progress, progress_flag
 from ._state import BufferMode, Operand, carry, check_buffers, is_swarm, matched, operand, rebuild
+
+if TYPE_CHECKING:
+    from .._particle import Particle
+    from .._swarm import Swarm
 
 Tensor = torch.Tensor
 M = TypeVar("M")
@@ -24,10 +28,11 @@ Weights = Union[Sequence[Union[float, Tensor]], Tensor, np.ndarray]
 __all__ = ["average", "greedy_soup", "Soup", "read_all"]
 
 
-def read_all(fn: str, models: Sequence[Any], *, buffers: bool, argument: str = "models") -> list[Operand]:
+def read_all(fn: str, models: Union[Sequence[Any], Swarm], *, buffers: bool,
+             argument: str = "models") -> list[Operand]:
     """Read every model and check each has the first one's structure (messages say "model i")."""
     if is_swarm(models):
-        members = models.unstack()  # type: ignore[attr-defined]
+        members = models.unstack()
         if buffers and members and not members[0]._with_buffers and members[0]._layout.buffers:
             # a member's own buffers (BatchNorm statistics) live in its layout: read them after its
             # parameters, as for a model or a Swarm, so the merge averages (or copies) them too
@@ -111,7 +116,14 @@ def mean_leaves(read: Sequence[Operand], weights: Sequence[float], buffers: Buff
     return out
 
 
-def average(models: Sequence[M], /, *, weights: Optional[Weights] = None, buffers: BufferMode = "average") -> M:
+@overload
+def average(models: Swarm, /, *, weights: Optional[Weights] = None, buffers: BufferMode = "average") -> Particle: ...
+@overload
+def average(models: Sequence[M], /, *, weights: Optional[Weights] = None, buffers: BufferMode = "average") -> M: ...
+
+
+def average(models: Union[Sequence[M], Swarm], /, *, weights: Optional[Weights] = None,
+            buffers: BufferMode = "average") -> Union[M, Particle]:
     """``Σ wᵢ·modelᵢ / Σ wᵢ``: uniform average (SWA, uniform model soup) or weighted average.
 
     Uniform soups are Wortsman et al. 2022, "Model soups: averaging weights of multiple
@@ -179,7 +191,7 @@ def _score(fn: str, evaluate: Callable[[Any], Any], model: Any) -> float:
     return float(value)
 
 
-def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
+def greedy_soup(models: Union[Sequence[Any], Swarm], evaluate: Callable[[Any], Any], /, *,
                 buffers: BufferMode = "average", show_progress: Optional[bool] = None) -> Soup:
     """Greedy soup (Wortsman et al. 2022, Algorithm 1): add a model only if the evaluation improves.
 
@@ -218,7 +230,7 @@ def greedy_soup(models: Sequence[M], evaluate: Callable[[Any], Any], /, *,
     check_buffers("greedy_soup", buffers)
     show_progress = progress_flag("greedy_soup", show_progress)
     read = read_all("greedy_soup", models, buffers=True)
-    members = models.unstack() if is_swarm(models) else models  # type: ignore[attr-defined]
+    members = models.unstack() if is_swarm(models) else models
     scores = [_score("greedy_soup", evaluate, model)
               for model in progress(members, desc="greedy_soup: ranking", enabled=show_progress)]
     order = sorted(range(len(read)), key=lambda i: -scores[i])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Generic, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -41,12 +41,15 @@ from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
 from ._watch import Configs, entries, holds
 
+#: What the EMA averages: a model, a Particle, a Swarm or a dict of tensors (``averaged`` is of its kind).
+T = TypeVar("T")
+
 Tensor = torch.Tensor
 
 __all__ = ["EMA"]
 
 
-class EMA:
+class EMA(Generic[T]):
     """An exponential moving average of a model for training loops (timm's ``ModelEmaV3``, fixed).
 
     ``ema.update()`` after each optimizer step applies
@@ -100,19 +103,19 @@ class EMA:
     True
     """
 
-    def __init__(self, model: Any, /, *, decay: Union[float, Schedule] = 0.9999,
+    def __init__(self, model: T, /, *, decay: Union[float, Schedule] = 0.9999,
                  buffers: BufferMode = "average", pack: bool = True) -> None:
         check_buffers("EMA", buffers)
         tau = None if callable(decay) else weight_of("EMA", decay, None)
         self._pack = pack and isinstance(model, nn.Module)
         if self._pack:
-            pack_(model)
+            pack_(model)  # type: ignore[arg-type]  # a module: ``_pack`` says so
         self._schedule = decay
         self._buffers: BufferMode = buffers
         self._model = model
         self._online = operand("EMA", model, buffers=buffers != "keep")
         self._plan = plan(self._online, buffers, alias=tie_key)
-        self.averaged = self._copy()
+        self.averaged: T = self._copy()
         self._target = operand("EMA", self.averaged, buffers=buffers != "keep")
         self.step = 0
         self._tables, self._keys, self._held = entries(self._online)
@@ -213,8 +216,8 @@ class EMA:
         self._tables, self._keys, self._held = entries(online)
         self._plan = plan(online, self._buffers, alias=tie_key)
         if self._pack:  # e.g. ``model.to(device)`` gave every tensor its own storage again
-            pack_(self._model)
-            pack_(self.averaged)  # and a copy of the EMA (deepcopy, pickle) gave the average's their own
+            pack_(self._model)  # type: ignore[arg-type]
+            pack_(self.averaged)  # type: ignore[arg-type]  # and a copy of the EMA (deepcopy, pickle) gave the average's their own
         self._prepare()
         return self._online
 
@@ -248,7 +251,7 @@ class EMA:
         return value  # type: ignore[return-value]
 
     @without_grad
-    def update(self, model: Any = None) -> None:
+    def update(self, model: Optional[T] = None) -> None:
         """Fold ``model`` (default: the model given at construction) into the average; ``step += 1``.
 
         Args:
@@ -285,7 +288,7 @@ class EMA:
         self.step += 1
 
     @contextmanager
-    def swap(self, model: Any = None) -> Iterator[Any]:
+    def swap(self, model: Optional[T] = None) -> Iterator[T]:
         """Context manager: ``model`` holds the averages inside the block, its own values after.
 
         Only what the average tracks is swapped (parameters, and buffers unless
@@ -329,7 +332,7 @@ class EMA:
                     torch._foreach_copy_(live, saved)
 
     @torch.no_grad()
-    def copy_to(self, model: Any = None) -> Any:
+    def copy_to(self, model: Optional[T] = None) -> T:
         """Write the averages into ``model`` (default: the model given at construction) for good.
 
         Args:

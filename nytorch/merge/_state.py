@@ -10,7 +10,7 @@ gives a fresh model of the same class, a Particle a Particle, a dict a dict).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
 
 import optree
 import torch
@@ -25,6 +25,11 @@ from .._particle import Particle, layout_state
 from .._tree_match import flatten, path_names
 from .._rebuild import rebuild as rebuild_module
 from .._walk import Layout, layout_of, model_class
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
+
+    from .._swarm import Swarm
 
 Tensor = torch.Tensor
 Kind = Literal["module", "particle", "swarm", "tree"]
@@ -60,7 +65,7 @@ class Operand(NamedTuple):
         return self.configs is None or index >= len(self.configs) or self.configs[index].operational
 
 
-def is_swarm(value: object) -> bool:
+def is_swarm(value: object) -> TypeGuard[Swarm]:
     """True for a ``nytorch.Swarm`` (a broadcasting container with stacked ``params``)."""
     return getattr(type(value), "__nytorch_broadcasts__", False) is True and hasattr(value, "params")
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _leafwise as lw
 from . import _scalars as scalars
 from ._config import ParamConfig
 from ._errors import StructureError, describe
+from ._walk import addresses
 
 Tensor = torch.Tensor
 F = TypeVar("F", bound=Callable[..., Any])
@@ -131,8 +133,26 @@ def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operand
     lw.apply_(op, leaves, *operands, active=written_once(leaves, active))
 
 
+#: Where a leaf's elements start (see ``address``).
+Address = Union[int, tuple[int, int]]
+
 #: What two tied leaves share (see ``tie_key``).
-TieKey = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]
+TieKey = tuple[Address, tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+def address(leaf: torch.Tensor) -> Address:
+    """Where ``leaf``'s elements start: its data pointer, or for a ``FakeTensor`` its storage and byte offset.
+
+    A FakeTensor has no memory (every one sits at address 0) and torch deprecates reading its data
+    pointer; its storage object tells two fake tensors apart as the pointer tells real ones.
+
+    >>> w = torch.ones(2, 2)
+    >>> address(w) == w.data_ptr(), address(w[1]) - address(w)
+    (True, 8)
+    """
+    if isinstance(leaf, FakeTensor):
+        return leaf.untyped_storage()._cdata, int(leaf.storage_offset()) * leaf.element_size()
+    return leaf.data_ptr()
 
 
 def tie_key(leaf: torch.Tensor) -> Optional[TieKey]:
@@ -144,7 +164,7 @@ def tie_key(leaf: torch.Tensor) -> Optional[TieKey]:
     """
     if not leaf.numel() or leaf.device.type == "meta":  # every meta tensor sits at address 0
         return None
-    return leaf.data_ptr(), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
+    return address(leaf), tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype
 
 
 def footprint(leaf: torch.Tensor) -> Optional[object]:
@@ -159,7 +179,7 @@ def footprint(leaf: torch.Tensor) -> Optional[object]:
     (True, False)
     """
     if leaf.numel() and leaf.device.type != "meta" and _dense(leaf):
-        return leaf.data_ptr(), leaf.numel(), leaf.dtype
+        return address(leaf), leaf.numel(), leaf.dtype
     return tie_key(leaf)
 
 
@@ -190,7 +210,9 @@ def written_once(leaves: Sequence[torch.Tensor], active: list[bool], *,
     >>> written_once([w, w.detach(), w[:1], w.t()], [True, True, True, True], key=tie_key)
     [True, False, True, True]
     """
-    if lw.transforms_active() or len(set(map(torch.Tensor.data_ptr, leaves))) == len(leaves):
+    # distinct addresses: no ties (read without ``data_ptr``, which torch deprecates on a FakeTensor; fake
+    # tensors' addresses are their offsets, and equal ones, theirs or copy-on-write tensors', are told by ``key``)
+    if lw.transforms_active() or len(set(addresses(leaves))) == len(leaves):
         return active
     later = ties(leaves, [i for i, on in enumerate(active) if on], key=key)
     return [on and i not in later for i, on in enumerate(active)]

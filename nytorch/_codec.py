@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._errors import describe
 from ._particle import Particle
@@ -64,7 +65,7 @@ def join(path: str, key: object) -> str:
 def _check_storable(tensor: Tensor, what: str) -> None:
     """Raise ``TypeError`` (``save: cannot store <what>: ...``) for tensors ``torch.save`` or ``load`` cannot handle.
 
-    Lazy modules' uninitialised parameters and buffers hold no values; sparse, MKL-DNN and
+    Lazy modules' uninitialised parameters and buffers and FakeTensors hold no values; sparse, MKL-DNN and
     other non-strided layouts have no single storage (``_compact`` needs one); nested tensors
     have no shape for ``load(like=...)`` to check.
     """
@@ -74,6 +75,9 @@ def _check_storable(tensor: Tensor, what: str) -> None:
     if tensor.is_nested:
         raise TypeError(f"save: cannot store {what}: it is a nested tensor (load could not check its shape); "
                         "store its components (tensor.unbind()) instead")
+    if isinstance(tensor, FakeTensor):  # torch.save fails on one, pickling its FakeTensorMode
+        raise TypeError(f"save: cannot store {what}: it is a FakeTensor (made under FakeTensorMode), which holds "
+                        "no values; save a model made outside the mode")
     if tensor.layout != torch.strided:
         raise TypeError(f"save: cannot store {what}: expected a dense (strided) tensor, got layout "
                         f"{tensor.layout}; convert it with .to_dense() first")
@@ -100,11 +104,20 @@ def _compact(tensors: list[Tensor]) -> list[Tensor]:
     used: dict[int, int] = {}
     for tensor in tensors:
         if tensor.device.type != "meta":
-            key = tensor.untyped_storage().data_ptr()
+            key = _storage_key(tensor)
             used[key] = used.get(key, 0) + tensor.numel() * tensor.element_size()
     return [tensor.clone() if tensor.device.type != "meta" and tensor.numel() and
-            used[tensor.untyped_storage().data_ptr()] < tensor.untyped_storage().nbytes() else tensor
+            used[_storage_key(tensor)] < tensor.untyped_storage().nbytes() else tensor
             for tensor in tensors]
+
+
+def _storage_key(tensor: Tensor) -> int:
+    """Which storage ``tensor`` views, as ``torch.save`` tells storages apart (it writes one per key).
+
+    The storage object's identity, not its data pointer: a FakeTensor's storage has no memory
+    (every one sits at address 0) and torch deprecates reading its pointer.
+    """
+    return tensor.untyped_storage()._cdata  # type: ignore[no-any-return]
 
 
 def _tensors(names: list[str], leaves: list[Tensor], path: str) -> dict[str, Tensor]:

@@ -207,6 +207,10 @@ def find_flat(plan: FlatPlan, leaves: Sequence[Tensor]) -> Optional[Flat]:
         # a zero-size leaf holds no memory (its views are fresh tensors, wherever they point): the first
         # leaf with values says where the buffer is
         first = next((leaves[i] for i in index if leaves[i].numel()), leaves[index[0]])
+        if wraps_tensors(first):
+            # refused in the loop too, but its address is read first: a FakeTensor has none (torch
+            # deprecates reading it), so no Flat, and no placement to check on every call, holds one
+            return None
         size = first.element_size()
         base = first.data_ptr() - first.storage_offset() * size
         offset = start = first.storage_offset()

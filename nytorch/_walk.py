@@ -221,7 +221,27 @@ class Layout:
 
 
 #: Addresses, shapes and strides of some tensors (``placement``).
-Placement = tuple[tuple[int, ...], tuple[torch.Size, ...], tuple[tuple[int, ...], ...]]
+Placement = tuple[tuple[Any, ...], tuple[torch.Size, ...], tuple[tuple[int, ...], ...]]
+
+
+def _by_pointer(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+    return tuple(map(Tensor.const_data_ptr, tensors))  # type: ignore[attr-defined]
+
+
+def _by_storage(tensors: Sequence[Tensor]) -> tuple[tuple[int, Any], ...]:
+    # torch before Tensor.const_data_ptr (2.12): the storage's address and the offset, both read-only
+    return tuple(zip(map(torch._C._data_address, tensors),  # type: ignore[attr-defined]
+                     map(Tensor.storage_offset, tensors)))
+
+
+#: Where each tensor's first element is, one C-level pass without ``data_ptr``'s mutable read, which
+#: torch deprecates (and under ``torch.compile`` refuses) on a ``FakeTensor`` and which copies a
+#: copy-on-write tensor.  Equal for tensors of one dtype over the same first element, else different;
+#: a FakeTensor has no memory, so fake tensors are told by their offset alone (as meta ones).
+addresses: Callable[[Sequence[Tensor]], tuple] = (
+    _by_pointer if hasattr(Tensor, "const_data_ptr")
+    else _by_storage if hasattr(torch._C, "_data_address")
+    else lambda tensors: tuple(map(Tensor.data_ptr, tensors)))  # older still: as before, warns on fake tensors
 
 
 def placement(tensors: Sequence[Tensor]) -> Placement:
@@ -231,14 +251,17 @@ def placement(tensors: Sequence[Tensor]) -> Placement:
     ``torch.utils.swap_tensors``) and so change address; a view of their own memory keeps the
     address (``w.data = w.data[:2]``, ``w.data = w.data.t()``), and only its shape or strides tell.
 
+    A fake tensor moved to another fake tensor of the same shape, strides and offset goes unseen
+    (``addresses``): nothing kept about a fake model depends on its storage, since ``find_flat``
+    refuses fake leaves.  No check per tensor here: this runs on every operation on a model.
+
     >>> w = torch.zeros(4, 4)
     >>> before = placement([w])
     >>> w.data = w.data[:2]
     >>> placement([w]) == before
     False
     """
-    return (tuple(map(Tensor.data_ptr, tensors)), tuple(map(Tensor.size, tensors)),
-            tuple(map(Tensor.stride, tensors)))
+    return addresses(tensors), tuple(map(Tensor.size, tensors)), tuple(map(Tensor.stride, tensors))
 
 
 _INTERNED: dict[tuple, object] = {}

@@ -136,7 +136,7 @@ def test_swarm_norm_without_floating_values_ignores_the_default_device(meta_defa
     assert norms.device.type == "cpu" and torch.equal(norms, torch.zeros(2))
 
 
-@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+@pytest.mark.filterwarnings("error::UserWarning")  # nytorch reads no FakeTensor's data_ptr()
 def test_dot_of_a_model_spread_over_two_gpus() -> None:
     """``nf.dot`` added per-leaf 0-dim sums from cuda:0 and cuda:1, which torch refuses (only CPU 0-dim tensors
     mix); it now sums on the first leaf's device, as ``nf.norm`` does."""
@@ -154,7 +154,7 @@ def test_dot_of_cpu_and_meta_leaves_still_gives_meta() -> None:
     assert nf.dot(params, params).device.type == "meta"
 
 
-@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+@pytest.mark.filterwarnings("error::UserWarning")  # nytorch reads no FakeTensor's data_ptr()
 def test_ties_trims_a_model_spread_over_two_gpus() -> None:
     """TIES' global threshold concatenated magnitudes from cuda:0 and cuda:1; it is now found on the first
     leaf's device and compared on each leaf's own."""

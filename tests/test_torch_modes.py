@@ -568,7 +568,7 @@ def test_real_models_keep_their_values_under_fake_tensor_mode(call: Callable[[An
     before = [[p.detach().clone() for p in m.parameters()] for m in (a, b)]
     with FakeTensorMode(allow_non_fake_inputs=True):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # torch's own deprecation of data_ptr() on fake tensors
+            warnings.simplefilter("error")  # nytorch reads no FakeTensor's data_ptr() (torch deprecates it)
             result = call(a, b)
     assert all(isinstance(t, FakeTensor) for t in tensors(result))
     for model, values in zip((a, b), before):
@@ -582,7 +582,7 @@ def test_nytomodule_operands_keep_their_values_under_fake_tensor_mode() -> None:
     a, b, other = net(0), net(1), net(2)
     before = [p.detach().clone() for p in b.parameters()]
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         result = a + b
         with pytest.raises(ValueError, match=r"flatten_: cannot pack the parameters of this Net: a TorchDispatchMode "
                                              r"active here \(e\.g\. FakeTensorMode\) makes new tensors FakeTensors"):
@@ -608,7 +608,7 @@ def test_results_made_under_fake_tensor_mode_never_reach_the_result_pool() -> No
     a + b       # packs both outside the mode
     _pool.clear()
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         for _ in range(3):
             result = nyto.particle(a) + 1
             del result
@@ -618,3 +618,164 @@ def test_results_made_under_fake_tensor_mode_never_reach_the_result_pool() -> No
         for value, p in zip(result.params.values(), a.parameters()):
             assert type(value) is Tensor and torch.equal(value, p + 1)
     _pool.clear()
+
+
+# -- FakeTensorMode: nytorch reads no FakeTensor's data pointer -------------------------------------------
+# torch deprecates ``data_ptr()`` on a FakeTensor (a UserWarning, an error under ``-W error`` and under
+# torch.compile's setting). It warns once per process, so these tests make the mode refuse every read
+# (``_strict_fake_mode``), and one runs the warning itself in a fresh interpreter.
+
+def _strict_fake_mode() -> FakeTensorMode:
+    """A FakeTensorMode whose tensors raise on ``data_ptr()`` (torch.compile's setting) rather than warn once."""
+    import torch._functorch.config as functorch_config
+    with functorch_config.patch(fake_tensor_allow_unsafe_data_ptr_access=False):
+        return FakeTensorMode()
+
+
+def _fake_ops() -> dict[str, Callable[[], Any]]:
+    """The operations found reading data pointers, each making its models when called (fake under the mode)."""
+    def model(seed: int) -> nn.Sequential:  # no .to(): under the mode torch's _apply cannot swap parameters
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    def iadd(make: Callable[[int], Any], wrap: Callable[[Any], Any]) -> Any:
+        target = make(0)
+        total = wrap(target)
+        total += wrap(make(1))
+        return target
+
+    def ema() -> nn.Module:
+        average = merge.EMA(model(0), decay=0.9)
+        average.update()
+        return average.averaged
+
+    def loss(m: nn.Module, x: Tensor) -> Tensor:
+        return m(x).sum()
+
+    x = lambda: torch.randn(5, 3)  # noqa: E731
+    return {
+        "p + q": lambda: nyto.particle(model(0)) + nyto.particle(model(1)),
+        "0.5 * p": lambda: 0.5 * nyto.particle(model(0)),
+        "(p + 1).module()": lambda: (nyto.particle(model(0)) + 1).module(),
+        "p += q": lambda: iadd(model, nyto.particle),
+        "NytoModule +": lambda: net(0) + net(1),
+        "NytoModule +=": lambda: iadd(net, lambda m: m),
+        "EMA.update": ema,
+        "ema_": lambda: merge.ema_(model(0), model(1), decay=0.9),
+        "average": lambda: merge.average([model(0), model(1)]),
+        "Swarm forward": lambda: Swarm.stack([model(0), model(1)])(x()),
+        "grad_and_value": lambda: Swarm.stack([model(0), model(1)]).grad_and_value(loss, x()),
+        "Swarm.randn.norm": lambda: Swarm.randn(model(0), 3).norm(),
+        "nf.dot": lambda: nf.dot(nf.params(model(0)), nf.params(model(1))),
+        "nf.lerp": lambda: nf.lerp(nf.params(model(0)), nf.params(model(1)), 0.3),
+        "pso_init": lambda: alg.pso_init(Swarm.stack([model(0), model(1)]), torch.tensor([1.0, 2.0])),
+    }
+
+
+def _shapes(result: Any) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
+    return [(t.shape, t.dtype, t.device) for t in tensors(result)]
+
+
+@pytest.fixture(params=["const_data_ptr", "storage"])
+def addresses(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Addresses as this torch reads them, and as torch before ``Tensor.const_data_ptr`` (2.12) does."""
+    from nytorch import _algebra, _walk
+    if request.param == "storage":
+        monkeypatch.setattr(_walk, "addresses", _walk._by_storage)
+        monkeypatch.setattr(_algebra, "addresses", _walk._by_storage)
+    elif not hasattr(Tensor, "const_data_ptr"):
+        pytest.skip("this torch has no Tensor.const_data_ptr")
+    return str(request.param)
+
+
+def test_both_address_readings_tell_the_same_tensors_apart(addresses: str) -> None:
+    from nytorch._walk import addresses as read
+    base = torch.zeros(4, 4)
+    views = [base, base.view(16), base.t(), base[1], base[1:], base[:, 1], torch.zeros(4, 4), base.detach()]
+    got = read(views)
+    assert [[a == b for b in got] for a in got] == [[a.data_ptr() == b.data_ptr() for b in views] for a in views]
+
+
+@pytest.mark.parametrize("name", list(_fake_ops()))
+def test_fake_models_read_no_data_pointer_and_keep_real_shapes(name: str, addresses: str) -> None:
+    """nytorch read ``data_ptr()`` of FakeTensors (``placement``, ``find_flat``, tie keys): a UserWarning from
+    torch, an error under ``-W error::UserWarning``. The result has the real run's shapes, dtypes, devices."""
+    expected = _shapes(_fake_ops()[name]())
+    mode = _strict_fake_mode()
+    with mode, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):  # the mode really refuses: a read anywhere fails the test
+            torch.zeros(1).data_ptr()
+        result = _fake_ops()[name]()
+    assert expected and _shapes(result) == expected
+    assert all(isinstance(t, FakeTensor) for t in tensors(result))
+
+
+class _Writes(TorchDispatchMode):
+    """How often each tensor (by id) is written by an in-place aten op (FakeTensors' version counters
+    miss ``_foreach`` writes, so they cannot tell)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[int] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for schema, value in zip(func._schema.arguments, args):
+            if schema.alias_info is not None and schema.alias_info.is_write:
+                self.ids += [id(t) for t in (value if isinstance(value, (list, tuple)) else [value])]
+        return func(*args, **(kwargs or {}))
+
+
+def test_fake_parameters_are_written_once_each_and_tied_ones_once_together(addresses: str) -> None:
+    """Every FakeTensor sits at address 0, so all same-sized fake parameters had one tie key: ``p += 1``
+    wrote the first and skipped the rest. Their storages tell them apart now, as addresses do real ones."""
+    mode = _strict_fake_mode()
+    with mode, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = nn.Module()
+        shared = torch.zeros(4, 4)
+        model.a, model.b = nn.Parameter(shared), nn.Parameter(shared.view(16))  # one tensor, two names
+        model.c = nn.Parameter(torch.zeros(4, 4))
+        model.d = nn.Parameter(shared[1])  # part of a: its own tensor
+        model.e = nn.Parameter(torch.zeros(16))
+        p = nyto.particle(model)
+        with _Writes() as writes:
+            p += 1
+    assert [writes.ids.count(id(t)) for t in model.parameters()] == [1, 0, 1, 1, 1]
+    real = nn.Module()
+    shared = torch.zeros(4, 4)
+    real.a, real.b = nn.Parameter(shared), nn.Parameter(shared.view(16))
+    real.c, real.d, real.e = nn.Parameter(torch.zeros(4, 4)), nn.Parameter(shared[1]), nn.Parameter(torch.zeros(16))
+    q = nyto.particle(real, pack=False)
+    q += 1
+    expected = torch.ones(4, 4)
+    expected[1] += 1  # a (and b, the same tensor) once, d (its row 1) once more
+    assert torch.equal(shared, expected)
+    assert torch.equal(real.c, torch.ones(4, 4)) and torch.equal(real.e, torch.ones(16))
+
+
+def test_saving_a_fake_model_names_it(tmp_path: Any) -> None:
+    """``save`` read the data pointer of the fake storages, then torch.save failed pickling the mode."""
+    mode = _strict_fake_mode()
+    with mode, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = nn.Linear(3, 2)
+        with pytest.raises(TypeError, match=r"save: cannot store parameter 'weight': it is a FakeTensor"):
+            nyto.save(nyto.particle(model), tmp_path / "fake.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_default_fake_mode_under_warnings_as_errors_in_a_fresh_interpreter() -> None:
+    """The user's case: torch's default (one UserWarning per process), ``python -W error::UserWarning``."""
+    import subprocess
+    code = ("import torch; from torch import nn; from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "from nytorch import Swarm, particle\n"
+            "with FakeTensorMode():\n"
+            "    net = nn.Linear(4, 2)\n"
+            "    p = particle(net)\n"
+            "    print(tuple(Swarm.stack([net, net])(torch.randn(5, 4)).shape),\n"
+            "          tuple((p + p).params['weight'].shape))\n")
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(2,", "5,", "2)", "(2,", "4)"]

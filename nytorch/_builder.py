@@ -18,18 +18,32 @@ from torch import nn
 Builder = Callable[[Sequence[dict], Sequence[type], Sequence[torch.Tensor], Sequence[torch.Tensor], Optional[nn.Module]],
                    list[nn.Module]]
 Capture = Callable[[Sequence[nn.Module]], list[dict]]
+#: ``compile_gather``'s function: a tree's parameters and buffers, or ``None`` when it is not as listed.
+Gather = Callable[[Sequence[nn.Module]], Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]]
 
-_COMPILED: dict[tuple, Callable[..., object]] = {}
+#: Compiled functions by structure, with the number of modules each covers, oldest first.
+_COMPILED: dict[tuple, tuple[Callable[..., object], int]] = {}
+#: The modules covered by ``_COMPILED`` (a function's code and key grow with its structure's modules).
+_MODULES = [0]
+#: Bounds on ``_COMPILED``: entries, and modules (about 2 KB of code per module, so some 64 MB in all): an
+#: architecture search of deep networks (a thousand modules each) would otherwise hold gigabytes.
+MAX_ENTRIES, MAX_MODULES = 512, 32768
 
 
-def _memo(key: tuple, make: Callable[[], Callable[..., object]]) -> Callable[..., object]:
-    """One compiled function per structure, shared by every model of that structure (bounded)."""
+def _memo(key: tuple, make: Callable[[], Callable[..., object]], modules: int) -> Callable[..., object]:
+    """One compiled function per structure of ``modules`` modules, shared by every model of that structure.
+
+    Bounded by ``MAX_ENTRIES`` and ``MAX_MODULES``: the oldest structures' functions go first.
+    """
     found = _COMPILED.get(key)
     if found is None:
-        if len(_COMPILED) >= 512:
-            _COMPILED.clear()
-        found = _COMPILED[key] = make()
-    return found
+        if not _COMPILED:
+            _MODULES[0] = 0
+        while _COMPILED and (len(_COMPILED) >= MAX_ENTRIES or _MODULES[0] + modules > MAX_MODULES):
+            _MODULES[0] -= _COMPILED.pop(next(iter(_COMPILED)))[1]
+        found = _COMPILED[key] = (make(), modules)
+        _MODULES[0] += modules
+    return found[0]
 
 
 def _frozen(tables: Sequence[Sequence[tuple[str, Optional[int]]]]) -> tuple:
@@ -85,7 +99,8 @@ def compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[st
                     containers: frozenset[str]) -> Builder:
     """``_compile_builder``, once per structure."""
     key = ("build", _shape(states, containers), _frozen(children), _frozen(param_slots), _frozen(buffer_slots))
-    return _memo(key, lambda: _compile_builder(states, children, param_slots, buffer_slots, containers))  # type: ignore[return-value]
+    make = lambda: _compile_builder(states, children, param_slots, buffer_slots, containers)  # noqa: E731
+    return _memo(key, make, len(states))  # type: ignore[return-value]
 
 
 def _compile_builder(states: Sequence[dict], children: Sequence[Sequence[tuple[str, Optional[int]]]],
@@ -154,7 +169,7 @@ _EMPTIES: dict[type, object] = {}
 def compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Capture:
     """``_compile_capture``, once per structure."""
     return _memo(("capture", _shape(states, containers)),  # type: ignore[return-value]
-                 lambda: _compile_capture(states, containers))
+                 lambda: _compile_capture(states, containers), len(states))
 
 
 def _compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Capture:
@@ -190,45 +205,61 @@ def _compile_capture(states: Sequence[dict], containers: frozenset[str]) -> Capt
     return namespace.pop("capture")  # type: ignore[return-value]  # popped: no function <-> globals cycle
 
 
-def compile_check(children: Sequence[Sequence[tuple[str, Optional[int]]]],
-                  param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
-                  buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]]) -> Callable[..., bool]:
-    """``_compile_check``, once per structure."""
-    key = ("check", _frozen(children), _frozen(param_slots), _frozen(buffer_slots))
-    return _memo(key, lambda: _compile_check(children, param_slots, buffer_slots))  # type: ignore[return-value]
-
-
-def _compile_check(children: Sequence[Sequence[tuple[str, Optional[int]]]],
+def compile_gather(children: Sequence[Sequence[tuple[str, Optional[int]]]],
                    param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
-                   buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]]) -> Callable[..., bool]:
-    """A function ``check(modules, params, buffers) -> bool``: does each module still hold exactly these?
+                   buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]]) -> Gather:
+    """``_compile_gather``, once per structure."""
+    key = ("gather", _frozen(children), _frozen(param_slots), _frozen(buffer_slots))
+    make = lambda: _compile_gather(children, param_slots, buffer_slots)  # noqa: E731
+    return _memo(key, make, len(children))  # type: ignore[return-value]
 
-    True when every module's child, parameter and buffer tables have the listed names, in the
-    listed order, holding the listed objects (``is``).  It reads the tables the way
-    ``_walk.snapshot`` does, minus the loop: one comparison per entry.
+
+def _compile_gather(children: Sequence[Sequence[tuple[str, Optional[int]]]],
+                    param_slots: Sequence[Sequence[tuple[str, Optional[int]]]],
+                    buffer_slots: Sequence[Sequence[tuple[str, Optional[int]]]]) -> Gather:
+    """A function ``gather(modules) -> (params, buffers) or None``: the tensors, if the tree is as listed.
+
+    ``None`` unless every module's child, parameter and buffer tables have the listed names, in the
+    listed order, each child being the listed module (``is``) and each tensor listed twice (tied) the
+    same object in both places. It reads the tables the way ``_walk.snapshot`` does, minus the loop.
 
     >>> layer = torch.nn.Linear(1, 1)
-    >>> check = compile_check([[]], [[("weight", 0), ("bias", 1)]], [[]])
-    >>> check([layer], [layer.weight, layer.bias], [])
+    >>> gather = compile_gather([[]], [[("weight", 0), ("bias", 1)]], [[]])
+    >>> gather([layer]) == ([layer.weight, layer.bias], [])
     True
-    >>> layer.bias = torch.nn.Parameter(torch.zeros(1))
-    >>> check([layer], [layer.weight, None], [])
-    False
+    >>> layer.register_parameter("extra", None)
+    >>> gather([layer]) is None
+    True
     """
-    lines = ["def check(modules, params, buffers):"]
+    lines = ["def gather(modules):"]
     namespace: dict[str, object] = {}
+    assigned: set[str] = set()  # locals holding a tensor already (a later place of it is tied to it)
     for k in range(len(children)):
         lines.append(f"    d = modules[{k}].__dict__")
-        for table, slots, values in (("_modules", children[k], "modules"), ("_parameters", param_slots[k], "params"),
-                                     ("_buffers", buffer_slots[k], "buffers")):
+        for table, slots, local in (("_modules", children[k], "m"), ("_parameters", param_slots[k], "p"),
+                                    ("_buffers", buffer_slots[k], "b")):
             if not slots:
-                lines.append(f"    if d[{table!r}]: return False")
+                lines.append(f"    if d[{table!r}]: return None")
                 continue
             namespace[f"k{k}{table}"] = [name for name, _ in slots]
-            tests = [f"[*t] != k{k}{table}"] + [
-                f"t[{name!r}] is not " + ("None" if i is None else f"{values}[{i}]") for name, i in slots]
             lines.append(f"    t = d[{table!r}]")
-            lines.append("    if " + " or ".join(tests) + ": return False")
-    lines.append("    return True")
-    exec(compile("\n".join(lines), "<nytorch check>", "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace.pop("check")  # type: ignore[return-value]  # popped: no function <-> globals cycle
+            lines.append(f"    if [*t] != k{k}{table}: return None")
+            tests = []
+            for name, i in slots:
+                if i is None:
+                    tests.append(f"t[{name!r}] is not None")
+                elif local == "m":
+                    tests.append(f"t[{name!r}] is not modules[{i}]")
+                elif f"{local}{i}" in assigned:
+                    tests.append(f"t[{name!r}] is not {local}{i}")  # tied: the first place's object
+                else:
+                    assigned.add(f"{local}{i}")
+                    lines.append(f"    {local}{i} = t[{name!r}]")
+            if tests:
+                lines.append("    if " + " or ".join(tests) + ": return None")
+    counts = {"p": 1 + max((i for slots in param_slots for _, i in slots if i is not None), default=-1),
+              "b": 1 + max((i for slots in buffer_slots for _, i in slots if i is not None), default=-1)}
+    lines.append("    return [" + ", ".join(f"p{i}" for i in range(counts["p"])) + "], ["
+                 + ", ".join(f"b{i}" for i in range(counts["b"])) + "]")
+    exec(compile("\n".join(lines), "<nytorch gather>", "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace.pop("gather")  # type: ignore[return-value]  # popped: no function <-> globals cycle

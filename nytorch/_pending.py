@@ -28,13 +28,11 @@ Tensor = torch.Tensor
 __all__ = ["Pending", "Snapshot", "snapshot_of", "pending_result", "remember"]
 
 
-def remember(result: nn.Module, flat: Flat) -> None:
-    """Record that ``result`` (just rebuilt from ``flat``'s views) is packed in ``flat``'s buffers."""
+def remember(result: nn.Module, flat: Flat, params: Sequence[Tensor]) -> None:
+    """Record that ``result`` (just rebuilt from ``flat``'s views, its Parameters ``params``) is packed in ``flat``'s buffers."""
     stored = _CACHE.get(result)
     if stored is not None:
-        params = stored.params
-        rest = {i: params[i] for i in flat.rest}
-        stored.packing[0] = Flat(flat.plan, flat.buffers, rest)
+        stored.packing[0] = Flat(flat.plan, flat.buffers, {i: params[i] for i in flat.rest})
 
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
@@ -74,7 +72,7 @@ class Pending:
             leaves = own_counters(flat.leaves(), flat.plan)
             wrapped = wrap_parameters(algebra.fresh_parameters(leaves, self.configs), self.requires_grad)
             build_into(self.layout, self.states, self.types, wrapped, self.buffers, root)
-            remember(root, flat)
+            remember(root, flat, wrapped)
             self.flat = None  # the buffers are the model's storage now
 
     def __del__(self) -> None:

@@ -174,22 +174,34 @@ _WrappedHook: Any = getattr(sys.modules["torch.nn.modules.module"], "_WrappedHoo
 
 class _Rebind:
     """A hook bound to modules of its tree, by position: a bound method's ``self`` (``method_of``) and
-    the module that ``register_load_state_dict_pre_hook`` keeps (``owner``), made again for a copy."""
+    the module that ``register_load_state_dict_pre_hook`` keeps (``owner``), made again for a copy.
 
-    __slots__ = ("hook", "method_of", "owner")
+    It keeps the hook's function, never the source's module: pending results hold these, and a chain
+    of results (``net = net + noise`` in a loop) would otherwise keep the first model alive for good.
+    """
+
+    __slots__ = ("function", "method_of", "owner", "wrapped", "outside")
 
     def __init__(self, hook: Any, method_of: Optional[int], owner: Optional[int]) -> None:
-        self.hook, self.method_of, self.owner = hook, method_of, owner
+        self.method_of, self.owner = method_of, owner
+        self.wrapped = not isinstance(hook, MethodType)  # else a ``_WrappedHook``
+        if not self.wrapped:
+            self.function, self.outside = hook.__func__, None
+            return
+        inner = hook.hook
+        self.function = inner if method_of is None else inner.__func__
+        # the weak reference to a module outside the tree, kept as it is
+        self.outside = hook.module if owner is None and hook.with_module else None
 
     def bind(self, copies: Sequence[nn.Module]) -> Any:
         """The hook bound to ``copies`` (the new tree's modules, in the source's order)."""
-        hook, method_of, owner = self.hook, self.method_of, self.owner
-        if isinstance(hook, MethodType):
-            return MethodType(hook.__func__, copies[method_of])  # type: ignore[index]
-        inner = hook.hook if method_of is None else MethodType(hook.hook.__func__, copies[method_of])
+        function, method_of, owner = self.function, self.method_of, self.owner
+        if not self.wrapped:
+            return MethodType(function, copies[method_of])  # type: ignore[index]
+        inner = function if method_of is None else MethodType(function, copies[method_of])
         made = _WrappedHook(inner, copies[owner] if owner is not None else None)
-        if owner is None and hook.with_module:  # a module outside the tree: the same weak reference
-            made.module, made.with_module = hook.module, True
+        if self.outside is not None:
+            made.module, made.with_module = self.outside, True
         return made
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
-from ._builder import PENDING, compile_check
+from ._builder import PENDING, Gather, compile_gather
 
 Tensor = torch.Tensor
 
@@ -55,13 +55,13 @@ _MISSING = object()
 class _Family:
     """What layouts of one structure share: its compiled code, and how often it was needed before."""
 
-    __slots__ = ("build", "builds", "capture", "check", "checks")
+    __slots__ = ("build", "builds", "capture", "gather", "checks")
 
     def __init__(self) -> None:
         self.build: Optional[Callable[..., list]] = None  # ``_builder.compile_builder``, from the second build
         self.builds = 0
         self.capture: Optional[Callable[..., list]] = None  # ``_builder.compile_capture``
-        self.check: Optional[Callable[..., bool]] = None  # ``_builder.compile_check``, from the second check
+        self.gather: Optional[Gather] = None  # ``_builder.compile_gather``, from the second check
         self.checks = 0
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
@@ -189,35 +189,56 @@ class Layout:
             found = cell[1] = self._sibling([], [], [])
         return found  # type: ignore[no-any-return]
 
-    def _matches(self, root: nn.Module) -> bool:
-        """True while ``root``'s tree still holds exactly the modules, parameters and buffers listed.
+    def _gather(self, root: nn.Module, modules: list) -> Optional[tuple[list[Tensor], list[Tensor]]]:
+        """``root``'s parameters and buffers, while its tree holds exactly what this remembered layout lists.
 
-        Objects are compared by identity: this layout holds every listed object.  The first
-        check of a structure reads the whole tree into one flat list (``snapshot``) and compares
-        it with the one taken when the layout was made; from the second on, the structure has a
-        compiled check (``_builder.compile_check``) that compares each table entry directly.
+        A remembered layout (``remember_layout``) holds the modules below the root by weak reference
+        (``modules``: the root, then those read, ``None`` for one gone, which no tree holds) and its
+        tensors by ``id`` only, in ``params`` and ``buffers``: the tensors are read from the tree, then
+        compared with those ids, then their memory with the placement remembered (an id reused by a
+        new tensor at the same address, shape and strides views the same memory, which is all the
+        layout's packing depends on). The first check of a structure reads the whole tree into one
+        flat list (``snapshot``) and compares it with the one taken when the layout was made; from the
+        second on, the structure has compiled code (``_builder.compile_gather``) that reads and
+        compares each table entry directly.
         """
-        modules = [root] + self.modules[1:]
-        checker = self._family.check
-        if checker is not None:
-            try:
-                if not checker(modules, self.params, self.buffers):
-                    return False
-            except (KeyError, AttributeError):  # a module lost one of nn.Module's tables
-                return False
-        else:
-            if self._expect is None or snapshot(modules) != self._expect:
-                return False
-            family = self._family
-            family.checks += 1
-            if family.checks >= 2:  # checked again: worth writing the check out once for the structure
-                family.check = compile_check(self.children, self.param_slots, self.buffer_slots)
+        gather = self._family.gather
+        try:
+            if gather is not None:
+                found = gather(modules)
+                if found is None:
+                    return None
+                params, buffers = found
+                if list(map(id, params)) != self.params or list(map(id, buffers)) != self.buffers:
+                    return None
+            else:
+                if self._expect is None or snapshot(modules) != self._expect:
+                    return None
+                params = _read(modules, self.param_slots, "_parameters")
+                buffers = _read(modules, self.buffer_slots, "_buffers")
+                family = self._family
+                family.checks += 1
+                if family.checks >= 2:  # checked again: worth writing the check out once for the structure
+                    family.gather = compile_gather(self.children, self.param_slots, self.buffer_slots)
+        except (KeyError, AttributeError):  # a module lost one of nn.Module's tables (or is gone)
+            return None
         for _, config_table, k in self.tables:
             owner = root if k == 0 else modules[k]
             if owner.__dict__.get(CONFIG_ATTR) is not config_table:
-                return False
+                return None
         # Same Parameter objects can hold new storage (``.data = ...``, ``.double()``, ``.to()``).
-        return placement(self.params) == self._placement
+        return (params, buffers) if placement(params) == self._placement else None
+
+
+def _read(modules: Sequence[nn.Module], slots: list[list[tuple[str, Optional[int]]]], table: str) -> list[Tensor]:
+    """The tensors a layout's ``param_slots`` (``table="_parameters"``) or ``buffer_slots`` point at, by index."""
+    found: dict[int, Tensor] = {}
+    for module, entries in zip(modules, slots):
+        values = module.__dict__[table]
+        for name, index in entries:
+            if index is not None and index not in found:
+                found[index] = values[name]
+    return [found[index] for index in range(len(found))]
 
 
 #: Addresses, shapes and strides of some tensors (``placement``).
@@ -313,14 +334,27 @@ def _slots(table: Mapping[str, Optional[Tensor]], prefix: str, seen: dict[int, i
     return slots
 
 
-# Layouts of recently seen roots, without the root itself (a value must not keep its weak key alive).
+# Layouts of recently seen roots. The roots are weak keys, and a value holds none of the tree's objects: its
+# modules by weak reference and its tensors by id (``Layout._gather``). A value holding them would keep its
+# key alive whenever the tree leads back to the root (a forward hook that is a bound method of the root, a
+# child that stores it, a parameter hook closing over it), and a module-level table is never collected, so
+# such a model would never be freed, even by ``gc.collect()``; and a replaced layer would live on until the
+# model was read again. Tensors are not weakly referenced: ``torch.utils.swap_tensors`` refuses those.
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictionary()
+#: Called on a ``weakref.ref``: its referent, ``None`` when gone (mapped over a list in C).
+_CALL: Callable[[Any], Any] = weakref.ref.__call__
 
 
 def remember_layout(root: nn.Module, layout: Layout) -> None:
     if lw.transforms_active():
         return  # tensors batched by vmap (or wrapped by grad) have no address: nothing to remember them by
-    stored = layout._sibling([None] + layout.modules[1:], layout.params, layout.buffers)  # type: ignore[list-item, arg-type]
+    try:
+        # the modules below the root by weak reference (a lookup has the root itself), the tensors by id
+        remembered: Any = (list(map(weakref.ref, layout.modules[1:])), list(map(id, layout.params)),
+                           list(map(id, layout.buffers)))
+        stored = layout._sibling(*remembered)
+    except TypeError:  # pragma: no cover - objects that cannot be weakly referenced: nothing is remembered
+        return
     stored.packing = layout.packing
     try:
         stored._placement = placement(layout.params)
@@ -332,7 +366,7 @@ def remember_layout(root: nn.Module, layout: Layout) -> None:
         raise TypeError(f"{type(root).__name__}: expected dense (strided) parameters, but parameter {name!r} has "
                         f"layout {param.layout}; nytorch's arithmetic is elementwise over dense tensors: convert it "
                         "with .to_dense()") from None
-    if layout._family.check is None:  # compiled checks compare with the layout's own lists instead
+    if layout._family.gather is None:  # compiled code compares ids instead
         stored._expect = snapshot(layout.modules)  # the tree was just walked or built: it is what the layout says
     try:
         _CACHE[root] = stored
@@ -350,10 +384,13 @@ def layout_of(root: nn.Module) -> Layout:
     """
     realized(root)  # a result still pending builds its tree first
     stored = _CACHE.get(root)
-    if stored is not None and stored._matches(root):
-        found = stored._sibling([root] + stored.modules[1:], stored.params, stored.buffers)
-        found.packing = stored.packing
-        return found
+    if stored is not None:
+        modules = [root, *map(_CALL, stored.modules)]  # a remembered layout's modules: its root's children
+        tensors = stored._gather(root, modules)
+        if tensors is not None:
+            found = stored._sibling(modules, *tensors)
+            found.packing = stored.packing
+            return found
     layout = Layout(root)
     remember_layout(root, layout)
     return layout

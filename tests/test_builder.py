@@ -1,4 +1,7 @@
 """Compiled rebuilds (nytorch/_builder.py) build exactly what the generic loop builds."""
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -82,7 +85,7 @@ def test_compiled_functions_are_freed_without_the_cycle_collector(monkeypatch) -
     monkeypatch.setattr(_builder, "_COMPILED", {})  # a cache of its own, dropped below as when full
     gc.disable()
     try:
-        made = [_builder.compile_check(layout.children, layout.param_slots, layout.buffer_slots),
+        made = [_builder.compile_gather(layout.children, layout.param_slots, layout.buffer_slots),
                 _builder.compile_capture(states, _CONTAINER_SET),
                 _builder.compile_builder(states, layout.children, layout.param_slots, layout.buffer_slots,
                                          _CONTAINER_SET)]
@@ -92,3 +95,50 @@ def test_compiled_functions_are_freed_without_the_cycle_collector(monkeypatch) -
         assert [ref() for ref in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+def test_compiled_code_is_bounded_by_the_modules_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache was bounded by entries only, and each entry grows with its structure: 280 deep networks
+    of an architecture search (600 to 1400 modules each) held 1.5 GB of generated code."""
+    from nytorch import _builder
+    from nytorch._walk import Layout
+
+    monkeypatch.setattr(_builder, "_COMPILED", {})
+    monkeypatch.setattr(_builder, "_MODULES", [0])
+    monkeypatch.setattr(_builder, "MAX_MODULES", 100)
+    layouts = [Layout(nn.Sequential(*[nn.Linear(2, 2) for _ in range(depth)])) for depth in (30, 40, 20, 60)]
+    gathers = [_builder.compile_gather(layout.children, layout.param_slots, layout.buffer_slots) for layout in layouts]
+    covered = [len(key[1]) for key in _builder._COMPILED]  # a key: ("gather", children, ...)
+    # each tree is its root and its layers: 31, 41, 21 and 61 modules; the oldest went first, to stay within 100
+    assert covered == [21, 61] and _builder._MODULES == [82]
+    for layout, gather in zip(layouts, gathers):  # what was compiled still reads its tree
+        assert gather(layout.modules) == (layout.params, layout.buffers)
+    again = _builder.compile_gather(layouts[3].children, layouts[3].param_slots, layouts[3].buffer_slots)
+    assert again is gathers[3]  # still remembered: not compiled again
+
+
+def test_compiled_gather_reads_what_a_walk_reads_and_refuses_any_change() -> None:
+    """The remembered layout holds no tensor: its compiled code reads them from the tree, tied ones once."""
+    from nytorch._builder import compile_gather
+    from nytorch._walk import Layout
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 2))
+    model[2].weight = model[0].weight  # tied
+    model[1].register_parameter("unused", None)
+    layout = Layout(model)
+    gather = compile_gather(layout.children, layout.param_slots, layout.buffer_slots)
+    params, buffers = gather(layout.modules)
+    assert [id(p) for p in params] == [id(p) for p in layout.params] and len(params) == 5  # the tied weight once
+    assert [id(b) for b in buffers] == [id(b) for b in layout.buffers] and len(buffers) == 3
+    changes = [
+        lambda m: setattr(m[2], "weight", nn.Parameter(m[0].weight.detach().clone())),  # untied
+        lambda m: m.register_buffer("extra", torch.zeros(1)),  # a new entry
+        lambda m: m.__setitem__(1, nn.BatchNorm1d(2)),  # another child object
+        lambda m: m[1].register_parameter("unused", nn.Parameter(torch.ones(1))),  # None replaced
+    ]
+    for change in changes:
+        changed = copy.deepcopy(model)
+        reference = Layout(changed)
+        assert gather(reference.modules) == (reference.params, reference.buffers)  # before: as a walk reads
+        change(changed)
+        assert gather(reference.modules) is None

@@ -64,14 +64,15 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
 
     Buffers that are not on the CPU, that anything else refers to (a view, another Python
     reference, autograd), inference tensors (made under ``torch.inference_mode()``), tensor
-    subclasses (``FakeTensor``s made under ``FakeTensorMode``) or that would take the pool
-    over ``POOL_BYTES`` are left to the allocator.
+    subclasses (``FakeTensor``s made under ``FakeTensorMode``) or larger than ``POOL_BYTES``
+    are left to the allocator. When the pool is full, the buffers of the structures given
+    longest ago are dropped to make room: those of structures no longer in use go first.
     """
     size = plan.nbytes
     if size < MIN_BYTES or not buffers or buffers[0].device.type != "cpu" or len(buffers) != len(plan.totals):
         return
     kept = _FREE.get(plan)
-    if _HELD[0] + size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
+    if size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
         return
     references, storage_users, tensor_users = _ALONE
     for (mine, storage, tensor), buffer in zip(_users(buffers), buffers):
@@ -82,12 +83,27 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
             return
     with _LOCK:
         kept = _FREE.get(plan)
-        if _HELD[0] + size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
+        if size > POOL_BYTES or (kept is not None and len(kept) >= PER_PLAN):
             return
-        if kept is None:
-            kept = _FREE[plan] = []
+        _make_room(size, plan)
+        # to the end of the order: the structures given to longest ago go first when the pool is full
+        kept = _FREE.pop(plan, None) or []
         kept.append(list(buffers))
+        _FREE[plan] = kept
         _HELD[0] += size
+
+
+def _make_room(size: int, plan: FlatPlan) -> None:
+    """Drop the buffers of the structures given longest ago until ``size`` more bytes fit (lock held).
+
+    ``_FREE`` is in the order structures were last given to: an architecture search's dead
+    structures come first, a structure in use last.
+    """
+    while _HELD[0] + size > POOL_BYTES:
+        oldest = next((other for other in _FREE if other is not plan), None)
+        if oldest is None:
+            return
+        _HELD[0] -= oldest.nbytes * len(_FREE.pop(oldest))
 
 
 def take(plan: FlatPlan) -> Optional[list[Tensor]]:
@@ -129,7 +145,8 @@ def set_result_pool(max_bytes: int) -> int:
     Results of operations on packed models (NytoModule operators, Particles) are written into
     the buffers of results that died unseen, instead of fresh memory whose pages fault in.  The
     pool keeps at most two dead results per structure, of at least 256 KiB each, and at most
-    ``max_bytes`` in all (64 MiB by default).  ``0`` turns it off and frees what it holds.
+    ``max_bytes`` in all (64 MiB by default); when it is full, the structures given to longest ago
+    make room for a new one.  ``0`` turns it off and frees what it holds.
 
     Args:
         max_bytes: the new limit, in bytes (a non-negative int).

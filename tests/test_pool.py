@@ -139,3 +139,25 @@ def test_dropping_the_plan_cache_drops_the_buffers_filed_under_its_plans(monkeyp
         _flat.plan_for([(torch.Size([width]), torch.float32, torch.device("cpu"))], [True])
     assert _pool.held_bytes() == 0 and len(_flat._PLANS) == 1
     assert torch.equal((a + b).layer1.weight, a.layer1.weight + b.layer1.weight)  # a new plan, computed right
+
+
+def test_a_full_pool_makes_room_for_the_structure_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full pool refused every new structure: in an architecture search it filled with the buffers of
+    structures that never came back, and the one in use got fresh memory every time."""
+    models = [nn.Sequential(nn.Linear(8, width)) for width in (4, 5, 6)]
+    particles = [nytorch.particle(model) for model in models]
+    sizes = [sum(p.numel() * 4 for p in model.parameters()) for model in models]
+    monkeypatch.setattr(_pool, "POOL_BYTES", 2 * sizes[0] + 2 * sizes[1])  # room for the first two
+    for p in particles[:2]:
+        results = [p + p for _ in range(2)]  # two results die unseen: their buffers are kept
+        del results
+    assert [plan.nbytes for plan in _pool._FREE] == [sizes[0], sizes[1]]
+    before = _address(particles[0] + particles[0])  # the first structure in use again: it goes last
+    new = particles[2] + particles[2]  # a new structure: fresh memory, which dies unseen below
+    del new
+    # the structure given to longest ago (the second) made room, not the one just used
+    assert [plan.nbytes for plan in _pool._FREE] == [sizes[0], sizes[2]]
+    assert _pool.held_bytes() == 2 * sizes[0] + sizes[2] <= _pool.POOL_BYTES
+    assert _address(particles[0] + particles[0]) == before  # still served from the pool
+    again = particles[2] + particles[2]
+    torch.testing.assert_close(again.params["0.weight"], 2 * models[2][0].weight.detach())

@@ -1,6 +1,7 @@
 """The source distribution and the package metadata, built as ``pip``/``build`` would build them."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,14 @@ def _sdist(tmp_path: Path) -> tarfile.TarFile:
     A copy: setuptools also packs what an earlier build's ``nytorch.egg-info/SOURCES.txt`` lists, so
     in a working tree it can hide a file that a clean clone's sdist would leave out.
     """
-    pytest.importorskip("setuptools")
+    setuptools = pytest.importorskip("setuptools")
+    # pip builds in an isolated environment with what [build-system] requires; this interpreter's own
+    # setuptools may be older (a Python 3.10 venv starts with 65, which cannot read `license = "MIT"`)
+    requirement = re.search(r'"setuptools>=(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert requirement is not None, "pyproject.toml's [build-system] names no setuptools floor"
+    needed = int(requirement.group(1))
+    if int(setuptools.__version__.split(".")[0]) < needed:
+        pytest.skip(f"setuptools {setuptools.__version__} here; the build requires >= {needed}")
     source = tmp_path / "source"
     for name in _checkout_files():
         (source / name).parent.mkdir(parents=True, exist_ok=True)

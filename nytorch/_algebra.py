@@ -16,7 +16,7 @@ from . import _leafwise as lw
 from . import _scalars as scalars
 from ._config import ParamConfig
 from ._errors import StructureError, describe
-from ._walk import addresses
+from ._walk import addresses, storage_key
 
 Tensor = torch.Tensor
 F = TypeVar("F", bound=Callable[..., Any])
@@ -151,7 +151,7 @@ def address(leaf: torch.Tensor) -> Address:
     (True, 8)
     """
     if isinstance(leaf, FakeTensor):
-        return leaf.untyped_storage()._cdata, int(leaf.storage_offset()) * leaf.element_size()
+        return storage_key(leaf), int(leaf.storage_offset()) * leaf.element_size()
     return leaf.data_ptr()
 
 

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ._errors import describe
 from ._particle import Particle
-from ._walk import Layout, model_class
+from ._walk import Layout, model_class, storage_key
 
 Tensor = torch.Tensor
 
@@ -104,20 +104,11 @@ def _compact(tensors: list[Tensor]) -> list[Tensor]:
     used: dict[int, int] = {}
     for tensor in tensors:
         if tensor.device.type != "meta":
-            key = _storage_key(tensor)
+            key = storage_key(tensor)
             used[key] = used.get(key, 0) + tensor.numel() * tensor.element_size()
     return [tensor.clone() if tensor.device.type != "meta" and tensor.numel() and
-            used[_storage_key(tensor)] < tensor.untyped_storage().nbytes() else tensor
+            used[storage_key(tensor)] < tensor.untyped_storage().nbytes() else tensor
             for tensor in tensors]
-
-
-def _storage_key(tensor: Tensor) -> int:
-    """Which storage ``tensor`` views, as ``torch.save`` tells storages apart (it writes one per key).
-
-    The storage object's identity, not its data pointer: a FakeTensor's storage has no memory
-    (every one sits at address 0) and torch deprecates reading its pointer.
-    """
-    return tensor.untyped_storage()._cdata  # type: ignore[no-any-return]
 
 
 def _tensors(names: list[str], leaves: list[Tensor], path: str) -> dict[str, Tensor]:
@@ -372,8 +363,6 @@ def fields_of(data: dict[str, Any], path: str) -> dict[str, Any]:
     if not isinstance(fields, dict):
         raise malformed(data, path, f"expected a dict under 'fields', got {type(fields).__name__}")
     return fields
-
-
 
 
 def generator_device(data: dict[str, Any], path: str) -> torch.device:

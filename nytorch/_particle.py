@@ -444,7 +444,7 @@ class Particle(Operators, Generic[M]):
         return module
 
     @torch.no_grad()
-    def _write_into(self, fn: str, module: nn.Module) -> nn.Module:
+    def _write_into(self, fn: str, module: nn.Module) -> None:
         """``copy_to`` after the class check, its errors naming ``fn`` (``copy_to`` or ``product_``)."""
         names, leaves = layout_state(layout_of(module), self._with_buffers)
         algebra.check_state(fn, names, leaves, self._names, self._leaves)
@@ -454,7 +454,6 @@ class Particle(Operators, Generic[M]):
             # dual operand) would make ``_foreach_copy_`` raise, and a copy runs without autograd anyway
             sources = [leaf.detach() for leaf in self._leaves] if lw.dual_level_active() else self._leaves
             torch._foreach_copy_(leaves, sources)
-        return module
 
     def unary_operator(self, fn: Callable[[Tensor, ParamConfig], Tensor]) -> Self:
         """A new Particle with ``fn(param, config)`` applied to every parameter (nytorch 1.1 API).

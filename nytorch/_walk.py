@@ -265,6 +265,19 @@ addresses: Callable[[Sequence[Tensor]], tuple] = (
     else lambda tensors: tuple(map(Tensor.data_ptr, tensors)))  # older still: as before, warns on fake tensors
 
 
+def storage_key(tensor: Tensor) -> int:
+    """Which storage ``tensor`` views: the storage object's identity, as ``torch.save`` tells storages apart.
+
+    Not its data pointer: a FakeTensor's storage has no memory (every one sits at address 0) and
+    torch deprecates reading its pointer.
+
+    >>> w = torch.zeros(4)
+    >>> storage_key(w[2:]) == storage_key(w) != storage_key(torch.zeros(4))
+    True
+    """
+    return tensor.untyped_storage()._cdata  # type: ignore[no-any-return]
+
+
 def placement(tensors: Sequence[Tensor]) -> Placement:
     """Where ``tensors`` sit in memory, to compare with a later reading: addresses, shapes and strides.
 

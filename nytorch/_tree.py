@@ -16,8 +16,8 @@ import torch
 from . import _leafwise as lw
 from . import _scalars as scalars
 from . import _nocast as nocast
-from ._tree_match import (aligned, flatten, is_scalar_operand, leaf_names, matched, mismatch, plain_leaves,
-                          refuse_lone_tensor)
+from ._tree_match import (aligned, flatten, is_scalar_operand, leaf_names, leaves_of, matched, mismatch,
+                          rebuilt, refuse_lone_tensor)
 from ._types import PyTree, Scalar, TreeT
 
 Tensor = torch.Tensor
@@ -29,13 +29,12 @@ __all__ = ["add", "sub", "mul", "div", "pow", "neg", "lerp", "clone", "randn_lik
 
 
 def _scalar_op(op: lw.Op, fn: str, tree: PyTree, scalar: object, argument: str, reflected: bool) -> PyTree:
-    plain = plain_leaves(tree)
-    leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, argument)
+    leaves, spec = leaves_of(fn, tree, argument)
     active = lw.arithmetic_mask(leaves)
-    names = leaf_names(tree, plain is not None)
+    names = leaf_names(tree, spec is None)
     scalars.check_scalar(fn, scalar, names, leaves, active, reflected=reflected)
     results = lw.apply(lw.reflected_op(lw.REFLECTED[fn], scalar) if reflected else op, leaves, scalar, active=active)
-    return dict(zip(tree, results)) if spec is None else optree.tree_unflatten(spec, results)
+    return rebuilt(tree, spec, results)
 
 
 def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
@@ -48,8 +47,7 @@ def _binary(op: lw.Op, a: PyTree, b: PyTree) -> PyTree:
         return _scalar_op(op, fn, a, b, "the first operand", reflected=False)
     refuse_lone_tensor(fn, a, b)
     left, right, spec = aligned(fn, a, b)
-    results = lw.apply(op, left, right)
-    return dict(zip(a, results)) if spec is None else optree.tree_unflatten(spec, results)
+    return rebuilt(a, spec, lw.apply(op, left, right))
 
 
 @overload
@@ -262,20 +260,15 @@ def lerp(a: TreeT, b: TreeT, weight: TreeT | Scalar, /) -> TreeT:
     left, right, plain_spec = aligned("lerp", a, b)  # ``None``: two plain dicts, leaves in key order
     names = leaf_names(a, plain_spec is None)
     scalars.check_scalar("lerp", weight, names, left, lw.arithmetic_mask(left))
-    results = lw.apply(lw.LERP, left, right, weight)
-    if plain_spec is None:
-        return dict(zip(a, results))  # type: ignore[return-value, call-overload]
-    return optree.tree_unflatten(plain_spec, results)  # type: ignore[return-value]
+    return rebuilt(a, plain_spec, lw.apply(lw.LERP, left, right, weight))
 
 
 def _unary(fn: str, a: PyTree, per_leaf: Callable[[Tensor], Tensor], *, arithmetic_only: bool) -> PyTree:
     # a plain dict in its key order, not optree's sorted one: ``nf.randn_like(nf.params(net))`` draws in
     # ``named_parameters()`` order, so one seed gives the values ``net.randn()`` and ``particle.randn()`` give
-    plain = plain_leaves(a)
-    leaves, spec = (plain, None) if plain is not None else flatten(fn, a, scalar=False)
-    out = [per_leaf(leaf) if (not arithmetic_only or lw.is_arithmetic(leaf)) else leaf.clone()
-           for leaf in leaves]
-    return dict(zip(a, out)) if spec is None else optree.tree_unflatten(spec, out)
+    leaves, spec = leaves_of(fn, a, scalar=False)
+    return rebuilt(a, spec, [per_leaf(leaf) if (not arithmetic_only or lw.is_arithmetic(leaf)) else leaf.clone()
+                             for leaf in leaves])
 
 
 def clone(a: TreeT, /) -> TreeT:
@@ -388,12 +381,11 @@ def _filled(fn: str, tree: PyTree, scalar: Any) -> PyTree:
     A scalar second operand broadcasts like a tree of them; the graph of a ``scalar`` tensor that
     requires grad is kept.
     """
-    plain = plain_leaves(tree)
-    leaves, spec = (plain, None) if plain is not None else flatten(fn, tree, "the first operand")
-    scalars.check_scalar(fn, scalar, leaf_names(tree, plain is not None), leaves, lw.arithmetic_mask(leaves))
+    leaves, spec = leaves_of(fn, tree, "the first operand")
+    scalars.check_scalar(fn, scalar, leaf_names(tree, spec is None), leaves, lw.arithmetic_mask(leaves))
     filled = [torch.as_tensor(scalar, dtype=leaf.dtype, device=leaf.device).expand_as(leaf)
               if lw.is_arithmetic(leaf) else leaf for leaf in leaves]  # expanded: no memory per leaf
-    return dict(zip(tree, filled)) if spec is None else optree.tree_unflatten(spec, filled)
+    return rebuilt(tree, spec, filled)
 
 
 def _sum_scalars(terms: list[Tensor], like: list[Tensor]) -> Tensor:

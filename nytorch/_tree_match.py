@@ -21,7 +21,7 @@ from ._types import PyTree
 
 Tensor = torch.Tensor
 
-__all__ = ["path_names", "flatten", "mismatch", "matched", "aligned", "is_scalar_operand", "refuse_lone_tensor",
+__all__ = ["path_names", "flatten", "leaves_of", "rebuilt", "mismatch", "matched", "aligned", "is_scalar_operand", "refuse_lone_tensor",
            "plain_leaves", "leaf_names"]
 
 
@@ -146,6 +146,27 @@ def plain_leaves(tree: PyTree) -> Optional[list[Tensor]]:
         return None
     leaves = list(tree.values())
     return leaves if all(issubclass(kind, Tensor) for kind in set(map(type, leaves))) else None
+
+
+def leaves_of(fn: str, tree: PyTree, argument: str = "tree", *,
+              scalar: bool = True) -> tuple[list[Tensor], Optional[optree.PyTreeSpec]]:
+    """``tree``'s leaves and spec: a plain dict's values in key order and no spec (``plain_leaves``), else ``flatten``'s.
+
+    >>> leaves_of("add", {"b": torch.ones(1), "a": torch.zeros(1)})
+    ([tensor([1.]), tensor([0.])], None)
+    """
+    plain = plain_leaves(tree)
+    return (plain, None) if plain is not None else flatten(fn, tree, argument, scalar=scalar)
+
+
+def rebuilt(tree: PyTree, spec: Optional[optree.PyTreeSpec], leaves: list[Any]) -> PyTree:
+    """``leaves`` in ``tree``'s structure: ``tree``'s keys for a plain dict (``spec`` None, see ``leaves_of``
+    and ``aligned``), else ``spec`` unflattened.
+
+    >>> rebuilt({"w": 0}, None, [torch.ones(1)])
+    {'w': tensor([1.])}
+    """
+    return dict(zip(tree, leaves)) if spec is None else optree.tree_unflatten(spec, leaves)
 
 
 def leaf_names(tree: PyTree, plain: bool) -> Callable[[], list[str]]:

@@ -524,13 +524,16 @@ class Swarm(SwarmArithmetic):
                 (independent per member, as in a loop), ``"same"`` or ``"error"``.
             chunk_size: evaluate this many members at a time to save memory (a positive int).
 
-        Buffers a forward updates (BatchNorm statistics) are kept per member; other attributes a
-        forward sets on its modules (``self.last = out``, counters) are not kept on a swarm: every
-        call starts from, and leaves, the members' modules as they were.
+        The members' forwards run as Python on every call, as a loop's would (only straight-line
+        forwards over submodules and torch's activations are fused into one ``baddbmm`` per layer).
+        Buffers a forward updates (BatchNorm statistics) are kept per member, once the whole call
+        succeeded: a call that raises changes none.  Other attributes a forward sets on its modules
+        (``self.last = out``, counters) are not kept on a swarm: every call starts from, and leaves,
+        the members' modules as they were.
 
         Outputs may be any pytree (tuples, dicts) of tensors: each tensor comes back stacked; other
-        leaves (``None``, as ``MultiheadAttention(..., need_weights=False)`` returns, or numbers) come
-        back once, as they are.  An empty swarm returns outputs with 0 members (computed on one
+        leaves (``None``, as ``MultiheadAttention(..., need_weights=False)`` returns, numbers, strings)
+        come back once, as they are.  An empty swarm returns outputs with 0 members (computed on one
         stand-in member, so their shapes are right).  Forward hooks and pre-hooks (item 0's, as
         stacked) run inside the vectorised call, once per call (per chunk) rather than once per
         member, and see one member's tensors: a hook may change outputs, but tensors it stores
@@ -541,6 +544,8 @@ class Swarm(SwarmArithmetic):
                 or the forward updates buffers made under ``torch.inference_mode()``.
             TypeError / ValueError: ``chunk_size`` or ``randomness`` is not one of the values above,
                 or an input that ``in_dims`` maps has not ``P`` slices along that dimension.
+            TypeError: the output holds an object torch's pytree cannot look into (a dataclass it does
+                not know: register it with ``torch.utils._pytree.register_dataclass``).
 
         >>> s = Swarm.stack([torch.nn.Linear(2, 1) for _ in range(3)])
         >>> x = torch.randn(5, 2)

@@ -1,7 +1,8 @@
 """The fused swarm forward: chains of ``nn.Linear`` and elementwise layers as one ``baddbmm`` per layer.
 
 A model that is one chain of Linear layers and elementwise activations (an ``nn.Sequential``
-of them, or any forward that ``torch.fx`` traces to such a chain) runs every member at once
+of them, or a forward that ``torch.fx`` traces to such a chain and whose trace holds for every
+call: straight-line code over submodules and torch's activations, see ``_follows_trace``) runs every member at once
 over the stacked weights: the compute floor, with a loop of members' values up to rounding
 (``baddbmm`` may sum in another order than a member's ``addmm``: the last bit in float32 / float64).
 Anything else (hooks, other layers, a forward with side effects) gets ``NO_PLAN`` and
@@ -9,6 +10,9 @@ Anything else (hooks, other layers, a forward with side effects) gets ``NO_PLAN`
 """
 from __future__ import annotations
 
+import builtins
+import dis
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -57,6 +61,62 @@ _FUNCTIONS = frozenset({
 
 _METHODS = frozenset({"relu", "tanh", "sigmoid"})
 
+# Instructions of a forward whose one fx trace holds for every later call: loads, stores of locals,
+# calls, and loops (over submodule containers: see ``_follows_trace``).  A branch, an exception
+# handler, a closure or an import is missing on purpose: any of them could send a later call down
+# another path than the traced one (``if self.cfg["act"] == "relu"``, ``if torch.is_grad_enabled()``).
+_STRAIGHT_LINE = frozenset({
+    "RESUME", "NOP", "CACHE", "EXTENDED_ARG", "NOT_TAKEN",
+    "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW",
+    "LOAD_FAST_BORROW_LOAD_FAST_BORROW", "STORE_FAST", "STORE_FAST_LOAD_FAST", "STORE_FAST_STORE_FAST",
+    "LOAD_CONST", "LOAD_SMALL_INT", "RETURN_VALUE", "RETURN_CONST", "LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD",
+    "PUSH_NULL", "PRECALL", "CALL", "CALL_KW", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW", "KW_NAMES",
+    "POP_TOP", "COPY", "SWAP", "ROT_TWO", "ROT_THREE", "DUP_TOP", "BINARY_SUBSCR", "BUILD_TUPLE", "BUILD_LIST",
+    "UNPACK_SEQUENCE", "GET_ITER", "FOR_ITER", "JUMP_BACKWARD", "JUMP_ABSOLUTE", "END_FOR", "POP_ITER",
+})
+_FUNCTION_NAMES = frozenset(function.__name__ for function in _FUNCTIONS)
+
+
+def _is_torch(value: object) -> bool:
+    return isinstance(value, types.ModuleType) and (value.__name__ == "torch" or value.__name__.startswith("torch."))
+
+
+def _follows_trace(modules: Sequence[nn.Module]) -> bool:
+    """Whether every forward of ``modules`` outside torch is straight-line code whose fx trace holds for every call.
+
+    Tracing records what one call did; Python the graph cannot see (a branch on a config dict, a
+    global flag or ``torch.is_grad_enabled()``, an argument read from ``self.slope``) is frozen
+    in it.  So a forward qualifies only if it branches nowhere and reads nothing but submodules
+    (by attribute), torch and its modules (by global name), torch's activations and constants:
+    then every call runs what the trace recorded.  Anything else runs under vmap, as the
+    members' own forwards would.
+
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(2, 2)
+    ...     def forward(self, x):
+    ...         return torch.relu(self.fc(x))
+    >>> _follows_trace([Net()]), _follows_trace([nn.Sequential(nn.Linear(2, 2))])
+    (True, True)
+    """
+    attributes = _FUNCTION_NAMES | _METHODS | {name for module in modules for name in module._modules}
+    for forward in {type(module).forward for module in modules}:
+        if getattr(forward, "__module__", "").startswith("torch."):  # torch's own forwards: Sequential, leaves
+            continue
+        code = getattr(forward, "__code__", None)
+        if code is None or code.co_freevars:
+            return False
+        for instruction in dis.get_instructions(code):
+            name, value = instruction.opname, instruction.argval
+            if name not in _STRAIGHT_LINE:
+                return False
+            if name == "LOAD_GLOBAL" and not _is_torch(forward.__globals__.get(value, getattr(builtins, value, None))):
+                return False
+            if name in ("LOAD_ATTR", "LOAD_METHOD") and value not in attributes and value not in ("nn", "functional"):
+                return False
+    return True
+
 
 # In-place forms, used on the fused path's own intermediates when autograd is not recording them.
 _IN_PLACE: dict[Any, Callable[[Tensor], Tensor]] = {
@@ -91,7 +151,7 @@ def _traced_steps(spec: Spec, index: dict[int, int]) -> Optional[list[tuple[Any,
     never run again, so it takes the vmap path, which runs it on every call.
     """
     layout = spec.layout
-    if any(_has_hooks(module) for module in layout.modules):
+    if any(_has_hooks(module) for module in layout.modules) or not _follows_trace(layout.modules):
         return None
     import torch.fx  # only when a plan is first needed
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _leafwise as lw
 from . import _nocast as nocast
@@ -77,7 +78,7 @@ class Spec:
     """
 
     __slots__ = ("layout", "names", "n_params", "n_state", "with_buffers", "configs", "slots", "groups",
-                 "template", "signature", "entries", "lock", "plan", "planned_for")
+                 "template", "signature", "entries", "lock", "plan", "planned_for", "encoders")
 
     def __init__(self, layout: Layout, with_buffers: bool) -> None:
         self.layout = layout
@@ -116,15 +117,18 @@ class Spec:
         self.lock = threading.RLock()
         self.plan: object = None  # the fused forward plan, built on first use (see _swarm_fused)
         self.planned_for: object = None  # the root class's ``forward`` the plan was built from
+        self.encoders = _encoders(layout)
 
     def __getstate__(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__ if name not in ("lock", "plan", "planned_for")}
+        return {name: getattr(self, name) for name in self.__slots__
+                if name not in ("lock", "plan", "planned_for", "encoders")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
         self.lock = threading.RLock()
         self.plan = self.planned_for = None
+        self.encoders = _encoders(self.layout)
 
     @property
     def model_class(self) -> type:
@@ -218,6 +222,49 @@ def module_leaves(module: nn.Module) -> tuple[Layout, list[Tensor]]:
     return layout, layout.params + layout.buffers
 
 
+def _encoders(layout: Layout) -> tuple[nn.TransformerEncoder, ...]:
+    """The skeleton's ``nn.TransformerEncoder``s: their nested-tensor fast path cannot run under vmap."""
+    return tuple(module for module in layout.modules if isinstance(module, nn.TransformerEncoder))
+
+
+@contextmanager
+def _torch_switches(spec: Spec) -> Iterator[None]:
+    """torch's process-wide switches set aside while the skeleton runs, as members one by one would not see them.
+
+    ``parametrize.cached()``: torch keys its cache by the *source* module (a closure), which the
+    skeleton's copy shares; a skeleton call would read the source's cached weight and leave its own
+    batched one (or an fx Proxy) for the source.  The skeleton gets a cache of its own for the call.
+    A ``TransformerEncoder`` in eval mode with a padding mask converts its input to a nested tensor,
+    which vmap cannot batch: its fast path is off for the call (the slow path computes the same).
+    Other threads see these switches too while the call runs: they lose a cache or a fast path, not values.
+    """
+    cache = parametrize._cache if parametrize._cache_enabled else None
+    fast_path = bool(spec.encoders) and torch.backends.mha.get_fastpath_enabled() \
+        and any(encoder.use_nested_tensor for encoder in spec.encoders)
+    own: dict[tuple[int, str], Optional[Tensor]] = {}
+    if cache is not None:
+        parametrize._cache = own
+    if fast_path:
+        torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        if fast_path:
+            torch.backends.mha.set_fastpath_enabled(True)
+        if cache is not None and parametrize._cache is own:
+            parametrize._cache = cache
+
+
+def _switched(spec: Spec) -> Any:
+    """``_torch_switches(spec)``, or a no-op where no switch applies (the common case, without a generator)."""
+    if parametrize._cache_enabled or spec.encoders:
+        return _torch_switches(spec)
+    return _NO_SWITCH
+
+
+_NO_SWITCH = nullcontext()
+
+
 @contextmanager
 def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any]] = None) -> Iterator[nn.Module]:
     """The skeleton module holding ``leaves`` (aligned with ``spec.names``) for the duration of the block.
@@ -229,7 +276,7 @@ def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any
     """
     entries = spec.entries
     modules = spec.layout.modules
-    with spec.lock:
+    with spec.lock, _switched(spec):
         saved = [table[key] for table, key, _ in entries]
         states = [module.__dict__.copy() for module in modules]  # shallow: the tables stay the same objects
         try:

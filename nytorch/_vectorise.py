@@ -4,7 +4,7 @@ The general path is one ``torch.func.vmap`` over the member's forward with the
 member's tensors swapped into a private skeleton module (what
 ``torch.func.functional_call`` does, minus its generic bookkeeping).  Models that
 are one chain of ``nn.Linear`` layers and elementwise activations (an
-``nn.Sequential`` of them, or any forward that ``torch.fx`` traces to such a
+``nn.Sequential`` of them, or a straight-line forward that ``torch.fx`` traces to such a
 chain) take a fused path instead (``_swarm_fused``): one ``torch.baddbmm`` per layer
 over the stacked weights, which is the compute floor and gives a loop's values up to rounding
 (the batched product may sum in another order: the last bit in float32 and float64).
@@ -16,6 +16,7 @@ it was and leaves it so, as they would otherwise hold one call's batched tensors
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
@@ -46,9 +47,9 @@ def _assigned(fn: str, spec: Spec, replaced: dict[int, Any]) -> tuple[list[int],
     return indices, [replaced[index] for index in indices]
 
 
-def _write_assigned(fn: str, spec: Spec, views: Sequence[Tensor], indices: Sequence[int],
+def _check_assigned(fn: str, spec: Spec, views: Sequence[Tensor], indices: Sequence[int],
                     values: Sequence[Tensor]) -> None:
-    """Copy what each member's forward assigned to its buffers into the swarm's (stacked) buffers."""
+    """Raise unless what each member's forward assigned to its buffers fits the swarm's (stacked) buffers."""
     for index, value in zip(indices, values):
         view = views[index]
         if value.shape != view.shape or value.dtype != view.dtype:
@@ -57,9 +58,6 @@ def _write_assigned(fn: str, spec: Spec, views: Sequence[Tensor], indices: Seque
                              f"{tuple(view.shape[1:])} {view.dtype}; update it in place or keep its shape and dtype")
         if view.is_inference() and not torch.is_inference_mode_enabled():
             raise _not_writable(fn, spec, index)
-    with torch.no_grad():
-        for index, value in zip(indices, values):
-            views[index].copy_(value)
 
 
 class Member:
@@ -127,11 +125,14 @@ def _options(fn: str, randomness: object, chunk_size: object) -> Optional[int]:
 
 
 def _hint(spec: Spec, message: str) -> str:
-    training_norms = any(isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
-                         and module.track_running_stats for module in spec.layout.modules)
-    # BatchNorm with momentum=None reads its batch count as a number: that fails as a data-dependent call
-    if "Batch norm" in message or "running_mean" in message or (
-            training_norms and ("data-dependent" in message or ".item()" in message)):
+    tracking = [module for module in spec.layout.modules if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.training and module.track_running_stats]
+    # BatchNorm with momentum=None divides by its batch count read as a number (.item() under vmap)
+    if ".item()" in message and any(module.momentum is None for module in tracking):
+        return ("BatchNorm with momentum=None reads its batch count as a Python number, which vmap cannot: "
+                "give it a momentum, put the swarm in eval mode (swarm.eval()) or build the model with "
+                "track_running_stats=False")
+    if tracking and ("Batch norm" in message or "running_mean" in message):
         return ("put the swarm in eval mode (swarm.eval()) or build the model with "
                 "track_running_stats=False")
     if "randomness" in message:
@@ -178,7 +179,7 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
             out = module(*inputs, **kwargs)
         assigned[:], values = _assigned(fn, spec, replaced)
         flat, tree = pytree.tree_flatten(out)  # vmap returns tensors only: keep the rest aside
-        structure[:] = [tree, [_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in flat]]
+        structure[:] = [tree, [_TENSOR if isinstance(leaf, Tensor) else _kept(fn, leaf) for leaf in flat]]
         return [leaf for leaf in flat if isinstance(leaf, Tensor)], values
 
     if size == 0:  # vmap over no members fails in some batching rules: run one stand-in member, keep none
@@ -187,12 +188,28 @@ def forward(spec: Spec, views: Sequence[Tensor], size: int, args: Sequence[Any],
     leaves, write_back = _writable(fn, spec, views)
     carrier = leaves or [torch.zeros(size, 0)]  # a model without tensors: still map over the members
     tensors, values = _vmap(fn, spec, member, (0, *dims), randomness, chunk_size, carrier, *args)
-    write_back()
-    _write_assigned(fn, spec, views, assigned, values)
+    write_back(assigned, values)
     return _rebuilt(structure, tensors)
 
 
 _TENSOR = object()  # marks where a tensor output goes back
+#: Non-tensor outputs a call gives back once, as they are: values that cannot hide a tensor.
+_KEPT = (type(None), numbers.Number, str, bytes, torch.dtype, torch.device)
+
+
+def _kept(fn: str, leaf: Any) -> Any:
+    """``leaf``, an output that comes back once as it is; ``TypeError`` for an object that may hold tensors.
+
+    An object torch's pytree does not look into (a dataclass, a custom class) would carry one
+    member's tensor out of ``vmap``, unusable there and unstacked.
+    """
+    if isinstance(leaf, _KEPT):
+        return leaf
+    raise TypeError(f"{fn}: the forward returned an object of class {type(leaf).__name__}, which "
+                    "torch.utils._pytree cannot look into, so its tensors cannot be stacked per member; return "
+                    "tensors, or tuples, lists, dicts "
+                    "or namedtuples of them, or register the class with torch.utils._pytree "
+                    "(register_dataclass or register_pytree_node)")
 
 
 def _rebuilt(structure: list[Any], tensors: Sequence[Tensor]) -> Any:
@@ -239,33 +256,36 @@ def _stand_in_call(fn: str, spec: Spec, views: Sequence[Tensor], member: Callabl
     return tensors  # type: ignore[no-any-return]
 
 
-def _writable(fn: str, spec: Spec, views: Sequence[Tensor]) -> tuple[list[Tensor], Callable[[], None]]:
-    """Leaves for a vmapped call whose buffers are contiguous, and a function writing buffer updates back.
+def _writable(fn: str, spec: Spec, views: Sequence[Tensor]
+              ) -> tuple[list[Tensor], Callable[[Sequence[int], Sequence[Tensor]], None]]:
+    """Leaves for a vmapped call, every buffer a contiguous copy, and a function writing the copies back.
 
-    Some batching rules (e.g. BatchNorm's running statistics) silently drop in-place updates
-    of strided batched tensors, and buffers are strided views into the flat storage.  Buffers
-    made under ``torch.inference_mode()`` are run as copies outside it: a forward that only reads
-    them (eval mode) works, one that changes them raises before anything is written.
+    A call that raises writes nothing: the forward changes the copies (BatchNorm's running
+    statistics and batch count, a counter), and they reach the swarm only once the whole call
+    succeeded, with what the forward assigned anew (``write_back(indices, values)``, checked before
+    anything is written).  Copies are contiguous too, as some batching rules silently drop in-place
+    updates of strided batched tensors.  Buffers made under ``torch.inference_mode()`` are run as
+    copies outside it: a forward that only reads them (eval mode) works, one that changes them raises.
     """
     leaves = list(views)
     copies: list[tuple[int, Tensor]] = []
     frozen: list[tuple[int, Tensor]] = []  # copies of inference buffers: written back only if changed
     inference = torch.is_inference_mode_enabled()
     for i in range(spec.n_params, len(leaves)):
-        if not inference and leaves[i].is_inference():
-            leaves[i] = leaves[i].clone()
-            frozen.append((i, leaves[i]))
-        elif not leaves[i].is_contiguous():
-            leaves[i] = leaves[i].contiguous()
-            copies.append((i, leaves[i]))
+        leaves[i] = leaves[i].clone(memory_format=torch.contiguous_format)
+        (frozen if not inference and views[i].is_inference() else copies).append((i, leaves[i]))
 
-    def write_back() -> None:  # kernels such as batch_norm update in place without a version bump: copy all
+    def write_back(indices: Sequence[int], values: Sequence[Tensor]) -> None:
+        # kernels such as batch_norm update in place without a version bump: copy all
         for i, copy in frozen:
             if not _same(views[i], copy):
                 raise _not_writable(fn, spec, i)
+        _check_assigned(fn, spec, views, indices, values)
         with torch.no_grad():
             for i, copy in copies:
                 views[i].copy_(copy)
+            for index, value in zip(indices, values):
+                views[index].copy_(value)
     return leaves, write_back
 
 
@@ -343,8 +363,7 @@ def grad_and_value(spec: Spec, views: Sequence[Tensor], size: int, loss_fn: Call
         grads, (losses, values) = _vmap(fn, spec, torch.func.grad_and_value(member_loss, has_aux=True),
                                         (0, 0, *dims), randomness, chunk_size, [leaves[i] for i in wanted], rest,
                                         *args)
-    write_back()
-    _write_assigned(fn, spec, views, assigned, values)
+    write_back(assigned, values)
     out: list[Optional[Tensor]] = [None] * len(spec.names)
     for i, grad in zip(wanted, grads):
         out[i] = grad

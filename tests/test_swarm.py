@@ -771,9 +771,10 @@ def test_forward_refuses_unvectorisable_models_with_a_hint() -> None:
     swarm = Swarm.stack([Branchy() for _ in range(2)])
     with pytest.raises(RuntimeError, match=r"could not run Branchy.*\n.*Hint: .*torch.where"):
         swarm(torch.randn(3, 2))
-    # a cumulative BatchNorm (momentum=None) fails as a data-dependent call: the hint is still eval()
+    # a cumulative BatchNorm (momentum=None) reads its batch count as a number: the hint says so, and eval()
     norms = Swarm.stack([nn.BatchNorm1d(3, momentum=None) for _ in range(2)])
-    with pytest.raises(RuntimeError, match=r"\n.*Hint: put the swarm in eval mode \(swarm.eval\(\)\)"):
+    with pytest.raises(RuntimeError, match=r"\n.*Hint: BatchNorm with momentum=None .*give it a momentum, put the "
+                                           r"swarm in eval mode \(swarm.eval\(\)\)"):
         norms(torch.randn(4, 3))
     torch.testing.assert_close(norms.eval()(torch.ones(4, 3)), torch.ones(2, 4, 3), rtol=1e-4, atol=1e-4)
 

@@ -13,6 +13,7 @@ from . import _leafwise as lw
 from . import _scalars as scalars
 from ._config import CONFIG_ATTR, ParamConfig, configs_for, configs_in_scope, copy_tables
 from ._errors import class_names
+from ._flags import flag
 from ._operators import Operators, State
 from . import _packed as packed
 from ._kernels import fill
@@ -280,6 +281,7 @@ class NytoModule(Operators, nn.Module):
         Parameter containing:
         tensor([3.], requires_grad=True)
         """
+        buffers = bool(flag("product", "buffers", buffers))
         layout = layout_of(self)
         names, leaves = layout_state(layout, buffers)
         return Particle(layout, names, leaves, configs_for(layout, names), buffers)
@@ -343,9 +345,9 @@ class NytoModule(Operators, nn.Module):
         >>> torch.equal(doubled.layer0.weight, net.layer0.weight)
         True
         """
-        for flag, value in (("operational", operational), ("clone", clone)):
+        for argument, value in (("operational", operational), ("clone", clone)):
             if value is not None and not isinstance(value, bool):
-                raise TypeError(f"set_param_config: expected True, False or None as {flag}, "
+                raise TypeError(f"set_param_config: expected True, False or None as {argument}, "
                                 f"got {type(value).__name__}")
         for _, config in self._configs_in_scope("set_param_config", name):
             if operational is not None:

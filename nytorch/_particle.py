@@ -14,6 +14,7 @@ from . import _scalars as scalars
 from ._config import ParamConfig, configs_for
 from ._operators import Operators, State
 from ._errors import StructureError, class_names, describe
+from ._flags import flag
 from ._flat import Flat, FlatPlan, find_flat, own_counters, plan_for, written
 from ._packing import PACKED, lazy_name, pack_
 from ._kernels import check_converted, compute, fill, kernel_, readable, writable
@@ -542,7 +543,8 @@ def particle(model: ModuleT, *, buffers: bool = False, pack: bool = True) -> Par
         A Particle viewing ``model``'s parameters (in-place operators write into ``model``).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
+        TypeError: ``model`` is not an ``nn.Module``, or is (or holds) a TorchScript module; ``buffers``
+            or ``pack`` is not a bool (a string such as ``"copy"``, which ``merge``'s buffer modes use).
         ValueError: ``model`` is a lazy module not run yet (its shapes are unknown).
 
     >>> import torch
@@ -554,6 +556,7 @@ def particle(model: ModuleT, *, buffers: bool = False, pack: bool = True) -> Par
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"particle: expected an nn.Module as model, got {_class_name(model)}")
+    buffers, pack = bool(flag("particle", "buffers", buffers)), bool(flag("particle", "pack", pack))
     lazy = lazy_name(model)
     if lazy is not None:
         raise ValueError(f"particle: parameter {lazy!r} is not initialised yet (a lazy module); "

@@ -16,6 +16,7 @@ from . import _algebra as algebra
 from . import _nocast as nocast
 from . import _swarm_ops as ops
 from ._errors import DeviceMismatchError, StructureError, class_names, describe
+from ._flags import flag
 from ._particle import Particle
 from ._swarm_spec import Group, Spec, make_spec, pack_members, pack_stacked, rows_of, views_of
 from ._walk import Layout, model_class
@@ -28,6 +29,7 @@ __all__ = ["spec_and_rows", "stacked", "from_stacked", "filled", "joined", "gene
 
 def spec_and_rows(fn: str, like: object, buffers: Optional[bool]) -> tuple[Spec, list[Tensor]]:
     """The member structure of ``like`` and its values as flat rows (``[1, w]``, or ``[P, w]`` for a swarm)."""
+    buffers = flag(fn, "buffers", buffers, none=True)
     if ops.is_swarm(like):
         swarm: Any = like
         if buffers is None or buffers == swarm._spec.with_buffers:

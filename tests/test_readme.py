@@ -226,6 +226,8 @@ def _table_cases() -> dict[str, Any]:
             lambda: p * 1j,
         "add: the scalar operand is on meta but parameter 'fc1.weight' is on cpu":
             lambda: p + torch.tensor(1.0, device="meta"),
+        "particle: expected True or False as buffers, got str":
+            lambda: nytorch.particle(nn.Linear(2, 2), buffers="copy"),
         "add: expected a number, a 0-dim tensor, a Particle or a Linear, got str":
             lambda: nytorch.particle(nn.Linear(2, 2)) + "str",
         "add: expected a Plain (or a Particle of one), got a Sequential":

@@ -5,7 +5,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Optional, TypeVar
 
-import numpy as np
+from .._flags import flag
 
 T = TypeVar("T")
 
@@ -54,14 +54,10 @@ def progress_flag(fn: str, show_progress: object) -> Optional[bool]:
     Raises:
         TypeError: ``show_progress`` is anything else (a string, a float...).
 
-    >>> progress_flag("hybrid", np.False_), progress_flag("hybrid", None)
+    >>> progress_flag("hybrid", 0), progress_flag("hybrid", None)
     (False, None)
     """
-    if show_progress is None:
-        return None
-    if not isinstance(show_progress, (bool, int, np.integer, np.bool_)):
-        raise TypeError(f"{fn}: expected True, False or None as show_progress, got {type(show_progress).__name__}")
-    return bool(show_progress)
+    return flag(fn, "show_progress", show_progress, none=True)
 
 
 def set_postfix(bar: Any, **values: Any) -> None:

@@ -45,6 +45,7 @@ from torch import nn
 
 from .. import _nocast as nocast
 from .._errors import StructureError
+from .._flags import flag
 from .._packing import pack_
 from .._particle import Particle
 from .._swarm import Swarm
@@ -135,6 +136,7 @@ def broadcast(x: V, src: int = 0, *, group: Any = None, timeout: Timeout = None,
     >>> dist.destroy_process_group()
     """
     fn = "broadcast"
+    pack = bool(flag(fn, "pack", pack))
     in_place = isinstance(x, nn.Module)
 
     def prepare(comm: Comm, flat: Flat) -> Optional[tuple[list[Optional[Tensor]], set[int]]]:
@@ -216,6 +218,7 @@ def all_reduce_mean(x: V, *, group: Any = None, timeout: Timeout = None, pack: b
     >>> dist.destroy_process_group()
     """
     fn = "all_reduce_mean"
+    pack = bool(flag(fn, "pack", pack))
     in_place = isinstance(x, nn.Module)
 
     def prepare(comm: Comm, flat: Flat) -> tuple[list[Optional[Tensor]], set[int], list[Piece]]:

@@ -1,7 +1,10 @@
 """Averages of N models: uniform (SWA, uniform soup), weighted, and greedy soup.
 
 Every average is a running mean built from the engine's fused ``lerp_``:
-``mean_k = lerp(mean_{k-1}, x_k, w_k / (w_1 + … + w_k))``, one pass per model.
+``mean_k = lerp(mean_{k-1}, x_k, w_k / (w_1 + … + w_k))``, one pass per model.  Where that
+leaves inf or NaN (an input is inf or NaN: ``lerp`` of two equal infinities is NaN), the
+IEEE value of ``Σ wᵢ·xᵢ / Σ wᵢ`` is put instead (``_ieee.mean_exactly``).  Buffers inside a
+``torch.nn.utils.parametrize`` parametrization are copied from the first model, never averaged.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import torch
 
 from .. import _leafwise as lw
 from ..algorithms._progress import progress, progress_flag
-from ._state import BufferMode, Operand, carry, check_buffers, is_swarm, matched, operand, rebuild
+from ._ieee import mean_exactly
+from ._state import (BufferMode, Operand, carry, check_buffers, is_swarm, matched, operand, parametrization_buffers,
+                     rebuild)
 
 if TYPE_CHECKING:
     from .._particle import Particle
@@ -88,11 +93,18 @@ def _weights(fn: str, weights: Any, count: int) -> list[float]:
 
 @torch.no_grad()
 def mean_leaves(read: Sequence[Operand], weights: Sequence[float], buffers: BufferMode) -> list[Tensor]:
-    """The weighted mean of aligned operands' arithmetic leaves; other leaves cloned from the first."""
+    """The weighted mean of aligned operands' arithmetic leaves; other leaves cloned from the first.
+
+    Models of weight 0 take no part.  The mean is ``lerp``'s running mean where that is finite and
+    the IEEE value of ``Σ wᵢ·xᵢ / Σ wᵢ`` elsewhere (equal infinities stay, ``+inf`` with ``-inf`` is
+    NaN, NaN propagates).  Buffers inside a parametrization (``parametrization_buffers``) are
+    cloned from the first model, as integer ones are.
+    """
     first = read[0]
+    inside = parametrization_buffers(first) if buffers == "average" else frozenset()
     averaged = [
         index for index in range(len(first.leaves))
-        if first.active(index) and (index < first.params or buffers == "average")
+        if first.active(index) and (index < first.params or (buffers == "average" and index not in inside))
     ]
     chosen = set(averaged)
     out = [leaf if index in chosen else carry(first, index) for index, leaf in enumerate(first.leaves)]
@@ -111,6 +123,8 @@ def mean_leaves(read: Sequence[Operand], weights: Sequence[float], buffers: Buff
     for k in order[2:]:
         total += weights[k]
         lw.apply_(lw.LERP, ends, [read[k].leaves[i] for i in averaged], weights[k] / total, active=every)
+    if len(order) > 1:
+        mean_exactly(ends, [[read[k].leaves[i] for i in averaged] for k in order], [weights[k] for k in order])
     for index, value in zip(averaged, ends):
         out[index] = value
     return out
@@ -128,7 +142,9 @@ def average(models: Union[Sequence[M], Swarm], /, *, weights: Optional[Weights] 
 
     Uniform soups are Wortsman et al. 2022, "Model soups: averaging weights of multiple
     fine-tuned models improves accuracy without increasing inference time" (ICML).
-    Computed as a running mean with one fused ``lerp_`` per model.  For BatchNorm,
+    Computed as a running mean with one fused ``lerp_`` per model; wherever a model holds inf or
+    NaN the result is IEEE's ``Σ wᵢ·xᵢ / Σ wᵢ`` (equal infinities stay, ``+inf`` with ``-inf`` is
+    NaN, NaN propagates; models of weight 0 take no part).  For BatchNorm,
     either average the statistics (``buffers="average"``) or recompute them on data:
     ``update_bn(average(models), loader)``.
 
@@ -137,8 +153,10 @@ def average(models: Union[Sequence[M], Swarm], /, *, weights: Optional[Weights] 
             structure, or a ``Swarm`` (its members).
         weights: one non-negative weight per model (normalised to sum to one): a sequence of
             numbers or 0-dim tensors, a 1-D tensor or a 1-D numpy array; default uniform.
-        buffers: ``"average"`` floating buffers (integer ones such as ``num_batches_tracked``
-            come from the first model), or ``"copy"``/``"keep"`` all buffers from the first model.
+        buffers: ``"average"`` floating buffers (integer ones such as ``num_batches_tracked``,
+            and those inside a ``torch.nn.utils.parametrize`` parametrization such as
+            ``orthogonal``'s ``base`` or ``spectral_norm``'s ``_u`` / ``_v``, come from the first
+            model), or ``"copy"``/``"keep"`` all buffers from the first model.
 
     Returns:
         A new value of the first model's kind (a fresh model of its class; a Particle for a Swarm).

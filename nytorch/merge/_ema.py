@@ -7,6 +7,10 @@ are left alone:
 * floating parameters are averaged (non-operational ``ParamConfig`` ones are left alone);
 * integer / bool leaves (``num_batches_tracked``, masks) are copied, never averaged or truncated;
 * floating buffers are averaged, copied, or left alone (``buffers="average" | "copy" | "keep"``);
+  averaged ones follow IEEE arithmetic where an input is inf or NaN (``_ieee.Exact``: ``lerp`` of two
+  equal infinities is NaN, their weighted mean that infinity), parameters ``torch.lerp``;
+* buffers inside a ``torch.nn.utils.parametrize`` parametrization (``orthogonal``'s ``base``,
+  ``spectral_norm``'s ``_u`` / ``_v``) are copied like integer ones: an average of two of them means nothing;
 * tied weights are one leaf, so they are updated once.
 """
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 from .. import _leafwise as lw
 from .. import _scalars as scalars
 from .._algebra import check_writable, footprint, written_once
-from ._state import BufferMode, Operand, check_buffers, matched, operand
+from ._ieee import Exact
+from ._state import BufferMode, Operand, check_buffers, matched, operand, parametrization_buffers
 
 Tensor = torch.Tensor
 T = TypeVar("T")
@@ -30,10 +35,15 @@ __all__ = ["ema_", "Plan", "plan", "apply_plan_", "weight_of", "check_weight", "
 
 
 class Plan(NamedTuple):
-    """Indices of the leaves an EMA update averages (``lerp``) and copies (``copy``)."""
+    """Indices of the leaves an EMA update averages (``lerp``) and copies (``copy``).
+
+    ``exact``: the averaged floating buffers (a subset of ``lerp``), whose averages follow IEEE
+    arithmetic where ``lerp`` leaves inf or NaN (``_ieee.Exact``).
+    """
 
     lerp: list[int]
     copy: list[int]
+    exact: list[int]
 
 
 def _unit(fn: str, name: str, value: object) -> Weight:
@@ -88,6 +98,7 @@ def plan(target: Operand, buffers: BufferMode, *, alias: Callable[[Tensor], obje
     """
     leaves, count = target.leaves, target.params
     planned = leaves if buffers != "keep" else leaves[:count]
+    inside = parametrization_buffers(target) if buffers == "average" else frozenset()
     once = written_once(planned, [True] * len(planned), key=alias)
     # the common case, without per-leaf calls: no configs, and no two parameters over one memory
     if target.configs is None and target.kind != "tree" and all(once[:count]):
@@ -98,11 +109,14 @@ def plan(target: Operand, buffers: BufferMode, *, alias: Callable[[Tensor], obje
         for index in range(count):
             if once[index] and target.operational(index):
                 (lerp if lw.is_arithmetic(leaves[index]) else copy).append(index)
+    exact = []
     for index in range(count, len(planned)):
         if once[index]:
-            averaged = buffers == "average" and lw.is_arithmetic(leaves[index])
+            averaged = buffers == "average" and lw.is_arithmetic(leaves[index]) and index not in inside
             (lerp if averaged else copy).append(index)
-    return Plan(lerp, copy)
+            if averaged:
+                exact.append(index)
+    return Plan(lerp, copy, exact)
 
 
 def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
@@ -127,8 +141,13 @@ def refuse_unwritable(fn: str, model: Operand, steps: list[int]) -> None:
 @torch.no_grad()
 def apply_plan_(steps: Plan, target: Sequence[Tensor], online: Sequence[Tensor], tau: Weight) -> None:
     """Run one planned EMA update: fused ``lerp_`` on the averaged leaves, ``copy_`` on the copied ones."""
+    exact = Exact([target[i] for i in steps.exact], [online[i] for i in steps.exact]) if steps.exact else None
+    if exact is not None:
+        exact.before(tau)
     if steps.lerp:
         lerp_([target[i] for i in steps.lerp], [online[i] for i in steps.lerp], tau)
+    if exact is not None:
+        exact.after()
     if steps.copy:
         torch._foreach_copy_([target[i] for i in steps.copy], [online[i] for i in steps.copy])
 
@@ -160,8 +179,12 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
             accelerator it is not read (that would wait for the device).
         buffers: floating buffers (BatchNorm statistics) are ``"average"``-d like
             parameters, ``"copy"``-ed from ``online``, or left alone with ``"keep"``.
-            Integer buffers are copied unless ``"keep"``.  (In a dict every floating tensor
-            counts as a parameter and every integer one is copied.)
+            Averaged buffers are ``(1 − τ)·target + τ·online`` in IEEE arithmetic where
+            either holds inf or NaN (a ``-inf`` mask stays ``-inf``; parameters follow
+            ``torch.lerp``, which gives NaN there).  Integer buffers, and buffers inside a
+            ``torch.nn.utils.parametrize`` parametrization (``orthogonal``'s ``base``,
+            ``spectral_norm``'s ``_u`` / ``_v``), are copied unless ``"keep"``.  (In a dict
+            every floating tensor counts as a parameter and every integer one is copied.)
 
     Returns:
         ``target``.

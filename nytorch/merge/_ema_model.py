@@ -37,6 +37,7 @@ from .._packing import pack_
 from .._walk import Placement, placement
 from .._algebra import tie_key, ties
 from ._ema import check_weight, apply_plan_, lerp_, plan, refuse_unwritable, weight_of
+from ._ieee import Exact
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
 from ._watch import Configs, entries, holds
@@ -74,7 +75,9 @@ class EMA(Generic[T]):
         decay: a float in [0, 1] or a schedule ``step -> decay`` such as ``warmup_decay(0.999)``
             (``step`` counts the updates already applied).
         buffers: ``"average"`` (default, like timm), ``"copy"`` (like ``swa_utils.AveragedModel``)
-            or ``"keep"`` floating buffers; integer buffers are copied unless ``"keep"``.
+            or ``"keep"`` floating buffers, as ``ema_`` does (averaged ones in IEEE arithmetic where
+            inf or NaN meet); integer buffers and buffers inside a ``torch.nn.utils.parametrize``
+            parametrization are copied unless ``"keep"``.
         pack: pack a module ``model``'s floating parameters and buffers into one buffer per
             dtype first (as ``nytorch.particle`` does; Parameter objects are kept, so the
             optimizer keeps working), which makes ``update()`` one ``lerp_`` per buffer.
@@ -174,6 +177,7 @@ class EMA(Generic[T]):
             group = []
         grouped = set(group)
         self._lerp_target, self._lerp_online = self._pairs([i for i in self._plan.lerp if i not in grouped])
+        self._exact = self._exact_buffers(group, online, target)
         self._copy_target, self._copy_online = self._pairs(self._plan.copy)
         # The averaged copy is the EMA's own: its first and last addresses tell a move (``.to()``).
         # Every tensor of the model is compared: a ``param.data = ...`` of another shape on any one of
@@ -190,6 +194,35 @@ class EMA(Generic[T]):
         # assign=True)``, ``averaged.to(...)``) make the EMA read its average again
         tables, keys, tensors = entries(self._target)
         self._target_ends = (tables[:1] + tables[1:][-1:], keys[:1] + keys[1:][-1:], tensors[:1] + tensors[1:][-1:])
+
+    def _exact_buffers(self, group: list[int], online: Optional[Flat], target: Optional[Flat]) -> Optional[Exact]:
+        """What makes the averaged floating buffers IEEE-exact (``_ieee.Exact``); ``None`` without any.
+
+        In a flat buffer they follow the parameters (``plan`` lists them last): there the tail of
+        each buffer stands for all of them, so the repair costs no per-tensor call.
+        """
+        exact = self._plan.exact
+        if not exact:
+            return None
+        wanted = set(exact)
+        ends: list[Tensor] = []
+        starts: list[Tensor] = []
+        flat: set[int] = set()
+        if online is not None and target is not None:
+            for positions, likes, end, start in zip(online.plan.groups, online.plan.likes, target.buffers,
+                                                    online.buffers):
+                marks = [group[p] in wanted for p in positions]
+                first = marks.index(True) if True in marks else len(marks)
+                if not all(marks[first:]):  # not a tail: per tensor below
+                    continue
+                offset = sum(like.numel() for like in likes[:first])
+                if first < len(marks):
+                    ends.append(end[offset:])
+                    starts.append(start[offset:])
+                    flat.update(group[p] for p in positions[first:])
+        rest = [i for i in exact if i not in flat]
+        target_rest, online_rest = self._pairs(rest)
+        return Exact(ends + target_rest, starts + online_rest)
 
     def _fingerprint(self) -> Placement:
         return placement(self._watch)
@@ -275,11 +308,16 @@ class EMA(Generic[T]):
             check_weight("EMA.update", tau, self._target, self._plan)  # a tensor decay on another device: named
         if model is None or model is self._model:
             self._cached("EMA.update")
+            exact = self._exact
+            if exact is not None:  # averaged floating buffers: IEEE where lerp_ would leave inf or NaN
+                exact.before(tau)
             if self._flat is not None:
                 lerp_(self._flat[0], self._flat[1], tau)
-                if self._flat_target:
-                    written(self._flat_target)
             lerp_(self._lerp_target, self._lerp_online, tau)
+            if exact is not None:
+                exact.after()
+            if self._flat_target:
+                written(self._flat_target)
             if self._copy_target:
                 torch._foreach_copy_(self._copy_target, self._copy_online)
         else:
@@ -377,14 +415,15 @@ class EMA(Generic[T]):
         ``module.state_dict()``, tied weights under every name).  As in
         ``nn.Module.load_state_dict``, values are copied into the average's tensors, so they
         take its dtypes and devices (a float64 checkpoint loads into a float32 average).
-        Nothing is written unless every name and shape matches.
+        Nothing is written unless every name and shape matches and every value can be copied.
 
         Args:
             state: a mapping with ``"step"`` and ``"averaged"``, as ``state_dict()`` returns.
 
         Raises:
             TypeError: ``state`` is not a mapping with ``"step"`` (a non-negative int) and
-                ``"averaged"``, or holds complex values for real averages.
+                ``"averaged"``, or holds complex values for real averages, or quantized values
+                (``torch.quantize_per_tensor``: ``dequantize()`` them first).
             StructureError: a name is missing or unknown, or a shape differs.
             ValueError: a value is a meta tensor (no values to copy) for a real average, or sparse.
 
@@ -428,6 +467,10 @@ class EMA(Generic[T]):
             if value.is_complex() and not target.is_complex():
                 raise TypeError(f"{fn}: expected a real tensor for parameter {name!r} "
                                 f"({describe(target)}), got {describe(value)} in state")
+            if value.is_quantized and not target.is_quantized:  # copy_ would fail, after earlier entries
+                raise TypeError(f"{fn}: expected a tensor of real values for parameter {name!r} "
+                                f"({describe(target)}), got a quantized tensor ({describe(value)}) in state; "
+                                "store value.dequantize() instead")
             if (value.is_meta and not target.is_meta) or value.layout != torch.strided:  # copy_ would fail
                 what = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
                 raise ValueError(f"{fn}: expected a dense tensor with values for parameter {name!r} "

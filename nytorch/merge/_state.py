@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
 import optree
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from .. import _algebra as algebra
 from .. import _leafwise as lw
@@ -38,7 +39,7 @@ BufferMode = Literal["average", "copy", "keep"]
 BUFFER_MODES = ("average", "copy", "keep")
 
 __all__ = ["Operand", "operand", "matched", "rebuild", "is_swarm", "members", "per_member", "check_buffers",
-           "BufferMode", "shares", "carry"]
+           "BufferMode", "shares", "carry", "parametrization_buffers"]
 
 
 class Operand(NamedTuple):
@@ -105,6 +106,36 @@ def carry(value: Operand, index: int) -> Tensor:
     """
     leaf = value.leaves[index]
     return leaf if shares(value, index) else leaf.detach().clone()
+
+
+def parametrization_buffers(value: Operand) -> frozenset[int]:
+    """Indices of ``value``'s buffers that live inside a ``torch.nn.utils.parametrize`` parametrization.
+
+    Those are the parametrization's own state (``orthogonal``'s ``base``, ``spectral_norm``'s
+    ``_u`` / ``_v``): the modules under a ``ParametrizationList`` (``module.parametrizations.weight.0``),
+    not the tensor they parametrize (``original``, a parameter, or a buffer when a buffer is
+    parametrized).  Merges copy them from one model, never average them: an average of two
+    orthogonal bases is not one.  A pytree has no modules: none of its leaves count.
+
+    >>> from torch.nn.utils.parametrizations import orthogonal
+    >>> model = orthogonal(torch.nn.Linear(2, 2))
+    >>> read = operand("demo", model, buffers=True)
+    >>> [read.names[i] for i in sorted(parametrization_buffers(read))]
+    ['parametrizations.weight.0.base']
+    """
+    if value.kind == "module":
+        layout = value.layout if value.layout is not None else layout_of(value.source)
+    elif value.kind == "particle":
+        layout = value.source._layout
+    elif value.kind == "swarm":
+        layout = value.source._spec.layout
+    else:
+        return frozenset()
+    inside = tuple(layout.prefixes[child] for module, children in zip(layout.modules, layout.children)
+                   if isinstance(module, ParametrizationList) for _, child in children if child is not None)
+    if not inside:
+        return frozenset()
+    return frozenset(index for index in range(value.params, len(value.names)) if value.names[index].startswith(inside))
 
 
 def check_buffers(fn: str, buffers: object) -> None:

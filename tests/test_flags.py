@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 import nytorch as nyto
-from nytorch import Swarm, distributed
+from nytorch import Swarm, distributed, merge
 from nytorch._flags import flag
 
 
@@ -27,6 +27,7 @@ CALLS: dict[str, tuple[Callable[[Any], object], str]] = {
     "Swarm.stack buffers": (lambda value: Swarm.stack([Net(), Net()], buffers=value), r"^stack: .* as buffers, got "),
     "Swarm.zeros buffers": (lambda value: Swarm.zeros(Net(), 2, buffers=value), r"^zeros: .* as buffers, got "),
     "Swarm.normal buffers": (lambda value: Swarm.normal(Net(), 2, buffers=value), r"^normal: .* as buffers, got "),
+    "EMA pack": (lambda value: merge.EMA(Net(), pack=value), r"^EMA: .* as pack, got "),
     "broadcast pack": (lambda value: distributed.broadcast(Net(), pack=value), r"^broadcast: .* as pack, got "),
     "all_reduce_mean pack": (lambda value: distributed.all_reduce_mean(Net(), pack=value),
                              r"^all_reduce_mean: .* as pack, got "),
@@ -61,3 +62,10 @@ def test_none_only_where_it_means_something() -> None:
     with pytest.raises(TypeError, match=r"^demo: expected True or False as pack, got NoneType$"):
         flag("demo", "pack", None)
     assert Swarm.zeros(Net(), 2, buffers=None).params["fc.weight"].shape == (2, 2, 2)
+
+
+@pytest.mark.parametrize("loader", [5, "batches", None])
+def test_update_bn_refuses_what_is_not_batches_even_without_norm_layers(loader: object) -> None:
+    for model in (nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))):
+        with pytest.raises(TypeError, match=r"^update_bn: expected an iterable of batches as loader"):
+            merge.update_bn(model, loader)

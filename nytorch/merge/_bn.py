@@ -51,7 +51,8 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
         ``model``, for chaining: ``evaluate(update_bn(average(models), loader))``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or ``show_progress`` is not ``True``, ``False`` or ``None``.
+        TypeError: ``model`` is not an ``nn.Module``, ``loader`` is not an iterable of batches (a number,
+            a string), or ``show_progress`` is not ``True``, ``False`` or ``None``.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
@@ -63,6 +64,10 @@ def update_bn(model: M, loader: Iterable[Any], /, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"update_bn: expected an nn.Module as model, got {type(model).__name__}")
     show_progress = progress_flag("update_bn", show_progress)
+    if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes)):
+        # checked even where nothing would be read (no norm layer): the call is wrong either way
+        raise TypeError(f"update_bn: expected an iterable of batches as loader (a DataLoader, a list of tensors), "
+                        f"got {type(loader).__name__}")
     norms = [module for module in model.modules()
              if isinstance(module, _NormBase) and module.track_running_stats and module.running_mean is not None]
     if not norms:

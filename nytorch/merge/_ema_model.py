@@ -32,6 +32,7 @@ from torch import nn
 from .. import _leafwise as lw
 from .._algebra import without_grad
 from .._errors import StructureError, describe
+from .._flags import flag
 from .._flat import Flat, find_flat, plan_for, unshared, written
 from .._packing import pack_
 from .._walk import Placement, placement
@@ -93,7 +94,7 @@ class EMA(Generic[T]):
         step: the number of updates applied.
 
     Raises:
-        TypeError / ValueError: bad ``decay`` or ``buffers``, or an unsupported ``model``.
+        TypeError / ValueError: bad ``decay``, ``buffers`` or ``pack`` (not a bool), or an unsupported ``model``.
 
     >>> import torch
     >>> net = torch.nn.Linear(2, 1)
@@ -109,6 +110,7 @@ class EMA(Generic[T]):
     def __init__(self, model: T, /, *, decay: Union[float, Schedule] = 0.9999,
                  buffers: BufferMode = "average", pack: bool = True) -> None:
         check_buffers("EMA", buffers)
+        pack = bool(flag("EMA", "pack", pack))
         tau = None if callable(decay) else weight_of("EMA", decay, None)
         self._pack = pack and isinstance(model, nn.Module)
         if self._pack:

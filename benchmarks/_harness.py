@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -166,9 +167,13 @@ def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
         number *= 4
 
 
-def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: int = 3,
+def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: Optional[int] = None,
             target_s: float = 0.002, end_to_end: bool = False) -> dict[str, float]:
     """Median microseconds per call of each implementation, measured interleaved in one run.
+
+    Each implementation first runs ``warmup`` times: by default 3, or as many as nytorch waits for
+    before it compiles a structure's code (``nytorch._builder.COMPILE_AFTER``, where this process
+    imported it), so that samples see the steady state a long run reaches.
 
     The garbage collector is off while a sample runs and collects between samples, untimed;
     ``end_to_end`` keeps it on, so that a whole program's samples include what collecting its
@@ -176,6 +181,9 @@ def compare(impls: dict[str, Callable[[], Any]], *, repeats: int = 15, warmup: i
     Either way the objects that exist before sampling are frozen, so collections scan only what
     the implementations made.
     """
+    if warmup is None:
+        builder = sys.modules.get("nytorch._builder")  # absent where nytorch 1.1 is the nytorch imported
+        warmup = max(3, getattr(builder, "COMPILE_AFTER", 0) + 1)
     for fn in impls.values():
         for _ in range(warmup):
             fn()

@@ -1,10 +1,15 @@
-"""Straight-line module-tree builders, compiled once per structure.
+"""Straight-line module-tree builders, compiled once per structure that is used often.
 
 Rebuilding a module tree in a Python loop spends most of its time on the loop
 itself: which containers to copy, which slots to fill.  For a structure that is
 rebuilt again and again (every operation on a model produces one), nytorch
 writes that loop out as plain Python statements once and reuses the compiled
 function; the generic loop in ``_rebuild.rebuild`` stays the reference and the fallback.
+
+Compiling is not free: CPython's ``compile`` takes about 1 ms per module of the structure, and
+the code saves a few µs per module on each use.  So a structure is compiled on its
+``COMPILE_AFTER``-th use, not its first: a structure met a few times (one model soup, one task
+vector, each candidate of an architecture search) keeps the generic loop and never pays it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,12 @@ Gather = Callable[[Sequence[nn.Module]], Optional[tuple[list[torch.Tensor], list
 _COMPILED: dict[tuple, tuple[Callable[..., object], int]] = {}
 #: The modules covered by ``_COMPILED`` (a function's code and key grow with its structure's modules).
 _MODULES = [0]
+#: Uses of a structure (rebuilds, captures, checks: each counted apart) before its code is compiled.
+#: Measured on a 2-core CPU (``a + b`` on NytoModules, three first uses, then steady state per call):
+#: 200 Linear layers 265 ms compiled on first use vs 57-89 ms generic, steady 1.6 vs 1.9 ms;
+#: a 48-layer TransformerEncoder 470-680 ms vs 68 ms, steady 1.9-3.1 vs 3.8 ms; 2000 layers 2.1-2.3 s
+#: vs 0.34-0.37 s, steady 13 vs 21 ms.  Compiling pays after some tens to hundreds of uses.
+COMPILE_AFTER = 32
 #: Bounds on ``_COMPILED``: entries, and modules (about 2 KB of code per module, so some 64 MB in all): an
 #: architecture search of deep networks (a thousand modules each) would otherwise hold gigabytes.
 MAX_ENTRIES, MAX_MODULES = 512, 32768

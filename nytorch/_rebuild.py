@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import _builder
 from ._builder import Stale, adopt, compile_builder, compile_capture, empty_like
 from ._walk import CONTAINERS, Layout, remember_layout
 
@@ -57,12 +58,12 @@ def _build_generic(layout: Layout, states: Sequence[dict], types: Sequence[type]
 
 def _build(layout: Layout, states: Sequence[dict], types: Sequence[type], wrapped: Sequence[Tensor],
            buffers: Sequence[Tensor], root: Optional[nn.Module] = None) -> list[nn.Module]:
-    """New module objects for ``layout``: compiled straight-line code from a family's second rebuild on."""
+    """New module objects for ``layout``: compiled straight-line code once a family was rebuilt often."""
     family = layout._family
     builder = family.build
     if builder is None:
         family.builds += 1
-        if family.builds < 2:  # a structure rebuilt once (e.g. merging N independent models) is not worth compiling
+        if family.builds < _builder.COMPILE_AFTER:  # a structure rebuilt a few times is not worth compiling
             return _build_generic(layout, states, types, wrapped, buffers, root)
         builder = family.build = compile_builder(states, layout.children, layout.param_slots,
                                               layout.buffer_slots, _CONTAINER_SET)
@@ -87,7 +88,9 @@ def capture(layout: Layout) -> tuple[list[dict], list[type]]:
     capturer = family.capture
     if capturer is None:
         states = [_capture_generic(module) for module in modules]
-        family.capture = compile_capture(states, _CONTAINER_SET)
+        family.captures += 1
+        if family.captures >= _builder.COMPILE_AFTER:
+            family.capture = compile_capture(states, _CONTAINER_SET)
     else:
         try:
             states = capturer(modules)

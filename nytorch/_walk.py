@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
+from . import _builder
 from ._builder import PENDING, Gather, compile_gather
 
 Tensor = torch.Tensor
@@ -55,13 +56,15 @@ _MISSING = object()
 class _Family:
     """What layouts of one structure share: its compiled code, and how often it was needed before."""
 
-    __slots__ = ("build", "builds", "capture", "gather", "checks")
+    __slots__ = ("build", "builds", "capture", "captures", "gather", "checks")
 
     def __init__(self) -> None:
-        self.build: Optional[Callable[..., list]] = None  # ``_builder.compile_builder``, from the second build
+        # each compiled once its use was counted ``_builder.COMPILE_AFTER`` times
+        self.build: Optional[Callable[..., list]] = None  # ``_builder.compile_builder``
         self.builds = 0
         self.capture: Optional[Callable[..., list]] = None  # ``_builder.compile_capture``
-        self.gather: Optional[Gather] = None  # ``_builder.compile_gather``, from the second check
+        self.captures = 0
+        self.gather: Optional[Gather] = None  # ``_builder.compile_gather``
         self.checks = 0
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
@@ -198,8 +201,8 @@ class Layout:
         compared with those ids, then their memory with the placement remembered (an id reused by a
         new tensor at the same address, shape and strides views the same memory, which is all the
         layout's packing depends on). The first check of a structure reads the whole tree into one
-        flat list (``snapshot``) and compares it with the one taken when the layout was made; from the
-        second on, the structure has compiled code (``_builder.compile_gather``) that reads and
+        flat list (``snapshot``) and compares it with the one taken when the layout was made; once
+        checked often (``_builder.COMPILE_AFTER``), the structure has compiled code (``_builder.compile_gather``) that reads and
         compares each table entry directly.
         """
         gather = self._family.gather
@@ -218,7 +221,7 @@ class Layout:
                 buffers = _read(modules, self.buffer_slots, "_buffers")
                 family = self._family
                 family.checks += 1
-                if family.checks >= 2:  # checked again: worth writing the check out once for the structure
+                if family.checks >= _builder.COMPILE_AFTER:  # checked often: worth writing the check out once
                     family.gather = compile_gather(self.children, self.param_slots, self.buffer_slots)
         except (KeyError, AttributeError):  # a module lost one of nn.Module's tables (or is gone)
             return None

@@ -17,8 +17,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nytorch as nyto
+from nytorch import _builder
 
 Tensor = torch.Tensor
+
+#: How many uses of a structure nytorch waits for before compiling its code (``_builder.COMPILE_AFTER``).
+PRODUCTION_COMPILE_AFTER = _builder.COMPILE_AFTER
+
+
+@pytest.fixture(autouse=True)
+def compile_from_the_second_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test compiles a structure's code on its second use, so any test that repeats an operation
+    runs the compiled code and checks it (with the production threshold, most tests would see the
+    generic loop only).  ``test_builder`` checks the threshold itself; subprocesses (examples, workers)
+    run with it."""
+    monkeypatch.setattr(_builder, "COMPILE_AFTER", 2)
 
 
 # --------------------------------------------------------------------------------------

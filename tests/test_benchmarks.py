@@ -531,3 +531,10 @@ def test_every_swarm_workload_has_every_implementation_or_says_why_not(monkeypat
         assert not present & absent, workload
         assert any(row["implementation"].startswith(("Swarm", "nytorch algorithms")) for row in rows
                    if row["workload"] == workload), workload  # ours
+
+
+def test_first_use_measures_new_structures_against_deepcopy() -> None:
+    from benchmarks import first_use
+
+    times = first_use.measure(first_use.Stack, 3, 2)
+    assert set(times) == {"first 3", "steady", "deepcopy"} and all(value > 0 for value in times.values())

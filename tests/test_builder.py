@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 import nytorch
+from conftest import PRODUCTION_COMPILE_AFTER
+from nytorch import _builder
 from nytorch._rebuild import _build_generic
 from nytorch._walk import layout_of
 
@@ -42,6 +44,24 @@ def test_repeated_operations_use_the_compiled_builder_and_match_the_generic_one(
     generic = _build_generic(layout, [module.__dict__ for module in layout.modules], list(map(type, layout.modules)),
                              list(layout.params), list(layout.buffers), None)[0]
     assert _describe(generic) == _describe(results[-1])
+
+
+@pytest.mark.parametrize("after", [PRODUCTION_COMPILE_AFTER, 5])
+def test_a_structure_is_compiled_on_its_nth_use_and_builds_alike_before_and_after(monkeypatch, after):
+    monkeypatch.setattr(_builder, "COMPILE_AFTER", after)
+    net = Tied()
+    results = []
+    for use in range(1, after + 2):
+        results.append(net * 2)
+        assert results[-1].training  # built: capture, build and the operand's check each counted once more
+        family = layout_of(net)._family  # the structure's, once an operation remembered net's layout
+        compiled = (family.capture is not None, family.build is not None)
+        assert compiled == ((use >= after,) * 2), (use, compiled)
+    assert family.gather is not None
+    for result in (results[0], results[-1]):  # generic, then compiled: the same tree
+        assert _describe(result) == _describe(net)
+        assert result.head.weight is result.embed.weight
+        torch.testing.assert_close(result.extra["alpha"], net.extra["alpha"] * 2)
 
 
 def test_hooks_and_containers_added_to_a_compiled_result_stay_there():

@@ -3,11 +3,13 @@
 ``pack_`` (what ``particle(model)`` and NytoModule arithmetic do on first use) and ``flatten_``
 (the public, raising form) move the floating parameters, then the floating buffers, into
 consecutive views of one buffer per (device, dtype), keeping the Parameter objects.  A model
-whose behaviour packing would change (RNN modules, lazy or meta parameters, non-contiguous or
-``channels_last`` weights, shared memory, distinct parameters sharing storage) is left as it is.
+whose behaviour packing would change (RNN modules, ``torch.ao`` observers and fake-quantize modules,
+lazy or meta parameters, non-contiguous or ``channels_last`` weights, shared memory, distinct
+parameters sharing storage) is left as it is.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Optional
 
@@ -34,13 +36,49 @@ def lazy_name(module: nn.Module) -> Optional[str]:
     return next((name for name, tensor in named if nn.parameter.is_lazy(tensor)), None)
 
 
+#: ``torch.ao.quantization`` classes whose modules ``resize_`` their own buffers in ``forward`` (an observer's
+#: ``min_val``, a fake-quantize module's ``scale`` and ``zero_point``): a packed view resized in place grows
+#: over the tensors after it in the buffer.  Read from ``sys.modules``, never imported: where torch has not
+#: loaded these modules no instance of their classes can exist.
+_RESIZING = (("torch.ao.quantization.observer", "ObserverBase"),
+             ("torch.ao.quantization.fake_quantize", "FakeQuantizeBase"))
+
+
+def _resizing_classes() -> tuple[type, ...]:
+    """The ``_RESIZING`` classes that are loaded (see there).
+
+    >>> [cls.__name__ for cls in _resizing_classes()]
+    ['ObserverBase', 'FakeQuantizeBase']
+    """
+    found = (getattr(sys.modules.get(name), attribute, None) for name, attribute in _RESIZING)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
+def _unpackable_module(module: nn.Module) -> Optional[str]:
+    """Why a submodule of ``module`` must keep its tensors' own storage, or ``None``.
+
+    >>> _unpackable_module(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GRU(2, 2)))
+    "submodule '1' (GRU): RNN modules manage their own flat weight buffer"
+    """
+    resizing = _resizing_classes()
+    for path, sub in module.named_modules(remove_duplicate=False):
+        where = f"submodule {path!r} ({type(sub).__name__})" if path else f"the model ({type(sub).__name__})"
+        if isinstance(sub, nn.RNNBase):
+            return f"{where}: RNN modules manage their own flat weight buffer"
+        if resizing and isinstance(sub, resizing):
+            return f"{where} is a torch.ao.quantization observer or fake-quantize module, which resizes its " \
+                   "buffers in place (resize_) in forward: a packed view would grow over the tensors after it"
+    return None
+
+
 def _packable(module: nn.Module, params: Sequence[Tensor], labels: Sequence[str]) -> Optional[str]:
     """Why ``module``'s parameters must keep their own storage, or ``None`` when they can be packed.
 
     ``labels`` name ``params`` in messages (``"parameter '0.weight'"``, ``"buffer '1.running_mean'"``).
     """
-    if any(isinstance(sub, nn.RNNBase) for sub in module.modules()):
-        return "RNN modules manage their own flat weight buffer"
+    unpackable = _unpackable_module(module)
+    if unpackable is not None:
+        return unpackable
     spans: dict[int, list[tuple[int, int, str]]] = {}
     for param, label in zip(params, labels):
         if param.device.type == "meta":
@@ -175,7 +213,7 @@ def pack_(module: nn.Module, *, whole: bool = False) -> bool:
     objects are kept (optimizers holding them keep working); only their storage
     moves, once.  Models are left as they are, and ``False`` returned, when packing
     would change their behaviour (so this is only done when it is safe): RNN modules (they keep their own flat buffer),
-    lazy or meta parameters, non-contiguous parameters or ones laid out as ``channels_last``
+    ``torch.ao`` observers and fake-quantize modules (QAT; they ``resize_`` their buffers), lazy or meta parameters, non-contiguous parameters or ones laid out as ``channels_last``
     (a 1x1 convolution's weight too), parameters in shared memory (``share_memory()``: pack
     before), or distinct parameters sharing storage.
 

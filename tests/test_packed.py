@@ -108,6 +108,59 @@ def test_pack_leaves_models_it_would_change_alone(case: str) -> None:
         flatten_(model)
 
 
+def _qat_model() -> nn.Module:
+    """A QAT-prepared model: its observers and fake-quantize modules ``resize_`` their buffers in forward."""
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(tq.QuantStub(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), tq.DeQuantStub())
+    model.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        return tq.prepare_qat(model.train(), inplace=False)
+
+
+@pytest.mark.parametrize("how", ["particle", "EMA", "ema_", "particle with buffers", "result"])
+def test_qat_models_are_left_unpacked_and_run_as_their_copies_do(how: str) -> None:
+    model = _qat_model()
+    reference = copy.deepcopy(model)
+    pointers = [t.data_ptr() for t in [*model.parameters(), *model.buffers()]]
+    if how == "particle":
+        nytorch.particle(model)
+    elif how == "EMA":
+        nytorch.merge.EMA(model)
+    elif how == "ema_":
+        # (buffers="copy": an unobserved observer's min_val is inf, and lerp(inf, inf, w) is nan)
+        nytorch.merge.ema_(model, copy.deepcopy(model), decay=0.5, buffers="copy")
+    elif how == "particle with buffers":
+        nytorch.particle(model, buffers=True) * 1
+    else:  # a result run in place of its operand
+        model = (nytorch.particle(model, buffers=True) * 1).module()
+    if how != "result":
+        assert [t.data_ptr() for t in [*model.parameters(), *model.buffers()]] == pointers
+    x = torch.randn(5, 4)
+    for _ in range(3):  # the first forward resizes the observers' buffers; later ones read them
+        expected = reference(x)
+        assert torch.equal(model(x), expected)
+    for (name, value), other in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(value, other), name
+
+
+def test_flatten_refuses_a_qat_model_naming_the_observer() -> None:
+    model = _qat_model()
+    pointers = [t.data_ptr() for t in [*model.parameters(), *model.buffers()]]
+    with pytest.raises(ValueError, match=r"flatten_: cannot pack the parameters of this Sequential: submodule "
+                                         r"'0\.activation_post_process' \(FusedMovingAvgObsFakeQuantize\) is a "
+                                         r"torch\.ao\.quantization observer or fake-quantize module, which resizes "
+                                         r"its buffers in place \(resize_\)"):
+        flatten_(model)
+    assert [t.data_ptr() for t in [*model.parameters(), *model.buffers()]] == pointers
+    with pytest.raises(ValueError, match=r"submodule '1' \(LSTM\): RNN modules manage their own flat weight buffer"):
+        flatten_(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)))
+
+
 def test_tied_weights_stay_tied() -> None:
     model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5))
     model[1].weight = model[0].weight

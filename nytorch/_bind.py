@@ -35,7 +35,7 @@ def params(module: nn.Module) -> dict[str, Tensor]:
         tied parameters appear once, as in ``named_parameters()``.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
+        TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript or ``torch.ao`` quantized module.
 
     >>> import torch
     >>> list(params(torch.nn.Linear(2, 1)))
@@ -59,7 +59,7 @@ def state(module: nn.Module) -> dict[str, Tensor]:
         ``named_parameters()`` order, then its buffers in ``named_buffers()`` order.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript module.
+        TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript or ``torch.ao`` quantized module.
 
     >>> list(state(torch.nn.BatchNorm1d(2)))
     ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
@@ -87,7 +87,8 @@ def bind(module: ModuleT, params: Mapping[str, Tensor]) -> ModuleT:
         copying (pass ``nf.clone(params)`` for independent storage).
 
     Raises:
-        TypeError: ``module`` is not a module (or is (or holds) a TorchScript module) or ``params`` not a mapping of tensors.
+        TypeError: ``module`` is not a module (or is (or holds) a TorchScript or quantized module) or
+            ``params`` not a mapping of tensors.
         StructureError: a parameter is missing, unknown, or has another shape/dtype/device.
 
     >>> import torch

@@ -249,7 +249,8 @@ def flatten_(module: ModuleT) -> ModuleT:
         ``module``.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
+        TypeError: ``module`` is not an ``nn.Module``, or is (or holds) a TorchScript or ``torch.ao``
+            quantized module.
         ValueError: packing would change the model's behaviour (the message says why).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))

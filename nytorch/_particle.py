@@ -543,8 +543,9 @@ def particle(model: ModuleT, *, buffers: bool = False, pack: bool = True) -> Par
         A Particle viewing ``model``'s parameters (in-place operators write into ``model``).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or is (or holds) a TorchScript module; ``buffers``
-            or ``pack`` is not a bool (a string such as ``"copy"``, which ``merge``'s buffer modes use).
+        TypeError: ``model`` is not an ``nn.Module``, or is (or holds) a TorchScript or ``torch.ao`` quantized
+            module; ``buffers`` or ``pack`` is not a bool (a string such as ``"copy"``, which ``merge``'s buffer
+            modes use).
         ValueError: ``model`` is a lazy module not run yet (its shapes are unknown).
 
     >>> import torch

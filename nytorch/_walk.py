@@ -17,6 +17,8 @@ from torch import nn
 from . import _leafwise as lw
 from . import _builder
 from ._builder import PENDING, Gather, compile_gather
+from ._quantized import CLASSES as QUANTIZED_CLASSES
+from ._quantized import quantized, refusal
 
 Tensor = torch.Tensor
 
@@ -146,6 +148,9 @@ class Layout:
             raise TypeError(f"{root}: expected Python nn.Modules, but {where} is a TorchScript "
                             f"{type(module).__name__} (torch.jit.script / torch.jit.trace), which nytorch cannot "
                             "read or rebuild; use the module before scripting it (and script the result)")
+        verdict = QUANTIZED_CLASSES.get(type(module))  # (inline: one lookup per module, see ``_quantized``)
+        if verdict or (verdict is None and quantized(type(module))):
+            raise TypeError(refusal(self.modules[0] if self.modules else module, prefix, module))
         index = module_index[id(module)] = len(self.modules)
         self.modules.append(module)
         self.prefixes.append(prefix)

@@ -559,6 +559,105 @@ def test_call_names_itself_for_a_torchscript_module() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Quantized modules: their weights are packed outside named_parameters(), so refused by name
+# --------------------------------------------------------------------------------------
+def _float_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _dynamic(seed: int) -> nn.Module:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        return torch.ao.quantization.quantize_dynamic(_float_mlp(seed), {nn.Linear}, dtype=torch.qint8)
+
+
+def _static(seed: int) -> nn.Module:
+    import warnings
+
+    import torch.ao.quantization as tq
+    torch.manual_seed(seed)
+    model = nn.Sequential(tq.QuantStub(), nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3), tq.DeQuantStub())
+    model.qconfig = tq.get_default_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tq.prepare(model.eval(), inplace=True)
+        model(torch.randn(4, 1, 4, 4))  # calibrate
+        return tq.convert(model, inplace=True)
+
+
+class HoldsQuantized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.q = _dynamic(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.q(self.a(x))
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: nf.params(m), lambda m: nf.state(m), lambda m: nyto.particle(m) * 2, lambda m: merge.average([m, m]),
+    lambda m: Swarm.stack([m, m]), lambda m: merge.ravel(m), lambda m: nyto.save(m, os.devnull),
+    lambda m: merge.EMA(m), lambda m: merge.ema_(m, m, decay=0.5), lambda m: nyto.flatten_(m),
+    lambda m: nyto.same_structure(m, m),
+], ids=["params", "state", "particle", "average", "stack", "ravel", "save", "EMA", "ema_", "flatten_", "same"])
+def test_quantized_modules_are_refused_naming_the_submodule(call: Callable[[nn.Module], Any]) -> None:
+    hint = r"; quantize the result of the arithmetic, not its operands$"
+    with pytest.raises(TypeError, match=r"^Sequential: expected modules that keep their weights as parameters, but "
+                                        r"submodule '0' is a quantized Linear \(torch\.ao\.nn\.quantized\.dynamic\."
+                                        r"modules\.linear\), which keeps its weights packed outside named_parameters\(\)"
+                                        r": nytorch would see no parameters there" + ".*" + hint):
+        call(_dynamic(0))
+    with pytest.raises(TypeError, match=r"^Sequential: .* but submodule '3' is a quantized Linear \(torch\.ao\.nn\."
+                                        r"quantized\.modules\.linear\).*" + hint):
+        call(_static(0)[2:])  # from the Flatten on (a slice keeps the names)
+    with pytest.raises(TypeError, match=r"^Sequential: .* but submodule '1' is a quantized Conv2d \(torch\.ao\.nn\."
+                                        r"quantized\.modules\.conv\).*" + hint):
+        call(_static(0))
+    with pytest.raises(TypeError, match=r"^Linear: .* but the module is a quantized Linear .*" + hint):
+        call(_dynamic(0)[0])
+    holder = HoldsQuantized()
+    before = [(p, p.data_ptr(), p._version, p.detach().clone()) for p in holder.a.parameters()]
+    with pytest.raises(TypeError, match=r"^HoldsQuantized: .* but submodule 'q\.0' is a quantized Linear .*" + hint):
+        call(holder)
+    assert all(p.data_ptr() == ptr and p._version == version and torch.equal(p, value)
+               for p, ptr, version, value in before)
+
+
+def test_a_quantized_operand_of_arithmetic_is_refused_and_nothing_changes() -> None:
+    # the calls that gave the first operand's values back before: merge.average([qa, qb])(x) == qa(x), ...
+    qa, qb, x = _dynamic(0), _dynamic(1), torch.randn(5, 4)
+    assert not torch.equal(qa(x), qb(x))
+    for call in (lambda: merge.average([qa, qb]), lambda: Swarm.stack([qa, qb]), lambda: nyto.particle(qa) * 2,
+                 lambda: merge.ema_(qa, qb, decay=0.5)):
+        with pytest.raises(TypeError, match=r"quantize the result of the arithmetic, not its operands"):
+            call()
+    p = nyto.particle(_float_mlp(0))
+    before = [(t, t.data_ptr(), t._version, t.detach().clone()) for t in p.params.values()]
+    with pytest.raises(TypeError, match=r"submodule '0' is a quantized Linear"):
+        p += qa
+    assert all(t.data_ptr() == ptr and t._version == version and torch.equal(t, value)
+               for t, ptr, version, value in before)
+
+
+def test_quantizing_a_result_quantizes_the_arithmetic() -> None:
+    import warnings
+    a, b, x = _float_mlp(0), _float_mlp(1), torch.randn(5, 4)
+    soup = merge.average([a, b])
+    reference = _float_mlp(0)
+    with torch.no_grad():
+        for mine, (u, v) in zip(reference.parameters(), zip(a.parameters(), b.parameters())):
+            mine.copy_((u + v) / 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(soup, {nn.Linear}, dtype=torch.qint8)
+        expected = torch.ao.quantization.quantize_dynamic(reference, {nn.Linear}, dtype=torch.qint8)
+    assert torch.allclose(quantized(x), expected(x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
 # RNN results own their flat-weight lists
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [

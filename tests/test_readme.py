@@ -235,6 +235,10 @@ def _table_cases() -> dict[str, Any]:
         "Net: expected Python nn.Modules, but submodule 's' is a TorchScript RecursiveScriptModule "
         "(torch.jit.script / torch.jit.trace), which nytorch cannot read or rebuild; ...":
             lambda: nytorch.particle(Net()),
+        "Sequential: expected modules that keep their weights as parameters, but submodule '0' is a quantized "
+        "Linear (torch.ao.nn.quantized.dynamic.modules.linear), which keeps its weights packed outside "
+        "named_parameters(): ...; quantize the result of the arithmetic, not its operands":
+            lambda: merge.average([_quantized(), _quantized()]),
         "DistributedDataParallel: expected a model, got a DistributedDataParallel wrapper, whose copy would "
         "share its reducer (...); build results from ddp.module (...)":
             lambda: merge.average([_unconnected_ddp(), _unconnected_ddp()]),
@@ -261,6 +265,15 @@ def _table_cases() -> dict[str, Any]:
         "load (at 'swarm'): parameter 'fc1.weight' differs: like has shape (3, 6, 5) float32, the checkpoint has "
         "shape (3, 5, 5) float32": swarm_shape,
     }
+
+
+def _quantized() -> nn.Module:
+    """A dynamically quantized MLP (its Linear weights are packed outside named_parameters())."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        return torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), {nn.Linear}, dtype=torch.qint8)
 
 
 def _unconnected_ddp() -> nn.Module:

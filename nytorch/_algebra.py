@@ -6,6 +6,7 @@ order and the tensors aligned with them.  Operands are other states or scalars.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, TypeVar, Union
 
@@ -13,6 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _leafwise as lw
+from . import _probe as probe
 from . import _scalars as scalars
 from ._config import ParamConfig
 from ._errors import StructureError, describe
@@ -20,6 +22,7 @@ from ._walk import addresses, storage_key
 
 Tensor = torch.Tensor
 F = TypeVar("F", bound=Callable[..., Any])
+_DTYPE = operator.attrgetter("dtype")
 
 
 def without_grad(fn: F) -> F:
@@ -85,7 +88,17 @@ def check_state(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
     lw.check_pairs(fn, names, leaves, other_leaves)
 
 
-def active_mask(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]]) -> list[bool]:
+def active_mask(leaves: Sequence[Tensor], configs: Optional[Sequence[ParamConfig]],
+                dtypes: Optional[Sequence[torch.dtype]] = None) -> list[bool]:
+    """Which leaves take part in arithmetic: floating or complex, and operational (``dtypes``: theirs, if read).
+
+    >>> active_mask([torch.ones(1), torch.tensor([1])], None)
+    [True, False]
+    """
+    if dtypes is not None:
+        arithmetic = lw.arithmetic_dtypes(dtypes)
+        return arithmetic if configs is None else [
+            config.operational and on for on, config in zip(arithmetic, configs)]
     if configs is None:
         return [leaf.is_floating_point() or leaf.is_complex() for leaf in leaves]
     return [config.operational and lw.is_arithmetic(leaf) for leaf, config in zip(leaves, configs)]
@@ -122,14 +135,21 @@ def combine(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands
 @without_grad
 def combine_(op: lw.Op, names: Sequence[str], leaves: Sequence[Tensor], *operands: object,
              configs: Optional[Sequence[ParamConfig]] = None) -> None:
-    """In place: ``op`` on every operational leaf; validated before anything is written."""
-    active = active_mask(leaves, configs)
+    """In place: ``op`` on every operational leaf; validated before anything is written.
+
+    Torch's own refusals are checked for first: a number it cannot convert (``check_converted``), a leaf
+    it cannot write (``check_writable``), a dtype it has no such kernel for (``_probe.check_``).
+    """
+    dtypes = list(map(_DTYPE, leaves))  # read once, for the mask and the kernel check
+    active = active_mask(leaves, configs, dtypes)
     for operand in operands:
         if not isinstance(operand, (list, tuple)):
             scalars.check_scalar(op.name, operand, names, leaves, active)
             scalars.check_converted(op.name, operand, lambda: [
                 (name, leaf.dtype) for name, leaf, on in zip(names, leaves, active) if on])
     check_writable(op.name, names, leaves, active)
+    probe.check_(op.name, op, leaves, dtypes, operands,
+                 lambda i: f"parameter {names[i]!r} ({describe(leaves[i])})", active)
     lw.apply_(op, leaves, *operands, active=written_once(leaves, active))
 
 

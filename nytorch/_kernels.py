@@ -14,13 +14,15 @@ import torch
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _probe as probe
 from . import _scalars as scalars
 from . import _pool as pool
 from ._flat import Flat, FlatPlan
 
 Tensor = torch.Tensor
 
-__all__ = ["compute", "exact_fusion", "kernel", "kernel_", "check_converted", "writable", "readable", "fill"]
+__all__ = ["compute", "exact_fusion", "kernel", "kernel_", "check_converted", "check_kernel_", "writable", "readable",
+           "fill"]
 
 
 _OUT = frozenset({torch.add, torch.sub, torch.mul, torch.div, torch.pow})  # kernels that take ``out=``
@@ -206,6 +208,28 @@ def check_converted(fn: str, names: Sequence[str], flat: Flat, operands: Sequenc
         if type(operand) is not Flat:
             scalars.check_converted(fn, operand, lambda: [(names[index[0]], dtype)
                                                      for index, dtype in zip(plan.groups, plan.dtypes)])
+
+
+def check_kernel_(op: lw.Op, names: Sequence[str], flat: Flat, operands: Sequence[object]) -> None:
+    """``_probe.check_`` for ``op`` in place on ``flat``'s buffers: one set comparison for the usual dtypes.
+
+    >>> from nytorch._flat import plan_for
+    >>> plan = plan_for([(torch.Size([2]), torch.float8_e5m2, torch.device("cpu"))], [True])
+    >>> check_kernel_(lw.ADD, ["w"], Flat(plan, [torch.ones(2).to(torch.float8_e5m2)], {}), [1.0])
+    Traceback (most recent call last):
+    ...
+    TypeError: add: torch has no in-place add for float8_e5m2 tensors on cpu (...), which parameter 'w' (shape (2,) float8_e5m2) holds: ...
+    """
+    plan = flat.plan
+    if probe.KNOWN.issuperset(plan.dtypes):
+        return
+
+    def label(g: int) -> str:
+        like = plan.likes[g][0]
+        where = "" if plan.devices[g].type == "cpu" else f" on {plan.devices[g]}"
+        return (f"parameter {names[plan.groups[g][0]]!r} (shape {tuple(like.shape)} "
+                f"{str(like.dtype).removeprefix('torch.')}{where})")
+    probe.check_(op.name, op, flat.raw, plan.dtypes, operands, label)
 
 
 def writable(fn: str, names: Sequence[str], flat: Flat) -> list[Tensor]:

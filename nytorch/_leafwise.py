@@ -120,6 +120,15 @@ def arithmetic_mask(leaves: Sequence[Tensor]) -> list[bool]:
     return list(map(_ARITHMETIC_DTYPES.__getitem__, map(_DTYPE, leaves)))
 
 
+def arithmetic_dtypes(dtypes: Sequence[torch.dtype]) -> list[bool]:
+    """``arithmetic_mask`` of leaves whose dtypes were read already.
+
+    >>> arithmetic_dtypes([torch.float32, torch.int64])
+    [True, False]
+    """
+    return list(map(_ARITHMETIC_DTYPES.__getitem__, dtypes))
+
+
 def same_layout(left: Sequence[Tensor], right: Sequence[Tensor]) -> bool:
     """True when the two leaf lists agree in shape, dtype and device, leaf by leaf.
 

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from . import _leafwise as lw
+from . import _probe as probe
 from . import _scalars as scalars
 from ._config import ParamConfig, configs_for
+from ._errors import describe
 from ._flat import Flat, FlatPlan, find_flat, plan_for, written
 from ._packing import PACKED, pack_
-from ._kernels import check_converted, compute, kernel_, readable, writable
+from ._kernels import check_converted, check_kernel_, compute, kernel_, readable, writable
 from ._pending import pending_result, snapshot_of
 from ._walk import _CACHE, PENDING, Layout, layout_of, model_class
 
@@ -226,19 +228,28 @@ def _same_structure(layout: Layout, names: Sequence[str], signature: tuple) -> b
             and (layout.signature is signature or layout.signature == signature))
 
 
-def _first_use(model: nn.Module, fn: str, others: Sequence[object],
-               reflected: bool) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
+def _first_use(model: nn.Module, fn: str, others: Sequence[object], reflected: bool,
+               inplace: Optional[lw.Op] = None) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]]]]:
     """``_current(model)``, packing ``model`` first when every operand is one the packed path takes.
 
     Operands are checked against the model's layout before anything moves: a scalar of a dtype
-    the model cannot hold raises here, as on the per-tensor path; any other operand the packed
-    path would refuse answers ``None``, and the per-tensor path raises its error.
+    the model cannot hold raises here, as on the per-tensor path, and so does an ``inplace`` op torch
+    has no kernel for on some dtype of the model (``_probe``); any other operand the packed
+    path would refuse answers ``None``, and the per-tensor path raises its error.  (Model operands
+    are packed later, by ``flat_operands``: they have the model's dtypes, checked here first.)
     """
     found = _current(model)
     if found is not None:
+        if inplace is not None:
+            check_kernel_(inplace, found[0].names, found[1], others)
         return found
     Particle = _particle_class()
     layout, cls = layout_of(model), model_class(model)
+    if inplace is not None:
+        signature, params = layout.signature, layout.params
+        probe.check_(fn, inplace, params, [dtype for _, dtype, _ in signature], others,
+                     lambda i: f"parameter {layout.names[i]!r} ({describe(params[i])})",
+                     active_for(signature, configs_for(layout)))
     for other in others:
         if scalars.is_scalar(other):
             # the leaves that take part: a non-operational one keeps its dtype whatever the scalar
@@ -254,10 +265,13 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object],
     return _current(model, pack=True)
 
 
-def _prepared(model: nn.Module, fn: str, others: Sequence[object], reflected: bool
+def _prepared(model: nn.Module, fn: str, others: Sequence[object], reflected: bool, inplace: Optional[lw.Op] = None
               ) -> Optional[tuple[Layout, Flat, Optional[list[ParamConfig]], list[object]]]:
-    """The packed layout, buffers and configs of ``model`` with its operands as buffers, or ``None``."""
-    found = _first_use(model, fn, others, reflected)
+    """The packed layout, buffers and configs of ``model`` with its operands as buffers, or ``None``.
+
+    ``inplace``: the op about to write ``model``, checked (``_probe``) before anything is packed.
+    """
+    found = _first_use(model, fn, others, reflected, inplace)
     if found is None:
         return None
     layout, flat, configs = found
@@ -323,7 +337,7 @@ def binary_(model: nn.Module, op: lw.Op, others: Sequence[object]) -> bool:
     >>> binary_(net, lw.MUL, [3.0]), torch.equal(net.weight, expected)
     (True, True)
     """
-    prepared = _prepared(model, op.name, others, False)
+    prepared = _prepared(model, op.name, others, False, op)  # (kernels checked there, before any packing)
     if prepared is None:
         return False
     layout, flat, _, operands = prepared

@@ -17,7 +17,7 @@ from ._errors import StructureError, class_names, describe
 from ._flags import flag
 from ._flat import Flat, FlatPlan, find_flat, own_counters, plan_for, written
 from ._packing import PACKED, lazy_name, pack_
-from ._kernels import check_converted, compute, fill, kernel_, readable, writable
+from ._kernels import check_converted, check_kernel_, compute, fill, kernel_, readable, writable
 from ._packed import active_for, carried, flat_operands
 from ._pool import give
 from ._rebuild import rebuild
@@ -187,6 +187,7 @@ class Particle(Operators, Generic[M]):
         flat = self._flat_form()
         if flat is None:
             return False
+        check_kernel_(op, self._names, flat, others)  # before ``_flat_operands`` packs a model operand
         packs = PACKED[0]
         operands = self._flat_operands(op.name, tuple(others), flat, False)
         if operands is None:

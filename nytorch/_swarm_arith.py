@@ -99,6 +99,7 @@ class SwarmArithmetic(Operators):
         Raises:
             TypeError / StructureError / DeviceMismatchError / OverflowError: as for ``add``; nothing
                 is written.
+            TypeError: torch has no such in-place kernel for a group's dtype (float8); nothing is written.
             RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``,
                 or torch cannot convert a number ``alpha`` to a member tensor's dtype (``1e10`` on float16).
 
@@ -112,7 +113,7 @@ class SwarmArithmetic(Operators):
         ops.check_writable("add_", spec, self._flats, True)
         values = [ops.operand(ops.AXPY.name, spec, self._size, value, inplace=True) for value in (other, alpha)]
         ops.check_numbers_fit("add_", spec, self._flats, ops.AXPY.leaf, *values)  # an alpha too large for a later group
-        ops.combine_(ops.AXPY, spec, self._flats, *values)
+        ops.combine_(ops.AXPY, spec, self._flats, *values, fn="add_")
         return self
 
     def _check_alpha(self, fn: str, alpha: object) -> Union[int, float]:
@@ -155,6 +156,7 @@ class SwarmArithmetic(Operators):
         Raises:
             TypeError / StructureError / DeviceMismatchError / OverflowError: as for ``lerp``; nothing
                 is written.
+            TypeError: torch has no such in-place kernel for a group's dtype (float8); nothing is written.
             RuntimeError: the swarm holds inference tensors and this runs outside ``torch.inference_mode()``,
                 or a number ``weight`` does not fit in a member tensor's dtype.
 
@@ -166,7 +168,7 @@ class SwarmArithmetic(Operators):
         operands = ops.lerp_operands("lerp_", self._spec, self._size, end, weight, True)
         ops.check_writable("lerp_", self._spec, self._flats, True)
         self._check_converted("lerp_", operands)
-        ops.combine_(lw.LERP, self._spec, self._flats, *operands)
+        ops.combine_(lw.LERP, self._spec, self._flats, *operands, fn="lerp_")
         return self
 
     def clone(self) -> Self:

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _algebra as algebra
 from . import _leafwise as lw
+from . import _probe as probe
 from . import _scalars as scalars
 from . import _nocast as nocast
 from ._errors import DeviceMismatchError, StructureError, class_names
@@ -268,8 +269,11 @@ def check_writable(fn: str, spec: Spec, flats: Sequence[Tensor], active_only: bo
 
 
 @torch.no_grad()
-def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand) -> None:
+def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand, fn: Optional[str] = None) -> None:
     """In place: ``op`` on every arithmetic group (callers validated every operand first).
+
+    Raises ``TypeError`` before writing anything when torch has no such in-place kernel for some
+    group's dtype (``_probe.check_``: float8 has none of them).
 
     >>> from nytorch import Swarm
     >>> s = Swarm.zeros(torch.nn.Linear(1, 1), 2) + torch.tensor([1.0, 2.0])
@@ -277,6 +281,11 @@ def combine_(op: lw.Op, spec: Spec, flats: Sequence[Tensor], *operands: Operand)
     >>> s.params["bias"].flatten()
     tensor([2., 3.])
     """
+    groups = spec.groups
+    dtypes = [group.dtype for group in groups]
+    if not probe.KNOWN.issuperset(dtypes):
+        probe.check_(fn or op.name, op, flats, dtypes, operands, lambda g: f"parameter {spec.leaf_name(g)!r}",
+                     [group.active for group in groups])
     operands = tuple(_unaliased(flats, operands))
     for g, (flat, group) in enumerate(zip(flats, spec.groups)):
         if not group.active:

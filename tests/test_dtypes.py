@@ -632,3 +632,138 @@ def test_dtype_refusals_name_the_parameter_and_dtype(trio: list[Mixed]) -> None:
         merge.ravel(nn.Linear(2, 1))[1](torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(TypeError, match=r"^Swarm\.to: expected a floating point or complex dtype"):
         swarm.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# in-place updates on dtypes torch has no such kernel for: refused before anything is written
+# ---------------------------------------------------------------------------------------------
+class Fp8(nyto.NytoModule):
+    """float32 layers around one of ``dtype`` (float8 has no add_/mul_/div_/pow_/lerp_ on the CPU,
+    complex32 no div_/pow_/lerp_): the float32 layer before it is what a half-done update would change."""
+
+    def __init__(self, dtype: torch.dtype = torch.float8_e4m3fn) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 3)
+        self.odd = nn.Linear(3, 2).to(dtype)
+        self.z = nn.Linear(2, 2)
+
+
+def _fp8_pair(dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Fp8, Fp8]:
+    torch.manual_seed(0)
+    return Fp8(dtype), Fp8(dtype)
+
+
+def _exactly(tensors: Any) -> list[tuple[Tensor, int, int, Tensor]]:
+    """Each tensor, its address, version counter and bits (torch.equal has no float8 / complex32 kernel)."""
+    return [(t, t.data_ptr(), t._version, t.detach().view(torch.uint8).clone()) for t in tensors]
+
+
+def _unchanged(before: list[tuple[Tensor, int, int, Tensor]], tensors: Any) -> bool:
+    now = list(tensors)
+    return len(now) == len(before) and all(
+        t is was and t.data_ptr() == ptr and t._version == version and torch.equal(t.detach().view(torch.uint8), bits)
+        for t, (was, ptr, version, bits) in zip(now, before))
+
+
+def _every(x: Any) -> list[Tensor]:
+    if isinstance(x, Swarm):
+        return list(x.params.values())
+    return [*x.parameters(), *x.buffers()]
+
+
+_FP8_UPDATES = {
+    "*=": (lambda p, q: p.__imul__(2), "mul"), "+=": (lambda p, q: p.__iadd__(q), "add"),
+    "-=": (lambda p, q: p.__isub__(q), "sub"), "/=": (lambda p, q: p.__itruediv__(2), "div"),
+    "**=": (lambda p, q: p.__ipow__(2), "pow"), "lerp_": (lambda p, q: p.lerp_(q, 0.5), "lerp"),
+    "lerp_ tensor weight": (lambda p, q: p.lerp_(q, torch.tensor(0.5)), "lerp"),
+}
+
+
+@pytest.mark.parametrize("how", ["Particle", "Particle, model operand", "Particle pack=False", "NytoModule",
+                                 "NytoModule unpacked"])
+@pytest.mark.parametrize("update", list(_FP8_UPDATES))
+def test_in_place_updates_refuse_a_float8_model_before_writing(how: str, update: str) -> None:
+    a, b = _fp8_pair()
+    if how == "NytoModule unpacked":  # a non-contiguous weight: never packed, the per-tensor path
+        a.odd.weight.data = a.odd.weight.data.t().contiguous().t()
+        b.odd.weight.data = b.odd.weight.data.t().contiguous().t()
+    call, op = _FP8_UPDATES[update]
+    if how.startswith("Particle"):
+        p = nyto.particle(a, pack=how != "Particle pack=False")
+        q = b if how == "Particle, model operand" else nyto.particle(b, pack=how != "Particle pack=False")
+    else:
+        p, q = a, b
+    before, other = _exactly(_every(a)), _exactly(_every(b))  # storage included: nothing is packed either
+    with pytest.raises(TypeError, match=rf"^{op}: torch has no in-place {op} for float8_e4m3fn tensors on cpu \(.*not "
+                                        rf"implemented for 'Float8_e4m3fn'\), which parameter 'odd\.weight' \(shape "
+                                        r"\(2, 3\) float8_e4m3fn\) holds: the update would fail there after writing the "
+                                        r"tensors before it; nothing was changed"):
+        call(p, q)
+    assert _unchanged(before, _every(a)) and _unchanged(other, _every(b))
+
+
+@pytest.mark.parametrize("update", ["/=", "**=", "lerp_"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_in_place_updates_refuse_complex32_where_torch_has_no_kernel(update: str, pack: bool) -> None:
+    a, b = _fp8_pair(torch.complex32)
+    p, q = nyto.particle(a, pack=pack), nyto.particle(b, pack=pack)
+    before = _exactly(_every(a))
+    call, op = _FP8_UPDATES[update]
+    with pytest.raises(TypeError, match=rf"^{op}: torch has no in-place {op} for complex32 tensors on cpu .* which "
+                                        r"parameter 'odd\.weight'"):
+        call(p, q)
+    assert _unchanged(before, _every(a))
+    # what torch has (complex32 add_ and mul_) still runs, as per tensor
+    expected = [t.detach().clone() * 2 if t.dtype != torch.complex32 else (t.detach().clone().mul_(2))
+                for t in a.parameters()]
+    p *= 2
+    assert all(torch.equal(t.detach().view(torch.uint8), e.view(torch.uint8)) for t, e in zip(a.parameters(), expected))
+
+
+@pytest.mark.parametrize("update", ["+= swarm", "*= 2", "add_", "lerp_"])
+def test_swarm_in_place_updates_refuse_a_float8_group_before_writing(update: str) -> None:
+    a, b = _fp8_pair()
+    swarm = Swarm.stack([a, b])
+    before = _exactly(_every(swarm))
+    op = {"+= swarm": "add", "*= 2": "mul", "add_": "add_", "lerp_": "lerp_"}[update]
+    kernel = {"add_": "add", "lerp_": "lerp"}.get(op, op)
+    with pytest.raises(TypeError, match=rf"^{op}: torch has no in-place {kernel} for float8_e4m3fn tensors on cpu "
+                                        r".* which parameter 'odd\.weight' holds"):
+        if update == "+= swarm":
+            swarm += swarm.clone()
+        elif update == "*= 2":
+            swarm *= 2
+        elif update == "add_":
+            swarm.add_(swarm.clone(), alpha=0.5)
+        else:
+            swarm.lerp_(a, 0.5)
+    assert _unchanged(before, _every(swarm))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("decay", [0.9, torch.tensor(0.9)], ids=["number", "tensor"])
+def test_ema_refuses_a_float8_model_before_writing(pack: bool, decay: Any) -> None:
+    a, b = _fp8_pair()
+    ema = merge.EMA(a, decay=decay, pack=pack)
+    with torch.no_grad():
+        for t in a.parameters():  # the model moves away from its average: an update would change it
+            if t.dtype == torch.float32:
+                t.add_(1.0)
+    before = _exactly(_every(ema.averaged))
+    for call in (lambda: ema.update(), lambda: ema.update(b)):
+        with pytest.raises(TypeError, match=r"^EMA\.update: torch has no in-place lerp for float8_e4m3fn tensors on "
+                                            r"cpu .* which parameter 'odd\.weight' \(shape \(2, 3\) float8_e4m3fn\)"):
+            call()
+        assert _unchanged(before, _every(ema.averaged))
+    assert ema.step == 0
+    target = copy.deepcopy(b)
+    before = _exactly(_every(target))
+    with pytest.raises(TypeError, match=r"^ema_: torch has no in-place lerp for float8_e4m3fn tensors on cpu .* "
+                                        r"which parameter 'odd\.weight'"):
+        merge.ema_(target, a, decay=decay)
+    assert _unchanged(before, _every(target))
+    # with the float8 layer left out of arithmetic the rest is averaged as per tensor
+    target = copy.deepcopy(b)
+    target.set_param_config(name="odd", operational=False)
+    merge.ema_(target, a, decay=0.5)
+    assert torch.equal(target.a.weight, torch.lerp(b.a.weight, a.a.weight, 0.5))

@@ -224,6 +224,10 @@ def _table_cases() -> dict[str, Any]:
             lambda: p + nytorch.particle(_with(Plain(), **{"fc2.bias": nn.Parameter(torch.empty(5, device="meta"))})),
         "mul: the scalar 1j would turn parameter 'fc1.weight' (shape (4, 3) float32) into complex64; ...":
             lambda: p * 1j,
+        "mul: torch has no in-place mul for float8_e4m3fn tensors on cpu (...), which parameter '1.weight' (shape "
+        "(2, 3) float8_e4m3fn) holds: the update would fail there after writing the tensors before it; nothing was "
+        "changed. ...":
+            lambda: nytorch.particle(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2).to(torch.float8_e4m3fn))).__imul__(2),
         "add: the scalar operand is on meta but parameter 'fc1.weight' is on cpu":
             lambda: p + torch.tensor(1.0, device="meta"),
         "particle: expected True or False as buffers, got str":

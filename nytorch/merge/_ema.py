@@ -16,14 +16,17 @@ are left alone:
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, TypeVar, Union
 
 import torch
 
 from .. import _leafwise as lw
+from .. import _probe as probe
 from .. import _scalars as scalars
 from .._algebra import check_writable, footprint, written_once
+from .._errors import describe
 from ._ieee import Exact
 from ._state import BufferMode, Operand, check_buffers, matched, operand, parametrization_buffers
 
@@ -38,12 +41,14 @@ class Plan(NamedTuple):
     """Indices of the leaves an EMA update averages (``lerp``) and copies (``copy``).
 
     ``exact``: the averaged floating buffers (a subset of ``lerp``), whose averages follow IEEE
-    arithmetic where ``lerp`` leaves inf or NaN (``_ieee.Exact``).
+    arithmetic where ``lerp`` leaves inf or NaN (``_ieee.Exact``).  ``usual``: every averaged leaf
+    has a ``_probe.KNOWN`` dtype (else ``check_kernels`` runs before each update).
     """
 
     lerp: list[int]
     copy: list[int]
     exact: list[int]
+    usual: bool = True
 
 
 def _unit(fn: str, name: str, value: object) -> Weight:
@@ -102,13 +107,18 @@ def plan(target: Operand, buffers: BufferMode, *, alias: Callable[[Tensor], obje
     once = written_once(planned, [True] * len(planned), key=alias)
     # the common case, without per-leaf calls: no configs, and no two parameters over one memory
     if target.configs is None and target.kind != "tree" and all(once[:count]):
-        lerp = [i for i in range(count) if leaves[i].is_floating_point() or leaves[i].is_complex()]
-        copy = [i for i in range(count) if not (leaves[i].is_floating_point() or leaves[i].is_complex())]
+        dtypes = list(map(_DTYPE, leaves[:count]))  # each read once: reading a tensor's dtype is what costs here
+        arithmetic = lw.arithmetic_dtypes(dtypes)
+        lerp = [i for i in range(count) if arithmetic[i]]
+        copy = [i for i in range(count) if not arithmetic[i]]
+        usual = probe.KNOWN.issuperset(dtypes)
     else:
         lerp, copy = [], []
         for index in range(count):
             if once[index] and target.operational(index):
                 (lerp if lw.is_arithmetic(leaves[index]) else copy).append(index)
+        usual = probe.KNOWN.issuperset(leaves[i].dtype for i in lerp)
+    parameters = len(lerp)
     exact = []
     for index in range(count, len(planned)):
         if once[index]:
@@ -116,7 +126,8 @@ def plan(target: Operand, buffers: BufferMode, *, alias: Callable[[Tensor], obje
             (lerp if averaged else copy).append(index)
             if averaged:
                 exact.append(index)
-    return Plan(lerp, copy, exact)
+    usual = usual and probe.KNOWN.issuperset(leaves[i].dtype for i in lerp[parameters:])
+    return Plan(lerp, copy, exact, usual)
 
 
 def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
@@ -129,6 +140,17 @@ def lerp_(ends: list[Tensor], starts: list[Tensor], tau: Weight) -> None:
         lw.apply_(lw.LERP, ends, starts, tau, active=[True] * len(ends))
     else:
         lw.LERP.foreach_(ends, starts, tau)
+
+
+def check_kernels(fn: str, model: Operand, steps: Sequence[int], tau: Weight) -> None:
+    """Refuse, before writing, a ``lerp_`` torch has no kernel for on the dtype of some leaf of ``steps``
+    (``_probe.check_``: float8 and complex32 have none).  Callers skip it for a ``Plan`` that is ``usual``."""
+    leaves = [model.leaves[i] for i in steps]
+    probe.check_(fn, lw.LERP, leaves, map(_DTYPE, leaves), [leaves, tau],
+                 lambda k: f"parameter {model.names[steps[k]]!r} ({describe(leaves[k])})")
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def refuse_unwritable(fn: str, model: Operand, steps: list[int]) -> None:
@@ -196,6 +218,8 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
         TypeError: ``target`` and ``online`` are models of two classes, or one is a Swarm and the other not.
         RuntimeError: ``target`` holds inference tensors (made under ``torch.inference_mode()``) and
             this runs outside it; nothing is written.
+        TypeError: torch has no ``lerp_`` for the dtype of an averaged tensor (float8, complex32); nothing
+            is written.
 
     >>> import torch
     >>> online = torch.nn.Linear(2, 1)
@@ -214,5 +238,7 @@ def ema_(target: T, online: Any, /, *, decay: Optional[Weight] = None, tau: Opti
     steps = plan(ends, buffers)
     check_weight("ema_", tau_value, ends, steps)
     refuse_unwritable("ema_", ends, steps.lerp + steps.copy)
+    if not steps.usual:
+        check_kernels("ema_", ends, steps.lerp, tau_value)
     apply_plan_(steps, ends.leaves, starts.leaves, tau_value)
     return target

@@ -37,7 +37,7 @@ from .._flat import Flat, find_flat, plan_for, unshared, written
 from .._packing import pack_
 from .._walk import Placement, placement
 from .._algebra import tie_key, ties
-from ._ema import check_weight, apply_plan_, lerp_, plan, refuse_unwritable, weight_of
+from ._ema import check_kernels, check_weight, apply_plan_, lerp_, plan, refuse_unwritable, weight_of
 from ._ieee import Exact
 from ._schedule import Schedule
 from ._state import BufferMode, Operand, check_buffers, matched, operand, rebuild
@@ -298,6 +298,8 @@ class EMA(Generic[T]):
                 is a 0-dim tensor on another device (not the CPU) than a parameter, as for ``ema_``.
             TypeError: ``model`` is of another class than the average, or a Swarm meets a model.
             TypeError / ValueError: a decay schedule returns an invalid decay.
+            TypeError: torch has no ``lerp_`` for the dtype of an averaged tensor (float8, complex32);
+                nothing is written.
 
         >>> net = torch.nn.Linear(1, 1)
         >>> ema = EMA(net, decay=0.5)
@@ -310,6 +312,8 @@ class EMA(Generic[T]):
             check_weight("EMA.update", tau, self._target, self._plan)  # a tensor decay on another device: named
         if model is None or model is self._model:
             self._cached("EMA.update")
+            if not self._plan.usual:  # some dtype torch may have no ``lerp_`` for: asked before writing
+                check_kernels("EMA.update", self._target, self._plan.lerp, tau)
             exact = self._exact
             if exact is not None:  # averaged floating buffers: IEEE where lerp_ would leave inf or NaN
                 exact.before(tau)
@@ -324,6 +328,8 @@ class EMA(Generic[T]):
                 torch._foreach_copy_(self._copy_target, self._copy_online)
         else:
             other = self._read("EMA.update", model)
+            if not self._plan.usual:  # some dtype torch may have no ``lerp_`` for: asked before writing
+                check_kernels("EMA.update", self._target, self._plan.lerp, tau)
             apply_plan_(self._plan, self._target.leaves, other.leaves, tau)
         self.step += 1
 

@@ -142,22 +142,26 @@ def _particle_class() -> Any:
     return _PARTICLE[0]
 
 
+def _real_number(other: object, flat: Flat) -> bool:
+    """True for a Python number that can never change ``flat``'s (floating) dtypes: nothing to check."""
+    kind = type(other)
+    return (kind is float or (kind is int and scalars.in_int_range(other))) and flat.plan.floating  # type: ignore[arg-type]
+
+
 def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, flat: Flat,
-                  others: Sequence[object], reflected: bool) -> Optional[list[object]]:
+                  others: Sequence[object], reflected: bool, inplace: Optional[lw.Op] = None) -> Optional[list[object]]:
     """``others`` as ``Flat``s (or scalars) aligned with ``flat``, or ``None`` for the per-leaf path.
 
-    Scalars are checked against the buffers' dtypes here (that raises); models of class ``cls``
-    and the same structure are packed on first use; Particles must be flat already.  Anything else, or a structure
-    that differs, answers ``None``: the per-leaf path then raises the informative error.
+    Scalars are checked against the buffers' dtypes first (that raises), and with ``inplace`` (the op
+    about to write ``flat``) the kernels torch has for them (``_probe``); only then are models of class
+    ``cls`` and the same structure packed (on first use), so that a call that raises or answers ``None``
+    leaves every operand's storage as it was.  Particles must be flat already.  Anything else, or a
+    structure that differs, answers ``None``: the per-leaf path then raises the informative error.
     """
     Particle = _particle_class()
-    operands: list[object] = []
-    for other in others:
-        kind = type(other)
-        if (kind is float or (kind is int and scalars.in_int_range(other))) and flat.plan.floating:  # type: ignore[arg-type]
-            # a real number never changes a floating dtype
-            operands.append(other)
-            continue
+    for other in others:  # every scalar (``lerp``'s weight comes after its end) before any model is packed
+        if _real_number(other, flat):
+            continue  # a real number never changes a floating dtype
         if scalars.is_scalar(other):
             if isinstance(other, Tensor) and _promotes_zero_dim(flat.plan, other):
                 return None  # per tensor, a 0-dim leaf computes with it in the promoted dtype; a buffer would not
@@ -165,6 +169,13 @@ def flat_operands(fn: str, cls: type, names: Sequence[str], signature: tuple, fl
             # each group's first leaf as a view: an error names its shape, not the buffer's
             leaves = [buffer[:likes[0].numel()].view(likes[0].shape) for buffer, likes in zip(flat.raw, flat.plan.likes)]
             scalars.check_scalar(fn, other, firsts, leaves, [True] * len(firsts), reflected)
+        elif not isinstance(other, (nn.Module, Particle)):
+            return None
+    if inplace is not None:
+        check_kernel_(inplace, names, flat, others)
+    operands: list[object] = []
+    for other in others:
+        if _real_number(other, flat) or scalars.is_scalar(other):
             operands.append(other)
             continue
         other_names: Sequence[str]
@@ -240,16 +251,9 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object], reflected: b
     """
     found = _current(model)
     if found is not None:
-        if inplace is not None:
-            check_kernel_(inplace, found[0].names, found[1], others)
-        return found
+        return found  # (``flat_operands`` checks ``inplace``'s kernels before packing a model operand)
     Particle = _particle_class()
     layout, cls = layout_of(model), model_class(model)
-    if inplace is not None:
-        signature, params = layout.signature, layout.params
-        probe.check_(fn, inplace, params, [dtype for _, dtype, _ in signature], others,
-                     lambda i: f"parameter {layout.names[i]!r} ({describe(params[i])})",
-                     active_for(signature, configs_for(layout)))
     for other in others:
         if scalars.is_scalar(other):
             # the leaves that take part: a non-operational one keeps its dtype whatever the scalar
@@ -262,6 +266,11 @@ def _first_use(model: nn.Module, fn: str, others: Sequence[object], reflected: b
                   and (other._names is layout.names or other._names == layout.names)
                   and (other._signature is layout.signature or other._signature == layout.signature)):
             return None
+    if inplace is not None:
+        signature, params = layout.signature, layout.params
+        probe.check_(fn, inplace, params, [dtype for _, dtype, _ in signature], others,
+                     lambda i: f"parameter {layout.names[i]!r} ({describe(params[i])})",
+                     active_for(signature, configs_for(layout)))
     return _current(model, pack=True)
 
 
@@ -276,7 +285,7 @@ def _prepared(model: nn.Module, fn: str, others: Sequence[object], reflected: bo
         return None
     layout, flat, configs = found
     packs = PACKED[0]
-    operands = flat_operands(fn, model_class(model), layout.names, layout.signature, flat, others, reflected)
+    operands = flat_operands(fn, model_class(model), layout.names, layout.signature, flat, others, reflected, inplace)
     if operands is None:
         return None
     if PACKED[0] != packs and model.__dict__.get(PENDING) is None:

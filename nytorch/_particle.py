@@ -17,7 +17,7 @@ from ._errors import StructureError, class_names, describe
 from ._flags import flag
 from ._flat import Flat, FlatPlan, find_flat, own_counters, plan_for, written
 from ._packing import PACKED, lazy_name, pack_
-from ._kernels import check_converted, check_kernel_, compute, fill, kernel_, readable, writable
+from ._kernels import check_converted, compute, fill, kernel_, readable, writable
 from ._packed import active_for, carried, flat_operands
 from ._pool import give
 from ._rebuild import rebuild
@@ -168,8 +168,9 @@ class Particle(Operators, Generic[M]):
             self._signature = _interned(lw.signature(self._leaves))
         return self._signature  # type: ignore[no-any-return]
 
-    def _flat_operands(self, fn: str, others: tuple[object, ...], flat: Flat, reflected: bool) -> Optional[list]:
-        return flat_operands(fn, self.model_class, self._names, self._signature, flat, others, reflected)
+    def _flat_operands(self, fn: str, others: tuple[object, ...], flat: Flat, reflected: bool,
+                       inplace: Optional[lw.Op] = None) -> Optional[list]:
+        return flat_operands(fn, self.model_class, self._names, self._signature, flat, others, reflected, inplace)
 
     def _carried(self, flat: Flat) -> dict[int, Tensor]:
         return carried(flat, self._configs if flat.rest else None)
@@ -187,9 +188,8 @@ class Particle(Operators, Generic[M]):
         flat = self._flat_form()
         if flat is None:
             return False
-        check_kernel_(op, self._names, flat, others)  # before ``_flat_operands`` packs a model operand
         packs = PACKED[0]
-        operands = self._flat_operands(op.name, tuple(others), flat, False)
+        operands = self._flat_operands(op.name, tuple(others), flat, False, op)  # (kernels checked before packing)
         if operands is None:
             return False
         if PACKED[0] != packs and not flat.still_views(self._leaves):

@@ -338,6 +338,41 @@ def test_an_operation_that_raises_leaves_storage_alone(bad: object) -> None:
     assert _consecutive(_float32(a))
 
 
+_BAD_WEIGHTS = {"str": ("x", TypeError, r"^lerp: expected a number, a 0-dim tensor"),
+                "complex": (1j, TypeError, r"^lerp: the scalar 1j would turn parameter"),
+                "1-D tensor": (torch.ones(2), TypeError, r"^lerp: expected a number, a 0-dim tensor"),
+                "meta 0-dim tensor": (torch.tensor(0.5, device="meta"), nytorch.DeviceMismatchError,
+                                      r"^lerp: the scalar operand is on meta but parameter")}
+
+
+@pytest.mark.parametrize("weight", list(_BAD_WEIGHTS))
+@pytest.mark.parametrize("style", ["Particle.lerp_", "Particle.lerp", "NytoModule.lerp_", "NytoModule.lerp",
+                                   "unpacked NytoModule.lerp_"])
+def test_a_bad_lerp_weight_is_refused_before_the_end_model_is_packed(style: str, weight: str) -> None:
+    value, error, message = _BAD_WEIGHTS[weight]
+    torch.manual_seed(0)
+    if style.startswith("Particle"):
+        a, b = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        start = nytorch.particle(a)  # packs a, not b
+    else:
+        a, b = Net(), Net()
+        if not style.startswith("unpacked"):
+            _ = a + 1.0  # packs a, not b
+        start = a
+    pointers = [(t.data_ptr(), t._version) for t in [*a.state_dict().values(), *b.state_dict().values()]]
+    values = [t.detach().clone() for t in [*a.state_dict().values(), *b.state_dict().values()]]
+    with pytest.raises(error, match=message):
+        if style.endswith("lerp_"):
+            start.lerp_(b, value)
+        else:
+            start.lerp(b, value)
+    now = [*a.state_dict().values(), *b.state_dict().values()]
+    assert [(t.data_ptr(), t._version) for t in now] == pointers  # b's storage did not move
+    assert all(torch.equal(t, v) for t, v in zip(now, values))
+    start.lerp_(b, 0.5)  # a good weight goes on as before, and packs b then
+    assert _consecutive(_float32(b))
+
+
 def test_a_particle_packs_a_model_operand_after_the_first_success() -> None:
     online, target = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
     ema = nytorch.particle(target)

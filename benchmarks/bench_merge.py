@@ -21,6 +21,11 @@ Workloads (issue 7):
    of Particles and of ``dict[str, Tensor]`` (what the loop returns) vs a per-tensor loop
    (``torch.stack(...).mean(0)`` per parameter) and the floor (one ``mean(0)`` over a
    pre-stacked ``[8, n]`` buffer).
+3. A weighted soup of a Swarm of P small MLPs with BatchNorm (``merge.average(swarm, weights=w)``,
+   BatchNorm statistics averaged too) vs ``(w / w.sum()) @ swarm`` (the parameters only), the
+   average of its members as a list of Particles with their own buffers (the loop
+   ``merge.average(swarm)`` ran before it read the flat buffers) and the floor (one
+   matrix-vector product per flat buffer).
 
 Implementations alternate inside one timing loop (``benchmarks._harness.compare``); the
 table gives medians and ratios to the floor of the same run.
@@ -50,6 +55,7 @@ DECAY = 0.999
 FLOOR_EMA = "floor: flat lerp_"
 FLOOR_SOUP = "floor: [8, n].mean(0)"
 FLOOR_PER_TENSOR = "floor per-tensor: foreach by hand"
+FLOOR_SWARM_SOUP = "floor: w @ [P, n] per flat buffer"
 EMA_ROWS = ("nytorch EMA.update()", "nytorch EMA.update(pack=False)")
 
 
@@ -124,6 +130,30 @@ def soup_rows(size: str, factory: Callable[[], nn.Module], repeats: int) -> list
     return harness.rows("uniform soup of 8", size, medians, FLOOR_SOUP)
 
 
+def bn_mlp() -> nn.Module:
+    """The swarm soup's member: a small MLP with BatchNorm (484 parameters, 64 floating buffer values)."""
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@torch.no_grad()
+def swarm_soup_rows(size: int, repeats: int, factory: Callable[[], nn.Module] = bn_mlp) -> list[Row]:
+    """A weighted soup of a Swarm of ``size`` members of ``factory()``."""
+    torch.manual_seed(0)
+    swarm = nytorch.Swarm.normal(factory(), size, std=0.1)
+    weights = torch.rand(size)
+    models = [member.module() for member in swarm]  # each with its own BatchNorm statistics
+    normalised = weights / weights.sum()
+    flats = [flat for flat in swarm._flats if flat.is_floating_point()]
+    impls: dict[str, Callable[[], Any]] = {
+        FLOOR_SWARM_SOUP: lambda: [normalised @ flat for flat in flats],
+        "nytorch average(swarm, weights=w)": lambda: merge.average(swarm, weights=weights),
+        "(w / w.sum()) @ swarm (parameters only)": lambda: (weights / weights.sum()) @ swarm,
+        "average(list of the P member models)": lambda: merge.average(models, weights=weights),
+    }
+    medians = harness.compare(impls, repeats=repeats)
+    return harness.rows("weighted soup of a swarm", f"P={size} (MLP + BatchNorm)", medians, FLOOR_SWARM_SOUP)
+
+
 def summary(table: list[Row]) -> list[str]:
     """One line per EMA workload: the EMA's ratio to the fastest alternative and to the floor."""
     lines = []
@@ -163,6 +193,8 @@ def run(quick: bool, threads: Optional[int] = None) -> list[Row]:
         soups = {"many-small": zoo["many-small"], "mid": (f"20 x {mid}x{mid}", lambda: stack(20, mid))}
         for name, (shape, factory) in soups.items():
             table += soup_rows(f"{name} ({shape})", factory, repeats)
+        for size in (64,) if quick else (64, 512):
+            table += swarm_soup_rows(size, repeats)
         for row in table:
             row["threads"] = torch.get_num_threads()
         return table

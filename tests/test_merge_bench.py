@@ -15,3 +15,10 @@ def test_ema_and_soup_rows_have_floors_and_ratios():
         assert set(row) >= {"workload", "implementation", "median_us", "ratio_to_floor"}
         assert row["median_us"] > 0 and row["ratio_to_floor"] > 0
     assert len(bench_merge.summary(rows)) == 2
+
+
+def test_swarm_soup_rows_have_a_floor_and_ratios():
+    rows = bench_merge.swarm_soup_rows(4, repeats=1)
+    assert {row["workload"] for row in rows} == {"weighted soup of a swarm"}
+    assert {bench_merge.FLOOR_SWARM_SOUP, "nytorch average(swarm, weights=w)"} <= {row["implementation"] for row in rows}
+    assert all(row["median_us"] > 0 and row["ratio_to_floor"] > 0 for row in rows)

@@ -1,6 +1,7 @@
 """Swarm paths of nytorch.merge: EMA / ema_, ravel ([P, n]) and averages of a swarm's members."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -206,3 +207,199 @@ def test_unravel_of_a_swarm_carries_non_operational_parameters_to_any_member_cou
         assert torch.equal(result.params["head.bias"][index], values[index, 8:])
     assert torch.equal(result.params["body.weight"], Swarm.zeros(swarm, count).params["body.weight"])
     assert tuple(result(torch.ones(7, 3)).shape) == (count, 7, 2)
+
+
+# -- average of a Swarm: read from its flat buffers, the same as average of the member models -----
+# The list path is a running mean of lerps, the swarm path one weighted sum: they agree up to float
+# rounding (float32: a few ulps, checked at rtol=atol=1e-6), exactly where every member holds one value.
+
+def wide_bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3), nn.BatchNorm1d(3))
+
+
+def bn_members(count: int, seed: int, dtype: torch.dtype = torch.float32) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    models = []
+    for index in range(count):
+        model = wide_bn_net()
+        with torch.no_grad():
+            for norm in (model[1], model[4]):
+                norm.running_mean.normal_()
+                norm.running_var.uniform_(0.5, 2.0)
+                norm.num_batches_tracked.fill_(10 * index + 1)
+        models.append(model.to(dtype))
+    return models
+
+
+def state_of(value) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of an average's result (a Particle of a swarm member, or a model)."""
+    module = value.module() if isinstance(value, nytorch.Particle) else value
+    return {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
+
+
+def assert_state_close(got, want, rtol: float = 1e-6, atol: float = 1e-6) -> None:
+    got, want = state_of(got), state_of(want)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, equal_nan=True, msg=name)
+
+
+WEIGHTS = {
+    "uniform": lambda p, gen: None,
+    "random": lambda p, gen: torch.rand(p, generator=gen),
+    "zeros": lambda p, gen: torch.rand(p, generator=gen) * (torch.arange(p) % 3 != 0),  # member 0 has weight 0
+    "one": lambda p, gen: torch.eye(p)[p - 2] * 2.5,
+    "numpy": lambda p, gen: torch.rand(p, generator=gen).double().numpy(),
+    "list": lambda p, gen: [float(x) for x in torch.rand(p, generator=gen)],
+}
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("buffers", ["average", "copy", "keep"])
+@pytest.mark.parametrize("swarm_buffers", [False, True])
+def test_average_of_a_swarm_equals_average_of_its_member_models(weights, buffers, swarm_buffers):
+    models = bn_members(7, 0)
+    swarm = Swarm.stack(models, buffers=swarm_buffers)
+    w = WEIGHTS[weights](7, torch.Generator().manual_seed(1))
+    soup = merge.average(swarm, weights=w, buffers=buffers)
+    assert isinstance(soup, nytorch.Particle) and soup._with_buffers == swarm_buffers
+    reference = merge.average(models, weights=w, buffers=buffers)
+    assert_state_close(soup, reference)
+    got = state_of(soup)
+    # integer buffers (and with "copy"/"keep" every buffer) are member 0's, as the list path gives
+    assert torch.equal(got["1.num_batches_tracked"], torch.tensor(1))
+    if buffers != "average":
+        assert torch.equal(got["4.running_mean"], models[0][4].running_mean)
+    if weights == "one":  # one member of positive weight: that member, exactly
+        for name, value in state_of(models[5]).items():
+            if value.is_floating_point() and (buffers == "average" or "running" not in name):
+                assert torch.equal(got[name], value), name
+
+
+def test_average_of_a_swarm_keeps_values_every_member_shares_exactly():
+    models = bn_members(6, 2)
+    with torch.no_grad():
+        for model in models[1:]:
+            model[0].weight.copy_(models[0][0].weight)
+            model[1].running_var.copy_(models[0][1].running_var)
+        models[0][3].bias.fill_(0.1)
+        for model in models[1:]:
+            model[3].bias.fill_(0.1)
+    soup = state_of(merge.average(Swarm.stack(models), weights=torch.rand(6) + 0.1))
+    for name in ("0.weight", "1.running_var", "3.bias"):
+        assert torch.equal(soup[name], state_of(models[0])[name]), name
+    copies = Swarm.stack([models[0]] * 5)
+    assert all(torch.equal(value, state_of(models[0])[name])
+               for name, value in state_of(merge.average(copies, weights=[3, 1, 4, 1, 5])).items())
+
+
+def test_average_of_a_swarm_follows_ieee_at_infinities_as_the_list_does():
+    inf, nan = float("inf"), float("nan")
+    models = bn_members(4, 3)
+    columns = {  # running_mean[k] of members 0..3 (member 3 has weight 0)
+        0: [-inf, -inf, -inf, 5.0],    # equal infinities stay
+        1: [inf, -inf, 1.0, 1.0],      # +inf with -inf: NaN
+        2: [nan, 1.0, 2.0, 3.0],       # NaN propagates
+        3: [1.0, 2.0, 3.0, inf],       # a member of weight 0 takes no part, not 0 * inf
+        4: [inf, 1.0, 2.0, -inf],      # one infinity: that infinity
+        5: [3e38, 3e38, 3e38, 0.0],    # near the float32 maximum: no overflow
+        6: [3e38, 3.4e38, 3.3e38, 0.0],
+    }
+    with torch.no_grad():
+        for column, values in columns.items():
+            for model, value in zip(models, values):
+                model[1].running_mean[column] = value
+    weights = [1.0, 2.0, 0.5, 0.0]
+    soup = merge.average(Swarm.stack(models), weights=weights)
+    reference = merge.average(models, weights=weights)
+    assert_state_close(soup, reference)
+    mean = state_of(soup)["1.running_mean"]
+    assert mean[0] == -inf and mean[1].isnan() and mean[2].isnan() and mean[4] == inf
+    assert torch.isclose(mean[3], torch.tensor((1.0 + 4.0 + 1.5) / 3.5)) and mean[5] == torch.tensor(3e38)
+    assert mean[6].isfinite() and mean[6] <= torch.tensor(3.4e38)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_average_of_a_swarm_in_other_dtypes(dtype):
+    models = bn_members(9, 4, dtype)
+    weights = torch.rand(9, generator=torch.Generator().manual_seed(2)) * (torch.arange(9) != 4)
+    soup = merge.average(Swarm.stack(models), weights=weights)
+    # exact reference: float64 sums of the same values; the swarm sums 2-byte floats in float32 and rounds once
+    wide = merge.average([model.double() for model in bn_members(9, 4, dtype)], weights=weights)
+    eps = torch.finfo(dtype).eps
+    for name, value in state_of(soup).items():
+        assert value.dtype == state_of(models[0])[name].dtype, name
+        want = state_of(wide)[name].to(value.dtype)
+        torch.testing.assert_close(value, want, rtol=eps, atol=eps, msg=name)  # within one rounding
+    # and close to the list path, whose running mean in the 2-byte dtype rounds once per member
+    assert_state_close(soup, merge.average(models, weights=weights), rtol=8 * eps, atol=8 * eps)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_average_of_a_complex_swarm_equals_the_list():
+    models = [nn.Linear(3, 2).to(torch.complex64) for _ in range(4)]
+    with torch.no_grad():
+        for model in models:
+            model.weight.imag.normal_()
+    weights = [0.5, 0.0, 2.0, 1.0]
+    soup = merge.average(Swarm.stack(models), weights=weights)
+    assert_state_close(soup, merge.average(models, weights=weights))
+
+
+def test_average_of_a_swarm_in_chunks_equals_one_pass(monkeypatch):
+    from nytorch.merge import _swarm_average
+
+    models = bn_members(5, 5)
+    with torch.no_grad():
+        models[2][0].weight[3, 1] = float("inf")
+    weights = [0.0, 1.0, 2.0, 3.0, 4.0]
+    whole = state_of(merge.average(Swarm.stack(models), weights=weights))
+    monkeypatch.setattr(_swarm_average, "CHUNK", 7)  # one or two columns at a time
+    chunked = state_of(merge.average(Swarm.stack(models), weights=weights))
+    for name, value in whole.items():
+        torch.testing.assert_close(chunked[name], value, rtol=1e-6, atol=1e-6, equal_nan=True, msg=name)
+    assert chunked["0.weight"][3, 1] == float("inf")
+
+
+def test_average_of_a_swarm_leaves_non_operational_parameters_out():
+    class Net(nytorch.NytoModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+    torch.manual_seed(6)
+    models = [Net() for _ in range(3)]
+    for model in models:
+        model.set_param_config(operational=False, name="body")
+    swarm = Swarm.stack(models)
+    soup = merge.average(swarm, weights=[0.0, 1.0, 3.0])
+    reference = merge.average(models, weights=[0.0, 1.0, 3.0])
+    for name, value in soup.params.items():
+        torch.testing.assert_close(value, dict(reference.named_parameters())[name].detach(), msg=name)
+    assert torch.equal(soup.params["body.weight"], models[0].body.weight)  # member 0's, as the list's
+
+
+def test_average_of_a_swarm_under_autocast_keeps_dtypes_and_values():
+    models = bn_members(4, 7)
+    swarm, weights = Swarm.stack(models), [1.0, 2.0, 3.0, 4.0]
+    plain = state_of(merge.average(swarm, weights=weights))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = state_of(merge.average(swarm, weights=weights))
+    for name, value in plain.items():
+        assert under[name].dtype == value.dtype and torch.equal(under[name], value), name
+
+
+def test_average_of_a_swarm_checks_its_weights_and_size():
+    swarm = Swarm.stack(bn_members(3, 8))
+    with pytest.raises(ValueError, match=r"average: expected weights >= 0, got weights\[1\] = -1\.0"):
+        merge.average(swarm, weights=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"average: expected 3 weights \(one per model\), got 2"):
+        merge.average(swarm, weights=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"average: expected the weights to have a positive sum"):
+        merge.average(swarm, weights=torch.zeros(3))
+    with pytest.raises(TypeError, match=r"average: expected weights\[0\] to be a number, got bool"):
+        merge.average(swarm, weights=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"average: expected a non-empty sequence of models .* got an empty Swarm"):
+        merge.average(swarm[:0])

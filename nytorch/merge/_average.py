@@ -1,9 +1,11 @@
 """Averages of N models: uniform (SWA, uniform soup), weighted, and greedy soup.
 
-Every average is a running mean built from the engine's fused ``lerp_``:
+An average of a list of models is a running mean built from the engine's fused ``lerp_``:
 ``mean_k = lerp(mean_{k-1}, x_k, w_k / (w_1 + … + w_k))``, one pass per model.  Where that
 leaves inf or NaN (an input is inf or NaN: ``lerp`` of two equal infinities is NaN), the
-IEEE value of ``Σ wᵢ·xᵢ / Σ wᵢ`` is put instead (``_ieee.mean_exactly``).  Buffers inside a
+IEEE value of ``Σ wᵢ·xᵢ / Σ wᵢ`` is put instead (``_ieee.mean_exactly``).  An average of a
+Swarm is read from its flat ``[P, width]`` buffers, one weighted sum per group of averaged
+leaves (``_swarm_average``), with the same semantics.  Buffers inside a
 ``torch.nn.utils.parametrize`` parametrization are copied from the first model, never averaged.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..algorithms._progress import progress, progress_flag
 from ._ieee import mean_exactly
 from ._state import (BufferMode, Operand, carry, check_buffers, is_swarm, matched, operand, parametrization_buffers,
                      rebuild)
+from ._swarm_average import swarm_mean
 
 if TYPE_CHECKING:
     from .._particle import Particle
@@ -38,14 +41,9 @@ def read_all(fn: str, models: Union[Sequence[Any], Swarm], *, buffers: bool,
     """Read every model and check each has the first one's structure (messages say "model i")."""
     if is_swarm(models):
         members = models.unstack()
-        if buffers and members and not members[0]._with_buffers and members[0]._layout.buffers:
-            # a member's own buffers (BatchNorm statistics) live in its layout: read them after its
-            # parameters, as for a model or a Swarm, so the merge averages (or copies) them too
-            read = [operand(fn, member, buffers=False, argument=f"{argument}[{index}]")
+        if members:
+            return [read_member(fn, member, index, buffers=buffers, argument=argument)
                     for index, member in enumerate(members)]
-            return [op._replace(names=op.names + list(member._layout.buffer_names),
-                                leaves=op.leaves + list(member._layout.buffers))
-                    for op, member in zip(read, members)]
         models = members
     if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or not len(models):
         got = f"an empty {type(models).__name__}" if isinstance(models, Sequence) else type(models).__name__
@@ -57,6 +55,22 @@ def read_all(fn: str, models: Union[Sequence[Any], Swarm], *, buffers: bool,
         other = matched(fn, first, other, f"{argument}[{index}]", reference=f"{argument}[0]")
         read.append(other)
     return read
+
+
+def read_member(fn: str, member: Particle, index: int, *, buffers: bool, argument: str = "models") -> Operand:
+    """Read a Swarm's member ``index`` (a Particle, ``swarm[index]``) as ``read_all`` reads each.
+
+    A member's own buffers (BatchNorm statistics) live in its layout when the swarm leaves them out
+    of arithmetic: with ``buffers`` they are read after its parameters, as for a model or a Swarm,
+    so that a merge averages (or copies) them too.  Its leaves are then aligned with the swarm's
+    ``spec.names``.
+    """
+    label = f"{argument}[{index}]"
+    if buffers and not member._with_buffers and member._layout.buffers:
+        read = operand(fn, member, buffers=False, argument=label)
+        return read._replace(names=read.names + list(member._layout.buffer_names),
+                             leaves=read.leaves + list(member._layout.buffers))
+    return operand(fn, member, buffers=buffers, argument=label)
 
 
 def _weight(fn: str, index: int, weight: object) -> float:
@@ -73,6 +87,28 @@ def _weight(fn: str, index: int, weight: object) -> float:
     return value
 
 
+def _plain_weights(weights: Union[Tensor, np.ndarray], count: int) -> Optional[list[float]]:
+    """``count`` valid weights as floats, checked as one array (a swarm may have thousands), or
+    ``None`` where one is not a finite non-negative real, the count or the sum is wrong: then
+    ``_weights`` checks them one by one and says which.
+
+    >>> _plain_weights(torch.tensor([1, 3]), 2), _plain_weights(np.array([1.0, -1.0]), 2)
+    ([1.0, 3.0], None)
+    """
+    if isinstance(weights, Tensor):
+        if weights.is_complex() or weights.dtype == torch.bool:
+            return None
+        values = weights.detach().to(device="cpu", dtype=torch.float64)
+    elif weights.dtype.kind in "iuf":
+        values = torch.from_numpy(np.asarray(weights, dtype=np.float64))
+    else:
+        return None
+    if len(values) != count or not bool(((values >= 0) & (values < float("inf"))).all()) or \
+            not float(values.sum()) > 0.0:
+        return None
+    return values.tolist()  # type: ignore[no-any-return]
+
+
 def _weights(fn: str, weights: Any, count: int) -> list[float]:
     """One float per model from a sequence of numbers or 0-dim tensors, a 1-D tensor or a 1-D numpy array."""
     if weights is None:
@@ -80,6 +116,9 @@ def _weights(fn: str, weights: Any, count: int) -> list[float]:
     if isinstance(weights, (Tensor, np.ndarray)):
         if weights.ndim != 1:
             raise ValueError(f"{fn}: expected weights to be 1-D, got shape {tuple(weights.shape)}")
+        plain = _plain_weights(weights, count)
+        if plain is not None:
+            return plain
         weights = weights.tolist()  # one device sync for a tensor, not one per weight
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != count:
         size = len(weights) if isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)) \
@@ -89,6 +128,21 @@ def _weights(fn: str, weights: Any, count: int) -> list[float]:
     if not sum(values) > 0.0:
         raise ValueError(f"{fn}: expected the weights to have a positive sum, got {values}")
     return values
+
+
+def averaged_leaves(first: Operand, buffers: BufferMode) -> list[int]:
+    """The positions of ``first``'s leaves an average computes: arithmetic parameters, and with
+    ``buffers="average"`` floating buffers outside a parametrization (the rest are carried).
+
+    >>> read = operand("demo", torch.nn.BatchNorm1d(2), buffers=True)
+    >>> [read.names[i] for i in averaged_leaves(read, "average")], averaged_leaves(read, "copy")
+    (['weight', 'bias', 'running_mean', 'running_var'], [0, 1])
+    """
+    inside = parametrization_buffers(first) if buffers == "average" else frozenset()
+    return [
+        index for index in range(len(first.leaves))
+        if first.active(index) and (index < first.params or (buffers == "average" and index not in inside))
+    ]
 
 
 @torch.no_grad()
@@ -101,11 +155,7 @@ def mean_leaves(read: Sequence[Operand], weights: Sequence[float], buffers: Buff
     cloned from the first model, as integer ones are.
     """
     first = read[0]
-    inside = parametrization_buffers(first) if buffers == "average" else frozenset()
-    averaged = [
-        index for index in range(len(first.leaves))
-        if first.active(index) and (index < first.params or (buffers == "average" and index not in inside))
-    ]
+    averaged = averaged_leaves(first, buffers)
     chosen = set(averaged)
     out = [leaf if index in chosen else carry(first, index) for index, leaf in enumerate(first.leaves)]
     if not averaged:
@@ -142,9 +192,12 @@ def average(models: Union[Sequence[M], Swarm], /, *, weights: Optional[Weights] 
 
     Uniform soups are Wortsman et al. 2022, "Model soups: averaging weights of multiple
     fine-tuned models improves accuracy without increasing inference time" (ICML).
-    Computed as a running mean with one fused ``lerp_`` per model; wherever a model holds inf or
-    NaN the result is IEEE's ``Σ wᵢ·xᵢ / Σ wᵢ`` (equal infinities stay, ``+inf`` with ``-inf`` is
-    NaN, NaN propagates; models of weight 0 take no part).  For BatchNorm,
+    Computed as a running mean with one fused ``lerp_`` per model, or for a Swarm as one weighted
+    sum over its flat buffers per dtype (members of weight 0 left out; a few kernels whatever P,
+    float16/bfloat16 summed in float32; equal to the loop's mean up to rounding); wherever a model
+    holds inf or NaN the result is IEEE's ``Σ wᵢ·xᵢ / Σ wᵢ`` (equal infinities stay, ``+inf`` with
+    ``-inf`` is NaN, NaN propagates; models of weight 0 take no part), and a value every model
+    shares is kept exactly.  For BatchNorm,
     either average the statistics (``buffers="average"``) or recompute them on data:
     ``update_bn(average(models), loader)``.
 
@@ -174,9 +227,27 @@ def average(models: Union[Sequence[M], Swarm], /, *, weights: Optional[Weights] 
     True
     """
     check_buffers("average", buffers)
+    if is_swarm(models):
+        return _average_swarm(models, weights, buffers)
     read = read_all("average", models, buffers=True)
     values = _weights("average", weights, len(read))
     return rebuild(read[0], mean_leaves(read, values, buffers))  # type: ignore[no-any-return]
+
+
+def _average_swarm(swarm: Swarm, weights: Optional[Weights], buffers: BufferMode) -> Particle:
+    """``average`` of a Swarm's members from its flat buffers (``swarm_mean``); the rest as for a list.
+
+    Leaves left out of the average (integer buffers, parametrization state, non-operational
+    parameters, buffers with ``"copy"``/``"keep"``) are member 0's, as ``mean_leaves`` carries them.
+    """
+    if not len(swarm):
+        raise TypeError("average: expected a non-empty sequence of models or Particles as models, got an empty Swarm")
+    first = read_member("average", swarm[0], 0, buffers=True)
+    values = _weights("average", weights, len(swarm))
+    averaged = averaged_leaves(first, buffers)
+    means = dict(zip(averaged, swarm_mean(swarm, averaged, values)))
+    return rebuild(first, [means[index] if index in means else carry(first, index)  # type: ignore[no-any-return]
+                           for index in range(len(first.leaves))])  # type: ignore[no-any-return]
 
 
 class Soup(NamedTuple):

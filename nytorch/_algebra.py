@@ -263,6 +263,12 @@ def check_writable(fn: str, names: Sequence[str], leaves: Sequence[Tensor],
     inference mode would make torch fail half-way through an in-place update.
     """
     inference = torch.is_inference_mode_enabled()
+    picked = leaves if active is None else [leaf for leaf, on in zip(leaves, active) if on]
+    # C-level passes first (a Python loop over thousands of leaves costs more than the update): the loop
+    # below only runs to name the leaf once one of them found something
+    if (inference or not any(map(Tensor.is_inference, picked))) \
+            and 1 not in map(torch._debug_has_internal_overlap, picked):
+        return
     for i, (name, leaf) in enumerate(zip(names, leaves)):
         if active is not None and not active[i]:
             continue

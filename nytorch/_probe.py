@@ -22,10 +22,11 @@ Tensor = torch.Tensor
 
 __all__ = ["KNOWN", "check_", "verdict"]
 
-#: Dtypes with every in-place kernel nytorch runs (``+ - * / **``, ``lerp``) on every device type.
-KNOWN = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+#: Dtypes with every in-place kernel nytorch runs (``+ - * / **``, ``lerp``) on every device type that has them.
+KNOWN = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128})
 
 _NUMBERS = (bool, int, float, complex)
+_UNASKED = "not asked yet"  # (a verdict is None or torch's message, never this object)
 _LIKE = "like"  # a tensor operand aligned with the target (a leaf list, flat buffers): its dtype
 
 #: ``(op, dtype, device type, operand keys) -> None`` (the kernel ran) or torch's message; cleared when
@@ -117,11 +118,14 @@ def check_(fn: str, op: lw.Op, targets: Sequence[Tensor], dtypes: Iterable[torch
         dtypes = list(dtypes)
     if KNOWN.issuperset(dtypes):
         return
+    asked: dict[tuple[torch.dtype, torch.device], Optional[str]] = {}  # one verdict per dtype and device
     for i, dtype in enumerate(dtypes):
         if dtype in KNOWN or not (dtype.is_floating_point or dtype.is_complex) or (active is not None and not active[i]):
             continue
         device = targets[i].device
-        found = verdict(op, dtype, device, operands)
+        found = asked.get((dtype, device), _UNASKED)
+        if found is _UNASKED:
+            found = asked[dtype, device] = verdict(op, dtype, device, operands)
         if found is not None:
             raise TypeError(f"{fn}: torch has no in-place {op.name} for {str(dtype).removeprefix('torch.')} tensors on "
                             f"{device.type} ({found}), which {label(i)} holds: the update would fail there after "

@@ -526,8 +526,9 @@ class Swarm(SwarmArithmetic):
 
         The members' forwards run as Python on every call, as a loop's would (only straight-line
         forwards over submodules and torch's activations are fused into one ``baddbmm`` per layer).
-        Buffers a forward updates (BatchNorm statistics) are kept per member, once the whole call
-        succeeded: a call that raises changes none.  Other attributes a forward sets on its modules
+        Buffers a forward updates (BatchNorm statistics) are kept per member; those of modules in
+        train mode are written once the whole call succeeded, so a call that raises changes none of
+        them (in eval mode buffers are read in place, uncopied).  Other attributes a forward sets on its modules
         (``self.last = out``, counters) are not kept on a swarm: every call starts from, and leaves,
         the members' modules as they were.
 

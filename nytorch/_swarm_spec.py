@@ -227,32 +227,56 @@ def _encoders(layout: Layout) -> tuple[nn.TransformerEncoder, ...]:
     return tuple(module for module in layout.modules if isinstance(module, nn.TransformerEncoder))
 
 
+#: The process-wide switches swarm calls have set aside: how many calls hold each, what to put back.
+_SWITCHES_LOCK = threading.Lock()
+_HELD = {"fast path": 0, "cache": 0}
+_SAVED: dict[str, Any] = {}
+
+
 @contextmanager
 def _torch_switches(spec: Spec) -> Iterator[None]:
     """torch's process-wide switches set aside while the skeleton runs, as members one by one would not see them.
 
     ``parametrize.cached()``: torch keys its cache by the *source* module (a closure), which the
     skeleton's copy shares; a skeleton call would read the source's cached weight and leave its own
-    batched one (or an fx Proxy) for the source.  The skeleton gets a cache of its own for the call.
+    batched one (or an fx Proxy) for the source.  Swarm calls get a cache of their own meanwhile.
     A ``TransformerEncoder`` in eval mode with a padding mask converts its input to a nested tensor,
     which vmap cannot batch: its fast path is off for the call (the slow path computes the same).
-    Other threads see these switches too while the call runs: they lose a cache or a fast path, not values.
+
+    Both are process-wide, so they are counted: the first swarm call (of any thread) sets a switch
+    aside, the last one puts back what was there, unless the user changed it meanwhile.  Other
+    threads see them set aside while a swarm call runs: they lose a cache or a fast path, not values.
     """
-    cache = parametrize._cache if parametrize._cache_enabled else None
-    fast_path = bool(spec.encoders) and torch.backends.mha.get_fastpath_enabled() \
-        and any(encoder.use_nested_tensor for encoder in spec.encoders)
-    own: dict[tuple[int, str], Optional[Tensor]] = {}
-    if cache is not None:
-        parametrize._cache = own
-    if fast_path:
-        torch.backends.mha.set_fastpath_enabled(False)
+    cache = bool(parametrize._cache_enabled)
+    fast_path = bool(spec.encoders) and any(encoder.use_nested_tensor for encoder in spec.encoders)
+    with _SWITCHES_LOCK:
+        if fast_path:
+            if not _HELD["fast path"]:
+                _SAVED["fast path"] = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            _HELD["fast path"] += 1
+        if cache:
+            if not _HELD["cache"]:
+                _SAVED["cache"] = parametrize._cache
+                parametrize._cache = _SAVED["own cache"] = {}
+            _HELD["cache"] += 1
     try:
         yield
     finally:
-        if fast_path:
-            torch.backends.mha.set_fastpath_enabled(True)
-        if cache is not None and parametrize._cache is own:
-            parametrize._cache = cache
+        with _SWITCHES_LOCK:
+            if fast_path:
+                _HELD["fast path"] -= 1
+                if not _HELD["fast path"]:
+                    saved = _SAVED.pop("fast path")
+                    if not torch.backends.mha.get_fastpath_enabled():  # (unless the user set it meanwhile)
+                        torch.backends.mha.set_fastpath_enabled(saved)
+            if cache:
+                _HELD["cache"] -= 1
+                if not _HELD["cache"]:
+                    saved, own = _SAVED.pop("cache"), _SAVED.pop("own cache")
+                    # a cached() block that ended meanwhile left a fresh dict: keep it, never the old entries
+                    if parametrize._cache is own:
+                        parametrize._cache = saved
 
 
 def _switched(spec: Spec) -> Any:

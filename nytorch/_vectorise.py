@@ -258,22 +258,30 @@ def _stand_in_call(fn: str, spec: Spec, views: Sequence[Tensor], member: Callabl
 
 def _writable(fn: str, spec: Spec, views: Sequence[Tensor]
               ) -> tuple[list[Tensor], Callable[[Sequence[int], Sequence[Tensor]], None]]:
-    """Leaves for a vmapped call, every buffer a contiguous copy, and a function writing the copies back.
+    """Leaves for a vmapped call, buffers that may change as contiguous copies, and a function writing them back.
 
-    A call that raises writes nothing: the forward changes the copies (BatchNorm's running
-    statistics and batch count, a counter), and they reach the swarm only once the whole call
-    succeeded, with what the forward assigned anew (``write_back(indices, values)``, checked before
-    anything is written).  Copies are contiguous too, as some batching rules silently drop in-place
-    updates of strided batched tensors.  Buffers made under ``torch.inference_mode()`` are run as
-    copies outside it: a forward that only reads them (eval mode) works, one that changes them raises.
+    The buffers of modules in train mode (where BatchNorm's running statistics and batch count, or a
+    counter, change) run as copies, which reach the swarm only once the whole call succeeded, with
+    what the forward assigned anew (``write_back(indices, values)``, checked before anything is
+    written): a call that raises writes none of them.  In eval mode buffers are read in place, with
+    no copy (a lookup table or a mask would otherwise be copied twice per call).  Non-contiguous
+    buffers are copied too, as some batching rules silently drop in-place updates of strided batched
+    tensors.  Buffers made under ``torch.inference_mode()`` are run as copies outside it: a forward
+    that only reads them (eval mode) works, one that changes them raises.
     """
     leaves = list(views)
     copies: list[tuple[int, Tensor]] = []
     frozen: list[tuple[int, Tensor]] = []  # copies of inference buffers: written back only if changed
     inference = torch.is_inference_mode_enabled()
+    training = _in_train_mode(spec)
     for i in range(spec.n_params, len(leaves)):
-        leaves[i] = leaves[i].clone(memory_format=torch.contiguous_format)
-        (frozen if not inference and views[i].is_inference() else copies).append((i, leaves[i]))
+        view = views[i]
+        if not inference and view.is_inference():
+            leaves[i] = view.clone(memory_format=torch.contiguous_format)
+            frozen.append((i, leaves[i]))
+        elif i in training or not view.is_contiguous():
+            leaves[i] = view.clone(memory_format=torch.contiguous_format)
+            copies.append((i, leaves[i]))
 
     def write_back(indices: Sequence[int], values: Sequence[Tensor]) -> None:
         # kernels such as batch_norm update in place without a version bump: copy all
@@ -287,6 +295,13 @@ def _writable(fn: str, spec: Spec, views: Sequence[Tensor]
             for index, value in zip(indices, values):
                 views[index].copy_(value)
     return leaves, write_back
+
+
+def _in_train_mode(spec: Spec) -> set[int]:
+    """Indices (in ``spec.names``) of the buffers held by a module in train mode."""
+    layout, first = spec.layout, spec.n_params
+    return {first + index for module, slots in zip(layout.modules, layout.buffer_slots) if module.training
+            for _, index in slots if index is not None}
 
 
 def _same(before: Tensor, after: Tensor) -> bool:

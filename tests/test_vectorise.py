@@ -8,6 +8,7 @@ fast path of ``nn.TransformerEncoder``).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import pytest
@@ -306,3 +307,64 @@ def test_parametrize_cached_neither_leaks_into_nor_reads_from_the_sources(model:
         assert type(out) is Tensor
         assert_like_loop(out.detach(), loop(models, x))
         torch.testing.assert_close(models[0](x), first, rtol=0, atol=0)  # its cache holds its own weight still
+
+
+def test_two_threads_share_the_switches_until_the_last_call_ends() -> None:
+    """Thread A's call ends while thread B's runs: the fast path stays off until B's ends, then is put back."""
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    class Encoder(nn.Module):
+        def __init__(self, role: str) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+            self.role = role
+
+        def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+            if self.role == "a":
+                a_inside.set()
+                b_inside.wait(10)
+            else:
+                b_inside.set()
+                a_done.wait(10)
+            return self.encoder(x, src_key_padding_mask=mask)
+
+    class Other(Encoder):  # another class: another structure, another lock
+        pass
+
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    swarms = {"a": Swarm.stack([Encoder("a") for _ in range(2)]).eval(),
+              "b": Swarm.stack([Other("b") for _ in range(2)]).eval()}
+    errors: dict[str, BaseException] = {}
+
+    def run(role: str) -> None:
+        try:
+            with torch.no_grad():
+                swarms[role](x, mask)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors[role] = error
+        finally:
+            if role == "a":
+                a_done.set()
+
+    first = threading.Thread(target=run, args=("a",))
+    first.start()
+    a_inside.wait(10)
+    second = threading.Thread(target=run, args=("b",))
+    second.start()
+    first.join()
+    second.join()
+    assert errors == {}
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_a_fast_path_the_user_turned_off_stays_off() -> None:
+    models = [nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1).eval()
+              for _ in range(2)]
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            Swarm.stack(models)(torch.randn(2, 5, 8), src_key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        assert not torch.backends.mha.get_fastpath_enabled()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)

@@ -345,10 +345,8 @@ class NytoModule(Operators, nn.Module):
         >>> torch.equal(doubled.layer0.weight, net.layer0.weight)
         True
         """
-        for argument, value in (("operational", operational), ("clone", clone)):
-            if value is not None and not isinstance(value, bool):
-                raise TypeError(f"set_param_config: expected True, False or None as {argument}, "
-                                f"got {type(value).__name__}")
+        operational = flag("set_param_config", "operational", operational, none=True)
+        clone = flag("set_param_config", "clone", clone, none=True)
         for _, config in self._configs_in_scope("set_param_config", name):
             if operational is not None:
                 config.operational = operational

@@ -16,6 +16,7 @@ it was and leaves it so, as they would otherwise hold one call's batched tensors
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import numbers
 import operator
 from collections.abc import Callable, Sequence
@@ -198,12 +199,17 @@ _KEPT = (type(None), numbers.Number, str, bytes, torch.dtype, torch.device)
 
 
 def _kept(fn: str, leaf: Any) -> Any:
-    """``leaf``, an output that comes back once as it is; ``TypeError`` for an object that may hold tensors.
+    """``leaf``, an output that comes back once as it is; ``TypeError`` for an object holding tensors.
 
-    An object torch's pytree does not look into (a dataclass, a custom class) would carry one
-    member's tensor out of ``vmap``, unusable there and unstacked.
+    An object torch's pytree does not look into (a dataclass, a custom class with tensor attributes)
+    would carry one member's tensor out of ``vmap``, unusable there and unstacked.  Other objects
+    (an enum, a slice, a function, a class without tensors) come back as they are.
     """
     if isinstance(leaf, _KEPT):
+        return leaf
+    fields = getattr(leaf, "__dict__", None) if not isinstance(leaf, type) else None
+    if not dataclasses.is_dataclass(leaf) and not (
+            isinstance(fields, dict) and any(isinstance(value, Tensor) for value in fields.values())):
         return leaf
     raise TypeError(f"{fn}: the forward returned an object of class {type(leaf).__name__}, which "
                     "torch.utils._pytree cannot look into, so its tensors cannot be stacked per member; return "

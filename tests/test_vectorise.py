@@ -368,3 +368,40 @@ def test_a_fast_path_the_user_turned_off_stays_off() -> None:
         assert not torch.backends.mha.get_fastpath_enabled()
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class Labelled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Any, Any, Any]:
+        return self.a(x), slice(1, 2), torch.float64.__class__, Normal
+
+
+class Normal:
+    """A class (not an instance) and enum-like values hold no tensor: they come back as they are."""
+
+
+def test_objects_without_tensors_come_back_as_they_are() -> None:
+    out = Swarm.stack([Labelled() for _ in range(2)])(torch.randn(4, 3))
+    assert out[1:] == (slice(1, 2), torch.dtype, Normal)
+
+
+class HoldsTensor:
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+
+class ReturnsHolder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> HoldsTensor:
+        return HoldsTensor(self.a(x))
+
+
+def test_an_object_with_tensor_attributes_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"object of class HoldsTensor, which torch.utils._pytree cannot look into"):
+        Swarm.stack([ReturnsHolder() for _ in range(2)])(torch.randn(4, 3))

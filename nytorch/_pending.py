@@ -8,6 +8,7 @@ intermediate results of a chain such as ``0.9 * (a - b) + a`` never build theirs
 from __future__ import annotations
 
 import operator
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -39,6 +40,16 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 _LOCK = threading.RLock()
+
+
+def _after_fork() -> None:
+    """A forked child gets a lock of its own: another thread of the parent may have been building a result."""
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 class Pending:

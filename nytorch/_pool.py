@@ -19,6 +19,7 @@ True
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import Optional
@@ -45,6 +46,16 @@ _HELD = [0]
 _LOCK = threading.RLock()
 
 
+def _after_fork() -> None:
+    """A forked child gets a lock of its own: another thread of the parent may have held this one."""
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def _users(buffers: list[Tensor]) -> list[tuple[int, int, int]]:
     """Per buffer: its Python references, the users of its storage and the users of the tensor itself.
 
@@ -63,7 +74,8 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
     """Keep ``buffers`` (a dead result's, laid out by ``plan``) for reuse, when nobody else can see them.
 
     Buffers that are not on the CPU, that anything else refers to (a view, another Python
-    reference, autograd), inference tensors (made under ``torch.inference_mode()``), tensor
+    reference, autograd), in shared memory (sent to another process, which may still read them:
+    torch moves what it sends there), inference tensors (made under ``torch.inference_mode()``), tensor
     subclasses (``FakeTensor``s made under ``FakeTensorMode``) or larger than ``POOL_BYTES``
     are left to the allocator. When the pool is full, the buffers of the structures given
     longest ago are dropped to make room: those of structures no longer in use go first.
@@ -79,6 +91,7 @@ def give(plan: FlatPlan, buffers: list[Tensor]) -> None:
         if (mine > references or storage > storage_users or tensor > tensor_users
                 or buffer.requires_grad or buffer.storage_offset() != 0
                 or buffer.is_inference()  # made under inference_mode: a later result could never be trained
+                or buffer.is_shared()  # sent to another process (a Queue, a DataLoader worker): still read there
                 or type(buffer) is not Tensor):  # made under a TorchDispatchMode (a FakeTensor): not real memory
             return
     with _LOCK:

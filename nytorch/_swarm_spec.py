@@ -12,7 +12,9 @@ flat buffers.  Swarms derived from one another share their ``Spec``.
 """
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple, Optional
@@ -78,7 +80,7 @@ class Spec:
     """
 
     __slots__ = ("layout", "names", "n_params", "n_state", "with_buffers", "configs", "slots", "groups",
-                 "template", "signature", "entries", "lock", "plan", "planned_for", "encoders")
+                 "template", "signature", "entries", "lock", "plan", "planned_for", "encoders", "inside", "__weakref__")
 
     def __init__(self, layout: Layout, with_buffers: bool) -> None:
         self.layout = layout
@@ -118,10 +120,12 @@ class Spec:
         self.plan: object = None  # the fused forward plan, built on first use (see _swarm_fused)
         self.planned_for: object = None  # the root class's ``forward`` the plan was built from
         self.encoders = _encoders(layout)
+        self.inside: Optional[tuple[list[Any], list[dict[str, Any]]]] = None  # ``bound``'s saved state, in a call
+        _SPECS.add(self)
 
     def __getstate__(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__
-                if name not in ("lock", "plan", "planned_for", "encoders")}
+                if name not in ("lock", "plan", "planned_for", "encoders", "inside", "__weakref__")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         for name, value in state.items():
@@ -129,6 +133,8 @@ class Spec:
         self.lock = threading.RLock()
         self.plan = self.planned_for = None
         self.encoders = _encoders(self.layout)
+        self.inside = None
+        _SPECS.add(self)
 
     @property
     def model_class(self) -> type:
@@ -303,6 +309,9 @@ def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any
     with spec.lock, _switched(spec):
         saved = [table[key] for table, key, _ in entries]
         states = [module.__dict__.copy() for module in modules]  # shallow: the tables stay the same objects
+        outer = spec.inside is None  # (a forward calling its own swarm enters again, in this thread)
+        if outer:
+            spec.inside = (saved, states)  # what a process forked meanwhile puts back (``_after_fork``)
         try:
             for table, key, index in entries:
                 table[key] = leaves[index]
@@ -312,9 +321,46 @@ def bound(spec: Spec, leaves: Sequence[Tensor], replaced: Optional[dict[int, Any
                     if index >= spec.n_params and table[key] is not leaves[index]:
                         replaced[index] = table[key]
         finally:
-            for module, state in zip(modules, states):
-                now = module.__dict__  # put back in place (C-level; cheaper than finding what changed)
-                now.clear()
-                now.update(state)
-            for (table, key, _), old in zip(entries, saved):
-                table[key] = old
+            _put_back(spec, saved, states)
+            if outer:
+                spec.inside = None
+
+
+def _put_back(spec: Spec, saved: Sequence[Any], states: Sequence[dict[str, Any]]) -> None:
+    """Give the skeleton its own tensors and attributes back, as ``bound`` found them."""
+    for module, state in zip(spec.layout.modules, states):
+        now = module.__dict__  # put back in place (C-level; cheaper than finding what changed)
+        now.clear()
+        now.update(state)
+    for (table, key, _), old in zip(spec.entries, saved):
+        table[key] = old
+
+
+#: Every Spec alive, for ``_after_fork``.
+_SPECS: "weakref.WeakSet[Spec]" = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: new locks, and skeletons and switches as no call holds them.
+
+    ``fork`` copies only the thread that called it: a lock another thread held (a swarm call under
+    way, a switch set aside) would stay held forever in the child, and its skeleton would keep that
+    call's tensors.  A DataLoader's worker forked while a thread evaluates a swarm would hang.
+    """
+    global _SWITCHES_LOCK
+    _SWITCHES_LOCK = threading.Lock()
+    for spec in list(_SPECS):
+        spec.lock = threading.RLock()
+        if spec.inside is not None:
+            _put_back(spec, *spec.inside)
+            spec.inside = None
+    if _HELD["fast path"]:
+        torch.backends.mha.set_fastpath_enabled(_SAVED.pop("fast path"))
+    if _HELD["cache"]:
+        parametrize._cache = _SAVED.pop("cache")
+        _SAVED.pop("own cache", None)
+    _HELD["fast path"] = _HELD["cache"] = 0
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork)

@@ -437,3 +437,72 @@ def test_class_redefined_with_the_same_name_keeps_its_own_forward() -> None:
             torch.testing.assert_close(result(x), expected * (1.0 if model is old else 3.0))
     with pytest.raises(TypeError, match="expected a Cell"):
         nyto.particle(old) + nyto.particle(new)
+
+
+class _Sine(nn.Module):
+    """A forward the swarm cannot fuse: it runs under vmap, inside the structure's lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.a(x))
+
+
+class _Chain(nyto.NytoModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(8, 8) for _ in range(20)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_process_forked_while_another_thread_runs_nytorch_can_run_it_too() -> None:
+    """fork copies only the calling thread: locks another thread held (a swarm call, a result being built)
+    must not stay held in the child, nor the skeleton keep that call's tensors (a DataLoader's fork workers)."""
+    import os
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a forked child of a multi-threaded OpenMP parent can hang in libgomp itself
+    swarm, x, stop = Swarm.normal(_Sine(), 8, std=0.1), torch.randn(512, 16), threading.Event()
+    a, b = _Chain(), _Chain()
+    expected = torch.stack([member.module()(x) for member in swarm]).detach()
+
+    def swarm_calls() -> None:
+        while not stop.is_set():
+            swarm(x)
+
+    def results() -> None:
+        while not stop.is_set():
+            _ = (a + b).layers
+
+    workers = [threading.Thread(target=swarm_calls), threading.Thread(target=results)]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(5):
+            time.sleep(0.02)
+            pid = os.fork()
+            if pid == 0:  # the child: exit code 0 only if both work and the values are right
+                try:
+                    ok = torch.allclose(swarm(x), expected, atol=1e-6) and (a + b).layers is not None
+                    os._exit(0 if ok else 1)
+                except BaseException:  # noqa: BLE001 - any failure is the exit code
+                    os._exit(2)
+            deadline = time.monotonic() + 30
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child hung on a lock another thread of the parent held")
+                time.sleep(0.01)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        torch.set_num_threads(threads)

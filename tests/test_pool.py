@@ -1,6 +1,7 @@
 """The pool of dead results' buffers: reused only when nobody can see them."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -161,3 +162,29 @@ def test_a_full_pool_makes_room_for_the_structure_in_use(monkeypatch: pytest.Mon
     assert _address(particles[0] + particles[0]) == before  # still served from the pool
     again = particles[2] + particles[2]
     torch.testing.assert_close(again.params["0.weight"], 2 * models[2][0].weight.detach())
+
+
+class _Perturbed(torch.utils.data.Dataset):
+    """Item i is the base model + i: a Particle result big enough for the pool, sent to the main process."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.base = nytorch.particle(nn.Linear(256, 256))
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> nytorch.Particle:
+        return self.base + float(index)
+
+
+def test_a_result_sent_to_another_process_is_never_written_again() -> None:
+    """A DataLoader worker's results travel in shared memory: the worker's pool must not reuse them."""
+    data = _Perturbed()
+    bias = data.base.params["bias"]
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork" if hasattr(os, "fork") else None)
+    items = list(loader)  # every item received before the next ones were computed
+    for index, item in enumerate(items):
+        torch.testing.assert_close(item.params["bias"], bias + float(index), rtol=0, atol=0)
+

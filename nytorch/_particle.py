@@ -1,6 +1,8 @@
 """``Particle``: any ``nn.Module``'s parameters as one value you can do arithmetic on."""
 from __future__ import annotations
 
+import copy
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Optional, cast
 
@@ -70,7 +72,7 @@ class Particle(Operators, Generic[M]):
     """
 
     __slots__ = ("_layout", "_names", "_leaf_list", "_with_buffers", "_signature",
-                 "_flat", "_plan", "_looked", "__weakref__")
+                 "_flat", "_plan", "_looked", "_pickled", "__weakref__")
 
     def __init__(self, layout: Layout, names: Sequence[str], leaves: Optional[Sequence[Tensor]],
                  configs: Optional[Sequence[ParamConfig]] = None, with_buffers: bool = False,
@@ -364,10 +366,17 @@ class Particle(Operators, Generic[M]):
         # tensor a storage of its own, so leaf views of a result's buffers would each carry (and write)
         # a copy of them: the copy makes its views again.  A Flat over a model's storage records
         # addresses: the copy looks for its flat buffers again from its own leaves.
-        state = {name: getattr(self, name) for name in Particle.__slots__ if name != "__weakref__"}
+        state = {name: getattr(self, name) for name in Particle.__slots__ if name not in ("__weakref__", "_pickled")}
         flat = self._flat
         if self._leaf_list is not None and flat:
             state["_leaf_list" if flat.placement is None else "_flat"] = None
+        layout = self._layout
+        if not any(map(operator.is_, self._leaves, layout.params)):
+            # a result holds its own values: its template's parameters are the source model's, which
+            # pickling would write too (and a multiprocessing Queue move into shared memory).  The copy
+            # stays with this Particle until it is pickled again: a Queue or a spawned process sends its
+            # tensors by file descriptor, valid only while they live
+            state["_layout"] = self._pickled = _template(layout)
         return getattr(self, "__dict__", None) or None, state
 
     def __repr__(self) -> str:
@@ -521,6 +530,26 @@ class Particle(Operators, Generic[M]):
                                      f"parameter {name!r} ({describe(leaf)} on {leaf.device}); results keep "
                                      "each parameter's shape, dtype and device")
         return results
+
+
+def _template(layout: Layout) -> Layout:
+    """``layout`` over a copy of its modules whose parameters hold no values (zero-memory stand-ins) and
+    whose buffers are copies: what a result pickles, as its own leaves are its parameters.  (The layout's
+    own buffers may view a packed model's storage, which pickling would write whole.)
+
+    >>> layout = layout_of(torch.nn.Linear(2, 1))
+    >>> [tuple(param.shape) for param in _template(layout).params], _template(layout).params[0].stride()
+    ([(1, 2), (1,)], (0, 0))
+    """
+    if any(type(param) not in (Tensor, nn.Parameter) for param in layout.params):
+        return layout  # a subclass (uninitialised, tensor subclasses) would not stand in as it is: as before
+    memo: dict[int, Any] = {}
+    for param in layout.params:
+        blank = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+        memo[id(param)] = nn.Parameter(blank, param.requires_grad) if type(param) is nn.Parameter else blank
+    for buffer in layout.buffers:
+        memo[id(buffer)] = buffer.detach().clone()
+    return Layout(copy.deepcopy(layout.modules[0], memo))
 
 
 def particle(model: ModuleT, *, buffers: bool = False, pack: bool = True) -> Particle[ModuleT]:

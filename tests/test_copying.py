@@ -411,3 +411,25 @@ def test_spawned_processes_get_working_copies() -> None:
         for key, value in original.items():
             assert torch.equal(params[key], value) and torch.equal(doubled[key], 2 * value), (name, key)
     assert torch.equal((nyto.particle(plain) + 1).params["0.weight"], plain[0].weight.detach() + 1)
+
+
+def test_a_pickled_result_carries_its_own_values_and_not_its_sources() -> None:
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions for ForkingPickler
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 300), nn.BatchNorm1d(300))
+    net[1].running_mean.fill_(3.0)
+    result = nyto.particle(net) * 2
+    saved, own = io.BytesIO(), io.BytesIO()
+    torch.save(result, saved)
+    torch.save(result.module(), own)
+    assert len(saved.getvalue()) < 1.1 * len(own.getvalue())  # not also the source's 360 KB of parameters
+    ForkingPickler.dumps(nyto.particle(net) * 2)  # what a multiprocessing Queue does with it
+    assert not net[0].weight.is_shared()  # the source's parameters stay where they were
+    copied = pickle.loads(pickle.dumps(result))
+    x = torch.randn(5, 300)
+    torch.testing.assert_close(copied.module().eval()(x), result.module().eval()(x), rtol=0, atol=0)
+    assert torch.equal(copied.module()[1].running_mean, torch.full((300,), 3.0))

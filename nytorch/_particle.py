@@ -549,7 +549,10 @@ def _template(layout: Layout) -> Layout:
         memo[id(param)] = nn.Parameter(blank, param.requires_grad) if type(param) is nn.Parameter else blank
     for buffer in layout.buffers:
         memo[id(buffer)] = buffer.detach().clone()
-    return Layout(copy.deepcopy(layout.modules[0], memo))
+    try:
+        return Layout(copy.deepcopy(layout.modules[0], memo))
+    except Exception:  # noqa: BLE001 - what deepcopy refuses (old-style weight_norm's computed weight): as before
+        return layout
 
 
 def particle(model: ModuleT, *, buffers: bool = False, pack: bool = True) -> Particle[ModuleT]:

@@ -433,3 +433,11 @@ def test_a_pickled_result_carries_its_own_values_and_not_its_sources() -> None:
     x = torch.randn(5, 300)
     torch.testing.assert_close(copied.module().eval()(x), result.module().eval()(x), rtol=0, atol=0)
     assert torch.equal(copied.module()[1].running_mean, torch.full((300,), 3.0))
+
+
+def test_a_result_whose_template_deepcopy_refuses_pickles_as_before() -> None:
+    with pytest.warns(FutureWarning):
+        net = torch.nn.utils.weight_norm(nn.Linear(3, 4))  # holds a computed weight deepcopy refuses
+    result = nyto.particle(net) * 2
+    copied = pickle.loads(pickle.dumps(result))
+    torch.testing.assert_close(copied.params["weight_v"], result.params["weight_v"], rtol=0, atol=0)

@@ -26,7 +26,6 @@ __all__ = ["KNOWN", "check_", "verdict"]
 KNOWN = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128})
 
 _NUMBERS = (bool, int, float, complex)
-_UNASKED = "not asked yet"  # (a verdict is None or torch's message, never this object)
 _LIKE = "like"  # a tensor operand aligned with the target (a leaf list, flat buffers): its dtype
 
 #: ``(op, dtype, device type, operand keys) -> None`` (the kernel ran) or torch's message; cleared when
@@ -123,9 +122,9 @@ def check_(fn: str, op: lw.Op, targets: Sequence[Tensor], dtypes: Iterable[torch
         if dtype in KNOWN or not (dtype.is_floating_point or dtype.is_complex) or (active is not None and not active[i]):
             continue
         device = targets[i].device
-        found = asked.get((dtype, device), _UNASKED)
-        if found is _UNASKED:
-            found = asked[dtype, device] = verdict(op, dtype, device, operands)
+        if (dtype, device) not in asked:
+            asked[dtype, device] = verdict(op, dtype, device, operands)
+        found = asked[dtype, device]
         if found is not None:
             raise TypeError(f"{fn}: torch has no in-place {op.name} for {str(dtype).removeprefix('torch.')} tensors on "
                             f"{device.type} ({found}), which {label(i)} holds: the update would fail there after "

@@ -9,7 +9,6 @@ parameters sharing storage) is left as it is.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Optional
 
@@ -19,6 +18,7 @@ from torch import nn
 from . import _leafwise as lw
 from . import _nocast as nocast
 from ._flat import chunks, wraps_tensors
+from ._quantized import loaded
 from ._types import ModuleT
 
 Tensor = torch.Tensor
@@ -38,20 +38,10 @@ def lazy_name(module: nn.Module) -> Optional[str]:
 
 #: ``torch.ao.quantization`` classes whose modules ``resize_`` their own buffers in ``forward`` (an observer's
 #: ``min_val``, a fake-quantize module's ``scale`` and ``zero_point``): a packed view resized in place grows
-#: over the tensors after it in the buffer.  Read from ``sys.modules``, never imported: where torch has not
+#: over the tensors after it in the buffer.  Read with ``_quantized.loaded``, never imported: where torch has not
 #: loaded these modules no instance of their classes can exist.
 _RESIZING = (("torch.ao.quantization.observer", "ObserverBase"),
              ("torch.ao.quantization.fake_quantize", "FakeQuantizeBase"))
-
-
-def _resizing_classes() -> tuple[type, ...]:
-    """The ``_RESIZING`` classes that are loaded (see there).
-
-    >>> [cls.__name__ for cls in _resizing_classes()]
-    ['ObserverBase', 'FakeQuantizeBase']
-    """
-    found = (getattr(sys.modules.get(name), attribute, None) for name, attribute in _RESIZING)
-    return tuple(cls for cls in found if isinstance(cls, type))
 
 
 def _unpackable_module(module: nn.Module) -> Optional[str]:
@@ -60,7 +50,7 @@ def _unpackable_module(module: nn.Module) -> Optional[str]:
     >>> _unpackable_module(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GRU(2, 2)))
     "submodule '1' (GRU): RNN modules manage their own flat weight buffer"
     """
-    resizing = _resizing_classes()
+    resizing = loaded(_RESIZING)
     for path, sub in module.named_modules(remove_duplicate=False):
         where = f"submodule {path!r} ({type(sub).__name__})" if path else f"the model ({type(sub).__name__})"
         if isinstance(sub, nn.RNNBase):

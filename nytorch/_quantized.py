@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from torch import nn
 
-__all__ = ["CLASSES", "quantized", "refusal"]
+__all__ = ["CLASSES", "loaded", "quantized", "refusal"]
 
 #: The ``torch.ao`` classes whose modules keep their weights packed, by (module, attribute).  Read from
 #: ``sys.modules``, never imported: where torch has not loaded them no instance of them can exist.
@@ -31,6 +31,19 @@ CLASSES: dict[type, bool] = {}
 _MOST = 1024
 
 
+def loaded(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
+    """The classes named ``(module, attribute)`` whose modules torch has loaded; never imports one.
+
+    Where torch has not loaded a module, no instance of its classes can exist, so a check for them
+    costs no import.
+
+    >>> [cls.__name__ for cls in loaded((("torch.nn", "Linear"), ("no.such.module", "Thing")))]
+    ['Linear']
+    """
+    found = (getattr(sys.modules.get(name), attribute, None) for name, attribute in names)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
 def quantized(cls: type) -> bool:
     """Whether modules of class ``cls`` keep their weights packed outside ``named_parameters()``.
 
@@ -46,8 +59,7 @@ def quantized(cls: type) -> bool:
     """
     verdict = CLASSES.get(cls)
     if verdict is None:
-        found = (getattr(sys.modules.get(name), attribute, None) for name, attribute in _HIDING)
-        bases = tuple(base for base in found if isinstance(base, type))
+        bases = loaded(_HIDING)
         verdict = bool(bases) and issubclass(cls, bases)
         if len(CLASSES) >= _MOST:
             CLASSES.clear()
